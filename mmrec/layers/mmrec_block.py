@@ -1,0 +1,86 @@
+"""The MM-Rec block (DESIGN.md section 1) and the config of an MM-Rec model.
+
+``u = RMSNorm(x)``; one fused projection (HEM) gives ``q, k, v`` for the memory, the
+candidate ``z`` and, for recurrences that read the input, the gate logits ``g``; MDI turns
+``z, k`` into the decay ``γ``; the registered recurrence gives the short-term state ``h``;
+the registered memory gives a long-term context; then
+``x + dropout(W_o(RMSNorm(h) + context))`` and ``x + FFN(RMSNorm(x))``. The state is
+normalised before ``W_o`` because its scale grows up to ``1 / (1 - γ)`` times the input's.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, PositiveInt
+from torch import Tensor, nn
+
+from mmrec import registry
+from mmrec.config import ModelConfigBase
+from mmrec.layers.ffn import SwiGLU
+from mmrec.layers.mdi import MDI
+from mmrec.layers.norm import RMSNorm
+from mmrec.layers.planning import Planning
+from mmrec.layers.projection import FusedProjection
+from mmrec.layers.variant import Variant
+
+
+def build_variant(group: str, config: Variant, **kwargs) -> nn.Module:
+    """Instantiate the registered ``group`` variant that ``config.kind`` names."""
+    cls = registry.get(group, config.kind)
+    if not isinstance(config, cls.Config):  # a bare Variant: validate it by the variant's own schema
+        config = cls.Config.model_validate(config.model_dump())
+    return cls(config, **kwargs)
+
+
+class MMRecBlock(nn.Module):
+    class Config(ModelConfigBase):
+        """An MM-Rec language model: gated recurrence plus long-term memory in every block."""
+
+        arch: Literal["mmrec"] = "mmrec"
+        chunk_size: PositiveInt = Field(256, description="tokens per memory chunk")
+        hem: bool = Field(True, description="fuse the block's input projections into one matmul")
+        decay_init: float = Field(0.99, gt=0, lt=1, description="initial decay γ of the recurrence")
+        recurrence: Variant = Variant(kind="parallel")
+        memory: Variant = Variant(kind="hds")
+        planning: Planning.Config | None = Field(None, description="UBÖO planning auxiliary loss; null disables it")
+
+        variant_groups: ClassVar[dict[str, str]] = {"recurrence": "scans", "memory": "memories"}
+
+    def __init__(self, config: Config, layer: int = 0):
+        super().__init__()
+        d = config.d_model
+        common = dict(d_model=d, n_heads=config.n_heads, init_std=config.init_std)
+        self.chunk_size = config.chunk_size
+        self.dropout_p = config.dropout
+        self.recurrence = build_variant("scans", config.recurrence, **common)
+        self.memory = build_variant("memories", config.memory, **common)
+        key_dim = self.memory.key_dim
+        self.widths = {"q": d, "k": key_dim, "v": key_dim, "z": d}
+        if self.recurrence.needs_input_gate:
+            self.widths["g"] = d
+        self.norm = RMSNorm(d, config.norm_eps)
+        self.proj = FusedProjection(d, self.widths, fused=config.hem, bias=config.bias)
+        self.mdi = MDI(d, key_dim, config.decay_init, config.init_std)
+        self.state_norm = RMSNorm(d, config.norm_eps)
+        self.out = nn.Linear(d, d, bias=config.bias)  # W_o
+        self.ffn_norm = RMSNorm(d, config.norm_eps)
+        self.ffn = SwiGLU(d, config.ffn_dim, config.bias, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+        self.planning = Planning(config.planning, d, config.bias) if config.planning is not None else None
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.out, self.ffn.down]
+
+    def forward(self, x: Tensor, state=None, return_aux_loss: bool = False) -> tuple[Tensor, None, Tensor | None]:
+        """``x``: ``[B, T, d_model]`` -> ``(x, state, aux_loss)``."""
+        u = self.norm(x)
+        p = self.proj(u)
+        log_decay = self.mdi(p["z"], p["k"])  # log γ, float32
+        h, _ = self.recurrence(p["z"], log_decay, p.get("g"))
+        context, _ = self.memory(p["q"], p["k"], p["v"], self.chunk_size, dropout=self.dropout_p if self.training else 0.0)
+        h = self.state_norm(h.to(x.dtype))
+        x = x + self.dropout(self.out(h + context))
+        x = x + self.ffn(self.ffn_norm(x))
+        aux = self.planning(h, u) if (return_aux_loss and self.planning is not None) else None
+        return x, None, aux

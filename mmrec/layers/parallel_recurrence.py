@@ -1,0 +1,32 @@
+"""The ``parallel`` gated recurrence: ``h_t = γ_t ⊙ h_{t-1} + σ(g_t) ⊙ z_t``.
+
+The input gate ``g`` reads the block input, not the state, so the recurrence is linear
+in ``h`` and the scan op solves it in parallel over time. State in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from mmrec.ops import linear_scan
+
+
+class ParallelRecurrence(nn.Module):
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        kind: Literal["parallel"] = "parallel"
+
+    needs_input_gate = True  # the block projects g from its input for this variant
+
+    def __init__(self, config: Config, *, d_model: int, n_heads: int, init_std: float = 0.02):
+        super().__init__()
+
+    def forward(self, z: Tensor, log_decay: Tensor, gate: Tensor | None, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``z``, ``gate``: ``[B, T, D]``; ``log_decay``: ``log γ`` ``[B, T, D]``; ``h0``: ``[B, D]``."""
+        acc = log_decay.dtype
+        inputs = torch.sigmoid(gate.to(acc)) * z.to(acc)
+        return linear_scan(log_decay.exp(), inputs, h0)

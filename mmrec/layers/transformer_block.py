@@ -1,0 +1,37 @@
+"""A pre-norm Transformer block (causal attention + SwiGLU): the baseline architecture."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from mmrec.config import ModelConfigBase
+from mmrec.layers.attention import CausalSelfAttention
+from mmrec.layers.ffn import SwiGLU
+from mmrec.layers.norm import RMSNorm
+
+
+class TransformerBlock(nn.Module):
+    class Config(ModelConfigBase):
+        """A Llama-style Transformer: the baseline MM-Rec is measured against."""
+
+        arch: Literal["transformer"] = "transformer"
+        rope_base: float = Field(10000.0, gt=0)
+
+    def __init__(self, config: Config, layer: int = 0):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = CausalSelfAttention(config.d_model, config.n_heads, config.rope_base, config.bias, config.dropout)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = SwiGLU(config.d_model, config.ffn_dim, config.bias, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.attn.out, self.ffn.down]
+
+    def forward(self, x: Tensor, state=None, return_aux_loss: bool = False) -> tuple[Tensor, None, None]:
+        x = x + self.dropout(self.attn(self.attn_norm(x)))
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, None, None

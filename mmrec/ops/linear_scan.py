@@ -1,0 +1,205 @@
+"""First-order linear recurrence ``h_t = a_t * h_{t-1} + b_t`` over the time axis.
+
+``linear_scan`` is the custom op ``mmrec::linear_scan``. Its CPU implementation is a
+chunked parallel scan (log-depth doubling inside chunks of ``CHUNK`` steps, the same scan
+recursively over chunk totals), so it never loops over tokens in Python and needs no
+logarithms: ``a`` may have any sign. ``linear_scan_reference`` is the step-by-step loop
+that tests compare against. GPU kernels register further implementations of the same op.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+CHUNK = 64
+
+
+def linear_scan_reference(a: Tensor, b: Tensor, h0: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """Step-by-step loop over time; ``a``, ``b``: ``[B, T, D]``, ``h0``: ``[B, D]``."""
+    steps = range(a.shape[1] - 1, -1, -1) if reverse else range(a.shape[1])
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(b.dtype)
+    out = torch.empty_like(b)
+    for t in steps:
+        h = a[:, t] * h + b[:, t]
+        out[:, t] = h
+    return out, h
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _doubling_scan(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Inclusive scan along dim -2 by doubling; returns (cumulative a, h) with h0 = 0."""
+    length = a.shape[-2]
+    offset = 1
+    while offset < length:
+        b = torch.cat([b[..., :offset, :], torch.addcmul(b[..., offset:, :], a[..., offset:, :], b[..., :-offset, :])], dim=-2)
+        a = torch.cat([a[..., :offset, :], a[..., offset:, :] * a[..., :-offset, :]], dim=-2)
+        offset *= 2
+    return a, b
+
+
+def _chunked_scan(a: Tensor, b: Tensor) -> Tensor:
+    """Forward scan of ``[B, T, D]`` with h0 = 0, in O(T log CHUNK) work."""
+    batch, length, dim = a.shape
+    if length <= CHUNK:
+        return _doubling_scan(a, b)[1]
+    n_chunks = -(-length // CHUNK)
+    pad = n_chunks * CHUNK - length
+    if pad:  # identity steps at the end leave every real output unchanged
+        a = torch.cat([a, a.new_ones(batch, pad, dim)], dim=1)
+        b = torch.cat([b, b.new_zeros(batch, pad, dim)], dim=1)
+    a = a.view(batch, n_chunks, CHUNK, dim)
+    b = b.view(batch, n_chunks, CHUNK, dim)
+    a_cum, h_local = _doubling_scan(a, b)  # [B, N, C, D]
+    # State entering each chunk: the scan over chunk totals, shifted by one chunk.
+    h_end = _chunked_scan(a_cum[:, :, -1], h_local[:, :, -1])  # [B, N, D]
+    h_in = torch.cat([h_end.new_zeros(batch, 1, dim), h_end[:, :-1]], dim=1)
+    h = torch.addcmul(h_local, a_cum, h_in.unsqueeze(2))
+    return h.reshape(batch, n_chunks * CHUNK, dim)[:, :length]
+
+
+def _scan_cpu(a: Tensor, b: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    acc = _accumulation_dtype(out_dtype)
+    a, b = a.to(acc), b.to(acc)
+    if reverse:
+        a, b = a.flip(1), b.flip(1)
+    if h0 is not None:  # fold the initial state into the first input
+        b = torch.cat([torch.addcmul(b[:, :1], a[:, :1], h0.to(acc).unsqueeze(1)), b[:, 1:]], dim=1)
+    h = _chunked_scan(a, b)
+    h_last = h[:, -1].clone()
+    if reverse:
+        h = h.flip(1)
+    return h.to(out_dtype).contiguous(), h_last.to(out_dtype)
+
+
+@torch.library.custom_op("mmrec::linear_scan", mutates_args=())
+def _linear_scan_op(a: Tensor, b: Tensor, h0: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    return _scan_cpu(a, b, h0, reverse)
+
+
+@_linear_scan_op.register_fake
+def _(a, b, h0=None, reverse=False):
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    return a.new_empty(shape, dtype=dtype), a.new_empty((shape[0], shape[2]), dtype=dtype)
+
+
+@functools.cache
+def _triton_kernels():
+    """The Triton launchers, imported on first use on a GPU; None where Triton is missing."""
+    try:
+        from mmrec.ops import linear_scan_triton
+    except ImportError:
+        return None
+    return linear_scan_triton
+
+
+@_linear_scan_op.register_kernel("cuda")
+def _(a, b, h0=None, reverse=False):
+    kernels = _triton_kernels()
+    if kernels is None:
+        return _scan_cpu(a, b, h0, reverse)
+    return kernels.scan_forward(a, b, h0, reverse)
+
+
+def _initial(h0: Tensor | None, h: Tensor) -> Tensor:
+    return (torch.zeros_like(h[:, :1]) if h0 is None else h0.to(h.dtype).unsqueeze(1))
+
+
+def _shifted(a: Tensor, h: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+    """``a`` one step ahead (1 past the end) and ``h`` one step behind (h0 before the start)."""
+    ones = a.new_ones(a.shape[0], 1, a.shape[2])
+    if reverse:
+        return torch.cat([ones, a[:, :-1]], dim=1), torch.cat([h[:, 1:], _initial(h0, h)], dim=1)
+    return torch.cat([a[:, 1:], ones], dim=1), torch.cat([_initial(h0, h), h[:, :-1]], dim=1)
+
+
+def _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype):
+    # The adjoint g_t = dL/dh_t obeys g_t = a_{t+1} g_{t+1} + grad_h_t: the same
+    # recurrence run the other way, with a shifted by one step and grad_h_last entering
+    # where the forward scan ended.
+    if grad_h is None:
+        grad_h = torch.zeros_like(h)
+    a_next, h_prev = _shifted(a, h, h0, reverse)
+    g, _ = _scan_cpu(a_next, grad_h, grad_h_last, not reverse)
+    grad_a = (g * h_prev).to(a.dtype)
+    grad_b = g.to(b_dtype)
+    if h0 is None:
+        return grad_a, grad_b, h.new_empty(0)
+    first = 0 if not reverse else -1
+    return grad_a, grad_b, (a[:, first] * g[:, first]).to(h0.dtype)
+
+
+@torch.library.custom_op("mmrec::linear_scan_backward", mutates_args=())
+def _linear_scan_backward_op(
+    a: Tensor, h: Tensor, grad_h: Tensor | None, grad_h_last: Tensor | None, h0: Tensor | None, reverse: bool, b_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(a, b, h0)`` of ``mmrec::linear_scan``; the third is empty without ``h0``."""
+    return _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype)
+
+
+@_linear_scan_backward_op.register_fake
+def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype):
+    grad_h0 = h.new_empty(0) if h0 is None else h0.new_empty(h0.shape)
+    return h.new_empty(h.shape, dtype=a.dtype), h.new_empty(h.shape, dtype=b_dtype), grad_h0
+
+
+@_linear_scan_backward_op.register_kernel("cuda")
+def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype):
+    kernels = _triton_kernels()
+    if kernels is None:
+        return _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype)
+    return kernels.scan_backward(a, h, grad_h, grad_h_last, h0, reverse, b_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, h0, reverse = inputs
+    h, _ = output
+    ctx.save_for_backward(a, h, h0)
+    ctx.reverse = reverse
+    ctx.b_dtype = b.dtype
+
+
+def _backward(ctx, grad_h: Tensor | None, grad_h_last: Tensor | None):
+    a, h, h0 = ctx.saved_tensors
+    reverse = ctx.reverse
+    if not torch.is_grad_enabled():
+        # One fused pass (a Triton kernel on CUDA).
+        grad_a, grad_b, grad_h0 = torch.ops.mmrec.linear_scan_backward(a, h, grad_h, grad_h_last, h0, reverse, ctx.b_dtype)
+        return grad_a, grad_b, (grad_h0 if h0 is not None else None), None
+    # Double backward: the same formula through differentiable ops.
+    if grad_h is None:
+        grad_h = torch.zeros_like(h)
+    a_next, h_prev = _shifted(a, h, h0, reverse)
+    g, _ = linear_scan(a_next, grad_h, grad_h_last, reverse=not reverse)
+    grad_a = (g * h_prev).to(a.dtype)
+    grad_b = g.to(ctx.b_dtype)
+    grad_h0 = None
+    if h0 is not None:
+        first = 0 if not reverse else -1
+        grad_h0 = (a[:, first] * g[:, first]).to(h0.dtype)
+    return grad_a, grad_b, grad_h0, None
+
+
+_linear_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """Solve ``h_t = a_t * h_{t-1} + b_t`` along dim 1 of ``[B, T, D]`` inputs.
+
+    Returns ``(h, h_last)``: every state ``[B, T, D]`` and the final one ``[B, D]`` (the
+    state after the last step, ``h[:, 0]`` when ``reverse``), for carrying over.
+    ``h0`` (``[B, D]``) is the state before the first step. Accumulates in float32 for
+    low-precision inputs (float64 for float64).
+    """
+    if a.dim() != 3 or a.shape != b.shape:
+        raise ValueError(f"linear_scan expects a and b of the same [batch, time, dim] shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if h0 is not None and h0.shape != (a.shape[0], a.shape[2]):
+        raise ValueError(f"linear_scan expects h0 of shape {(a.shape[0], a.shape[2])}, got {tuple(h0.shape)}")
+    return torch.ops.mmrec.linear_scan(a, b, h0, reverse)
