@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from mmrec.layers.memory_attention import MemoryAttention
-from mmrec.ops import linear_scan
+from mmrec.ops import accumulation_dtype, linear_scan
 
 LEVEL_POOL = {0: 1, 1: 4, 2: 16}  # slots pooled into one, per HDS level
 
@@ -66,7 +66,8 @@ class HDSMemory(nn.Module):
     def write(self, k: Tensor, v: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
         """Pool each chunk into the slots. ``k``, ``v``: ``[B, n, C, banks*dim]``.
 
-        Returns the update's ``(keep, written)``, both ``[B, n, banks, M, dim]`` float32.
+        Returns the update's ``(keep, written)``, both ``[B, n, banks, M, dim]`` in float32
+        (float64 for float64 inputs).
         """
         batch = k.shape[0]
         keys = rearrange(k, "b n c (m d) -> (b n) m c d", m=self.banks)
@@ -74,8 +75,9 @@ class HDSMemory(nn.Module):
         queries = repeat(self.slot_queries.to(k.dtype), "m s d -> bn m s d", bn=keys.shape[0])
         mask = None if valid is None else repeat(valid, "n c -> (b n) 1 1 c", b=batch)
         pooled = nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-        pooled = rearrange(pooled, "(b n) m s d -> b n m s d", b=batch).float()
-        gate_logit = torch.einsum("bnmsd,md->bnms", pooled, self.write_gate.float()) + self.write_gate_bias.float()
+        acc = accumulation_dtype(k.dtype)
+        pooled = rearrange(pooled, "(b n) m s d -> b n m s d", b=batch).to(acc)
+        gate_logit = torch.einsum("bnmsd,md->bnms", pooled, self.write_gate.to(acc)) + self.write_gate_bias.to(acc)
         beta = torch.sigmoid(gate_logit).unsqueeze(-1)
         return (1 - beta).expand_as(pooled), beta * pooled
 
@@ -102,11 +104,12 @@ class HDSMemory(nn.Module):
         chunked = lambda x: rearrange(x, "b (n c) d -> b n c d", c=chunk_size)  # noqa: E731
         keep, written = self.write(chunked(k), chunked(v), valid)
         if memory is None:
-            memory = self.initial.float().expand(batch, -1, -1, -1)
+            memory = self.initial.expand(batch, -1, -1, -1)
+        memory = memory.reshape(batch, -1).to(keep.dtype)
         flat = lambda x: x.reshape(batch, n_chunks, -1)  # noqa: E731
-        after, last = linear_scan(flat(keep), flat(written), memory.reshape(batch, -1).float())
+        after, last = linear_scan(flat(keep), flat(written), memory)
         # chunk c reads the memory as it was before chunk c was written
-        before = torch.cat([memory.reshape(batch, 1, -1).float(), after[:, :-1]], dim=1)
+        before = torch.cat([memory.unsqueeze(1), after[:, :-1]], dim=1)
         before = before.view(batch * n_chunks, self.banks, self.slots, self.dim)
         queries = rearrange(q, "b (n c) d -> (b n) c d", c=chunk_size)
         context = self.read(queries, self.hierarchy(before), dropout)

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mmrec.ops import accumulation_dtype
+
 
 class MDI(nn.Module):
     def __init__(self, d_model: int, d_context: int, decay_init: float = 0.99, init_std: float = 0.02):
@@ -35,5 +37,5 @@ class MDI(nn.Module):
         """``z``: ``[B, T, d_model]``, ``k``: ``[B, T, d_context]`` -> ``log γ`` ``[B, T, d_model]``."""
         decay_logit = self.decay(z) + self.decay_bias
         context_logit = self.context(k) + self.context_bias
-        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(z.dtype)
         return nn.functional.logsigmoid(decay_logit.to(acc)) + nn.functional.logsigmoid(context_logit.to(acc))

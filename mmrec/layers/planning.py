@@ -11,6 +11,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from mmrec.ops import accumulation_dtype
+
 
 class Planning(nn.Module):
     class Config(BaseModel):
@@ -26,4 +28,5 @@ class Planning(nn.Module):
         """``state``, ``block_input``: ``[B, T, D]`` -> scalar loss (0 when T == 1)."""
         prediction = self.predict(state[:, :-1])
         target = block_input[:, 1:].detach()
-        return self.lambda_p * nn.functional.mse_loss(prediction.float(), target.float())
+        acc = accumulation_dtype(prediction.dtype)
+        return self.lambda_p * nn.functional.mse_loss(prediction.to(acc), target.to(acc))

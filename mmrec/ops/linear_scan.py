@@ -28,7 +28,8 @@ def linear_scan_reference(a: Tensor, b: Tensor, h0: Tensor | None = None, revers
     return out, h
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates (and keeps state) in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -63,10 +64,10 @@ def _chunked_scan(a: Tensor, b: Tensor) -> Tensor:
     return h.reshape(batch, n_chunks * CHUNK, dim)[:, :length]
 
 
-def _scan_cpu(a: Tensor, b: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
-    out_dtype = torch.promote_types(a.dtype, b.dtype)
-    acc = _accumulation_dtype(out_dtype)
-    a, b = a.to(acc), b.to(acc)
+def _scan_cpu(a_in: Tensor, b_in: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+    out_dtype = torch.promote_types(a_in.dtype, b_in.dtype)
+    acc = accumulation_dtype(out_dtype)
+    a, b = a_in.to(acc), b_in.to(acc)
     if reverse:
         a, b = a.flip(1), b.flip(1)
     if h0 is not None:  # fold the initial state into the first input
@@ -75,7 +76,10 @@ def _scan_cpu(a: Tensor, b: Tensor, h0: Tensor | None, reverse: bool) -> tuple[T
     h_last = h[:, -1].clone()
     if reverse:
         h = h.flip(1)
-    return h.to(out_dtype).contiguous(), h_last.to(out_dtype)
+    h = h.to(out_dtype).contiguous()
+    if h.data_ptr() == b_in.data_ptr():  # T == 1 without h0: the scan had nothing to do
+        h = h.clone()
+    return h, h_last.to(out_dtype)
 
 
 @torch.library.custom_op("mmrec::linear_scan", mutates_args=())

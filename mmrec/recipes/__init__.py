@@ -184,8 +184,8 @@ def _json_path(loc: tuple, data: Any) -> str:
             path += f"[{part}]"
             node = node[part] if part < len(node) else None
             continue
-        if isinstance(node, dict) and part not in node and part in tags:
-            continue  # the union member pydantic tried, not a key of the input
+        if isinstance(node, dict) and part not in node and (part in tags or str(part).endswith("()")):
+            continue  # the union member or discriminator pydantic tried, not a key of the input
         path += f".{part}" if path else str(part)
         node = node.get(part) if isinstance(node, dict) else None
     return path or "(root)"
@@ -196,8 +196,8 @@ def _describe(error: dict, data: Any) -> str:
     kind = error["type"]
     if kind == "union_tag_invalid":
         ctx = error.get("ctx", {})
-        field, tag = ctx.get("discriminator", "kind").strip("'"), ctx.get("tag")
-        group = ctx.get("group") or ("layers" if field == "arch" else _group_at(error["loc"]))
+        group = ctx.get("group") or _group_at(error["loc"])
+        field, tag = ("arch" if group == "layers" else "kind"), ctx.get("tag")
         known = list(_block_configs()) if group == "layers" else list(_variant_configs(group))
         return f"{path}.{field}: " + registry.unknown_name_message(NOUNS[group], str(tag), known)
     if kind == "extra_forbidden":

@@ -1,0 +1,41 @@
+"""``python -m mmrec list`` shows registered variants; ``python -m mmrec schema`` prints the recipe schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mmrec import recipes, registry
+
+
+def list_registered() -> None:
+    for group in registry.GROUPS:
+        print(f"mmrec.{group}:")
+        for name, entry in sorted(registry.entries(group).items()):
+            print(f"  {name:<20} {entry.package:<20} {entry.value}")
+    print("recipes:")
+    print("  " + ", ".join(recipes.names()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmrec", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="registered layers, scans and memories, with the package that gave each")
+    schema = commands.add_parser("schema", help="the recipe JSON schema (includes installed plugins)")
+    schema.add_argument("--out", help="write to this file instead of stdout")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        list_registered()
+    else:
+        text = json.dumps(recipes.schema(), indent=2)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        else:
+            print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
