@@ -1,0 +1,118 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmrec
+from mmrec.recipes import RecipeError
+
+SEVEN_B_PARAMETERS = 7_359_696_896  # stated in README.md
+
+
+def meta_count(name):
+    with torch.device("meta"):
+        return mmrec.build(name).num_parameters()
+
+
+@pytest.mark.parametrize("name", mmrec.recipes.names())
+def test_shipped_recipes_validate_and_build_on_meta(name):
+    recipe = mmrec.recipes.load(name)
+    assert recipe.name == name
+    assert meta_count(name) > 0
+
+
+def test_7b_has_the_seeds_shape_and_size():
+    recipe = mmrec.recipes.load("7b")
+    m = recipe.model
+    assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.head_dim, m.ffn_dim) == (32000, 4096, 24, 32, 128, 11008)
+    assert (m.memory.slots, m.memory.dim, m.memory.banks, m.max_seq_len, m.decay_init, m.dropout, m.bias) == (1024, 512, 8, 32768, 0.99, 0.1, False)
+    count = meta_count("7b")
+    assert 6.5e9 <= count <= 7.5e9
+    assert count == SEVEN_B_PARAMETERS
+    assert f"{SEVEN_B_PARAMETERS:,}" in (Path(__file__).parents[2] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name,target", [("small", 125e6), ("transformer-small", 125e6), ("1b", 1.3e9), ("transformer-1b", 1.3e9)])
+def test_sizes_are_within_15_percent_of_their_names(name, target):
+    assert abs(meta_count(name) - target) / target < 0.15
+
+
+def test_baselines_match_their_mmrec_sizes():
+    for size in ("tiny", "small", "1b"):
+        ratio = meta_count(f"transformer-{size}") / meta_count(size)
+        assert 0.85 < ratio < 1.15, size
+
+
+def test_load_from_path_and_object(tmp_path):
+    recipe = mmrec.recipes.load("tiny")
+    path = tmp_path / "mine.json"
+    path.write_text(recipe.model_dump_json())
+    assert mmrec.recipes.load(str(path)) == recipe
+    assert mmrec.recipes.load(recipe) is recipe
+    assert isinstance(mmrec.build(str(path)), mmrec.LanguageModel)
+
+
+def test_overrides_are_validated_by_the_schema():
+    recipe = mmrec.recipes.load("tiny", ["train.lr=1e-4", "model.n_layers=2", "model.recurrence.kind=exact"])
+    assert recipe.train.lr == 1e-4 and recipe.model.n_layers == 2 and recipe.model.recurrence.kind == "exact"
+    with pytest.raises(RecipeError, match=r"train\.lr"):
+        mmrec.recipes.load("tiny", ["train.lr=fast"])
+
+
+def error_of(overrides=(), data=None):
+    with pytest.raises(RecipeError) as info:
+        mmrec.recipes.load(data if data is not None else "tiny", overrides)
+    return str(info.value)
+
+
+def test_unknown_field_names_its_path():
+    assert "model.memory.slotz: unknown field" in error_of(["model.memory.slotz=4"])
+    assert "train.learning_rate: unknown field" in error_of(["train.learning_rate=4"])
+
+
+def test_wrong_type_names_its_path():
+    message = error_of(["model.d_model=\"wide\""])
+    assert "model.d_model" in message and "integer" in message
+    assert "model.memory.levels[1]" in error_of(["model.memory.levels=[0, 7]"])
+
+
+@pytest.mark.parametrize("override,path,suggestion", [
+    ("model.recurrence.kind=paralell", "model.recurrence.kind", "parallel"),
+    ("model.memory.kind=hsd", "model.memory.kind", "hds"),
+    ("model.arch=mmrecc", "model.arch", "mmrec"),
+])
+def test_unknown_variant_names_path_registered_and_closest(override, path, suggestion):
+    message = error_of([override])
+    assert f"{path}: unknown" in message
+    assert f"did you mean {suggestion!r}" in message
+    assert "registered:" in message
+
+
+def test_unknown_recipe_name_suggests_the_closest():
+    assert "did you mean 'tiny'" in error_of(data="tiyn")
+
+
+def test_invalid_json_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    assert "not valid JSON" in error_of(data=str(path))
+
+
+def test_schema_exports_every_variant():
+    schema = json.dumps(mmrec.recipes.schema())
+    for name in ("parallel", "exact", "hds", "mmrec", "transformer"):
+        assert f'"{name}"' in schema
+    assert "TrainConfig" in schema
+
+
+def test_cli_list_and_schema(capsys, tmp_path):
+    from mmrec.__main__ import main
+
+    main(["list"])
+    out = capsys.readouterr().out
+    for group, name in (("mmrec.scans", "parallel"), ("mmrec.memories", "hds"), ("mmrec.layers", "rmsnorm")):
+        assert group in out and name in out
+    assert "mmrec.layers.hds_memory:HDSMemory" in out
+    main(["schema", "--out", str(tmp_path / "schema.json")])
+    assert json.loads((tmp_path / "schema.json").read_text())["title"] == "Recipe"

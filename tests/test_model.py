@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+import mmrec
+from mmrec import registry
+from mmrec.layers.projection import split_state_dict
+
+CHUNK = 8
+
+
+def small_recipe(**model):
+    """A float64-friendly toy: 2 layers, chunks of 8 tokens, every HDS level."""
+    base = {
+        "arch": "mmrec", "vocab_size": 50, "d_model": 24, "n_layers": 2, "n_heads": 4, "ffn_dim": 40,
+        "chunk_size": CHUNK, "memory": {"kind": "hds", "slots": 16, "banks": 2, "dim": 6},
+        "planning": {"lambda_p": 0.1},
+    }
+    return mmrec.recipes.parse({"name": "toy", "model": {**base, **model}})
+
+
+def variant_recipes():
+    """Every registered recurrence with every registered memory, and the Transformer."""
+    cases = [
+        pytest.param({"recurrence": {"kind": scan}, "memory": {"kind": memory, **({"slots": 16, "banks": 2, "dim": 6} if memory == "hds" else {})}}, id=f"{scan}-{memory}")
+        for scan in registry.names("scans")
+        for memory in registry.names("memories")
+    ]
+    cases.append(pytest.param({"arch": "transformer", "chunk_size": None}, id="transformer"))
+    return cases
+
+
+def build_variant(overrides):
+    model = {k: v for k, v in overrides.items() if v is not None}
+    if model.get("arch") == "transformer":
+        model = {"arch": "transformer", "vocab_size": 50, "d_model": 24, "n_layers": 2, "n_heads": 4, "ffn_dim": 40}
+        return mmrec.LanguageModel(mmrec.recipes.parse({"name": "toy", "model": model}).model).double()
+    return mmrec.LanguageModel(small_recipe(**model).model).double()
+
+
+@pytest.mark.parametrize("overrides", variant_recipes())
+@pytest.mark.parametrize("t", [3, CHUNK - 1, CHUNK, 2 * CHUNK + 5])  # within a chunk and at/after boundaries
+def test_future_tokens_never_change_earlier_logits(overrides, t):
+    model = build_variant(overrides).eval()
+    ids = torch.randint(0, 50, (2, 4 * CHUNK + 3))
+    changed = ids.clone()
+    changed[:, t + 1:] = torch.randint(0, 50, changed[:, t + 1:].shape)
+    with torch.no_grad():
+        before, after = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(before[:, : t + 1], after[:, : t + 1], rtol=0, atol=1e-12)
+    assert (before[:, t + 1:] - after[:, t + 1:]).abs().max() > 1e-6  # the test can see a change
+
+
+def test_long_term_memory_carries_information_across_chunks():
+    model = build_variant({}).eval()
+    ids = torch.randint(0, 50, (1, 4 * CHUNK))
+    changed = ids.clone()
+    changed[:, 0] = (ids[:, 0] + 1) % 50
+    # with the recurrence cut (zero decay), only the memory can carry chunk 0 into chunk 3
+    for block in model.blocks:
+        torch.nn.init.constant_(block.mdi.decay_bias, -50.0)
+    with torch.no_grad():
+        delta = (model(ids).logits - model(changed).logits)[:, 3 * CHUNK:].abs().max()
+    assert delta > 1e-8
+
+
+@pytest.mark.parametrize("overrides", variant_recipes())
+def test_every_parameter_gets_a_finite_nonzero_gradient(overrides):
+    model = build_variant(overrides).train()
+    ids = torch.randint(0, 50, (2, 3 * CHUNK + 1))
+    out = model(ids[:, :-1], return_aux_loss=True)
+    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten()) + out.aux_loss
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().max() > 0, name
+
+
+def test_aux_loss_only_when_asked():
+    model = build_variant({})
+    ids = torch.randint(0, 50, (1, 20))
+    assert model(ids).aux_loss is None
+    aux = model(ids, return_aux_loss=True).aux_loss
+    assert aux.ndim == 0 and aux > 0
+
+
+def test_hem_fused_and_separate_models_are_the_same_function():
+    fused = mmrec.LanguageModel(small_recipe(hem=True).model).double()
+    separate = mmrec.LanguageModel(small_recipe(hem=False).model).double()
+    state = fused.state_dict()
+    for i, block in enumerate(fused.blocks):
+        state = split_state_dict(state, block.widths, prefix=f"blocks.{i}.proj.")
+    separate.load_state_dict(state)
+    ids = torch.randint(0, 50, (2, 21))
+    torch.testing.assert_close(fused(ids).logits, separate(ids).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = mmrec.build("tiny")
+    assert model.head.weight is model.embed.weight
+    assert model.num_parameters() == sum(p.numel() for p in set(model.parameters()))
+
+
+def test_16k_token_forward_of_tiny_on_cpu():
+    model = mmrec.build("tiny").eval()
+    with torch.no_grad():
+        logits = model(torch.randint(0, 256, (1, 16384))).logits
+    assert logits.shape == (1, 16384, 256)
+    assert torch.isfinite(logits).all()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = build_variant({}).train()
+    ids = torch.randint(0, 50, (2, 19))
+    loss = lambda out: out.logits.square().mean() + out.aux_loss  # noqa: E731
+    loss(model(ids, return_aux_loss=True)).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_activation_checkpointing(True)
+    loss(model(ids, return_aux_loss=True)).backward()
+    for a, b in zip(plain, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiles_fullgraph_without_graph_breaks():
+    model = mmrec.build("tiny").eval()
+    ids = torch.randint(0, 256, (2, 150))  # two full chunks and a partial one
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
