@@ -17,12 +17,13 @@ from torch.utils.checkpoint import checkpoint
 from mmrec import registry
 from mmrec.config import ModelConfigBase
 from mmrec.layers.norm import RMSNorm
+from mmrec.state import State, StateError
 
 
 @dataclass
 class ModelOutput:
     logits: Tensor  # [B, T, vocab]
-    state: object | None = None  # streaming state to continue from (not yet carried: None)
+    state: State  # to continue from: model(next_ids, state=out.state)
     aux_loss: Tensor | None = None  # mean planning loss over layers, when asked for
 
 
@@ -30,6 +31,8 @@ class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfigBase):
         super().__init__()
         self.config = config
+        self.config_json = config.model_dump_json()  # identifies the states this model makes
+        self.stream_piece = 32768  # without gradients, longer inputs run in pieces of this many tokens
         block = registry.get("layers", config.arch)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(block(config, layer=i) for i in range(config.n_layers))
@@ -63,19 +66,37 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights count once
 
-    def forward(self, input_ids: Tensor, state=None, return_aux_loss: bool = False) -> ModelOutput:
-        """``input_ids``: ``[B, T]`` token ids."""
+    def forward(self, input_ids: Tensor, state: State | None = None, return_aux_loss: bool = False) -> ModelOutput:
+        """``input_ids``: ``[B, T]`` token ids, continuing ``state`` when given.
+
+        Feeding a sequence in pieces with the state carried over gives the logits of one
+        pass. Without gradients, inputs longer than ``stream_piece`` tokens run in pieces
+        so that activation memory stays bounded.
+        """
         if state is not None:
-            raise NotImplementedError("streaming state is not implemented yet; call with state=None")
+            state.check_compatible(self.config_json)
+            if state.batch_size != input_ids.shape[0]:
+                raise StateError(f"state has batch size {state.batch_size}, input has {input_ids.shape[0]}")
+        length = input_ids.shape[1]
+        if length > self.stream_piece and not torch.is_grad_enabled():
+            logits = []
+            for start in range(0, length, self.stream_piece):
+                out = self(input_ids[:, start : start + self.stream_piece], state, return_aux_loss)
+                logits.append(out.logits)
+                state = out.state
+            return ModelOutput(torch.cat(logits, dim=1), state, out.aux_loss)
         x = self.embed(input_ids)
-        aux_losses = []
-        for block in self.blocks:
+        layer_states = state.layers if state is not None else [None] * len(self.blocks)
+        next_states, aux_losses = [], []
+        for block, layer_state in zip(self.blocks, layer_states):
             if self.activation_checkpointing and self.training:
-                x, _, aux = checkpoint(block, x, None, return_aux_loss, use_reentrant=False)
+                x, layer_state, aux = checkpoint(block, x, layer_state, return_aux_loss, use_reentrant=False)
             else:
-                x, _, aux = block(x, None, return_aux_loss)
+                x, layer_state, aux = block(x, layer_state, return_aux_loss)
+            next_states.append(layer_state)
             if aux is not None:
                 aux_losses.append(aux)
         logits = self.head(self.norm(x))
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else (logits.new_zeros(()) if return_aux_loss else None)
-        return ModelOutput(logits=logits, state=None, aux_loss=aux_loss)
+        position = (state.position if state is not None else 0) + length
+        return ModelOutput(logits, State(next_states, position, self.config_json), aux_loss)

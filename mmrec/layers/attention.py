@@ -10,11 +10,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 
-def rotary(x: Tensor, base: float) -> Tensor:
-    """Rotate pairs of channels of ``[B, H, T, E]`` by position-dependent angles (RoPE)."""
+def rotary(x: Tensor, base: float, offset: int = 0) -> Tensor:
+    """Rotate pairs of channels of ``[B, H, T, E]`` by angles of positions ``offset + t`` (RoPE)."""
     half = x.shape[-1] // 2
     freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)[:, None] * freqs  # [T, E/2]
+    positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
+    angles = positions[:, None] * freqs  # [T, E/2]
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.float()[..., :half], x.float()[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
@@ -27,8 +28,20 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``x``: ``[B, T, d]``; ``cache``: keys and values ``[B, H, S, E]`` of earlier tokens.
+
+        Returns the output and the cache extended by these tokens (the KV cache).
+        """
         q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
-        q, k = rotary(q, self.rope_base), rotary(k, self.rope_base)
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(rearrange(y, "b h t e -> b t (h e)"))
+        seen = 0 if cache is None else cache["k"].shape[2]
+        q, k = rotary(q, self.rope_base, seen), rotary(k, self.rope_base, seen)
+        if cache is not None:
+            k, v = torch.cat([cache["k"].to(k.dtype), k], dim=2), torch.cat([cache["v"].to(v.dtype), v], dim=2)
+        dropout = self.dropout if self.training else 0.0
+        if seen == 0 or q.shape[2] == 1:  # plain causal, or one new token that sees everything
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=seen == 0, dropout_p=dropout)
+        else:  # new tokens see the whole cache and each other causally
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(seen)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.out(rearrange(y, "b h t e -> b t (h e)")), {"k": k, "v": v}

@@ -63,8 +63,8 @@ class HDSMemory(nn.Module):
         nn.init.normal_(self.write_gate, std=self.init_std)
         nn.init.zeros_(self.write_gate_bias)
 
-    def write(self, k: Tensor, v: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Pool each chunk into the slots. ``k``, ``v``: ``[B, n, C, banks*dim]``.
+    def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Pool each complete chunk into the slots. ``k``, ``v``: ``[B, n, C, banks*dim]``.
 
         Returns the update's ``(keep, written)``, both ``[B, n, banks, M, dim]`` in float32
         (float64 for float64 inputs).
@@ -73,8 +73,7 @@ class HDSMemory(nn.Module):
         keys = rearrange(k, "b n c (m d) -> (b n) m c d", m=self.banks)
         values = rearrange(v, "b n c (m d) -> (b n) m c d", m=self.banks)
         queries = repeat(self.slot_queries.to(k.dtype), "m s d -> bn m s d", bn=keys.shape[0])
-        mask = None if valid is None else repeat(valid, "n c -> (b n) 1 1 c", b=batch)
-        pooled = nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+        pooled = nn.functional.scaled_dot_product_attention(queries, keys, values)
         acc = accumulation_dtype(k.dtype)
         pooled = rearrange(pooled, "(b n) m s d -> b n m s d", b=batch).to(acc)
         gate_logit = torch.einsum("bnmsd,md->bnms", pooled, self.write_gate.to(acc)) + self.write_gate_bias.to(acc)
@@ -89,29 +88,56 @@ class HDSMemory(nn.Module):
         ]
         return torch.cat(levels, dim=-2)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, memory: Tensor | None = None, dropout: float = 0.0) -> tuple[Tensor, Tensor]:
-        """``q``: ``[B, T, d_model]``; ``k``, ``v``: ``[B, T, banks*dim]``; ``memory``: ``[B, banks, M, dim]``.
+    def initial_state(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The state before any token: the learned initial memory and no pending chunk."""
+        return {
+            "memory": self.initial.to(accumulation_dtype(dtype)).expand(batch, -1, -1, -1),
+            "pending_k": self.initial.new_zeros(batch, 0, self.key_dim, dtype=dtype),
+            "pending_v": self.initial.new_zeros(batch, 0, self.key_dim, dtype=dtype),
+        }
 
-        Returns the read context ``[B, T, d_model]`` and the memory after the last chunk.
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, state: dict[str, Tensor] | None = None, dropout: float = 0.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``q``: ``[B, T, d_model]``; ``k``, ``v``: ``[B, T, banks*dim]``.
+
+        ``state`` continues an earlier call: ``memory`` ``[B, banks, M, dim]`` after the last
+        complete chunk, and the keys/values of the chunk in progress (``pending_k``,
+        ``pending_v``, fewer than ``chunk_size`` tokens). Returns the read context
+        ``[B, T, d_model]`` and the state after these tokens.
         """
         batch, length, _ = q.shape
-        n_chunks = -(-length // chunk_size)
-        pad = n_chunks * chunk_size - length
-        valid = None
-        if pad:
-            q, k, v = (nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-            valid = (torch.arange(n_chunks * chunk_size, device=q.device) < length).view(n_chunks, chunk_size)
-        chunked = lambda x: rearrange(x, "b (n c) d -> b n c d", c=chunk_size)  # noqa: E731
-        keep, written = self.write(chunked(k), chunked(v), valid)
-        if memory is None:
-            memory = self.initial.expand(batch, -1, -1, -1)
-        memory = memory.reshape(batch, -1).to(keep.dtype)
-        flat = lambda x: x.reshape(batch, n_chunks, -1)  # noqa: E731
-        after, last = linear_scan(flat(keep), flat(written), memory)
-        # chunk c reads the memory as it was before chunk c was written
-        before = torch.cat([memory.unsqueeze(1), after[:, :-1]], dim=1)
-        before = before.view(batch * n_chunks, self.banks, self.slots, self.dim)
-        queries = rearrange(q, "b (n c) d -> (b n) c d", c=chunk_size)
-        context = self.read(queries, self.hierarchy(before), dropout)
-        context = rearrange(context, "(b n) c d -> b (n c) d", b=batch)[:, :length]
-        return context, last.view(batch, self.banks, self.slots, self.dim)
+        state = self.initial_state(batch, k.dtype) if state is None else state
+        pending = state["pending_k"].shape[1]
+        if pending:
+            k = torch.cat([state["pending_k"].to(k.dtype), k], dim=1)
+            v = torch.cat([state["pending_v"].to(v.dtype), v], dim=1)
+        memory = state["memory"].to(accumulation_dtype(k.dtype)).reshape(batch, -1)
+        total = pending + length  # positions counted from the start of the pending chunk
+        n_full = total // chunk_size
+
+        # write every complete chunk; the update over chunks is one scan
+        memories = memory.unsqueeze(1)  # memories[:, c]: the memory chunk c reads
+        if n_full:
+            chunked = lambda x: rearrange(x[:, : n_full * chunk_size], "b (n c) d -> b n c d", c=chunk_size)  # noqa: E731
+            keep, written = self.write(chunked(k), chunked(v))
+            after, _ = linear_scan(keep.reshape(batch, n_full, -1), written.reshape(batch, n_full, -1), memory)
+            memories = torch.cat([memories, after], dim=1)
+
+        # read: the token at position t reads memories[:, t // chunk_size]
+        n_read = -(-total // chunk_size)
+        if n_read == 1:
+            queries = q  # every new token is in one chunk (always so when decoding)
+        else:
+            queries = nn.functional.pad(q, (0, 0, pending, n_read * chunk_size - total))
+        queries = rearrange(queries, "b (n c) d -> (b n) c d", n=n_read)
+        slots = memories[:, :n_read].reshape(batch * n_read, self.banks, self.slots, self.dim)
+        context = rearrange(self.read(queries, self.hierarchy(slots), dropout), "(b n) c d -> b (n c) d", b=batch)
+        if n_read > 1:
+            context = context[:, pending:total]
+        next_state = {
+            "memory": memories[:, n_full].view(batch, self.banks, self.slots, self.dim),
+            "pending_k": k[:, n_full * chunk_size :],
+            "pending_v": v[:, n_full * chunk_size :],
+        }
+        return context, next_state

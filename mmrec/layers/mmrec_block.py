@@ -72,15 +72,21 @@ class MMRecBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out, self.ffn.down]
 
-    def forward(self, x: Tensor, state=None, return_aux_loss: bool = False) -> tuple[Tensor, None, Tensor | None]:
-        """``x``: ``[B, T, d_model]`` -> ``(x, state, aux_loss)``."""
+    def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False) -> tuple[Tensor, dict, Tensor | None]:
+        """``x``: ``[B, T, d_model]`` -> ``(x, state, aux_loss)``.
+
+        ``state`` (from the previous call) carries the recurrence's last ``h`` (``[B, d]``,
+        float32) and the memory's state, so a sequence fed in pieces gives what one pass gives.
+        """
+        state = state or {}
         u = self.norm(x)
         p = self.proj(u)
         log_decay = self.mdi(p["z"], p["k"])  # log γ, float32
-        h, _ = self.recurrence(p["z"], log_decay, p.get("g"))
-        context, _ = self.memory(p["q"], p["k"], p["v"], self.chunk_size, dropout=self.dropout_p if self.training else 0.0)
+        h, h_last = self.recurrence(p["z"], log_decay, p.get("g"), state.get("h"))
+        dropout = self.dropout_p if self.training else 0.0
+        context, memory_state = self.memory(p["q"], p["k"], p["v"], self.chunk_size, state.get("memory"), dropout)
         h = self.state_norm(h.to(x.dtype))
         x = x + self.dropout(self.out(h + context))
         x = x + self.ffn(self.ffn_norm(x))
         aux = self.planning(h, u) if (return_aux_loss and self.planning is not None) else None
-        return x, None, aux
+        return x, {"h": h_last, "memory": memory_state}, aux

@@ -31,7 +31,9 @@ class TransformerBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.attn.out, self.ffn.down]
 
-    def forward(self, x: Tensor, state=None, return_aux_loss: bool = False) -> tuple[Tensor, None, None]:
-        x = x + self.dropout(self.attn(self.attn_norm(x)))
+    def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False) -> tuple[Tensor, dict, None]:
+        """``x``: ``[B, T, d_model]``; ``state`` is the KV cache of earlier tokens."""
+        attended, cache = self.attn(self.attn_norm(x), state)
+        x = x + self.dropout(attended)
         x = x + self.ffn(self.ffn_norm(x))
-        return x, None, None
+        return x, cache, None

@@ -33,7 +33,19 @@ def test_causal_attention_matches_masked_softmax_float64():
     scores = q @ k.transpose(-1, -2) / 2.0
     scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
     ref = attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 12))
-    assert rel_err(attn(x), ref) < 1e-6
+    assert rel_err(attn(x)[0], ref) < 1e-6
+
+
+def test_kv_cache_pieces_equal_one_pass():
+    attn = CausalSelfAttention(12, 3).double()
+    x = torch.randn(2, 11, 12, dtype=torch.float64)
+    whole, _ = attn(x)
+    outputs, cache = [], None
+    for start, stop in ((0, 4), (4, 5), (5, 11)):
+        y, cache = attn(x[:, start:stop], cache)
+        outputs.append(y)
+    torch.testing.assert_close(torch.cat(outputs, 1), whole)
+    assert cache["k"].shape == (2, 3, 11, 4)
 
 
 def test_memory_attention_matches_explicit_softmax_float64():

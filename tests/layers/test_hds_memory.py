@@ -38,10 +38,15 @@ def test_matches_chunk_loop_float64_with_gradients(length, levels):
     q = torch.randn(2, length, 12, dtype=torch.float64)
     k, v = torch.randn(2, length, 10, dtype=torch.float64), torch.randn(2, length, 10, dtype=torch.float64)
     start = torch.randn(2, 2, 16, 5, dtype=torch.float64)
-    context, last = memory(q, k, v, chunk_size=6, memory=start)
-    ref_context, ref_last = reference(memory, q, k, v, 6, start)
+    state = {"memory": start, "pending_k": k[:, :0], "pending_v": v[:, :0]}
+    context, next_state = memory(q, k, v, chunk_size=6, state=state)
+    ref_context, _ = reference(memory, q, k, v, 6, start)
     assert rel_err(context, ref_context) < 1e-10
-    assert rel_err(last, ref_last) < 1e-10
+    # the state holds the memory after the last complete chunk and the rest as pending
+    full = length // 6 * 6
+    _, ref_last = reference(memory, q[:, :full], k[:, :full], v[:, :full], 6, start) if full else (None, start)
+    assert rel_err(next_state["memory"], ref_last) < 1e-10
+    torch.testing.assert_close(next_state["pending_k"], k[:, full:])
     probe = torch.randn_like(context)
     params = [p for name, p in memory.named_parameters() if name != "initial"]  # a start was given
     got = torch.autograd.grad((context * probe).sum(), params, allow_unused=True, materialize_grads=True)
@@ -57,8 +62,23 @@ def test_default_start_is_the_learned_initial_memory():
     memory = HDSMemory(HDSMemory.Config(slots=16, banks=1, dim=4), d_model=8, n_heads=2).double()
     q, k, v = (torch.randn(1, 10, w, dtype=torch.float64) for w in (8, 4, 4))
     a, _ = memory(q, k, v, chunk_size=4)
-    b, _ = memory(q, k, v, chunk_size=4, memory=memory.initial[None])
+    b, _ = memory(q, k, v, chunk_size=4, state=memory.initial_state(1, torch.float64))
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("split", [[1] * 13, [5, 8], [4, 4, 5], [3, 1, 9], [13]])
+def test_pieces_with_carried_state_equal_one_pass(split):
+    memory = HDSMemory(HDSMemory.Config(slots=16, banks=2, dim=3), d_model=8, n_heads=2).double()
+    q, k, v = (torch.randn(2, 13, w, dtype=torch.float64) for w in (8, 6, 6))
+    whole, whole_state = memory(q, k, v, chunk_size=4)
+    pieces, state, start = [], None, 0
+    for size in split:
+        context, state = memory(q[:, start:start + size], k[:, start:start + size], v[:, start:start + size], 4, state)
+        pieces.append(context)
+        start += size
+    torch.testing.assert_close(torch.cat(pieces, 1), whole)
+    for key in whole_state:
+        torch.testing.assert_close(state[key], whole_state[key])
 
 
 def test_config_rejects_slots_that_do_not_pool():

@@ -6,10 +6,10 @@ from tests.helpers import rel_err
 
 
 def test_parallel_recurrence_matches_step_loop_float64():
-    recurrence = ParallelRecurrence(ParallelRecurrence.Config(), d_model=6, n_heads=2)
-    z, gate = torch.randn(2, 29, 6, dtype=torch.float64), torch.randn(2, 29, 6, dtype=torch.float64)
-    log_decay = torch.empty(2, 29, 6, dtype=torch.float64).uniform_(-2, -0.001)
-    h0 = torch.randn(2, 6, dtype=torch.float64)
+    recurrence = ParallelRecurrence(ParallelRecurrence.Config(), d_model=7, n_heads=1)
+    z, gate = torch.randn(2, 29, 7, dtype=torch.float64), torch.randn(2, 29, 7, dtype=torch.float64)
+    log_decay = torch.empty(2, 29, 7, dtype=torch.float64).uniform_(-2, -0.001)
+    h0 = torch.randn(2, 7, dtype=torch.float64)
     args = [t.clone().requires_grad_() for t in (z, log_decay, gate, h0)]
     h, h_last = recurrence(*args)
     ref_args = [t.clone().requires_grad_() for t in (z, log_decay, gate, h0)]
