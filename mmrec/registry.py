@@ -19,13 +19,20 @@ from typing import Any
 GROUPS = ("layers", "scans", "memories")
 NOUNS = {"layers": "layer", "scans": "scan", "memories": "memory"}
 
+# Variants that known plugin packages provide, so that a recipe naming one while the
+# package is missing says what to install. Add yours with a pull request.
+KNOWN_PLUGINS = {
+    ("memories", "fifo"): "mmrec-fifo-memory",
+    ("scans", "complex"): "mmrec-complex-scan",
+}
+
 
 class UnknownNameError(KeyError):
     """A variant name that no installed package registers."""
 
     def __init__(self, group: str, name: str, known: list[str]):
         self.group, self.name, self.known = group, name, known
-        super().__init__(unknown_name_message(NOUNS[group], name, known))
+        super().__init__(unknown_name_message(NOUNS[group], name, known, KNOWN_PLUGINS.get((group, name))))
 
     def __str__(self) -> str:
         return self.args[0]
@@ -45,9 +52,11 @@ def closest(name: str, known: list[str]) -> str | None:
     return match[0] if match else None
 
 
-def unknown_name_message(noun: str, name: str, known: list[str]) -> str:
+def unknown_name_message(noun: str, name: str, known: list[str], package: str | None = None) -> str:
     """``unknown scan 'paralel'; registered: exact, parallel; did you mean 'parallel'?``"""
     message = f"unknown {noun} {name!r}; registered: {', '.join(sorted(known)) or '(none)'}"
+    if package:
+        return message + f"; {name!r} comes from the plugin package {package!r}, which is not installed (it lives in plugins/{package} of the mmrec repository)"
     suggestion = closest(name, known)
     return message + (f"; did you mean {suggestion!r}?" if suggestion else "")
 

@@ -199,7 +199,8 @@ def _describe(error: dict, data: Any) -> str:
         group = ctx.get("group") or _group_at(error["loc"])
         field, tag = ("arch" if group == "layers" else "kind"), ctx.get("tag")
         known = list(_block_configs()) if group == "layers" else list(_variant_configs(group))
-        return f"{path}.{field}: " + registry.unknown_name_message(NOUNS[group], str(tag), known)
+        package = registry.KNOWN_PLUGINS.get((group, str(tag)))
+        return f"{path}.{field}: " + registry.unknown_name_message(NOUNS[group], str(tag), known, package)
     if kind == "extra_forbidden":
         return f"{path}: unknown field"
     return f"{path}: {error['msg']}" + (f" (got {error['input']!r})" if kind not in ("missing",) and not isinstance(error.get("input"), (dict, list)) else "")
