@@ -87,16 +87,16 @@ class LanguageModel(nn.Module):
             return ModelOutput(torch.cat(logits, dim=1), state, out.aux_loss)
         x = self.embed(input_ids)
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
+        position = state.position if state is not None else 0
         next_states, aux_losses = [], []
         for block, layer_state in zip(self.blocks, layer_states):
             if self.activation_checkpointing and self.training:
-                x, layer_state, aux = checkpoint(block, x, layer_state, return_aux_loss, use_reentrant=False)
+                x, layer_state, aux = checkpoint(block, x, layer_state, return_aux_loss, position, use_reentrant=False)
             else:
-                x, layer_state, aux = block(x, layer_state, return_aux_loss)
+                x, layer_state, aux = block(x, layer_state, return_aux_loss, position)
             next_states.append(layer_state)
             if aux is not None:
                 aux_losses.append(aux)
         logits = self.head(self.norm(x))
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else (logits.new_zeros(()) if return_aux_loss else None)
-        position = (state.position if state is not None else 0) + length
-        return ModelOutput(logits, State(next_states, position, self.config_json), aux_loss)
+        return ModelOutput(logits, State(next_states, position + length, self.config_json), aux_loss)

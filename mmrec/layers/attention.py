@@ -28,20 +28,36 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """``x``: ``[B, T, d]``; ``cache``: keys and values ``[B, H, S, E]`` of earlier tokens.
+    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, position: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """``x``: ``[B, T, d]``; ``cache``: key and value buffers ``[B, H, capacity, E]`` whose
+        first ``position`` entries hold the earlier tokens.
 
-        Returns the output and the cache extended by these tokens (the KV cache).
+        Returns the output and the cache holding these tokens too. A cache with room is
+        written in place; a full one is reallocated at twice its capacity, so a decode
+        step costs O(1) copies amortised, as with a preallocated KV cache.
         """
         q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
-        seen = 0 if cache is None else cache["k"].shape[2]
+        seen = position if cache is not None else 0
         q, k = rotary(q, self.rope_base, seen), rotary(k, self.rope_base, seen)
-        if cache is not None:
-            k, v = torch.cat([cache["k"].to(k.dtype), k], dim=2), torch.cat([cache["v"].to(v.dtype), v], dim=2)
+        if cache is None:
+            cache = {"k": k, "v": v}
+        else:
+            cache = {name: self._room(cache[name], seen, seen + k.shape[2]) for name in ("k", "v")}
+            cache["k"][:, :, seen : seen + k.shape[2]] = k
+            cache["v"][:, :, seen : seen + v.shape[2]] = v
+            k, v = cache["k"][:, :, : seen + k.shape[2]], cache["v"][:, :, : seen + v.shape[2]]
         dropout = self.dropout if self.training else 0.0
         if seen == 0 or q.shape[2] == 1:  # plain causal, or one new token that sees everything
             y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=seen == 0, dropout_p=dropout)
         else:  # new tokens see the whole cache and each other causally
             mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(seen)
             y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.out(rearrange(y, "b h t e -> b t (h e)")), {"k": k, "v": v}
+        return self.out(rearrange(y, "b h t e -> b t (h e)")), cache
+
+    @staticmethod
+    def _room(buffer: Tensor, used: int, needed: int) -> Tensor:
+        if buffer.shape[2] >= needed:
+            return buffer
+        grown = buffer.new_empty(*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3])
+        grown[:, :, :used] = buffer[:, :, :used]
+        return grown

@@ -72,7 +72,7 @@ class MMRecBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out, self.ffn.down]
 
-    def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False) -> tuple[Tensor, dict, Tensor | None]:
+    def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int = 0) -> tuple[Tensor, dict, Tensor | None]:
         """``x``: ``[B, T, d_model]`` -> ``(x, state, aux_loss)``.
 
         ``state`` (from the previous call) carries the recurrence's last ``h`` (``[B, d]``,

@@ -31,9 +31,9 @@ class TransformerBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.attn.out, self.ffn.down]
 
-    def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False) -> tuple[Tensor, dict, None]:
-        """``x``: ``[B, T, d_model]``; ``state`` is the KV cache of earlier tokens."""
-        attended, cache = self.attn(self.attn_norm(x), state)
+    def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int = 0) -> tuple[Tensor, dict, None]:
+        """``x``: ``[B, T, d_model]``; ``state`` is the KV cache of the ``position`` earlier tokens."""
+        attended, cache = self.attn(self.attn_norm(x), state, position)
         x = x + self.dropout(attended)
         x = x + self.ffn(self.ffn_norm(x))
         return x, cache, None

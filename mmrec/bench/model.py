@@ -1,0 +1,117 @@
+"""Training throughput: an MM-Rec recipe against the Transformer baseline of its size.
+
+One training step is forward, backward and a fused AdamW update, with bf16 parameters
+(as in the Transformer anchor), each block compiled with ``torch.compile`` (the blocks
+are alike, so one compilation serves all), the same number of tokens per step at every
+sequence length. MFU counts ``6 x parameters x tokens`` plus attention (causal
+self-attention for the Transformer; memory reads and chunk writes for MM-Rec) over the
+device's measured bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import mmrec
+from mmrec.layers.hds_memory import LEVEL_POOL
+from mmrec.bench.common import (
+    is_out_of_memory, matmul_tflops, peak_memory_gib, reset_peak_memory, run_metadata, time_ms, write_json,
+)
+
+
+def add_subcommand(commands) -> None:
+    parser = commands.add_parser("model", help="training tokens/s, MFU and peak memory vs a Transformer", description=__doc__)
+    parser.add_argument("--recipes", nargs="+", default=["1b", "transformer-1b"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--tokens-per-step", type=int, default=16384)
+    parser.add_argument("--checkpoint-from", type=int, default=32768, help="activation checkpointing at and above this length")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 3 warm-up steps)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+    parser.set_defaults(run=run)
+
+
+def flops_per_token(model: mmrec.LanguageModel, length: int) -> float:
+    """Training FLOPs per token: 6 per parameter plus the attention terms."""
+    config = model.config
+    dense = 6 * model.num_parameters()
+    if config.arch == "transformer":
+        return dense + 6 * config.n_layers * length * config.d_model  # causal: half of 12 L T d
+    block = model.blocks[0]
+    memory = getattr(block, "memory", None)
+    read_slots = sum(memory.slots // LEVEL_POOL[level] for level in memory.levels) if hasattr(memory, "levels") else 0
+    read = 12 * read_slots * config.d_model  # q.k and p.v over the memory, forward and backward
+    write = 12 * getattr(memory, "slots", 0) * getattr(memory, "key_dim", 0)  # slot queries over each chunk
+    return dense + config.n_layers * (read + write)
+
+
+def train_step_once(recipe: str, length: int, args, device: torch.device, peak_tflops: float) -> dict:
+    with torch.device(device):
+        model = mmrec.build(recipe, [f"model.max_seq_len={max(length, 2048)}"]).to(torch.bfloat16)
+    model.train()
+    model.set_activation_checkpointing(length >= args.checkpoint_from)
+    if not args.no_compile:
+        for block in model.blocks:
+            block.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    batch = max(1, args.tokens_per_step // length)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length + 1), device=device)
+
+    def step():
+        out = model(ids[:, :-1], return_aux_loss=True)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten()) + out.aux_loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak_memory(device)
+    ms = time_ms(step, device, warmup=3, repeat=args.steps)
+    tokens_per_s = batch * length / ms * 1e3
+    mfu = flops_per_token(model, length) * tokens_per_s / (peak_tflops * 1e12)
+    return {"batch": batch, "ms_per_step": ms, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_gib": peak_memory_gib(device),
+            "parameters": model.num_parameters(), "activation_checkpointing": model.activation_checkpointing}
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    peak = matmul_tflops(device) if device.type == "cuda" else float("nan")
+    meta = {**run_metadata(), "dtype": "bfloat16", "compile": not args.no_compile, "matmul_tflops": peak,
+            "tokens_per_step": args.tokens_per_step}
+    print(f"{meta['device']}: bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    rows = []
+    for length in args.lengths:
+        for recipe in args.recipes:
+            row = {"recipe": recipe, "length": length}
+            try:
+                row.update(train_step_once(recipe, length, args, device, peak))
+            except Exception as error:  # noqa: BLE001 - out of memory is a result here
+                if not is_out_of_memory(error):
+                    raise
+                row["error"] = "out of memory"
+            torch._dynamo.reset()
+            reset_peak_memory(device)
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    baseline = {r["length"]: r for r in rows if r["recipe"].startswith("transformer") and "tokens_per_s" in r}
+    for row in rows:
+        other = baseline.get(row["length"])
+        if other is not None and row is not other and "tokens_per_s" in row:
+            row["speedup_vs_transformer"] = row["tokens_per_s"] / other["tokens_per_s"]
+            if row["peak_gib"] and other["peak_gib"]:
+                row["memory_vs_transformer"] = row["peak_gib"] / other["peak_gib"]
+    print(f"\n{meta['device']}, bf16, compile={meta['compile']}, {args.tokens_per_step} tokens/step")
+    print(f"{'recipe':<16} {'T':>6} {'batch':>5} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'vs Transformer':>15}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['recipe']:<16} {r['length']:>6} {r['error']:>17}")
+            continue
+        ratio = f"{r['speedup_vs_transformer']:.2f}x" if "speedup_vs_transformer" in r else ""
+        peak_mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        print(f"{r['recipe']:<16} {r['length']:>6} {r['batch']:>5} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>5.1f}% {peak_mem:>9} {ratio:>15}")
+    write_json(args.out, {**meta, "results": rows})
+    return 0
