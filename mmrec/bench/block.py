@@ -1,0 +1,98 @@
+"""One MM-Rec block's forward and backward latency, HEM (fused projection) on and off, and
+the share of the time each part of the block takes.
+
+The parts are timed on their own, forward plus backward, on the inputs they see inside
+the block: projection (RMSNorm and HEM), recurrence (MDI and the scan), memory (write,
+update and read), output and FFN. The whole block is timed too; the parts' sum differs
+from it by what running them apart costs (extra launches, no overlap).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import mmrec
+from mmrec.bench.common import run_metadata, time_ms, write_json
+
+
+def add_subcommand(commands) -> None:
+    parser = commands.add_parser("block", help="one block's latency, HEM on/off, time per part", description=__doc__)
+    parser.add_argument("--recipe", default="1b")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--out", type=Path)
+    parser.set_defaults(run=run)
+
+
+def forward_backward(fn, inputs):
+    """A closure running ``fn(*inputs)`` and backpropagating random gradients into it."""
+    def step():
+        outputs = fn(*inputs)
+        outputs = [o for o in (outputs if isinstance(outputs, tuple) else (outputs,)) if torch.is_tensor(o) and o.requires_grad]
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+    return step
+
+
+def block_parts(block, x):
+    """``name -> closure`` for each part of an MM-Rec block, fed what it sees in the block."""
+    with torch.no_grad():
+        u = block.norm(x)
+        p = {k: v.detach().requires_grad_() for k, v in block.proj(u).items()}
+        log_decay = block.mdi(p["z"], p["k"]).detach()
+        h, _ = block.recurrence(p["z"], log_decay, p.get("g"))
+        context, _ = block.memory(p["q"], p["k"], p["v"], block.chunk_size)
+    h = h.to(x.dtype).detach().requires_grad_()
+    context = context.detach().requires_grad_()
+
+    def projection(x):
+        return tuple(block.proj(block.norm(x)).values())
+
+    def recurrence(z, k, g):
+        return block.recurrence(z, block.mdi(z, k), g)[0]
+
+    def memory(q, k, v):
+        return block.memory(q, k, v, block.chunk_size)[0]
+
+    def output(x, h, context):
+        y = x + block.out(block.state_norm(h) + context)
+        return y + block.ffn(block.ffn_norm(y))
+
+    return {
+        "projection (norm + HEM)": forward_backward(projection, (x,)),
+        "recurrence (MDI + scan)": forward_backward(recurrence, (p["z"], p["k"], p.get("g"))),
+        "memory (write, update, read)": forward_backward(memory, (p["q"], p["k"], p["v"])),
+        "output + FFN": forward_backward(output, (x, h, context)),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    meta = {**run_metadata(), "dtype": args.dtype, "recipe": args.recipe, "batch": args.batch, "length": args.length}
+    rows = []
+    for hem in (True, False):
+        with torch.device(device):
+            model = mmrec.build(args.recipe, [f"model.hem={str(hem).lower()}", "model.n_layers=1"]).to(dtype)
+        block = model.blocks[0].train()
+        x = torch.randn(args.batch, args.length, model.config.d_model, device=device, dtype=dtype, requires_grad=True)
+        whole = time_ms(forward_backward(lambda x: block(x, return_aux_loss=True)[0], (x,)), device, 2, args.repeat)
+        parts = {name: time_ms(step, device, 2, args.repeat) for name, step in block_parts(block, x).items()}
+        row = {"hem": hem, "block_ms": whole, "parts_ms": parts, "tokens_per_s": args.batch * args.length / whole * 1e3}
+        rows.append(row)
+        del model, block, x
+    rows[0]["speedup_vs_separate"] = rows[1]["block_ms"] / rows[0]["block_ms"]
+    print(f"\n{meta['device']}, {args.dtype}, recipe {args.recipe}, one block, batch {args.batch} x {args.length}, forward + backward")
+    for row in rows:
+        total = sum(row["parts_ms"].values())
+        label = "HEM on " if row["hem"] else "HEM off"
+        extra = f"  ({row['speedup_vs_separate']:.2f}x vs HEM off)" if "speedup_vs_separate" in row else ""
+        print(f"{label}: block {row['block_ms']:.3f} ms, {row['tokens_per_s']:.0f} tokens/s{extra}")
+        for name, ms in row["parts_ms"].items():
+            print(f"    {name:<30} {ms:8.3f} ms  {100 * ms / total:5.1f}%")
+    write_json(args.out, {**meta, "results": rows})
+    return 0
