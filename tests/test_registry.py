@@ -54,7 +54,7 @@ def test_builtins_are_registered_with_their_package():
 def test_unknown_name_lists_registered_and_closest():
     with pytest.raises(registry.UnknownNameError) as info:
         registry.get("scans", "paralel")
-    assert "registered: exact, parallel" in str(info.value)
+    assert "registered: " in str(info.value) and "exact, parallel" in str(info.value)
     assert "did you mean 'parallel'?" in str(info.value)
     with pytest.raises(ValueError, match="groups"):
         registry.names("kernels")
@@ -64,7 +64,7 @@ def test_broken_plugin_warns_and_builtins_still_load(with_entry_points):
     with_entry_points(make_entry_point("broken", "mmrec_no_such_module:Thing", "mmrec.memories"))
     with pytest.warns(UserWarning, match="fake-plugin.*broken"):
         names = registry.names("memories")
-    assert names == ["hds"]
+    assert "hds" in names and "broken" not in names
     import mmrec
 
     assert mmrec.build("tiny") is not None

@@ -22,6 +22,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of the data's tail held out for validation")
     eval_every: PositiveInt = 50
     eval_batches: PositiveInt = 8
     save_every: PositiveInt = 100

@@ -1,0 +1,360 @@
+"""Training checkpoints: one folder per step, written under a temporary name and renamed.
+
+``<run>/step_000100/`` holds
+
+- ``model.safetensors``: the weights, with the recipe JSON, the step and the tokenizer
+  kind as metadata (``safetensors.safe_open(...).metadata()``);
+- ``trainer.pt``: optimizer, scheduler, RNG states and data position;
+- ``recipe.json``: the same recipe, readable;
+- ``tokenizer.json``: the BPE tokenizer, when one was trained;
+- ``manifest.json``: size and SHA-256 of each file above, written last.
+
+The folder is first written as ``step_000100.tmp``, every file and the folder fsynced,
+then renamed with ``os.replace``; a folder without the ``.tmp`` suffix is therefore
+complete. Loading checks the manifest before reading anything, so a truncated or
+damaged file is reported by name instead of surfacing as a cryptic library error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "list_checkpoints",
+    "load_checkpoint",
+    "model_differences",
+    "prune_checkpoints",
+    "remove_stale_tmp",
+    "resolve_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+FORMAT = "mmrec-checkpoint-1"
+MODEL_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.pt"
+RECIPE_FILE = "recipe.json"
+MANIFEST_FILE = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, damaged, or does not fit the current run."""
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random number generator training draws from (data order does not: it is a
+    function of seed and step)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_python_rng_state(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        elif cuda:
+            torch.cuda.set_rng_state(cuda[0])
+
+
+def _as_python_rng_state(s):
+    version, internal, gauss = s
+    return int(version), tuple(int(x) for x in internal), gauss
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint folders in ``run_dir`` (by name; not verified), oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the newest one in a run folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {path} (no such file or directory)")
+    if p.is_file():
+        p = p.parent  # e.g. --resume runs/tiny/step_000100/model.safetensors
+    if (p / MANIFEST_FILE).exists() or (p / MODEL_FILE).exists() or _STEP_DIR.match(p.name):
+        return p
+    ckpts = list_checkpoints(p)
+    if not ckpts:
+        tmp = sorted(p.glob("step_*.tmp"))
+        extra = f" (only unfinished {tmp[-1].name}, which an interrupted save left)" if tmp else ""
+        raise CheckpointError(f"no checkpoint in {path}{extra}")
+    return ckpts[-1][1]
+
+
+def remove_stale_tmp(run_dir: str | Path) -> None:
+    """Delete ``step_*.tmp`` folders that a crash during a save left behind."""
+    for p in Path(run_dir).glob("step_*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints; returns what was deleted."""
+    ckpts = list_checkpoints(run_dir)
+    doomed = [p for _, p in ckpts[: max(len(ckpts) - keep_last, 0)]]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    recipe,
+    trainer_state: dict[str, Any],
+    tokenizer,
+    keep_last: int | None = None,
+) -> Path:
+    """Write ``run_dir/step_NNNNNN`` atomically and return it. ``recipe`` is the pydantic
+    recipe; ``tokenizer`` anything with ``kind`` and ``save(dir)``; ``keep_last`` prunes
+    older checkpoints after the new one is in place."""
+    from safetensors.torch import save_model
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / _step_dir_name(step)
+    tmp = run_dir / (final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    recipe_json = recipe.model_dump_json()
+    metadata = {
+        "format": FORMAT,
+        "recipe": recipe_json,
+        "step": str(step),
+        "tokenizer": tokenizer.kind,
+    }
+    save_model(model, str(tmp / MODEL_FILE), metadata=metadata)
+    torch.save(trainer_state, tmp / TRAINER_FILE)
+    (tmp / RECIPE_FILE).write_text(recipe.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    tokenizer.save(tmp)
+
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        _fsync_file(f)
+        files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    manifest = {"format": FORMAT, "step": step, "tokenizer": tokenizer.kind, "files": files}
+    with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+    if final.exists():  # saving the same step again: move the old one aside first
+        old = run_dir / (final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(run_dir)
+
+    if keep_last is not None:
+        prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    recipe: dict[str, Any]  # the stored recipe, as JSON data
+    tokenizer: str  # "byte" or "bpe"
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / RECIPE_FILE
+
+    def load_model(self, model: torch.nn.Module) -> None:
+        """Copy the stored weights into ``model`` (same architecture: see ``model_differences``)."""
+        from safetensors.torch import load_model
+
+        f = self.path / MODEL_FILE
+        try:
+            missing, unexpected = load_model(model, str(f), strict=False)
+        except Exception as e:  # noqa: BLE001 - safetensors and torch raise various types
+            raise CheckpointError(f"cannot load the weights in {f}: {_one_line(e)}") from None
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(sorted(missing)[:5])}")
+            if unexpected:
+                parts.append(f"unexpected {', '.join(sorted(unexpected)[:5])}")
+            raise CheckpointError(f"the weights in {f} do not fit the model: {'; '.join(parts)}")
+
+    def trainer_state(self) -> dict[str, Any]:
+        f = self.path / TRAINER_FILE
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot load the trainer state in {f}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _damaged(file: Path, what: str) -> CheckpointError:
+    """An error naming the damaged file, and the previous checkpoint if there is one."""
+    msg = f"damaged checkpoint: {what}"
+    ckpt = file.parent
+    m = _STEP_DIR.match(ckpt.name)
+    older = [p for s, p in list_checkpoints(ckpt.parent) if m and s < int(m.group(1))]
+    if older:
+        msg += f"; the previous checkpoint is {older[-1]} (--resume {older[-1]})"
+    return CheckpointError(msg)
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
+    """Open a checkpoint folder (or the newest in a run folder) and check every file
+    against the manifest. Raises ``CheckpointError`` naming the first bad file."""
+    from safetensors import safe_open
+
+    ckpt = resolve_checkpoint(path)
+    if ckpt.name.endswith(".tmp"):
+        raise CheckpointError(f"{ckpt} is an unfinished checkpoint (a save was interrupted)")
+    manifest_path = ckpt / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise _damaged(manifest_path, f"{manifest_path} is missing, so {ckpt} is not a complete checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        step = int(manifest["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise _damaged(manifest_path, f"{manifest_path} is unreadable ({_one_line(e)})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_path}: unknown checkpoint format {manifest.get('format')!r} (expected {FORMAT})")
+    for required in (MODEL_FILE, TRAINER_FILE, RECIPE_FILE):
+        if required not in files:
+            raise _damaged(manifest_path, f"{manifest_path} does not list {required}")
+    for name, info in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            raise _damaged(f, f"{f} is missing")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            kind = "truncated" if size < info["bytes"] else "has the wrong size"
+            raise _damaged(f, f"{f} is {kind} ({size} bytes, expected {info['bytes']})")
+        if verify and _sha256(f) != info["sha256"]:
+            raise _damaged(f, f"{f} is corrupted (its SHA-256 does not match {manifest_path})")
+
+    model_file = ckpt / MODEL_FILE
+    try:
+        with safe_open(str(model_file), framework="pt") as st:
+            meta = st.metadata() or {}
+    except Exception as e:  # noqa: BLE001
+        raise _damaged(model_file, f"{model_file} is not a readable safetensors file ({_one_line(e)})") from None
+    try:
+        recipe = json.loads(meta["recipe"])
+    except (KeyError, ValueError):
+        raise _damaged(model_file, f"{model_file} carries no recipe in its metadata") from None
+    return Checkpoint(path=ckpt, step=step, recipe=recipe, tokenizer=meta.get("tokenizer", "byte"))
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _flatten(d: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    if isinstance(d, (list, tuple)):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        if not d:
+            out[prefix] = []
+        return out
+    return {prefix: d}
+
+
+def model_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "model") -> list[str]:
+    """``["model.n_layers: 2 in the checkpoint, 4 now", ...]`` for two model sections
+    given as JSON data (``recipe.model.model_dump(mode="json")``)."""
+    a, b = _flatten(stored, prefix), _flatten(current, prefix)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va != vb:
+            out.append(f"{key}: {json.dumps(va) if va != '<absent>' else va} in the checkpoint, "
+                       f"{json.dumps(vb) if vb != '<absent>' else vb} now")
+    return out

@@ -1,0 +1,396 @@
+"""Triton kernels for ``mmrec::linear_scan`` and ``mmrec::linear_scan_backward``.
+
+Both kernels give one program to each (batch, block of ``BLOCK_D`` channels) pair and walk
+the time axis in tiles of ``G * R`` steps: ``G`` groups of ``R`` consecutive steps. Each
+thread holds whole groups (``R`` sub-tiles kept in a tuple), so a group's steps run
+sequentially in registers; only the group totals cross threads, in one
+``tl.associative_scan`` over the ``G`` rows (operator ``(a1, b1) . (a2, b2) =
+(a1 a2, a2 b1 + b2)``). That scan needs each row's *previous* group's total, which the
+kernel reads again (cache hits: the same lines were loaded a moment before) rather than
+shifting data between threads. The state carried in from the previous tile enters the
+scan result, and the last group's final state is carried to the next tile. The next
+tile's loads are issued before the current tile's arithmetic. Device memory sees each
+element read once and written once:
+
+* forward: read ``a``, ``b``; write ``h`` (6 bytes per element in bf16);
+* backward: read ``a``, ``h``, ``grad_h``; write ``grad_a``, ``grad_b`` (10 bytes).
+
+The backward pass is the adjoint recurrence ``g_t = a_{t+1} g_{t+1} + grad_h_t`` run the
+other way, started from ``grad_h_last``; it reads ``a`` one step ahead and ``h`` one step
+behind (neighbouring rows, served by the caches), and forms ``grad_a_t = g_t h_{t-1}``,
+``grad_b_t = g_t`` and ``grad_h0 = a_first g_first`` in the same pass.
+
+Inputs may be non-contiguous or broadcast (stride 0): strides go to the kernels and
+nothing is copied. Accumulation is float32 (float64 for float64 inputs, or on request).
+The launchers take any tensors Triton can address, so with ``TRITON_INTERPRET=1`` they
+run on CPU tensors too, which is how the CPU test suite checks them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Tile shape per pass and dtype size in bytes: (G groups, R steps per group, BLOCK_D,
+# num_warps). The 2-byte entries are the fastest of a sweep on an H100 at B=4, T=32768,
+# D=4096 (docs/notes/scan-kernel.md); the others keep the same bytes per tile row and
+# were chosen to compile without register spills, not timed.
+_CONFIGS = {
+    "fwd": {2: (16, 8, 64, 4), 4: (16, 4, 32, 4), 8: (16, 2, 32, 4)},
+    "bwd": {2: (64, 2, 64, 8), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
+}
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # (a1, b1) applied first, then (a2, b2): h -> a2 (a1 h + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _entering(pa, pb, carry):
+    """State entering each group of a tile from the totals of the group before it.
+
+    ``(pa, pb)`` is row j's previous group's composition (the identity for row 0), so
+    an inclusive scan over the rows gives the composition of groups 0..j-1, which is
+    applied to the state ``carry`` entering the tile.
+    """
+    sa, sb = tl.associative_scan((pa, pb), 0, _combine)
+    return sb + sa * carry[None, :]
+
+
+@triton.jit
+def _last_group(x, G: tl.constexpr):
+    groups = tl.arange(0, G)
+    return tl.sum(tl.where(groups[:, None] == G - 1, x, 0.0), axis=0)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    a_ptr, b_ptr, h0_ptr, h_ptr, hlast_ptr,
+    T, D, n_tiles,
+    s_ab, s_at, s_ad,
+    s_bb, s_bt, s_bd,
+    s_h0b, s_h0d,
+    s_hb, s_ht, s_hd,
+    s_lb, s_ld,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, ACC_FP64: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # A tile is G groups of R consecutive steps; this program walks the tiles in order.
+    # Position p = i * G * R + j * R + k (tile i, group j, step k) is time t = p (or
+    # T - 1 - p when REVERSE); sub-tile k holds step k of every group, so each thread
+    # owns whole groups and runs the R steps of a group sequentially in registers.
+    BLOCK_T: tl.constexpr = G * R
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d0 = (pid_d * BLOCK_D).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask_d = pid_d * BLOCK_D + cols < D
+    groups = tl.arange(0, G)
+    if REVERSE:
+        sign = -1
+        t0 = tl.full((), 0, tl.int64) + (T - 1)
+    else:
+        sign = 1
+        t0 = tl.full((), 0, tl.int64)
+    # Pointers: a scalar base that moves one tile per iteration, plus 32-bit offsets.
+    a_base = a_ptr + pid_b * s_ab + t0 * s_at + d0 * s_ad
+    b_base = b_ptr + pid_b * s_bb + t0 * s_bt + d0 * s_bd
+    h_base = h_ptr + pid_b * s_hb + t0 * s_ht + d0 * s_hd
+    dt = sign * groups * R
+    off_a = dt[:, None] * s_at + cols[None, :] * s_ad
+    off_b = dt[:, None] * s_bt + cols[None, :] * s_bd
+    off_h = dt[:, None] * s_ht + cols[None, :] * s_hd
+
+    if ACC_FP64:
+        carry = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    else:
+        carry = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + pid_b * s_h0b + (d0 + cols) * s_h0d, mask=mask_d, other=0.0)
+        carry += h0.to(carry.dtype)
+
+    # Loads for the first tile; each iteration then issues the next tile's loads
+    # before it computes (fully masked past the end), so they overlap the arithmetic.
+    a_next = ()
+    b_next = ()
+    for k in tl.static_range(R):
+        m = (groups * R + k < T)[:, None] & mask_d[None, :]
+        a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=1.0),)
+        b_next = b_next + (tl.load(b_base + sign * k * s_bt + off_b, mask=m, other=0.0),)
+    i = 0
+    while i < n_tiles:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
+        av = a_next
+        bv = b_next
+        n = T - i * BLOCK_T  # positions left, this tile's included
+        a_base += sign * BLOCK_T * s_at
+        b_base += sign * BLOCK_T * s_bt
+        a_next = ()
+        b_next = ()
+        for k in tl.static_range(R):
+            m = (groups * R + k < n - BLOCK_T)[:, None] & mask_d[None, :]
+            a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=1.0),)
+            b_next = b_next + (tl.load(b_base + sign * k * s_bt + off_b, mask=m, other=0.0),)
+
+        # Each row's previous group, read again (a cache hit: this tile arrived last
+        # iteration), composed in registers; row 0's is the identity.
+        pa = tl.full((G, BLOCK_D), 1.0, carry.dtype)
+        pb = tl.zeros((G, BLOCK_D), dtype=carry.dtype)
+        for k in tl.static_range(R):
+            p = (groups - 1) * R + k  # position in this tile
+            m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
+            ak = tl.load(a_base - sign * BLOCK_T * s_at + sign * (k - R) * s_at + off_a, mask=m, other=1.0).to(carry.dtype)
+            bk = tl.load(b_base - sign * BLOCK_T * s_bt + sign * (k - R) * s_bt + off_b, mask=m, other=0.0).to(carry.dtype)
+            pa = pa * ak
+            pb = pb * ak + bk
+        h = _entering(pa, pb, carry)
+        for k in tl.static_range(R):
+            h = av[k].to(carry.dtype) * h + bv[k].to(carry.dtype)
+            m = (groups * R + k < n)[:, None] & mask_d[None, :]
+            tl.store(h_base + sign * k * s_ht + off_h, h.to(h_ptr.dtype.element_ty), mask=m)
+        h_base += sign * BLOCK_T * s_ht
+        carry = _last_group(h, G)
+        i += 1
+
+    tl.store(hlast_ptr + pid_b * s_lb + (d0 + cols) * s_ld, carry.to(hlast_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    a_ptr, h_ptr, dh_ptr, dhl_ptr, h0_ptr,
+    da_ptr, db_ptr, dh0_ptr,
+    T, D, n_tiles,
+    s_ab, s_at, s_ad,
+    s_hb, s_ht, s_hd,
+    s_gb, s_gt, s_gd,
+    s_glb, s_gld,
+    s_h0b, s_h0d,
+    s_dab, s_dat, s_dad,
+    s_dbb, s_dbt, s_dbd,
+    s_dh0b, s_dh0d,
+    HAS_DH: tl.constexpr, HAS_DHL: tl.constexpr, HAS_H0: tl.constexpr,
+    REVERSE: tl.constexpr, ACC_FP64: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # REVERSE is the direction of the forward scan; this pass runs the other way, over
+    # positions p (tiled as in the forward kernel) at times t = T-1-p, or t = p.
+    # The coefficient at p is a at p - 1 (the forward's next step) and da needs h at
+    # p + 1 (the forward's previous step; h0 past the end).
+    BLOCK_T: tl.constexpr = G * R
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d0 = (pid_d * BLOCK_D).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask_d = pid_d * BLOCK_D + cols < D
+    groups = tl.arange(0, G)
+    if REVERSE:
+        sign = 1
+        t0 = tl.full((), 0, tl.int64)
+    else:
+        sign = -1
+        t0 = tl.full((), 0, tl.int64) + (T - 1)
+    a_base = a_ptr + pid_b * s_ab + t0 * s_at + d0 * s_ad
+    h_base = h_ptr + pid_b * s_hb + t0 * s_ht + d0 * s_hd
+    g_base = dh_ptr + pid_b * s_gb + t0 * s_gt + d0 * s_gd
+    da_base = da_ptr + pid_b * s_dab + t0 * s_dat + d0 * s_dad
+    db_base = db_ptr + pid_b * s_dbb + t0 * s_dbt + d0 * s_dbd
+    dt = sign * groups * R
+    off_a = (dt - sign)[:, None] * s_at + cols[None, :] * s_ad
+    off_h = (dt + sign)[:, None] * s_ht + cols[None, :] * s_hd
+    off_g = dt[:, None] * s_gt + cols[None, :] * s_gd
+    off_da = dt[:, None] * s_dat + cols[None, :] * s_dad
+    off_db = dt[:, None] * s_dbt + cols[None, :] * s_dbd
+
+    if ACC_FP64:
+        carry = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    else:
+        carry = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_DHL:
+        gl = tl.load(dhl_ptr + pid_b * s_glb + (d0 + cols) * s_gld, mask=mask_d, other=0.0)
+        carry += gl.to(carry.dtype)
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + pid_b * s_h0b + (d0 + cols) * s_h0d, mask=mask_d, other=0.0).to(carry.dtype)
+
+    a_next = ()
+    g_next = ()
+    h_next = ()
+    for k in tl.static_range(R):
+        p = groups * R + k
+        m = (p < T)[:, None] & mask_d[None, :]
+        a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m & (p >= 1)[:, None], other=1.0),)
+        h_next = h_next + (tl.load(h_base + sign * k * s_ht + off_h, mask=m & (p < T - 1)[:, None], other=0.0),)
+        if HAS_DH:
+            g_next = g_next + (tl.load(g_base + sign * k * s_gt + off_g, mask=m, other=0.0),)
+    i = 0
+    while i < n_tiles:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
+        av = a_next
+        hv = h_next
+        gv = g_next
+        n = T - i * BLOCK_T
+        a_base += sign * BLOCK_T * s_at
+        h_base += sign * BLOCK_T * s_ht
+        g_base += sign * BLOCK_T * s_gt
+        a_next = ()
+        g_next = ()
+        h_next = ()
+        for k in tl.static_range(R):
+            p = groups * R + k
+            m = (p < n - BLOCK_T)[:, None] & mask_d[None, :]
+            a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=1.0),)
+            h_next = h_next + (tl.load(h_base + sign * k * s_ht + off_h, mask=m & (p < n - BLOCK_T - 1)[:, None], other=0.0),)
+            if HAS_DH:
+                g_next = g_next + (tl.load(g_base + sign * k * s_gt + off_g, mask=m, other=0.0),)
+
+        # Each row's previous group, read again (cache hits), composed in registers.
+        # Only tile 0's first position has no coefficient (a past the end): masked to 1.
+        pa = tl.full((G, BLOCK_D), 1.0, carry.dtype)
+        pb = tl.zeros((G, BLOCK_D), dtype=carry.dtype)
+        for k in tl.static_range(R):
+            p = (groups - 1) * R + k  # position in this tile
+            m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
+            ak = tl.load(a_base - sign * BLOCK_T * s_at + sign * (k - R) * s_at + off_a,
+                         mask=m & ((p >= 1) | (i > 0))[:, None], other=1.0).to(carry.dtype)
+            pa = pa * ak
+            pb = pb * ak
+            if HAS_DH:
+                gk = tl.load(g_base - sign * BLOCK_T * s_gt + sign * (k - R) * s_gt + off_g, mask=m, other=0.0)
+                pb += gk.to(carry.dtype)
+        g = _entering(pa, pb, carry)
+        for k in tl.static_range(R):
+            g = av[k].to(carry.dtype) * g
+            if HAS_DH:
+                g += gv[k].to(carry.dtype)
+            hp = hv[k].to(carry.dtype)
+            if HAS_H0:
+                hp = tl.where((groups * R + k == n - 1)[:, None], h0[None, :], hp)
+            m = (groups * R + k < n)[:, None] & mask_d[None, :]
+            tl.store(db_base + sign * k * s_dbt + off_db, g.to(db_ptr.dtype.element_ty), mask=m)
+            tl.store(da_base + sign * k * s_dat + off_da, (g * hp).to(da_ptr.dtype.element_ty), mask=m)
+        da_base += sign * BLOCK_T * s_dat
+        db_base += sign * BLOCK_T * s_dbt
+        carry = _last_group(g, G)
+        i += 1
+
+    if HAS_H0:
+        # grad_h0 = a_first * g_first; g_first is the carry after the last tile.
+        if REVERSE:
+            t_first = tl.full((), 0, tl.int64) + (T - 1)
+        else:
+            t_first = tl.full((), 0, tl.int64)
+        a_first = tl.load(a_ptr + pid_b * s_ab + t_first * s_at + (d0 + cols) * s_ad, mask=mask_d, other=0.0)
+        dh0 = a_first.to(carry.dtype) * carry
+        tl.store(dh0_ptr + pid_b * s_dh0b + (d0 + cols) * s_dh0d, dh0.to(dh0_ptr.dtype.element_ty), mask=mask_d)
+
+
+def _pick_config(kind: str, device: torch.device, dtype: torch.dtype, batch: int, length: int, dim: int, config: dict | None):
+    groups, steps, block_d, num_warps = _CONFIGS[kind][dtype.itemsize]
+    block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
+    if device.type == "cuda":
+        # Keep at least one program per multiprocessor where the channels allow it.
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        while block_d > 16 and batch * triton.cdiv(dim, block_d) < sms:
+            block_d //= 2
+    # Short sequences: shrink the groups first, then the steps per group.
+    while groups > 8 and groups * steps >= 2 * length:
+        groups //= 2
+    while steps > 1 and groups * steps >= 2 * length:
+        steps //= 2
+    cfg = {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": num_warps}
+    cfg.update(config or {})
+    return cfg
+
+
+def _strides3(x: Tensor | None) -> tuple[int, int, int]:
+    return (0, 0, 0) if x is None else tuple(x.stride())
+
+
+def _strides2(x: Tensor | None) -> tuple[int, int]:
+    return (0, 0) if x is None else tuple(x.stride())
+
+
+def scan_forward(
+    a: Tensor,
+    b: Tensor,
+    h0: Tensor | None = None,
+    reverse: bool = False,
+    *,
+    accumulate_fp64: bool = False,
+    out: tuple[Tensor, Tensor] | None = None,
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(h, h_last)`` of ``h_t = a_t h_{t-1} + b_t`` along dim 1, as ``mmrec::linear_scan``.
+
+    ``out`` takes preallocated ``(h, h_last)``; ``accumulate_fp64`` carries the state in
+    float64 whatever the input dtype. ``config`` overrides the tile shape
+    (keys ``G``, ``R``, ``BLOCK_D``, ``num_warps``).
+    """
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    batch, length, dim = shape
+    a, b = a.expand(shape), b.expand(shape)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    if out is None:
+        h = torch.empty(shape, dtype=dtype, device=a.device)
+        h_last = torch.empty((batch, dim), dtype=dtype, device=a.device)
+    else:
+        h, h_last = out
+    if h.numel() == 0:
+        return h, h_last
+    cfg = _pick_config("fwd", a.device, dtype, batch, length, dim, config)
+    grid = (triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+    _scan_fwd_kernel[grid](
+        a, b, h0, h, h_last,
+        length, dim, triton.cdiv(length, cfg["G"] * cfg["R"]),
+        *a.stride(), *b.stride(), *_strides2(h0), *h.stride(), *h_last.stride(),
+        HAS_H0=h0 is not None, REVERSE=bool(reverse),
+        ACC_FP64=bool(accumulate_fp64 or dtype == torch.float64),
+        **cfg,
+    )
+    return h, h_last
+
+
+def scan_backward(
+    a: Tensor,
+    h: Tensor,
+    grad_h: Tensor | None,
+    grad_h_last: Tensor | None = None,
+    h0: Tensor | None = None,
+    reverse: bool = False,
+    b_dtype: torch.dtype | None = None,
+    *,
+    accumulate_fp64: bool = False,
+    out: tuple[Tensor, Tensor, Tensor] | None = None,
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_a, grad_b, grad_h0)`` in one pass, as ``mmrec::linear_scan_backward``.
+
+    ``h`` holds the forward states; ``grad_h`` / ``grad_h_last`` the incoming gradients
+    (either may be None). ``grad_h0`` is an empty tensor when ``h0`` is None.
+    """
+    batch, length, dim = h.shape
+    a = a.expand(h.shape)
+    if out is None:
+        grad_a = torch.empty(h.shape, dtype=a.dtype, device=h.device)
+        grad_b = torch.empty(h.shape, dtype=b_dtype or h.dtype, device=h.device)
+        grad_h0 = h.new_empty(0) if h0 is None else torch.empty((batch, dim), dtype=h0.dtype, device=h.device)
+    else:
+        grad_a, grad_b, grad_h0 = out
+    if h.numel() == 0:
+        if h0 is not None:
+            grad_h0.zero_()
+        return grad_a, grad_b, grad_h0
+    cfg = _pick_config("bwd", h.device, h.dtype, batch, length, dim, config)
+    grid = (triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+    _scan_bwd_kernel[grid](
+        a, h, h if grad_h is None else grad_h, grad_h_last, h0,  # h: never read
+        grad_a, grad_b, grad_h0 if h0 is not None else None,
+        length, dim, triton.cdiv(length, cfg["G"] * cfg["R"]),
+        *a.stride(), *h.stride(), *_strides3(grad_h), *_strides2(grad_h_last), *_strides2(h0),
+        *grad_a.stride(), *grad_b.stride(), *(_strides2(grad_h0) if h0 is not None else (0, 0)),
+        HAS_DH=grad_h is not None, HAS_DHL=grad_h_last is not None, HAS_H0=h0 is not None,
+        REVERSE=bool(reverse), ACC_FP64=bool(accumulate_fp64 or h.dtype == torch.float64),
+        **cfg,
+    )
+    return grad_a, grad_b, grad_h0

@@ -1,0 +1,430 @@
+"""Train a recipe: ``python -m mmrec.recipes.train``.
+
+With no arguments it trains the ``tiny`` recipe on a corpus that ships with Python (the
+Python Language Reference from the standard library's ``pydoc_data``), byte-level, and
+writes checkpoints under ``runs/tiny``::
+
+    python -m mmrec.recipes.train
+    python -m mmrec.recipes.train --recipe small --data my_texts/ --set train.lr=1e-3
+    python -m mmrec.recipes.train --resume runs/tiny --set train.steps=400
+
+Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits; a second
+Ctrl-C exits at once. The data order is a function of the seed and the step, and the
+checkpoint holds every RNG state, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import mmrec
+from mmrec import checkpoint as ckpt_io
+from mmrec.checkpoint import CheckpointError
+from mmrec.data import (
+    Corpus,
+    DataError,
+    TokenStream,
+    fingerprint,
+    load_corpus,
+    sample_prompt,
+    split_tokens,
+)
+from mmrec.generate import generate
+from mmrec.optim import build_optimizer, build_scheduler, set_schedule_lr
+from mmrec.recipes import RecipeError
+from mmrec.tokenizer import (
+    ByteTokenizer,
+    Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+    train_bpe,
+)
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM = 2, 1, 130, 143
+
+
+class TrainError(ValueError):
+    """A problem with the run's settings that the user can fix."""
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m mmrec.recipes.train",
+        description="Train an mmrec recipe (default: tiny, on a corpus shipped with Python).",
+    )
+    p.add_argument("--recipe", help="a shipped recipe name (tiny, small, ...) or a recipe JSON file; default tiny, or the checkpoint's recipe with --resume")
+    p.add_argument("--data", help="a UTF-8 text file or a folder of them; default: the built-in corpus (or the checkpoint's data with --resume)")
+    p.add_argument("--out", help="run folder for checkpoints and metrics (default runs/<recipe name>)")
+    p.add_argument("--resume", metavar="DIR", help="a run folder (its newest checkpoint) or a checkpoint folder to continue from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.lr=3e-4 --set model.n_layers=2")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under <out>/tensorboard")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast) -> float:
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with autocast():
+            logits = model(x.to(device)).logits
+        total += lm_loss(logits, y.to(device)).item()
+    model.train(was_training)
+    return total / len(batches)
+
+
+class StopSignal:
+    """The first Ctrl-C / SIGTERM asks the loop to save and stop; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the run folder, plus TensorBoard when asked."""
+
+    def __init__(self, out: Path, tensorboard: bool):
+        self.tb = self.tensorboard_writer()(str(out / "tensorboard")) if tensorboard else None
+        self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+
+    @staticmethod
+    def tensorboard_writer():
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key.replace("_", "/", 1), value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def pick_out_dir(args, recipe, resume) -> Path:
+    if args.out:
+        out = Path(args.out)
+    elif resume is not None:
+        return resume.path.parent
+    else:
+        out = Path("runs") / recipe.name
+        n = 1
+        while ckpt_io.list_checkpoints(out):  # never mix a fresh run into an old one
+            n += 1
+            out = Path("runs") / f"{recipe.name}-{n}"
+    existing = ckpt_io.list_checkpoints(out)
+    if existing and (resume is None or out.resolve() != resume.path.parent.resolve()):
+        raise TrainError(
+            f"{out} already holds checkpoints (newest {existing[-1][1].name}); continue that run "
+            f"with --resume {out}, or pick another --out"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    """Everything a run needs from the user's input, checked before any training."""
+
+    recipe: Any
+    corpus: Corpus
+    tokenizer: Tokenizer
+    train_data: TokenStream
+    val_tokens: torch.Tensor
+    data_print: str
+    out: Path
+    resume: ckpt_io.Checkpoint | None
+    resumed_state: dict | None
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    resume = ckpt_io.load_checkpoint(args.resume) if args.resume else None
+    resumed_state = resume.trainer_state() if resume else None
+    source = args.recipe or (resume.recipe if resume else "tiny")
+    recipe = mmrec.recipes.load(source, args.overrides)
+    train = recipe.train
+
+    data_source = args.data or (resumed_state["data"]["source"] if resume else None)
+    try:
+        corpus = load_corpus(data_source)
+    except DataError as e:
+        if args.data or data_source is None:
+            raise
+        raise DataError(f"{e}; it is the data {resume.path} was trained on: pass --data to train on other text") from None
+
+    if resume is not None:
+        if resume.tokenizer != train.tokenizer:
+            raise TrainError(f"{resume.path} was trained with the {resume.tokenizer} tokenizer, "
+                             f"but train.tokenizer is {train.tokenizer!r}")
+        tokenizer = load_tokenizer(resume.tokenizer, resume.path)
+    elif train.tokenizer == "bpe":
+        tokenizer = train_bpe(corpus.documents, train.bpe_vocab_size)
+    else:
+        tokenizer = ByteTokenizer()
+    if tokenizer.kind == "bpe":  # the model's vocabulary is the tokenizer's
+        recipe = mmrec.recipes.load(source, [*args.overrides, f"model.vocab_size={tokenizer.vocab_size}"])
+    elif recipe.model.vocab_size < tokenizer.vocab_size:
+        raise TrainError(f"model.vocab_size is {recipe.model.vocab_size}, but the byte tokenizer needs 256")
+    if resume is not None:
+        diffs = ckpt_io.model_differences(resume.recipe["model"], recipe.model.model_dump(mode="json"))
+        if diffs:
+            raise CheckpointError(f"{resume.path} holds a different model than recipe {recipe.name!r}: "
+                                  + "; ".join(diffs))
+
+    tokens = tokenizer.encode_corpus(corpus.documents)
+    train_tokens, val_tokens = split_tokens(tokens, train.seq_len, train.val_fraction)
+    data_print = fingerprint(tokens)
+    if resume is not None and resumed_state["data"]["fingerprint"] != data_print:
+        print(f"warning: the data differs from the data {resume.path} was trained on; "
+              "the run continues on the new data", file=sys.stderr)
+    return Setup(recipe, corpus, tokenizer, TokenStream(train_tokens, train.seq_len, train.seed, "training"),
+                 val_tokens, data_print, pick_out_dir(args, recipe, resume), resume, resumed_state)
+
+
+def pick_device(name: str | None) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise TrainError(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: this PyTorch sees no CUDA device")
+    return device
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train_step(forward, model, optimizer, scheduler, data: TokenStream, step: int, train, device, autocast,
+               use_aux: bool) -> dict:
+    """One optimizer update over ``train.grad_accum`` micro-batches; the batches are those
+    of update number ``step`` (counting from 0), whatever ran before."""
+    loss_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    for micro in range(train.grad_accum):
+        x, y = data.batch((step * train.grad_accum + micro) * train.batch_size, train.batch_size)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            result = forward(x, return_aux_loss=use_aux)
+        loss = lm_loss(result.logits, y)
+        total = loss + result.aux_loss if use_aux else loss
+        (total / train.grad_accum).backward()
+        loss_sum += loss.detach()
+        if use_aux:
+            aux_sum += result.aux_loss.detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf).item()
+    loss_value = loss_sum.item() / train.grad_accum
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        bad = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
+        raise Diverged(f"training diverged at step {step + 1}: {bad} "
+                       f"(learning rate {optimizer.param_groups[0]['lr']:.3g})")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats = {"loss": loss_value, "grad_norm": grad_norm}
+    if use_aux:
+        stats["aux_loss"] = aux_sum.item() / train.grad_accum
+    return stats
+
+
+def run(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    if args.tensorboard:
+        MetricsLog.tensorboard_writer()  # missing tensorboard: say so before any work
+    setup = prepare(args)
+    recipe, train, tokenizer, out, resume = setup.recipe, setup.recipe.train, setup.tokenizer, setup.out, setup.resume
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_io.remove_stale_tmp(out)
+    autocast = autocast_for(device, train.dtype)
+    use_aux = getattr(recipe.model, "planning", None) is not None
+    val_batches = TokenStream(setup.val_tokens, train.seq_len, train.seed, "validation").fixed_batches(
+        train.eval_batches, train.batch_size)
+
+    # Model, optimizer, schedule; a checkpoint's states replace the fresh ones.
+    random.seed(train.seed)
+    torch.manual_seed(train.seed)
+    model = mmrec.build(recipe).to(device)
+    model.set_activation_checkpointing(train.activation_checkpointing)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train)
+    step = 0
+    if resume is not None:
+        resume.load_model(model)
+        try:
+            optimizer.load_state_dict(setup.resumed_state["optimizer"])
+            scheduler.load_state_dict(setup.resumed_state["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"the optimizer state in {resume.path} does not fit this model: {e}") from None
+        step = resume.step
+        set_schedule_lr(optimizer, scheduler, train, step)
+        ckpt_io.set_rng_state(setup.resumed_state["rng"])
+    forward = torch.compile(model) if train.compile else model
+    tokens_per_step = train.batch_size * train.seq_len * train.grad_accum
+
+    def save(at_step: int) -> Path:
+        state = {
+            "step": at_step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": ckpt_io.rng_state(),
+            "data": {"source": setup.corpus.source and os.path.abspath(setup.corpus.source),
+                     "fingerprint": setup.data_print, "seed": train.seed,
+                     "samples_seen": at_step * train.grad_accum * train.batch_size,
+                     "tokens_seen": at_step * tokens_per_step},
+        }
+        return ckpt_io.save_checkpoint(out, at_step, model, recipe, state, tokenizer, train.keep_last)
+
+    def validate() -> float:
+        loss = evaluate(forward, val_batches, device, autocast)
+        log.write({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+        return loss
+
+    print(f"{recipe.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
+          f"data {setup.corpus.name}: {len(setup.train_data):,} training and {setup.val_tokens.numel():,} "
+          f"validation {tokenizer.kind} tokens (vocabulary {tokenizer.vocab_size}); run folder {out}")
+    if resume is not None:
+        print(f"resuming from {resume.path} at step {step}")
+
+    log = MetricsLog(out, args.tensorboard)
+    if resume is not None:
+        log.write({"event": "resume", "step": step, "from": str(resume.path)})
+    val_loss = None
+    saved_step = step if resume is not None else None
+    try:
+        with StopSignal() as stop, tqdm(total=train.steps, initial=step, unit="step", dynamic_ncols=True,
+                                        desc=f"train {recipe.name}") as bar:
+            model.train()
+            while step < train.steps and stop.signum is None:
+                lr, started = optimizer.param_groups[0]["lr"], time.perf_counter()
+                stats = train_step(forward, model, optimizer, scheduler, setup.train_data, step, train, device,
+                                   autocast, use_aux)
+                step += 1
+                tokens_per_s = tokens_per_step / (time.perf_counter() - started)
+                log.write({"step": step, **{f"train_{k}": v for k, v in stats.items()}, "train_lr": lr,
+                           "train_tokens_per_s": tokens_per_s, "train_tokens": step * tokens_per_step})
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}",
+                                refresh=False)
+                bar.update(1)
+                if step % train.eval_every == 0 or step == train.steps:
+                    val_loss = validate()
+                    bar.write(f"step {step}: validation loss {val_loss:.4f}, "
+                              f"perplexity {math.exp(min(val_loss, 50)):.2f}")
+                if step % train.save_every == 0 or step == train.steps or stop.signum is not None:
+                    bar.write(f"step {step}: saved {save(step)}")
+                    saved_step = step
+            signum = stop.signum
+        if signum is None and val_loss is None:  # resumed at the last step: evaluate anyway
+            val_loss = validate()
+    except Diverged as e:
+        last = ckpt_io.list_checkpoints(out)
+        kept = (f"the last good checkpoint is {last[-1][1]} (--resume it with a lower --set train.lr=...)"
+                if last else "no checkpoint had been saved yet; lower train.lr (--set train.lr=...)")
+        print(f"error: {e}; stopped without saving, {kept}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        last = ckpt_io.list_checkpoints(out)
+        kept = f"the last checkpoint is {last[-1][1]}" if last else "no checkpoint was saved"
+        print(f"\ninterrupted again: exiting at once without saving; {kept}", file=sys.stderr)
+        return EXIT_SIGINT
+    finally:
+        log.close()
+
+    if signum is not None:
+        where = (f"checkpoint {ckpt_io.list_checkpoints(out)[-1][1]}" if saved_step
+                 else "no checkpoint (no step had finished)")
+        print(f"stopped by {signal.Signals(signum).name} at step {step}; {where}. Continue with: "
+              f"python -m mmrec.recipes.train --resume {out}", file=sys.stderr)
+        return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+
+    print(f"validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f} (step {step}, {out})")
+    if train.sample_tokens > 0:
+        print_sample(model, tokenizer, setup.val_tokens, recipe, autocast)
+    return 0
+
+
+def print_sample(model, tokenizer: Tokenizer, val_tokens: torch.Tensor, recipe, autocast) -> None:
+    """Continue the opening words of some validation prose."""
+    prompt = torch.tensor(tokenizer.encode(sample_prompt(tokenizer.decode(val_tokens[:20_000].tolist()))))
+    with autocast():
+        ids = generate(model, prompt, recipe.train.sample_tokens, temperature=0.8, top_p=0.95,
+                       seed=recipe.train.seed, max_context=recipe.model.max_seq_len)
+    print(f"sample (prompt in brackets):\n[{tokenizer.decode(prompt.tolist())}]"
+          f"{tokenizer.decode(ids[prompt.numel():].tolist())}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (RecipeError, DataError, CheckpointError, TokenizerError, TrainError) as e:
+        head, *rest = str(e).strip().splitlines() or [type(e).__name__]
+        print(f"error: {head} {'; '.join(r.strip() for r in rest)}".rstrip(), file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Triton kernels of ``mmrec::linear_scan`` against the float64 step-by-step reference.
+
+Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, which
+must be set before Triton is imported, so those checks run in a child process that
+executes this file). On CUDA they run compiled, through the op and its autograd.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmrec.ops.linear_scan import linear_scan, linear_scan_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available() and HAS_TRITON
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    assert x.shape == ref.shape
+    assert torch.isfinite(x).all(), "non-finite values (unwritten output?)"
+    scale = ref.norm().item()
+    return (x - ref).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def make_inputs(batch, length, dim, dtype, device, gen, layout="contiguous"):
+    """Decays in (-1, -0.5] u [0.5, 1), mostly positive; inputs and states N(0, 1)."""
+
+    def draw(fn, *shape):
+        return fn(*shape, generator=gen, dtype=torch.float64)
+
+    a = draw(torch.rand, batch, length, dim) * 0.5 + 0.5
+    a = torch.where(draw(torch.rand, batch, length, dim) < 0.2, -a, a)
+    b = draw(torch.randn, batch, length, dim)
+    if layout == "strided":  # a: time-major transpose, b: every other channel
+        a = a.to(dtype).to(device).transpose(1, 2).contiguous().transpose(1, 2)
+        b = torch.cat([b, b], dim=2).to(dtype).to(device)[:, :, ::2]
+        assert length == 1 or not (a.is_contiguous() or b.is_contiguous())
+        return a, b
+    if layout == "broadcast":  # a constant over time (stride 0)
+        a = a[:, :1].to(dtype).to(device).expand(batch, length, dim)
+        return a, b.to(dtype).to(device)
+    return a.to(dtype).to(device), b.to(dtype).to(device)
+
+
+def reference_scan(a, b, h0, reverse):
+    """Step-by-step loop in float64 built with torch.stack, so autograd can follow it."""
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    steps = range(a.shape[1] - 1, -1, -1) if reverse else range(a.shape[1])
+    out = [None] * a.shape[1]
+    for t in steps:
+        h = a[:, t] * h + b[:, t]
+        out[t] = h
+    return torch.stack(out, dim=1), h
+
+
+def reference_grads(a, b, h0, reverse, grad_h, grad_h_last):
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (a, b)]
+    if h0 is not None:
+        leaves.append(h0.detach().cpu().double().requires_grad_())
+    h, h_last = reference_scan(leaves[0], leaves[1], leaves[2] if h0 is not None else None, reverse)
+    loss = (h * grad_h.cpu().double()).sum()
+    if grad_h_last is not None:
+        loss = loss + (h_last * grad_h_last.cpu().double()).sum()
+    loss.backward()
+    return [x.grad for x in leaves]
+
+
+# ----------------------------------------------------------------------- interpreter
+
+
+def _interpreter_checks() -> None:
+    """Run in a child process with TRITON_INTERPRET=1: small shapes, tiny tiles."""
+    from mmrec.ops import linear_scan_triton as kernels
+
+    gen = torch.Generator().manual_seed(0)
+    small = {"G": 4, "R": 4, "BLOCK_D": 16}  # 16-step tiles, 16-channel blocks
+    cases = [
+        # dtype, T, reverse, h0, layout, grad_h, grad_h_last, extra
+        (torch.float32, 21, False, False, "contiguous", True, False, {}),
+        (torch.float32, 21, True, True, "strided", True, True, {}),
+        (torch.float32, 16, False, True, "broadcast", False, True, {}),
+        (torch.bfloat16, 21, False, True, "contiguous", True, True, {}),
+        (torch.bfloat16, 7, True, False, "strided", True, False, {}),
+        (torch.float32, 1, True, True, "contiguous", True, True, {}),
+        (torch.float64, 20, True, True, "contiguous", True, True, {}),
+        (torch.float32, 21, False, True, "contiguous", True, True, {"accumulate_fp64": True}),
+        (torch.bfloat16, 5, True, True, "contiguous", True, True, {"config": None}),  # default tiles
+    ]
+    batch, dim = 2, 20  # 20 channels: a full block and a partial one
+    for dtype, length, reverse, with_h0, layout, with_gh, with_ghl, extra in cases:
+        extra = {"config": small, **extra}
+        a, b = make_inputs(batch, length, dim, dtype, "cpu", gen, layout)
+        h0 = torch.randn(batch, dim, generator=gen).to(dtype) if with_h0 else None
+        tol = TOL[dtype]
+        ref_h, ref_last = linear_scan_reference(a.double(), b.double(), None if h0 is None else h0.double(), reverse)
+
+        out = (torch.full((batch, length, dim), float("nan"), dtype=dtype), torch.full((batch, dim), float("nan"), dtype=dtype))
+        h, h_last = kernels.scan_forward(a, b, h0, reverse, out=out, **extra)
+        errs = {"h": rel_err(h, ref_h), "h_last": rel_err(h_last, ref_last)}
+
+        grad_h = torch.randn(batch, length, dim, generator=gen).to(dtype) if with_gh else None
+        grad_hl = torch.randn(batch, dim, generator=gen).to(dtype) if with_ghl else None
+        gouts = (
+            torch.full((batch, length, dim), float("nan"), dtype=a.dtype),
+            torch.full((batch, length, dim), float("nan"), dtype=b.dtype),
+            torch.full((batch, dim), float("nan"), dtype=dtype) if with_h0 else torch.empty(0, dtype=dtype),
+        )
+        grads = kernels.scan_backward(a, h, grad_h, grad_hl, h0, reverse, b.dtype, out=gouts, **extra)
+        gh_for_ref = grad_h if grad_h is not None else torch.zeros(batch, length, dim)
+        refs = reference_grads(a, b, h0, reverse, gh_for_ref, grad_hl)
+        for name, got, ref in zip(("da", "db", "dh0"), grads, refs):
+            errs[name] = rel_err(got, ref)
+        # grad_a uses the stored (rounded) states, so allow the rounding of h as well
+        bad = {k: v for k, v in errs.items() if v > (3 * tol if k == "da" else tol)}
+        label = f"{dtype} T={length} reverse={reverse} h0={with_h0} {layout} { {k: v for k, v in extra.items() if k != 'config' or v is not small} }"
+        assert not bad, f"{label}: {bad}"
+        print(f"ok {label}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernels_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__], check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("ok ") == 9
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and triton")
+
+
+@cuda_only
+@pytest.mark.parametrize("length", [1, 7, 1000, 4097])
+@pytest.mark.parametrize(
+    "dtype,reverse,with_h0,layout",
+    [
+        (torch.float32, False, False, "contiguous"),
+        (torch.float32, True, True, "strided"),
+        (torch.bfloat16, False, True, "contiguous"),
+        (torch.bfloat16, True, False, "strided"),
+        (torch.float16, False, True, "broadcast"),
+        (torch.float64, True, True, "contiguous"),
+    ],
+)
+def test_cuda_op_forward_and_gradients(length, dtype, reverse, with_h0, layout):
+    gen = torch.Generator().manual_seed(length * 7 + int(reverse))
+    batch, dim = 3, 200  # 200 channels: not a multiple of any block width
+    a, b = make_inputs(batch, length, dim, dtype, "cuda", gen, layout)
+    a.requires_grad_()
+    b.requires_grad_()
+    h0 = torch.randn(batch, dim, generator=gen).to(dtype).cuda().requires_grad_() if with_h0 else None
+    h, h_last = linear_scan(a, b, h0, reverse)
+    assert h.dtype == dtype and h_last.shape == (batch, dim)
+    ref_h, ref_last = linear_scan_reference(a.detach().cpu().double(), b.detach().cpu().double(), None if h0 is None else h0.detach().cpu().double(), reverse)
+    assert rel_err(h, ref_h) < TOL[dtype]
+    assert rel_err(h_last, ref_last) < TOL[dtype]
+
+    grad_h = torch.randn(batch, length, dim, generator=gen).to(dtype).cuda()
+    grad_hl = torch.randn(batch, dim, generator=gen).to(dtype).cuda()
+    inputs = [a, b] + ([h0] if with_h0 else [])
+    grads = torch.autograd.grad([h, h_last], inputs, [grad_h, grad_hl])
+    refs = reference_grads(a, b, h0, reverse, grad_h, grad_hl)
+    for name, got, ref in zip(("da", "db", "dh0"), grads, refs):
+        assert got.dtype == dtype
+        tol = 3 * TOL[dtype] if name == "da" else TOL[dtype]
+        assert rel_err(got, ref) < tol, name
+
+
+@cuda_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_outputs_fully_written(reverse):
+    from mmrec.ops import linear_scan_triton as kernels
+
+    gen = torch.Generator().manual_seed(5)
+    batch, length, dim = 2, 1000, 4100
+    a, b = make_inputs(batch, length, dim, torch.bfloat16, "cuda", gen)
+    h0 = torch.randn(batch, dim, generator=gen).bfloat16().cuda()
+    nan = float("nan")
+    h = torch.full((batch, length, dim), nan, dtype=torch.bfloat16, device="cuda")
+    h_last = torch.full((batch, dim), nan, dtype=torch.bfloat16, device="cuda")
+    kernels.scan_forward(a, b, h0, reverse, out=(h, h_last))
+    assert not h.isnan().any() and not h_last.isnan().any()
+    outs = [torch.full_like(h, nan), torch.full_like(h, nan), torch.full_like(h_last, nan)]
+    grad_h = torch.randn(batch, length, dim, generator=gen).bfloat16().cuda()
+    kernels.scan_backward(a, h, grad_h, None, h0, reverse, torch.bfloat16, out=tuple(outs))
+    assert not any(o.isnan().any() for o in outs)
+    ref_h, _ = linear_scan_reference(a.cpu().double(), b.cpu().double(), h0.cpu().double(), reverse)
+    assert rel_err(h, ref_h) < 1e-2
+
+
+@cuda_only
+def test_cuda_fp64_accumulation_option():
+    from mmrec.ops import linear_scan_triton as kernels
+
+    gen = torch.Generator().manual_seed(6)
+    a, b = make_inputs(2, 4097, 64, torch.float32, "cuda", gen)
+    ref, _ = linear_scan_reference(a.cpu().double(), b.cpu().double())
+    h, _ = kernels.scan_forward(a, b, accumulate_fp64=True)
+    assert rel_err(h, ref) < 1e-6
+
+
+@cuda_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_opcheck(reverse):
+    gen = torch.Generator().manual_seed(7)
+    a, b = make_inputs(2, 70, 33, torch.float32, "cuda", gen)
+    h0 = torch.randn(2, 33, generator=gen).cuda()
+    args = (a.requires_grad_(), b.requires_grad_(), h0.requires_grad_(), reverse)
+    torch.library.opcheck(torch.ops.mmrec.linear_scan.default, args)
+    h, _ = linear_scan(a.detach(), b.detach(), h0.detach(), reverse)
+    bwd_args = (a.detach(), h, torch.randn_like(h), torch.randn_like(h0), h0.detach(), reverse, torch.float32)
+    torch.library.opcheck(torch.ops.mmrec.linear_scan_backward.default, bwd_args)
+
+
+@cuda_only
+def test_cuda_matches_cpu_op_and_compiles():
+    gen = torch.Generator().manual_seed(8)
+    a, b = make_inputs(2, 300, 48, torch.float32, "cpu", gen)
+    cpu_h, _ = linear_scan(a, b)
+    fn = torch.compile(lambda a, b: linear_scan(a, b)[0] * 2, fullgraph=True)
+    gpu_h = fn(a.cuda(), b.cuda())
+    assert rel_err(gpu_h, 2 * cpu_h) < 1e-5
+
+
+if __name__ == "__main__":
+    _interpreter_checks()
