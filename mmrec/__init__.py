@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 from mmrec import ops, recipes, registry
+from mmrec.generate import generate
 from mmrec.model import LanguageModel, ModelOutput
+from mmrec.state import State, StateError
 
-__all__ = ["LanguageModel", "ModelOutput", "build", "ops", "recipes", "registry"]
+__all__ = ["LanguageModel", "ModelOutput", "State", "StateError", "build", "generate", "ops", "recipes", "registry"]
 __version__ = "0.1.0"
 
 

@@ -1,7 +1,8 @@
 """Sampling text from a model.
 
-For now every new token recomputes a full forward over the context; carrying the
-model's recurrent ``State`` forward makes it O(1) per token (a later change).
+The prompt runs through the model once; every new token is then a single-token step that
+carries the model's ``State``. For MM-Rec that state has a fixed size, so each token
+costs the same whatever the context length; a Transformer carries its KV cache.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    max_context: int | None = None,
+    state=None,
 ) -> torch.LongTensor:
     """Continue ``prompt_ids`` (``[T]`` or ``[B, T]``, at least one token) by
     ``max_new_tokens`` sampled tokens; returns prompt and continuation, same rank as the
     prompt. ``temperature <= 0`` picks the most likely token. ``seed`` makes the sample
-    reproducible without touching the global RNG. ``max_context`` keeps only the last
-    that many tokens as the model's input."""
+    reproducible without touching the global RNG. ``state`` continues an earlier context
+    (a ``State``, e.g. one loaded with ``State.load``) that the prompt follows."""
     if prompt_ids.dim() not in (1, 2) or prompt_ids.size(-1) == 0:
         raise ValueError("prompt_ids must be a non-empty [T] or [B, T] tensor of token ids")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -59,16 +60,19 @@ def generate(
     was_training = model.training
     model.eval()
     try:
+        out = model(ids, state=state)  # the prompt, once
+        new = []
         for _ in range(max_new_tokens):
-            context = ids if max_context is None else ids[:, -max_context:]
-            logits = model(context).logits[:, -1, :].float()
+            logits = out.logits[:, -1, :].float()
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
                 logits = _filter_logits(logits / temperature, top_k, top_p)
-                probs = logits.softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=gen)
-            ids = torch.cat([ids, nxt], dim=1)
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+            new.append(nxt)
+            if len(new) < max_new_tokens:
+                out = model(nxt, state=out.state)  # one token, carrying the state
     finally:
         model.train(was_training)
+    ids = torch.cat([ids, *new], dim=1)
     return ids[0] if squeeze else ids

@@ -27,17 +27,30 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng(model):
     assert torch.equal(a, generate(model, prompt, 6, temperature=1.0, top_p=0.9, seed=5))
 
 
-def test_greedy_follows_the_argmax(model):
-    prompt = torch.tensor([10, 20, 30, 40])
-    out = generate(model, prompt, 3, temperature=0)
-    ids = prompt[None]
-    for _ in range(3):
-        nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], 1)
-    assert torch.equal(out, ids[0])
-    assert torch.equal(out, generate(model, prompt, 3, top_k=1, seed=1))
-    cropped = generate(model, prompt, 2, temperature=0, max_context=2)
-    assert cropped.shape == (6,)
+@pytest.mark.parametrize("recipe", ["tiny", "transformer-tiny"])
+def test_stepwise_greedy_equals_greedy_by_full_passes(recipe):
+    # float64, so that no near-tie flips between the two ways of computing the logits;
+    # 50 + 30 tokens cross the tiny recipe's 64-token chunk boundary
+    model = mmrec.build(recipe, ["model.n_layers=1"]).double().eval()
+    prompt = torch.randint(0, 256, (2, 50))
+    out = generate(model, prompt, 30, temperature=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(30):
+            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    assert torch.equal(out, ids)
+    assert torch.equal(out, generate(model, prompt, 30, top_k=1, seed=1))
+
+
+def test_continues_a_saved_state(model, tmp_path):
+    prompt = torch.randint(0, 256, (1, 30))
+    whole = generate(model, prompt, 5, temperature=0)
+    state = model(prompt[:, :20]).state
+    state.save(tmp_path / "state.safetensors")
+    loaded = mmrec.State.load(tmp_path / "state.safetensors", model)
+    continued = generate(model, prompt[:, 20:], 5, temperature=0, state=loaded)
+    assert torch.equal(continued[:, 10:], whole[:, 30:])
 
 
 def test_filters():
@@ -54,3 +67,21 @@ def test_bad_arguments(model):
         generate(model, torch.tensor([], dtype=torch.long), 3)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, torch.tensor([1]), 3, top_p=0.0)
+
+
+def test_generate_command_from_a_checkpoint(tmp_path, capsys):
+    from mmrec.recipes import generate as cli
+    from mmrec.recipes import train
+
+    assert train.main(["--out", str(tmp_path / "run"), "--set", "model.n_layers=1", "--set", "train.steps=2",
+                       "--set", "train.batch_size=2", "--set", "train.seq_len=32", "--set", "train.sample_tokens=0"]) == 0
+    capsys.readouterr()
+    state = tmp_path / "prompt.state"
+    assert cli.main(["--checkpoint", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "7",
+                     "--seed", "3", "--save-state", str(state)]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("The ") and state.is_file()
+    assert cli.main(["--checkpoint", str(tmp_path / "run"), "--load-state", str(state), "--prompt", "x",
+                     "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert cli.main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "error:" in capsys.readouterr().err

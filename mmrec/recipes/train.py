@@ -410,8 +410,7 @@ def print_sample(model, tokenizer: Tokenizer, val_tokens: torch.Tensor, recipe, 
     """Continue the opening words of some validation prose."""
     prompt = torch.tensor(tokenizer.encode(sample_prompt(tokenizer.decode(val_tokens[:20_000].tolist()))))
     with autocast():
-        ids = generate(model, prompt, recipe.train.sample_tokens, temperature=0.8, top_p=0.95,
-                       seed=recipe.train.seed, max_context=recipe.model.max_seq_len)
+        ids = generate(model, prompt, recipe.train.sample_tokens, temperature=0.8, top_p=0.95, seed=recipe.train.seed)
     print(f"sample (prompt in brackets):\n[{tokenizer.decode(prompt.tolist())}]"
           f"{tokenizer.decode(ids[prompt.numel():].tolist())}")
 

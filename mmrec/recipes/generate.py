@@ -1,0 +1,69 @@
+"""Sample text from a trained checkpoint: ``python -m mmrec.recipes.generate``.
+
+    python -m mmrec.recipes.generate --checkpoint runs/tiny --prompt "The "
+    python -m mmrec.recipes.generate --checkpoint runs/tiny --prompt-file doc.txt --save-state doc.state
+    python -m mmrec.recipes.generate --checkpoint runs/tiny --load-state doc.state --prompt "Next, "
+
+Each new token is one step of the model carrying its state, so it costs the same at any
+context length. ``--save-state`` keeps the state after the prompt, so a long document is
+read once and continued later with ``--load-state``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import mmrec
+from mmrec.checkpoint import CheckpointError, load_checkpoint
+from mmrec.recipes import RecipeError
+from mmrec.state import StateError
+from mmrec.tokenizer import TokenizerError, load_tokenizer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mmrec.recipes.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue")
+    prompt.add_argument("--prompt-file", type=Path, help="a UTF-8 file whose text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--load-state", type=Path, help="a state saved with --save-state: the prompt continues it")
+    p.add_argument("--save-state", type=Path, help="save the state after the prompt (safetensors)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        model = mmrec.build(str(checkpoint.recipe_file))
+        checkpoint.load_model(model)
+        model = model.to(args.device).eval()
+        tokenizer = load_tokenizer(checkpoint.tokenizer, checkpoint.path)
+        text = args.prompt if args.prompt is not None else args.prompt_file.read_text(encoding="utf-8")
+        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long, device=args.device)[None]
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty")
+        state = mmrec.State.load(args.load_state, model, device=args.device) if args.load_state else None
+        if args.save_state:
+            with torch.no_grad():
+                model(ids, state=state).state.save(args.save_state)
+        out = mmrec.generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, state=state)
+    except (CheckpointError, RecipeError, StateError, TokenizerError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(text + tokenizer.decode(out[0, ids.shape[1]:].tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
