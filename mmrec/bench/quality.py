@@ -1,0 +1,110 @@
+"""Language-model quality at a fixed budget: MM-Rec against the Transformer of its size.
+
+Both recipes train with ``python -m mmrec.recipes.train`` on the same data with the same
+``train`` settings (the shipped ``shakespeare-char`` pair matches nanoGPT's
+shakespeare-char baseline: about 10.7M parameters, characters, context 256, batch 64,
+5000 steps, validation on the last 10%). After training, each final checkpoint is
+scored on the whole validation split (every non-overlapping window, float32), so the
+comparison does not depend on the few batches the training loop samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import mmrec
+from mmrec.bench.common import run_metadata, write_json
+from mmrec.checkpoint import load_checkpoint
+from mmrec.data import load_corpus, split_tokens
+from mmrec.tokenizer import load_tokenizer
+
+
+def add_subcommand(commands) -> None:
+    parser = commands.add_parser("quality", help="validation loss of MM-Rec vs a Transformer at one budget", description=__doc__)
+    parser.add_argument("--data", required=True, help="text file or folder (e.g. tinyshakespeare.txt)")
+    parser.add_argument("--recipes", nargs="+", default=["shakespeare-char", "transformer-shakespeare-char"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override applied to every recipe, e.g. --set train.steps=2000")
+    parser.add_argument("--runs", type=Path, default=Path("runs/quality"), help="folder for the training runs")
+    parser.add_argument("--sequential", action="store_true", help="train one recipe after the other instead of side by side")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+    parser.set_defaults(run=run)
+
+
+@torch.no_grad()
+def full_validation_loss(run_dir: Path, data: str, device: str) -> dict:
+    checkpoint = load_checkpoint(run_dir, verify=False)
+    model = mmrec.build(str(checkpoint.recipe_file))
+    checkpoint.load_model(model)
+    model = model.to(device).float().eval()
+    train = mmrec.recipes.load(str(checkpoint.recipe_file)).train
+    tokenizer = load_tokenizer(checkpoint.tokenizer, checkpoint.path)
+    tokens = tokenizer.encode_corpus(load_corpus(data).documents)
+    _, val = split_tokens(tokens, train.seq_len, train.val_fraction)
+    n = (val.numel() - 1) // train.seq_len
+    windows = val[: n * train.seq_len + 1].long()
+    inputs = windows[:-1].view(n, train.seq_len)
+    targets = windows[1:].view(n, train.seq_len)
+    total = 0.0
+    for start in range(0, n, 64):
+        logits = model(inputs[start : start + 64].to(device)).logits
+        total += F.cross_entropy(logits.flatten(0, 1), targets[start : start + 64].flatten().to(device), reduction="sum").item()
+    loss = total / (n * train.seq_len)
+    return {"step": checkpoint.step, "parameters": model.num_parameters(), "val_tokens": n * train.seq_len,
+            "full_val_loss": loss, "full_val_ppl": math.exp(loss)}
+
+
+def read_metrics(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    val = [r for r in records if "val_loss" in r]
+    speeds = [r["train_tokens_per_s"] for r in records if "train_tokens_per_s" in r]
+    speeds = speeds[len(speeds) // 10 :]  # past the compile and warm-up steps
+    return {"last_val_loss": val[-1]["val_loss"] if val else None, "best_val_loss": min((r["val_loss"] for r in val), default=None),
+            "median_tokens_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None}
+
+
+def run(args: argparse.Namespace) -> int:
+    meta = {**run_metadata(), "data": args.data, "overrides": args.overrides, "side_by_side": not args.sequential}
+    args.runs.mkdir(parents=True, exist_ok=True)
+    jobs = {}
+    for recipe in args.recipes:
+        run_dir = args.runs / recipe
+        cmd = [sys.executable, "-m", "mmrec.recipes.train", "--recipe", recipe, "--data", args.data, "--out", str(run_dir),
+               "--device", args.device, *[x for o in args.overrides for x in ("--set", o)]]
+        log = open(args.runs / f"{recipe}.log", "w")
+        started = time.perf_counter()
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        jobs[recipe] = (process, started, run_dir, log)
+        if args.sequential:
+            process.wait()
+    rows = []
+    for recipe, (process, started, run_dir, log) in jobs.items():
+        code = process.wait()
+        log.close()
+        row = {"recipe": recipe, "exit_code": code, "wall_s": time.perf_counter() - started}
+        if code == 0:
+            row.update(read_metrics(run_dir))
+            row.update(full_validation_loss(run_dir, args.data, args.device))
+        else:
+            print(f"{recipe}: training failed (exit {code}); see {args.runs / (recipe + '.log')}", file=sys.stderr)
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\n{meta['device']}; data {args.data}; overrides {args.overrides or 'none'}")
+    print(f"{'recipe':<30} {'params':>10} {'steps':>6} {'full val loss':>14} {'train-loop val':>15} {'tokens/s':>10}")
+    for r in rows:
+        if r["exit_code"] != 0:
+            print(f"{r['recipe']:<30} failed")
+            continue
+        print(f"{r['recipe']:<30} {r['parameters']:>10,} {r['step']:>6} {r['full_val_loss']:>14.4f} {r['last_val_loss']:>15.4f} {r['median_tokens_per_s'] or 0:>10.0f}")
+    write_json(args.out, {**meta, "results": rows})
+    return 0 if all(r["exit_code"] == 0 for r in rows) else 1

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|quality|model]...
+# Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
+# corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests bench)
+for part in "${parts[@]}"; do
+    case $part in
+    tests)
+        timeout 240 python3 -m pytest -q -p no:cacheprovider tests/ops/test_linear_scan_triton.py tests/ops/test_gated_rnn.py tests/test_model_cuda.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    bench)
+        timeout 120 python3 -m mmrec.bench scan --out "$OUT/scan.json" 2>&1 | tee "$OUT/scan.log" | tail -22
+        timeout 60 python3 -m mmrec.bench block --out "$OUT/block.json" 2>&1 | tail -12
+        timeout 120 python3 -m mmrec.bench decode --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -16
+        timeout 90 python3 -m mmrec.bench gated-rnn --batches 4 16 64 --lengths 512 --out "$OUT/gated_rnn.json" 2>&1 | tail -16 ;;
+    quality)
+        timeout 560 python3 -m mmrec.bench quality --data .data/tinyshakespeare.txt --runs /tmp/quality --out "$OUT/quality.json" 2>&1 | tail -8
+        cp /tmp/quality/*.log "$OUT/" 2>/dev/null ;;
+    model)
+        timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
+    esac
+done
