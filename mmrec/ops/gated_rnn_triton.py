@@ -65,7 +65,8 @@ def _gated_rnn_fwd_kernel(
     h_ptrs = h_ptr + pid_b * s_hb + chan * s_hd
     z_next = tl.load(z_ptrs, mask=mask & (T > 0), other=0.0)
     ld_next = tl.load(ld_ptrs, mask=mask & (T > 0), other=0.0)
-    for t in range(T):
+    t = 0
+    while t < T:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
         z_t = z_next.to(h.dtype)
         ld_t = ld_next.to(h.dtype)
         # the next step's inputs, in flight while this step computes
@@ -79,6 +80,7 @@ def _gated_rnn_fwd_kernel(
         h = z_t * gate + tl.exp(ld_t) * h
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
         h_ptrs += s_ht
+        t += 1
 
     tl.store(hl_ptr + pid_b * s_hlb + chan * s_hld, h.to(hl_ptr.dtype.element_ty), mask=mask)
 
@@ -137,8 +139,8 @@ def _gated_rnn_bwd_kernel(
     hp_next = tl.load(hp_ptrs, mask=mask & (T > 1), other=0.0)
     if HAS_DH:
         gh_next = tl.load(gh_ptrs, mask=mask & (T > 0), other=0.0)
-    for i in range(T):
-        t = T - 1 - i
+    t = T - 1
+    while t >= 0:  # not range(), as in the forward kernel
         z_t = z_next.to(g.dtype)
         ld_t = ld_next.to(g.dtype)
         h_prev = hp_next.to(g.dtype)
@@ -168,6 +170,7 @@ def _gated_rnn_bwd_kernel(
         da = dz * z_t * (1.0 - gate)
         dw += h_prev[:, None] * da[None, :]
         g = g * decay + tl.sum(w * da[None, :], axis=1)  # + da W^T
+        t -= 1
 
     tl.store(dw_ptr + pid_b * s_dwb + pid_h.to(tl.int64) * s_dwh + rows[:, None] * s_dwi + rows[None, :] * s_dwj,
              dw.to(dw_ptr.dtype.element_ty), mask=mask[:, None] & mask[None, :])

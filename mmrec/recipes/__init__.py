@@ -85,6 +85,11 @@ def recipe_type() -> type[BaseModel]:
             slot: (annotation, Field(default_factory=_default_of(annotation, kind))) for slot, (annotation, kind) in slots.items()
         })
         block_configs[name] = narrowed
+    if not block_configs:
+        raise RecipeError(
+            "no model architectures are registered: the mmrec.layers entry points come from the installed "
+            "package's metadata, so install mmrec (pip install -e .) rather than only putting it on PYTHONPATH"
+        )
     model_union = _tagged_union(block_configs, "arch", "layers", "mmrec")
     return create_model("Recipe", __base__=RecipeBase, model=(model_union, ...))
 
