@@ -70,3 +70,31 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def record(rows: list[dict], row: dict, measure: Callable[[], dict], device: torch.device) -> dict:
+    """Fill ``row`` with ``measure()``'s figures and append it; running out of memory is a
+    result (``row["error"]``), not a crash."""
+    try:
+        row.update(measure())
+    except Exception as error:  # noqa: BLE001 - anything else is re-raised below
+        if not is_out_of_memory(error):
+            raise
+        row["error"] = "out of memory"
+    reset_peak_memory(device)
+    rows.append(row)
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return row
+
+
+def compare_to_baseline(rows: list[dict], same: tuple[str, ...], is_baseline: Callable[[dict], bool], name: str) -> None:
+    """Give each measured row its speed (and peak memory) relative to the baseline row that
+    was measured with the same ``same`` fields: ``speedup_vs_<name>``, ``memory_vs_<name>``."""
+    baselines = {tuple(r[k] for k in same): r for r in rows if is_baseline(r) and "tokens_per_s" in r}
+    for row in rows:
+        other = baselines.get(tuple(row[k] for k in same))
+        if other is None or row is other or "tokens_per_s" not in row:
+            continue
+        row[f"speedup_vs_{name}"] = row["tokens_per_s"] / other["tokens_per_s"]
+        if row.get("peak_gib") and other.get("peak_gib"):
+            row[f"memory_vs_{name}"] = row["peak_gib"] / other["peak_gib"]

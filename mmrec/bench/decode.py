@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import mmrec
-from mmrec.bench.common import is_out_of_memory, peak_memory_gib, reset_peak_memory, run_metadata, time_ms, write_json
+from mmrec.bench.common import compare_to_baseline, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
 from mmrec.state import State
 
 
@@ -75,22 +75,10 @@ def run(args: argparse.Namespace) -> int:
         for batch in args.batches:
             for context in args.contexts:
                 row = {"recipe": recipe, "arch": model.config.arch, "batch": batch, "context": context}
-                try:
-                    row.update(decode_once(model, batch, context, args.steps, device))
-                except Exception as error:  # noqa: BLE001 - out of memory is a result here
-                    if not is_out_of_memory(error):
-                        raise
-                    row["error"] = "out of memory"
-                reset_peak_memory(device)
-                rows.append(row)
-                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                record(rows, row, lambda: decode_once(model, batch, context, args.steps, device), device)
         del model
         reset_peak_memory(device)
-    baseline = {(r["batch"], r["context"]): r for r in rows if r["arch"] == "transformer" and "tokens_per_s" in r}
-    for row in rows:
-        other = baseline.get((row["batch"], row["context"]))
-        if row["arch"] != "transformer" and other and "tokens_per_s" in row:
-            row["speedup_vs_transformer"] = row["tokens_per_s"] / other["tokens_per_s"]
+    compare_to_baseline(rows, ("batch", "context"), lambda r: r["arch"] == "transformer", "transformer")
     print(f"\n{meta['device']}, {args.dtype}, eager, {args.steps} steps")
     print(f"{'recipe':<16} {'batch':>5} {'context':>8} {'tokens/s':>10} {'peak GiB':>9} {'state GiB':>9} {'vs Transformer':>15}")
     for r in rows:

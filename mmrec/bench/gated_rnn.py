@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from mmrec.bench.common import (
-    is_out_of_memory,
     peak_memory_gib,
+    record,
     reset_peak_memory,
     run_metadata,
     time_ms,
@@ -95,19 +95,15 @@ def bench_once(args, batch: int, length: int, device: torch.device, gen) -> list
     for impl, fn in impls.items():
         for pass_, call in _passes(fn, inputs, grad_h).items():
             row = {"impl": impl, "pass": pass_, "batch": batch, "length": length, "heads": args.heads, "head_dim": args.head_dim}
-            reset_peak_memory(device)
-            try:
+
+            def measure(call=call, impl=impl, pass_=pass_):
+                reset_peak_memory(device)
                 ms = time_ms(call, device, warmup=args.warmup, repeat=args.repeat)
-                row.update({"ms": ms, "tokens_per_s": batch * length / ms * 1e3, "peak_gib": peak_memory_gib(device)})
                 if pass_ == "fwd":
                     outputs[impl] = call()[0]
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-                row["error"] = "out of memory"
-            reset_peak_memory(device)
-            rows.append(row)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                return {"ms": ms, "tokens_per_s": batch * length / ms * 1e3, "peak_gib": peak_memory_gib(device)}
+
+            record(rows, row, measure, device)
     if "loop" in outputs and "op" in outputs:
         err = _rel_err(outputs["op"], outputs["loop"])
         for row in rows:

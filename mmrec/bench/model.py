@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import mmrec
 from mmrec.layers.hds_memory import LEVEL_POOL
 from mmrec.bench.common import (
-    is_out_of_memory, matmul_tflops, peak_memory_gib, reset_peak_memory, run_metadata, time_ms, write_json,
+    compare_to_baseline, matmul_tflops, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json,
 )
 
 
@@ -86,24 +86,9 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for length in args.lengths:
         for recipe in args.recipes:
-            row = {"recipe": recipe, "length": length}
-            try:
-                row.update(train_step_once(recipe, length, args, device, peak))
-            except Exception as error:  # noqa: BLE001 - out of memory is a result here
-                if not is_out_of_memory(error):
-                    raise
-                row["error"] = "out of memory"
+            record(rows, {"recipe": recipe, "length": length}, lambda: train_step_once(recipe, length, args, device, peak), device)
             torch._dynamo.reset()
-            reset_peak_memory(device)
-            rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    baseline = {r["length"]: r for r in rows if r["recipe"].startswith("transformer") and "tokens_per_s" in r}
-    for row in rows:
-        other = baseline.get(row["length"])
-        if other is not None and row is not other and "tokens_per_s" in row:
-            row["speedup_vs_transformer"] = row["tokens_per_s"] / other["tokens_per_s"]
-            if row["peak_gib"] and other["peak_gib"]:
-                row["memory_vs_transformer"] = row["peak_gib"] / other["peak_gib"]
+    compare_to_baseline(rows, ("length",), lambda r: r["recipe"].startswith("transformer"), "transformer")
     print(f"\n{meta['device']}, bf16, compile={meta['compile']}, {args.tokens_per_step} tokens/step")
     print(f"{'recipe':<16} {'T':>6} {'batch':>5} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'vs Transformer':>15}")
     for r in rows:

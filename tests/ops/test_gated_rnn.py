@@ -6,16 +6,12 @@ executes this file); on CUDA they run compiled, through the op and its autograd.
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from mmrec.ops.gated_rnn import gated_rnn, gated_rnn_reference
-from tests.helpers import rel_err
+from tests.helpers import rel_err, run_under_triton_interpreter
 
 
 def dense_loop(z, log_decay, weight, h0):
@@ -46,7 +42,6 @@ def test_matches_dense_formula_float64_with_gradients():
 
 # ------------------------------------------------------------- the op mmrec::gated_rnn
 
-ROOT = Path(__file__).resolve().parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and HAS_TRITON
 
@@ -226,11 +221,8 @@ def _interpreter_checks() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__], check=False, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 6, proc.stdout
+    out = run_under_triton_interpreter(__file__)
+    assert out.count("ok ") == 6, out
 
 
 # ----------------------------------------------------------------------------- CUDA

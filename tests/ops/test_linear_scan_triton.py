@@ -8,17 +8,13 @@ executes this file). On CUDA they run compiled, through the op and its autograd.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from mmrec.ops.linear_scan import linear_scan, linear_scan_reference
+from tests.helpers import run_under_triton_interpreter
 
-ROOT = Path(__file__).resolve().parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and HAS_TRITON
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 5e-3}
@@ -129,11 +125,8 @@ def _interpreter_checks() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__], check=False, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 9
+    out = run_under_triton_interpreter(__file__)
+    assert out.count("ok ") == 9, out
 
 
 # ----------------------------------------------------------------------------- CUDA
