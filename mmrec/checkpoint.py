@@ -13,6 +13,20 @@ The folder is first written as ``step_000100.tmp``, every file and the folder fs
 then renamed with ``os.replace``; a folder without the ``.tmp`` suffix is therefore
 complete. Loading checks the manifest before reading anything, so a truncated or
 damaged file is reported by name instead of surfacing as a cryptic library error.
+
+A run of several processes (``torchrun``, FSDP2: see ``mmrec.distributed``) saves with
+``save_distributed_checkpoint`` instead: the same folder, ``.tmp`` and rename (by rank 0,
+after every rank has written), manifest (``"layout": "dcp"``), ``recipe.json`` and
+tokenizer, but the weights and the optimizer state are one ``torch.distributed.checkpoint``
+(DCP) checkpoint in ``dcp/`` (``.metadata`` and a ``__<rank>_0.distcp`` file per rank),
+made from ``torch.distributed.checkpoint.state_dict.get_state_dict``; ``trainer.pt`` then
+holds the rest (scheduler, the RNG states of every rank, data position). DCP re-shards
+on load, so such a checkpoint resumes on any number of processes, a single one included
+(``Checkpoint.load_training_state``), and ``Checkpoint.load_model`` reads its weights
+into a plain model (``python -m mmrec.recipes.generate`` works on it as it is).
+``export_checkpoint`` turns it into the single-file layout above (``python -m
+mmrec.recipes.train --export CHECKPOINT``), optimizer state included, for tools that want
+one ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +47,7 @@ import torch
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "export_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "model_differences",
@@ -40,6 +56,7 @@ __all__ = [
     "resolve_checkpoint",
     "rng_state",
     "save_checkpoint",
+    "save_distributed_checkpoint",
     "set_rng_state",
 ]
 
@@ -48,6 +65,8 @@ MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
 RECIPE_FILE = "recipe.json"
 MANIFEST_FILE = "manifest.json"
+DCP_DIR = "dcp"  # the distributed layout's DCP checkpoint, inside the step folder
+LAYOUT_SINGLE, LAYOUT_DCP = "single", "dcp"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -165,6 +184,53 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _start(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """``(final, tmp)`` folders for ``step``; ``tmp`` created empty."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / _step_dir_name(step)
+    tmp = run_dir / (final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return final, tmp
+
+
+def _file_record(f: Path) -> dict[str, Any]:
+    _fsync_file(f)
+    return {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+
+
+def _finish(run_dir: Path, final: Path, tmp: Path, manifest: dict[str, Any], keep_last: int | None) -> None:
+    """Write the manifest into ``tmp``, fsync, rename ``tmp`` to ``final``, prune."""
+    with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    for folder in {tmp, *(p.parent for p in tmp.rglob("*"))}:
+        _fsync_dir(folder)
+
+    if final.exists():  # saving the same step again: move the old one aside first
+        old = run_dir / (final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(run_dir)
+
+    if keep_last is not None:
+        prune_checkpoints(run_dir, keep_last)
+
+
+def _write_common(tmp: Path, recipe, trainer_state: dict[str, Any], tokenizer) -> None:
+    torch.save(trainer_state, tmp / TRAINER_FILE)
+    (tmp / RECIPE_FILE).write_text(recipe.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    tokenizer.save(tmp)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -180,50 +246,62 @@ def save_checkpoint(
     from safetensors.torch import save_model
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / _step_dir_name(step)
-    tmp = run_dir / (final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-
-    recipe_json = recipe.model_dump_json()
+    final, tmp = _start(run_dir, step)
     metadata = {
         "format": FORMAT,
-        "recipe": recipe_json,
+        "recipe": recipe.model_dump_json(),
         "step": str(step),
         "tokenizer": tokenizer.kind,
     }
     save_model(model, str(tmp / MODEL_FILE), metadata=metadata)
-    torch.save(trainer_state, tmp / TRAINER_FILE)
-    (tmp / RECIPE_FILE).write_text(recipe.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    tokenizer.save(tmp)
-
-    files = {}
-    for f in sorted(tmp.iterdir()):
-        _fsync_file(f)
-        files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    _write_common(tmp, recipe, trainer_state, tokenizer)
+    files = {f.name: _file_record(f) for f in sorted(tmp.iterdir())}
     manifest = {"format": FORMAT, "step": step, "tokenizer": tokenizer.kind, "files": files}
-    with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    _finish(run_dir, final, tmp, manifest, keep_last)
+    return final
 
-    if final.exists():  # saving the same step again: move the old one aside first
-        old = run_dir / (final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(run_dir)
 
-    if keep_last is not None:
-        prune_checkpoints(run_dir, keep_last)
+def save_distributed_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    recipe,
+    trainer_state: dict[str, Any],
+    tokenizer,
+    keep_last: int | None = None,
+) -> Path:
+    """The distributed layout (module docstring) of a sharded ``model`` and its
+    ``optimizer``: a collective, every rank calls it with the same arguments (only rank
+    0's ``trainer_state`` is written). Returns the final folder on every rank, once it is
+    in place."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    run_dir = Path(run_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final = run_dir / _step_dir_name(step)
+    tmp = run_dir / (final.name + ".tmp")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    if rank == 0:
+        _start(run_dir, step)
+    dist.barrier()
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / DCP_DIR)
+    if rank == 0:
+        _write_common(tmp, recipe, trainer_state, tokenizer)
+    dist.barrier()
+    # every rank fsyncs and hashes its share of the files
+    names = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
+    mine = {name: _file_record(tmp / name) for name in names[rank::world]}
+    shares = [None] * world
+    dist.all_gather_object(shares, mine)
+    if rank == 0:
+        files = {name: record for share in shares for name, record in share.items()}
+        manifest = {"format": FORMAT, "layout": LAYOUT_DCP, "step": step, "tokenizer": tokenizer.kind,
+                    "world_size": world, "files": dict(sorted(files.items()))}
+        _finish(run_dir, final, tmp, manifest, keep_last)
+    dist.barrier()
     return final
 
 
@@ -236,13 +314,18 @@ class Checkpoint:
     step: int
     recipe: dict[str, Any]  # the stored recipe, as JSON data
     tokenizer: str  # "byte" or "bpe"
+    layout: str = LAYOUT_SINGLE  # or LAYOUT_DCP: saved by several processes (module docstring)
 
     @property
     def recipe_file(self) -> Path:
         return self.path / RECIPE_FILE
 
     def load_model(self, model: torch.nn.Module) -> None:
-        """Copy the stored weights into ``model`` (same architecture: see ``model_differences``)."""
+        """Copy the stored weights into ``model`` (same architecture: see ``model_differences``),
+        a plain one or, for a checkpoint of the distributed layout, a sharded one."""
+        if self.layout == LAYOUT_DCP:
+            self._load_dcp(model, None)
+            return
         from safetensors.torch import load_model
 
         f = self.path / MODEL_FILE
@@ -265,6 +348,112 @@ class Checkpoint:
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot load the trainer state in {f}: {_one_line(e)}") from None
 
+    def load_training_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            trainer_state: dict[str, Any]) -> None:
+        """Weights and optimizer state into ``model`` (plain, or sharded with FSDP2 in a
+        process group: a collective then) and ``optimizer``, built over it, whatever
+        layout and number of processes the checkpoint was saved with. ``trainer_state`` is
+        ``self.trainer_state()``."""
+        if self.layout == LAYOUT_DCP:
+            self._load_dcp(model, optimizer)
+            return
+        if not _is_sharded(model):
+            self.load_model(model)
+            try:
+                optimizer.load_state_dict(trainer_state["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise self._unfit_optimizer(e) from None
+            return
+        # a single-process checkpoint, resumed by several processes: full states, each rank
+        # keeping its shards (every rank reads the files)
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        f = self.path / MODEL_FILE
+        try:
+            set_model_state_dict(model, load_file(f), options=StateDictOptions(full_state_dict=True))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot load the weights in {f}: {_one_line(e)}") from None
+        try:
+            state = _optimizer_state_by_name(model, optimizer, trainer_state["optimizer"])
+            kept = set(state["state"])
+            set_optimizer_state_dict(model, optimizer, state,
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+        except (ValueError, KeyError, RuntimeError, IndexError) as e:
+            raise self._unfit_optimizer(e) from None
+        _drop_optimizer_state(model, optimizer, kept)
+
+    def _unfit_optimizer(self, e: BaseException) -> CheckpointError:
+        return CheckpointError(f"the optimizer state in {self.path} does not fit this model: {e}")
+
+    def _load_dcp(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Read ``dcp/`` into ``model`` (and ``optimizer``), re-sharding to the current
+        processes; without a process group, into one process."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        where = self.path / DCP_DIR
+        try:
+            stored = dcp.FileSystemReader(where).read_metadata().state_dict_metadata
+            if optimizer is None:
+                state = {"model": get_model_state_dict(model)}
+            else:
+                model_state, optim_state = get_state_dict(model, optimizer)
+                # only the parameters that had optimizer state when saved (a parameter that
+                # never had a gradient has none, and gets none here either)
+                optim_state["state"] = {name: value for name, value in optim_state["state"].items()
+                                        if f"optim.state.{name}.step" in stored}
+                state = {"model": model_state, "optim": optim_state}
+            single = not (dist.is_available() and dist.is_initialized())
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=where, no_dist=single)
+            set_model_state_dict(model, state["model"])
+            if optimizer is not None:
+                set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
+                _drop_optimizer_state(model, optimizer, set(state["optim"]["state"]))
+        except Exception as e:  # noqa: BLE001 - DCP wraps what went wrong in various types
+            raise CheckpointError(f"cannot load the distributed checkpoint {where}: {_one_line(e)}") from None
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` keys parameters by their position in the optimizer's
+    groups; ``torch.distributed.checkpoint.state_dict`` by their names. ``optimizer`` is
+    built the same way as the one that made ``state``, so the positions agree."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    by_position = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {by_position[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [by_position[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def _drop_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, kept: set[str]) -> None:
+    """Forget the state of parameters that had none in the checkpoint (loading fills in a
+    placeholder for them)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p in list(optimizer.state):
+        if names.get(id(p)) not in kept:
+            del optimizer.state[p]
+
 
 def _one_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
@@ -274,7 +463,7 @@ def _one_line(e: BaseException) -> str:
 def _damaged(file: Path, what: str) -> CheckpointError:
     """An error naming the damaged file, and the previous checkpoint if there is one."""
     msg = f"damaged checkpoint: {what}"
-    ckpt = file.parent
+    ckpt = next((p for p in file.parents if _STEP_DIR.match(p.name)), file.parent)
     m = _STEP_DIR.match(ckpt.name)
     older = [p for s, p in list_checkpoints(ckpt.parent) if m and s < int(m.group(1))]
     if older:
@@ -301,7 +490,11 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
         raise _damaged(manifest_path, f"{manifest_path} is unreadable ({_one_line(e)})") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: unknown checkpoint format {manifest.get('format')!r} (expected {FORMAT})")
-    for required in (MODEL_FILE, TRAINER_FILE, RECIPE_FILE):
+    layout = manifest.get("layout", LAYOUT_SINGLE)
+    if layout not in (LAYOUT_SINGLE, LAYOUT_DCP):
+        raise CheckpointError(f"{manifest_path}: unknown checkpoint layout {layout!r}")
+    weights = MODEL_FILE if layout == LAYOUT_SINGLE else f"{DCP_DIR}/.metadata"
+    for required in (weights, TRAINER_FILE, RECIPE_FILE):
         if required not in files:
             raise _damaged(manifest_path, f"{manifest_path} does not list {required}")
     for name, info in files.items():
@@ -315,6 +508,15 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
         if verify and _sha256(f) != info["sha256"]:
             raise _damaged(f, f"{f} is corrupted (its SHA-256 does not match {manifest_path})")
 
+    if layout == LAYOUT_DCP:
+        recipe_file = ckpt / RECIPE_FILE
+        try:
+            recipe = json.loads(recipe_file.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise _damaged(recipe_file, f"{recipe_file} is unreadable ({_one_line(e)})") from None
+        return Checkpoint(path=ckpt, step=step, recipe=recipe, tokenizer=manifest.get("tokenizer", "byte"),
+                          layout=LAYOUT_DCP)
+
     model_file = ckpt / MODEL_FILE
     try:
         with safe_open(str(model_file), framework="pt") as st:
@@ -326,6 +528,32 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     except (KeyError, ValueError):
         raise _damaged(model_file, f"{model_file} carries no recipe in its metadata") from None
     return Checkpoint(path=ckpt, step=step, recipe=recipe, tokenizer=meta.get("tokenizer", "byte"))
+
+
+def export_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
+    """Convert a checkpoint of the distributed layout (or the newest in a run folder) into
+    the single-file layout, written as ``run_dir/step_NNNNNN`` and returned: the weights
+    as ``model.safetensors`` with the recipe metadata, and a ``trainer.pt`` with the
+    optimizer state, so that a single process resumes the export as it would the original.
+    Runs in one process, which needs the memory of the whole model and optimizer state."""
+    import mmrec
+    from mmrec.optim import build_optimizer
+    from mmrec.tokenizer import load_tokenizer
+
+    ckpt = load_checkpoint(path)
+    if ckpt.layout != LAYOUT_DCP:
+        raise CheckpointError(f"{ckpt.path} is already a single-file checkpoint ({MODEL_FILE})")
+    recipe = mmrec.recipes.load(ckpt.recipe)
+    model = mmrec.build(recipe)
+    optimizer = build_optimizer(model, recipe.train)
+    state = ckpt.trainer_state()
+    ckpt.load_training_state(model, optimizer, state)
+    state["optimizer"] = optimizer.state_dict()
+    tokenizer = load_tokenizer(ckpt.tokenizer, ckpt.path)
+    out = Path(run_dir)
+    if (out / _step_dir_name(ckpt.step)).resolve() == ckpt.path.resolve():
+        raise CheckpointError(f"the export would replace {ckpt.path} itself: pick another folder")
+    return save_checkpoint(out, ckpt.step, model, recipe, state, tokenizer)
 
 
 # --------------------------------------------------------------------------- compare

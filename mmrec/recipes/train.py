@@ -11,6 +11,27 @@ writes checkpoints under ``runs/tiny``::
 Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits; a second
 Ctrl-C exits at once. The data order is a function of the seed and the step, and the
 checkpoint holds every RNG state, so a resumed run continues exactly where it stopped.
+
+Several processes (GPUs) run the same command under ``torchrun``::
+
+    torchrun --standalone --nproc-per-node 8 -m mmrec.recipes.train --recipe 1b --data texts/
+
+Each process holds a shard of the model, its gradients and optimizer state (FSDP2, see
+``mmrec.distributed``) and takes a contiguous share of every batch: ``train.batch_size``
+(divisible by the number of processes) stays the global batch, made of the same samples as
+in one process, and the gradients are the averages one process would compute. Rank 0
+alone prints, logs and writes the shared files. Checkpoints are distributed checkpoints
+(``torch.distributed.checkpoint``, see ``mmrec.checkpoint``) that resume on any number of
+processes, one included (``--resume`` as usual); ``generate`` reads them as they are, and
+
+    python -m mmrec.recipes.train --export runs/1b [--out DIR]
+
+writes the newest (or the named) one in the single-file layout (``model.safetensors``,
+optimizer state included) under ``DIR`` (default ``<run>/export``). Ctrl-C or SIGTERM
+to ``torchrun`` reaches every process, which agree at each step to save and stop;
+``torchrun`` kills them after ``--shutdown-timeout`` seconds (default 30), so raise that
+when saving takes longer. With dropout each process draws its own masks (rank 0 the
+single process's), so only dropout-free runs give the single-process numbers.
 """
 
 from __future__ import annotations
@@ -35,6 +56,7 @@ from tqdm import tqdm
 
 import mmrec
 from mmrec import checkpoint as ckpt_io
+from mmrec import distributed
 from mmrec.checkpoint import CheckpointError
 from mmrec.data import (
     Corpus,
@@ -80,6 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override a recipe field, e.g. --set train.lr=3e-4 --set model.n_layers=2")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under <out>/tensorboard")
+    p.add_argument("--export", metavar="CHECKPOINT",
+                   help="write a distributed (torchrun) checkpoint, or a run folder's newest, as a single-file "
+                        "checkpoint under --out (default <run>/export), then exit")
     return p.parse_args(argv)
 
 
@@ -113,11 +138,24 @@ def evaluate(model, batches, device, autocast) -> float:
 
 
 class StopSignal:
-    """The first Ctrl-C / SIGTERM asks the loop to save and stop; a second Ctrl-C aborts."""
+    """The first Ctrl-C / SIGTERM asks the loop to save and stop; a second Ctrl-C aborts.
 
-    def __init__(self):
+    With several processes, ``agree()`` (a collective, once a step) makes every rank stop
+    when any rank was asked to, and ``requested()`` answers what was agreed; in a single
+    process ``requested()`` is the live ``signum``."""
+
+    def __init__(self, device: torch.device | None = None):
         self.signum: int | None = None
         self._previous = {}
+        self._device = device  # set: agree over the ranks
+        self._agreed: int | None = None
+
+    def agree(self) -> None:
+        if self._device is not None:
+            self._agreed = distributed.any_rank(self.signum or 0, self._device) or None
+
+    def requested(self) -> int | None:
+        return self._agreed if self._device is not None else self.signum
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
@@ -133,6 +171,16 @@ class StopSignal:
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+class NoLog:
+    """What ranks other than 0 log: nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class MetricsLog:
@@ -203,7 +251,8 @@ class Setup:
 
 
 def prepare(args: argparse.Namespace) -> Setup:
-    resume = ckpt_io.load_checkpoint(args.resume) if args.resume else None
+    # with several processes rank 0 alone hashes the files: every rank would read the same
+    resume = ckpt_io.load_checkpoint(args.resume, verify=distributed.is_main()) if args.resume else None
     resumed_state = resume.trainer_state() if resume else None
     source = args.recipe or (resume.recipe if resume else "tiny")
     recipe = mmrec.recipes.load(source, args.overrides)
@@ -239,7 +288,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     tokens = tokenizer.encode_corpus(corpus.documents)
     train_tokens, val_tokens = split_tokens(tokens, train.seq_len, train.val_fraction)
     data_print = fingerprint(tokens)
-    if resume is not None and resumed_state["data"]["fingerprint"] != data_print:
+    if resume is not None and resumed_state["data"]["fingerprint"] != data_print and distributed.is_main():
         print(f"warning: the data differs from the data {resume.path} was trained on; "
               "the run continues on the new data", file=sys.stderr)
     return Setup(recipe, corpus, tokenizer, TokenStream(train_tokens, train.seq_len, train.seed, "training"),
@@ -260,13 +309,16 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def train_step(forward, model, optimizer, scheduler, data: TokenStream, step: int, train, device, autocast,
-               use_aux: bool) -> dict:
+               use_aux: bool, rank: int = 0, world: int = 1) -> dict:
     """One optimizer update over ``train.grad_accum`` micro-batches; the batches are those
-    of update number ``step`` (counting from 0), whatever ran before."""
+    of update number ``step`` (counting from 0), whatever ran before. With ``world``
+    processes, rank ``rank`` takes its contiguous share of each micro-batch, and the
+    returned numbers are those of the whole batch, the same on every rank."""
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
+    share = train.batch_size // world
     for micro in range(train.grad_accum):
-        x, y = data.batch((step * train.grad_accum + micro) * train.batch_size, train.batch_size)
+        x, y = data.batch((step * train.grad_accum + micro) * train.batch_size + rank * share, share)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             result = forward(x, return_aux_loss=use_aux)
@@ -276,8 +328,14 @@ def train_step(forward, model, optimizer, scheduler, data: TokenStream, step: in
         loss_sum += loss.detach()
         if use_aux:
             aux_sum += result.aux_loss.detach().float()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf).item()
-    loss_value = loss_sum.item() / train.grad_accum
+    if world > 1:  # FSDP has averaged the gradients over the ranks; the losses are averaged here
+        grad_norm = distributed.clip_grad_norm(model.parameters(), train.grad_clip or math.inf)
+        loss_value, aux_value = distributed.mean_over_ranks(
+            [loss_sum.item() / train.grad_accum, aux_sum.item() / train.grad_accum], device)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf).item()
+        loss_value = loss_sum.item() / train.grad_accum
+        aux_value = aux_sum.item() / train.grad_accum if use_aux else None
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         bad = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
         raise Diverged(f"training diverged at step {step + 1}: {bad} "
@@ -287,82 +345,152 @@ def train_step(forward, model, optimizer, scheduler, data: TokenStream, step: in
     optimizer.zero_grad(set_to_none=True)
     stats = {"loss": loss_value, "grad_norm": grad_norm}
     if use_aux:
-        stats["aux_loss"] = aux_sum.item() / train.grad_accum
+        stats["aux_loss"] = aux_value
     return stats
 
 
 def run(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
-    if args.tensorboard:
+    if args.export:
+        return export(args)
+    if distributed.env_world_size() > 1:  # started by torchrun
+        try:
+            device = distributed.init(args.device)
+        except RuntimeError as e:
+            raise TrainError(str(e)) from None
+        try:
+            return train_run(args, device)
+        finally:
+            distributed.teardown()
+    return train_run(args, pick_device(args.device))
+
+
+def export(args: argparse.Namespace) -> int:
+    """``--export``: a distributed checkpoint in the single-file layout."""
+    if distributed.env_world_size() > 1:
+        raise TrainError("--export runs in one process: start it with python, not torchrun")
+    if args.resume or args.recipe or args.data or args.overrides:
+        raise TrainError("--export converts a checkpoint and takes no other option than --out")
+    source = ckpt_io.resolve_checkpoint(args.export)
+    path = ckpt_io.export_checkpoint(source, Path(args.out) if args.out else source.parent / "export")
+    print(f"exported {source} to {path}")
+    return 0
+
+
+def param_dtype_for(device: torch.device, dtype: str) -> torch.dtype | None:
+    """FSDP's compute dtype for the gathered parameters: bf16 where training computes in
+    bf16 on CUDA (fp32 master weights stay sharded), otherwise the stored fp32."""
+    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
+        return torch.bfloat16
+    return None
+
+
+def train_run(args: argparse.Namespace, device: torch.device) -> int:
+    sharded, main_rank = distributed.is_distributed(), distributed.is_main()
+    rank, world = distributed.rank(), distributed.world_size()
+    if args.tensorboard and main_rank:
         MetricsLog.tensorboard_writer()  # missing tensorboard: say so before any work
     setup = prepare(args)
     recipe, train, tokenizer, out, resume = setup.recipe, setup.recipe.train, setup.tokenizer, setup.out, setup.resume
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_io.remove_stale_tmp(out)
+    if sharded:
+        if train.batch_size % world:
+            raise TrainError(f"train.batch_size is {train.batch_size}, which {world} processes cannot share "
+                             f"equally: make it a multiple of {world} (--set train.batch_size=N)")
+        if len(set(distributed.all_gather_object((setup.data_print, str(out))))) > 1:
+            raise TrainError("the processes read different data or chose different run folders; "
+                             "give every process the same --data and --out")
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_stale_tmp(out)
+    distributed.barrier()
     autocast = autocast_for(device, train.dtype)
     use_aux = getattr(recipe.model, "planning", None) is not None
     val_batches = TokenStream(setup.val_tokens, train.seq_len, train.seed, "validation").fixed_batches(
         train.eval_batches, train.batch_size)
+    if sharded:  # each rank evaluates its share of every batch; the mean is all-reduced
+        share = train.batch_size // world
+        val_batches = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
+                       for x, y in val_batches]
 
     # Model, optimizer, schedule; a checkpoint's states replace the fresh ones.
     random.seed(train.seed)
     torch.manual_seed(train.seed)
-    model = mmrec.build(recipe).to(device)
-    model.set_activation_checkpointing(train.activation_checkpointing)
+    model = mmrec.build(recipe).to(device)  # the same initial weights on every rank
+    n_params = sum(p.numel() for p in model.parameters())
+    if sharded:
+        distributed.shard_model(model, device, param_dtype=param_dtype_for(device, train.dtype),
+                                compile=train.compile, activation_checkpointing=train.activation_checkpointing)
+        distributed.seed_rank(train.seed, rank)
+    else:
+        model.set_activation_checkpointing(train.activation_checkpointing)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train)
     step = 0
     if resume is not None:
-        resume.load_model(model)
+        resume.load_training_state(model, optimizer, setup.resumed_state)
         try:
-            optimizer.load_state_dict(setup.resumed_state["optimizer"])
             scheduler.load_state_dict(setup.resumed_state["scheduler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"the optimizer state in {resume.path} does not fit this model: {e}") from None
         step = resume.step
         set_schedule_lr(optimizer, scheduler, train, step)
-        ckpt_io.set_rng_state(setup.resumed_state["rng"])
-    forward = torch.compile(model) if train.compile else model
+        distributed.set_rng_state(setup.resumed_state, train.seed, step)
+    # several processes: each block was compiled before sharding
+    forward = torch.compile(model) if train.compile and not sharded else model
     tokens_per_step = train.batch_size * train.seq_len * train.grad_accum
 
     def save(at_step: int) -> Path:
+        data = {"source": setup.corpus.source and os.path.abspath(setup.corpus.source),
+                "fingerprint": setup.data_print, "seed": train.seed,
+                "samples_seen": at_step * train.grad_accum * train.batch_size,
+                "tokens_seen": at_step * tokens_per_step}
+        if sharded:  # the model and optimizer go into a distributed checkpoint
+            rng_states = distributed.all_gather_object(ckpt_io.rng_state())
+            state = {"step": at_step, "scheduler": scheduler.state_dict(), "rng": rng_states[0],
+                     "rng_per_rank": rng_states, "data": data}
+            return ckpt_io.save_distributed_checkpoint(out, at_step, model, optimizer, recipe, state, tokenizer,
+                                                       train.keep_last)
         state = {
             "step": at_step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": ckpt_io.rng_state(),
-            "data": {"source": setup.corpus.source and os.path.abspath(setup.corpus.source),
-                     "fingerprint": setup.data_print, "seed": train.seed,
-                     "samples_seen": at_step * train.grad_accum * train.batch_size,
-                     "tokens_seen": at_step * tokens_per_step},
+            "data": data,
         }
         return ckpt_io.save_checkpoint(out, at_step, model, recipe, state, tokenizer, train.keep_last)
 
     def validate() -> float:
         loss = evaluate(forward, val_batches, device, autocast)
+        if sharded:
+            [loss] = distributed.mean_over_ranks([loss], device)
         log.write({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         return loss
 
-    print(f"{recipe.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
-          f"data {setup.corpus.name}: {len(setup.train_data):,} training and {setup.val_tokens.numel():,} "
-          f"validation {tokenizer.kind} tokens (vocabulary {tokenizer.vocab_size}); run folder {out}")
-    if resume is not None:
-        print(f"resuming from {resume.path} at step {step}")
+    where = f"{world} processes on {device.type} (FSDP)" if sharded else str(device)
+    if main_rank:
+        print(f"{recipe.name}: {n_params / 1e6:.2f}M parameters on {where}; "
+              f"data {setup.corpus.name}: {len(setup.train_data):,} training and {setup.val_tokens.numel():,} "
+              f"validation {tokenizer.kind} tokens (vocabulary {tokenizer.vocab_size}); run folder {out}")
+        if resume is not None:
+            print(f"resuming from {resume.path} at step {step}")
 
-    log = MetricsLog(out, args.tensorboard)
+    log = MetricsLog(out, args.tensorboard) if main_rank else NoLog()
     if resume is not None:
         log.write({"event": "resume", "step": step, "from": str(resume.path)})
     val_loss = None
     saved_step = step if resume is not None else None
     try:
-        with StopSignal() as stop, tqdm(total=train.steps, initial=step, unit="step", dynamic_ncols=True,
-                                        desc=f"train {recipe.name}") as bar:
+        with StopSignal(device if sharded else None) as stop, tqdm(
+                total=train.steps, initial=step, unit="step", dynamic_ncols=True, desc=f"train {recipe.name}",
+                disable=not main_rank) as bar:
+            say = bar.write if main_rank else (lambda text: None)
             model.train()
-            while step < train.steps and stop.signum is None:
+            stop.agree()
+            while step < train.steps and stop.requested() is None:
                 lr, started = optimizer.param_groups[0]["lr"], time.perf_counter()
                 stats = train_step(forward, model, optimizer, scheduler, setup.train_data, step, train, device,
-                                   autocast, use_aux)
+                                   autocast, use_aux, rank, world)
                 step += 1
+                stop.agree()
                 tokens_per_s = tokens_per_step / (time.perf_counter() - started)
                 log.write({"step": step, **{f"train_{k}": v for k, v in stats.items()}, "train_lr": lr,
                            "train_tokens_per_s": tokens_per_s, "train_tokens": step * tokens_per_step})
@@ -371,19 +499,20 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
                 if step % train.eval_every == 0 or step == train.steps:
                     val_loss = validate()
-                    bar.write(f"step {step}: validation loss {val_loss:.4f}, "
-                              f"perplexity {math.exp(min(val_loss, 50)):.2f}")
-                if step % train.save_every == 0 or step == train.steps or stop.signum is not None:
-                    bar.write(f"step {step}: saved {save(step)}")
+                    say(f"step {step}: validation loss {val_loss:.4f}, "
+                        f"perplexity {math.exp(min(val_loss, 50)):.2f}")
+                if step % train.save_every == 0 or step == train.steps or stop.requested() is not None:
+                    say(f"step {step}: saved {save(step)}")
                     saved_step = step
-            signum = stop.signum
+            signum = stop.requested()
         if signum is None and val_loss is None:  # resumed at the last step: evaluate anyway
             val_loss = validate()
-    except Diverged as e:
-        last = ckpt_io.list_checkpoints(out)
-        kept = (f"the last good checkpoint is {last[-1][1]} (--resume it with a lower --set train.lr=...)"
-                if last else "no checkpoint had been saved yet; lower train.lr (--set train.lr=...)")
-        print(f"error: {e}; stopped without saving, {kept}", file=sys.stderr)
+    except Diverged as e:  # every rank sees the same loss and norm, so every rank stops here
+        if main_rank:
+            last = ckpt_io.list_checkpoints(out)
+            kept = (f"the last good checkpoint is {last[-1][1]} (--resume it with a lower --set train.lr=...)"
+                    if last else "no checkpoint had been saved yet; lower train.lr (--set train.lr=...)")
+            print(f"error: {e}; stopped without saving, {kept}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         last = ckpt_io.list_checkpoints(out)
@@ -394,25 +523,30 @@ def run(args: argparse.Namespace) -> int:
         log.close()
 
     if signum is not None:
-        where = (f"checkpoint {ckpt_io.list_checkpoints(out)[-1][1]}" if saved_step
-                 else "no checkpoint (no step had finished)")
-        print(f"stopped by {signal.Signals(signum).name} at step {step}; {where}. Continue with: "
-              f"python -m mmrec.recipes.train --resume {out}", file=sys.stderr)
+        if main_rank:
+            where = (f"checkpoint {ckpt_io.list_checkpoints(out)[-1][1]}" if saved_step
+                     else "no checkpoint (no step had finished)")
+            command = (f"torchrun --nproc-per-node N -m mmrec.recipes.train --resume {out} (any N, 1 included)"
+                       if sharded else f"python -m mmrec.recipes.train --resume {out}")
+            print(f"stopped by {signal.Signals(signum).name} at step {step}; {where}. Continue with: {command}",
+                  file=sys.stderr)
         return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
 
-    print(f"validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f} (step {step}, {out})")
-    if train.sample_tokens > 0:
-        print_sample(model, tokenizer, setup.val_tokens, recipe, autocast)
+    if main_rank:
+        print(f"validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f} (step {step}, {out})")
+    if train.sample_tokens > 0:  # with several processes every rank runs the sharded model; rank 0 prints
+        print_sample(model, tokenizer, setup.val_tokens, recipe, autocast, show=main_rank)
     return 0
 
 
-def print_sample(model, tokenizer: Tokenizer, val_tokens: torch.Tensor, recipe, autocast) -> None:
+def print_sample(model, tokenizer: Tokenizer, val_tokens: torch.Tensor, recipe, autocast, show: bool = True) -> None:
     """Continue the opening words of some validation prose."""
     prompt = torch.tensor(tokenizer.encode(sample_prompt(tokenizer.decode(val_tokens[:20_000].tolist()))))
     with autocast():
         ids = generate(model, prompt, recipe.train.sample_tokens, temperature=0.8, top_p=0.95, seed=recipe.train.seed)
-    print(f"sample (prompt in brackets):\n[{tokenizer.decode(prompt.tolist())}]"
-          f"{tokenizer.decode(ids[prompt.numel():].tolist())}")
+    if show:
+        print(f"sample (prompt in brackets):\n[{tokenizer.decode(prompt.tolist())}]"
+              f"{tokenizer.decode(ids[prompt.numel():].tolist())}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except (RecipeError, DataError, CheckpointError, TokenizerError, TrainError) as e:
         head, *rest = str(e).strip().splitlines() or [type(e).__name__]
-        print(f"error: {head} {'; '.join(r.strip() for r in rest)}".rstrip(), file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if distributed.env_world_size() > 1 else "0"
+        who = "" if rank == "0" else f"[rank {rank}] "  # every rank says what stopped it
+        print(f"{who}error: {head} {'; '.join(r.strip() for r in rest)}".rstrip(), file=sys.stderr)
         return EXIT_USAGE
 
 

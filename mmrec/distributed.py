@@ -1,0 +1,209 @@
+"""Several processes, one model: ``torchrun`` with FSDP2, PyTorch's own engine.
+
+``python -m mmrec.recipes.train`` checks the ``WORLD_SIZE`` that ``torchrun`` sets; above 1
+it joins the process group (NCCL on CUDA, one GPU per process at ``cuda:LOCAL_RANK``; gloo
+on CPU) and shards the model with ``torch.distributed.fsdp.fully_shard``: each block, then
+the root (embedding, final norm, head). Activation checkpointing and ``torch.compile`` of
+each block are set before sharding, as torchtitan does. On CUDA with bf16 compute the
+policy is ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: sharded
+fp32 master weights, bf16 all-gathers and compute, fp32 gradient reduction. The recipe's
+autocast stays on as in one process, so what autocast computes in fp32 still is; unlike
+one process, though, the parameters themselves (the MDI decay biases among them) enter
+the forward pass rounded to bf16. Otherwise (CPU, or ``train.dtype=float32``) parameters
+stay fp32.
+
+This module holds the process-group life cycle, the sharding, and the few collectives
+the training loop needs; checkpoints of sharded models are in ``mmrec.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "all_gather_object",
+    "any_rank",
+    "barrier",
+    "clip_grad_norm",
+    "env_world_size",
+    "init",
+    "is_distributed",
+    "is_main",
+    "mean_over_ranks",
+    "rank",
+    "seed_rank",
+    "set_rng_state",
+    "shard_model",
+    "teardown",
+    "world_size",
+]
+
+
+def env_world_size() -> int:
+    """The number of processes ``torchrun`` started (1 without ``torchrun``)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, the one process that prints, logs and writes shared files."""
+    return rank() == 0
+
+
+def init(device_name: str | None) -> torch.device:
+    """Join the process group ``torchrun`` describes in the environment and return this
+    process's device: ``cuda:LOCAL_RANK`` with NCCL where CUDA is used, the CPU with gloo."""
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch was built without torch.distributed; run a single process")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    kind = torch.device(device_name).type if device_name else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device_name}: this PyTorch sees no CUDA device")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                               "start at most that many processes per node (--nproc-per-node)")
+        device = torch.device("cuda", local_rank)  # one GPU per process, whatever --device names
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif kind == "cpu":
+        device = torch.device("cpu")
+        if not dist.is_gloo_available():
+            raise RuntimeError("this PyTorch has no gloo backend, which distributed CPU training needs")
+        dist.init_process_group("gloo")
+    else:
+        raise RuntimeError(f"--device {device_name}: distributed training runs on cuda or cpu")
+    return device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_model(model: nn.Module, device: torch.device, *, param_dtype: torch.dtype | None = None,
+                compile: bool = False, activation_checkpointing: bool = False) -> nn.Module:
+    """Shard ``model`` (a ``LanguageModel`` on ``device``, identical on every rank) in place
+    with FSDP2: each of ``model.blocks``, then the root. ``param_dtype`` is the compute
+    dtype of the gathered parameters (``None``: the stored fp32); gradients are reduced in
+    fp32 either way. Build the optimizer after this: sharding replaces the parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.set_activation_checkpointing(activation_checkpointing)
+    if compile:
+        for block in model.blocks:
+            block.compile()
+    # FSDP2 warns that a block returns a view, which an in-place op could detach from its
+    # backward hook; the model only ever passes block outputs on out of place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the root keeps its parameters gathered for backward
+    return model
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value averaged over the ranks (one all-reduce); unchanged in a single process."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def any_rank(code: int, device: torch.device) -> int:
+    """The largest ``code`` over the ranks: every rank agrees on, e.g., a stop request."""
+    if not is_distributed():
+        return code
+    t = torch.tensor([code], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """``clip_grad_norm_`` for FSDP2's DTensor gradients: the norm of the whole (sharded)
+    gradient, reduced over the ranks, then every shard scaled by the same factor. Returns
+    the norm before clipping, the same number on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # the per-rank partial norms, reduced
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return total.item()
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    digest = hashlib.sha256(f"mmrec:{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Give ranks above 0 random streams of their own (dropout masks), once the model's
+    initial weights, drawn alike on every rank, are in place; rank 0 keeps the stream a
+    single process would have."""
+    if rank > 0:
+        s = _rank_seed(seed, rank, step)
+        random.seed(s)
+        torch.manual_seed(s)
+
+
+def set_rng_state(trainer_state: dict[str, Any], seed: int, step: int) -> None:
+    """Restore the RNG states of a checkpoint's ``trainer_state``: each rank its own when
+    the checkpoint was saved by as many processes, otherwise rank 0's (the only one a
+    single process saves), with fresh streams for the other ranks."""
+    from mmrec.checkpoint import set_rng_state as restore
+
+    per_rank = trainer_state.get("rng_per_rank")
+    r, w = rank(), world_size()
+    if per_rank is not None and len(per_rank) == w:
+        restore(per_rank[r])
+    else:
+        restore(trainer_state["rng"])
+        seed_rank(seed, r, step)
