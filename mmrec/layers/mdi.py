@@ -1,9 +1,12 @@
 """MDI (memory decay / integration): the per-token, per-channel decay of the recurrence.
 
 ``γ_t = σ(W_γ z_t + b_γ) ⊙ σ(W_c k_t + b_c)``: the candidate ``z`` sets the decay and the
-memory key ``k`` modulates it by context. Both biases start at ``logit(sqrt(decay_init))``
-and the weights small, so ``γ ≈ decay_init`` at initialisation. Returned as ``log γ``
-(float32), which is exact where ``γ`` itself would round to 1 or 0.
+memory key ``k`` modulates it by context. Both biases start at ``logit(sqrt(γ_0))`` and the
+weights small, so ``γ ≈ γ_0`` at initialisation: one ``decay_init`` for every channel (the
+seeds' 0.99), or a range ``(low, high)`` over which the channels' time constants
+``1 / (1 - γ_0)`` are spread evenly in log scale, so that some channels start short-range
+and others long-range. Returned as ``log γ`` (float32), which is exact where ``γ`` itself
+would round to 1 or 0.
 """
 
 from __future__ import annotations
@@ -17,21 +20,36 @@ from mmrec.ops import accumulation_dtype
 
 
 class MDI(nn.Module):
-    def __init__(self, d_model: int, d_context: int, decay_init: float = 0.99, init_std: float = 0.02):
+    def __init__(self, d_model: int, d_context: int, decay_init: float | tuple[float, float] = 0.99, init_std: float = 0.02):
         super().__init__()
-        if not 0.0 < decay_init < 1.0:
-            raise ValueError(f"decay_init must be in (0, 1), got {decay_init}")
+        bounds = decay_init if isinstance(decay_init, (tuple, list)) else (decay_init,)
+        if not all(0.0 < g < 1.0 for g in bounds) or list(bounds) != sorted(bounds):
+            raise ValueError(f"decay_init must be in (0, 1), or a range (low, high) inside it, got {decay_init}")
+        self.decay_init = tuple(bounds)
         self.decay = nn.Linear(d_model, d_model, bias=False)  # W_γ
         self.context = nn.Linear(d_context, d_model, bias=False)  # W_c
-        half = math.sqrt(decay_init)
-        self.decay_bias = nn.Parameter(torch.full((d_model,), math.log(half / (1 - half))))
-        self.context_bias = nn.Parameter(torch.full((d_model,), math.log(half / (1 - half))))
+        self.decay_bias = nn.Parameter(torch.empty(d_model))
+        self.context_bias = nn.Parameter(torch.empty(d_model))
         self.init_std = init_std
+        self.init_weights()
 
+    def initial_decay(self) -> Tensor:
+        """``γ_0`` per channel."""
+        n = self.decay_bias.numel()
+        if len(self.decay_init) == 1:
+            return torch.full((n,), self.decay_init[0], dtype=torch.float64)
+        low, high = (1 / (1 - g) for g in self.decay_init)  # time constants in tokens
+        timescales = torch.logspace(math.log10(low), math.log10(high), n, dtype=torch.float64)
+        return 1 - 1 / timescales
+
+    @torch.no_grad()
     def init_weights(self) -> None:
-        # small weights: the decay starts near decay_init whatever the token
+        # small weights: the decay starts near γ_0 whatever the token
         nn.init.normal_(self.decay.weight, std=self.init_std * 0.1)
         nn.init.normal_(self.context.weight, std=self.init_std * 0.1)
+        half = self.initial_decay().sqrt()  # each of the two gates gives sqrt(γ_0)
+        self.decay_bias.copy_(torch.logit(half))
+        self.context_bias.copy_(torch.logit(half))
 
     def forward(self, z: Tensor, k: Tensor) -> Tensor:
         """``z``: ``[B, T, d_model]``, ``k``: ``[B, T, d_context]`` -> ``log γ`` ``[B, T, d_model]``."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 from torch import Tensor, nn
 
 from mmrec import registry
@@ -40,12 +40,22 @@ class MMRecBlock(nn.Module):
         arch: Literal["mmrec"] = "mmrec"
         chunk_size: PositiveInt = Field(256, description="tokens per memory chunk")
         hem: bool = Field(True, description="fuse the block's input projections into one matmul")
-        decay_init: float = Field(0.99, gt=0, lt=1, description="initial decay γ of the recurrence")
+        decay_init: float | tuple[float, float] = Field(
+            0.99, description="initial decay γ of the recurrence; or (low, high): time constants spread over the channels"
+        )
         recurrence: Variant = Variant(kind="parallel")
         memory: Variant = Variant(kind="hds")
         planning: Planning.Config | None = Field(None, description="UBÖO planning auxiliary loss; null disables it")
 
         variant_groups: ClassVar[dict[str, str]] = {"recurrence": "scans", "memory": "memories"}
+
+        @field_validator("decay_init")
+        @classmethod
+        def _decay_in_range(cls, value):
+            bounds = value if isinstance(value, tuple) else (value,)
+            if not all(0 < g < 1 for g in bounds) or list(bounds) != sorted(bounds):
+                raise ValueError("must be in (0, 1), or a range [low, high] with 0 < low <= high < 1")
+            return value
 
     def __init__(self, config: Config, layer: int = 0):
         super().__init__()

@@ -25,3 +25,12 @@ def test_decay_starts_near_decay_init():
     mdi.init_weights()
     gamma = mdi(torch.randn(4, 10, 64), torch.randn(4, 10, 32)).exp()
     assert (gamma - 0.99).abs().max() < 0.01
+
+
+def test_decay_range_spreads_time_constants():
+    mdi = MDI(64, 32, decay_init=(0.9, 0.999))
+    gamma = mdi(torch.randn(2, 5, 64), torch.randn(2, 5, 32)).exp().mean((0, 1))
+    assert abs(gamma[0] - 0.9) < 0.01 and abs(gamma[-1] - 0.999) < 0.001
+    timescales = 1 / (1 - mdi.initial_decay())
+    ratios = timescales[1:] / timescales[:-1]
+    torch.testing.assert_close(ratios, torch.full_like(ratios, ratios[0].item()))  # even in log scale
