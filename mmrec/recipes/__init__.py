@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
 from mmrec import registry
@@ -95,8 +95,7 @@ def recipe_type() -> type[BaseModel]:
 
 
 def _default_of(annotation, kind: str):
-    from pydantic import TypeAdapter
-
+    """A factory for the slot's default: the registered variant ``kind`` with its defaults."""
     adapter = TypeAdapter(annotation)
     return lambda: adapter.validate_python({"kind": kind})
 
