@@ -438,7 +438,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
     forward = torch.compile(model) if train.compile and not sharded else model
     tokens_per_step = train.batch_size * train.seq_len * train.grad_accum
 
-    def save(at_step: int) -> Path:
+    def save(at_step: int, run_dir: Path = out, keep_last: int = train.keep_last) -> Path:
         data = {"source": setup.corpus.source and os.path.abspath(setup.corpus.source),
                 "fingerprint": setup.data_print, "seed": train.seed,
                 "samples_seen": at_step * train.grad_accum * train.batch_size,
@@ -446,17 +446,18 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
         if sharded:  # the model and optimizer go into a distributed checkpoint
             rng_states = distributed.all_gather_object(ckpt_io.rng_state())
             state = {"step": at_step, "scheduler": scheduler.state_dict(), "rng": rng_states[0],
-                     "rng_per_rank": rng_states, "data": data}
-            return ckpt_io.save_distributed_checkpoint(out, at_step, model, optimizer, recipe, state, tokenizer,
-                                                       train.keep_last)
+                     "rng_per_rank": rng_states, "data": data, "best_val_loss": best_val_loss}
+            return ckpt_io.save_distributed_checkpoint(run_dir, at_step, model, optimizer, recipe, state, tokenizer,
+                                                       keep_last)
         state = {
             "step": at_step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": ckpt_io.rng_state(),
             "data": data,
+            "best_val_loss": best_val_loss,
         }
-        return ckpt_io.save_checkpoint(out, at_step, model, recipe, state, tokenizer, train.keep_last)
+        return ckpt_io.save_checkpoint(run_dir, at_step, model, recipe, state, tokenizer, keep_last)
 
     def validate() -> float:
         loss = evaluate(forward, val_batches, device, autocast)
@@ -477,6 +478,8 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
     if resume is not None:
         log.write({"event": "resume", "step": step, "from": str(resume.path)})
     val_loss = None
+    # the lowest validation loss so far, carried through resumes (train.save_best keeps its checkpoint)
+    best_val_loss = setup.resumed_state.get("best_val_loss") if resume is not None else None
     saved_step = step if resume is not None else None
     try:
         with StopSignal(device if sharded else None) as stop, tqdm(
@@ -501,6 +504,10 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
                     val_loss = validate()
                     say(f"step {step}: validation loss {val_loss:.4f}, "
                         f"perplexity {math.exp(min(val_loss, 50)):.2f}")
+                    if best_val_loss is None or val_loss < best_val_loss:
+                        best_val_loss = val_loss
+                        if train.save_best:
+                            say(f"step {step}: lowest validation loss so far, saved {save(step, out / 'best', 1)}")
                 if step % train.save_every == 0 or step == train.steps or stop.requested() is not None:
                     say(f"step {step}: saved {save(step)}")
                     saved_step = step

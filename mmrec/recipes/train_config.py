@@ -27,6 +27,7 @@ class TrainConfig(BaseModel):
     eval_batches: PositiveInt = 8
     save_every: PositiveInt = 100
     keep_last: PositiveInt = 3
+    save_best: bool = Field(False, description="also keep the checkpoint of the lowest validation loss in <out>/best")
     seed: int = 1337
     compile: bool = False
     activation_checkpointing: bool = False

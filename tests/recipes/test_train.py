@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmrec.checkpoint import load_checkpoint
 from mmrec.data import default_corpus
 from mmrec.recipes import train as train_mod
 
@@ -289,3 +290,18 @@ def test_huge_learning_rate_diverges_cleanly(tmp_path, text_file, capsys):
                code=train_mod.EXIT_DIVERGED)
     assert "diverged at step" in msg and "no checkpoint had been saved yet" in msg
     assert steps_saved(run) == []
+
+
+def test_save_best_keeps_the_lowest_validation_loss_through_a_resume(tmp_path, text_file, capsys):
+    run = tmp_path / "run"
+    # a learning rate high enough that validation loss goes up as well as down
+    common = sets("train.eval_every=1", "train.save_best=true", "train.lr=0.05", "train.warmup_steps=0")
+    assert train_mod.main(["--out", str(run), "--data", str(text_file), *common, "--set", "train.steps=5"]) == 0
+    assert train_mod.main(["--resume", str(run), "--set", "train.steps=9"]) == 0
+    val = {r["step"]: r["val_loss"] for r in metrics(run) if "val_loss" in r}
+    assert sorted(val) == list(range(1, 10))
+    best_step = min(val, key=val.get)
+    assert steps_saved(run / "best") == [f"step_{best_step:06d}"]  # only the best is kept
+    best = load_checkpoint(run / "best")
+    assert best.step == best_step and best.trainer_state()["best_val_loss"] == pytest.approx(val[best_step])
+    assert steps_saved(run)[-1] == "step_000009"  # resuming still picks the newest regular checkpoint
