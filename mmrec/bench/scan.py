@@ -10,6 +10,16 @@ needs: forward reads ``a``, ``b`` and writes ``h`` (6 bytes an element in bf16);
 backward reads ``a``, ``h``, ``grad_h`` and writes ``grad_a``, ``grad_b`` (10 more). The
 effective bandwidth (floor bytes over median time) is reported as a share of the
 measured copy bandwidth. Times are ``triton.testing.do_bench`` medians.
+
+For the op's forward + backward through autograd it also reports where the time goes:
+the host time to issue one call (Python, autograd, dispatch, launches; measured without
+synchronising), the same call replayed as a CUDA graph (GPU time alone), and the two
+kernels launched directly. A through-autograd time near the host time and well above
+the graph time means the call is CPU-bound.
+
+``--sweep`` times tile configurations of both kernels (the built-in list plus
+``--tiles``) at ``--sweep-lengths`` (default: the longest length), also in log space
+with ``--sweep-log``.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import datetime
 import json
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +54,10 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     parser.add_argument("--no-baselines", action="store_true", help="time the op and the copy only")
-    parser.add_argument("--sweep", action="store_true", help="also time the kernels' tile configurations at the longest length")
+    parser.add_argument("--sweep", action="store_true", help="also time the kernels' tile configurations")
+    parser.add_argument("--sweep-lengths", type=int, nargs="+", help="lengths for --sweep (default: the longest of --lengths)")
+    parser.add_argument("--tiles", nargs="+", default=[], metavar="G,R,BLOCK_D,WARPS", help="extra tiles for --sweep")
+    parser.add_argument("--sweep-log", action="store_true", help="--sweep also with log-space gates")
     parser.set_defaults(run=run)
 
 
@@ -162,6 +176,14 @@ def run(args: argparse.Namespace) -> int:
         mm = next(r for r in rows if r["impl"].startswith("mmrec") and r["length"] == row["length"] and r["pass"] == row["pass"])
         ratio = "" if row is mm else f"{row['ms'] / mm['ms']:.2f}x"
         print(f"{row['length']:>6} {row['pass']:<8} {row['impl']:<20} {row['ms']:>9.3f} {row['GBps']:>7.0f} {row['pct_of_copy']:>6.1f}% {ratio:>14}")
+    print("\nforward + backward through autograd, where the time goes (ms; host: issuing one call, "
+          "graph: the same call replayed as a CUDA graph)")
+    print(f"{'T':>6} {'autograd':>9} {'host':>7} {'graph':>7} {'fwd kernel':>11} {'bwd kernel':>11} {'bwd launch host':>16}")
+    for row in rows:
+        if row["impl"] == "mmrec linear_scan" and row["pass"] == "fwd+bwd":
+            graph = "failed" if row["graph_ms"] is None else f"{row['graph_ms']:.3f}"
+            print(f"{row['length']:>6} {row['ms']:>9.3f} {row['host_ms']:>7.3f} {graph:>7} {row['fwd_kernel_ms']:>11.3f} "
+                  f"{row['bwd_kernel_ms']:>11.3f} {row['bwd_launch_host_ms']:>16.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({**meta, "copy": copy, "results": rows, "sweep": sweep}, indent=1) + "\n")
@@ -180,7 +202,17 @@ def _time_length(args, dtype, length, gen, baselines, record) -> None:
     ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
     check = _rel_err(linear_scan(a, b)[0], _scan_cpu(a, b, None, False)[0])
     record("mmrec linear_scan", "fwd", length, _bench(lambda: linear_scan(a, b)), rel_err_vs_composite=check)
-    record("mmrec linear_scan", "fwd+bwd", length, _bench(lambda: torch.autograd.grad(linear_scan(ar, br)[0], (ar, br), dh)))
+
+    def fwd_bwd():
+        return torch.autograd.grad(linear_scan(ar, br)[0], (ar, br), dh)
+
+    record("mmrec linear_scan", "fwd+bwd", length, _bench(fwd_bwd), **_overhead(a, b, dh, fwd_bwd))
+    # log-space gates: same bytes (log a instead of a), exp in registers
+    log_a = a.float().log().to(dtype)
+    lr = log_a.clone().requires_grad_()
+    record("mmrec linear_scan log", "fwd", length, _bench(lambda: linear_scan(log_a, b, log_space=True)))
+    record("mmrec linear_scan log", "fwd+bwd", length,
+           _bench(lambda: torch.autograd.grad(linear_scan(lr, br, log_space=True)[0], (lr, br), dh)))
     for name, prepare in baselines:
         try:
             fwd, fwd_bwd = prepare(a, b, dh)
@@ -191,33 +223,91 @@ def _time_length(args, dtype, length, gen, baselines, record) -> None:
         torch.cuda.empty_cache()
 
 
-def _time_config(kernels, a, b, dh, dtype, cfg) -> tuple[float, float, object]:
-    h, _ = kernels.scan_forward(a, b, config=cfg)
-    fwd = _bench(lambda: kernels.scan_forward(a, b, config=cfg))
-    bwd = _bench(lambda: kernels.scan_backward(a, h, dh, None, None, False, dtype, config=cfg))
+def _host_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    """Host milliseconds to issue one call, not waiting for the GPU (its queue holds
+    thousands of launches, so the loop never blocks)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e3 * elapsed / calls
+
+
+def _graph_ms(fn: Callable[[], object]) -> float | None:
+    """``fn`` captured once as a CUDA graph and replayed: GPU time without host overhead."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up outside the capture (compiles, allocator)
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return _bench(graph.replay)
+    except Exception as error:  # noqa: BLE001 - report, don't stop the run
+        print(f"CUDA graph capture failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
+
+
+def _overhead(a, b, dh, fwd_bwd) -> dict:
+    """Where the op's forward + backward time goes (see the module docstring)."""
+    from mmrec.ops import linear_scan_triton as kernels
+
+    h, _ = kernels.scan_forward(a, b)
+    return {
+        "host_ms": _host_ms(fwd_bwd),
+        "graph_ms": _graph_ms(fwd_bwd),
+        "fwd_kernel_ms": _bench(lambda: kernels.scan_forward(a, b)),
+        "bwd_kernel_ms": _bench(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
+        "bwd_launch_host_ms": _host_ms(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
+    }
+
+
+def _time_config(kernels, a, b, dh, dtype, cfg, log_space=False) -> tuple[float, float, object]:
+    h, _ = kernels.scan_forward(a, b, log_space=log_space, config=cfg)
+    fwd = _bench(lambda: kernels.scan_forward(a, b, log_space=log_space, config=cfg))
+    bwd = _bench(lambda: kernels.scan_backward(a, h, dh, None, None, False, dtype, log_space=log_space, config=cfg))
     return fwd, bwd, h
 
 
 def _sweep(kernels, args, dtype, floor, copy) -> list[dict]:
-    length = max(args.lengths)
+    tiles = list(dict.fromkeys(SWEEP + [tuple(int(x) for x in t.split(",")) for t in args.tiles]))
+    out = []
+    for length in args.sweep_lengths or [max(args.lengths)]:
+        for log_space in (False, True) if args.sweep_log else (False,):
+            out += _sweep_one(kernels, args, dtype, floor, copy, length, log_space, tiles)
+            torch.cuda.empty_cache()
+    return out
+
+
+def _sweep_one(kernels, args, dtype, floor, copy, length, log_space, tiles) -> list[dict]:
     shape = (args.batch, length, args.dim)
     gen = torch.Generator(device="cuda").manual_seed(1)
     a = (torch.rand(shape, device="cuda", generator=gen) * 0.5 + 0.5).to(dtype)
+    if log_space:
+        a = a.float().log().to(dtype)
     b = torch.randn(shape, device="cuda", generator=gen).to(dtype)
     dh = torch.randn(shape, device="cuda", generator=gen).to(dtype)
-    ref, _ = kernels.scan_forward(a, b)
+    ref, _ = kernels.scan_forward(a, b, log_space=log_space)
     elements = a.numel()
     out = []
-    print(f"\ntile sweep at T={length} (fwd floor {floor['fwd']} B/el, bwd {floor['fwd+bwd'] - floor['fwd']} B/el)")
-    for groups, steps, block_d, warps in SWEEP:
+    defaults = {kind: kernels._pick_config(kind, log_space, a.device, dtype, *shape, None) for kind in ("fwd", "bwd")}
+    print(f"\ntile sweep at T={length}{' (log space)' if log_space else ''} (fwd floor {floor['fwd']} B/el, "
+          f"bwd {floor['fwd+bwd'] - floor['fwd']} B/el); defaults here: fwd {defaults['fwd']}, bwd {defaults['bwd']}")
+    for groups, steps, block_d, warps in tiles:
         cfg = {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": warps}
         try:
-            fwd, bwd, h = _time_config(kernels, a, b, dh, dtype, cfg)
+            fwd, bwd, h = _time_config(kernels, a, b, dh, dtype, cfg, log_space)
             err = _rel_err(h, ref)
         except Exception as error:  # noqa: BLE001
             print(f"  {cfg}: failed: {type(error).__name__}: {str(error)[:200]}")
             continue
-        row = {"config": cfg, "fwd_ms": fwd, "bwd_ms": bwd, "rel_err": err,
+        row = {"length": length, "log_space": log_space, "config": cfg, "fwd_ms": fwd, "bwd_ms": bwd, "rel_err": err,
                "fwd_pct_of_copy": 100 * floor["fwd"] * elements / fwd / 1e6 / copy["GBps"],
                "bwd_pct_of_copy": 100 * (floor["fwd+bwd"] - floor["fwd"]) * elements / bwd / 1e6 / copy["GBps"]}
         out.append(row)

@@ -5,6 +5,17 @@ chunked parallel scan (log-depth doubling inside chunks of ``CHUNK`` steps, the 
 recursively over chunk totals), so it never loops over tokens in Python and needs no
 logarithms: ``a`` may have any sign. ``linear_scan_reference`` is the step-by-step loop
 that tests compare against. GPU kernels register further implementations of the same op.
+
+Two options run through both ops (forward and backward) on every device:
+
+* ``log_space``: the first input is ``log a`` and ``a = exp(log a)`` is formed in the
+  accumulation dtype, never stored. A decay close to 1 keeps its precision (``exp(-1e-3)``
+  rounds to 1 in bf16, ``-1e-3`` does not) and one close to 0 never underflows in the
+  input dtype; ``exp`` underflowing to 0 in fp32 is harmless, since ``a`` only ever
+  multiplies (nothing divides by it). The gradient is the one of ``log a``:
+  ``g_t h_{t-1} a_t``.
+* ``accumulate_fp64``: carry the state (and the adjoint) in float64 whatever the input
+  dtype; outputs keep the input dtype. For accuracy tests (the seeds' "DPG").
 """
 
 from __future__ import annotations
@@ -17,8 +28,12 @@ from torch import Tensor
 CHUNK = 64
 
 
-def linear_scan_reference(a: Tensor, b: Tensor, h0: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+def linear_scan_reference(
+    a: Tensor, b: Tensor, h0: Tensor | None = None, reverse: bool = False, *, log_space: bool = False
+) -> tuple[Tensor, Tensor]:
     """Step-by-step loop over time; ``a``, ``b``: ``[B, T, D]``, ``h0``: ``[B, D]``."""
+    if log_space:
+        a = a.exp()
     steps = range(a.shape[1] - 1, -1, -1) if reverse else range(a.shape[1])
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(b.dtype)
     out = torch.empty_like(b)
@@ -28,9 +43,10 @@ def linear_scan_reference(a: Tensor, b: Tensor, h0: Tensor | None = None, revers
     return out, h
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else accumulates (and keeps state) in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def accumulation_dtype(dtype: torch.dtype, accumulate_fp64: bool = False) -> torch.dtype:
+    """float64 stays float64; everything else accumulates (and keeps state) in float32,
+    or float64 on request."""
+    return torch.float64 if accumulate_fp64 or dtype == torch.float64 else torch.float32
 
 
 def _doubling_scan(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,10 +80,14 @@ def _chunked_scan(a: Tensor, b: Tensor) -> Tensor:
     return h.reshape(batch, n_chunks * CHUNK, dim)[:, :length]
 
 
-def _scan_cpu(a_in: Tensor, b_in: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+def _scan_cpu(
+    a_in: Tensor, b_in: Tensor, h0: Tensor | None, reverse: bool, log_space: bool = False, accumulate_fp64: bool = False
+) -> tuple[Tensor, Tensor]:
     out_dtype = torch.promote_types(a_in.dtype, b_in.dtype)
-    acc = accumulation_dtype(out_dtype)
+    acc = accumulation_dtype(out_dtype, accumulate_fp64)
     a, b = a_in.to(acc), b_in.to(acc)
+    if log_space:
+        a = a.exp()
     if reverse:
         a, b = a.flip(1), b.flip(1)
     if h0 is not None:  # fold the initial state into the first input
@@ -83,12 +103,14 @@ def _scan_cpu(a_in: Tensor, b_in: Tensor, h0: Tensor | None, reverse: bool) -> t
 
 
 @torch.library.custom_op("mmrec::linear_scan", mutates_args=())
-def _linear_scan_op(a: Tensor, b: Tensor, h0: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
-    return _scan_cpu(a, b, h0, reverse)
+def _linear_scan_op(
+    a: Tensor, b: Tensor, h0: Tensor | None = None, reverse: bool = False, log_space: bool = False, accumulate_fp64: bool = False
+) -> tuple[Tensor, Tensor]:
+    return _scan_cpu(a, b, h0, reverse, log_space, accumulate_fp64)
 
 
 @_linear_scan_op.register_fake
-def _(a, b, h0=None, reverse=False):
+def _(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False):
     dtype = torch.promote_types(a.dtype, b.dtype)
     shape = torch.broadcast_shapes(a.shape, b.shape)
     return a.new_empty(shape, dtype=dtype), a.new_empty((shape[0], shape[2]), dtype=dtype)
@@ -105,11 +127,11 @@ def _triton_kernels():
 
 
 @_linear_scan_op.register_kernel("cuda")
-def _(a, b, h0=None, reverse=False):
+def _(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False):
     kernels = _triton_kernels()
     if kernels is None:
-        return _scan_cpu(a, b, h0, reverse)
-    return kernels.scan_forward(a, b, h0, reverse)
+        return _scan_cpu(a, b, h0, reverse, log_space, accumulate_fp64)
+    return kernels.scan_forward(a, b, h0, reverse, log_space=log_space, accumulate_fp64=accumulate_fp64)
 
 
 def _initial(h0: Tensor | None, h: Tensor) -> Tensor:
@@ -124,86 +146,114 @@ def _shifted(a: Tensor, h: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Te
     return torch.cat([a[:, 1:], ones], dim=1), torch.cat([_initial(h0, h), h[:, :-1]], dim=1)
 
 
-def _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype):
+def _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
     # The adjoint g_t = dL/dh_t obeys g_t = a_{t+1} g_{t+1} + grad_h_t: the same
     # recurrence run the other way, with a shifted by one step and grad_h_last entering
-    # where the forward scan ended.
-    if grad_h is None:
-        grad_h = torch.zeros_like(h)
-    a_next, h_prev = _shifted(a, h, h0, reverse)
+    # where the forward scan ended. Everything runs in the accumulation dtype.
+    acc = accumulation_dtype(h.dtype, accumulate_fp64)
+    gate = a.to(acc).exp() if log_space else a.to(acc)
+    h_acc = h.to(acc)
+    grad_h = torch.zeros_like(h_acc) if grad_h is None else grad_h.to(acc)
+    a_next, h_prev = _shifted(gate, h_acc, h0, reverse)
     g, _ = _scan_cpu(a_next, grad_h, grad_h_last, not reverse)
-    grad_a = (g * h_prev).to(a.dtype)
+    grad_a = g * h_prev
+    if log_space:  # d/d(log a) = a d/da
+        grad_a = grad_a * gate
     grad_b = g.to(b_dtype)
     if h0 is None:
-        return grad_a, grad_b, h.new_empty(0)
+        return grad_a.to(a.dtype), grad_b, h.new_empty(0)
     first = 0 if not reverse else -1
-    return grad_a, grad_b, (a[:, first] * g[:, first]).to(h0.dtype)
+    return grad_a.to(a.dtype), grad_b, (gate[:, first] * g[:, first]).to(h0.dtype)
 
 
 @torch.library.custom_op("mmrec::linear_scan_backward", mutates_args=())
 def _linear_scan_backward_op(
-    a: Tensor, h: Tensor, grad_h: Tensor | None, grad_h_last: Tensor | None, h0: Tensor | None, reverse: bool, b_dtype: torch.dtype
+    a: Tensor,
+    h: Tensor,
+    grad_h: Tensor | None,
+    grad_h_last: Tensor | None,
+    h0: Tensor | None,
+    reverse: bool,
+    b_dtype: torch.dtype,
+    log_space: bool = False,
+    accumulate_fp64: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(a, b, h0)`` of ``mmrec::linear_scan``; the third is empty without ``h0``."""
-    return _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype)
+    """Gradients ``(a, b, h0)`` of ``mmrec::linear_scan`` (of ``log a`` with ``log_space``);
+    the third is empty without ``h0``."""
+    return _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space, accumulate_fp64)
 
 
 @_linear_scan_backward_op.register_fake
-def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype):
+def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
     grad_h0 = h.new_empty(0) if h0 is None else h0.new_empty(h0.shape)
     return h.new_empty(h.shape, dtype=a.dtype), h.new_empty(h.shape, dtype=b_dtype), grad_h0
 
 
 @_linear_scan_backward_op.register_kernel("cuda")
-def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype):
+def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
     kernels = _triton_kernels()
     if kernels is None:
-        return _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype)
-    return kernels.scan_backward(a, h, grad_h, grad_h_last, h0, reverse, b_dtype)
+        return _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space, accumulate_fp64)
+    return kernels.scan_backward(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=log_space, accumulate_fp64=accumulate_fp64)
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, h0, reverse = inputs
+    a, b, h0, reverse, log_space, accumulate_fp64 = inputs
     h, _ = output
     ctx.save_for_backward(a, h, h0)
     ctx.reverse = reverse
+    ctx.log_space = log_space
+    ctx.accumulate_fp64 = accumulate_fp64
     ctx.b_dtype = b.dtype
 
 
 def _backward(ctx, grad_h: Tensor | None, grad_h_last: Tensor | None):
     a, h, h0 = ctx.saved_tensors
-    reverse = ctx.reverse
+    reverse, log_space, fp64 = ctx.reverse, ctx.log_space, ctx.accumulate_fp64
     if not torch.is_grad_enabled():
         # One fused pass (a Triton kernel on CUDA).
-        grad_a, grad_b, grad_h0 = torch.ops.mmrec.linear_scan_backward(a, h, grad_h, grad_h_last, h0, reverse, ctx.b_dtype)
-        return grad_a, grad_b, (grad_h0 if h0 is not None else None), None
+        grad_a, grad_b, grad_h0 = torch.ops.mmrec.linear_scan_backward(
+            a, h, grad_h, grad_h_last, h0, reverse, ctx.b_dtype, log_space, fp64
+        )
+        return grad_a, grad_b, (grad_h0 if h0 is not None else None), None, None, None
     # Double backward: the same formula through differentiable ops.
     if grad_h is None:
         grad_h = torch.zeros_like(h)
-    a_next, h_prev = _shifted(a, h, h0, reverse)
-    g, _ = linear_scan(a_next, grad_h, grad_h_last, reverse=not reverse)
-    grad_a = (g * h_prev).to(a.dtype)
+    gate = a.exp() if log_space else a
+    a_next, h_prev = _shifted(gate, h, h0, reverse)
+    g, _ = linear_scan(a_next, grad_h, grad_h_last, reverse=not reverse, accumulate_fp64=fp64)
+    grad_a = g * h_prev * gate if log_space else g * h_prev
     grad_b = g.to(ctx.b_dtype)
     grad_h0 = None
     if h0 is not None:
         first = 0 if not reverse else -1
-        grad_h0 = (a[:, first] * g[:, first]).to(h0.dtype)
-    return grad_a, grad_b, grad_h0, None
+        grad_h0 = (gate[:, first] * g[:, first]).to(h0.dtype)
+    return grad_a.to(a.dtype), grad_b, grad_h0, None, None, None
 
 
 _linear_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+def linear_scan(
+    a: Tensor,
+    b: Tensor,
+    h0: Tensor | None = None,
+    reverse: bool = False,
+    *,
+    log_space: bool = False,
+    accumulate_fp64: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Solve ``h_t = a_t * h_{t-1} + b_t`` along dim 1 of ``[B, T, D]`` inputs.
 
     Returns ``(h, h_last)``: every state ``[B, T, D]`` and the final one ``[B, D]`` (the
     state after the last step, ``h[:, 0]`` when ``reverse``), for carrying over.
-    ``h0`` (``[B, D]``) is the state before the first step. Accumulates in float32 for
-    low-precision inputs (float64 for float64).
+    ``h0`` (``[B, D]``) is the state before the first step. With ``log_space`` the first
+    argument is ``log a`` (``a = exp(log a)`` is never materialised; its gradient is the
+    one of ``log a``). Accumulates in float32 for low-precision inputs (float64 for float64,
+    or for any dtype with ``accumulate_fp64``); outputs keep the inputs' dtype.
     """
     if a.dim() != 3 or a.shape != b.shape:
         raise ValueError(f"linear_scan expects a and b of the same [batch, time, dim] shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if h0 is not None and h0.shape != (a.shape[0], a.shape[2]):
         raise ValueError(f"linear_scan expects h0 of shape {(a.shape[0], a.shape[2])}, got {tuple(h0.shape)}")
-    return torch.ops.mmrec.linear_scan(a, b, h0, reverse)
+    return torch.ops.mmrec.linear_scan(a, b, h0, reverse, log_space, accumulate_fp64)

@@ -20,6 +20,11 @@ other way, started from ``grad_h_last``; it reads ``a`` one step ahead and ``h``
 behind (neighbouring rows, served by the caches), and forms ``grad_a_t = g_t h_{t-1}``,
 ``grad_b_t = g_t`` and ``grad_h0 = a_first g_first`` in the same pass.
 
+With ``LOG_A`` the kernels read ``log a`` where they read ``a`` and take ``exp`` in the
+accumulation dtype in registers (masked steps load 0, the log of the identity 1); the
+backward then also reads ``a_t`` itself (a neighbouring row of the tile it holds, so a
+cache hit) to form the gradient of ``log a``, ``g_t h_{t-1} a_t``.
+
 Inputs may be non-contiguous or broadcast (stride 0): strides go to the kernels and
 nothing is copied. Accumulation is float32 (float64 for float64 inputs, or on request).
 The launchers take any tensors Triton can address, so with ``TRITON_INTERPRET=1`` they
@@ -27,6 +32,8 @@ run on CPU tensors too, which is how the CPU test suite checks them.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -41,6 +48,18 @@ _CONFIGS = {
     "fwd": {2: (16, 8, 64, 4), 4: (16, 4, 32, 4), 8: (16, 2, 32, 4)},
     "bwd": {2: (64, 2, 64, 8), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
 }
+# With log a, 2-byte inputs: the tiles above spill a few registers (sm_90 compile, 144
+# bytes forward, 24 backward); these compile without spills. Not timed yet.
+_LOG_CONFIGS = {"fwd": {2: (32, 4, 64, 8)}, "bwd": {2: (32, 4, 64, 8)}}
+
+
+@triton.jit
+def _gate(x, dtype: tl.constexpr, LOG_A: tl.constexpr):
+    """The decay in the accumulation dtype, from ``a`` or (``LOG_A``) from ``log a``."""
+    y = x.to(dtype)
+    if LOG_A:
+        y = tl.exp(y)
+    return y
 
 
 @triton.jit
@@ -76,7 +95,7 @@ def _scan_fwd_kernel(
     s_h0b, s_h0d,
     s_hb, s_ht, s_hd,
     s_lb, s_ld,
-    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, ACC_FP64: tl.constexpr,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, ACC_FP64: tl.constexpr, LOG_A: tl.constexpr,
     G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # A tile is G groups of R consecutive steps; this program walks the tiles in order.
@@ -84,6 +103,7 @@ def _scan_fwd_kernel(
     # T - 1 - p when REVERSE); sub-tile k holds step k of every group, so each thread
     # owns whole groups and runs the R steps of a group sequentially in registers.
     BLOCK_T: tl.constexpr = G * R
+    A_ONE: tl.constexpr = 0.0 if LOG_A else 1.0  # what masked steps load: the identity
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d0 = (pid_d * BLOCK_D).to(tl.int64)
@@ -119,7 +139,7 @@ def _scan_fwd_kernel(
     b_next = ()
     for k in tl.static_range(R):
         m = (groups * R + k < T)[:, None] & mask_d[None, :]
-        a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=1.0),)
+        a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=A_ONE),)
         b_next = b_next + (tl.load(b_base + sign * k * s_bt + off_b, mask=m, other=0.0),)
     i = 0
     while i < n_tiles:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
@@ -132,7 +152,7 @@ def _scan_fwd_kernel(
         b_next = ()
         for k in tl.static_range(R):
             m = (groups * R + k < n - BLOCK_T)[:, None] & mask_d[None, :]
-            a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=1.0),)
+            a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=A_ONE),)
             b_next = b_next + (tl.load(b_base + sign * k * s_bt + off_b, mask=m, other=0.0),)
 
         # Each row's previous group, read again (a cache hit: this tile arrived last
@@ -142,13 +162,13 @@ def _scan_fwd_kernel(
         for k in tl.static_range(R):
             p = (groups - 1) * R + k  # position in this tile
             m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
-            ak = tl.load(a_base - sign * BLOCK_T * s_at + sign * (k - R) * s_at + off_a, mask=m, other=1.0).to(carry.dtype)
+            ak = _gate(tl.load(a_base - sign * BLOCK_T * s_at + sign * (k - R) * s_at + off_a, mask=m, other=A_ONE), carry.dtype, LOG_A)
             bk = tl.load(b_base - sign * BLOCK_T * s_bt + sign * (k - R) * s_bt + off_b, mask=m, other=0.0).to(carry.dtype)
             pa = pa * ak
             pb = pb * ak + bk
         h = _entering(pa, pb, carry)
         for k in tl.static_range(R):
-            h = av[k].to(carry.dtype) * h + bv[k].to(carry.dtype)
+            h = _gate(av[k], carry.dtype, LOG_A) * h + bv[k].to(carry.dtype)
             m = (groups * R + k < n)[:, None] & mask_d[None, :]
             tl.store(h_base + sign * k * s_ht + off_h, h.to(h_ptr.dtype.element_ty), mask=m)
         h_base += sign * BLOCK_T * s_ht
@@ -172,7 +192,7 @@ def _scan_bwd_kernel(
     s_dbb, s_dbt, s_dbd,
     s_dh0b, s_dh0d,
     HAS_DH: tl.constexpr, HAS_DHL: tl.constexpr, HAS_H0: tl.constexpr,
-    REVERSE: tl.constexpr, ACC_FP64: tl.constexpr,
+    REVERSE: tl.constexpr, ACC_FP64: tl.constexpr, LOG_A: tl.constexpr,
     G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # REVERSE is the direction of the forward scan; this pass runs the other way, over
@@ -180,6 +200,7 @@ def _scan_bwd_kernel(
     # The coefficient at p is a at p - 1 (the forward's next step) and da needs h at
     # p + 1 (the forward's previous step; h0 past the end).
     BLOCK_T: tl.constexpr = G * R
+    A_ONE: tl.constexpr = 0.0 if LOG_A else 1.0  # what masked steps load: the identity
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d0 = (pid_d * BLOCK_D).to(tl.int64)
@@ -199,6 +220,7 @@ def _scan_bwd_kernel(
     db_base = db_ptr + pid_b * s_dbb + t0 * s_dbt + d0 * s_dbd
     dt = sign * groups * R
     off_a = (dt - sign)[:, None] * s_at + cols[None, :] * s_ad
+    off_at = dt[:, None] * s_at + cols[None, :] * s_ad  # a_t itself, for the gradient of log a
     off_h = (dt + sign)[:, None] * s_ht + cols[None, :] * s_hd
     off_g = dt[:, None] * s_gt + cols[None, :] * s_gd
     off_da = dt[:, None] * s_dat + cols[None, :] * s_dad
@@ -220,7 +242,7 @@ def _scan_bwd_kernel(
     for k in tl.static_range(R):
         p = groups * R + k
         m = (p < T)[:, None] & mask_d[None, :]
-        a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m & (p >= 1)[:, None], other=1.0),)
+        a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m & (p >= 1)[:, None], other=A_ONE),)
         h_next = h_next + (tl.load(h_base + sign * k * s_ht + off_h, mask=m & (p < T - 1)[:, None], other=0.0),)
         if HAS_DH:
             g_next = g_next + (tl.load(g_base + sign * k * s_gt + off_g, mask=m, other=0.0),)
@@ -239,7 +261,7 @@ def _scan_bwd_kernel(
         for k in tl.static_range(R):
             p = groups * R + k
             m = (p < n - BLOCK_T)[:, None] & mask_d[None, :]
-            a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=1.0),)
+            a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=A_ONE),)
             h_next = h_next + (tl.load(h_base + sign * k * s_ht + off_h, mask=m & (p < n - BLOCK_T - 1)[:, None], other=0.0),)
             if HAS_DH:
                 g_next = g_next + (tl.load(g_base + sign * k * s_gt + off_g, mask=m, other=0.0),)
@@ -252,7 +274,8 @@ def _scan_bwd_kernel(
             p = (groups - 1) * R + k  # position in this tile
             m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
             ak = tl.load(a_base - sign * BLOCK_T * s_at + sign * (k - R) * s_at + off_a,
-                         mask=m & ((p >= 1) | (i > 0))[:, None], other=1.0).to(carry.dtype)
+                         mask=m & ((p >= 1) | (i > 0))[:, None], other=A_ONE)
+            ak = _gate(ak, carry.dtype, LOG_A)
             pa = pa * ak
             pb = pb * ak
             if HAS_DH:
@@ -260,15 +283,19 @@ def _scan_bwd_kernel(
                 pb += gk.to(carry.dtype)
         g = _entering(pa, pb, carry)
         for k in tl.static_range(R):
-            g = av[k].to(carry.dtype) * g
+            g = _gate(av[k], carry.dtype, LOG_A) * g
             if HAS_DH:
                 g += gv[k].to(carry.dtype)
             hp = hv[k].to(carry.dtype)
             if HAS_H0:
                 hp = tl.where((groups * R + k == n - 1)[:, None], h0[None, :], hp)
             m = (groups * R + k < n)[:, None] & mask_d[None, :]
+            da = g * hp
+            if LOG_A:  # d/d(log a_t) = a_t d/da_t; a_t: rows already in cache
+                at = tl.load(a_base - sign * BLOCK_T * s_at + sign * k * s_at + off_at, mask=m, other=0.0)
+                da = da * _gate(at, carry.dtype, LOG_A)
             tl.store(db_base + sign * k * s_dbt + off_db, g.to(db_ptr.dtype.element_ty), mask=m)
-            tl.store(da_base + sign * k * s_dat + off_da, (g * hp).to(da_ptr.dtype.element_ty), mask=m)
+            tl.store(da_base + sign * k * s_dat + off_da, da.to(da_ptr.dtype.element_ty), mask=m)
         da_base += sign * BLOCK_T * s_dat
         db_base += sign * BLOCK_T * s_dbt
         carry = _last_group(g, G)
@@ -281,34 +308,48 @@ def _scan_bwd_kernel(
         else:
             t_first = tl.full((), 0, tl.int64)
         a_first = tl.load(a_ptr + pid_b * s_ab + t_first * s_at + (d0 + cols) * s_ad, mask=mask_d, other=0.0)
-        dh0 = a_first.to(carry.dtype) * carry
+        dh0 = _gate(a_first, carry.dtype, LOG_A) * carry
         tl.store(dh0_ptr + pid_b * s_dh0b + (d0 + cols) * s_dh0d, dh0.to(dh0_ptr.dtype.element_ty), mask=mask_d)
 
 
-def _pick_config(kind: str, device: torch.device, dtype: torch.dtype, batch: int, length: int, dim: int, config: dict | None):
-    groups, steps, block_d, num_warps = _CONFIGS[kind][dtype.itemsize]
+# Fewest tiles a program walks before the tile shrinks (short sequences): each program
+# loads its first tile before it can compute, so a tile that covers most of the sequence
+# leaves that latency exposed.
+_MIN_TILES = 4
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    # get_device_properties costs microseconds; once per device is enough.
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_config(kind: str, log_space: bool, itemsize: int, sms: int, batch: int, length: int, dim: int) -> dict:
+    """Tile for one call shape (cached: the launchers run it on every call). ``sms`` is 0
+    off CUDA (the interpreter)."""
+    table = _LOG_CONFIGS[kind] if log_space and itemsize in _LOG_CONFIGS[kind] else _CONFIGS[kind]
+    groups, steps, block_d, num_warps = table[itemsize]
     block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
-    if device.type == "cuda":
-        # Keep at least one program per multiprocessor where the channels allow it.
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        while block_d > 16 and batch * triton.cdiv(dim, block_d) < sms:
-            block_d //= 2
+    # Keep at least one program per multiprocessor where the channels allow it.
+    while block_d > 16 and batch * triton.cdiv(dim, block_d) < sms:
+        block_d //= 2
     # Short sequences: shrink the groups first, then the steps per group.
-    while groups > 8 and groups * steps >= 2 * length:
+    while groups > 8 and groups * steps * _MIN_TILES > length:
         groups //= 2
-    while steps > 1 and groups * steps >= 2 * length:
+    while steps > 1 and groups * steps * _MIN_TILES > length:
         steps //= 2
-    cfg = {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": num_warps}
-    cfg.update(config or {})
-    return cfg
+    return {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": num_warps}
 
 
-def _strides3(x: Tensor | None) -> tuple[int, int, int]:
-    return (0, 0, 0) if x is None else tuple(x.stride())
+def _pick_config(kind: str, log_space: bool, device: torch.device, dtype: torch.dtype, batch: int, length: int, dim: int, config: dict | None):
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 0
+    cfg = _default_config(kind, bool(log_space), dtype.itemsize, sms, batch, length, dim)
+    return {**cfg, **config} if config else cfg
 
 
 def _strides2(x: Tensor | None) -> tuple[int, int]:
-    return (0, 0) if x is None else tuple(x.stride())
+    return (0, 0) if x is None else x.stride()
 
 
 def scan_forward(
@@ -317,35 +358,37 @@ def scan_forward(
     h0: Tensor | None = None,
     reverse: bool = False,
     *,
+    log_space: bool = False,
     accumulate_fp64: bool = False,
     out: tuple[Tensor, Tensor] | None = None,
     config: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(h, h_last)`` of ``h_t = a_t h_{t-1} + b_t`` along dim 1, as ``mmrec::linear_scan``.
 
-    ``out`` takes preallocated ``(h, h_last)``; ``accumulate_fp64`` carries the state in
-    float64 whatever the input dtype. ``config`` overrides the tile shape
-    (keys ``G``, ``R``, ``BLOCK_D``, ``num_warps``).
+    With ``log_space`` ``a`` holds ``log a``. ``out`` takes preallocated ``(h, h_last)``;
+    ``accumulate_fp64`` carries the state in float64 whatever the input dtype. ``config``
+    overrides the tile shape (keys ``G``, ``R``, ``BLOCK_D``, ``num_warps``).
     """
-    shape = torch.broadcast_shapes(a.shape, b.shape)
-    batch, length, dim = shape
-    a, b = a.expand(shape), b.expand(shape)
-    dtype = torch.promote_types(a.dtype, b.dtype)
+    if a.shape != b.shape:
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        a, b = a.expand(shape), b.expand(shape)
+    batch, length, dim = b.shape
+    dtype = a.dtype if a.dtype == b.dtype else torch.promote_types(a.dtype, b.dtype)
     if out is None:
-        h = torch.empty(shape, dtype=dtype, device=a.device)
-        h_last = torch.empty((batch, dim), dtype=dtype, device=a.device)
+        h = torch.empty((batch, length, dim), dtype=dtype, device=b.device)
+        h_last = torch.empty((batch, dim), dtype=dtype, device=b.device)
     else:
         h, h_last = out
     if h.numel() == 0:
         return h, h_last
-    cfg = _pick_config("fwd", a.device, dtype, batch, length, dim, config)
-    grid = (triton.cdiv(dim, cfg["BLOCK_D"]), batch)
-    _scan_fwd_kernel[grid](
+    cfg = _pick_config("fwd", log_space, b.device, dtype, batch, length, dim, config)
+    tile = cfg["G"] * cfg["R"]
+    _scan_fwd_kernel[(triton.cdiv(dim, cfg["BLOCK_D"]), batch)](
         a, b, h0, h, h_last,
-        length, dim, triton.cdiv(length, cfg["G"] * cfg["R"]),
+        length, dim, (length + tile - 1) // tile,
         *a.stride(), *b.stride(), *_strides2(h0), *h.stride(), *h_last.stride(),
         HAS_H0=h0 is not None, REVERSE=bool(reverse),
-        ACC_FP64=bool(accumulate_fp64 or dtype == torch.float64),
+        ACC_FP64=bool(accumulate_fp64 or dtype == torch.float64), LOG_A=bool(log_space),
         **cfg,
     )
     return h, h_last
@@ -360,6 +403,7 @@ def scan_backward(
     reverse: bool = False,
     b_dtype: torch.dtype | None = None,
     *,
+    log_space: bool = False,
     accumulate_fp64: bool = False,
     out: tuple[Tensor, Tensor, Tensor] | None = None,
     config: dict | None = None,
@@ -367,10 +411,12 @@ def scan_backward(
     """``(grad_a, grad_b, grad_h0)`` in one pass, as ``mmrec::linear_scan_backward``.
 
     ``h`` holds the forward states; ``grad_h`` / ``grad_h_last`` the incoming gradients
-    (either may be None). ``grad_h0`` is an empty tensor when ``h0`` is None.
+    (either may be None). With ``log_space`` ``a`` holds ``log a`` and ``grad_a`` is the
+    gradient of ``log a``. ``grad_h0`` is an empty tensor when ``h0`` is None.
     """
     batch, length, dim = h.shape
-    a = a.expand(h.shape)
+    if a.shape != h.shape:
+        a = a.expand(h.shape)
     if out is None:
         grad_a = torch.empty(h.shape, dtype=a.dtype, device=h.device)
         grad_b = torch.empty(h.shape, dtype=b_dtype or h.dtype, device=h.device)
@@ -381,16 +427,17 @@ def scan_backward(
         if h0 is not None:
             grad_h0.zero_()
         return grad_a, grad_b, grad_h0
-    cfg = _pick_config("bwd", h.device, h.dtype, batch, length, dim, config)
-    grid = (triton.cdiv(dim, cfg["BLOCK_D"]), batch)
-    _scan_bwd_kernel[grid](
+    cfg = _pick_config("bwd", log_space, h.device, h.dtype, batch, length, dim, config)
+    tile = cfg["G"] * cfg["R"]
+    _scan_bwd_kernel[(triton.cdiv(dim, cfg["BLOCK_D"]), batch)](
         a, h, h if grad_h is None else grad_h, grad_h_last, h0,  # h: never read
         grad_a, grad_b, grad_h0 if h0 is not None else None,
-        length, dim, triton.cdiv(length, cfg["G"] * cfg["R"]),
-        *a.stride(), *h.stride(), *_strides3(grad_h), *_strides2(grad_h_last), *_strides2(h0),
-        *grad_a.stride(), *grad_b.stride(), *(_strides2(grad_h0) if h0 is not None else (0, 0)),
+        length, dim, (length + tile - 1) // tile,
+        *a.stride(), *h.stride(), *(h.stride() if grad_h is None else grad_h.stride()),
+        *_strides2(grad_h_last), *_strides2(h0),
+        *grad_a.stride(), *grad_b.stride(), *(grad_h0.stride() if h0 is not None else (0, 0)),
         HAS_DH=grad_h is not None, HAS_DHL=grad_h_last is not None, HAS_H0=h0 is not None,
-        REVERSE=bool(reverse), ACC_FP64=bool(accumulate_fp64 or h.dtype == torch.float64),
+        REVERSE=bool(reverse), ACC_FP64=bool(accumulate_fp64 or h.dtype == torch.float64), LOG_A=bool(log_space),
         **cfg,
     )
     return grad_a, grad_b, grad_h0

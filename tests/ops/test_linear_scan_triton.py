@@ -28,14 +28,22 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x - ref).norm().item() / (scale if scale > 0 else 1.0)
 
 
-def make_inputs(batch, length, dim, dtype, device, gen, layout="contiguous"):
-    """Decays in (-1, -0.5] u [0.5, 1), mostly positive; inputs and states N(0, 1)."""
+def make_inputs(batch, length, dim, dtype, device, gen, layout="contiguous", log_space=False):
+    """Decays in (-1, -0.5] u [0.5, 1), mostly positive; inputs and states N(0, 1).
+
+    With ``log_space``, ``a`` is ``log a``: mostly in (-1.5, 0], a fifth in (-200, -50],
+    where ``exp`` underflows in float32 (and products of such decays in any dtype).
+    """
 
     def draw(fn, *shape):
         return fn(*shape, generator=gen, dtype=torch.float64)
 
-    a = draw(torch.rand, batch, length, dim) * 0.5 + 0.5
-    a = torch.where(draw(torch.rand, batch, length, dim) < 0.2, -a, a)
+    if log_space:
+        a = -1.5 * draw(torch.rand, batch, length, dim)
+        a = torch.where(draw(torch.rand, batch, length, dim) < 0.2, -50 - 150 * draw(torch.rand, batch, length, dim), a)
+    else:
+        a = draw(torch.rand, batch, length, dim) * 0.5 + 0.5
+        a = torch.where(draw(torch.rand, batch, length, dim) < 0.2, -a, a)
     b = draw(torch.randn, batch, length, dim)
     if layout == "strided":  # a: time-major transpose, b: every other channel
         a = a.to(dtype).to(device).transpose(1, 2).contiguous().transpose(1, 2)
@@ -48,8 +56,10 @@ def make_inputs(batch, length, dim, dtype, device, gen, layout="contiguous"):
     return a.to(dtype).to(device), b.to(dtype).to(device)
 
 
-def reference_scan(a, b, h0, reverse):
+def reference_scan(a, b, h0, reverse, log_space=False):
     """Step-by-step loop in float64 built with torch.stack, so autograd can follow it."""
+    if log_space:
+        a = a.exp()
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0
     steps = range(a.shape[1] - 1, -1, -1) if reverse else range(a.shape[1])
     out = [None] * a.shape[1]
@@ -59,11 +69,11 @@ def reference_scan(a, b, h0, reverse):
     return torch.stack(out, dim=1), h
 
 
-def reference_grads(a, b, h0, reverse, grad_h, grad_h_last):
+def reference_grads(a, b, h0, reverse, grad_h, grad_h_last, log_space=False):
     leaves = [x.detach().cpu().double().requires_grad_() for x in (a, b)]
     if h0 is not None:
         leaves.append(h0.detach().cpu().double().requires_grad_())
-    h, h_last = reference_scan(leaves[0], leaves[1], leaves[2] if h0 is not None else None, reverse)
+    h, h_last = reference_scan(leaves[0], leaves[1], leaves[2] if h0 is not None else None, reverse, log_space)
     loss = (h * grad_h.cpu().double()).sum()
     if grad_h_last is not None:
         loss = loss + (h_last * grad_h_last.cpu().double()).sum()
@@ -91,14 +101,20 @@ def _interpreter_checks() -> None:
         (torch.float64, 20, True, True, "contiguous", True, True, {}),
         (torch.float32, 21, False, True, "contiguous", True, True, {"accumulate_fp64": True}),
         (torch.bfloat16, 5, True, True, "contiguous", True, True, {"config": None}),  # default tiles
+        (torch.float32, 21, True, True, "strided", True, True, {"log_space": True}),
+        (torch.float32, 16, False, True, "broadcast", False, True, {"log_space": True}),
+        (torch.bfloat16, 21, False, True, "contiguous", True, True, {"log_space": True}),
+        (torch.float16, 7, True, False, "contiguous", True, True, {"log_space": True}),
+        (torch.float32, 20, False, True, "contiguous", True, True, {"log_space": True, "accumulate_fp64": True}),
     ]
     batch, dim = 2, 20  # 20 channels: a full block and a partial one
     for dtype, length, reverse, with_h0, layout, with_gh, with_ghl, extra in cases:
         extra = {"config": small, **extra}
-        a, b = make_inputs(batch, length, dim, dtype, "cpu", gen, layout)
+        log_space = extra.get("log_space", False)
+        a, b = make_inputs(batch, length, dim, dtype, "cpu", gen, layout, log_space)
         h0 = torch.randn(batch, dim, generator=gen).to(dtype) if with_h0 else None
         tol = TOL[dtype]
-        ref_h, ref_last = linear_scan_reference(a.double(), b.double(), None if h0 is None else h0.double(), reverse)
+        ref_h, ref_last = linear_scan_reference(a.double(), b.double(), None if h0 is None else h0.double(), reverse, log_space=log_space)
 
         out = (torch.full((batch, length, dim), float("nan"), dtype=dtype), torch.full((batch, dim), float("nan"), dtype=dtype))
         h, h_last = kernels.scan_forward(a, b, h0, reverse, out=out, **extra)
@@ -113,7 +129,7 @@ def _interpreter_checks() -> None:
         )
         grads = kernels.scan_backward(a, h, grad_h, grad_hl, h0, reverse, b.dtype, out=gouts, **extra)
         gh_for_ref = grad_h if grad_h is not None else torch.zeros(batch, length, dim)
-        refs = reference_grads(a, b, h0, reverse, gh_for_ref, grad_hl)
+        refs = reference_grads(a, b, h0, reverse, gh_for_ref, grad_hl, log_space)
         for name, got, ref in zip(("da", "db", "dh0"), grads, refs):
             errs[name] = rel_err(got, ref)
         # grad_a uses the stored (rounded) states, so allow the rounding of h as well
@@ -121,12 +137,37 @@ def _interpreter_checks() -> None:
         label = f"{dtype} T={length} reverse={reverse} h0={with_h0} {layout} { {k: v for k, v in extra.items() if k != 'config' or v is not small} }"
         assert not bad, f"{label}: {bad}"
         print(f"ok {label}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    _fp64_accumulation_check(kernels)
+
+
+def drifting_inputs(length, dim, gen):
+    """float32 inputs whose float32 accumulation drifts: a in (1 - 1e-5, 1], b > 0, so the
+    states grow like a running sum and every step rounds a large state."""
+    a = 1 - 1e-5 * torch.rand(1, length, dim, generator=gen)
+    b = 0.5 + torch.rand(1, length, dim, generator=gen)
+    return a, b, torch.randn(1, length, dim, generator=gen)
+
+
+def _fp64_accumulation_check(kernels) -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, b, grad_h = drifting_inputs(3000, 5, gen)
+    ref_h, _ = linear_scan_reference(a.double(), b.double())
+    ref_db = linear_scan_reference(a.double()[:, 1:], grad_h.double()[:, :-1], grad_h.double()[:, -1], reverse=True)[0]
+    errs = {}
+    for fp64 in (False, True):
+        h, _ = kernels.scan_forward(a, b, accumulate_fp64=fp64)
+        _, db, _ = kernels.scan_backward(a, h, grad_h, accumulate_fp64=fp64)
+        errs[fp64] = rel_err(h, ref_h), rel_err(db[:, :-1], ref_db)
+    # fp64 leaves only the final rounding to float32; fp32 rounds every step
+    for i, name in enumerate(("h", "db")):
+        assert errs[True][i] < 1e-7 and errs[True][i] * 4 < errs[False][i], f"{name}: {errs}"
+    print(f"ok fp64 accumulation: fp32 {errs[False]} fp64 {errs[True]}")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 9, out
+    assert out.count("ok ") == 15, out
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -137,26 +178,32 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and triton"
 @cuda_only
 @pytest.mark.parametrize("length", [1, 7, 1000, 4097])
 @pytest.mark.parametrize(
-    "dtype,reverse,with_h0,layout",
+    "dtype,reverse,with_h0,layout,log_space",
     [
-        (torch.float32, False, False, "contiguous"),
-        (torch.float32, True, True, "strided"),
-        (torch.bfloat16, False, True, "contiguous"),
-        (torch.bfloat16, True, False, "strided"),
-        (torch.float16, False, True, "broadcast"),
-        (torch.float64, True, True, "contiguous"),
+        (torch.float32, False, False, "contiguous", False),
+        (torch.float32, True, True, "strided", False),
+        (torch.bfloat16, False, True, "contiguous", False),
+        (torch.bfloat16, True, False, "strided", False),
+        (torch.float16, False, True, "broadcast", False),
+        (torch.float64, True, True, "contiguous", False),
+        (torch.float32, True, True, "strided", True),
+        (torch.bfloat16, False, True, "contiguous", True),
+        (torch.bfloat16, True, False, "broadcast", True),
+        (torch.float16, False, True, "contiguous", True),
     ],
 )
-def test_cuda_op_forward_and_gradients(length, dtype, reverse, with_h0, layout):
+def test_cuda_op_forward_and_gradients(length, dtype, reverse, with_h0, layout, log_space):
     gen = torch.Generator().manual_seed(length * 7 + int(reverse))
     batch, dim = 3, 200  # 200 channels: not a multiple of any block width
-    a, b = make_inputs(batch, length, dim, dtype, "cuda", gen, layout)
+    a, b = make_inputs(batch, length, dim, dtype, "cuda", gen, layout, log_space)
     a.requires_grad_()
     b.requires_grad_()
     h0 = torch.randn(batch, dim, generator=gen).to(dtype).cuda().requires_grad_() if with_h0 else None
-    h, h_last = linear_scan(a, b, h0, reverse)
+    h, h_last = linear_scan(a, b, h0, reverse, log_space=log_space)
     assert h.dtype == dtype and h_last.shape == (batch, dim)
-    ref_h, ref_last = linear_scan_reference(a.detach().cpu().double(), b.detach().cpu().double(), None if h0 is None else h0.detach().cpu().double(), reverse)
+    ref_h, ref_last = linear_scan_reference(
+        a.detach().cpu().double(), b.detach().cpu().double(), None if h0 is None else h0.detach().cpu().double(), reverse, log_space=log_space
+    )
     assert rel_err(h, ref_h) < TOL[dtype]
     assert rel_err(h_last, ref_last) < TOL[dtype]
 
@@ -164,7 +211,7 @@ def test_cuda_op_forward_and_gradients(length, dtype, reverse, with_h0, layout):
     grad_hl = torch.randn(batch, dim, generator=gen).to(dtype).cuda()
     inputs = [a, b] + ([h0] if with_h0 else [])
     grads = torch.autograd.grad([h, h_last], inputs, [grad_h, grad_hl])
-    refs = reference_grads(a, b, h0, reverse, grad_h, grad_hl)
+    refs = reference_grads(a, b, h0, reverse, grad_h, grad_hl, log_space)
     for name, got, ref in zip(("da", "db", "dh0"), grads, refs):
         assert got.dtype == dtype
         tol = 3 * TOL[dtype] if name == "da" else TOL[dtype]
@@ -195,13 +242,19 @@ def test_cuda_outputs_fully_written(reverse):
 
 @cuda_only
 def test_cuda_fp64_accumulation_option():
-    from mmrec.ops import linear_scan_triton as kernels
-
     gen = torch.Generator().manual_seed(6)
-    a, b = make_inputs(2, 4097, 64, torch.float32, "cuda", gen)
-    ref, _ = linear_scan_reference(a.cpu().double(), b.cpu().double())
-    h, _ = kernels.scan_forward(a, b, accumulate_fp64=True)
-    assert rel_err(h, ref) < 1e-6
+    a, b, grad_h = drifting_inputs(20000, 64, gen)
+    ref_h, _ = linear_scan_reference(a.double(), b.double())
+    ref_db, _ = linear_scan_reference(a.double()[:, 1:], grad_h.double()[:, :-1], grad_h.double()[:, -1], reverse=True)
+    errs = {}
+    for fp64 in (False, True):
+        args = [t.cuda().requires_grad_() for t in (a, b)]
+        h, _ = linear_scan(*args, accumulate_fp64=fp64)
+        assert h.dtype == torch.float32
+        _, db = torch.autograd.grad(h, args, grad_h.cuda())
+        errs[fp64] = rel_err(h, ref_h), rel_err(db[:, :-1], ref_db)
+    for err32, err64 in zip(errs[False], errs[True]):
+        assert err64 < 1e-7 and 4 * err64 < err32, errs
 
 
 @cuda_only
@@ -214,6 +267,13 @@ def test_cuda_opcheck(reverse):
     torch.library.opcheck(torch.ops.mmrec.linear_scan.default, args)
     h, _ = linear_scan(a.detach(), b.detach(), h0.detach(), reverse)
     bwd_args = (a.detach(), h, torch.randn_like(h), torch.randn_like(h0), h0.detach(), reverse, torch.float32)
+    torch.library.opcheck(torch.ops.mmrec.linear_scan_backward.default, bwd_args)
+    # log space (log a < 0) and float64 accumulation
+    log_a = -a.detach().abs().log1p()
+    torch.library.opcheck(torch.ops.mmrec.linear_scan.default, (log_a.requires_grad_(), b, h0, reverse, True, False))
+    torch.library.opcheck(torch.ops.mmrec.linear_scan.default, (log_a, b, h0, reverse, True, True))
+    h, _ = linear_scan(log_a.detach(), b.detach(), h0.detach(), reverse, log_space=True)
+    bwd_args = (log_a.detach(), h, torch.randn_like(h), None, h0.detach(), reverse, torch.float32, True, True)
     torch.library.opcheck(torch.ops.mmrec.linear_scan_backward.default, bwd_args)
 
 
