@@ -6,7 +6,15 @@ kernel on CUDA, the step loop on CPU), forward alone and forward+backward, and t
 two passes of ``gated_rnn_reference`` (one ``einsum``, ``sigmoid`` and update per step,
 autograd for the backward). It prints tokens/s (batch x length over the median time)
 and the ratio op/loop of the two rates. A configuration that runs out of memory is
-recorded as such. Inputs are fresh random tensors: ``z ~ N(0, 1)``, ``log γ`` in
+recorded as such.
+
+The loop costs the same per step at any length, so past ``--loop-max-steps`` it is timed
+on that prefix of the sequence and its time scaled by ``T / steps`` (the row says
+``loop_steps_timed`` and ``scaled_from_prefix``; the table marks it with ``*``); its error
+against the op is then taken on that prefix. Each ``--config`` (``KEY=VALUE,...`` with the
+keys of ``mmrec.ops.gated_rnn_triton.pick_config``: ``BLOCK_B``, ``num_warps``, ``SPLIT``,
+``PRECISION``) adds rows ``kernel[...]`` that call the Triton launchers directly with that
+launch config (forward, and forward then backward), for sweeping one GPU run. Inputs are fresh random tensors: ``z ~ N(0, 1)``, ``log γ`` in
 [-1, -0.01), ``W_g ~ N(0, 0.25/E)``, ``h0 ~ N(0, 1)``.
 """
 
@@ -45,6 +53,9 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-loop", action="store_true", help="time the op only")
+    parser.add_argument("--loop-max-steps", type=int, default=2048, help="time the loop on at most this many steps, then scale")
+    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
+                        help="also time the Triton kernels with this launch config (repeatable), e.g. BLOCK_B=32,num_warps=8")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     parser.set_defaults(run=run)
 
@@ -82,6 +93,34 @@ def _rel_err(x, ref) -> float:
     return float((x - ref).norm() / ref.norm())
 
 
+def parse_config(text: str) -> dict:
+    """``"BLOCK_B=32,num_warps=8,SPLIT=false"`` -> ``{"BLOCK_B": 32, "num_warps": 8, "SPLIT": False}``."""
+    config = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config entries look like KEY=VALUE, got {item!r}")
+        if value.lower() in ("true", "false"):
+            config[key.strip()] = value.lower() == "true"
+        else:
+            config[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return config
+
+
+def _kernel_passes(config: dict, inputs, grad_h):
+    """(forward, forward+backward) of the Triton launchers with ``config``, no autograd."""
+    from mmrec.ops import gated_rnn_triton as kernels
+
+    def forward():
+        return kernels.gated_rnn_forward(*inputs, config=config)
+
+    def forward_backward():
+        h, _ = kernels.gated_rnn_forward(*inputs, config=config)
+        return kernels.gated_rnn_backward(*inputs, h, grad_h, None, config=config)
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
 def bench_once(args, batch: int, length: int, device: torch.device, gen) -> list[dict]:
     from mmrec.ops.gated_rnn import gated_rnn, gated_rnn_reference
 
@@ -89,39 +128,49 @@ def bench_once(args, batch: int, length: int, device: torch.device, gen) -> list
     decay_dtype = DTYPES[args.decay_dtype or args.dtype]
     inputs = make_inputs(batch, length, args.heads, args.head_dim, dtype, decay_dtype, device, gen)
     grad_h = torch.randn(inputs[1].shape, generator=gen, device=device).to(decay_dtype)
-    impls = {"op": gated_rnn} if args.no_loop else {"op": gated_rnn, "loop": gated_rnn_reference}
+    loop_steps = min(length, args.loop_max_steps)
+    prefix = (*(x[:, :loop_steps] for x in inputs[:2]), *inputs[2:])
+    impls = {"op": (_passes(gated_rnn, inputs, grad_h), length)}
+    for text in args.config:
+        config = parse_config(text)
+        impls[f"kernel[{text}]"] = (_kernel_passes(config, inputs, grad_h), length)
+    if not args.no_loop:
+        impls["loop"] = (_passes(gated_rnn_reference, prefix, grad_h[:, :loop_steps]), loop_steps)
     rows = []
     outputs = {}
-    for impl, fn in impls.items():
-        for pass_, call in _passes(fn, inputs, grad_h).items():
+    for impl, (passes, steps) in impls.items():
+        for pass_, call in passes.items():
             row = {"impl": impl, "pass": pass_, "batch": batch, "length": length, "heads": args.heads, "head_dim": args.head_dim}
+            if steps < length:
+                row.update(loop_steps_timed=steps, scaled_from_prefix=True)
 
-            def measure(call=call, impl=impl, pass_=pass_):
+            def measure(call=call, impl=impl, pass_=pass_, steps=steps):
                 reset_peak_memory(device)
-                ms = time_ms(call, device, warmup=args.warmup, repeat=args.repeat)
+                ms = time_ms(call, device, warmup=args.warmup, repeat=args.repeat) * length / steps
                 if pass_ == "fwd":
-                    outputs[impl] = call()[0]
+                    outputs[impl] = call()[0][:, :loop_steps].clone()  # the prefix the loop ran
                 return {"ms": ms, "tokens_per_s": batch * length / ms * 1e3, "peak_gib": peak_memory_gib(device)}
 
             record(rows, row, measure, device)
-    if "loop" in outputs and "op" in outputs:
-        err = _rel_err(outputs["op"], outputs["loop"])
+    if "loop" in outputs:
         for row in rows:
-            row["rel_err_op_vs_loop"] = err
+            if row["impl"] in outputs and row["impl"] != "loop":
+                row["rel_err_vs_loop"] = _rel_err(outputs[row["impl"]], outputs["loop"])
     del outputs
-    # the op's rate over the loop's, per pass
+    # each implementation's rate over the loop's, per pass
     rates = {(r["impl"], r["pass"]): r.get("tokens_per_s") for r in rows}
     for row in rows:
-        op, loop = rates.get(("op", row["pass"])), rates.get(("loop", row["pass"]))
-        if row["impl"] == "op" and op and loop:
-            row["op_over_loop"] = op / loop
+        rate, loop = rates.get((row["impl"], row["pass"])), rates.get(("loop", row["pass"]))
+        if row["impl"] != "loop" and rate and loop:
+            row["over_loop"] = rate / loop
     return rows
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     meta = {**run_metadata(), "dtype": args.dtype, "decay_dtype": args.decay_dtype or args.dtype,
-            "heads": args.heads, "head_dim": args.head_dim, "d_model": args.heads * args.head_dim}
+            "heads": args.heads, "head_dim": args.head_dim, "d_model": args.heads * args.head_dim,
+            "loop_max_steps": args.loop_max_steps, "configs": [parse_config(c) for c in args.config]}
     if device.type == "cuda":
         try:
             import triton
@@ -137,20 +186,22 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"\n{meta['device']}, gated_rnn, d_model {meta['d_model']} = {args.heads} heads x {args.head_dim}, "
           f"{args.dtype} inputs, log γ in {meta['decay_dtype']}")
-    print(f"{'batch':>5} {'length':>7} {'pass':<8} {'op tok/s':>12} {'loop tok/s':>12} {'op/loop':>8} {'op ms':>10} {'op peak GiB':>11}")
+    print("(* the loop timed on a prefix of the sequence and scaled to its length)")
+    print(f"{'batch':>5} {'length':>7} {'pass':<8} {'impl':<32} {'tok/s':>12} {'loop tok/s':>12} {'x loop':>8} {'ms':>10} {'peak GiB':>9}")
     by_key = {(r["batch"], r["length"], r["impl"], r["pass"]): r for r in rows}
+    impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "loop"))
     for batch in args.batches:
         for length in args.lengths:
             for pass_ in PASSES:
-                op = by_key.get((batch, length, "op", pass_), {})
                 loop = by_key.get((batch, length, "loop", pass_), {})
-
-                def rate(r):
-                    return f"{r['tokens_per_s']:.4g}" if "tokens_per_s" in r else r.get("error", "-")
-
-                ratio = f"{op['op_over_loop']:.1f}x" if "op_over_loop" in op else "-"
-                ms = f"{op['ms']:.3f}" if "ms" in op else "-"
-                peak = f"{op['peak_gib']:.2f}" if op.get("peak_gib") is not None else "-"
-                print(f"{batch:>5} {length:>7} {pass_:<8} {rate(op):>12} {rate(loop):>12} {ratio:>8} {ms:>10} {peak:>11}")
+                loop_rate = f"{loop['tokens_per_s']:.4g}" if "tokens_per_s" in loop else loop.get("error", "-")
+                loop_rate += "*" if loop.get("scaled_from_prefix") else ""
+                for impl in impls:
+                    r = by_key.get((batch, length, impl, pass_), {})
+                    rate = f"{r['tokens_per_s']:.4g}" if "tokens_per_s" in r else r.get("error", "-")
+                    ratio = f"{r['over_loop']:.1f}x" if "over_loop" in r else "-"
+                    ms = f"{r['ms']:.3f}" if "ms" in r else "-"
+                    peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+                    print(f"{batch:>5} {length:>7} {pass_:<8} {impl:<32} {rate:>12} {loop_rate:>12} {ratio:>8} {ms:>10} {peak:>9}")
     write_json(args.out, {**meta, "results": rows})
     return 0

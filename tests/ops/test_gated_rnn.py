@@ -183,15 +183,23 @@ def _interpreter_checks() -> None:
 
     gen = torch.Generator().manual_seed(0)
     f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
-    cases = [  # dtypes (z, log γ, W, h0), B, T, H, E, h0, grad_h, grad_h_last, layout, tolerance
-        ((f32, f32, f32, f32), 3, 13, 3, 5, True, True, True, "contiguous", 1e-5),
-        ((f32, f32, f32, f32), 2, 9, 2, 16, False, True, False, "contiguous", 1e-5),
-        ((f32, f32, f32, f32), 2, 1, 2, 3, True, False, True, "strided", 1e-5),
-        ((f32, f32, f32, f32), 1, 11, 2, 7, True, True, False, "strided", 1e-5),
-        ((bf16, f32, bf16, f32), 2, 10, 2, 8, True, True, True, "contiguous", 1e-5),
-        ((f64, f64, f64, f64), 2, 8, 3, 5, True, True, True, "contiguous", 1e-12),
+    one = {"BLOCK_B": 1}  # one sequence per program
+    cases = [  # dtypes (z, log γ, W, h0), B, T, H, E, h0, grad_h, grad_h_last, layout, launch config, tolerance
+        ((f32, f32, f32, f32), 3, 13, 3, 5, True, True, True, "contiguous", one, 1e-5),
+        ((f32, f32, f32, f32), 2, 9, 2, 16, False, True, False, "contiguous", one, 1e-5),
+        ((f32, f32, f32, f32), 2, 1, 2, 3, True, False, True, "strided", one, 1e-5),
+        ((f32, f32, f32, f32), 1, 11, 2, 7, True, True, False, "strided", one, 1e-5),
+        ((bf16, f32, bf16, f32), 2, 10, 2, 8, True, True, True, "contiguous", one, 1e-5),
+        ((f64, f64, f64, f64), 2, 8, 3, 5, True, True, True, "contiguous", one, 1e-12),
+        # blocks of sequences with tl.dot: batch rows and head columns masked
+        ((f32, f32, f32, f32), 3, 13, 2, 5, True, True, True, "contiguous", {"BLOCK_B": 16}, 1e-5),
+        ((f32, f32, f32, f32), 19, 6, 2, 7, False, True, False, "strided", {"BLOCK_B": 16}, 1e-5),
+        ((bf16, f32, bf16, f32), 5, 9, 2, 8, True, True, True, "contiguous", {"BLOCK_B": 16, "SPLIT": True}, 1e-5),
+        ((bf16, f32, bf16, f32), 17, 5, 1, 16, True, False, True, "strided", {"BLOCK_B": 32, "SPLIT": True}, 1e-5),
+        # one rounding to bf16 per product: about bf16 accuracy
+        ((bf16, f32, bf16, f32), 17, 7, 1, 16, True, True, True, "contiguous", {"BLOCK_B": 16, "SPLIT": False}, 1e-2),
     ]
-    for dtypes, batch, length, heads, head_dim, with_h0, with_gh, with_ghl, layout, tol in cases:
+    for dtypes, batch, length, heads, head_dim, with_h0, with_gh, with_ghl, layout, config, tol in cases:
         z, log_decay, weight, h0 = make_inputs(batch, length, heads, head_dim, dtype=dtypes, h0=with_h0, generator=gen)
         if layout == "strided":  # z time-major in memory, log γ every other channel, W transposed
             z = z.transpose(0, 1).contiguous().transpose(0, 1)
@@ -202,19 +210,19 @@ def _interpreter_checks() -> None:
         out_dtype = log_decay.dtype
         nan = float("nan")
         out = (torch.full((batch, length, dim), nan, dtype=out_dtype), torch.full((batch, dim), nan, dtype=out_dtype))
-        h, h_last = kernels.gated_rnn_forward(z, log_decay, weight, h0, out=out)
+        h, h_last = kernels.gated_rnn_forward(z, log_decay, weight, h0, out=out, config=config)
         grad_h = torch.randn(batch, length, dim, generator=gen).to(out_dtype) if with_gh else None
         grad_hl = torch.randn(batch, dim, generator=gen).to(out_dtype) if with_ghl else None
         (ref_h, ref_last), refs = reference_grads(z, log_decay, weight, h0, grad_h, grad_hl)
         errs = {"h": err(h, ref_h), "h_last": err(h_last, ref_last)}
         gouts = (torch.full_like(z, nan), torch.full_like(log_decay, nan),
                  torch.full_like(h0, nan) if with_h0 else torch.empty(0, dtype=out_dtype))
-        grads = kernels.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, grad_hl, out=gouts)
+        grads = kernels.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, grad_hl, out=gouts, config=config)
         for name, arg, got, want in zip(("dz", "dlog_decay", "dW", "dh0"), (z, log_decay, weight, h0), grads, refs):
             assert got.dtype == arg.dtype and got.shape == want.shape, name
             errs[name] = err(got, want)
         bad = {k: v for k, v in errs.items() if not v < (1e-2 if k in ("dz", "dW") and dtypes[0] == bf16 else tol)}
-        label = f"{dtypes[0]} B={batch} T={length} H={heads} E={head_dim} h0={with_h0} gh={with_gh} ghl={with_ghl} {layout}"
+        label = f"{dtypes[0]} B={batch} T={length} H={heads} E={head_dim} h0={with_h0} gh={with_gh} ghl={with_ghl} {layout} {config}"
         assert not bad, f"{label}: {bad}"
         print(f"ok {label}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
 
@@ -222,7 +230,26 @@ def _interpreter_checks() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 6, out
+    assert out.count("ok ") == 11, out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_launch_config_choice():
+    from mmrec.ops.gated_rnn_triton import pick_config
+
+    def block_b(batch, heads=32, **kw):
+        return pick_config(batch, heads, 128, device=torch.device("cpu"), weight_dtype=torch.bfloat16, **kw)["BLOCK_B"]
+
+    assert block_b(4) == 1  # small batches: one program per sequence
+    assert block_b(64) == 16 and block_b(128) == 32 and block_b(1024) == 64  # one wave of 132 SMs while it fits
+    assert block_b(64, fp64=True) == 1
+    assert block_b(4, config={"BLOCK_B": 32}) == 32
+    cfg = pick_config(64, 32, 128, device=torch.device("cpu"), weight_dtype=torch.float32)
+    assert cfg["SPLIT"] is False and cfg["PRECISION"] == "ieee"
+    with pytest.raises(ValueError, match="power of two"):
+        block_b(64, config={"BLOCK_B": 8})
+    with pytest.raises(ValueError, match="float64"):
+        block_b(64, fp64=True, config={"BLOCK_B": 16})
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -253,6 +280,47 @@ def test_cuda_op_forward_and_gradients(dtypes, tol):
     for name, arg, got, want in zip(("z", "log_decay", "weight", "h0"), args, grads, refs):
         assert got.dtype == arg.dtype, name
         assert err(got.cpu(), want) < tol, name
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [128, 40])
+@pytest.mark.parametrize(
+    "dtypes,config,tol",
+    [
+        ((torch.bfloat16, torch.float32, torch.bfloat16, torch.float32), {"BLOCK_B": 16, "SPLIT": True}, 1e-4),
+        ((torch.bfloat16, torch.float32, torch.bfloat16, torch.float32), {"BLOCK_B": 32, "SPLIT": False}, 1e-2),
+        ((torch.bfloat16,) * 4, {"BLOCK_B": 64, "num_warps": 8}, 1e-2),
+        ((torch.float32,) * 4, {"BLOCK_B": 16}, 1e-5),
+        ((torch.float32,) * 4, {"BLOCK_B": 16, "PRECISION": "tf32x3"}, 1e-4),
+    ],
+)
+def test_cuda_blocked_kernels(head_dim, dtypes, config, tol):
+    from mmrec.ops import gated_rnn_triton as kernels
+
+    gen = torch.Generator().manual_seed(13)
+    z, log_decay, weight, h0 = make_inputs(37, 300, 3, head_dim, dtype=dtypes, device="cuda", weight_scale=0.5, generator=gen)
+    h, h_last = kernels.gated_rnn_forward(z, log_decay, weight, h0, config=config)
+    grad_h = torch.randn(h.shape, generator=gen).to(h.dtype).cuda()
+    grad_hl = torch.randn(h_last.shape, generator=gen).to(h.dtype).cuda()
+    grads = kernels.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, grad_hl, config=config)
+    (ref_h, ref_last), refs = reference_grads(z, log_decay, weight, h0, grad_h, grad_hl)
+    assert err(h, ref_h) < tol and err(h_last, ref_last) < tol
+    for name, arg, got, want in zip(("z", "log_decay", "weight", "h0"), (z, log_decay, weight, h0), grads, refs):
+        assert got.dtype == arg.dtype, name
+        assert err(got, want) < (1e-2 if arg.dtype == torch.bfloat16 else tol), name
+
+
+@cuda_only
+def test_cuda_op_blocked_by_default_at_large_batch():
+    gen = torch.Generator().manual_seed(14)
+    z, log_decay, weight, h0 = make_inputs(64, 200, 2, 128, dtype=(torch.bfloat16, torch.float32, torch.bfloat16, torch.float32),
+                                           device="cuda", weight_scale=0.5, generator=gen)
+    args = [t.requires_grad_() for t in (z, log_decay, weight, h0)]
+    h, h_last = gated_rnn(*args)
+    (ref_h, _), refs = reference_grads(z, log_decay, weight, h0, torch.ones_like(h), None)
+    assert err(h, ref_h) < 1e-4
+    for arg, got, want in zip(args, torch.autograd.grad(h.sum(), args), refs):
+        assert err(got, want) < (1e-2 if arg.dtype == torch.bfloat16 else 1e-4)
 
 
 @cuda_only
