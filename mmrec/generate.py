@@ -2,12 +2,16 @@
 
 The prompt runs through the model once; every new token is then a single-token step that
 carries the model's ``State``. For MM-Rec that state has a fixed size, so each token
-costs the same whatever the context length; a Transformer carries its KV cache.
+costs the same whatever the context length; a Transformer carries its KV cache. On a GPU
+the steps run through ``mmrec.decode.StaticDecoder``: static buffers, one CUDA graph
+replayed per token, the same logits as the eager step.
 """
 
 from __future__ import annotations
 
 import torch
+
+from mmrec.decode import StaticDecoder, supports_static
 
 __all__ = ["generate"]
 
@@ -38,12 +42,18 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     state=None,
+    cuda_graph: bool | None = None,
 ) -> torch.LongTensor:
     """Continue ``prompt_ids`` (``[T]`` or ``[B, T]``, at least one token) by
     ``max_new_tokens`` sampled tokens; returns prompt and continuation, same rank as the
     prompt. ``temperature <= 0`` picks the most likely token. ``seed`` makes the sample
     reproducible without touching the global RNG. ``state`` continues an earlier context
-    (a ``State``, e.g. one loaded with ``State.load``) that the prompt follows."""
+    (a ``State``, e.g. one loaded with ``State.load``) that the prompt follows.
+
+    ``cuda_graph``: decode with the static step (``mmrec.decode.StaticDecoder``), captured
+    in a CUDA graph on a GPU; on CPU ``True`` runs the same static step without a graph.
+    ``None`` (default): on for a CUDA model that has a static step (not sharded), outside
+    autocast."""
     if prompt_ids.dim() not in (1, 2) or prompt_ids.size(-1) == 0:
         raise ValueError("prompt_ids must be a non-empty [T] or [B, T] tensor of token ids")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -52,6 +62,9 @@ def generate(
     ids = prompt_ids[None] if squeeze else prompt_ids
     device = next((p.device for p in model.parameters()), ids.device)
     ids = ids.to(device=device, dtype=torch.long)
+    # by default not under autocast either: its cast cache and a captured graph do not mix
+    static = cuda_graph if cuda_graph is not None else (
+        device.type == "cuda" and not torch.is_autocast_enabled("cuda") and supports_static(model))
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device)
@@ -61,17 +74,26 @@ def generate(
     model.eval()
     try:
         out = model(ids, state=state)  # the prompt, once
-        new = []
+        logits, decoder, new = out.logits[:, -1], None, []
         for _ in range(max_new_tokens):
-            logits = out.logits[:, -1, :].float()
+            logits = logits.float()
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
                 logits = _filter_logits(logits / temperature, top_k, top_p)
                 nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
             new.append(nxt)
-            if len(new) < max_new_tokens:
-                out = model(nxt, state=out.state)  # one token, carrying the state
+            if len(new) == max_new_tokens:
+                break
+            if static:  # one token through the static buffers
+                if decoder is None:
+                    end = out.state.position + max_new_tokens
+                    decoder = StaticDecoder(model, out.state, max_length=end, cuda_graph=device.type == "cuda")
+                    out = None  # the eager state is in the decoder's buffers now
+                logits = decoder.step(nxt)
+            else:  # one token, carrying the state
+                out = model(nxt, state=out.state)
+                logits = out.logits[:, -1]
     finally:
         model.train(was_training)
     ids = torch.cat([ids, *new], dim=1)

@@ -26,8 +26,70 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--baseline", default="transformer-1b", help="Transformer recipe for the saved-bytes count")
+    parser.add_argument("--shrink", type=int, default=1, help="divide the widths by this for the saved-bytes count")
+    parser.add_argument("--saved-only", action="store_true", help="only count saved bytes per token (no timing)")
     parser.add_argument("--out", type=Path)
     parser.set_defaults(run=run)
+
+
+def shrunk(recipe: str, shrink: int, extra: tuple[str, ...] = ()) -> "mmrec.LanguageModel":
+    """A one-block model of ``recipe`` with its widths divided by ``shrink`` (heads, slots and
+    chunk size kept)."""
+    model = mmrec.recipes.load(recipe).model
+    overrides = ["model.n_layers=1", f"model.d_model={model.d_model // shrink}", f"model.ffn_dim={model.ffn_dim // shrink}"]
+    if model.arch == "mmrec" and getattr(model.memory, "dim", None):
+        overrides.append(f"model.memory.dim={model.memory.dim // shrink}")
+    return mmrec.build(recipe, overrides + list(extra))
+
+
+def saved_bytes_per_token(block: torch.nn.Module, x: torch.Tensor) -> float:
+    """Bytes that autograd saves for backward in one forward of ``block`` on ``x``
+    ``[B, T, d]``, per token. Each storage counts once (views of one tensor share it, a
+    broadcast view costs its small storage); parameters and buffers don't count."""
+    params = {p.untyped_storage().data_ptr() for p in [*block.parameters(), *block.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(x, return_aux_loss=True)
+    del out
+    return sum(storages.values()) / (x.shape[0] * x.shape[1])
+
+
+def partitioned(block: torch.nn.Module) -> torch.nn.Module:
+    """``block`` compiled with the partitioner ``torch.compile`` uses (min-cut: cheap
+    elementwise work is recomputed in backward, not saved) but run eagerly, no code
+    generation: what a compiled block saves, countable on any device."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    run_eagerly = lambda graph, _: make_boxed_func(graph)  # noqa: E731
+    backend = aot_autograd(fw_compiler=run_eagerly, bw_compiler=run_eagerly, partition_fn=min_cut_rematerialization_partition)
+    return torch.compile(block, backend=backend)
+
+
+def saved_bytes_table(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Saved bytes per token, one block of ``args.recipe`` and of ``args.baseline``."""
+    rows = []
+    for recipe in (args.recipe, args.baseline):
+        with torch.device(device):
+            model = shrunk(recipe, args.shrink).to(dtype)
+        block = model.blocks[0].train()
+        x = torch.randn(args.batch, args.length, model.config.d_model, device=device, dtype=dtype, requires_grad=True)
+        n_layers = mmrec.recipes.load(recipe).model.n_layers
+        for mode, module in (("eager", block), ("compiled", partitioned(block))):
+            per_token = saved_bytes_per_token(module, x)
+            rows.append({"recipe": recipe, "mode": mode, "shrink": args.shrink, "d_model": model.config.d_model,
+                         "saved_bytes_per_token": per_token, "layers": n_layers, "model_saved_bytes_per_token": per_token * n_layers})
+        torch._dynamo.reset()
+        del model, block, x
+    return rows
 
 
 def forward_backward(fn, inputs):
@@ -74,6 +136,14 @@ def block_parts(block, x):
 def run(args: argparse.Namespace) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     meta = {**run_metadata(), "dtype": args.dtype, "recipe": args.recipe, "batch": args.batch, "length": args.length}
+    saved = saved_bytes_table(args, device, dtype)
+    print(f"\nsaved for backward, one block, eager and min-cut partitioned (as compiled), {args.dtype}, batch {args.batch} x {args.length}, widths / {args.shrink}")
+    for row in saved:
+        print(f"    {row['recipe']:<16} {row['mode']:<8} d_model {row['d_model']:>5}: {row['saved_bytes_per_token'] / 1024:8.2f} KiB/token/block, "
+              f"x {row['layers']} blocks = {row['model_saved_bytes_per_token'] / 1024:8.1f} KiB/token")
+    if args.saved_only:
+        write_json(args.out, {**meta, "saved": saved})
+        return 0
     rows = []
     for hem in (True, False):
         with torch.device(device):
@@ -94,5 +164,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label}: block {row['block_ms']:.3f} ms, {row['tokens_per_s']:.0f} tokens/s{extra}")
         for name, ms in row["parts_ms"].items():
             print(f"    {name:<30} {ms:8.3f} ms  {100 * ms / total:5.1f}%")
-    write_json(args.out, {**meta, "results": rows})
+    write_json(args.out, {**meta, "saved": saved, "results": rows})
     return 0

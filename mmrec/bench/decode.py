@@ -5,7 +5,20 @@ The state for a context of L tokens is made at its real shape without an L-token
 (decode cost depends on shapes, not values): an MM-Rec model runs a real forward over
 the last ``L mod chunk_size`` tokens plus one chunk (its state is then exactly the size an
 L-token context gives), a Transformer gets a KV cache of L random keys and values.
-Each step feeds one token per sequence and carries the state, eagerly.
+Each step feeds one token per sequence and carries the state, in one of two modes:
+
+- ``eager``: ``model(token, state=s)``, every kernel launched from Python;
+- ``graph``: ``mmrec.decode.StaticDecoder``, static buffers and one CUDA graph replayed
+  per step, for both models (the Transformer with a preallocated cache of the maximum
+  length, masked past the position, as gpt-fast does). Its attention is timed both
+  through SDPA with that mask and through split-KV matmuls (``--kv-splits``); the
+  ratio is taken against the faster of the two.
+
+What to expect, not a result: at batch 1 a decode step reads the weights (about 2.7 GB
+in bf16 for either 1b model) and, for the Transformer, its whole KV cache (about 6 GB at
+32K context, 24 GB at 128K), while MM-Rec reads a state of a few tens of MB whatever the
+context; so once launches no longer dominate the ratio at 32K is bounded by roughly
+(2.7 + 6) / 2.7, a few x, and grows with the context. Only the measured figures count.
 """
 
 from __future__ import annotations
@@ -16,15 +29,22 @@ from pathlib import Path
 import torch
 
 import mmrec
-from mmrec.bench.common import compare_to_baseline, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
+from mmrec.bench.common import peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
+from mmrec.decode import StaticDecoder
 from mmrec.state import State
+
+WARMUP, REPEAT = 1, 3  # timed calls of `steps` steps each
 
 
 def add_subcommand(commands) -> None:
-    parser = commands.add_parser("decode", help="decode tokens/s and memory at several context lengths", description=__doc__)
+    parser = commands.add_parser("decode", help="decode tokens/s and memory at several context lengths", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=["1b", "transformer-1b"])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--modes", nargs="+", choices=["eager", "graph"], default=["eager", "graph"])
+    parser.add_argument("--kv-splits", type=int, nargs="+", default=[0, 16],
+                        help="Transformer attention in graph mode: 0 = SDPA with a mask, n = split-KV matmuls in n blocks")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per repeat")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -32,12 +52,12 @@ def add_subcommand(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def state_at(model: mmrec.LanguageModel, batch: int, context: int, steps: int, device: torch.device) -> State:
-    """A state of the shape a ``context``-token prefix leaves."""
+def state_at(model: mmrec.LanguageModel, batch: int, context: int, room: int, device: torch.device) -> State:
+    """A state of the shape a ``context``-token prefix leaves (a Transformer's cache with
+    ``room`` free entries after it)."""
     config = model.config
     if config.arch == "transformer":
-        # a preallocated cache with room for the timed steps, as a serving stack would have
-        shape = (batch, config.n_heads, context + 8 * steps, config.head_dim)
+        shape = (batch, config.n_heads, context + room, config.head_dim)
         dtype = model.embed.weight.dtype
         layers = [{"k": torch.randn(shape, device=device, dtype=dtype), "v": torch.randn(shape, device=device, dtype=dtype)}
                   for _ in range(config.n_layers)]
@@ -50,43 +70,85 @@ def state_at(model: mmrec.LanguageModel, batch: int, context: int, steps: int, d
 
 
 @torch.no_grad()
-def decode_once(model, batch, context, steps, device) -> dict:
-    state = state_at(model, batch, context, steps, device)
+def decode_once(model, batch, context, steps, device, mode, kv_splits=0) -> dict:
+    steps_run = (WARMUP + REPEAT) * steps
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-    reset_peak_memory(device)
+    if mode == "eager":
+        # a preallocated cache with room for the timed steps, as a serving stack would have
+        state = state_at(model, batch, context, 8 * steps, device)
+        state_bytes = state.nbytes()
+        reset_peak_memory(device)
 
-    def decode():
-        s = state
-        for _ in range(steps):
-            s = model(token, state=s).state
+        def decode():
+            s = state
+            for _ in range(steps):
+                s = model(token, state=s).state
+    else:
+        state = state_at(model, batch, context, 0, device)
+        decoder = StaticDecoder(model, state, max_length=context + steps_run, kv_splits=kv_splits)
+        del state  # the decoder holds its own buffers
+        state_bytes = decoder.nbytes()
+        reset_peak_memory(device)
 
-    ms = time_ms(decode, device, warmup=1, repeat=3)
+        def decode():
+            for _ in range(steps):
+                decoder.step(token)
+
+    ms = time_ms(decode, device, warmup=WARMUP, repeat=REPEAT)
     return {"tokens_per_s": batch * steps / ms * 1e3, "ms_per_step": ms / steps, "peak_gib": peak_memory_gib(device),
-            "state_gib": state.nbytes() / 2**30}
+            "state_gib": state_bytes / 2**30}
+
+
+def compare(rows: list[dict]) -> None:
+    """Each MM-Rec row's speed and memory relative to the fastest Transformer row of the
+    same mode, batch and context."""
+    key = lambda r: (r["mode"], r["batch"], r["context"])  # noqa: E731
+    best: dict = {}
+    for r in rows:
+        if r["arch"] == "transformer" and "tokens_per_s" in r and r["tokens_per_s"] > best.get(key(r), {}).get("tokens_per_s", 0):
+            best[key(r)] = r
+    for r in rows:
+        other = best.get(key(r))
+        if r["arch"] == "transformer" or other is None or "tokens_per_s" not in r:
+            continue
+        r["speedup_vs_transformer"] = r["tokens_per_s"] / other["tokens_per_s"]
+        r["transformer_attention"] = other["attention"]
+        if r.get("peak_gib") and other.get("peak_gib"):
+            r["memory_vs_transformer"] = r["peak_gib"] / other["peak_gib"]
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
+    if "graph" in args.modes and device.type != "cuda":
+        print("note: no CUDA device, so graph mode runs the static step without a graph")
     meta = {**run_metadata(), "dtype": args.dtype, "steps": args.steps}
     rows = []
     for recipe in args.recipes:
         with torch.device(device):
             model = mmrec.build(recipe).to(getattr(torch, args.dtype)).eval()
-        for batch in args.batches:
-            for context in args.contexts:
-                row = {"recipe": recipe, "arch": model.config.arch, "batch": batch, "context": context}
-                record(rows, row, lambda: decode_once(model, batch, context, args.steps, device), device)
+        transformer = model.config.arch == "transformer"
+        for mode in args.modes:
+            variants = args.kv_splits if (mode == "graph" and transformer) else [0]
+            for batch in args.batches:
+                for context in args.contexts:
+                    for splits in variants:
+                        attention = ("sdpa" if splits == 0 else f"split{splits}") if transformer else "-"
+                        row = {"recipe": recipe, "arch": model.config.arch, "mode": mode, "attention": attention,
+                               "batch": batch, "context": context}
+                        record(rows, row, lambda: decode_once(model, batch, context, args.steps, device, mode, splits), device)
         del model
         reset_peak_memory(device)
-    compare_to_baseline(rows, ("batch", "context"), lambda r: r["arch"] == "transformer", "transformer")
-    print(f"\n{meta['device']}, {args.dtype}, eager, {args.steps} steps")
-    print(f"{'recipe':<16} {'batch':>5} {'context':>8} {'tokens/s':>10} {'peak GiB':>9} {'state GiB':>9} {'vs Transformer':>15}")
+    compare(rows)
+    print(f"\n{meta['device']}, {args.dtype}, {args.steps} steps")
+    print(f"{'recipe':<16} {'mode':<6} {'attn':<8} {'batch':>5} {'context':>8} {'tokens/s':>10} {'ms/step':>8} "
+          f"{'peak GiB':>9} {'state GiB':>9} {'vs Transformer':>15}")
     for r in rows:
+        head = f"{r['recipe']:<16} {r['mode']:<6} {r['attention']:<8} {r['batch']:>5} {r['context']:>8}"
         if "error" in r:
-            print(f"{r['recipe']:<16} {r['batch']:>5} {r['context']:>8} {r['error']:>10}")
+            print(f"{head} {r['error']:>10}")
             continue
         ratio = f"{r['speedup_vs_transformer']:.2f}x" if "speedup_vs_transformer" in r else ""
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['recipe']:<16} {r['batch']:>5} {r['context']:>8} {r['tokens_per_s']:>10.0f} {peak:>9} {r['state_gib']:>9.3f} {ratio:>15}")
+        print(f"{head} {r['tokens_per_s']:>10.0f} {r['ms_per_step']:>8.2f} {peak:>9} {r['state_gib']:>9.3f} {ratio:>15}")
     write_json(args.out, {**meta, "results": rows})
     return 0

@@ -66,22 +66,26 @@ class HDSMemory(nn.Module):
     def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Pool each complete chunk into the slots. ``k``, ``v``: ``[B, n, C, banks*dim]``.
 
-        Returns the update's ``(keep, written)``, both ``[B, n, banks, M, dim]`` in float32
-        (float64 for float64 inputs).
+        Returns the update's ``keep = 1 - β`` ``[banks, B, M, n]`` and ``written = β ⊙ w``
+        ``[banks, B, M, n, dim]`` (a strided view), in float32 (float64 for float64 inputs):
+        bank-major, so that the read projects each bank's memories in one matmul.
         """
         batch = k.shape[0]
         keys = rearrange(k, "b n c (m d) -> (b n) m c d", m=self.banks)
         values = rearrange(v, "b n c (m d) -> (b n) m c d", m=self.banks)
         queries = repeat(self.slot_queries.to(k.dtype), "m s d -> bn m s d", bn=keys.shape[0])
         pooled = nn.functional.scaled_dot_product_attention(queries, keys, values)
+        pooled = rearrange(pooled, "(b n) m s d -> m b s n d", b=batch)  # a view
         acc = accumulation_dtype(k.dtype)
-        pooled = rearrange(pooled, "(b n) m s d -> b n m s d", b=batch).to(acc)
-        gate_logit = torch.einsum("bnmsd,md->bnms", pooled, self.write_gate.to(acc)) + self.write_gate_bias.to(acc)
-        beta = torch.sigmoid(gate_logit).unsqueeze(-1)
-        return (1 - beta).expand_as(pooled), beta * pooled
+        # elementwise and a sum, not a matmul, so that a compiled backward recomputes the
+        # float32 copy of the pooled slots instead of storing it
+        gate_logit = (pooled.to(acc) * self.write_gate.to(acc)[:, None, None, None, :]).sum(-1)
+        beta = torch.sigmoid(gate_logit + self.write_gate_bias.to(acc)[:, None, :, None])
+        return 1 - beta, beta.unsqueeze(-1) * pooled  # the product saves the pooled slots in k's dtype
 
     def hierarchy(self, memory: Tensor) -> Tensor:
-        """HDS levels of ``[..., M, dim]`` slots, concatenated along the slot axis."""
+        """HDS levels of ``[..., M, width]`` slots (or their keys or values), concatenated
+        along the slot axis."""
         levels = [
             memory if level == 0 else memory.unflatten(-2, (self.slots // LEVEL_POOL[level], LEVEL_POOL[level])).mean(-2)
             for level in self.levels
@@ -112,32 +116,123 @@ class HDSMemory(nn.Module):
         if pending:
             k = torch.cat([state["pending_k"].to(k.dtype), k], dim=1)
             v = torch.cat([state["pending_v"].to(v.dtype), v], dim=1)
-        memory = state["memory"].to(accumulation_dtype(k.dtype)).reshape(batch, -1)
+        memory = state["memory"].to(accumulation_dtype(k.dtype))  # [B, banks, M, dim]
         total = pending + length  # positions counted from the start of the pending chunk
         n_full = total // chunk_size
+        banks, slots, dim = self.banks, self.slots, self.dim
 
-        # write every complete chunk; the update over chunks is one scan
-        memories = memory.unsqueeze(1)  # memories[:, c]: the memory chunk c reads
+        # memories[:, :, :, c]: the memory chunk c reads, [banks, B, M, n_full + 1, dim].
+        # Every complete chunk is written and the update over chunks is one scan, one row
+        # per (bank, sequence, slot); its first step (keep 0) puts the starting memory in
+        # place, so the scan's output is every memory read, with no copy after it.
+        memories = memory.transpose(0, 1).unsqueeze(3)
         if n_full:
             chunked = lambda x: rearrange(x[:, : n_full * chunk_size], "b (n c) d -> b n c d", c=chunk_size)  # noqa: E731
             keep, written = self.write(chunked(k), chunked(v))
-            after, _ = linear_scan(keep.reshape(batch, n_full, -1), written.reshape(batch, n_full, -1), memory)
-            memories = torch.cat([memories, after], dim=1)
+            keep = torch.cat([keep.new_zeros(banks, batch, slots, 1), keep], dim=-1)
+            written = torch.cat([memories, written], dim=3)
+            rows = banks * batch * slots
+            # keep is broadcast over the slot width: a stride-0 view the scan reads in place
+            memories, _ = linear_scan(keep.view(rows, n_full + 1, 1).expand(-1, -1, dim), written.view(rows, n_full + 1, dim))
+            memories = memories.view(banks, batch, slots, n_full + 1, dim)
 
-        # read: the token at position t reads memories[:, t // chunk_size]
+        # read: the token at position t reads memories[:, :, :, t // chunk_size]
         n_read = -(-total // chunk_size)
-        if n_read == 1:
-            queries = q  # every new token is in one chunk (always so when decoding)
+        if n_read == 1 or (not pending and total == n_read * chunk_size):
+            queries = q  # whole chunks (always so when decoding or training on multiples of C)
         else:
             queries = nn.functional.pad(q, (0, 0, pending, n_read * chunk_size - total))
         queries = rearrange(queries, "b (n c) d -> (b n) c d", n=n_read)
-        slots = memories[:, :n_read].reshape(batch * n_read, self.banks, self.slots, self.dim)
-        context = rearrange(self.read(queries, self.hierarchy(slots), dropout), "(b n) c d -> b (n c) d", b=batch)
+        # project the slots to keys and values before pooling the HDS levels (both are
+        # linear, so they commute): the levels are then pooled at the narrower head width
+        read_slots = memories[:, :, :, :n_read].to(q.dtype).reshape(banks, batch * slots * n_read, dim)
+        keys, values = (
+            self.hierarchy(rearrange(x, "m (b s n) e -> (b n) m s e", b=batch, n=n_read)) for x in self.read.project(read_slots)
+        )
+        context = rearrange(self.read.attend(queries, keys, values, dropout), "(b n) c d -> b (n c) d", b=batch)
         if n_read > 1:
             context = context[:, pending:total]
         next_state = {
-            "memory": memories[:, n_full].view(batch, self.banks, self.slots, self.dim),
+            "memory": memory if not n_full else memories[:, :, :, n_full].transpose(0, 1).contiguous(),
             "pending_k": k[:, n_full * chunk_size :],
             "pending_v": v[:, n_full * chunk_size :],
         }
         return context, next_state
+
+    # Static decoding (mmrec.decode): one token per step, fixed shapes, buffers updated in
+    # place, so that the step can be captured in a CUDA graph. Pooling a chunk into the
+    # slots is an attention of the slot queries over the chunk, so it is accumulated token
+    # by token with an online softmax (running max, sum and weighted values per slot)
+    # instead of recomputing it over the whole chunk at every step; the gate and update are
+    # the write's, computed every step and kept only where the step completes a chunk.
+
+    def static_state(self, state: dict[str, Tensor] | None, batch: int, chunk_size: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Buffers for static decoding that continue the (eager) ``state``: ``memory``, the
+        pending chunk ``pending_k``/``pending_v`` at its full size ``[B, C, banks*dim]``
+        (kept so that the state can be handed back), and the pooling accumulators."""
+        state = self.initial_state(batch, dtype) if state is None else state
+        acc = accumulation_dtype(dtype)
+        pending = state["pending_k"].shape[1]
+        static = {
+            "memory": state["memory"].to(acc).clone().contiguous(),
+            "pending_k": state["pending_k"].new_zeros(batch, chunk_size, self.key_dim, dtype=dtype),
+            "pending_v": state["pending_v"].new_zeros(batch, chunk_size, self.key_dim, dtype=dtype),
+            "pool_max": self.initial.new_full((batch, self.banks, self.slots), float("-inf"), dtype=acc),
+            "pool_sum": self.initial.new_zeros(batch, self.banks, self.slots, dtype=acc),
+            "pool_acc": self.initial.new_zeros(batch, self.banks, self.slots, self.dim, dtype=acc),
+        }
+        if pending:
+            static["pending_k"][:, :pending] = state["pending_k"]
+            static["pending_v"][:, :pending] = state["pending_v"]
+            self._pool(static, state["pending_k"], state["pending_v"])
+        return static
+
+    @staticmethod
+    def eager_state(static: dict[str, Tensor], pending: int) -> dict[str, Tensor]:
+        """The eager state equal to ``static`` with ``pending`` tokens in the chunk in progress."""
+        return {
+            "memory": static["memory"].clone(),
+            "pending_k": static["pending_k"][:, :pending].clone(),
+            "pending_v": static["pending_v"][:, :pending].clone(),
+        }
+
+    def _pool(self, static: dict[str, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Fold ``n`` more tokens (``k``, ``v``: ``[B, n, banks*dim]``) into the online softmax
+        of the slot queries; writes the accumulators when ``static`` is given in full and
+        returns the new ``(max, sum, acc)``."""
+        acc = static["pool_acc"].dtype
+        keys = rearrange(k.to(acc), "b n (m d) -> b m n d", m=self.banks)
+        values = rearrange(v.to(acc), "b n (m d) -> b m n d", m=self.banks)
+        scores = torch.einsum("msd,bmnd->bmsn", self.slot_queries.to(acc), keys) * self.dim**-0.5  # SDPA's scale
+        new_max = torch.maximum(static["pool_max"], scores.amax(-1))
+        rescale = torch.exp(static["pool_max"] - new_max)  # 0 while the max is still -inf
+        weights = torch.exp(scores - new_max.unsqueeze(-1))
+        new_sum = static["pool_sum"] * rescale + weights.sum(-1)
+        new_acc = static["pool_acc"] * rescale.unsqueeze(-1) + torch.einsum("bmsn,bmnd->bmsd", weights, values)
+        static["pool_max"].copy_(new_max)
+        static["pool_sum"].copy_(new_sum)
+        static["pool_acc"].copy_(new_acc)
+        return new_max, new_sum, new_acc
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, static: dict[str, Tensor], position: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One token: ``q`` ``[B, 1, d_model]``, ``k``, ``v`` ``[B, 1, banks*dim]``; ``position``:
+        the token's index in the sequence, a 0-dim int64 tensor. Updates ``static`` in place,
+        without host synchronisation; returns the read context ``[B, 1, d_model]``."""
+        index = position.remainder(chunk_size)
+        memory = static["memory"]
+        context = self.read(q, self.hierarchy(memory))  # the memory before this chunk
+        static["pending_k"].index_copy_(1, index.view(1), k.to(static["pending_k"].dtype))
+        static["pending_v"].index_copy_(1, index.view(1), v.to(static["pending_v"].dtype))
+        _, pool_sum, pool_acc = self._pool(static, k, v)
+        # the write of the chunk so far, as `write` + the update compute it for a complete chunk
+        pooled = pool_acc / pool_sum.unsqueeze(-1)
+        acc = pooled.dtype
+        gate_logit = torch.einsum("bmsd,md->bms", pooled, self.write_gate.to(acc)) + self.write_gate_bias.to(acc)
+        beta = torch.sigmoid(gate_logit).unsqueeze(-1)
+        complete = index == chunk_size - 1
+        memory.copy_(torch.where(complete, (1 - beta) * memory + beta * pooled, memory))
+        # a complete chunk starts the next one empty
+        static["pool_max"].masked_fill_(complete, float("-inf"))
+        static["pool_sum"].masked_fill_(complete, 0.0)
+        static["pool_acc"].masked_fill_(complete, 0.0)
+        return context, static

@@ -6,7 +6,7 @@ weights small, so ``γ ≈ γ_0`` at initialisation: one ``decay_init`` for ever
 seeds' 0.99), or a range ``(low, high)`` over which the channels' time constants
 ``1 / (1 - γ_0)`` are spread evenly in log scale, so that some channels start short-range
 and others long-range. Returned as ``log γ`` (float32), which is exact where ``γ`` itself
-would round to 1 or 0.
+would round to 1 or 0; only the logits, in the activations' dtype, are kept for backward.
 """
 
 from __future__ import annotations
@@ -55,5 +55,21 @@ class MDI(nn.Module):
         """``z``: ``[B, T, d_model]``, ``k``: ``[B, T, d_context]`` -> ``log γ`` ``[B, T, d_model]``."""
         decay_logit = self.decay(z) + self.decay_bias
         context_logit = self.context(k) + self.context_bias
-        acc = accumulation_dtype(z.dtype)
-        return nn.functional.logsigmoid(decay_logit.to(acc)) + nn.functional.logsigmoid(context_logit.to(acc))
+        return LogSigmoidSum.apply(decay_logit, context_logit)
+
+
+class LogSigmoidSum(torch.autograd.Function):
+    """``log σ(x) + log σ(y)`` in float32 (float64 for float64) that saves only ``x`` and
+    ``y`` for backward, not their float32 copies."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
+        ctx.save_for_backward(x, y)
+        acc = accumulation_dtype(x.dtype)
+        return nn.functional.logsigmoid(x.to(acc)) + nn.functional.logsigmoid(y.to(acc))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = ctx.saved_tensors
+        # d log σ(x) / dx = σ(-x)
+        return (grad * torch.sigmoid(-x.to(grad.dtype))).to(x.dtype), (grad * torch.sigmoid(-y.to(grad.dtype))).to(y.dtype)

@@ -27,17 +27,29 @@ class MemoryAttention(nn.Module):
         nn.init.normal_(self.key, std=self.init_std)
         nn.init.normal_(self.value, std=self.init_std)
 
+    def project(self, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[banks, N, head_dim]`` of ``slots`` ``[banks, N, slot_dim]``."""
+        weights = torch.cat([self.key, self.value], dim=-1).to(slots.dtype)  # one matmul for both
+        return torch.bmm(slots, weights).chunk(2, dim=-1)
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, dropout: float = 0.0) -> Tensor:
+        """``q``: ``[N, L, n_heads * head_dim]``; ``keys``, ``values``: ``[N, banks, S, head_dim]``.
+
+        The banks are shared by their groups of query heads inside the attention
+        (``enable_gqa``), never repeated in memory. Returns ``[N, L, n_heads * head_dim]``.
+        """
+        queries = rearrange(q, "n l (h e) -> n h l e", h=self.n_heads)
+        out = nn.functional.scaled_dot_product_attention(
+            queries, keys, values, dropout_p=dropout, enable_gqa=self.n_heads != self.banks
+        )
+        return rearrange(out, "n h l e -> n l (h e)")
+
     def forward(self, q: Tensor, slots: Tensor, dropout: float = 0.0) -> Tensor:
         """``q``: ``[N, L, n_heads * head_dim]`` queries; ``slots``: ``[N, banks, S, slot_dim]``.
 
         Returns ``[N, L, n_heads * head_dim]``; N is any batch (e.g. batch x chunks).
         """
-        slots = slots.to(q.dtype)
-        keys = torch.einsum("nbsd,bde->nbse", slots, self.key.to(q.dtype))
-        values = torch.einsum("nbsd,bde->nbse", slots, self.value.to(q.dtype))
-        groups = self.n_heads // self.banks
-        keys = keys.repeat_interleave(groups, dim=1)  # [N, n_heads, S, head_dim]
-        values = values.repeat_interleave(groups, dim=1)
-        queries = rearrange(q, "n l (h e) -> n h l e", h=self.n_heads)
-        out = nn.functional.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout)
-        return rearrange(out, "n h l e -> n l (h e)")
+        n, banks, s, _ = slots.shape
+        keys, values = self.project(slots.to(q.dtype).transpose(0, 1).reshape(banks, n * s, -1))
+        keys, values = (rearrange(x, "m (n s) e -> n m s e", n=n) for x in (keys, values))
+        return self.attend(q, keys, values, dropout)

@@ -82,11 +82,15 @@ class MMRecBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out, self.ffn.down]
 
-    def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int = 0) -> tuple[Tensor, dict, Tensor | None]:
+    def forward(
+        self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int | Tensor = 0
+    ) -> tuple[Tensor, dict, Tensor | None]:
         """``x``: ``[B, T, d_model]`` -> ``(x, state, aux_loss)``.
 
         ``state`` (from the previous call) carries the recurrence's last ``h`` (``[B, d]``,
         float32) and the memory's state, so a sequence fed in pieces gives what one pass gives.
+        A ``position`` tensor marks a static decode step (one token, ``state`` from
+        ``mmrec.decode``): the memory's buffers are then updated in place.
         """
         state = state or {}
         u = self.norm(x)
@@ -94,7 +98,10 @@ class MMRecBlock(nn.Module):
         log_decay = self.mdi(p["z"], p["k"])  # log γ, float32
         h, h_last = self.recurrence(p["z"], log_decay, p.get("g"), state.get("h"))
         dropout = self.dropout_p if self.training else 0.0
-        context, memory_state = self.memory(p["q"], p["k"], p["v"], self.chunk_size, state.get("memory"), dropout)
+        if isinstance(position, Tensor):  # a static decode step (mmrec.decode): buffers updated in place
+            context, memory_state = self.memory.step(p["q"], p["k"], p["v"], self.chunk_size, state["memory"], position)
+        else:
+            context, memory_state = self.memory(p["q"], p["k"], p["v"], self.chunk_size, state.get("memory"), dropout)
         h = self.state_norm(h.to(x.dtype))
         x = x + self.dropout(self.out(h + context))
         x = x + self.ffn(self.ffn_norm(x))

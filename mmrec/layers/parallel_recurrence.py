@@ -1,7 +1,9 @@
 """The ``parallel`` gated recurrence: ``h_t = γ_t ⊙ h_{t-1} + σ(g_t) ⊙ z_t``.
 
 The input gate ``g`` reads the block input, not the state, so the recurrence is linear
-in ``h`` and the scan op solves it in parallel over time. State in float32.
+in ``h`` and the scan op solves it in parallel over time. State in float32; the gated
+input ``σ(g) ⊙ z`` in the activations' dtype, and the decay enters the scan as ``log γ``
+(the scan forms ``γ`` itself, so no float32 ``γ`` is stored for backward).
 """
 
 from __future__ import annotations
@@ -27,6 +29,5 @@ class ParallelRecurrence(nn.Module):
 
     def forward(self, z: Tensor, log_decay: Tensor, gate: Tensor | None, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``z``, ``gate``: ``[B, T, D]``; ``log_decay``: ``log γ`` ``[B, T, D]``; ``h0``: ``[B, D]``."""
-        acc = log_decay.dtype
-        inputs = torch.sigmoid(gate.to(acc)) * z.to(acc)
-        return linear_scan(log_decay.exp(), inputs, h0)
+        inputs = torch.sigmoid(gate) * z
+        return linear_scan(log_decay, inputs, h0, log_space=True)

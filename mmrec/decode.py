@@ -1,0 +1,171 @@
+"""Static decoding: a single-token step with fixed shapes, replayed as a CUDA graph.
+
+Eager decoding (``model(token, state=s)``) launches every kernel from Python, and MM-Rec's
+pending chunk grows token by token, so on a GPU each step is bound by launch overhead
+rather than by its work. ``StaticDecoder`` keeps the state in preallocated buffers that
+every step updates in place, with the position in a device tensor:
+
+- MM-Rec: per layer the recurrence's ``h``, the memory, the chunk in progress at its full
+  size ``[B, chunk_size, banks*dim]`` and the chunk's pooling into the slots so far (an
+  online softmax, so a step costs O(slots) for the write, not O(chunk)); the step that
+  completes a chunk writes it to the memory, selected by ``torch.where``, never a branch
+  (``HDSMemory.step``);
+- Transformer: a KV cache of the maximum length, written at the position, attended over
+  in full with the entries past the position masked, as gpt-fast does.
+
+A step then never changes shape nor waits for the host, and on CUDA it is captured once
+in a CUDA graph (``torch.cuda.CUDAGraph``) and replayed per token. On CPU the same step
+runs eagerly, which is how the tests check it against the eager path. ::
+
+    decoder = StaticDecoder(model, model(prompt).state, max_length=4096)
+    logits = decoder.step(next_token)   # [B, vocab]: a buffer that the next step overwrites
+    state = decoder.state()             # an ordinary State: continue eagerly, or save it
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmrec.layers.attention import static_cache
+from mmrec.state import State, _map
+
+__all__ = ["StaticDecoder", "supports_static"]
+
+CACHE_ROUND = 256  # a Transformer's static cache holds a multiple of this many entries
+
+
+def supports_static(model) -> bool:
+    """Whether ``model``'s blocks have a static decode step (the built-in architectures;
+    an MM-Rec model only with a memory that has one, such as ``hds``), and the model is not
+    sharded: a sharded model gathers its weights in forward hooks, with collectives that
+    have no place in a captured step."""
+    config = getattr(model, "config", None)
+    if config is None or _sharded(model):
+        return False
+    if config.arch == "transformer":
+        return True
+    return config.arch == "mmrec" and all(hasattr(block.memory, "step") for block in model.blocks)
+
+
+def _sharded(model) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class StaticDecoder:
+    """Single-token decode steps of ``model`` continuing ``state``, in static buffers.
+
+    ``max_length``: the most tokens (context included) a Transformer's cache must hold;
+    MM-Rec needs none. ``cuda_graph``: capture the step in a CUDA graph (default: on a
+    CUDA model). ``kv_splits > 0``: a Transformer attends by split-KV matmuls instead of
+    SDPA (see ``mmrec.layers.attention.split_kv_attention``).
+    """
+
+    def __init__(self, model, state: State, max_length: int | None = None, cuda_graph: bool | None = None, kv_splits: int = 0):
+        if not supports_static(model):
+            raise ValueError(f"no static decode step for this model (arch {model.config.arch!r})")
+        state.check_compatible(model.config_json)
+        self.model = model
+        self.length = state.position  # on the host, so that no step has to ask the device
+        self.capacity = None
+        config, batch = model.config, state.batch_size
+        if config.arch == "transformer":
+            if max_length is None:
+                raise ValueError("a Transformer's static KV cache needs max_length")
+            self.capacity = -(-max(max_length, state.position + 1) // CACHE_ROUND) * CACHE_ROUND
+            self.layers = [static_cache(layer, state.position, self.capacity, kv_splits) for layer in state.layers]
+        else:
+            self.layers = [
+                {"h": layer["h"].clone(),
+                 "memory": block.memory.static_state(layer["memory"], batch, config.chunk_size, layer["memory"]["pending_k"].dtype)}
+                for block, layer in zip(model.blocks, state.layers)
+            ]
+        device = model.embed.weight.device
+        self.position = torch.tensor(state.position, device=device)  # int64, advanced by every step
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the step's input
+        self.graph, self.logits = None, None
+        if device.type == "cuda" if cuda_graph is None else cuda_graph:
+            self._capture()
+
+    @torch.no_grad()
+    def _step(self) -> Tensor:
+        """The step itself: ``self.token`` ``[B, 1]`` -> logits ``[B, vocab]``, state in place."""
+        x = self.model.embed(self.token)
+        for block, layer in zip(self.model.blocks, self.layers):
+            x, new, _ = block(x, layer, False, self.position)
+            _write_back(layer, new)
+        self.position += 1
+        return self.model.head(self.model.norm(x))[:, -1]
+
+    def _capture(self) -> None:
+        snapshot, position = [_map(layer, _clone) for layer in self.layers], self.position.clone()
+        # warm up on a side stream (Triton compiles, cuBLAS picks its kernels), as the
+        # PyTorch docs prescribe, then undo what the warm-up steps did to the state
+        stream = torch.cuda.Stream(self.position.device)
+        stream.wait_stream(torch.cuda.current_stream(self.position.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.position.device).wait_stream(stream)
+        for layer, saved in zip(self.layers, snapshot):
+            _write_back(layer, saved)
+        self.position.copy_(position)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    @torch.no_grad()
+    def step(self, token: Tensor) -> Tensor:
+        """Feed ``token`` ``[B, 1]``; returns the next logits ``[B, vocab]`` (with a CUDA graph,
+        a buffer that the next step overwrites: copy what must be kept)."""
+        if self.capacity is not None and self.length >= self.capacity:
+            raise ValueError(f"the static KV cache is full ({self.capacity} tokens): make the decoder with a larger max_length")
+        self.token.copy_(token)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._step()
+        self.length += 1
+        return logits
+
+    def state(self) -> State:
+        """The state after the steps so far, as the eager path gives it (a copy)."""
+        if self.model.config.arch == "transformer":
+            layers = [{name: layer[name][:, :, : self.length].clone() for name in ("k", "v")} for layer in self.layers]
+        else:
+            pending = self.length % self.model.config.chunk_size
+            layers = [{"h": layer["h"].clone(), "memory": block.memory.eager_state(layer["memory"], pending)}
+                      for block, layer in zip(self.model.blocks, self.layers)]
+        return State(layers, self.length, self.model.config_json)
+
+    def nbytes(self) -> int:
+        """Bytes of the static state buffers."""
+        return sum(t.numel() * t.element_size() for t in _tensors(self.layers))
+
+
+def _clone(value):
+    return value.clone() if isinstance(value, Tensor) else value
+
+
+def _tensors(tree):
+    for value in (tree.values() if isinstance(tree, dict) else tree):
+        if isinstance(value, (dict, list)):
+            yield from _tensors(value)
+        elif isinstance(value, Tensor):
+            yield value
+
+
+def _write_back(buffers: dict, new: dict) -> None:
+    """Copy the tensors of ``new`` that are not already ``buffers``' own into them."""
+    for key, value in new.items():
+        if value is buffers[key]:
+            continue
+        if isinstance(value, dict):
+            _write_back(buffers[key], value)
+        elif isinstance(value, Tensor):
+            buffers[key].copy_(value)
