@@ -4,7 +4,10 @@
 it joins the process group (NCCL on CUDA, one GPU per process at ``cuda:LOCAL_RANK``; gloo
 on CPU) and shards the model with ``torch.distributed.fsdp.fully_shard``: each block, then
 the root (embedding, final norm, head). Activation checkpointing and ``torch.compile`` of
-each block are set before sharding, as torchtitan does. On CUDA with bf16 compute the
+each block are set before sharding, as torchtitan does. The model is built on the meta
+device and sharded there; each process then allocates only its shards (``to_empty``)
+and ``LanguageModel.reset_parameters(seed)`` fills them with its part of the weights one
+process would draw. On CUDA with bf16 compute the
 policy is ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: sharded
 fp32 master weights, bf16 all-gathers and compute, fp32 gradient reduction. The recipe's
 autocast stays on as in one process, so what autocast computes in fp32 still is; unlike
@@ -34,6 +37,7 @@ __all__ = [
     "barrier",
     "clip_grad_norm",
     "env_world_size",
+    "gather_floats",
     "init",
     "is_distributed",
     "is_main",
@@ -106,10 +110,14 @@ def teardown() -> None:
 
 def shard_model(model: nn.Module, device: torch.device, *, param_dtype: torch.dtype | None = None,
                 compile: bool = False, activation_checkpointing: bool = False) -> nn.Module:
-    """Shard ``model`` (a ``LanguageModel`` on ``device``, identical on every rank) in place
-    with FSDP2: each of ``model.blocks``, then the root. ``param_dtype`` is the compute
-    dtype of the gathered parameters (``None``: the stored fp32); gradients are reduced in
-    fp32 either way. Build the optimizer after this: sharding replaces the parameters."""
+    """Shard ``model`` (a ``LanguageModel``) in place with FSDP2: each of ``model.blocks``,
+    then the root. ``param_dtype`` is the compute dtype of the gathered parameters
+    (``None``: the stored fp32); gradients are reduced in fp32 either way.
+
+    The model is best built on the meta device, then sharded here, then given memory with
+    ``model.to_empty(device=device)`` and ``model.reset_parameters(seed)``: no process
+    ever holds the whole model. Build the optimizer after that: sharding replaces the
+    parameters."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -122,9 +130,13 @@ def shard_model(model: nn.Module, device: torch.device, *, param_dtype: torch.dt
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)  # the root keeps its parameters gathered for backward
+    last = len(model.blocks) - 1
+    for i, block in enumerate(model.blocks):
+        # each block's bf16 parameters are freed after its forward and gathered again for its
+        # backward, except the last block's, whose backward comes right after its forward
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < last)
+    # the root (embedding, final norm, head) keeps its parameters gathered for the backward
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return model
 
 
@@ -138,6 +150,16 @@ def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
+
+
+def gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's ``values``, in rank order (one all-gather); ``[values]`` in a single process."""
+    if not is_distributed():
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [t.tolist() for t in out]
 
 
 def any_rank(code: int, device: torch.device) -> int:

@@ -7,6 +7,8 @@ their blocks.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -44,19 +46,61 @@ class LanguageModel(nn.Module):
             self.head.weight = self.embed.weight
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) linears and embeddings, residual outputs scaled by depth (GPT-2)."""
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, init_std) linears and embeddings, residual outputs scaled by depth (GPT-2).
+
+        The model is initialised part by part (the embedding, each block, the final norm,
+        the head). With ``seed`` each part draws from its own stream, seeded by ``seed`` and
+        the part's name, and the parameters may be FSDP shards (DTensors): each part is
+        drawn whole on this process's device and every process keeps its own shard, so the
+        weights are the same whatever the number of processes, one included. Without
+        ``seed`` the parts draw from the global RNG in turn. This is the initialisation
+        after ``to_empty`` of a model built on the meta device.
+        """
+        if any(True for _ in self.buffers()):
+            # nothing initialises buffers here: a block that adds one must add its values too
+            raise NotImplementedError("LanguageModel.reset_parameters does not initialise buffers")
+        for name, part in self._parts():
+            if seed is None:
+                self._init_part(part)
+                continue
+            first = next(part.parameters(), None)
+            if first is None:
+                continue
+            device = first.device
+            # the CPU stream always, and this process's GPU's when the part is there
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(_part_seed(seed, name))
+                with _whole_parameters(part):
+                    self._init_part(part)
+
+    def to_empty(self, *, device, recurse: bool = True) -> LanguageModel:
+        super().to_empty(device=device, recurse=recurse)
+        if self.config.tie_embeddings and self.head.weight is not self.embed.weight:
+            self.head.weight = self.embed.weight  # leaving the meta device unties them
+        return self
+
+    def _parts(self):
+        yield "embed", self.embed
+        for i, block in enumerate(self.blocks):
+            yield f"blocks.{i}", block
+        yield "norm", self.norm
+        yield "head", self.head
+
+    def _init_part(self, part: nn.Module) -> None:
         std = self.config.init_std
-        for module in self.modules():
+        for module in part.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if module is not self and hasattr(module, "init_weights"):
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for module in part.modules():
+            if hasattr(module, "init_weights"):
                 module.init_weights()
-        for block in self.blocks:
-            for linear in block.residual_projections():
+        if hasattr(part, "residual_projections"):
+            for linear in part.residual_projections():
                 nn.init.normal_(linear.weight, std=std / math.sqrt(2 * self.config.n_layers))
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
@@ -100,3 +144,36 @@ class LanguageModel(nn.Module):
         logits = self.head(self.norm(x))
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else (logits.new_zeros(()) if return_aux_loss else None)
         return ModelOutput(logits, State(next_states, position + length, self.config_json), aux_loss)
+
+
+def _part_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"mmrec-init:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def _whole_parameters(part: nn.Module):
+    """Inside, the FSDP-sharded parameters (DTensors) of ``part`` are whole, plain tensors
+    on this process's device; on leaving, each process copies its own shard back."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    sharded, whole = {}, {}  # id(parameter) -> the DTensor parameter, its whole stand-in
+    slots = []  # (module, name, DTensor parameter): tied parameters appear once per owner
+    for module in part.modules():
+        for name, p in module._parameters.items():
+            if isinstance(p, DTensor):
+                if id(p) not in whole:
+                    sharded[id(p)] = p
+                    whole[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device),
+                                                requires_grad=False)
+                slots.append((module, name, p))
+                module._parameters[name] = whole[id(p)]
+    try:
+        yield
+    finally:
+        for module, name, p in slots:
+            module._parameters[name] = p
+    for key, p in sharded.items():
+        # Replicate -> the parameter's placements is local slicing, no communication
+        full = distribute_tensor(whole[key].data, p.device_mesh, [Replicate()] * p.device_mesh.ndim, src_data_rank=None)
+        p.to_local().copy_(full.redistribute(p.device_mesh, p.placements).to_local())

@@ -56,6 +56,8 @@ from tqdm import tqdm
 
 import mmrec
 from mmrec import checkpoint as ckpt_io
+from mmrec.bench.common import matmul_tflops
+from mmrec.bench.model import flops_per_token as model_flops_per_token
 from mmrec import distributed
 from mmrec.checkpoint import CheckpointError
 from mmrec.data import (
@@ -102,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override a recipe field, e.g. --set train.lr=3e-4 --set model.n_layers=2")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under <out>/tensorboard")
+    p.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
+                   help="the device's bf16 matmul rate, MFU's denominator (default on CUDA: measured at start)")
     p.add_argument("--export", metavar="CHECKPOINT",
                    help="write a distributed (torchrun) checkpoint, or a run folder's newest, as a single-file "
                         "checkpoint under --out (default <run>/export), then exit")
@@ -232,6 +236,71 @@ def pick_out_dir(args, recipe, resume) -> Path:
     return out
 
 
+class Throughput:
+    """Tokens/s of the whole run (all processes), MFU, and each process's peak GPU memory.
+
+    MFU is the model's training FLOPs per token (``mmrec.bench.model.flops_per_token``:
+    6 x parameters plus the memory's attention terms; activation checkpointing's
+    recomputation is not counted) times tokens/s, over ``peak_tflops`` per device times
+    the number of devices. The summary leaves out the first steps, which compile."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_tflops: float | None, world: int,
+                 device: torch.device, warmup: int = 3):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak_tflops = peak_tflops  # per device
+        self.peak_flops = peak_tflops * 1e12 * world if peak_tflops else None  # all devices together
+        self.device, self.warmup = device, warmup
+        self.seconds: list[float] = []
+        self.peak_gib: list[float] | None = None  # per rank
+        self.reserved_gib: list[float] | None = None
+
+    def step(self, seconds: float) -> dict:
+        self.seconds.append(seconds)
+        speed = {"step_s": seconds, "tokens_per_s": self.tokens_per_step / seconds}
+        if self.peak_flops:
+            speed["mfu"] = self.flops_per_token * speed["tokens_per_s"] / self.peak_flops
+        if self.device.type == "cuda":  # each rank's peak so far, allocated and reserved (a collective)
+            peaks = distributed.gather_floats([torch.cuda.max_memory_allocated(self.device) / 2**30,
+                                               torch.cuda.max_memory_reserved(self.device) / 2**30], self.device)
+            self.peak_gib, self.reserved_gib = [a for a, _ in peaks], [r for _, r in peaks]
+            speed["peak_gib"], speed["peak_reserved_gib"] = self.peak_gib, self.reserved_gib
+        return speed
+
+    @staticmethod
+    def postfix(speed: dict) -> dict:
+        shown = {}
+        if "mfu" in speed:
+            shown["mfu"] = f"{100 * speed['mfu']:.1f}%"
+        if "peak_gib" in speed:
+            shown["mem"] = f"{max(speed['peak_gib']):.1f}G"
+        return shown
+
+    def summary(self) -> dict | None:
+        """Steady-state figures over the steps after the first ``warmup`` (all steps if too few)."""
+        if not self.seconds:
+            return None
+        timed = self.seconds[self.warmup:] if len(self.seconds) > self.warmup else self.seconds
+        out = {"steps_timed": len(timed), "step_s": sum(timed) / len(timed),
+               "tokens_per_s": self.tokens_per_step * len(timed) / sum(timed)}
+        if self.peak_flops:
+            out["mfu"] = self.flops_per_token * out["tokens_per_s"] / self.peak_flops
+            out["peak_tflops"] = self.peak_tflops
+        if self.peak_gib is not None:
+            out["peak_gib"], out["peak_reserved_gib"] = self.peak_gib, self.reserved_gib
+        return out
+
+    @staticmethod
+    def describe(summary: dict) -> str:
+        text = (f"throughput: {summary['tokens_per_s']:,.0f} tokens/s, {summary['step_s']:.3f} s/step "
+                f"(mean of the last {summary['steps_timed']} steps)")
+        if "mfu" in summary:
+            text += f", MFU {100 * summary['mfu']:.1f}%"
+        if "peak_gib" in summary:
+            text += (", peak memory per GPU " + " / ".join(f"{g:.1f}" for g in summary["peak_gib"])
+                     + " GiB allocated, " + " / ".join(f"{g:.1f}" for g in summary["peak_reserved_gib"]) + " reserved")
+        return text
+
+
 # --------------------------------------------------------------------------- setup
 
 
@@ -358,7 +427,11 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as e:
             raise TrainError(str(e)) from None
         try:
-            return train_run(args, device)
+            code = train_run(args, device)
+            # every rank done before any leaves the group: gloo aborts a process whose
+            # group is torn down under it (a failed rank skips this, lest the others wait)
+            distributed.barrier()
+            return code
         finally:
             distributed.teardown()
     return train_run(args, pick_device(args.device))
@@ -411,17 +484,30 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
         val_batches = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
                        for x, y in val_batches]
 
-    # Model, optimizer, schedule; a checkpoint's states replace the fresh ones.
+    # The MFU denominator, measured before the model takes the memory.
+    peak_tflops = args.peak_tflops
+    if peak_tflops is None and device.type == "cuda":
+        peak_tflops = matmul_tflops(device)
+        torch.cuda.empty_cache()
+
+    # Model, optimizer, schedule; a checkpoint's states replace the fresh ones. The model
+    # is built on the meta device (no memory), sharded, then given memory and initialised
+    # in place: the same initial weights whatever the number of processes.
     random.seed(train.seed)
     torch.manual_seed(train.seed)
-    model = mmrec.build(recipe).to(device)  # the same initial weights on every rank
-    n_params = sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        model = mmrec.build(recipe)
+    n_params = model.num_parameters()
+    flops_per_token = model_flops_per_token(model, train.seq_len)
     if sharded:
         distributed.shard_model(model, device, param_dtype=param_dtype_for(device, train.dtype),
                                 compile=train.compile, activation_checkpointing=train.activation_checkpointing)
-        distributed.seed_rank(train.seed, rank)
     else:
         model.set_activation_checkpointing(train.activation_checkpointing)
+    model.to_empty(device=device)
+    model.reset_parameters(seed=train.seed)
+    if sharded:
+        distributed.seed_rank(train.seed, rank)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train)
     step = 0
@@ -467,7 +553,11 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
         return loss
 
     where = f"{world} processes on {device.type} (FSDP)" if sharded else str(device)
+    meter = Throughput(tokens_per_step, flops_per_token, peak_tflops, world, device)
     if main_rank:
+        if peak_tflops is not None:
+            print(f"MFU against {peak_tflops:.4g} TFLOP/s per device "
+                  f"({'given' if args.peak_tflops is not None else 'measured bf16 matmul'})")
         print(f"{recipe.name}: {n_params / 1e6:.2f}M parameters on {where}; "
               f"data {setup.corpus.name}: {len(setup.train_data):,} training and {setup.val_tokens.numel():,} "
               f"validation {tokenizer.kind} tokens (vocabulary {tokenizer.vocab_size}); run folder {out}")
@@ -494,11 +584,11 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
                                    autocast, use_aux, rank, world)
                 step += 1
                 stop.agree()
-                tokens_per_s = tokens_per_step / (time.perf_counter() - started)
+                speed = meter.step(time.perf_counter() - started)
                 log.write({"step": step, **{f"train_{k}": v for k, v in stats.items()}, "train_lr": lr,
-                           "train_tokens_per_s": tokens_per_s, "train_tokens": step * tokens_per_step})
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}",
-                                refresh=False)
+                           **{f"train_{k}": v for k, v in speed.items()}, "train_tokens": step * tokens_per_step})
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{speed['tokens_per_s']:,.0f}", lr=f"{lr:.2e}",
+                                **meter.postfix(speed), refresh=False)
                 bar.update(1)
                 if step % train.eval_every == 0 or step == train.steps:
                     val_loss = validate()
@@ -506,14 +596,17 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
                         f"perplexity {math.exp(min(val_loss, 50)):.2f}")
                     if best_val_loss is None or val_loss < best_val_loss:
                         best_val_loss = val_loss
-                        if train.save_best:
+                        if train.save_best and train.save:
                             say(f"step {step}: lowest validation loss so far, saved {save(step, out / 'best', 1)}")
-                if step % train.save_every == 0 or step == train.steps or stop.requested() is not None:
+                if train.save and (step % train.save_every == 0 or step == train.steps or stop.requested() is not None):
                     say(f"step {step}: saved {save(step)}")
                     saved_step = step
             signum = stop.requested()
         if signum is None and val_loss is None:  # resumed at the last step: evaluate anyway
             val_loss = validate()
+        summary = meter.summary()
+        if summary:
+            log.write({"event": "throughput", **summary})
     except Diverged as e:  # every rank sees the same loss and norm, so every rank stops here
         if main_rank:
             last = ckpt_io.list_checkpoints(out)
@@ -532,6 +625,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
     if signum is not None:
         if main_rank:
             where = (f"checkpoint {ckpt_io.list_checkpoints(out)[-1][1]}" if saved_step
+                     else "no checkpoint (train.save is off)" if not train.save
                      else "no checkpoint (no step had finished)")
             command = (f"torchrun --nproc-per-node N -m mmrec.recipes.train --resume {out} (any N, 1 included)"
                        if sharded else f"python -m mmrec.recipes.train --resume {out}")
@@ -540,6 +634,8 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
         return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
 
     if main_rank:
+        if summary:
+            print(meter.describe(summary))
         print(f"validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f} (step {step}, {out})")
     if train.sample_tokens > 0:  # with several processes every rank runs the sharded model; rank 0 prints
         print_sample(model, tokenizer, setup.val_tokens, recipe, autocast, show=main_rank)

@@ -27,6 +27,7 @@ class TrainConfig(BaseModel):
     eval_batches: PositiveInt = 8
     save_every: PositiveInt = 100
     keep_last: PositiveInt = 3
+    save: bool = Field(True, description="write checkpoints; false writes none at all (e.g. a throughput run)")
     save_best: bool = Field(False, description="also keep the checkpoint of the lowest validation loss in <out>/best")
     seed: int = 1337
     compile: bool = False

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+import mmrec
 from mmrec import distributed
+from mmrec.bench.model import flops_per_token
 from mmrec.checkpoint import load_checkpoint
 from mmrec.data import default_corpus
 from mmrec.recipes import generate as generate_mod
@@ -83,7 +86,8 @@ def runs(tmp_path_factory):
     assert train_mod.main(["--out", str(one), "--data", str(data), *sets()]) == 0
     started = time.perf_counter()
     # activation checkpointing recomputes the same numbers: on here, off in the single process
-    proc = torchrun("--out", str(two), "--data", str(data), *sets("train.activation_checkpointing=true"))
+    proc = torchrun("--out", str(two), "--data", str(data), "--peak-tflops", "0.5",
+                    *sets("train.activation_checkpointing=true"))
     return {"root": root, "data": data, "one": one, "two": two, "proc": proc,
             "seconds": time.perf_counter() - started}
 
@@ -107,6 +111,89 @@ def test_two_processes_train_what_one_trains(runs):
     state = ckpt.trainer_state()
     assert "optimizer" not in state and len(state["rng_per_rank"]) == 2
     assert state["data"]["samples_seen"] == 32
+
+
+def test_throughput_is_logged(runs):
+    """Tokens/s of both processes together, and MFU against the given matmul rate (on CPU
+    nothing is measured, so the single process, given none, logs no MFU)."""
+    two, proc = metrics(runs["two"]), runs["proc"]
+    with torch.device("meta"):
+        model = mmrec.build("tiny", [*TINY, "model.vocab_size=256"])
+    per_token = flops_per_token(model, 64)
+    steps = [r for r in two if "train_loss" in r]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["train_step_s"] > 0
+        assert r["train_tokens_per_s"] == pytest.approx(4 * 64 * 2 / r["train_step_s"])  # the global batch
+        assert r["train_mfu"] == pytest.approx(per_token * r["train_tokens_per_s"] / (2 * 0.5e12))
+        assert "train_peak_gib" not in r  # GPU memory only
+    [summary] = [r for r in two if r.get("event") == "throughput"]
+    assert summary["steps_timed"] == 1 and summary["peak_tflops"] == 0.5  # steps after the first 3
+    assert summary["tokens_per_s"] == pytest.approx(steps[-1]["train_tokens_per_s"])
+    assert proc.stdout.count("throughput: ") == 1 and "MFU against 0.5 TFLOP/s per device (given)" in proc.stdout
+    one = [r for r in metrics(runs["one"]) if "train_loss" in r]
+    assert all("train_tokens_per_s" in r and "train_mfu" not in r for r in one)
+
+
+def _init_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    """One of ``world`` gloo processes: shard a model built on the meta device, give it
+    memory full of NaN, initialise it, and (rank 0) save the gathered weights."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo")
+    try:
+        with torch.device("meta"):
+            model = mmrec.build("tiny", overrides)
+        distributed.shard_model(model, torch.device("cpu"))
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.to_local().fill_(float("nan"))
+        model.reset_parameters(seed=11)
+        shapes = [tuple(p.to_local().shape) for p in model.parameters()]
+        full = {name: p.full_tensor() for name, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"full": full, "shapes": shapes}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_initialisation_is_the_single_process_one(tmp_path):
+    """Each process initialises its shard of the weights one process has: uneven shards
+    (131 vocabulary rows over 2), tied embedding and head."""
+    overrides = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.ffn_dim=48", "model.memory.dim=16",
+                 "model.vocab_size=131", "model.tie_embeddings=true"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "sharded.pt"
+    torch.multiprocessing.spawn(_init_worker, args=(2, port, overrides, str(out)), nprocs=2)
+    got = torch.load(out)
+    assert ((66, 32) in got["shapes"]) and ((65, 32) not in got["shapes"])  # rank 0's half of the embedding
+
+    with torch.device("meta"):
+        model = mmrec.build("tiny", overrides)
+    model.to_empty(device="cpu")
+    model.reset_parameters(seed=11)
+    expected = dict(model.named_parameters())
+    assert got["full"].keys() == expected.keys() and "head.weight" not in expected  # tied: listed once
+    for name, value in expected.items():
+        assert torch.isfinite(got["full"][name]).all() and torch.equal(got["full"][name], value), name
+
+
+def test_the_gpu_run_script_on_cpu(runs):
+    """``tools/fsdp_7b.sh`` with DRY_RUN=1: the tiny recipe on 2 gloo processes, no
+    checkpoint (SAVE=0), metrics and a summary in $OUT."""
+    out, run_dir = runs["root"] / "script-out", runs["root"] / "script-run"
+    env = {**ENV, "DRY_RUN": "1", "OUT": str(out), "RUN_DIR": str(run_dir), "PYTHON": sys.executable,
+           "STEPS": "4", "SKIP_DRY": "1", "SEQ": "32", "DATA": str(runs["data"])}
+    proc = subprocess.run(["bash", str(REPO / "tools" / "fsdp_7b.sh")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4 and summary["steps_timed"] == 3
+    assert summary["loss_last"] < summary["loss_first"] and 0 < summary["mfu"] < 1
+    assert "2 processes: " in proc.stdout and "; loss " in proc.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]  # train.save=false: no checkpoint
 
 
 def test_resume_on_another_number_of_processes(runs, capsys):
@@ -206,3 +293,4 @@ def test_helpers_in_one_process():
     assert distributed.mean_over_ranks([1.5, 2.0], device) == [1.5, 2.0]
     assert distributed.any_rank(15, device) == 15
     assert distributed.all_gather_object("x") == ["x"]
+    assert distributed.gather_floats([1.5, 2.0], device) == [[1.5, 2.0]]
