@@ -74,6 +74,19 @@ class LanguageModel(nn.Module):
                 with _whole_parameters(part):
                     self._init_part(part)
 
+    def parameters_left_to_constructor(self) -> list[str]:
+        """Parameters that ``reset_parameters`` does not set: those held directly by a module
+        that is not a Linear, Embedding or RMSNorm and has no ``init_weights``. They keep
+        their constructor's values, so a model with any cannot be initialised after being
+        built on the meta device."""
+        known = (nn.Linear, nn.Embedding, RMSNorm)
+        return [
+            f"{module_name}.{name}" if module_name else name
+            for module_name, module in self.named_modules()
+            if not isinstance(module, known) and not hasattr(module, "init_weights")
+            for name, _ in module.named_parameters(recurse=False)
+        ]
+
     def to_empty(self, *, device, recurse: bool = True) -> LanguageModel:
         super().to_empty(device=device, recurse=recurse)
         if self.config.tie_embeddings and self.head.weight is not self.embed.weight:

@@ -92,3 +92,32 @@ def test_a_buffer_is_refused():
     model.blocks[0].register_buffer("table", torch.zeros(3))
     with pytest.raises(NotImplementedError, match="buffers"):
         model.reset_parameters(seed=1)
+
+
+class _ConstructorValue(torch.nn.Module):
+    """A plugin-style module whose parameter only its constructor sets."""
+
+    def __init__(self, use_item: bool):
+        super().__init__()
+        start = torch.tensor(0.5).item() if use_item else 0.5  # .item() fails on the meta device
+        self.value = torch.nn.Parameter(torch.full((3,), start))
+
+
+@pytest.mark.parametrize("use_item", [True, False])
+def test_training_builds_for_real_what_meta_init_would_leave_unset(monkeypatch, use_item):
+    from mmrec.recipes import train
+
+    real_build = mmrec.build
+
+    def build(recipe, overrides=None):
+        model = real_build("tiny", SMALL[:1])
+        model.blocks[0].extra = _ConstructorValue(use_item)
+        return model
+
+    assert real_build("tiny", SMALL[:1]).parameters_left_to_constructor() == []
+    monkeypatch.setattr(mmrec, "build", build)
+    model = train.build_model("tiny")
+    assert model.parameters_left_to_constructor() == ["blocks.0.extra.value"]
+    assert not any(p.is_meta for p in model.parameters())
+    model.reset_parameters(seed=0)
+    assert torch.equal(model.blocks[0].extra.value, torch.full((3,), 0.5))

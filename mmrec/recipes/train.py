@@ -449,6 +449,22 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_model(recipe) -> mmrec.LanguageModel:
+    """The recipe's model on the meta device, to be materialised with ``to_empty`` and
+    initialised with ``reset_parameters``; or, where that would leave parameters unset (a
+    plugin variant that computes in its constructor, or sets parameters that
+    ``reset_parameters`` does not know), built for real on the CPU, its constructor's
+    values kept for those parameters."""
+    try:
+        with torch.device("meta"):
+            model = mmrec.build(recipe)
+    except (RuntimeError, NotImplementedError):  # e.g. .item() on a meta tensor
+        return mmrec.build(recipe)
+    if model.parameters_left_to_constructor():
+        return mmrec.build(recipe)
+    return model
+
+
 def param_dtype_for(device: torch.device, dtype: str) -> torch.dtype | None:
     """FSDP's compute dtype for the gathered parameters: bf16 where training computes in
     bf16 on CUDA (fp32 master weights stay sharded), otherwise the stored fp32."""
@@ -491,12 +507,14 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
         torch.cuda.empty_cache()
 
     # Model, optimizer, schedule; a checkpoint's states replace the fresh ones. The model
-    # is built on the meta device (no memory), sharded, then given memory and initialised
-    # in place: the same initial weights whatever the number of processes.
+    # is built on the meta device where it can be (no memory), sharded, then given memory
+    # and initialised in place: the same initial weights whatever the number of processes.
     random.seed(train.seed)
     torch.manual_seed(train.seed)
-    with torch.device("meta"):
-        model = mmrec.build(recipe)
+    model = build_model(recipe)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        model.to(device)
     n_params = model.num_parameters()
     flops_per_token = model_flops_per_token(model, train.seq_len)
     if sharded:
@@ -504,7 +522,8 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
                                 compile=train.compile, activation_checkpointing=train.activation_checkpointing)
     else:
         model.set_activation_checkpointing(train.activation_checkpointing)
-    model.to_empty(device=device)
+    if on_meta:
+        model.to_empty(device=device)
     model.reset_parameters(seed=train.seed)
     if sharded:
         distributed.seed_rank(train.seed, rank)
