@@ -6,16 +6,19 @@ rather than by its work. ``StaticDecoder`` keeps the state in preallocated buffe
 every step updates in place, with the position in a device tensor:
 
 - MM-Rec: per layer the recurrence's ``h``, the memory, the chunk in progress at its full
-  size ``[B, chunk_size, banks*dim]`` and the chunk's pooling into the slots so far (an
-  online softmax, so a step costs O(slots) for the write, not O(chunk)); the step that
-  completes a chunk writes it to the memory, selected by ``torch.where``, never a branch
-  (``HDSMemory.step``);
+  size ``[B, chunk_size, banks*dim]`` and the keys and values the memory read attends
+  over, which change only when a chunk completes (``HDSMemory.step``). The step that
+  completes a chunk also writes it to the memory and recomputes those keys and values
+  (``HDSMemory.complete_chunk``): the host counts the tokens, so it knows which steps
+  those are, and replays a second CUDA graph for them;
 - Transformer: a KV cache of the maximum length, written at the position, attended over
   in full with the entries past the position masked, as gpt-fast does.
 
 A step then never changes shape nor waits for the host, and on CUDA it is captured once
-in a CUDA graph (``torch.cuda.CUDAGraph``) and replayed per token. On CPU the same step
-runs eagerly, which is how the tests check it against the eager path. ::
+in a CUDA graph (``torch.cuda.CUDAGraph``) and replayed per token. ``compile=True``
+compiles each block's step with ``torch.compile`` (fusing its small kernels) before the
+capture. On CPU the same step runs without a graph, which is how the tests check it
+against the eager path. ::
 
     decoder = StaticDecoder(model, model(prompt).state, max_length=4096)
     logits = decoder.step(next_token)   # [B, vocab]: a buffer that the next step overwrites
@@ -45,7 +48,8 @@ def supports_static(model) -> bool:
         return False
     if config.arch == "transformer":
         return True
-    return config.arch == "mmrec" and all(hasattr(block.memory, "step") for block in model.blocks)
+    return config.arch == "mmrec" and all(
+        hasattr(block.memory, "step") and hasattr(block.memory, "complete_chunk") for block in model.blocks)
 
 
 def _sharded(model) -> bool:
@@ -60,18 +64,21 @@ class StaticDecoder:
     """Single-token decode steps of ``model`` continuing ``state``, in static buffers.
 
     ``max_length``: the most tokens (context included) a Transformer's cache must hold;
-    MM-Rec needs none. ``cuda_graph``: capture the step in a CUDA graph (default: on a
-    CUDA model). ``kv_splits > 0``: a Transformer attends by split-KV matmuls instead of
-    SDPA (see ``mmrec.layers.attention.split_kv_attention``).
+    MM-Rec needs none. ``cuda_graph``: capture the steps in CUDA graphs (default: on a
+    CUDA model). ``compile``: run each block's step through ``torch.compile`` (``True``,
+    or the name of a ``torch.compile`` mode without CUDA graphs of its own, such as
+    ``"max-autotune-no-cudagraphs"``). ``kv_splits > 0``: a Transformer attends by
+    split-KV matmuls instead of SDPA (see ``mmrec.layers.attention.split_kv_attention``).
     """
 
-    def __init__(self, model, state: State, max_length: int | None = None, cuda_graph: bool | None = None, kv_splits: int = 0):
+    def __init__(self, model, state: State, max_length: int | None = None, cuda_graph: bool | None = None,
+                 kv_splits: int = 0, compile: bool | str = False):
         if not supports_static(model):
             raise ValueError(f"no static decode step for this model (arch {model.config.arch!r})")
         state.check_compatible(model.config_json)
         self.model = model
         self.length = state.position  # on the host, so that no step has to ask the device
-        self.capacity = None
+        self.capacity, self.chunk_size = None, None
         config, batch = model.config, state.batch_size
         if config.arch == "transformer":
             if max_length is None:
@@ -79,6 +86,7 @@ class StaticDecoder:
             self.capacity = -(-max(max_length, state.position + 1) // CACHE_ROUND) * CACHE_ROUND
             self.layers = [static_cache(layer, state.position, self.capacity, kv_splits) for layer in state.layers]
         else:
+            self.chunk_size = config.chunk_size
             self.layers = [
                 {"h": layer["h"].clone(),
                  "memory": block.memory.static_state(layer["memory"], batch, config.chunk_size, layer["memory"]["pending_k"].dtype)}
@@ -87,36 +95,59 @@ class StaticDecoder:
         device = model.embed.weight.device
         self.position = torch.tensor(state.position, device=device)  # int64, advanced by every step
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the step's input
-        self.graph, self.logits = None, None
+        if compile:
+            # one block's step, compiled once and reused by every layer (same code, same shapes)
+            self._block_step = torch.compile(_block_step, mode=None if compile is True else compile)
+        else:
+            self._block_step = _block_step
+        self.graphs, self.logits = {}, {}  # keyed by whether the step completes a chunk
         if device.type == "cuda" if cuda_graph is None else cuda_graph:
             self._capture()
 
+    def _completes_chunk(self) -> bool:
+        """Whether the next step is the last token of a memory chunk."""
+        return self.chunk_size is not None and (self.length + 1) % self.chunk_size == 0
+
     @torch.no_grad()
-    def _step(self) -> Tensor:
-        """The step itself: ``self.token`` ``[B, 1]`` -> logits ``[B, vocab]``, state in place."""
+    def _step(self, complete: bool) -> Tensor:
+        """The step itself: ``self.token`` ``[B, 1]`` -> logits ``[B, vocab]``, state in place;
+        ``complete``: the token is the last of a chunk, which is then written to the memory."""
         x = self.model.embed(self.token)
         for block, layer in zip(self.model.blocks, self.layers):
-            x, new, _ = block(x, layer, False, self.position)
-            _write_back(layer, new)
+            x = self._block_step(block, x, layer, self.position)
+        if complete:  # after every layer has read the memory before this chunk
+            for block, layer in zip(self.model.blocks, self.layers):
+                block.memory.complete_chunk(layer["memory"])
         self.position += 1
         return self.model.head(self.model.norm(x))[:, -1]
 
     def _capture(self) -> None:
+        variants = (False, True) if self.chunk_size is not None else (False,)
         snapshot, position = [_map(layer, _clone) for layer in self.layers], self.position.clone()
-        # warm up on a side stream (Triton compiles, cuBLAS picks its kernels), as the
-        # PyTorch docs prescribe, then undo what the warm-up steps did to the state
-        stream = torch.cuda.Stream(self.position.device)
-        stream.wait_stream(torch.cuda.current_stream(self.position.device))
+        # warm up on a side stream (compiles, cuBLAS picks its kernels), as the PyTorch
+        # docs prescribe, then undo what the warm-up steps did to the state
+        device = self.position.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(self.position.device).wait_stream(stream)
+                for complete in variants:
+                    self._step(complete)
+        torch.cuda.current_stream(device).wait_stream(stream)
         for layer, saved in zip(self.layers, snapshot):
             _write_back(layer, saved)
         self.position.copy_(position)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        pool = None  # the graphs never run at once, so they share one memory pool
+        for complete in variants:
+            self.graphs[complete] = graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[complete] = self._step(complete)
+            pool = graph.pool()
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The CUDA graph of an ordinary step (``None`` without CUDA graphs)."""
+        return self.graphs.get(False)
 
     @torch.no_grad()
     def step(self, token: Tensor) -> Tensor:
@@ -125,11 +156,12 @@ class StaticDecoder:
         if self.capacity is not None and self.length >= self.capacity:
             raise ValueError(f"the static KV cache is full ({self.capacity} tokens): make the decoder with a larger max_length")
         self.token.copy_(token)
-        if self.graph is not None:
-            self.graph.replay()
-            logits = self.logits
+        complete = self._completes_chunk()
+        if self.graphs:
+            self.graphs[complete].replay()
+            logits = self.logits[complete]
         else:
-            logits = self._step()
+            logits = self._step(complete)
         self.length += 1
         return logits
 
@@ -138,7 +170,7 @@ class StaticDecoder:
         if self.model.config.arch == "transformer":
             layers = [{name: layer[name][:, :, : self.length].clone() for name in ("k", "v")} for layer in self.layers]
         else:
-            pending = self.length % self.model.config.chunk_size
+            pending = self.length % self.chunk_size
             layers = [{"h": layer["h"].clone(), "memory": block.memory.eager_state(layer["memory"], pending)}
                       for block, layer in zip(self.model.blocks, self.layers)]
         return State(layers, self.length, self.model.config_json)
@@ -146,6 +178,13 @@ class StaticDecoder:
     def nbytes(self) -> int:
         """Bytes of the static state buffers."""
         return sum(t.numel() * t.element_size() for t in _tensors(self.layers))
+
+
+def _block_step(block, x: Tensor, layer: dict, position: Tensor) -> Tensor:
+    """One block's static step: ``x`` ``[B, 1, d]`` -> ``[B, 1, d]``, ``layer``'s buffers in place."""
+    x, new, _ = block(x, layer, False, position)
+    _write_back(layer, new)
+    return x
 
 
 def _clone(value):

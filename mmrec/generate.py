@@ -3,8 +3,9 @@
 The prompt runs through the model once; every new token is then a single-token step that
 carries the model's ``State``. For MM-Rec that state has a fixed size, so each token
 costs the same whatever the context length; a Transformer carries its KV cache. On a GPU
-the steps run through ``mmrec.decode.StaticDecoder``: static buffers, one CUDA graph
-replayed per token, the same logits as the eager step.
+the steps run through ``mmrec.decode.StaticDecoder``: static buffers, CUDA graphs
+replayed per token (one more for the steps that complete a memory chunk), the same logits
+as the eager step.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def generate(
     seed: int | None = None,
     state=None,
     cuda_graph: bool | None = None,
+    compile: bool | str = False,
 ) -> torch.LongTensor:
     """Continue ``prompt_ids`` (``[T]`` or ``[B, T]``, at least one token) by
     ``max_new_tokens`` sampled tokens; returns prompt and continuation, same rank as the
@@ -53,7 +55,8 @@ def generate(
     ``cuda_graph``: decode with the static step (``mmrec.decode.StaticDecoder``), captured
     in a CUDA graph on a GPU; on CPU ``True`` runs the same static step without a graph.
     ``None`` (default): on for a CUDA model that has a static step (not sharded), outside
-    autocast."""
+    autocast. ``compile``: the static step's ``compile`` option (``torch.compile`` each
+    block's step: a slower start, for long generations)."""
     if prompt_ids.dim() not in (1, 2) or prompt_ids.size(-1) == 0:
         raise ValueError("prompt_ids must be a non-empty [T] or [B, T] tensor of token ids")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -88,7 +91,7 @@ def generate(
             if static:  # one token through the static buffers
                 if decoder is None:
                     end = out.state.position + max_new_tokens
-                    decoder = StaticDecoder(model, out.state, max_length=end, cuda_graph=device.type == "cuda")
+                    decoder = StaticDecoder(model, out.state, max_length=end, cuda_graph=device.type == "cuda", compile=compile)
                     out = None  # the eager state is in the decoder's buffers now
                 logits = decoder.step(nxt)
             else:  # one token, carrying the state

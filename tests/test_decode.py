@@ -5,6 +5,7 @@ import torch
 
 import mmrec
 from mmrec.decode import StaticDecoder, supports_static
+from mmrec.decode import _block_step as plain_block_step
 from mmrec.state import State
 from tests.helpers import rel_err
 
@@ -38,7 +39,14 @@ def test_hds_memory_step_equals_forward():
     with torch.no_grad():
         expected, end = memory(q[:, 3:], k[:, 3:], v[:, 3:], chunk, start)
         static = memory.static_state(start, batch, chunk, torch.float64)
-        got = [memory.step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], chunk, static, torch.tensor(t))[0] for t in range(3, length)]
+        got = []
+        for t in range(3, length):  # crosses three chunk boundaries
+            got.append(memory.step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], chunk, static, torch.tensor(t))[0])
+            if t % chunk == chunk - 1:
+                memory.complete_chunk(static)
+            # the cached keys and values are the ones of the memory now
+            for cached, fresh in zip((static["keys"], static["values"]), memory.read_keys_values(static["memory"], torch.float64)):
+                assert torch.equal(cached, fresh)
     assert rel_err(torch.cat(got, 1), expected) < 1e-12
     handed_back = memory.eager_state(static, length % chunk)
     assert rel_err(handed_back["memory"], end["memory"]) < 1e-12
@@ -56,6 +64,52 @@ def test_static_steps_equal_one_pass(arch, extra, prompt):
         steps = static_logits(decoder, ids[:, prompt:])
     assert decoder.length == ids.shape[1] and int(decoder.position) == ids.shape[1]
     assert rel_err(steps, whole[:, prompt:]) < 1e-12
+
+
+class _Replayer:
+    """Stands in for a captured CUDA graph on CPU: replaying runs the step it was made for."""
+
+    def __init__(self, decoder, complete):
+        self.decoder, self.complete = decoder, complete
+
+    def replay(self):
+        self.decoder.replays.append((self.decoder.length, self.complete))
+        self.decoder.logits[self.complete] = self.decoder._step(self.complete)
+
+
+@pytest.mark.parametrize("prompt", [3, 7])
+def test_chunk_completing_steps_replay_their_own_graph(prompt):
+    model = toy()
+    ids = torch.randint(0, 50, (3, prompt + 23))
+    with torch.no_grad():
+        whole = model(ids).logits
+        decoder = StaticDecoder(model, model(ids[:, :prompt]).state, cuda_graph=False)
+        decoder.graphs = {complete: _Replayer(decoder, complete) for complete in (False, True)}
+        decoder.replays = []
+        steps = static_logits(decoder, ids[:, prompt:])
+    # the token at position p completes a chunk when p % 7 == 6: three times here
+    assert decoder.replays == [(p, p % 7 == 6) for p in range(prompt, ids.shape[1])]
+    assert sum(complete for _, complete in decoder.replays) == 3
+    assert rel_err(steps, whole[:, prompt:]) < 1e-12
+    for block, layer in zip(model.blocks, decoder.layers):  # the cached keys and values are the memory's
+        fresh = block.memory.read_keys_values(layer["memory"]["memory"], torch.float64)
+        assert rel_err(layer["memory"]["keys"], fresh[0]) < 1e-12 and rel_err(layer["memory"]["values"], fresh[1]) < 1e-12
+
+
+def test_compiled_static_steps_equal_eager_static_steps():
+    from torch._dynamo.utils import counters
+
+    for arch in ("mmrec", "transformer"):
+        compiled_frames = counters["frames"]["ok"]
+        model = toy(arch, dtype=torch.float32)
+        ids = torch.randint(0, 50, (3, 26))
+        with torch.no_grad():
+            state = model(ids[:, :5]).state
+            plain = static_logits(StaticDecoder(model, state, max_length=26, cuda_graph=False), ids[:, 5:])
+            decoder = StaticDecoder(model, state, max_length=26, cuda_graph=False, compile=True)
+            compiled = static_logits(decoder, ids[:, 5:])  # crosses three chunk boundaries
+        assert decoder._block_step is not plain_block_step and counters["frames"]["ok"] > compiled_frames  # it did compile
+        assert rel_err(compiled, plain) < 1e-5, arch
 
 
 def test_split_kv_attention_equals_sdpa():
@@ -184,6 +238,22 @@ def test_cuda_graph_replays_equal_eager_steps(recipe, overrides):
 
 
 @cuda
+@pytest.mark.parametrize("recipe,overrides", [("tiny", []), ("transformer-tiny", []), ("1b", ["model.n_layers=2"])])
+def test_cuda_graph_of_compiled_steps_equals_uncompiled(recipe, overrides):
+    model = mmrec.build(recipe, overrides).cuda().eval()
+    chunk = getattr(model.config, "chunk_size", 64)
+    ids = torch.randint(0, model.config.vocab_size, (3, 2 * chunk + 9), device="cuda")
+    prompt = chunk // 2 + 3
+    with torch.no_grad():
+        state = model(ids[:, :prompt]).state
+        plain = static_logits(StaticDecoder(model, state, max_length=ids.shape[1]), ids[:, prompt:])
+        decoder = StaticDecoder(model, state, max_length=ids.shape[1], compile=True)
+        assert set(decoder.graphs) == ({False, True} if model.config.arch == "mmrec" else {False})
+        compiled = static_logits(decoder, ids[:, prompt:])  # crosses two chunk boundaries
+    assert rel_err(compiled, plain) < 1e-4  # float32
+
+
+@cuda
 def test_cuda_graph_bfloat16_logits_close():
     model = mmrec.build("tiny").cuda().to(torch.bfloat16).eval()
     ids = torch.randint(0, 256, (2, 150), device="cuda")
@@ -213,5 +283,6 @@ def test_decode_benchmark_runs_both_modes_on_cpu(tmp_path):
     assert [(r["arch"], r["mode"], r["attention"]) for r in rows] == [
         ("mmrec", "eager", "-"), ("mmrec", "graph", "-"),
         ("transformer", "eager", "sdpa"), ("transformer", "graph", "sdpa"), ("transformer", "graph", "split4")]
-    assert all(r["tokens_per_s"] > 0 and r["state_gib"] > 0 for r in rows)
+    assert all(r["tokens_per_s"] > 0 and r["state_gib"] > 0 and not r["compiled"] for r in rows)
+    assert rows[1]["chunk_end_ms"] > 0 and rows[1]["step_ms"] > 0
     assert all("speedup_vs_transformer" in r for r in rows if r["arch"] == "mmrec")

@@ -106,7 +106,7 @@ def block_parts(block, x):
     with torch.no_grad():
         u = block.norm(x)
         p = {k: v.detach().requires_grad_() for k, v in block.proj(u).items()}
-        log_decay = block.mdi(p["z"], p["k"]).detach()
+        log_decay = block.log_decay(p["z"], p["k"]).detach()
         h, _ = block.recurrence(p["z"], log_decay, p.get("g"))
         context, _ = block.memory(p["q"], p["k"], p["v"], block.chunk_size)
     h = h.to(x.dtype).detach().requires_grad_()
@@ -116,7 +116,7 @@ def block_parts(block, x):
         return tuple(block.proj(block.norm(x)).values())
 
     def recurrence(z, k, g):
-        return block.recurrence(z, block.mdi(z, k), g)[0]
+        return block.recurrence(z, block.log_decay(z, k), g)[0]
 
     def memory(q, k, v):
         return block.memory(q, k, v, block.chunk_size)[0]

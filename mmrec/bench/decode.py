@@ -12,7 +12,14 @@ Each step feeds one token per sequence and carries the state, in one of two mode
   per step, for both models (the Transformer with a preallocated cache of the maximum
   length, masked past the position, as gpt-fast does). Its attention is timed both
   through SDPA with that mask and through split-KV matmuls (``--kv-splits``); the
-  ratio is taken against the faster of the two.
+  ratio is taken against the faster of the two. ``--compile on`` (or ``both``) also
+  runs each block's step through ``torch.compile`` before the capture, for both models.
+
+An MM-Rec step that completes a memory chunk also writes the chunk to the memory (a
+second CUDA graph in graph mode). Few timed steps complete a chunk (none from the
+default contexts, multiples of the chunk), so in graph mode chunk-completing steps are
+also timed apart (``chunk_end_ms``) and counted once per ``chunk_size`` steps in
+``ms_per_step`` and tokens/s; ``step_ms`` is the other steps' time.
 
 What to expect, not a result: at batch 1 a decode step reads the weights (about 2.7 GB
 in bf16 for either 1b model) and, for the Transformer, its whole KV cache (about 6 GB at
@@ -43,6 +50,8 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--modes", nargs="+", choices=["eager", "graph"], default=["eager", "graph"])
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                        help="graph mode: torch.compile each block's step before the capture (both: time it with and without)")
     parser.add_argument("--kv-splits", type=int, nargs="+", default=[0, 16],
                         help="Transformer attention in graph mode: 0 = SDPA with a mask, n = split-KV matmuls in n blocks")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per repeat")
@@ -70,7 +79,7 @@ def state_at(model: mmrec.LanguageModel, batch: int, context: int, room: int, de
 
 
 @torch.no_grad()
-def decode_once(model, batch, context, steps, device, mode, kv_splits=0) -> dict:
+def decode_once(model, batch, context, steps, device, mode, kv_splits=0, compile=False) -> dict:
     steps_run = (WARMUP + REPEAT) * steps
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     if mode == "eager":
@@ -85,7 +94,7 @@ def decode_once(model, batch, context, steps, device, mode, kv_splits=0) -> dict
                 s = model(token, state=s).state
     else:
         state = state_at(model, batch, context, 0, device)
-        decoder = StaticDecoder(model, state, max_length=context + steps_run, kv_splits=kv_splits)
+        decoder = StaticDecoder(model, state, max_length=context + steps_run, kv_splits=kv_splits, compile=compile)
         del state  # the decoder holds its own buffers
         state_bytes = decoder.nbytes()
         reset_peak_memory(device)
@@ -94,15 +103,27 @@ def decode_once(model, batch, context, steps, device, mode, kv_splits=0) -> dict
             for _ in range(steps):
                 decoder.step(token)
 
-    ms = time_ms(decode, device, warmup=WARMUP, repeat=REPEAT)
-    return {"tokens_per_s": batch * steps / ms * 1e3, "ms_per_step": ms / steps, "peak_gib": peak_memory_gib(device),
+    step_ms = time_ms(decode, device, warmup=WARMUP, repeat=REPEAT) / steps
+    result = {"ms_per_step": step_ms}
+    if mode == "graph" and decoder.chunk_size is not None:
+        chunk = decoder.chunk_size
+
+        def chunk_ends():
+            for _ in range(steps):
+                # the host's count of tokens picks the step; the values do not matter here
+                decoder.length = chunk - 1
+                decoder.step(token)
+
+        chunk_end_ms = time_ms(chunk_ends, device, warmup=WARMUP, repeat=REPEAT) / steps
+        result = {"ms_per_step": ((chunk - 1) * step_ms + chunk_end_ms) / chunk, "step_ms": step_ms, "chunk_end_ms": chunk_end_ms}
+    return {"tokens_per_s": batch / result["ms_per_step"] * 1e3, **result, "peak_gib": peak_memory_gib(device),
             "state_gib": state_bytes / 2**30}
 
 
 def compare(rows: list[dict]) -> None:
     """Each MM-Rec row's speed and memory relative to the fastest Transformer row of the
-    same mode, batch and context."""
-    key = lambda r: (r["mode"], r["batch"], r["context"])  # noqa: E731
+    same mode (compiled or not), batch and context."""
+    key = lambda r: (r["mode"], r["compiled"], r["batch"], r["context"])  # noqa: E731
     best: dict = {}
     for r in rows:
         if r["arch"] == "transformer" and "tokens_per_s" in r and r["tokens_per_s"] > best.get(key(r), {}).get("tokens_per_s", 0):
@@ -129,21 +150,25 @@ def run(args: argparse.Namespace) -> int:
         transformer = model.config.arch == "transformer"
         for mode in args.modes:
             variants = args.kv_splits if (mode == "graph" and transformer) else [0]
-            for batch in args.batches:
-                for context in args.contexts:
-                    for splits in variants:
-                        attention = ("sdpa" if splits == 0 else f"split{splits}") if transformer else "-"
-                        row = {"recipe": recipe, "arch": model.config.arch, "mode": mode, "attention": attention,
-                               "batch": batch, "context": context}
-                        record(rows, row, lambda: decode_once(model, batch, context, args.steps, device, mode, splits), device)
+            compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile] if mode == "graph" else [False]
+            for compiled in compiles:
+                for batch in args.batches:
+                    for context in args.contexts:
+                        for splits in variants:
+                            attention = ("sdpa" if splits == 0 else f"split{splits}") if transformer else "-"
+                            row = {"recipe": recipe, "arch": model.config.arch, "mode": mode, "compiled": compiled,
+                                   "attention": attention, "batch": batch, "context": context}
+                            record(rows, row, lambda: decode_once(model, batch, context, args.steps, device, mode, splits, compiled),
+                                   device)
         del model
         reset_peak_memory(device)
     compare(rows)
     print(f"\n{meta['device']}, {args.dtype}, {args.steps} steps")
-    print(f"{'recipe':<16} {'mode':<6} {'attn':<8} {'batch':>5} {'context':>8} {'tokens/s':>10} {'ms/step':>8} "
+    print(f"{'recipe':<16} {'mode':<13} {'attn':<8} {'batch':>5} {'context':>8} {'tokens/s':>10} {'ms/step':>8} "
           f"{'peak GiB':>9} {'state GiB':>9} {'vs Transformer':>15}")
     for r in rows:
-        head = f"{r['recipe']:<16} {r['mode']:<6} {r['attention']:<8} {r['batch']:>5} {r['context']:>8}"
+        mode = r["mode"] + ("+compile" if r["compiled"] else "")
+        head = f"{r['recipe']:<16} {mode:<13} {r['attention']:<8} {r['batch']:>5} {r['context']:>8}"
         if "error" in r:
             print(f"{head} {r['error']:>10}")
             continue

@@ -132,9 +132,13 @@ class HDSMemory(nn.Module):
             keep = torch.cat([keep.new_zeros(banks, batch, slots, 1), keep], dim=-1)
             written = torch.cat([memories, written], dim=3)
             rows = banks * batch * slots
-            # keep is broadcast over the slot width: a stride-0 view the scan reads in place
-            memories, _ = linear_scan(keep.view(rows, n_full + 1, 1).expand(-1, -1, dim), written.view(rows, n_full + 1, dim))
+            # keep is broadcast over the slot width: a stride-0 view the scan reads in place.
+            # The memories are stored in the activations' dtype (the read casts them to it
+            # anyway, and autograd keeps them); the last one, carried on, in float32.
+            keep = keep.view(rows, n_full + 1, 1).expand(-1, -1, dim)
+            memories, last = linear_scan(keep, written.view(rows, n_full + 1, dim), out_dtype=q.dtype)
             memories = memories.view(banks, batch, slots, n_full + 1, dim)
+            memory = last.view(banks, batch, slots, dim).transpose(0, 1).contiguous()
 
         # read: the token at position t reads memories[:, :, :, t // chunk_size]
         n_read = -(-total // chunk_size)
@@ -153,39 +157,42 @@ class HDSMemory(nn.Module):
         if n_read > 1:
             context = context[:, pending:total]
         next_state = {
-            "memory": memory if not n_full else memories[:, :, :, n_full].transpose(0, 1).contiguous(),
+            "memory": memory,  # float32, after the last complete chunk
             "pending_k": k[:, n_full * chunk_size :],
             "pending_v": v[:, n_full * chunk_size :],
         }
         return context, next_state
 
     # Static decoding (mmrec.decode): one token per step, fixed shapes, buffers updated in
-    # place, so that the step can be captured in a CUDA graph. Pooling a chunk into the
-    # slots is an attention of the slot queries over the chunk, so it is accumulated token
-    # by token with an online softmax (running max, sum and weighted values per slot)
-    # instead of recomputing it over the whole chunk at every step; the gate and update are
-    # the write's, computed every step and kept only where the step completes a chunk.
+    # place, so that the step can be captured in a CUDA graph. The memory changes only when
+    # a chunk completes, so its keys and values (the read's projection of the slots and
+    # their HDS levels) are cached in the state: an ordinary step only records its key and
+    # value in the chunk in progress and attends over the cached ones. The step that
+    # completes a chunk is followed by `complete_chunk` (the decoder replays a second CUDA
+    # graph for it): the write, the update and the new keys and values, once per chunk.
 
     def static_state(self, state: dict[str, Tensor] | None, batch: int, chunk_size: int, dtype: torch.dtype) -> dict[str, Tensor]:
         """Buffers for static decoding that continue the (eager) ``state``: ``memory``, the
-        pending chunk ``pending_k``/``pending_v`` at its full size ``[B, C, banks*dim]``
-        (kept so that the state can be handed back), and the pooling accumulators."""
+        chunk in progress ``pending_k``/``pending_v`` at its full size ``[B, C, banks*dim]``
+        and the memory's keys and values ``[B, banks, S, head_dim]`` (S: slots of all levels)."""
         state = self.initial_state(batch, dtype) if state is None else state
-        acc = accumulation_dtype(dtype)
         pending = state["pending_k"].shape[1]
         static = {
-            "memory": state["memory"].to(acc).clone().contiguous(),
+            "memory": state["memory"].to(accumulation_dtype(dtype)).clone().contiguous(),
             "pending_k": state["pending_k"].new_zeros(batch, chunk_size, self.key_dim, dtype=dtype),
             "pending_v": state["pending_v"].new_zeros(batch, chunk_size, self.key_dim, dtype=dtype),
-            "pool_max": self.initial.new_full((batch, self.banks, self.slots), float("-inf"), dtype=acc),
-            "pool_sum": self.initial.new_zeros(batch, self.banks, self.slots, dtype=acc),
-            "pool_acc": self.initial.new_zeros(batch, self.banks, self.slots, self.dim, dtype=acc),
         }
-        if pending:
-            static["pending_k"][:, :pending] = state["pending_k"]
-            static["pending_v"][:, :pending] = state["pending_v"]
-            self._pool(static, state["pending_k"], state["pending_v"])
+        static["pending_k"][:, :pending] = state["pending_k"]
+        static["pending_v"][:, :pending] = state["pending_v"]
+        static["keys"], static["values"] = self.read_keys_values(static["memory"], dtype)
         return static
+
+    def read_keys_values(self, memory: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The keys and values ``[B, banks, S, head_dim]`` the read attends over for
+        ``memory`` ``[B, banks, M, dim]``, computed as ``forward`` computes them."""
+        batch = memory.shape[0]
+        slots = memory.to(dtype).transpose(0, 1).reshape(self.banks, batch * self.slots, self.dim)
+        return tuple(self.hierarchy(rearrange(x, "m (b s) e -> b m s e", b=batch)) for x in self.read.project(slots))
 
     @staticmethod
     def eager_state(static: dict[str, Tensor], pending: int) -> dict[str, Tensor]:
@@ -196,43 +203,25 @@ class HDSMemory(nn.Module):
             "pending_v": static["pending_v"][:, :pending].clone(),
         }
 
-    def _pool(self, static: dict[str, Tensor], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Fold ``n`` more tokens (``k``, ``v``: ``[B, n, banks*dim]``) into the online softmax
-        of the slot queries; writes the accumulators when ``static`` is given in full and
-        returns the new ``(max, sum, acc)``."""
-        acc = static["pool_acc"].dtype
-        keys = rearrange(k.to(acc), "b n (m d) -> b m n d", m=self.banks)
-        values = rearrange(v.to(acc), "b n (m d) -> b m n d", m=self.banks)
-        scores = torch.einsum("msd,bmnd->bmsn", self.slot_queries.to(acc), keys) * self.dim**-0.5  # SDPA's scale
-        new_max = torch.maximum(static["pool_max"], scores.amax(-1))
-        rescale = torch.exp(static["pool_max"] - new_max)  # 0 while the max is still -inf
-        weights = torch.exp(scores - new_max.unsqueeze(-1))
-        new_sum = static["pool_sum"] * rescale + weights.sum(-1)
-        new_acc = static["pool_acc"] * rescale.unsqueeze(-1) + torch.einsum("bmsn,bmnd->bmsd", weights, values)
-        static["pool_max"].copy_(new_max)
-        static["pool_sum"].copy_(new_sum)
-        static["pool_acc"].copy_(new_acc)
-        return new_max, new_sum, new_acc
-
     def step(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, static: dict[str, Tensor], position: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One token: ``q`` ``[B, 1, d_model]``, ``k``, ``v`` ``[B, 1, banks*dim]``; ``position``:
-        the token's index in the sequence, a 0-dim int64 tensor. Updates ``static`` in place,
-        without host synchronisation; returns the read context ``[B, 1, d_model]``."""
-        index = position.remainder(chunk_size)
+        the token's index in the sequence, a 0-dim int64 tensor. Records ``k``, ``v`` in
+        ``static`` in place, without host synchronisation; returns the read context
+        ``[B, 1, d_model]``. The step of a chunk's last token must be followed by
+        :meth:`complete_chunk`."""
+        index = position.remainder(chunk_size).view(1)
+        static["pending_k"].index_copy_(1, index, k.to(static["pending_k"].dtype))
+        static["pending_v"].index_copy_(1, index, v.to(static["pending_v"].dtype))
+        return self.read.attend(q, static["keys"], static["values"]), static  # the memory before this chunk
+
+    def complete_chunk(self, static: dict[str, Tensor]) -> None:
+        """Write the complete chunk in ``static`` to its memory, in place (``write`` and the
+        update, as ``forward`` does for one chunk), and cache the new keys and values."""
+        keep, written = self.write(static["pending_k"].unsqueeze(1), static["pending_v"].unsqueeze(1))
+        # [banks, B, M, 1] and [banks, B, M, 1, dim] -> the memory's [B, banks, M, dim]
+        keep, written = keep.transpose(0, 1), written.squeeze(3).transpose(0, 1)
         memory = static["memory"]
-        context = self.read(q, self.hierarchy(memory))  # the memory before this chunk
-        static["pending_k"].index_copy_(1, index.view(1), k.to(static["pending_k"].dtype))
-        static["pending_v"].index_copy_(1, index.view(1), v.to(static["pending_v"].dtype))
-        _, pool_sum, pool_acc = self._pool(static, k, v)
-        # the write of the chunk so far, as `write` + the update compute it for a complete chunk
-        pooled = pool_acc / pool_sum.unsqueeze(-1)
-        acc = pooled.dtype
-        gate_logit = torch.einsum("bmsd,md->bms", pooled, self.write_gate.to(acc)) + self.write_gate_bias.to(acc)
-        beta = torch.sigmoid(gate_logit).unsqueeze(-1)
-        complete = index == chunk_size - 1
-        memory.copy_(torch.where(complete, (1 - beta) * memory + beta * pooled, memory))
-        # a complete chunk starts the next one empty
-        static["pool_max"].masked_fill_(complete, float("-inf"))
-        static["pool_sum"].masked_fill_(complete, 0.0)
-        static["pool_acc"].masked_fill_(complete, 0.0)
-        return context, static
+        memory.copy_(keep * memory + written)
+        keys, values = self.read_keys_values(memory, static["keys"].dtype)
+        static["keys"].copy_(keys)
+        static["values"].copy_(values)

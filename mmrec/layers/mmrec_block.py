@@ -23,6 +23,7 @@ from mmrec.layers.norm import RMSNorm
 from mmrec.layers.planning import Planning
 from mmrec.layers.projection import FusedProjection
 from mmrec.layers.variant import Variant
+from mmrec.ops import accumulation_dtype
 
 
 def build_variant(group: str, config: Variant, **kwargs) -> nn.Module:
@@ -82,6 +83,12 @@ class MMRecBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out, self.ffn.down]
 
+    def log_decay(self, z: Tensor, k: Tensor) -> Tensor:
+        """MDI's ``log γ``: in the activations' dtype for a recurrence that takes it so
+        (``narrow_decay``, e.g. the parallel scan), else in the accumulation dtype."""
+        narrow = getattr(self.recurrence, "narrow_decay", False)
+        return self.mdi(z, k, None if narrow else accumulation_dtype(z.dtype))
+
     def forward(
         self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int | Tensor = 0
     ) -> tuple[Tensor, dict, Tensor | None]:
@@ -95,7 +102,7 @@ class MMRecBlock(nn.Module):
         state = state or {}
         u = self.norm(x)
         p = self.proj(u)
-        log_decay = self.mdi(p["z"], p["k"])  # log γ, float32
+        log_decay = self.log_decay(p["z"], p["k"])
         h, h_last = self.recurrence(p["z"], log_decay, p.get("g"), state.get("h"))
         dropout = self.dropout_p if self.training else 0.0
         if isinstance(position, Tensor):  # a static decode step (mmrec.decode): buffers updated in place

@@ -4,10 +4,17 @@ The target (the next token's normalised block input) is detached, so the aux los
 trains the predictor and the state that feeds it, never the target branch (gradient
 isolation). The block returns ``lambda_p * mean squared error``; the model averages it
 over layers.
+
+Only tensors in the activations' dtype are kept for backward: the predictor runs on the
+whole state (a slice ``state[:, :-1]`` would be copied for the matmul's backward) and the
+prediction is sliced after it, and the squared error is averaged in float32 by
+``MeanSquaredError``, which keeps the bf16 prediction and target rather than the two
+float32 copies that ``mse_loss(prediction.float(), target.float())`` keeps.
 """
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -26,7 +33,24 @@ class Planning(nn.Module):
 
     def forward(self, state: Tensor, block_input: Tensor) -> Tensor:
         """``state``, ``block_input``: ``[B, T, D]`` -> scalar loss (0 when T == 1)."""
-        prediction = self.predict(state[:, :-1])
+        prediction = self.predict(state)[:, :-1]  # the last position has nothing to predict
         target = block_input[:, 1:].detach()
-        acc = accumulation_dtype(prediction.dtype)
-        return self.lambda_p * nn.functional.mse_loss(prediction.to(acc), target.to(acc))
+        return self.lambda_p * MeanSquaredError.apply(prediction, target)
+
+
+class MeanSquaredError(torch.autograd.Function):
+    """``mean((x - y)^2)`` accumulated in float32 (float64 for float64), 0 for empty inputs;
+    saves ``x`` and ``y`` in their own dtype and recomputes the difference in backward.
+    ``y`` gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
+        ctx.save_for_backward(x, y)
+        acc = accumulation_dtype(x.dtype)
+        return (x.to(acc) - y.to(acc)).square().sum() / max(x.numel(), 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        x, y = ctx.saved_tensors
+        acc = accumulation_dtype(x.dtype)
+        return ((x.to(acc) - y.to(acc)) * (grad * 2 / max(x.numel(), 1))).to(x.dtype), None

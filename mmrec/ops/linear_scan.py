@@ -16,6 +16,11 @@ Two options run through both ops (forward and backward) on every device:
   ``g_t h_{t-1} a_t``.
 * ``accumulate_fp64``: carry the state (and the adjoint) in float64 whatever the input
   dtype; outputs keep the input dtype. For accuracy tests (the seeds' "DPG").
+* ``out_dtype``: the dtype ``h`` is stored in (default: the inputs'). The state is still
+  accumulated in the accumulation dtype, and ``h_last`` is then returned in it, so a
+  sequence fed in pieces carries its state at full precision. A bf16 ``h`` halves what
+  the forward writes and what autograd keeps for backward; the backward reads it only
+  for ``grad_a = g_t h_{t-1}``, whose relative error is then bf16's (2^-8).
 """
 
 from __future__ import annotations
@@ -80,11 +85,24 @@ def _chunked_scan(a: Tensor, b: Tensor) -> Tensor:
     return h.reshape(batch, n_chunks * CHUNK, dim)[:, :length]
 
 
+def _output_dtypes(a_dtype: torch.dtype, b_dtype: torch.dtype, accumulate_fp64: bool, out_dtype: torch.dtype | None):
+    """dtypes of ``(h, h_last)`` and of the accumulation: the inputs' by default; with
+    ``out_dtype``, ``h`` in it and ``h_last`` in the accumulation dtype."""
+    in_dtype = torch.promote_types(a_dtype, b_dtype)
+    acc = accumulation_dtype(in_dtype, accumulate_fp64)
+    return (in_dtype, in_dtype, acc) if out_dtype is None else (out_dtype, acc, acc)
+
+
 def _scan_cpu(
-    a_in: Tensor, b_in: Tensor, h0: Tensor | None, reverse: bool, log_space: bool = False, accumulate_fp64: bool = False
+    a_in: Tensor,
+    b_in: Tensor,
+    h0: Tensor | None,
+    reverse: bool,
+    log_space: bool = False,
+    accumulate_fp64: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    out_dtype = torch.promote_types(a_in.dtype, b_in.dtype)
-    acc = accumulation_dtype(out_dtype, accumulate_fp64)
+    out_dtype, last_dtype, acc = _output_dtypes(a_in.dtype, b_in.dtype, accumulate_fp64, out_dtype)
     a, b = a_in.to(acc), b_in.to(acc)
     if log_space:
         a = a.exp()
@@ -99,21 +117,27 @@ def _scan_cpu(
     h = h.to(out_dtype).contiguous()
     if h.data_ptr() == b_in.data_ptr():  # T == 1 without h0: the scan had nothing to do
         h = h.clone()
-    return h, h_last.to(out_dtype)
+    return h, h_last.to(last_dtype)
 
 
 @torch.library.custom_op("mmrec::linear_scan", mutates_args=())
 def _linear_scan_op(
-    a: Tensor, b: Tensor, h0: Tensor | None = None, reverse: bool = False, log_space: bool = False, accumulate_fp64: bool = False
+    a: Tensor,
+    b: Tensor,
+    h0: Tensor | None = None,
+    reverse: bool = False,
+    log_space: bool = False,
+    accumulate_fp64: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    return _scan_cpu(a, b, h0, reverse, log_space, accumulate_fp64)
+    return _scan_cpu(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
 
 
 @_linear_scan_op.register_fake
-def _(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False):
-    dtype = torch.promote_types(a.dtype, b.dtype)
+def _(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False, out_dtype=None):
+    h_dtype, last_dtype, _ = _output_dtypes(a.dtype, b.dtype, accumulate_fp64, out_dtype)
     shape = torch.broadcast_shapes(a.shape, b.shape)
-    return a.new_empty(shape, dtype=dtype), a.new_empty((shape[0], shape[2]), dtype=dtype)
+    return a.new_empty(shape, dtype=h_dtype), a.new_empty((shape[0], shape[2]), dtype=last_dtype)
 
 
 @functools.cache
@@ -127,11 +151,11 @@ def _triton_kernels():
 
 
 @_linear_scan_op.register_kernel("cuda")
-def _(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False):
+def _(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False, out_dtype=None):
     kernels = _triton_kernels()
     if kernels is None:
-        return _scan_cpu(a, b, h0, reverse, log_space, accumulate_fp64)
-    return kernels.scan_forward(a, b, h0, reverse, log_space=log_space, accumulate_fp64=accumulate_fp64)
+        return _scan_cpu(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
+    return kernels.scan_forward(a, b, h0, reverse, log_space=log_space, accumulate_fp64=accumulate_fp64, out_dtype=out_dtype)
 
 
 def _initial(h0: Tensor | None, h: Tensor) -> Tensor:
@@ -149,8 +173,9 @@ def _shifted(a: Tensor, h: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Te
 def _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
     # The adjoint g_t = dL/dh_t obeys g_t = a_{t+1} g_{t+1} + grad_h_t: the same
     # recurrence run the other way, with a shifted by one step and grad_h_last entering
-    # where the forward scan ended. Everything runs in the accumulation dtype.
-    acc = accumulation_dtype(h.dtype, accumulate_fp64)
+    # where the forward scan ended. Everything runs in the accumulation dtype of the
+    # inputs (h may be stored narrower, with out_dtype).
+    acc = accumulation_dtype(torch.promote_types(a.dtype, b_dtype), accumulate_fp64)
     gate = a.to(acc).exp() if log_space else a.to(acc)
     h_acc = h.to(acc)
     grad_h = torch.zeros_like(h_acc) if grad_h is None else grad_h.to(acc)
@@ -198,7 +223,7 @@ def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumula
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, h0, reverse, log_space, accumulate_fp64 = inputs
+    a, b, h0, reverse, log_space, accumulate_fp64, _ = inputs
     h, _ = output
     ctx.save_for_backward(a, h, h0)
     ctx.reverse = reverse
@@ -215,7 +240,7 @@ def _backward(ctx, grad_h: Tensor | None, grad_h_last: Tensor | None):
         grad_a, grad_b, grad_h0 = torch.ops.mmrec.linear_scan_backward(
             a, h, grad_h, grad_h_last, h0, reverse, ctx.b_dtype, log_space, fp64
         )
-        return grad_a, grad_b, (grad_h0 if h0 is not None else None), None, None, None
+        return grad_a, grad_b, (grad_h0 if h0 is not None else None), None, None, None, None
     # Double backward: the same formula through differentiable ops.
     if grad_h is None:
         grad_h = torch.zeros_like(h)
@@ -228,7 +253,7 @@ def _backward(ctx, grad_h: Tensor | None, grad_h_last: Tensor | None):
     if h0 is not None:
         first = 0 if not reverse else -1
         grad_h0 = (gate[:, first] * g[:, first]).to(h0.dtype)
-    return grad_a.to(a.dtype), grad_b, grad_h0, None, None, None
+    return grad_a.to(a.dtype), grad_b, grad_h0, None, None, None, None
 
 
 _linear_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -242,6 +267,7 @@ def linear_scan(
     *,
     log_space: bool = False,
     accumulate_fp64: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Solve ``h_t = a_t * h_{t-1} + b_t`` along dim 1 of ``[B, T, D]`` inputs.
 
@@ -250,10 +276,12 @@ def linear_scan(
     ``h0`` (``[B, D]``) is the state before the first step. With ``log_space`` the first
     argument is ``log a`` (``a = exp(log a)`` is never materialised; its gradient is the
     one of ``log a``). Accumulates in float32 for low-precision inputs (float64 for float64,
-    or for any dtype with ``accumulate_fp64``); outputs keep the inputs' dtype.
+    or for any dtype with ``accumulate_fp64``); outputs keep the inputs' dtype, unless
+    ``out_dtype`` is given: then ``h`` is stored in ``out_dtype`` and ``h_last`` is returned
+    in the accumulation dtype.
     """
     if a.dim() != 3 or a.shape != b.shape:
         raise ValueError(f"linear_scan expects a and b of the same [batch, time, dim] shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if h0 is not None and h0.shape != (a.shape[0], a.shape[2]):
         raise ValueError(f"linear_scan expects h0 of shape {(a.shape[0], a.shape[2])}, got {tuple(h0.shape)}")
-    return torch.ops.mmrec.linear_scan(a, b, h0, reverse, log_space, accumulate_fp64)
+    return torch.ops.mmrec.linear_scan(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)

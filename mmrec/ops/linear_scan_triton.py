@@ -26,7 +26,9 @@ backward then also reads ``a_t`` itself (a neighbouring row of the tile it holds
 cache hit) to form the gradient of ``log a``, ``g_t h_{t-1} a_t``.
 
 Inputs may be non-contiguous or broadcast (stride 0): strides go to the kernels and
-nothing is copied. Accumulation is float32 (float64 for float64 inputs, or on request).
+nothing is copied. Accumulation is float32 (float64 for float64 inputs, or on request);
+the stores cast to the outputs' dtypes, so ``h`` may be narrower than the state
+(``out_dtype``) while ``h_last`` keeps the accumulation dtype.
 The launchers take any tensors Triton can address, so with ``TRITON_INTERPRET=1`` they
 run on CPU tensors too, which is how the CPU test suite checks them.
 """
@@ -360,23 +362,27 @@ def scan_forward(
     *,
     log_space: bool = False,
     accumulate_fp64: bool = False,
+    out_dtype: torch.dtype | None = None,
     out: tuple[Tensor, Tensor] | None = None,
     config: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(h, h_last)`` of ``h_t = a_t h_{t-1} + b_t`` along dim 1, as ``mmrec::linear_scan``.
 
     With ``log_space`` ``a`` holds ``log a``. ``out`` takes preallocated ``(h, h_last)``;
-    ``accumulate_fp64`` carries the state in float64 whatever the input dtype. ``config``
-    overrides the tile shape (keys ``G``, ``R``, ``BLOCK_D``, ``num_warps``).
+    ``accumulate_fp64`` carries the state in float64 whatever the input dtype;
+    ``out_dtype`` stores ``h`` in that dtype and ``h_last`` in the accumulation dtype.
+    ``config`` overrides the tile shape (keys ``G``, ``R``, ``BLOCK_D``, ``num_warps``).
     """
     if a.shape != b.shape:
         shape = torch.broadcast_shapes(a.shape, b.shape)
         a, b = a.expand(shape), b.expand(shape)
     batch, length, dim = b.shape
     dtype = a.dtype if a.dtype == b.dtype else torch.promote_types(a.dtype, b.dtype)
+    fp64 = bool(accumulate_fp64 or dtype == torch.float64)
     if out is None:
-        h = torch.empty((batch, length, dim), dtype=dtype, device=b.device)
-        h_last = torch.empty((batch, dim), dtype=dtype, device=b.device)
+        last_dtype = dtype if out_dtype is None else (torch.float64 if fp64 else torch.float32)
+        h = torch.empty((batch, length, dim), dtype=out_dtype or dtype, device=b.device)
+        h_last = torch.empty((batch, dim), dtype=last_dtype, device=b.device)
     else:
         h, h_last = out
     if h.numel() == 0:
@@ -387,8 +393,7 @@ def scan_forward(
         a, b, h0, h, h_last,
         length, dim, (length + tile - 1) // tile,
         *a.stride(), *b.stride(), *_strides2(h0), *h.stride(), *h_last.stride(),
-        HAS_H0=h0 is not None, REVERSE=bool(reverse),
-        ACC_FP64=bool(accumulate_fp64 or dtype == torch.float64), LOG_A=bool(log_space),
+        HAS_H0=h0 is not None, REVERSE=bool(reverse), ACC_FP64=fp64, LOG_A=bool(log_space),
         **cfg,
     )
     return h, h_last
@@ -410,16 +415,19 @@ def scan_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_a, grad_b, grad_h0)`` in one pass, as ``mmrec::linear_scan_backward``.
 
-    ``h`` holds the forward states; ``grad_h`` / ``grad_h_last`` the incoming gradients
-    (either may be None). With ``log_space`` ``a`` holds ``log a`` and ``grad_a`` is the
+    ``h`` holds the forward states (in any dtype: the inputs' or a forward ``out_dtype``);
+    ``grad_h`` / ``grad_h_last`` the incoming gradients (either may be None). With ``log_space`` ``a`` holds ``log a`` and ``grad_a`` is the
     gradient of ``log a``. ``grad_h0`` is an empty tensor when ``h0`` is None.
     """
     batch, length, dim = h.shape
     if a.shape != h.shape:
         a = a.expand(h.shape)
+    b_dtype = b_dtype or h.dtype
+    # the forward's accumulation dtype: from its inputs, not from h (stored narrower with out_dtype)
+    fp64 = bool(accumulate_fp64 or torch.promote_types(a.dtype, b_dtype) == torch.float64)
     if out is None:
         grad_a = torch.empty(h.shape, dtype=a.dtype, device=h.device)
-        grad_b = torch.empty(h.shape, dtype=b_dtype or h.dtype, device=h.device)
+        grad_b = torch.empty(h.shape, dtype=b_dtype, device=h.device)
         grad_h0 = h.new_empty(0) if h0 is None else torch.empty((batch, dim), dtype=h0.dtype, device=h.device)
     else:
         grad_a, grad_b, grad_h0 = out
@@ -437,7 +445,7 @@ def scan_backward(
         *_strides2(grad_h_last), *_strides2(h0),
         *grad_a.stride(), *grad_b.stride(), *(grad_h0.stride() if h0 is not None else (0, 0)),
         HAS_DH=grad_h is not None, HAS_DHL=grad_h_last is not None, HAS_H0=h0 is not None,
-        REVERSE=bool(reverse), ACC_FP64=bool(accumulate_fp64 or h.dtype == torch.float64), LOG_A=bool(log_space),
+        REVERSE=bool(reverse), ACC_FP64=fp64, LOG_A=bool(log_space),
         **cfg,
     )
     return grad_a, grad_b, grad_h0

@@ -85,3 +85,21 @@ def test_config_rejects_slots_that_do_not_pool():
     with pytest.raises(ValueError, match="divisible by 16"):
         HDSMemory.Config(slots=24, levels=[0, 1, 2])
     HDSMemory.Config(slots=24, levels=[0, 1])
+
+
+def test_bfloat16_memories_are_read_narrow_but_carried_in_float32():
+    torch.manual_seed(0)
+    memory64 = HDSMemory(HDSMemory.Config(slots=16, banks=2, dim=5), d_model=12, n_heads=4).double()
+    memory = HDSMemory(HDSMemory.Config(slots=16, banks=2, dim=5), d_model=12, n_heads=4).bfloat16()
+    memory.load_state_dict(memory64.state_dict())
+    q, k, v = (torch.randn(2, 27, w).bfloat16() for w in (12, 10, 10))
+    context, state = memory(q, k, v, chunk_size=6)
+    ref_context, ref_state = memory64(q.double(), k.double(), v.double(), chunk_size=6)
+    assert context.dtype == torch.bfloat16 and state["memory"].dtype == torch.float32
+    assert rel_err(context, ref_context) < 2e-2
+    assert rel_err(state["memory"], ref_state["memory"]) < 2e-2
+    # the carried memory is the float32 state, not the bf16 memories read: pieces give one pass
+    first, mid = memory(q[:, :13], k[:, :13], v[:, :13], 6)
+    second, last = memory(q[:, 13:], k[:, 13:], v[:, 13:], 6, mid)
+    torch.testing.assert_close(torch.cat([first, second], 1), context)
+    assert rel_err(last["memory"], state["memory"]) < 1e-6

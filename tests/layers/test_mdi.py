@@ -34,3 +34,24 @@ def test_decay_range_spreads_time_constants():
     timescales = 1 / (1 - mdi.initial_decay())
     ratios = timescales[1:] / timescales[:-1]
     torch.testing.assert_close(ratios, torch.full_like(ratios, ratios[0].item()))  # even in log scale
+
+
+def test_log_decay_in_the_activations_dtype_or_on_request():
+    """bf16 ``log γ`` is the float32 one rounded once: a relative error of at most 2^-8 of
+    ``log γ``, so ``γ`` is off by a tiny fraction of ``1 - γ`` (time constants barely move)."""
+    torch.manual_seed(0)
+    mdi = MDI(40, 24, decay_init=(0.9, 0.9999)).bfloat16()
+    z, k = torch.randn(3, 11, 40).bfloat16().requires_grad_(), torch.randn(3, 11, 24).bfloat16().requires_grad_()
+    log_gamma, wide = mdi(z, k), mdi(z, k, torch.float32)
+    assert log_gamma.dtype == torch.bfloat16 and wide.dtype == torch.float32
+    log_err = ((log_gamma.double() - wide.double()) / wide.double()).abs().max()
+    assert 0 < log_err <= 2**-8, log_err
+    gamma = wide.double().exp()
+    gamma_err = ((log_gamma.double().exp() - gamma) / (1 - gamma)).abs().max()
+    assert gamma_err < 2**-8, gamma_err
+    # the gradient through the bf16 output is the float32 one's, to bf16 precision
+    probe = torch.randn(wide.shape)
+    got = torch.autograd.grad((log_gamma.float() * probe).sum(), (z, k))
+    want = torch.autograd.grad((wide * probe).sum(), (z, k))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16 and 0 < rel_err(g, w) < 1e-2

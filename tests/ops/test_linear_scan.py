@@ -154,3 +154,47 @@ def test_accumulate_fp64_is_closer_to_the_float64_loop():
     # float64 leaves only the final rounding to float32; float32 rounds at every level
     for err32, err64 in zip(errs[False], errs[True]):
         assert err64 < 1e-7 and 4 * err64 < err32, errs
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("log_space", [False, True])
+def test_out_dtype_stores_h_narrower_and_carries_h_last_at_full_precision(reverse, log_space):
+    # float64 inputs, h stored in float32: h is the float64 state rounded once, h_last float64
+    a, b, h0 = log_inputs(2, 77, 5) if log_space else inputs(2, 77, 5)
+    args = [t.clone().requires_grad_() for t in (a, b, h0)]
+    h, h_last = linear_scan(*args, reverse, log_space=log_space, out_dtype=torch.float32)
+    assert h.dtype == torch.float32 and h_last.dtype == torch.float64
+    ref_args = [t.clone().requires_grad_() for t in (a, b, h0)]
+    ref, ref_last = linear_scan_reference(*ref_args, reverse, log_space=log_space)
+    assert rel_err(h, ref) < 1e-6
+    assert rel_err(h_last, ref_last) < 1e-12
+    weights = torch.randn(2, 77, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    ((h * weights[0]).sum() + (h_last * weights[1]).sum()).backward()
+    ((ref * weights[0].float()).sum() + (ref_last * weights[1]).sum()).backward()
+    for got, want in zip(args, ref_args):
+        assert got.grad.dtype == torch.float64
+        assert rel_err(got.grad, want.grad) < 1e-6  # grad_a reads the float32 h
+
+
+def test_out_dtype_bfloat16_h_with_float32_h_last():
+    log_a, b, h0 = (t.bfloat16() for t in log_inputs(3, 300, 7))
+    h, h_last = linear_scan(log_a, b, h0, log_space=True, out_dtype=torch.bfloat16)
+    ref, ref_last = linear_scan_reference(log_a.double(), b.double(), h0.double(), log_space=True)
+    assert h.dtype == torch.bfloat16 and h_last.dtype == torch.float32
+    assert rel_err(h, ref) < 1e-2
+    assert rel_err(h_last, ref_last) < 1e-5  # not rounded to bf16 (about 2e-3)
+    # pieces carried through h_last give one pass
+    first, mid = linear_scan(log_a[:, :123], b[:, :123], h0, log_space=True, out_dtype=torch.bfloat16)
+    second, last = linear_scan(log_a[:, 123:], b[:, 123:], mid, log_space=True, out_dtype=torch.bfloat16)
+    assert rel_err(torch.cat([first, second], 1), ref) < 1e-2
+    assert rel_err(last, ref_last) < 1e-5
+
+
+def test_out_dtype_opcheck():
+    op = torch.ops.mmrec.linear_scan.default
+    log_a, b, h0 = (t.float().requires_grad_() for t in log_inputs(2, 70, 3))
+    torch.library.opcheck(op, (log_a, b, h0, False, True, False, torch.bfloat16))
+    torch.library.opcheck(op, (log_a.exp().detach().requires_grad_(), b, None, True, False, True, torch.bfloat16))
+    h, _ = linear_scan(log_a.detach(), b.detach(), h0.detach(), log_space=True, out_dtype=torch.bfloat16)
+    bwd = torch.ops.mmrec.linear_scan_backward.default
+    torch.library.opcheck(bwd, (log_a.detach(), h, torch.randn_like(h), torch.randn_like(h0), h0.detach(), False, torch.float32, True, False))

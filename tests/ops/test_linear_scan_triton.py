@@ -106,6 +106,9 @@ def _interpreter_checks() -> None:
         (torch.bfloat16, 21, False, True, "contiguous", True, True, {"log_space": True}),
         (torch.float16, 7, True, False, "contiguous", True, True, {"log_space": True}),
         (torch.float32, 20, False, True, "contiguous", True, True, {"log_space": True, "accumulate_fp64": True}),
+        # h stored narrower than the state (out_dtype), h_last in the accumulation dtype
+        (torch.bfloat16, 21, False, True, "contiguous", True, True, {"log_space": True, "out_dtype": torch.bfloat16}),
+        (torch.float32, 21, True, True, "broadcast", True, True, {"out_dtype": torch.bfloat16}),
     ]
     batch, dim = 2, 20  # 20 channels: a full block and a partial one
     for dtype, length, reverse, with_h0, layout, with_gh, with_ghl, extra in cases:
@@ -113,27 +116,31 @@ def _interpreter_checks() -> None:
         log_space = extra.get("log_space", False)
         a, b = make_inputs(batch, length, dim, dtype, "cpu", gen, layout, log_space)
         h0 = torch.randn(batch, dim, generator=gen).to(dtype) if with_h0 else None
-        tol = TOL[dtype]
+        # with out_dtype: h in it, h_last in the accumulation dtype (float32 here)
+        h_dtype = extra.get("out_dtype", dtype)
+        last_dtype = dtype if "out_dtype" not in extra else torch.float32
+        tols = {"h": TOL[h_dtype], "h_last": TOL[last_dtype], "da": 3 * TOL[h_dtype], "db": TOL[dtype], "dh0": TOL[dtype]}
         ref_h, ref_last = linear_scan_reference(a.double(), b.double(), None if h0 is None else h0.double(), reverse, log_space=log_space)
 
-        out = (torch.full((batch, length, dim), float("nan"), dtype=dtype), torch.full((batch, dim), float("nan"), dtype=dtype))
+        out = (torch.full((batch, length, dim), float("nan"), dtype=h_dtype), torch.full((batch, dim), float("nan"), dtype=last_dtype))
         h, h_last = kernels.scan_forward(a, b, h0, reverse, out=out, **extra)
         errs = {"h": rel_err(h, ref_h), "h_last": rel_err(h_last, ref_last)}
+        bwd_extra = {k: v for k, v in extra.items() if k != "out_dtype"}  # the backward reads h in any dtype
 
-        grad_h = torch.randn(batch, length, dim, generator=gen).to(dtype) if with_gh else None
-        grad_hl = torch.randn(batch, dim, generator=gen).to(dtype) if with_ghl else None
+        grad_h = torch.randn(batch, length, dim, generator=gen).to(h_dtype) if with_gh else None
+        grad_hl = torch.randn(batch, dim, generator=gen).to(last_dtype) if with_ghl else None
         gouts = (
             torch.full((batch, length, dim), float("nan"), dtype=a.dtype),
             torch.full((batch, length, dim), float("nan"), dtype=b.dtype),
             torch.full((batch, dim), float("nan"), dtype=dtype) if with_h0 else torch.empty(0, dtype=dtype),
         )
-        grads = kernels.scan_backward(a, h, grad_h, grad_hl, h0, reverse, b.dtype, out=gouts, **extra)
+        grads = kernels.scan_backward(a, h, grad_h, grad_hl, h0, reverse, b.dtype, out=gouts, **bwd_extra)
         gh_for_ref = grad_h if grad_h is not None else torch.zeros(batch, length, dim)
         refs = reference_grads(a, b, h0, reverse, gh_for_ref, grad_hl, log_space)
         for name, got, ref in zip(("da", "db", "dh0"), grads, refs):
             errs[name] = rel_err(got, ref)
         # grad_a uses the stored (rounded) states, so allow the rounding of h as well
-        bad = {k: v for k, v in errs.items() if v > (3 * tol if k == "da" else tol)}
+        bad = {k: v for k, v in errs.items() if v > tols[k]}
         label = f"{dtype} T={length} reverse={reverse} h0={with_h0} {layout} { {k: v for k, v in extra.items() if k != 'config' or v is not small} }"
         assert not bad, f"{label}: {bad}"
         print(f"ok {label}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
@@ -167,7 +174,7 @@ def _fp64_accumulation_check(kernels) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 15, out
+    assert out.count("ok ") == 17, out
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -275,6 +282,31 @@ def test_cuda_opcheck(reverse):
     h, _ = linear_scan(log_a.detach(), b.detach(), h0.detach(), reverse, log_space=True)
     bwd_args = (log_a.detach(), h, torch.randn_like(h), None, h0.detach(), reverse, torch.float32, True, True)
     torch.library.opcheck(torch.ops.mmrec.linear_scan_backward.default, bwd_args)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,log_space", [(torch.bfloat16, True), (torch.float32, True), (torch.float32, False)])
+def test_cuda_out_dtype(dtype, log_space):
+    """h stored in bf16, h_last in float32, through the op and its autograd, and opcheck."""
+    gen = torch.Generator().manual_seed(9)
+    batch, length, dim = 2, 1000, 200
+    a, b = make_inputs(batch, length, dim, dtype, "cuda", gen, "contiguous", log_space)
+    h0 = torch.randn(batch, dim, generator=gen).to(dtype).cuda()
+    args = [t.requires_grad_() for t in (a, b, h0)]
+    h, h_last = linear_scan(*args, log_space=log_space, out_dtype=torch.bfloat16)
+    assert h.dtype == torch.bfloat16 and h_last.dtype == torch.float32
+    ref_h, ref_last = linear_scan_reference(a.detach().cpu().double(), b.detach().cpu().double(), h0.detach().cpu().double(), log_space=log_space)
+    assert rel_err(h, ref_h) < 1e-2
+    assert rel_err(h_last, ref_last) < 1e-5
+    grad_h = torch.randn(batch, length, dim, generator=gen).bfloat16().cuda()
+    grad_hl = torch.randn(batch, dim, generator=gen).cuda()
+    grads = torch.autograd.grad([h, h_last], args, [grad_h, grad_hl])
+    refs = reference_grads(a, b, h0, False, grad_h, grad_hl, log_space)
+    for name, got, ref in zip(("da", "db", "dh0"), grads, refs):
+        assert got.dtype == dtype
+        assert rel_err(got, ref) < (3e-2 if name == "da" else TOL[dtype]), name  # da reads the bf16 h
+    op_args = (a.detach().requires_grad_(), b.detach().requires_grad_(), h0.detach().requires_grad_(), False, log_space, False, torch.bfloat16)
+    torch.library.opcheck(torch.ops.mmrec.linear_scan.default, op_args)
 
 
 @cuda_only
