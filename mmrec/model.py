@@ -25,7 +25,7 @@ from mmrec.state import State, StateError
 @dataclass
 class ModelOutput:
     logits: Tensor  # [B, T, vocab]
-    state: State  # to continue from: model(next_ids, state=out.state)
+    state: State | None  # to continue from: model(next_ids, state=out.state); None with return_state=False
     aux_loss: Tensor | None = None  # mean planning loss over layers, when asked for
 
 
@@ -123,12 +123,16 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights count once
 
-    def forward(self, input_ids: Tensor, state: State | None = None, return_aux_loss: bool = False) -> ModelOutput:
+    def forward(
+        self, input_ids: Tensor, state: State | None = None, return_aux_loss: bool = False, return_state: bool = True
+    ) -> ModelOutput:
         """``input_ids``: ``[B, T]`` token ids, continuing ``state`` when given.
 
         Feeding a sequence in pieces with the state carried over gives the logits of one
         pass. Without gradients, inputs longer than ``stream_piece`` tokens run in pieces
-        so that activation memory stays bounded.
+        so that activation memory stays bounded. ``return_state=False`` (training and
+        scoring) drops each layer's state as soon as the layer is done: a Transformer's
+        is its whole KV cache, which a training step has no use for.
         """
         if state is not None:
             state.check_compatible(self.config_json)
@@ -141,7 +145,7 @@ class LanguageModel(nn.Module):
                 out = self(input_ids[:, start : start + self.stream_piece], state, return_aux_loss)
                 logits.append(out.logits)
                 state = out.state
-            return ModelOutput(torch.cat(logits, dim=1), state, out.aux_loss)
+            return ModelOutput(torch.cat(logits, dim=1), state if return_state else None, out.aux_loss)
         x = self.embed(input_ids)
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
         position = state.position if state is not None else 0
@@ -151,12 +155,14 @@ class LanguageModel(nn.Module):
                 x, layer_state, aux = checkpoint(block, x, layer_state, return_aux_loss, position, use_reentrant=False)
             else:
                 x, layer_state, aux = block(x, layer_state, return_aux_loss, position)
-            next_states.append(layer_state)
+            if return_state:
+                next_states.append(layer_state)
             if aux is not None:
                 aux_losses.append(aux)
         logits = self.head(self.norm(x))
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else (logits.new_zeros(()) if return_aux_loss else None)
-        return ModelOutput(logits, State(next_states, position + length, self.config_json), aux_loss)
+        next_state = State(next_states, position + length, self.config_json) if return_state else None
+        return ModelOutput(logits, next_state, aux_loss)
 
 
 def _part_seed(seed: int, name: str) -> int:

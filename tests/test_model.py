@@ -129,3 +129,36 @@ def test_compiles_fullgraph_without_graph_breaks():
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def _state_tensors(x):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _state_tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _state_tensors(v)
+    elif torch.is_tensor(x):
+        yield x
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "transformer-tiny"])
+def test_return_state_false_gives_the_same_logits_and_no_state(recipe):
+    torch.manual_seed(0)
+    model = mmrec.build(recipe, ["model.n_layers=2"])
+    ids = torch.randint(0, 256, (2, 150))
+    full = model(ids)
+    lean = model(ids, return_state=False)
+    assert lean.state is None and full.state is not None
+    assert torch.equal(lean.logits, full.logits)
+
+
+def test_mmrec_state_does_not_pin_the_projection():
+    # a view of the chunk in progress would keep the whole [B, T, width] projection alive
+    torch.manual_seed(0)
+    model = mmrec.build("tiny", ["model.n_layers=2"])  # chunk 64: 150 tokens leave 22 pending
+    state = model(torch.randint(0, 256, (2, 150))).state
+    tensors = list(_state_tensors(state.layers))
+    assert any(t.shape[1] == 150 % 64 for t in tensors if t.dim() == 3)
+    for t in tensors:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

@@ -63,7 +63,7 @@ def train_step_once(recipe: str, length: int, args, device: torch.device, peak_t
     ids = torch.randint(0, model.config.vocab_size, (batch, length + 1), device=device)
 
     def step():
-        out = model(ids[:, :-1], return_aux_loss=True)
+        out = model(ids[:, :-1], return_aux_loss=True, return_state=False)
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten()) + out.aux_loss
         loss.backward()
         optimizer.step()

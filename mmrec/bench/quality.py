@@ -60,7 +60,7 @@ def full_validation_loss(run_dir: Path, data: str, device: str) -> dict:
     targets = windows[1:].view(n, train.seq_len)
     total = 0.0
     for start in range(0, n, 64):
-        logits = model(inputs[start : start + 64].to(device)).logits
+        logits = model(inputs[start : start + 64].to(device), return_state=False).logits
         total += F.cross_entropy(logits.flatten(0, 1), targets[start : start + 64].flatten().to(device), reduction="sum").item()
     loss = total / (n * train.seq_len)
     return {"step": checkpoint.step, "parameters": model.num_parameters(), "val_tokens": n * train.seq_len,

@@ -158,8 +158,9 @@ class HDSMemory(nn.Module):
             context = context[:, pending:total]
         next_state = {
             "memory": memory,  # float32, after the last complete chunk
-            "pending_k": k[:, n_full * chunk_size :],
-            "pending_v": v[:, n_full * chunk_size :],
+            # copies (under one chunk): a view would keep the whole projection's storage alive
+            "pending_k": k[:, n_full * chunk_size :].clone(),
+            "pending_v": v[:, n_full * chunk_size :].clone(),
         }
         return context, next_state
 

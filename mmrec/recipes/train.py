@@ -135,7 +135,7 @@ def evaluate(model, batches, device, autocast) -> float:
     total = 0.0
     for x, y in batches:
         with autocast():
-            logits = model(x.to(device)).logits
+            logits = model(x.to(device), return_state=False).logits
         total += lm_loss(logits, y.to(device)).item()
     model.train(was_training)
     return total / len(batches)
@@ -390,7 +390,7 @@ def train_step(forward, model, optimizer, scheduler, data: TokenStream, step: in
         x, y = data.batch((step * train.grad_accum + micro) * train.batch_size + rank * share, share)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
-            result = forward(x, return_aux_loss=use_aux)
+            result = forward(x, return_aux_loss=use_aux, return_state=False)
         loss = lm_loss(result.logits, y)
         total = loss + result.aux_loss if use_aux else loss
         (total / train.grad_accum).backward()
