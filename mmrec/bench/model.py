@@ -50,16 +50,16 @@ def flops_per_token(model: mmrec.LanguageModel, length: int) -> float:
     return dense + config.n_layers * (read + write)
 
 
-def train_step_once(recipe: str, length: int, args, device: torch.device, peak_tflops: float) -> dict:
-    with torch.device(device):
-        model = mmrec.build(recipe, [f"model.max_seq_len={max(length, 2048)}"]).to(torch.bfloat16)
+def time_training_step(model: mmrec.LanguageModel, length: int, tokens_per_step: int, device: torch.device,
+                       compile: bool, steps: int, warmup: int = 3) -> dict:
+    """Time one training step (forward, backward, fused AdamW) on random tokens; each block
+    compiled when ``compile``. Returns batch, ms per step, tokens/s and peak memory."""
     model.train()
-    model.set_activation_checkpointing(length >= args.checkpoint_from)
-    if not args.no_compile:
+    if compile:
         for block in model.blocks:
             block.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    batch = max(1, args.tokens_per_step // length)
+    batch = max(1, tokens_per_step // length)
     ids = torch.randint(0, model.config.vocab_size, (batch, length + 1), device=device)
 
     def step():
@@ -70,11 +70,19 @@ def train_step_once(recipe: str, length: int, args, device: torch.device, peak_t
         optimizer.zero_grad(set_to_none=True)
 
     reset_peak_memory(device)
-    ms = time_ms(step, device, warmup=3, repeat=args.steps)
-    tokens_per_s = batch * length / ms * 1e3
-    mfu = flops_per_token(model, length) * tokens_per_s / (peak_tflops * 1e12)
-    return {"batch": batch, "ms_per_step": ms, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_gib": peak_memory_gib(device),
-            "parameters": model.num_parameters(), "activation_checkpointing": model.activation_checkpointing}
+    ms = time_ms(step, device, warmup=warmup, repeat=steps)
+    return {"batch": batch, "ms_per_step": ms, "tokens_per_s": batch * length / ms * 1e3,
+            "peak_gib": peak_memory_gib(device), "parameters": model.num_parameters()}
+
+
+def train_step_once(recipe: str, length: int, args, device: torch.device, peak_tflops: float) -> dict:
+    with torch.device(device):
+        model = mmrec.build(recipe, [f"model.max_seq_len={max(length, 2048)}"]).to(torch.bfloat16)
+    model.set_activation_checkpointing(length >= args.checkpoint_from)
+    row = time_training_step(model, length, args.tokens_per_step, device, not args.no_compile, args.steps)
+    row["mfu"] = flops_per_token(model, length) * row["tokens_per_s"] / (peak_tflops * 1e12)
+    row["activation_checkpointing"] = model.activation_checkpointing
+    return row
 
 
 def run(args: argparse.Namespace) -> int:

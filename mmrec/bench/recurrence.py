@@ -13,10 +13,10 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import mmrec
-from mmrec.bench.common import peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
+from mmrec.bench.common import record, run_metadata, write_json
+from mmrec.bench.model import time_training_step
 
 KINDS = ("parallel", "exact")
 
@@ -40,25 +40,8 @@ def train_step_once(kind: str, length: int, args, device: torch.device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
         model = mmrec.build(args.recipe, overrides).to(dtype)
-    model.train()
-    if not args.no_compile:
-        for block in model.blocks:
-            block.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    batch = max(1, args.tokens_per_step // length)
-    ids = torch.randint(0, model.config.vocab_size, (batch, length + 1), device=device)
-
-    def step():
-        out = model(ids[:, :-1], return_aux_loss=True, return_state=False)
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten()) + out.aux_loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    reset_peak_memory(device)
-    ms = time_ms(step, device, warmup=args.warmup, repeat=args.steps)
-    return {"batch": batch, "ms_per_step": ms, "tokens_per_s": batch * length / ms * 1e3, "peak_gib": peak_memory_gib(device),
-            "parameters": model.num_parameters(), "dtype": str(dtype).removeprefix("torch.")}
+    row = time_training_step(model, length, args.tokens_per_step, device, not args.no_compile, args.steps, args.warmup)
+    return {**row, "dtype": str(dtype).removeprefix("torch.")}
 
 
 def run(args: argparse.Namespace) -> int:
