@@ -80,9 +80,9 @@ class FIFOMemory(nn.Module):
         context = rearrange(self.read(queries, slots, dropout), "(b n) c d -> b (n c) d", b=batch)
         if n_read > 1:
             context = context[:, pending:total]
-        next_state = {
-            "queue": rearrange(history[:, n_full : n_full + self.slots], "b s m d -> b m s d"),
-            "pending_k": k[:, n_full * chunk_size :],
-            "pending_v": v[:, n_full * chunk_size :],
+        next_state = {  # copies: views would keep the whole history and keys/values alive
+            "queue": rearrange(history[:, n_full : n_full + self.slots], "b s m d -> b m s d").clone(),
+            "pending_k": k[:, n_full * chunk_size :].clone(),
+            "pending_v": v[:, n_full * chunk_size :].clone(),
         }
         return context, next_state
