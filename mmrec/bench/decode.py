@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import mmrec
+from mmrec.bench.plot import plot
 from mmrec.bench.common import peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
 from mmrec.decode import StaticDecoder
 from mmrec.state import State
@@ -58,6 +59,7 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw the results (matplotlib)")
     parser.set_defaults(run=run)
 
 
@@ -175,5 +177,8 @@ def run(args: argparse.Namespace) -> int:
         ratio = f"{r['speedup_vs_transformer']:.2f}x" if "speedup_vs_transformer" in r else ""
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         print(f"{head} {r['tokens_per_s']:>10.0f} {r['ms_per_step']:>8.2f} {peak:>9} {r['state_gib']:>9.3f} {ratio:>15}")
-    write_json(args.out, {**meta, "results": rows})
+    payload = {**meta, "results": rows}
+    write_json(args.out, payload)
+    if args.plot:
+        print(f"wrote {plot(payload, args.plot)}")
     return 0

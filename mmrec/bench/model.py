@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import mmrec
 from mmrec.layers.hds_memory import LEVEL_POOL
+from mmrec.bench.plot import plot
 from mmrec.bench.common import (
     compare_to_baseline, matmul_tflops, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json,
 )
@@ -33,6 +34,7 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw the results (matplotlib)")
     parser.set_defaults(run=run)
 
 
@@ -106,5 +108,8 @@ def run(args: argparse.Namespace) -> int:
         ratio = f"{r['speedup_vs_transformer']:.2f}x" if "speedup_vs_transformer" in r else ""
         peak_mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         print(f"{r['recipe']:<16} {r['length']:>6} {r['batch']:>5} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>5.1f}% {peak_mem:>9} {ratio:>15}")
-    write_json(args.out, {**meta, "results": rows})
+    payload = {**meta, "results": rows}
+    write_json(args.out, payload)
+    if args.plot:
+        print(f"wrote {plot(payload, args.plot)}")
     return 0

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import sys
 import time
@@ -34,6 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from mmrec.bench.common import write_json
+from mmrec.bench.plot import plot
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("fwd", "fwd+bwd")
@@ -53,6 +55,7 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw the results (matplotlib)")
     parser.add_argument("--no-baselines", action="store_true", help="time the op and the copy only")
     parser.add_argument("--sweep", action="store_true", help="also time the kernels' tile configurations")
     parser.add_argument("--sweep-lengths", type=int, nargs="+", help="lengths for --sweep (default: the longest of --lengths)")
@@ -184,10 +187,10 @@ def run(args: argparse.Namespace) -> int:
             graph = "failed" if row["graph_ms"] is None else f"{row['graph_ms']:.3f}"
             print(f"{row['length']:>6} {row['ms']:>9.3f} {row['host_ms']:>7.3f} {graph:>7} {row['fwd_kernel_ms']:>11.3f} "
                   f"{row['bwd_kernel_ms']:>11.3f} {row['bwd_launch_host_ms']:>16.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**meta, "copy": copy, "results": rows, "sweep": sweep}, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    payload = {**meta, "copy": copy, "results": rows, "sweep": sweep}
+    write_json(args.out, payload)
+    if args.plot:
+        print(f"wrote {plot(payload, args.plot)}")
     return 0
 
 

@@ -9,8 +9,9 @@ TOY = ["--lengths", "32", "--tokens-per-step", "64", "--no-compile", "--steps", 
 
 
 def test_model_benchmark_compares_with_the_transformer(tmp_path):
-    out = tmp_path / "model.json"
-    assert main(["model", "--recipes", "tiny", "transformer-tiny", *TOY, "--out", str(out)]) == 0
+    out, chart = tmp_path / "model.json", tmp_path / "model.png"
+    assert main(["model", "--recipes", "tiny", "transformer-tiny", *TOY, "--out", str(out), "--plot", str(chart)]) == 0
+    assert chart.read_bytes().startswith(b"\x89PNG")
     rows = json.loads(out.read_text())["results"]
     assert [r["recipe"] for r in rows] == ["tiny", "transformer-tiny"]
     assert all(r["batch"] == 2 and r["tokens_per_s"] > 0 for r in rows)

@@ -1,0 +1,92 @@
+"""PNG charts of the length-dependent benchmarks, from their JSON (matplotlib).
+
+- ``model``: training tokens/s and peak memory against sequence length, one line per recipe;
+- ``decode``: decode tokens/s and peak memory against context length, one line per
+  recipe, batch and mode;
+- ``scan``: GB/s against sequence length, one line per implementation and pass.
+
+``python -m mmrec.bench model --plot model.png`` draws after the run;
+``python -m mmrec.bench plot model.json decode.json --out-dir charts`` draws from saved
+results. Points a run could not measure (out of memory) are left out of their line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def add_subcommand(commands) -> None:
+    parser = commands.add_parser("plot", help="PNG charts from saved model / decode / scan JSON", description=__doc__)
+    parser.add_argument("results", nargs="+", type=Path, help="JSON written by --out")
+    parser.add_argument("--out-dir", type=Path, default=Path("."), help="where the PNGs go (named after the JSON)")
+    parser.set_defaults(run=run)
+
+
+def kind_of(payload: dict) -> str:
+    """Which benchmark wrote ``payload``, from the fields of its rows."""
+    rows = payload.get("results") or []
+    keys = set().union(*(row.keys() for row in rows)) if rows else set()
+    if {"context", "batch"} <= keys:
+        return "decode"
+    if {"impl", "pass", "GBps"} <= keys:
+        return "scan"
+    if {"recipe", "length", "tokens_per_s"} <= keys:
+        return "model"
+    raise ValueError("no length-dependent results to plot: expected the JSON of `model`, `decode` or `scan`")
+
+
+def _lines(rows: list[dict], label, x: str, y: str) -> dict[str, list[tuple]]:
+    lines = defaultdict(list)
+    for row in rows:
+        if row.get(y) is not None:
+            lines[label(row)].append((row[x], row[y]))
+    return {name: sorted(points) for name, points in lines.items()}
+
+
+def _draw(path: Path, title: str, xlabel: str, rows: list[dict], label, x: str,
+          panels: list[tuple[str, str, bool]]) -> Path:
+    """One panel per ``(ylabel, y field, log y)`` with a measured value; x on a log-2 scale."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no display backend
+
+    panels = [(ylabel, lines, log_y) for ylabel, y, log_y in panels if (lines := _lines(rows, label, x, y))]
+    if not panels:
+        raise ValueError(f"nothing measured to plot in {path.stem}")
+    fig = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
+    for axis, (ylabel, lines, log_y) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for name, points in lines.items():
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        axis.set_xscale("log", base=2)
+        if log_y:
+            axis.set_yscale("log")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot(payload: dict, path: Path) -> Path:
+    """Draw ``payload`` (the JSON of ``model``, ``decode`` or ``scan``) to the PNG ``path``."""
+    kind, rows = kind_of(payload), payload["results"]
+    title = f"{kind}: {payload.get('device', '?')}, {payload.get('date', '')}"
+    memory = ("peak memory (GiB)", "peak_gib", False)
+    if kind == "model":
+        return _draw(path, title, "sequence length", rows, lambda r: r["recipe"], "length",
+                     [("training tokens/s", "tokens_per_s", False), memory])
+    if kind == "decode":
+        label = lambda r: f"{r['recipe']} batch {r['batch']} {r.get('mode', '')}{'+compile' if r.get('compiled') else ''}"  # noqa: E731
+        return _draw(path, title, "context length", rows, label, "context", [("decode tokens/s", "tokens_per_s", True), memory])
+    return _draw(path, title, "sequence length", rows, lambda r: f"{r['impl']} {r['pass']}", "length",
+                 [("GB/s at the byte floor", "GBps", True)])
+
+
+def run(args: argparse.Namespace) -> int:
+    for result in args.results:
+        print(f"wrote {plot(json.loads(result.read_text()), args.out_dir / (result.stem + '.png'))}")
+    return 0
