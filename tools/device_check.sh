@@ -18,17 +18,19 @@ parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests bench)
 for part in "${parts[@]}"; do
     case $part in
     tests)
-        timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/ops/test_linear_scan_triton.py tests/ops/test_gated_rnn.py tests/test_model_cuda.py} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+        # the CUDA tests only (-k cuda): the interpreter tests are CPU work that CI already does
+        timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -k cuda ${TEST_FILES:-tests plugins} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     bench)
         [ -n "${SKIP_SCAN:-}" ] || timeout 120 python3 -m mmrec.bench scan --out "$OUT/scan.json" 2>&1 | tee "$OUT/scan.log" | tail -22
         timeout 60 python3 -m mmrec.bench block --out "$OUT/block.json" 2>&1 | tail -12
-        timeout 120 python3 -m mmrec.bench decode --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -16
+        timeout 240 python3 -m mmrec.bench decode --modes graph --compile both --kv-splits 0 --batches 1 8 16 \
+            --out "$OUT/decode.json" --plot "$OUT/decode.png" 2>&1 | tee "$OUT/decode.log" | grep -v "^{" | tail -30
         [ -n "${SKIP_GATED:-}" ] || timeout 90 python3 -m mmrec.bench gated-rnn --batches 4 16 64 --lengths 512 --out "$OUT/gated_rnn.json" 2>&1 | tail -16 ;;
     quality)
         timeout "${QUALITY_TIMEOUT:-560}" python3 -m mmrec.bench quality --data .data/tinyshakespeare.txt --runs /tmp/quality \
             --set train.compile=true --out "$OUT/quality.json" 2>&1 | tail -8
         cp /tmp/quality/*.log "$OUT/" 2>/dev/null ;;
     model)
-        timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
+        timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
     esac
 done
