@@ -12,11 +12,14 @@ ways to split the work, chosen by ``BLOCK_B`` in the launch config:
 - ``BLOCK_B >= 16``: one program per (block of ``BLOCK_B`` sequences, head). Each step is
   a ``[BLOCK_B, E] @ [E, E]`` product with ``tl.dot`` on the tensor cores, so a large
   batch needs fewer, busier programs. The dot's operands are in ``W``'s dtype: for
-  bf16 / fp16 weights the fp32 state (and, in the backward, the fp32 adjoint) is rounded
-  to that dtype for the product only (the state itself stays fp32, and the products
-  accumulate in fp32); fp32 weights use ``PRECISION`` (``"ieee"`` by default, exact
-  fp32; ``"tf32"`` / ``"tf32x3"`` trade accuracy for speed). Rows past the batch are
-  masked to zero and stay zero.
+  bf16 / fp16 weights the fp32 state (and, in the backward, the fp32 adjoint) enters the
+  product as two 16-bit parts, ``hi + lo`` (``SPLIT``, the default: two dots, about fp32
+  accuracy of the state), or rounded to one (``SPLIT=False``: one dot, about 1e-3);
+  the state itself stays fp32 and the products accumulate in fp32. fp32 weights use
+  ``PRECISION`` (``"ieee"`` by default, exact fp32; ``"tf32"`` / ``"tf32x3"`` trade
+  accuracy for speed). Rows past the batch are masked to zero and stay zero. Under the
+  Triton interpreter (``UPCAST``) the 16-bit operands are multiplied as fp32 values,
+  which gives the same products (its 16-bit ``tl.dot`` does not).
 
 Per step the forward reads ``z_t`` and ``log γ_t`` (issued one step ahead, so the loads
 overlap the arithmetic) and writes ``h_t``. The backward runs the adjoint recurrence the
