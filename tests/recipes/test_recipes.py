@@ -116,3 +116,12 @@ def test_cli_list_and_schema(capsys, tmp_path):
     assert "mmrec.layers.hds_memory:HDSMemory" in out
     main(["schema", "--out", str(tmp_path / "schema.json")])
     assert json.loads((tmp_path / "schema.json").read_text())["title"] == "Recipe"
+
+
+@pytest.mark.parametrize("mmrec_recipe", ["tiny", "small", "1b", "shakespeare-char"])
+def test_each_transformer_baseline_has_its_mmrec_recipes_size(mmrec_recipe):
+    # DESIGN.md: a model is measured against the Transformer baseline of the same size
+    with torch.device("meta"):
+        ours = mmrec.build(mmrec_recipe).num_parameters()
+        baseline = mmrec.build(f"transformer-{mmrec_recipe}").num_parameters()
+    assert abs(baseline - ours) / ours < 0.005, (ours, baseline)
