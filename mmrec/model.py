@@ -174,6 +174,9 @@ def _part_seed(seed: int, name: str) -> int:
 def _whole_parameters(part: nn.Module):
     """Inside, the FSDP-sharded parameters (DTensors) of ``part`` are whole, plain tensors
     on this process's device; on leaving, each process copies its own shard back."""
+    if not torch.distributed.is_available():  # builds without distributed support: nothing is sharded
+        yield
+        return
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
     sharded, whole = {}, {}  # id(parameter) -> the DTensor parameter, its whole stand-in
