@@ -83,5 +83,10 @@ def test_generate_command_from_a_checkpoint(tmp_path, capsys):
     assert first.startswith("The ") and state.is_file()
     assert cli.main(["--checkpoint", str(tmp_path / "run"), "--load-state", str(state), "--prompt", "x",
                      "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    capsys.readouterr()
+    # the compiled static step (on CPU: without a graph), in bfloat16
+    assert cli.main(["--checkpoint", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "5",
+                     "--dtype", "bfloat16", "--compile"]) == 0
+    assert capsys.readouterr().out.startswith("The ")
     assert cli.main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "error:" in capsys.readouterr().err

@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-state", type=Path, help="a state saved with --save-state: the prompt continues it")
     p.add_argument("--save-state", type=Path, help="save the state after the prompt (safetensors)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weights and activations; auto = bfloat16 on CUDA, float32 on CPU")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--eager", action="store_true", help="no static step / CUDA graph: one Python step per token")
+    mode.add_argument("--compile", action="store_true",
+                      help="the static step, torch.compile'd (slower start, faster tokens; also on CPU)")
     return p.parse_args(argv)
 
 
@@ -47,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = load_checkpoint(args.checkpoint)
         model = mmrec.build(str(checkpoint.recipe_file))
         checkpoint.load_model(model)
-        model = model.to(args.device).eval()
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+            args.dtype, torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32)
+        model = model.to(device=args.device, dtype=dtype).eval()
         tokenizer = load_tokenizer(checkpoint.tokenizer, checkpoint.path)
         text = args.prompt if args.prompt is not None else args.prompt_file.read_text(encoding="utf-8")
         ids = torch.tensor(tokenizer.encode(text), dtype=torch.long, device=args.device)[None]
@@ -57,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_state:
             with torch.no_grad():
                 model(ids, state=state).state.save(args.save_state)
-        out = mmrec.generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, state=state)
+        out = mmrec.generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                             state=state, cuda_graph=False if args.eager else (True if args.compile else None),
+                             compile=args.compile)
     except (CheckpointError, RecipeError, StateError, TokenizerError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
