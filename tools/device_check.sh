@@ -27,8 +27,9 @@ for part in "${parts[@]}"; do
             --out "$OUT/decode.json" --plot "$OUT/decode.png" 2>&1 | tee "$OUT/decode.log" | grep -v "^{" | tail -30
         [ -n "${SKIP_GATED:-}" ] || timeout 90 python3 -m mmrec.bench gated-rnn --batches 4 16 64 --lengths 512 --out "$OUT/gated_rnn.json" 2>&1 | tail -16 ;;
     quality)
+        # QUALITY_RECIPES: shipped names or recipe files, trained side by side (default: the shipped pair)
         timeout "${QUALITY_TIMEOUT:-560}" python3 -m mmrec.bench quality --data .data/tinyshakespeare.txt --runs /tmp/quality \
-            --set train.compile=true --out "$OUT/quality.json" 2>&1 | tail -8
+            ${QUALITY_RECIPES:+--recipes $QUALITY_RECIPES} --set train.compile=true --out "$OUT/quality.json" 2>&1 | tail -12
         cp /tmp/quality/*.log "$OUT/" 2>/dev/null ;;
     model)
         timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
