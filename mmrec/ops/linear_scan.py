@@ -170,25 +170,30 @@ def _shifted(a: Tensor, h: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Te
     return torch.cat([a[:, 1:], ones], dim=1), torch.cat([_initial(h0, h), h[:, :-1]], dim=1)
 
 
+def _adjoint(scan, a, h, grad_h, grad_h_last, h0, reverse, log_space):
+    """``(grad_a, g, grad_h0)`` of the scan, with ``scan(a, b, h0, reverse) -> h`` solving
+    the adjoint recurrence. The adjoint g_t = dL/dh_t obeys g_t = a_{t+1} g_{t+1} +
+    grad_h_t: the same recurrence run the other way, with a shifted by one step and
+    grad_h_last entering where the forward scan ended. ``grad_b`` is ``g``; ``grad_h0`` is
+    None without ``h0``."""
+    gate = a.exp() if log_space else a
+    grad_h = torch.zeros_like(h) if grad_h is None else grad_h
+    a_next, h_prev = _shifted(gate, h, h0, reverse)
+    g = scan(a_next, grad_h, grad_h_last, not reverse)
+    grad_a = g * h_prev * gate if log_space else g * h_prev  # d/d(log a) = a d/da
+    first = -1 if reverse else 0
+    grad_h0 = None if h0 is None else gate[:, first] * g[:, first]
+    return grad_a, g, grad_h0
+
+
 def _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
-    # The adjoint g_t = dL/dh_t obeys g_t = a_{t+1} g_{t+1} + grad_h_t: the same
-    # recurrence run the other way, with a shifted by one step and grad_h_last entering
-    # where the forward scan ended. Everything runs in the accumulation dtype of the
-    # inputs (h may be stored narrower, with out_dtype).
+    # Everything runs in the accumulation dtype of the inputs (h may be stored narrower,
+    # with out_dtype).
     acc = accumulation_dtype(torch.promote_types(a.dtype, b_dtype), accumulate_fp64)
-    gate = a.to(acc).exp() if log_space else a.to(acc)
-    h_acc = h.to(acc)
-    grad_h = torch.zeros_like(h_acc) if grad_h is None else grad_h.to(acc)
-    a_next, h_prev = _shifted(gate, h_acc, h0, reverse)
-    g, _ = _scan_cpu(a_next, grad_h, grad_h_last, not reverse)
-    grad_a = g * h_prev
-    if log_space:  # d/d(log a) = a d/da
-        grad_a = grad_a * gate
-    grad_b = g.to(b_dtype)
-    if h0 is None:
-        return grad_a.to(a.dtype), grad_b, h.new_empty(0)
-    first = 0 if not reverse else -1
-    return grad_a.to(a.dtype), grad_b, (gate[:, first] * g[:, first]).to(h0.dtype)
+    grad_h = None if grad_h is None else grad_h.to(acc)
+    grad_a, g, grad_h0 = _adjoint(lambda *args: _scan_cpu(*args)[0], a.to(acc), h.to(acc), grad_h, grad_h_last,
+                                  h0, reverse, log_space)
+    return grad_a.to(a.dtype), g.to(b_dtype), h.new_empty(0) if h0 is None else grad_h0.to(h0.dtype)
 
 
 @torch.library.custom_op("mmrec::linear_scan_backward", mutates_args=())
@@ -242,18 +247,9 @@ def _backward(ctx, grad_h: Tensor | None, grad_h_last: Tensor | None):
         )
         return grad_a, grad_b, (grad_h0 if h0 is not None else None), None, None, None, None
     # Double backward: the same formula through differentiable ops.
-    if grad_h is None:
-        grad_h = torch.zeros_like(h)
-    gate = a.exp() if log_space else a
-    a_next, h_prev = _shifted(gate, h, h0, reverse)
-    g, _ = linear_scan(a_next, grad_h, grad_h_last, reverse=not reverse, accumulate_fp64=fp64)
-    grad_a = g * h_prev * gate if log_space else g * h_prev
-    grad_b = g.to(ctx.b_dtype)
-    grad_h0 = None
-    if h0 is not None:
-        first = 0 if not reverse else -1
-        grad_h0 = (gate[:, first] * g[:, first]).to(h0.dtype)
-    return grad_a.to(a.dtype), grad_b, grad_h0, None, None, None, None
+    scan = lambda *args: linear_scan(*args, accumulate_fp64=fp64)[0]  # noqa: E731
+    grad_a, g, grad_h0 = _adjoint(scan, a, h, grad_h, grad_h_last, h0, reverse, log_space)
+    return grad_a.to(a.dtype), g.to(ctx.b_dtype), None if h0 is None else grad_h0.to(h0.dtype), None, None, None, None
 
 
 _linear_scan_op.register_autograd(_backward, setup_context=_setup_context)
