@@ -98,7 +98,7 @@ def _scan_fwd_kernel(
     s_hb, s_ht, s_hd,
     s_lb, s_ld,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, ACC_FP64: tl.constexpr, LOG_A: tl.constexpr,
-    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr = False,
 ):
     # A tile is G groups of R consecutive steps; this program walks the tiles in order.
     # Position p = i * G * R + j * R + k (tile i, group j, step k) is time t = p (or
@@ -106,6 +106,10 @@ def _scan_fwd_kernel(
     # owns whole groups and runs the R steps of a group sequentially in registers.
     BLOCK_T: tl.constexpr = G * R
     A_ONE: tl.constexpr = 0.0 if LOG_A else 1.0  # what masked steps load: the identity
+    # STREAM (tried in the tile sweep): the re-read rows are their last use, the stores are
+    # not read again by this kernel.
+    REREAD_EVICT: tl.constexpr = "evict_first" if STREAM else ""
+    STORE_CACHE: tl.constexpr = ".cs" if STREAM else ""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d0 = (pid_d * BLOCK_D).to(tl.int64)
@@ -164,15 +168,18 @@ def _scan_fwd_kernel(
         for k in tl.static_range(R):
             p = (groups - 1) * R + k  # position in this tile
             m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
-            ak = _gate(tl.load(a_base - sign * BLOCK_T * s_at + sign * (k - R) * s_at + off_a, mask=m, other=A_ONE), carry.dtype, LOG_A)
-            bk = tl.load(b_base - sign * BLOCK_T * s_bt + sign * (k - R) * s_bt + off_b, mask=m, other=0.0).to(carry.dtype)
+            ak = tl.load(a_base - sign * BLOCK_T * s_at + sign * (k - R) * s_at + off_a, mask=m, other=A_ONE,
+                         eviction_policy=REREAD_EVICT)
+            ak = _gate(ak, carry.dtype, LOG_A)
+            bk = tl.load(b_base - sign * BLOCK_T * s_bt + sign * (k - R) * s_bt + off_b, mask=m, other=0.0,
+                         eviction_policy=REREAD_EVICT).to(carry.dtype)
             pa = pa * ak
             pb = pb * ak + bk
         h = _entering(pa, pb, carry)
         for k in tl.static_range(R):
             h = _gate(av[k], carry.dtype, LOG_A) * h + bv[k].to(carry.dtype)
             m = (groups * R + k < n)[:, None] & mask_d[None, :]
-            tl.store(h_base + sign * k * s_ht + off_h, h.to(h_ptr.dtype.element_ty), mask=m)
+            tl.store(h_base + sign * k * s_ht + off_h, h.to(h_ptr.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
         h_base += sign * BLOCK_T * s_ht
         carry = _last_group(h, G)
         i += 1
@@ -195,7 +202,7 @@ def _scan_bwd_kernel(
     s_dh0b, s_dh0d,
     HAS_DH: tl.constexpr, HAS_DHL: tl.constexpr, HAS_H0: tl.constexpr,
     REVERSE: tl.constexpr, ACC_FP64: tl.constexpr, LOG_A: tl.constexpr,
-    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr = False,
 ):
     # REVERSE is the direction of the forward scan; this pass runs the other way, over
     # positions p (tiled as in the forward kernel) at times t = T-1-p, or t = p.
@@ -203,6 +210,10 @@ def _scan_bwd_kernel(
     # p + 1 (the forward's previous step; h0 past the end).
     BLOCK_T: tl.constexpr = G * R
     A_ONE: tl.constexpr = 0.0 if LOG_A else 1.0  # what masked steps load: the identity
+    # STREAM (tried in the tile sweep): the re-read rows are their last use, the stores are
+    # not read again by this kernel.
+    REREAD_EVICT: tl.constexpr = "evict_first" if STREAM else ""
+    STORE_CACHE: tl.constexpr = ".cs" if STREAM else ""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d0 = (pid_d * BLOCK_D).to(tl.int64)
@@ -276,12 +287,13 @@ def _scan_bwd_kernel(
             p = (groups - 1) * R + k  # position in this tile
             m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
             ak = tl.load(a_base - sign * BLOCK_T * s_at + sign * (k - R) * s_at + off_a,
-                         mask=m & ((p >= 1) | (i > 0))[:, None], other=A_ONE)
+                         mask=m & ((p >= 1) | (i > 0))[:, None], other=A_ONE, eviction_policy=REREAD_EVICT)
             ak = _gate(ak, carry.dtype, LOG_A)
             pa = pa * ak
             pb = pb * ak
             if HAS_DH:
-                gk = tl.load(g_base - sign * BLOCK_T * s_gt + sign * (k - R) * s_gt + off_g, mask=m, other=0.0)
+                gk = tl.load(g_base - sign * BLOCK_T * s_gt + sign * (k - R) * s_gt + off_g, mask=m, other=0.0,
+                             eviction_policy=REREAD_EVICT)
                 pb += gk.to(carry.dtype)
         g = _entering(pa, pb, carry)
         for k in tl.static_range(R):
@@ -296,8 +308,8 @@ def _scan_bwd_kernel(
             if LOG_A:  # d/d(log a_t) = a_t d/da_t; a_t: rows already in cache
                 at = tl.load(a_base - sign * BLOCK_T * s_at + sign * k * s_at + off_at, mask=m, other=0.0)
                 da = da * _gate(at, carry.dtype, LOG_A)
-            tl.store(db_base + sign * k * s_dbt + off_db, g.to(db_ptr.dtype.element_ty), mask=m)
-            tl.store(da_base + sign * k * s_dat + off_da, da.to(da_ptr.dtype.element_ty), mask=m)
+            tl.store(db_base + sign * k * s_dbt + off_db, g.to(db_ptr.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
+            tl.store(da_base + sign * k * s_dat + off_da, da.to(da_ptr.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
         da_base += sign * BLOCK_T * s_dat
         db_base += sign * BLOCK_T * s_dbt
         carry = _last_group(g, G)

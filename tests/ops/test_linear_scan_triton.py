@@ -109,6 +109,8 @@ def _interpreter_checks() -> None:
         # h stored narrower than the state (out_dtype), h_last in the accumulation dtype
         (torch.bfloat16, 21, False, True, "contiguous", True, True, {"log_space": True, "out_dtype": torch.bfloat16}),
         (torch.float32, 21, True, True, "broadcast", True, True, {"out_dtype": torch.bfloat16}),
+        # cache hints (the tile sweep's STREAM option) change no result
+        (torch.bfloat16, 21, True, True, "strided", True, True, {"log_space": True, "config": {**small, "STREAM": True}}),
     ]
     batch, dim = 2, 20  # 20 channels: a full block and a partial one
     for dtype, length, reverse, with_h0, layout, with_gh, with_ghl, extra in cases:
@@ -174,7 +176,7 @@ def _fp64_accumulation_check(kernels) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 17, out
+    assert out.count("ok ") == 18, out
 
 
 # ----------------------------------------------------------------------------- CUDA
