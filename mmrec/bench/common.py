@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import shlex
 import sys
@@ -64,6 +65,9 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
+        # the last measurement's buffers may sit in reference cycles (a decoder and its
+        # captured graphs): free them before the next one is measured
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -162,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
                                    "attention": attention, "batch": batch, "context": context}
                             record(rows, row, lambda: decode_once(model, batch, context, args.steps, device, mode, splits, compiled),
                                    device)
+                            if compiled:  # compiled code can hold the last decoder's buffers
+                                torch._dynamo.reset()
+                                reset_peak_memory(device)
         del model
         reset_peak_memory(device)
     compare(rows)
