@@ -69,10 +69,13 @@ class StaticDecoder:
     or the name of a ``torch.compile`` mode without CUDA graphs of its own, such as
     ``"max-autotune-no-cudagraphs"``). ``kv_splits > 0``: a Transformer attends by
     split-KV matmuls instead of SDPA (see ``mmrec.layers.attention.split_kv_attention``).
+    ``donate_state``: a Transformer's caches that already have room for ``max_length``
+    tokens become the decoder's buffers instead of being copied (at 32K tokens and batch 8
+    a copy would need a second 48 GiB); ``state`` must not be used afterwards.
     """
 
     def __init__(self, model, state: State, max_length: int | None = None, cuda_graph: bool | None = None,
-                 kv_splits: int = 0, compile: bool | str = False):
+                 kv_splits: int = 0, compile: bool | str = False, donate_state: bool = False):
         if not supports_static(model):
             raise ValueError(f"no static decode step for this model (arch {model.config.arch!r})")
         state.check_compatible(model.config_json)
@@ -83,8 +86,10 @@ class StaticDecoder:
         if config.arch == "transformer":
             if max_length is None:
                 raise ValueError("a Transformer's static KV cache needs max_length")
-            self.capacity = -(-max(max_length, state.position + 1) // CACHE_ROUND) * CACHE_ROUND
-            self.layers = [static_cache(layer, state.position, self.capacity, kv_splits) for layer in state.layers]
+            needed, room = max(max_length, state.position + 1), state.layers[0]["k"].shape[2]
+            donate = donate_state and room >= needed
+            self.capacity = room if donate else -(-needed // CACHE_ROUND) * CACHE_ROUND
+            self.layers = [static_cache(layer, state.position, self.capacity, kv_splits, donate) for layer in state.layers]
         else:
             self.chunk_size = config.chunk_size
             self.layers = [
@@ -123,7 +128,11 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         variants = (False, True) if self.chunk_size is not None else (False,)
-        snapshot, position = [_map(layer, _clone) for layer in self.layers], self.position.clone()
+        # A Transformer's warm-up steps only write cache entries past the position, masked
+        # until real steps overwrite them: restoring the position undoes them, with no copy
+        # of the cache (which can be most of the GPU's memory).
+        transformer = self.capacity is not None
+        snapshot, position = [] if transformer else [_map(layer, _clone) for layer in self.layers], self.position.clone()
         # warm up on a side stream (compiles, cuBLAS picks its kernels), as the PyTorch
         # docs prescribe, then undo what the warm-up steps did to the state
         device = self.position.device

@@ -112,6 +112,23 @@ def test_compiled_static_steps_equal_eager_static_steps():
         assert rel_err(compiled, plain) < 1e-5, arch
 
 
+def test_donated_transformer_cache_is_used_in_place():
+    model = toy("transformer")
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        cache = model(ids[:, :7]).state
+        # room for 25 more entries, NaN past the position: the decoder must zero them
+        layers = [{name: torch.cat([layer[name], torch.full_like(layer[name][:, :, :1], float("nan")).expand(-1, -1, 25, -1)], 2)
+                   for name in ("k", "v")} for layer in cache.layers]
+        roomy = State(layers, cache.position, cache.model_config)
+        decoder = StaticDecoder(model, roomy, max_length=30, cuda_graph=False, donate_state=True)
+        assert decoder.layers[0]["k"].data_ptr() == layers[0]["k"].data_ptr() and decoder.capacity == 32
+        donated = static_logits(decoder, ids[:, 7:])
+        copied = static_logits(StaticDecoder(model, cache, max_length=30, cuda_graph=False, donate_state=True), ids[:, 7:])
+    whole = model(ids).logits[:, 7:]
+    assert rel_err(donated, whole) < 1e-12 and rel_err(copied, whole) < 1e-12  # a cache without room is copied
+
+
 def test_split_kv_attention_equals_sdpa():
     model = toy("transformer")
     ids = torch.randint(0, 50, (2, 40))

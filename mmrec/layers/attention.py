@@ -84,11 +84,17 @@ class CausalSelfAttention(nn.Module):
         return grown
 
 
-def static_cache(cache: dict[str, Tensor], position: int, capacity: int, splits: int = 0) -> dict:
+def static_cache(cache: dict[str, Tensor], position: int, capacity: int, splits: int = 0, donate: bool = False) -> dict:
     """A preallocated KV cache of ``capacity`` entries (zeros past ``position``: masked keys
     must not hold NaNs) holding the first ``position`` entries of ``cache``. ``splits > 0``
-    makes static steps attend by :func:`split_kv_attention` instead of SDPA."""
+    makes static steps attend by :func:`split_kv_attention` instead of SDPA. ``donate``:
+    ``cache``'s own tensors are used (zeroed past ``position``) when they hold at least
+    ``capacity`` entries."""
     k = cache["k"]
+    if donate and k.shape[2] >= capacity and not (splits and k.shape[2] % splits) and cache["v"].shape == k.shape:
+        for name in ("k", "v"):
+            cache[name][:, :, position:].zero_()
+        return {"k": cache["k"], "v": cache["v"], "splits": splits}
     if splits and capacity % splits:
         raise ValueError(f"capacity {capacity} must be divisible by splits {splits}")
     static = {name: k.new_zeros(*k.shape[:2], capacity, k.shape[3]) for name in ("k", "v")}
