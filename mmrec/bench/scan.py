@@ -59,8 +59,9 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="time the op and the copy only")
     parser.add_argument("--sweep", action="store_true", help="also time the kernels' tile configurations")
     parser.add_argument("--sweep-lengths", type=int, nargs="+", help="lengths for --sweep (default: the longest of --lengths)")
-    parser.add_argument("--tiles", nargs="+", default=[], metavar="G,R,BLOCK_D,WARPS[,STREAM]",
-                        help="extra tiles for --sweep (STREAM 1: cache hints for streamed data)")
+    parser.add_argument("--tiles", nargs="+", default=[], metavar="G,R,BLOCK_D,WARPS[,STREAM[,STAGES]]",
+                        help="extra tiles for --sweep (STREAM 1: cache hints for streamed data; STAGES > 0: "
+                             "Triton's software pipeline instead of the prefetch into registers)")
     parser.add_argument("--sweep-log", action="store_true", help="--sweep also with log-space gates")
     parser.set_defaults(run=run)
 
@@ -303,8 +304,9 @@ def _sweep_one(kernels, args, dtype, floor, copy, length, log_space, tiles) -> l
     defaults = {kind: kernels._pick_config(kind, log_space, a.device, dtype, *shape, None) for kind in ("fwd", "bwd")}
     print(f"\ntile sweep at T={length}{' (log space)' if log_space else ''} (fwd floor {floor['fwd']} B/el, "
           f"bwd {floor['fwd+bwd'] - floor['fwd']} B/el); defaults here: fwd {defaults['fwd']}, bwd {defaults['bwd']}")
-    for groups, steps, block_d, warps, *stream in tiles:
-        cfg = {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": warps, "STREAM": bool(stream and stream[0])}
+    for groups, steps, block_d, warps, *options in tiles:
+        stream, stages = (list(options) + [0, 0])[:2]
+        cfg = {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": warps, "STREAM": bool(stream), "STAGES": stages}
         try:
             fwd, bwd, h = _time_config(kernels, a, b, dh, dtype, cfg, log_space)
             err = _rel_err(h, ref)
@@ -315,6 +317,6 @@ def _sweep_one(kernels, args, dtype, floor, copy, length, log_space, tiles) -> l
                "fwd_pct_of_copy": 100 * floor["fwd"] * elements / fwd / 1e6 / copy["GBps"],
                "bwd_pct_of_copy": 100 * (floor["fwd+bwd"] - floor["fwd"]) * elements / bwd / 1e6 / copy["GBps"]}
         out.append(row)
-        print(f"  G={groups:<3} R={steps} BLOCK_D={block_d:<3} warps={warps}{' stream' if cfg['STREAM'] else ''}: fwd {fwd:.3f} ms ({row['fwd_pct_of_copy']:.1f}%)"
+        print(f"  G={groups:<3} R={steps} BLOCK_D={block_d:<3} warps={warps}{' stream' if stream else ''}{f' stages={stages}' if stages else ''}: fwd {fwd:.3f} ms ({row['fwd_pct_of_copy']:.1f}%)"
               f"  bwd {bwd:.3f} ms ({row['bwd_pct_of_copy']:.1f}%)  err {err:.1e}")
     return out

@@ -89,6 +89,46 @@ def _last_group(x, G: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(a_base, b_base, off_a, off_b, s_at, s_bt, sign, groups, mask_d, n,
+               R: tl.constexpr, A_ONE: tl.constexpr):
+    """One tile of ``a`` and ``b`` as R sub-tiles ``[G, BLOCK_D]`` (sub-tile k: step k of
+    every group); ``n`` positions are left from the tile's start (masked past the end)."""
+    a_tile = ()
+    b_tile = ()
+    for k in tl.static_range(R):
+        m = (groups * R + k < n)[:, None] & mask_d[None, :]
+        a_tile = a_tile + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=A_ONE),)
+        b_tile = b_tile + (tl.load(b_base + sign * k * s_bt + off_b, mask=m, other=0.0),)
+    return a_tile, b_tile
+
+
+@triton.jit
+def _forward_tile(av, bv, carry, a_base, b_base, h_base, off_a, off_b, off_h, s_at, s_bt, s_ht, sign, groups, mask_d, n,
+                  G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, LOG_A: tl.constexpr, A_ONE: tl.constexpr,
+                  REREAD_EVICT: tl.constexpr, STORE_CACHE: tl.constexpr):
+    """Scan one tile (``av``, ``bv`` from :func:`_load_tile`, bases at the tile's start)
+    from the state ``carry``, store its states, return the state after it."""
+    # Each row's previous group, read again (a cache hit: these rows arrived with the
+    # tile), composed in registers; row 0's is the identity.
+    pa = tl.full((G, BLOCK_D), 1.0, carry.dtype)
+    pb = tl.zeros((G, BLOCK_D), dtype=carry.dtype)
+    for k in tl.static_range(R):
+        p = (groups - 1) * R + k  # position in this tile
+        m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
+        ak = _gate(tl.load(a_base + sign * (k - R) * s_at + off_a, mask=m, other=A_ONE, eviction_policy=REREAD_EVICT),
+                   carry.dtype, LOG_A)
+        bk = tl.load(b_base + sign * (k - R) * s_bt + off_b, mask=m, other=0.0, eviction_policy=REREAD_EVICT).to(carry.dtype)
+        pa = pa * ak
+        pb = pb * ak + bk
+    h = _entering(pa, pb, carry)
+    for k in tl.static_range(R):
+        h = _gate(av[k], carry.dtype, LOG_A) * h + bv[k].to(carry.dtype)
+        m = (groups * R + k < n)[:, None] & mask_d[None, :]
+        tl.store(h_base + sign * k * s_ht + off_h, h.to(h_base.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
+    return _last_group(h, G)
+
+
+@triton.jit
 def _scan_fwd_kernel(
     a_ptr, b_ptr, h0_ptr, h_ptr, hlast_ptr,
     T, D, n_tiles,
@@ -98,7 +138,7 @@ def _scan_fwd_kernel(
     s_hb, s_ht, s_hd,
     s_lb, s_ld,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, ACC_FP64: tl.constexpr, LOG_A: tl.constexpr,
-    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr = False,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr = False, STAGES: tl.constexpr = 0,
 ):
     # A tile is G groups of R consecutive steps; this program walks the tiles in order.
     # Position p = i * G * R + j * R + k (tile i, group j, step k) is time t = p (or
@@ -106,8 +146,10 @@ def _scan_fwd_kernel(
     # owns whole groups and runs the R steps of a group sequentially in registers.
     BLOCK_T: tl.constexpr = G * R
     A_ONE: tl.constexpr = 0.0 if LOG_A else 1.0  # what masked steps load: the identity
-    # STREAM (tried in the tile sweep): the re-read rows are their last use, the stores are
-    # not read again by this kernel.
+    # Options tried in the tile sweep. STREAM: the re-read rows are their last use, the
+    # stores are not read again by this kernel. STAGES > 0: Triton's software pipeline
+    # (asynchronous copies through shared memory, STAGES - 1 tiles ahead) replaces the
+    # prefetch into registers.
     REREAD_EVICT: tl.constexpr = "evict_first" if STREAM else ""
     STORE_CACHE: tl.constexpr = ".cs" if STREAM else ""
     pid_d = tl.program_id(0)
@@ -139,52 +181,94 @@ def _scan_fwd_kernel(
         h0 = tl.load(h0_ptr + pid_b * s_h0b + (d0 + cols) * s_h0d, mask=mask_d, other=0.0)
         carry += h0.to(carry.dtype)
 
-    # Loads for the first tile; each iteration then issues the next tile's loads
-    # before it computes (fully masked past the end), so they overlap the arithmetic.
-    a_next = ()
-    b_next = ()
-    for k in tl.static_range(R):
-        m = (groups * R + k < T)[:, None] & mask_d[None, :]
-        a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=A_ONE),)
-        b_next = b_next + (tl.load(b_base + sign * k * s_bt + off_b, mask=m, other=0.0),)
-    i = 0
-    while i < n_tiles:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
-        av = a_next
-        bv = b_next
-        n = T - i * BLOCK_T  # positions left, this tile's included
-        a_base += sign * BLOCK_T * s_at
-        b_base += sign * BLOCK_T * s_bt
-        a_next = ()
-        b_next = ()
-        for k in tl.static_range(R):
-            m = (groups * R + k < n - BLOCK_T)[:, None] & mask_d[None, :]
-            a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=A_ONE),)
-            b_next = b_next + (tl.load(b_base + sign * k * s_bt + off_b, mask=m, other=0.0),)
-
-        # Each row's previous group, read again (a cache hit: this tile arrived last
-        # iteration), composed in registers; row 0's is the identity.
-        pa = tl.full((G, BLOCK_D), 1.0, carry.dtype)
-        pb = tl.zeros((G, BLOCK_D), dtype=carry.dtype)
-        for k in tl.static_range(R):
-            p = (groups - 1) * R + k  # position in this tile
-            m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
-            ak = tl.load(a_base - sign * BLOCK_T * s_at + sign * (k - R) * s_at + off_a, mask=m, other=A_ONE,
-                         eviction_policy=REREAD_EVICT)
-            ak = _gate(ak, carry.dtype, LOG_A)
-            bk = tl.load(b_base - sign * BLOCK_T * s_bt + sign * (k - R) * s_bt + off_b, mask=m, other=0.0,
-                         eviction_policy=REREAD_EVICT).to(carry.dtype)
-            pa = pa * ak
-            pb = pb * ak + bk
-        h = _entering(pa, pb, carry)
-        for k in tl.static_range(R):
-            h = _gate(av[k], carry.dtype, LOG_A) * h + bv[k].to(carry.dtype)
-            m = (groups * R + k < n)[:, None] & mask_d[None, :]
-            tl.store(h_base + sign * k * s_ht + off_h, h.to(h_ptr.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
-        h_base += sign * BLOCK_T * s_ht
-        carry = _last_group(h, G)
-        i += 1
+    if STAGES > 0:
+        for i in tl.range(0, n_tiles, num_stages=STAGES):
+            n = T - i * BLOCK_T  # positions left, this tile's included
+            a_tile = a_base + sign * i * BLOCK_T * s_at
+            b_tile = b_base + sign * i * BLOCK_T * s_bt
+            av, bv = _load_tile(a_tile, b_tile, off_a, off_b, s_at, s_bt, sign, groups, mask_d, n, R, A_ONE)
+            carry = _forward_tile(av, bv, carry, a_tile, b_tile, h_base + sign * i * BLOCK_T * s_ht,
+                                  off_a, off_b, off_h, s_at, s_bt, s_ht, sign, groups, mask_d, n,
+                                  G, R, BLOCK_D, LOG_A, A_ONE, REREAD_EVICT, STORE_CACHE)
+    else:
+        # Loads for the first tile; each iteration then issues the next tile's loads
+        # before it computes (fully masked past the end), so they overlap the arithmetic.
+        a_next, b_next = _load_tile(a_base, b_base, off_a, off_b, s_at, s_bt, sign, groups, mask_d, T, R, A_ONE)
+        i = 0
+        while i < n_tiles:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
+            av = a_next
+            bv = b_next
+            n = T - i * BLOCK_T  # positions left, this tile's included
+            a_next, b_next = _load_tile(a_base + sign * BLOCK_T * s_at, b_base + sign * BLOCK_T * s_bt,
+                                        off_a, off_b, s_at, s_bt, sign, groups, mask_d, n - BLOCK_T, R, A_ONE)
+            carry = _forward_tile(av, bv, carry, a_base, b_base, h_base, off_a, off_b, off_h, s_at, s_bt, s_ht,
+                                  sign, groups, mask_d, n, G, R, BLOCK_D, LOG_A, A_ONE, REREAD_EVICT, STORE_CACHE)
+            a_base += sign * BLOCK_T * s_at
+            b_base += sign * BLOCK_T * s_bt
+            h_base += sign * BLOCK_T * s_ht
+            i += 1
 
     tl.store(hlast_ptr + pid_b * s_lb + (d0 + cols) * s_ld, carry.to(hlast_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _load_bwd_tile(a_base, h_base, g_base, off_a, off_h, off_g, s_at, s_ht, s_gt, sign, groups, mask_d, n, tile,
+                   R: tl.constexpr, A_ONE: tl.constexpr, HAS_DH: tl.constexpr):
+    """One backward tile's coefficients ``a`` (one step ahead), states ``h`` (one step
+    behind) and incoming gradients as R sub-tiles, for tile number ``tile`` with ``n``
+    positions left from its start. Tile 0's first position has no coefficient (``a`` past
+    the end) and the last position no state before it (``h0``, taken by the caller)."""
+    a_tile = ()
+    h_tile = ()
+    g_tile = ()
+    for k in tl.static_range(R):
+        p = groups * R + k
+        m = (p < n)[:, None] & mask_d[None, :]
+        a_tile = a_tile + (tl.load(a_base + sign * k * s_at + off_a, mask=m & ((p >= 1) | (tile > 0))[:, None], other=A_ONE),)
+        h_tile = h_tile + (tl.load(h_base + sign * k * s_ht + off_h, mask=m & (p < n - 1)[:, None], other=0.0),)
+        if HAS_DH:
+            g_tile = g_tile + (tl.load(g_base + sign * k * s_gt + off_g, mask=m, other=0.0),)
+    return a_tile, h_tile, g_tile
+
+
+@triton.jit
+def _backward_tile(av, hv, gv, carry, h0, a_base, g_base, da_base, db_base, off_a, off_at, off_g, off_da, off_db,
+                   s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, tile,
+                   G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, LOG_A: tl.constexpr, A_ONE: tl.constexpr,
+                   HAS_DH: tl.constexpr, HAS_H0: tl.constexpr, REREAD_EVICT: tl.constexpr, STORE_CACHE: tl.constexpr):
+    """The adjoint recurrence over one tile (from :func:`_load_bwd_tile`, bases at the
+    tile's start) from ``carry``; stores its ``grad_a``, ``grad_b``; returns the carry."""
+    # Each row's previous group, read again (cache hits), composed in registers.
+    # Only tile 0's first position has no coefficient (a past the end): masked to 1.
+    pa = tl.full((G, BLOCK_D), 1.0, carry.dtype)
+    pb = tl.zeros((G, BLOCK_D), dtype=carry.dtype)
+    for k in tl.static_range(R):
+        p = (groups - 1) * R + k  # position in this tile
+        m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
+        ak = tl.load(a_base + sign * (k - R) * s_at + off_a,
+                     mask=m & ((p >= 1) | (tile > 0))[:, None], other=A_ONE, eviction_policy=REREAD_EVICT)
+        ak = _gate(ak, carry.dtype, LOG_A)
+        pa = pa * ak
+        pb = pb * ak
+        if HAS_DH:
+            gk = tl.load(g_base + sign * (k - R) * s_gt + off_g, mask=m, other=0.0, eviction_policy=REREAD_EVICT)
+            pb += gk.to(carry.dtype)
+    g = _entering(pa, pb, carry)
+    for k in tl.static_range(R):
+        g = _gate(av[k], carry.dtype, LOG_A) * g
+        if HAS_DH:
+            g += gv[k].to(carry.dtype)
+        hp = hv[k].to(carry.dtype)
+        if HAS_H0:
+            hp = tl.where((groups * R + k == n - 1)[:, None], h0[None, :], hp)
+        m = (groups * R + k < n)[:, None] & mask_d[None, :]
+        da = g * hp
+        if LOG_A:  # d/d(log a_t) = a_t d/da_t; a_t: rows already in cache
+            at = tl.load(a_base + sign * k * s_at + off_at, mask=m, other=0.0)
+            da = da * _gate(at, carry.dtype, LOG_A)
+        tl.store(db_base + sign * k * s_dbt + off_db, g.to(db_base.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
+        tl.store(da_base + sign * k * s_dat + off_da, da.to(da_base.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
+    return _last_group(g, G)
 
 
 @triton.jit
@@ -202,7 +286,7 @@ def _scan_bwd_kernel(
     s_dh0b, s_dh0d,
     HAS_DH: tl.constexpr, HAS_DHL: tl.constexpr, HAS_H0: tl.constexpr,
     REVERSE: tl.constexpr, ACC_FP64: tl.constexpr, LOG_A: tl.constexpr,
-    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr = False,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr = False, STAGES: tl.constexpr = 0,
 ):
     # REVERSE is the direction of the forward scan; this pass runs the other way, over
     # positions p (tiled as in the forward kernel) at times t = T-1-p, or t = p.
@@ -210,8 +294,7 @@ def _scan_bwd_kernel(
     # p + 1 (the forward's previous step; h0 past the end).
     BLOCK_T: tl.constexpr = G * R
     A_ONE: tl.constexpr = 0.0 if LOG_A else 1.0  # what masked steps load: the identity
-    # STREAM (tried in the tile sweep): the re-read rows are their last use, the stores are
-    # not read again by this kernel.
+    # STREAM, STAGES: as in the forward kernel.
     REREAD_EVICT: tl.constexpr = "evict_first" if STREAM else ""
     STORE_CACHE: tl.constexpr = ".cs" if STREAM else ""
     pid_d = tl.program_id(0)
@@ -249,71 +332,39 @@ def _scan_bwd_kernel(
     if HAS_H0:
         h0 = tl.load(h0_ptr + pid_b * s_h0b + (d0 + cols) * s_h0d, mask=mask_d, other=0.0).to(carry.dtype)
 
-    a_next = ()
-    g_next = ()
-    h_next = ()
-    for k in tl.static_range(R):
-        p = groups * R + k
-        m = (p < T)[:, None] & mask_d[None, :]
-        a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m & (p >= 1)[:, None], other=A_ONE),)
-        h_next = h_next + (tl.load(h_base + sign * k * s_ht + off_h, mask=m & (p < T - 1)[:, None], other=0.0),)
-        if HAS_DH:
-            g_next = g_next + (tl.load(g_base + sign * k * s_gt + off_g, mask=m, other=0.0),)
-    i = 0
-    while i < n_tiles:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
-        av = a_next
-        hv = h_next
-        gv = g_next
-        n = T - i * BLOCK_T
-        a_base += sign * BLOCK_T * s_at
-        h_base += sign * BLOCK_T * s_ht
-        g_base += sign * BLOCK_T * s_gt
-        a_next = ()
-        g_next = ()
-        h_next = ()
-        for k in tl.static_range(R):
-            p = groups * R + k
-            m = (p < n - BLOCK_T)[:, None] & mask_d[None, :]
-            a_next = a_next + (tl.load(a_base + sign * k * s_at + off_a, mask=m, other=A_ONE),)
-            h_next = h_next + (tl.load(h_base + sign * k * s_ht + off_h, mask=m & (p < n - BLOCK_T - 1)[:, None], other=0.0),)
-            if HAS_DH:
-                g_next = g_next + (tl.load(g_base + sign * k * s_gt + off_g, mask=m, other=0.0),)
-
-        # Each row's previous group, read again (cache hits), composed in registers.
-        # Only tile 0's first position has no coefficient (a past the end): masked to 1.
-        pa = tl.full((G, BLOCK_D), 1.0, carry.dtype)
-        pb = tl.zeros((G, BLOCK_D), dtype=carry.dtype)
-        for k in tl.static_range(R):
-            p = (groups - 1) * R + k  # position in this tile
-            m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
-            ak = tl.load(a_base - sign * BLOCK_T * s_at + sign * (k - R) * s_at + off_a,
-                         mask=m & ((p >= 1) | (i > 0))[:, None], other=A_ONE, eviction_policy=REREAD_EVICT)
-            ak = _gate(ak, carry.dtype, LOG_A)
-            pa = pa * ak
-            pb = pb * ak
-            if HAS_DH:
-                gk = tl.load(g_base - sign * BLOCK_T * s_gt + sign * (k - R) * s_gt + off_g, mask=m, other=0.0,
-                             eviction_policy=REREAD_EVICT)
-                pb += gk.to(carry.dtype)
-        g = _entering(pa, pb, carry)
-        for k in tl.static_range(R):
-            g = _gate(av[k], carry.dtype, LOG_A) * g
-            if HAS_DH:
-                g += gv[k].to(carry.dtype)
-            hp = hv[k].to(carry.dtype)
-            if HAS_H0:
-                hp = tl.where((groups * R + k == n - 1)[:, None], h0[None, :], hp)
-            m = (groups * R + k < n)[:, None] & mask_d[None, :]
-            da = g * hp
-            if LOG_A:  # d/d(log a_t) = a_t d/da_t; a_t: rows already in cache
-                at = tl.load(a_base - sign * BLOCK_T * s_at + sign * k * s_at + off_at, mask=m, other=0.0)
-                da = da * _gate(at, carry.dtype, LOG_A)
-            tl.store(db_base + sign * k * s_dbt + off_db, g.to(db_ptr.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
-            tl.store(da_base + sign * k * s_dat + off_da, da.to(da_ptr.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
-        da_base += sign * BLOCK_T * s_dat
-        db_base += sign * BLOCK_T * s_dbt
-        carry = _last_group(g, G)
-        i += 1
+    if not HAS_H0:
+        h0 = carry  # never read (HAS_H0 is off); the tile helper takes an argument
+    if STAGES > 0:
+        for i in tl.range(0, n_tiles, num_stages=STAGES):
+            n = T - i * BLOCK_T
+            step = sign * i * BLOCK_T
+            av, hv, gv = _load_bwd_tile(a_base + step * s_at, h_base + step * s_ht, g_base + step * s_gt, off_a, off_h, off_g,
+                                        s_at, s_ht, s_gt, sign, groups, mask_d, n, i, R, A_ONE, HAS_DH)
+            carry = _backward_tile(av, hv, gv, carry, h0, a_base + step * s_at, g_base + step * s_gt,
+                                   da_base + step * s_dat, db_base + step * s_dbt, off_a, off_at, off_g, off_da, off_db,
+                                   s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, i,
+                                   G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE)
+    else:
+        a_next, h_next, g_next = _load_bwd_tile(a_base, h_base, g_base, off_a, off_h, off_g, s_at, s_ht, s_gt,
+                                                sign, groups, mask_d, T, 0, R, A_ONE, HAS_DH)
+        i = 0
+        while i < n_tiles:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
+            av = a_next
+            hv = h_next
+            gv = g_next
+            n = T - i * BLOCK_T
+            a_next, h_next, g_next = _load_bwd_tile(
+                a_base + sign * BLOCK_T * s_at, h_base + sign * BLOCK_T * s_ht, g_base + sign * BLOCK_T * s_gt,
+                off_a, off_h, off_g, s_at, s_ht, s_gt, sign, groups, mask_d, n - BLOCK_T, i + 1, R, A_ONE, HAS_DH)
+            carry = _backward_tile(av, hv, gv, carry, h0, a_base, g_base, da_base, db_base, off_a, off_at, off_g, off_da, off_db,
+                                   s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, i,
+                                   G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE)
+            a_base += sign * BLOCK_T * s_at
+            h_base += sign * BLOCK_T * s_ht
+            g_base += sign * BLOCK_T * s_gt
+            da_base += sign * BLOCK_T * s_dat
+            db_base += sign * BLOCK_T * s_dbt
+            i += 1
 
     if HAS_H0:
         # grad_h0 = a_first * g_first; g_first is the carry after the last tile.
