@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
-# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|quality|model]...
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model]...
 # Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
@@ -26,6 +26,11 @@ for part in "${parts[@]}"; do
         timeout 240 python3 -m mmrec.bench decode --modes graph --compile both --kv-splits 0 --batches 1 8 16 \
             --out "$OUT/decode.json" --plot "$OUT/decode.png" 2>&1 | tee "$OUT/decode.log" | grep -v "^{" | tail -30
         [ -n "${SKIP_GATED:-}" ] || timeout 90 python3 -m mmrec.bench gated-rnn --batches 4 16 64 --lengths 512 --out "$OUT/gated_rnn.json" 2>&1 | tail -16 ;;
+    sweep)
+        # scan tiles: 256-byte rows and Triton's software pipeline (STAGES), see docs/notes/scan-kernel.md
+        timeout 240 python3 -m mmrec.bench scan --no-baselines --lengths 2048 8192 32768 --sweep --sweep-log \
+            --tiles 16,4,64,4,0,3 16,8,64,4,0,3 16,4,128,8,0,3 16,4,128,8 16,8,128,8 64,2,64,8,0,3 32,2,64,4,0,3 \
+            --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^{" | tail -70 ;;
     quality)
         # QUALITY_RECIPES: shipped names or recipe files, trained side by side (default: the shipped pair)
         timeout "${QUALITY_TIMEOUT:-560}" python3 -m mmrec.bench quality --data .data/tinyshakespeare.txt --runs /tmp/quality \
