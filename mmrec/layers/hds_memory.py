@@ -44,6 +44,11 @@ class HDSMemory(nn.Module):
                 raise ValueError(f"slots ({self.slots}) must be divisible by {pool} for HDS levels {self.levels}")
             return self
 
+        def check_model(self, model) -> None:
+            """The read splits the model's heads over the banks."""
+            if model.n_heads % self.banks:
+                raise ValueError(f"memory.banks ({self.banks}) must divide n_heads ({model.n_heads})")
+
     def __init__(self, config: Config, *, d_model: int, n_heads: int, init_std: float = 0.02):
         super().__init__()
         self.banks, self.slots, self.dim = config.banks, config.slots, config.dim

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
 
 from mmrec import registry
@@ -57,6 +57,16 @@ class MMRecBlock(nn.Module):
             if not all(0 < g < 1 for g in bounds) or list(bounds) != sorted(bounds):
                 raise ValueError("must be in (0, 1), or a range [low, high] with 0 < low <= high < 1")
             return value
+
+        @model_validator(mode="after")
+        def _variants_fit_the_model(self):
+            # a variant's config may check what it needs of the model (``check_model``), so
+            # that a recipe fails validation rather than the build
+            for slot in self.variant_groups:
+                check = getattr(getattr(self, slot), "check_model", None)
+                if check is not None:
+                    check(self)
+            return self
 
     def __init__(self, config: Config, layer: int = 0):
         super().__init__()

@@ -77,6 +77,12 @@ def test_wrong_type_names_its_path():
     assert "model.memory.levels[1]" in error_of(["model.memory.levels=[0, 7]"])
 
 
+def test_memory_banks_that_do_not_divide_the_heads_fail_validation_not_the_build():
+    message = error_of(["model.memory.banks=3"])  # tiny has 4 heads
+    assert message.count("\n") == 1 and "model:" in message and "memory.banks (3) must divide n_heads (4)" in message
+    mmrec.recipes.load("tiny", ["model.memory.banks=4"])  # and a fitting one passes
+
+
 @pytest.mark.parametrize("override,path,suggestion", [
     ("model.recurrence.kind=paralell", "model.recurrence.kind", "parallel"),
     ("model.memory.kind=hsd", "model.memory.kind", "hds"),

@@ -31,6 +31,11 @@ class FIFOMemory(nn.Module):
         banks: PositiveInt = Field(1, description="independent queues; the query heads are split over them")
         dim: PositiveInt = Field(32, description="width of one summary")
 
+        def check_model(self, model) -> None:
+            """The read splits the model's heads over the banks."""
+            if model.n_heads % self.banks:
+                raise ValueError(f"memory.banks ({self.banks}) must divide n_heads ({model.n_heads})")
+
     def __init__(self, config: Config, *, d_model: int, n_heads: int, init_std: float = 0.02):
         super().__init__()
         self.slots, self.banks, self.dim = config.slots, config.banks, config.dim

@@ -75,3 +75,8 @@ def test_trains_with_the_training_command(tmp_path):
     saved = sorted((tmp_path / "run").glob("step_*/recipe.json"))
     assert saved, "no checkpoint was written"
     assert json.loads(saved[-1].read_text())["model"]["memory"]["kind"] == "fifo"
+
+
+def test_banks_that_do_not_divide_the_heads_are_a_recipe_error():
+    with pytest.raises(mmrec.recipes.RecipeError, match=r"memory\.banks \(3\) must divide n_heads \(4\)"):
+        mmrec.recipes.load("tiny", ['model.memory={"kind": "fifo", "banks": 3}'])
