@@ -59,9 +59,10 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="time the op and the copy only")
     parser.add_argument("--sweep", action="store_true", help="also time the kernels' tile configurations")
     parser.add_argument("--sweep-lengths", type=int, nargs="+", help="lengths for --sweep (default: the longest of --lengths)")
-    parser.add_argument("--tiles", nargs="+", default=[], metavar="G,R,BLOCK_D,WARPS[,STREAM[,STAGES]]",
-                        help="extra tiles for --sweep (STREAM 1: cache hints for streamed data; STAGES > 0: "
-                             "Triton's software pipeline instead of the prefetch into registers)")
+    parser.add_argument("--tiles", nargs="+", default=[], metavar="G,R,BLOCK_D,WARPS[,OPTION=N...]",
+                        help="extra tiles for --sweep; options (see the kernels): stream=1 cache hints for streamed "
+                             "data, stages=N Triton's software pipeline instead of the prefetch into registers, "
+                             "reread=0 exclusive prefixes from the rows' own totals")
     parser.add_argument("--sweep-log", action="store_true", help="--sweep also with log-space gates")
     parser.set_defaults(run=run)
 
@@ -280,8 +281,23 @@ def _time_config(kernels, a, b, dh, dtype, cfg, log_space=False) -> tuple[float,
     return fwd, bwd, h
 
 
+KERNEL_OPTIONS = {"stream": "STREAM", "stages": "STAGES", "reread": "REREAD"}
+
+
+def parse_tile(text: str) -> tuple:
+    """``"16,4,64,4,stages=3,reread=0"`` -> ``(16, 4, 64, 4, (("STAGES", 3), ("REREAD", 0)))``."""
+    fields = text.split(",")
+    options = []
+    for field in fields[4:]:
+        name, _, value = field.partition("=")
+        if name not in KERNEL_OPTIONS or not value:
+            raise SystemExit(f"--tiles {text!r}: options are {', '.join(f'{k}=N' for k in KERNEL_OPTIONS)}")
+        options.append((KERNEL_OPTIONS[name], int(value)))
+    return (*(int(x) for x in fields[:4]), tuple(options))
+
+
 def _sweep(kernels, args, dtype, floor, copy) -> list[dict]:
-    tiles = list(dict.fromkeys(SWEEP + [tuple(int(x) for x in t.split(",")) for t in args.tiles]))
+    tiles = list(dict.fromkeys([(*tile, ()) for tile in SWEEP] + [parse_tile(t) for t in args.tiles]))
     out = []
     for length in args.sweep_lengths or [max(args.lengths)]:
         for log_space in (False, True) if args.sweep_log else (False,):
@@ -304,9 +320,9 @@ def _sweep_one(kernels, args, dtype, floor, copy, length, log_space, tiles) -> l
     defaults = {kind: kernels._pick_config(kind, log_space, a.device, dtype, *shape, None) for kind in ("fwd", "bwd")}
     print(f"\ntile sweep at T={length}{' (log space)' if log_space else ''} (fwd floor {floor['fwd']} B/el, "
           f"bwd {floor['fwd+bwd'] - floor['fwd']} B/el); defaults here: fwd {defaults['fwd']}, bwd {defaults['bwd']}")
-    for groups, steps, block_d, warps, *options in tiles:
-        stream, stages = (list(options) + [0, 0])[:2]
-        cfg = {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": warps, "STREAM": bool(stream), "STAGES": stages}
+    for groups, steps, block_d, warps, options in tiles:
+        cfg = {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": warps, **dict(options)}
+        label = "".join(f" {name.lower()}={value}" for name, value in options)
         try:
             fwd, bwd, h = _time_config(kernels, a, b, dh, dtype, cfg, log_space)
             err = _rel_err(h, ref)
@@ -317,6 +333,6 @@ def _sweep_one(kernels, args, dtype, floor, copy, length, log_space, tiles) -> l
                "fwd_pct_of_copy": 100 * floor["fwd"] * elements / fwd / 1e6 / copy["GBps"],
                "bwd_pct_of_copy": 100 * (floor["fwd+bwd"] - floor["fwd"]) * elements / bwd / 1e6 / copy["GBps"]}
         out.append(row)
-        print(f"  G={groups:<3} R={steps} BLOCK_D={block_d:<3} warps={warps}{' stream' if stream else ''}{f' stages={stages}' if stages else ''}: fwd {fwd:.3f} ms ({row['fwd_pct_of_copy']:.1f}%)"
+        print(f"  G={groups:<3} R={steps} BLOCK_D={block_d:<3} warps={warps}{label}: fwd {fwd:.3f} ms ({row['fwd_pct_of_copy']:.1f}%)"
               f"  bwd {bwd:.3f} ms ({row['bwd_pct_of_copy']:.1f}%)  err {err:.1e}")
     return out

@@ -83,6 +83,26 @@ def _entering(pa, pb, carry):
 
 
 @triton.jit
+def _combine_exclusive(ia1, ib1, ea1, eb1, ia2, ib2, ea2, eb2):
+    # segments 1 then 2, each as (composition of all its groups, of all but its last);
+    # the combined segment's last group is segment 2's
+    a, b = _combine(ia1, ib1, ia2, ib2)
+    ea, eb = _combine(ia1, ib1, ea2, eb2)
+    return a, b, ea, eb
+
+
+@triton.jit
+def _entering_exclusive(ta, tb, carry):
+    """As :func:`_entering`, from each row's *own* group total ``(ta, tb)``: the scan
+    carries every prefix's composition without its last group as well, which for row j is
+    groups 0..j-1, so no row needs its neighbour's data."""
+    one = tl.full(ta.shape, 1.0, ta.dtype)
+    zero = tl.zeros(ta.shape, ta.dtype)
+    _, _, ea, eb = tl.associative_scan((ta, tb, one, zero), 0, _combine_exclusive)
+    return eb + ea * carry[None, :]
+
+
+@triton.jit
 def _last_group(x, G: tl.constexpr):
     groups = tl.arange(0, G)
     return tl.sum(tl.where(groups[:, None] == G - 1, x, 0.0), axis=0)
@@ -105,22 +125,29 @@ def _load_tile(a_base, b_base, off_a, off_b, s_at, s_bt, sign, groups, mask_d, n
 @triton.jit
 def _forward_tile(av, bv, carry, a_base, b_base, h_base, off_a, off_b, off_h, s_at, s_bt, s_ht, sign, groups, mask_d, n,
                   G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, LOG_A: tl.constexpr, A_ONE: tl.constexpr,
-                  REREAD_EVICT: tl.constexpr, STORE_CACHE: tl.constexpr):
+                  REREAD_EVICT: tl.constexpr, STORE_CACHE: tl.constexpr, REREAD: tl.constexpr):
     """Scan one tile (``av``, ``bv`` from :func:`_load_tile`, bases at the tile's start)
     from the state ``carry``, store its states, return the state after it."""
-    # Each row's previous group, read again (a cache hit: these rows arrived with the
-    # tile), composed in registers; row 0's is the identity.
     pa = tl.full((G, BLOCK_D), 1.0, carry.dtype)
     pb = tl.zeros((G, BLOCK_D), dtype=carry.dtype)
-    for k in tl.static_range(R):
-        p = (groups - 1) * R + k  # position in this tile
-        m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
-        ak = _gate(tl.load(a_base + sign * (k - R) * s_at + off_a, mask=m, other=A_ONE, eviction_policy=REREAD_EVICT),
-                   carry.dtype, LOG_A)
-        bk = tl.load(b_base + sign * (k - R) * s_bt + off_b, mask=m, other=0.0, eviction_policy=REREAD_EVICT).to(carry.dtype)
-        pa = pa * ak
-        pb = pb * ak + bk
-    h = _entering(pa, pb, carry)
+    if REREAD:
+        # Each row's previous group, read again (a cache hit: these rows arrived with the
+        # tile), composed in registers; row 0's is the identity.
+        for k in tl.static_range(R):
+            p = (groups - 1) * R + k  # position in this tile
+            m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
+            ak = _gate(tl.load(a_base + sign * (k - R) * s_at + off_a, mask=m, other=A_ONE, eviction_policy=REREAD_EVICT),
+                       carry.dtype, LOG_A)
+            bk = tl.load(b_base + sign * (k - R) * s_bt + off_b, mask=m, other=0.0, eviction_policy=REREAD_EVICT).to(carry.dtype)
+            pa = pa * ak
+            pb = pb * ak + bk
+        h = _entering(pa, pb, carry)
+    else:  # each row's own group total, from registers
+        for k in tl.static_range(R):
+            ak = _gate(av[k], carry.dtype, LOG_A)
+            pa = pa * ak
+            pb = pb * ak + bv[k].to(carry.dtype)
+        h = _entering_exclusive(pa, pb, carry)
     for k in tl.static_range(R):
         h = _gate(av[k], carry.dtype, LOG_A) * h + bv[k].to(carry.dtype)
         m = (groups * R + k < n)[:, None] & mask_d[None, :]
@@ -139,6 +166,7 @@ def _scan_fwd_kernel(
     s_lb, s_ld,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, ACC_FP64: tl.constexpr, LOG_A: tl.constexpr,
     G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr = False, STAGES: tl.constexpr = 0,
+    REREAD: tl.constexpr = True,
 ):
     # A tile is G groups of R consecutive steps; this program walks the tiles in order.
     # Position p = i * G * R + j * R + k (tile i, group j, step k) is time t = p (or
@@ -149,7 +177,9 @@ def _scan_fwd_kernel(
     # Options tried in the tile sweep. STREAM: the re-read rows are their last use, the
     # stores are not read again by this kernel. STAGES > 0: Triton's software pipeline
     # (asynchronous copies through shared memory, STAGES - 1 tiles ahead) replaces the
-    # prefetch into registers.
+    # prefetch into registers. REREAD=False: each row's exclusive prefix comes from a scan
+    # of its own group totals (``_entering_exclusive``) instead of re-reading the rows
+    # of the group before it.
     REREAD_EVICT: tl.constexpr = "evict_first" if STREAM else ""
     STORE_CACHE: tl.constexpr = ".cs" if STREAM else ""
     pid_d = tl.program_id(0)
@@ -189,7 +219,7 @@ def _scan_fwd_kernel(
             av, bv = _load_tile(a_tile, b_tile, off_a, off_b, s_at, s_bt, sign, groups, mask_d, n, R, A_ONE)
             carry = _forward_tile(av, bv, carry, a_tile, b_tile, h_base + sign * i * BLOCK_T * s_ht,
                                   off_a, off_b, off_h, s_at, s_bt, s_ht, sign, groups, mask_d, n,
-                                  G, R, BLOCK_D, LOG_A, A_ONE, REREAD_EVICT, STORE_CACHE)
+                                  G, R, BLOCK_D, LOG_A, A_ONE, REREAD_EVICT, STORE_CACHE, REREAD)
     else:
         # Loads for the first tile; each iteration then issues the next tile's loads
         # before it computes (fully masked past the end), so they overlap the arithmetic.
@@ -202,7 +232,7 @@ def _scan_fwd_kernel(
             a_next, b_next = _load_tile(a_base + sign * BLOCK_T * s_at, b_base + sign * BLOCK_T * s_bt,
                                         off_a, off_b, s_at, s_bt, sign, groups, mask_d, n - BLOCK_T, R, A_ONE)
             carry = _forward_tile(av, bv, carry, a_base, b_base, h_base, off_a, off_b, off_h, s_at, s_bt, s_ht,
-                                  sign, groups, mask_d, n, G, R, BLOCK_D, LOG_A, A_ONE, REREAD_EVICT, STORE_CACHE)
+                                  sign, groups, mask_d, n, G, R, BLOCK_D, LOG_A, A_ONE, REREAD_EVICT, STORE_CACHE, REREAD)
             a_base += sign * BLOCK_T * s_at
             b_base += sign * BLOCK_T * s_bt
             h_base += sign * BLOCK_T * s_ht
@@ -235,25 +265,35 @@ def _load_bwd_tile(a_base, h_base, g_base, off_a, off_h, off_g, s_at, s_ht, s_gt
 def _backward_tile(av, hv, gv, carry, h0, a_base, g_base, da_base, db_base, off_a, off_at, off_g, off_da, off_db,
                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, tile,
                    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, LOG_A: tl.constexpr, A_ONE: tl.constexpr,
-                   HAS_DH: tl.constexpr, HAS_H0: tl.constexpr, REREAD_EVICT: tl.constexpr, STORE_CACHE: tl.constexpr):
+                   HAS_DH: tl.constexpr, HAS_H0: tl.constexpr, REREAD_EVICT: tl.constexpr, STORE_CACHE: tl.constexpr,
+                   REREAD: tl.constexpr):
     """The adjoint recurrence over one tile (from :func:`_load_bwd_tile`, bases at the
     tile's start) from ``carry``; stores its ``grad_a``, ``grad_b``; returns the carry."""
-    # Each row's previous group, read again (cache hits), composed in registers.
-    # Only tile 0's first position has no coefficient (a past the end): masked to 1.
     pa = tl.full((G, BLOCK_D), 1.0, carry.dtype)
     pb = tl.zeros((G, BLOCK_D), dtype=carry.dtype)
-    for k in tl.static_range(R):
-        p = (groups - 1) * R + k  # position in this tile
-        m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
-        ak = tl.load(a_base + sign * (k - R) * s_at + off_a,
-                     mask=m & ((p >= 1) | (tile > 0))[:, None], other=A_ONE, eviction_policy=REREAD_EVICT)
-        ak = _gate(ak, carry.dtype, LOG_A)
-        pa = pa * ak
-        pb = pb * ak
-        if HAS_DH:
-            gk = tl.load(g_base + sign * (k - R) * s_gt + off_g, mask=m, other=0.0, eviction_policy=REREAD_EVICT)
-            pb += gk.to(carry.dtype)
-    g = _entering(pa, pb, carry)
+    if REREAD:
+        # Each row's previous group, read again (cache hits), composed in registers.
+        # Only tile 0's first position has no coefficient (a past the end): masked to 1.
+        for k in tl.static_range(R):
+            p = (groups - 1) * R + k  # position in this tile
+            m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
+            ak = tl.load(a_base + sign * (k - R) * s_at + off_a,
+                         mask=m & ((p >= 1) | (tile > 0))[:, None], other=A_ONE, eviction_policy=REREAD_EVICT)
+            ak = _gate(ak, carry.dtype, LOG_A)
+            pa = pa * ak
+            pb = pb * ak
+            if HAS_DH:
+                gk = tl.load(g_base + sign * (k - R) * s_gt + off_g, mask=m, other=0.0, eviction_policy=REREAD_EVICT)
+                pb += gk.to(carry.dtype)
+        g = _entering(pa, pb, carry)
+    else:  # each row's own group total, from registers
+        for k in tl.static_range(R):
+            ak = _gate(av[k], carry.dtype, LOG_A)
+            pa = pa * ak
+            pb = pb * ak
+            if HAS_DH:
+                pb += gv[k].to(carry.dtype)
+        g = _entering_exclusive(pa, pb, carry)
     for k in tl.static_range(R):
         g = _gate(av[k], carry.dtype, LOG_A) * g
         if HAS_DH:
@@ -287,6 +327,7 @@ def _scan_bwd_kernel(
     HAS_DH: tl.constexpr, HAS_DHL: tl.constexpr, HAS_H0: tl.constexpr,
     REVERSE: tl.constexpr, ACC_FP64: tl.constexpr, LOG_A: tl.constexpr,
     G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr = False, STAGES: tl.constexpr = 0,
+    REREAD: tl.constexpr = True,
 ):
     # REVERSE is the direction of the forward scan; this pass runs the other way, over
     # positions p (tiled as in the forward kernel) at times t = T-1-p, or t = p.
@@ -343,7 +384,7 @@ def _scan_bwd_kernel(
             carry = _backward_tile(av, hv, gv, carry, h0, a_base + step * s_at, g_base + step * s_gt,
                                    da_base + step * s_dat, db_base + step * s_dbt, off_a, off_at, off_g, off_da, off_db,
                                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, i,
-                                   G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE)
+                                   G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE, REREAD)
     else:
         a_next, h_next, g_next = _load_bwd_tile(a_base, h_base, g_base, off_a, off_h, off_g, s_at, s_ht, s_gt,
                                                 sign, groups, mask_d, T, 0, R, A_ONE, HAS_DH)
@@ -358,7 +399,7 @@ def _scan_bwd_kernel(
                 off_a, off_h, off_g, s_at, s_ht, s_gt, sign, groups, mask_d, n - BLOCK_T, i + 1, R, A_ONE, HAS_DH)
             carry = _backward_tile(av, hv, gv, carry, h0, a_base, g_base, da_base, db_base, off_a, off_at, off_g, off_da, off_db,
                                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, i,
-                                   G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE)
+                                   G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE, REREAD)
             a_base += sign * BLOCK_T * s_at
             h_base += sign * BLOCK_T * s_ht
             g_base += sign * BLOCK_T * s_gt

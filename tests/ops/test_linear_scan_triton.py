@@ -114,6 +114,9 @@ def _interpreter_checks() -> None:
         # the software-pipelined forward loop (the tile sweep's STAGES option)
         (torch.float32, 37, True, True, "strided", True, True, {"config": {**small, "STAGES": 3}}),
         (torch.bfloat16, 21, False, True, "contiguous", True, True, {"log_space": True, "config": {**small, "STAGES": 2}}),
+        # exclusive prefixes from the rows' own totals (the sweep's REREAD=False)
+        (torch.float32, 37, True, True, "strided", True, True, {"config": {**small, "REREAD": False}}),
+        (torch.float32, 16, False, True, "broadcast", False, True, {"log_space": True, "config": {**small, "REREAD": False, "STAGES": 2}}),
     ]
     batch, dim = 2, 20  # 20 channels: a full block and a partial one
     for dtype, length, reverse, with_h0, layout, with_gh, with_ghl, extra in cases:
@@ -179,7 +182,7 @@ def _fp64_accumulation_check(kernels) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 20, out
+    assert out.count("ok ") == 22, out
 
 
 # ----------------------------------------------------------------------------- CUDA
