@@ -43,15 +43,16 @@ import triton.language as tl
 from torch import Tensor
 
 # Tile shape per pass and dtype size in bytes: (G groups, R steps per group, BLOCK_D,
-# num_warps). The 2-byte entries are the fastest of a sweep on an H100 at B=4, T=32768,
-# D=4096 (docs/notes/scan-kernel.md); the others keep the same bytes per tile row and
-# were chosen to compile without register spills, not timed.
+# num_warps[, {kernel option: value}]). The 2-byte entries are the fastest of a sweep on
+# an H100 at B=4, T=32768, D=4096 (docs/notes/scan-kernel.md); the others keep the same
+# bytes per tile row and were chosen to compile without register spills, not timed.
 _CONFIGS = {
     "fwd": {2: (16, 8, 64, 4), 4: (16, 4, 32, 4), 8: (16, 2, 32, 4)},
     "bwd": {2: (64, 2, 64, 8), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
 }
 # With log a, 2-byte inputs: the tiles above spill a few registers (sm_90 compile, 144
-# bytes forward, 24 backward); these compile without spills. Not timed yet.
+# bytes forward, 24 backward); these compile without spills. The forward's is the best of
+# the 2026-11-25 log-space sweep; the backward's is untimed.
 _LOG_CONFIGS = {"fwd": {2: (16, 4, 64, 4)}, "bwd": {2: (32, 4, 64, 8)}}
 
 
@@ -435,7 +436,7 @@ def _default_config(kind: str, log_space: bool, itemsize: int, sms: int, batch: 
     """Tile for one call shape (cached: the launchers run it on every call). ``sms`` is 0
     off CUDA (the interpreter)."""
     table = _LOG_CONFIGS[kind] if log_space and itemsize in _LOG_CONFIGS[kind] else _CONFIGS[kind]
-    groups, steps, block_d, num_warps = table[itemsize]
+    groups, steps, block_d, num_warps, *options = table[itemsize]  # options: kernel constexprs (STAGES, ...)
     block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
     # Keep at least one program per multiprocessor where the channels allow it.
     while block_d > 16 and batch * triton.cdiv(dim, block_d) < sms:
@@ -445,7 +446,7 @@ def _default_config(kind: str, log_space: bool, itemsize: int, sms: int, batch: 
         groups //= 2
     while steps > 1 and groups * steps * _MIN_TILES > length:
         steps //= 2
-    return {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": num_warps}
+    return {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": num_warps, **(options[0] if options else {})}
 
 
 def _pick_config(kind: str, log_space: bool, device: torch.device, dtype: torch.dtype, batch: int, length: int, dim: int, config: dict | None):
