@@ -43,18 +43,21 @@ import triton.language as tl
 from torch import Tensor
 
 # Tile shape per pass and dtype size in bytes: (G groups, R steps per group, BLOCK_D,
-# num_warps[, {kernel option: value}]). The 2-byte entries are the fastest of a sweep on
-# an H100 at B=4, T=32768, D=4096 (docs/notes/scan-kernel.md); the others keep the same
-# bytes per tile row and were chosen to compile without register spills, not timed.
+# num_warps[, {kernel option: value}]). The 2-byte entries come from sweeps at B=4,
+# T=32768, D=4096 on an H100 and an H200 (docs/notes/scan-kernel.md), chosen to be near
+# the best on both cards; the others keep the same bytes per tile row and were chosen to
+# compile without register spills, not timed.
 _CONFIGS = {
     "fwd": {2: (16, 8, 64, 4), 4: (16, 4, 32, 4), 8: (16, 2, 32, 4)},
-    "bwd": {2: (64, 2, 64, 8), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
+    "bwd": {2: (32, 4, 64, 8, {"REREAD": False}), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
 }
-# With log a, 2-byte inputs: the tiles above spill a few registers (sm_90 compile, 144
-# bytes forward, 24 backward); these compile without spills. The forward's is the best of
-# the 2026-11-25 log-space sweep; the backward's (81.6% of copy) was within a point of
-# that sweep's best.
-_LOG_CONFIGS = {"fwd": {2: (16, 4, 64, 4)}, "bwd": {2: (32, 4, 64, 8)}}
+# With log a, 2-byte inputs: no re-read (it would repeat the exp) and Triton's software
+# pipeline instead of the register prefetch, which leaves the registers to the exps
+# (the 2026-11-26 sweep: 88% of copy forward, 84% backward, against 56% and 58%).
+_LOG_CONFIGS = {
+    "fwd": {2: (16, 8, 64, 4, {"STAGES": 3, "REREAD": False})},
+    "bwd": {2: (16, 4, 64, 4, {"STAGES": 3, "REREAD": False})},
+}
 
 
 @triton.jit
