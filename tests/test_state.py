@@ -25,7 +25,7 @@ def random_split(length, rng):
 
 
 @pytest.mark.parametrize("arch,extra", [
-    ("mmrec", {}), ("mmrec", {"recurrence": {"kind": "exact"}}), ("mmrec", {"short_conv": 4, "output_gate": True}), ("transformer", {}),
+    ("mmrec", {}), ("mmrec", {"recurrence": {"kind": "exact"}}), ("mmrec", {"short_conv": 4, "short_conv_init": "random", "output_gate": True}), ("transformer", {}),
 ])
 @pytest.mark.parametrize("trial", range(3))
 def test_pieces_with_carried_state_equal_one_pass(arch, extra, trial):

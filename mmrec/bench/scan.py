@@ -17,8 +17,8 @@ synchronising), the same call replayed as a CUDA graph (GPU time alone), and the
 kernels launched directly. A through-autograd time near the host time and well above
 the graph time means the call is CPU-bound.
 
-``--sweep`` times tile configurations of both kernels (the built-in list plus
-``--tiles``) at ``--sweep-lengths`` (default: the longest length), also in log space
+``--sweep`` times tile configurations of both kernels (``--tiles``, or else a built-in
+list) at ``--sweep-lengths`` (default: the longest length), also in log space
 with ``--sweep-log``.
 """
 
@@ -60,7 +60,7 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--sweep", action="store_true", help="also time the kernels' tile configurations")
     parser.add_argument("--sweep-lengths", type=int, nargs="+", help="lengths for --sweep (default: the longest of --lengths)")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="G,R,BLOCK_D,WARPS[,OPTION=N...]",
-                        help="extra tiles for --sweep; options (see the kernels): stream=1 cache hints for streamed "
+                        help="the tiles --sweep times (default: a built-in list); options (see the kernels): stream=1 cache hints for streamed "
                              "data, stages=N Triton's software pipeline instead of the prefetch into registers, "
                              "reread=0 exclusive prefixes from the rows' own totals")
     parser.add_argument("--sweep-log", action="store_true", help="--sweep also with log-space gates")
@@ -297,7 +297,7 @@ def parse_tile(text: str) -> tuple:
 
 
 def _sweep(kernels, args, dtype, floor, copy) -> list[dict]:
-    tiles = list(dict.fromkeys([(*tile, ()) for tile in SWEEP] + [parse_tile(t) for t in args.tiles]))
+    tiles = list(dict.fromkeys([parse_tile(t) for t in args.tiles] or [(*tile, ()) for tile in SWEEP]))
     out = []
     for length in args.sweep_lengths or [max(args.lengths)]:
         for log_space in (False, True) if args.sweep_log else (False,):

@@ -54,8 +54,9 @@ class MMRecBlock(nn.Module):
         memory: Variant = Variant(kind="hds")
         planning: Planning.Config | None = Field(None, description="UBÖO planning auxiliary loss; null disables it")
         short_conv: int | None = Field(
-            None, ge=2, description="kernel size of a causal depthwise convolution (then SiLU) on z before MDI and the recurrence; null: none"
+            None, ge=2, description="kernel size of a causal depthwise convolution on z before MDI and the recurrence; null: none"
         )
+        short_conv_init: Literal["identity", "random"] = Field("identity", description="the convolution's initial taps")
         output_gate: bool = Field(False, description="gate W_o's input by silu of one more projection of the block input")
 
         variant_groups: ClassVar[dict[str, str]] = {"recurrence": "scans", "memory": "memories"}
@@ -92,7 +93,7 @@ class MMRecBlock(nn.Module):
             self.widths["g"] = d
         if config.output_gate:
             self.widths["o"] = d
-        self.short_conv = ShortConv(d, config.short_conv) if config.short_conv is not None else None
+        self.short_conv = ShortConv(d, config.short_conv, config.short_conv_init) if config.short_conv is not None else None
         self.norm = RMSNorm(d, config.norm_eps)
         self.proj = FusedProjection(d, self.widths, fused=config.hem, bias=config.bias)
         self.mdi = MDI(d, key_dim, config.decay_init, config.init_std)

@@ -6,7 +6,7 @@ from tests.helpers import rel_err
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``silu(Σ_j w[:, K-1-j] x_{t-j})`` as a loop over time, zeros before the start."""
+    """``Σ_j w[:, K-1-j] x_{t-j}`` as a loop over time, zeros before the start."""
     batch, length, dim = x.shape
     size = weight.shape[-1]
     out = torch.zeros_like(x)
@@ -14,12 +14,12 @@ def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         for j in range(size):
             if t - j >= 0:
                 out[:, t] += weight[:, 0, size - 1 - j] * x[:, t - j]
-    return torch.nn.functional.silu(out)
+    return out
 
 
 @pytest.mark.parametrize("size,length", [(2, 1), (4, 3), (4, 13), (3, 29)])
 def test_matches_the_loop_with_gradients_float64(size, length):
-    conv = ShortConv(11, size).double()
+    conv = ShortConv(11, size, init="random").double()
     x = torch.randn(3, length, 11, dtype=torch.float64, requires_grad=True)
     y, cache = conv(x)
     ref = reference(x, conv.weight)
@@ -35,7 +35,7 @@ def test_matches_the_loop_with_gradients_float64(size, length):
 
 
 def test_future_inputs_never_change_earlier_outputs():
-    conv = ShortConv(7, 4).double()
+    conv = ShortConv(7, 4, init="random").double()
     x = torch.randn(2, 20, 7, dtype=torch.float64)
     changed = x.clone()
     changed[:, 9:] = torch.randn_like(changed[:, 9:])
@@ -45,7 +45,7 @@ def test_future_inputs_never_change_earlier_outputs():
 
 
 def test_pieces_with_the_cache_equal_one_pass():
-    conv = ShortConv(5, 4).double()
+    conv = ShortConv(5, 4, init="random").double()
     x = torch.randn(2, 17, 5, dtype=torch.float64)
     whole, _ = conv(x)
     pieces, cache, start = [], None, 0
@@ -59,3 +59,11 @@ def test_pieces_with_the_cache_equal_one_pass():
 def test_a_kernel_of_one_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
         ShortConv(4, 1)
+
+
+def test_identity_init_passes_the_input_through():
+    conv = ShortConv(6, 3).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    assert torch.equal(conv(x)[0], x)
+    with pytest.raises(ValueError, match="identity"):
+        ShortConv(6, 3, init="zeros")
