@@ -44,16 +44,19 @@ from torch import Tensor
 
 # Tile shape per pass and dtype size in bytes: (G groups, R steps per group, BLOCK_D,
 # num_warps[, {kernel option: value}]). The 2-byte entries come from sweeps at B=4,
-# T=32768, D=4096 on an H100 and an H200 (docs/notes/scan-kernel.md), chosen to be near
-# the best on both cards; the others keep the same bytes per tile row and were chosen to
-# compile without register spills, not timed.
+# T=32768, D=4096 (docs/notes/scan-kernel.md). The backward's tile is within a point or
+# two of the best on both cards measured: 93.5% of copy on an H100 (with the re-read),
+# 92.2% on an H200 without it; on the H200 the H100's old best (64 x 2 x 64) gave 71-75%. The
+# other sizes keep the same bytes per tile row and were chosen to compile without
+# register spills, not timed.
 _CONFIGS = {
     "fwd": {2: (16, 8, 64, 4), 4: (16, 4, 32, 4), 8: (16, 2, 32, 4)},
     "bwd": {2: (32, 4, 64, 8, {"REREAD": False}), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
 }
 # With log a, 2-byte inputs: no re-read (it would repeat the exp) and Triton's software
-# pipeline instead of the register prefetch, which leaves the registers to the exps
-# (the 2026-11-26 sweep: 88% of copy forward, 84% backward, against 56% and 58%).
+# pipeline instead of the register prefetch, which leaves the registers to the exps. On
+# an H200 (2026-11-26): 88% of copy forward and 84% backward, against 56% and 58% for the
+# tiles before; not yet timed on an H100.
 _LOG_CONFIGS = {
     "fwd": {2: (16, 8, 64, 4, {"STAGES": 3, "REREAD": False})},
     "bwd": {2: (16, 4, 64, 4, {"STAGES": 3, "REREAD": False})},
