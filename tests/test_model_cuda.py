@@ -47,9 +47,9 @@ def _gradients(model, ids, compiled: bool) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("overrides", [[], ["model.recurrence.kind=exact"]], ids=["parallel", "exact"])
 def test_cuda_compiled_gradients_match_the_cpu_model(overrides):
-    # Checks that a finite gradient is not enough for: a compiled CUDA graph once gave
-    # finite but wrong gradients (docs/benchmarks.md, 2026-11-26), so every parameter's
-    # gradient is compared with the eager CPU model's, in float32.
+    # A finite gradient is not enough: a compiled CUDA graph once gave finite but wrong
+    # gradients (docs/benchmarks.md, 2026-11-26). So every parameter's gradient is
+    # compared with the eager CPU model's, in float32.
     torch._dynamo.reset()
     model = mmrec.build("tiny", ["model.n_layers=2", "model.dropout=0.0", *overrides])
     ids = torch.randint(0, 256, (3, 2 * model.config.chunk_size + 6))

@@ -46,8 +46,8 @@ from torch import Tensor
 # num_warps[, {kernel option: value}]). The 2-byte entries come from sweeps at B=4,
 # T=32768, D=4096 (docs/notes/scan-kernel.md). The backward's tile is within a point or
 # two of the best on both cards measured: 93.5% of copy on an H100 (with the re-read),
-# 92.2% on an H200 without it; on the H200 the H100's old best (64 x 2 x 64) gave 71-75%. The
-# other sizes keep the same bytes per tile row and were chosen to compile without
+# 92.2% on an H200 without it, where the H100's old best (64 x 2 x 64) gave 71-75%.
+# The other sizes keep the same bytes per tile row and were chosen to compile without
 # register spills, not timed.
 _CONFIGS = {
     "fwd": {2: (16, 8, 64, 4), 4: (16, 4, 32, 4), 8: (16, 2, 32, 4)},
