@@ -92,8 +92,9 @@ class StaticDecoder:
             self.layers = [static_cache(layer, state.position, self.capacity, kv_splits, donate) for layer in state.layers]
         else:
             self.chunk_size = config.chunk_size
+            # "h" and, with a short convolution, "conv" are fixed-size already
             self.layers = [
-                {"h": layer["h"].clone(),
+                {**{name: value.clone() for name, value in layer.items() if name != "memory"},
                  "memory": block.memory.static_state(layer["memory"], batch, config.chunk_size, layer["memory"]["pending_k"].dtype)}
                 for block, layer in zip(model.blocks, state.layers)
             ]
@@ -180,7 +181,8 @@ class StaticDecoder:
             layers = [{name: layer[name][:, :, : self.length].clone() for name in ("k", "v")} for layer in self.layers]
         else:
             pending = self.length % self.chunk_size
-            layers = [{"h": layer["h"].clone(), "memory": block.memory.eager_state(layer["memory"], pending)}
+            layers = [{**{name: value.clone() for name, value in layer.items() if name != "memory"},
+                       "memory": block.memory.eager_state(layer["memory"], pending)}
                       for block, layer in zip(self.model.blocks, self.layers)]
         return State(layers, self.length, self.model.config_json)
 

@@ -12,7 +12,8 @@ from tests.helpers import rel_err
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # odd sizes: a 7-token chunk, 3 sequences, 2 banks of 6-wide slots
-ARCHS = [("mmrec", {}), ("mmrec", {"recurrence": {"kind": "exact"}}), ("transformer", {})]
+ARCHS = [("mmrec", {}), ("mmrec", {"recurrence": {"kind": "exact"}}), ("mmrec", {"short_conv": 4, "short_conv_init": "random"}),
+         ("transformer", {})]
 
 
 def toy(arch="mmrec", dtype=torch.float64, **model):

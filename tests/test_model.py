@@ -25,6 +25,7 @@ def variant_recipes():
         for scan in registry.names("scans")
         for memory in registry.names("memories")
     ]
+    cases.append(pytest.param({"short_conv": 3, "short_conv_init": "random"}, id="parallel-hds-conv"))
     cases.append(pytest.param({"arch": "transformer", "chunk_size": None}, id="transformer"))
     return cases
 
@@ -122,13 +123,37 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_compiles_fullgraph_without_graph_breaks():
-    model = mmrec.build("tiny").eval()
+@pytest.mark.parametrize("overrides", [[], ["model.short_conv=4", "model.short_conv_init=random"]], ids=["tiny", "conv"])
+def test_compiles_fullgraph_without_graph_breaks(overrides):
+    model = mmrec.build("tiny", overrides).eval()
     ids = torch.randint(0, 256, (2, 150))  # two full chunks and a partial one
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", variant_recipes())
+def test_compiled_gradients_equal_eager(overrides):
+    # Dynamo and AOTAutograd (the backend here) trace the backward; a compiled graph once
+    # gave finite but zero gradients to every decay (PyTorch 2.11, tests/layers/test_mdi.py),
+    # so every parameter's gradient is compared, in float32 as training runs.
+    model = build_variant(overrides).float()
+    ids = torch.randint(0, 50, (2, 2 * CHUNK + 3))
+
+    def gradients(fn):
+        model.zero_grad()
+        out = fn(ids[:, :-1], return_aux_loss=True)
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+        (loss if out.aux_loss is None else loss + out.aux_loss).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    want = gradients(model)
+    torch._dynamo.reset()
+    got = gradients(torch.compile(model, backend="aot_eager"))
+    for name, grad in want.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def _state_tensors(x):

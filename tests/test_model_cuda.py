@@ -45,7 +45,9 @@ def _gradients(model, ids, compiled: bool) -> dict[str, torch.Tensor]:
     return {name: p.grad.cpu().double() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.recurrence.kind=exact"]], ids=["parallel", "exact"])
+@pytest.mark.parametrize("overrides", [
+    [], ["model.recurrence.kind=exact"], ["model.short_conv=4", "model.short_conv_init=random"],
+], ids=["parallel", "exact", "short-conv"])
 def test_cuda_compiled_gradients_match_the_cpu_model(overrides):
     # A finite gradient is not enough: a compiled CUDA graph once gave finite but wrong
     # gradients (docs/benchmarks.md, 2026-11-26). So every parameter's gradient is

@@ -24,10 +24,12 @@ def random_split(length, rng):
     return sizes
 
 
-@pytest.mark.parametrize("arch,recurrence", [("mmrec", "parallel"), ("mmrec", "exact"), ("transformer", None)])
+@pytest.mark.parametrize("arch,extra", [
+    ("mmrec", {}), ("mmrec", {"recurrence": {"kind": "exact"}}), ("mmrec", {"short_conv": 4, "short_conv_init": "random"}), ("transformer", {}),
+])
 @pytest.mark.parametrize("trial", range(3))
-def test_pieces_with_carried_state_equal_one_pass(arch, recurrence, trial):
-    model = toy(arch, **({"recurrence": {"kind": recurrence}} if recurrence else {}))
+def test_pieces_with_carried_state_equal_one_pass(arch, extra, trial):
+    model = toy(arch, **extra)
     ids = torch.randint(0, 50, (2, 45))
     with torch.no_grad():
         whole = model(ids).logits

@@ -77,7 +77,10 @@ class LogSigmoidSum(torch.autograd.Function):
     def forward(ctx, x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
         ctx.save_for_backward(x, y)
         acc = accumulation_dtype(x.dtype)
-        return (nn.functional.logsigmoid(x.to(acc)) + nn.functional.logsigmoid(y.to(acc))).to(dtype)
+        out = nn.functional.logsigmoid(x.to(acc)) + nn.functional.logsigmoid(y.to(acc))
+        # No `.to` when the dtype is already right: PyTorch 2.11 compiles a Function whose
+        # forward returns such a no-op cast with zero gradients (fine in eager and in 2.13).
+        return out if out.dtype == dtype else out.to(dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:

@@ -6,6 +6,9 @@ candidate ``z`` and, for recurrences that read the input, the gate logits ``g``;
 the registered memory gives a long-term context; then
 ``x + dropout(W_o(RMSNorm(h) + context))`` and ``x + FFN(RMSNorm(x))``. The state is
 normalised before ``W_o`` because its scale grows up to ``1 / (1 - γ)`` times the input's.
+
+One option beyond DESIGN.md, off by default: ``short_conv`` passes ``z`` through a short
+causal convolution (:mod:`mmrec.layers.short_conv`) before MDI and the recurrence.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from mmrec.layers.mdi import MDI
 from mmrec.layers.norm import RMSNorm
 from mmrec.layers.planning import Planning
 from mmrec.layers.projection import FusedProjection
+from mmrec.layers.short_conv import ShortConv
 from mmrec.layers.variant import Variant
 from mmrec.ops import accumulation_dtype
 
@@ -47,6 +51,10 @@ class MMRecBlock(nn.Module):
         recurrence: Variant = Variant(kind="parallel")
         memory: Variant = Variant(kind="hds")
         planning: Planning.Config | None = Field(None, description="UBÖO planning auxiliary loss; null disables it")
+        short_conv: int | None = Field(
+            None, ge=2, description="kernel size of a causal depthwise convolution on z before MDI and the recurrence; null: none"
+        )
+        short_conv_init: Literal["identity", "random"] = Field("identity", description="the convolution's initial taps")
 
         variant_groups: ClassVar[dict[str, str]] = {"recurrence": "scans", "memory": "memories"}
 
@@ -80,6 +88,7 @@ class MMRecBlock(nn.Module):
         self.widths = {"q": d, "k": key_dim, "v": key_dim, "z": d}
         if self.recurrence.needs_input_gate:
             self.widths["g"] = d
+        self.short_conv = ShortConv(d, config.short_conv, config.short_conv_init) if config.short_conv is not None else None
         self.norm = RMSNorm(d, config.norm_eps)
         self.proj = FusedProjection(d, self.widths, fused=config.hem, bias=config.bias)
         self.mdi = MDI(d, key_dim, config.decay_init, config.init_std)
@@ -105,15 +114,19 @@ class MMRecBlock(nn.Module):
         """``x``: ``[B, T, d_model]`` -> ``(x, state, aux_loss)``.
 
         ``state`` (from the previous call) carries the recurrence's last ``h`` (``[B, d]``,
-        float32) and the memory's state, so a sequence fed in pieces gives what one pass gives.
+        float32), the memory's state and, with ``short_conv``, the convolution's last inputs
+        (``conv``, ``[B, K-1, d]``), so a sequence fed in pieces gives what one pass gives.
         A ``position`` tensor marks a static decode step (one token, ``state`` from
         ``mmrec.decode``): the memory's buffers are then updated in place.
         """
         state = state or {}
         u = self.norm(x)
         p = self.proj(u)
-        log_decay = self.log_decay(p["z"], p["k"])
-        h, h_last = self.recurrence(p["z"], log_decay, p.get("g"), state.get("h"))
+        z, new_state = p["z"], {}
+        if self.short_conv is not None:
+            z, new_state["conv"] = self.short_conv(z, state.get("conv"))
+        log_decay = self.log_decay(z, p["k"])
+        h, h_last = self.recurrence(z, log_decay, p.get("g"), state.get("h"))
         dropout = self.dropout_p if self.training else 0.0
         if isinstance(position, Tensor):  # a static decode step (mmrec.decode): buffers updated in place
             context, memory_state = self.memory.step(p["q"], p["k"], p["v"], self.chunk_size, state["memory"], position)
@@ -123,4 +136,4 @@ class MMRecBlock(nn.Module):
         x = x + self.dropout(self.out(h + context))
         x = x + self.ffn(self.ffn_norm(x))
         aux = self.planning(h, u) if (return_aux_loss and self.planning is not None) else None
-        return x, {"h": h_last, "memory": memory_state}, aux
+        return x, {"h": h_last, "memory": memory_state, **new_state}, aux

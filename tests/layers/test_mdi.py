@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mmrec.layers.mdi import MDI
@@ -55,3 +56,23 @@ def test_log_decay_in_the_activations_dtype_or_on_request():
     want = torch.autograd.grad((wide * probe).sum(), (z, k))
     for g, w in zip(got, want):
         assert g.dtype == torch.bfloat16 and 0 < rel_err(g, w) < 1e-2
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, None), (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, None)])
+def test_compiled_gradients_equal_eager(dtype, out_dtype):
+    # PyTorch 2.11 compiled the log-sigmoid Function with zero gradients when its output
+    # needed no cast (float32 in, float32 out), which silently froze every decay in
+    # compiled float32 training: the compiled graph must give eager's gradients.
+    mdi = MDI(9, 5, decay_init=(0.6, 0.95)).to(dtype)
+    z = torch.randn(2, 7, 9, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 7, 5, dtype=dtype, requires_grad=True)
+    probe = torch.randn(2, 7, 9, dtype=torch.float64)
+    inputs = (z, k, *mdi.parameters())
+
+    def gradients(fn):
+        return torch.autograd.grad((fn(z, k, out_dtype).double() * probe).sum(), inputs)
+
+    torch._dynamo.reset()
+    for got, want in zip(gradients(torch.compile(mdi, backend="aot_eager")), gradients(mdi)):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want)
