@@ -44,22 +44,31 @@ from torch import Tensor
 
 # Tile shape per pass and dtype size in bytes: (G groups, R steps per group, BLOCK_D,
 # num_warps[, {kernel option: value}]). The 2-byte entries come from sweeps at B=4,
-# T=32768, D=4096 (docs/notes/scan-kernel.md). The backward's tile is within a point or
-# two of the best on both cards measured: 93.5% of copy on an H100 (with the re-read),
-# 92.2% on an H200 without it, where the H100's old best (64 x 2 x 64) gave 71-75%.
-# The other sizes keep the same bytes per tile row and were chosen to compile without
-# register spills, not timed.
+# T=32768, D=4096 on an H100 (docs/notes/scan-kernel.md); other cards get them unless
+# ``_CARD_CONFIGS`` has their own. The other sizes keep the same bytes per tile row and
+# were chosen to compile without register spills, not timed.
 _CONFIGS = {
     "fwd": {2: (16, 8, 64, 4), 4: (16, 4, 32, 4), 8: (16, 2, 32, 4)},
-    "bwd": {2: (32, 4, 64, 8, {"REREAD": False}), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
+    "bwd": {2: (64, 2, 64, 8), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
 }
-# With log a, 2-byte inputs: no re-read (it would repeat the exp) and Triton's software
-# pipeline instead of the register prefetch, which leaves the registers to the exps. On
-# an H200 (2026-11-26): 88% of copy forward and 84% backward, against 68% and 71% for the
-# tiles before in the same run; not yet timed on an H100.
+# With log a (2-byte inputs): H100 sweep of 2026-11-26 02:00, 93.8% of copy forward and
+# 92.8% backward.
 _LOG_CONFIGS = {
-    "fwd": {2: (16, 8, 64, 4, {"STAGES": 3, "REREAD": False})},
-    "bwd": {2: (16, 4, 64, 4, {"STAGES": 3, "REREAD": False})},
+    "fwd": {2: (16, 4, 64, 4)},
+    "bwd": {2: (32, 4, 64, 8)},
+}
+# Cards whose own sweep chose other 2-byte tiles, by device-name prefix: ((pass, log a):
+# tile). The H200 moves 1.4x the H100's bytes per second and wants more of them in
+# flight; there the H100's tiles give 68-75% of copy in three of the four kernels. Its
+# backward drops the re-read; in log space both passes use Triton's software pipeline
+# (STAGES) and no re-read, which leaves the registers to the exps. H200, 2026-11-26 01:14:
+# 92% (plain backward), 88% (log forward), 84% (log backward).
+_CARD_CONFIGS = {
+    "NVIDIA H200": {
+        ("bwd", False): (32, 4, 64, 8, {"REREAD": False}),
+        ("fwd", True): (16, 8, 64, 4, {"STAGES": 3, "REREAD": False}),
+        ("bwd", True): (16, 4, 64, 4, {"STAGES": 3, "REREAD": False}),
+    },
 }
 
 
@@ -438,12 +447,25 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.lru_cache(maxsize=1024)
-def _default_config(kind: str, log_space: bool, itemsize: int, sms: int, batch: int, length: int, dim: int) -> dict:
-    """Tile for one call shape (cached: the launchers run it on every call). ``sms`` is 0
-    off CUDA (the interpreter)."""
+@functools.cache
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def _base_tile(kind: str, log_space: bool, itemsize: int, card: str) -> tuple:
+    """The table's tile for this pass, gates and dtype size on the card named ``card``."""
+    for prefix, tiles in _CARD_CONFIGS.items():
+        if itemsize == 2 and card.startswith(prefix) and (kind, log_space) in tiles:
+            return tiles[kind, log_space]
     table = _LOG_CONFIGS[kind] if log_space and itemsize in _LOG_CONFIGS[kind] else _CONFIGS[kind]
-    groups, steps, block_d, num_warps, *options = table[itemsize]  # options: kernel constexprs (STAGES, ...)
+    return table[itemsize]
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_config(kind: str, log_space: bool, itemsize: int, sms: int, batch: int, length: int, dim: int, card: str = "") -> dict:
+    """Tile for one call shape (cached: the launchers run it on every call). ``sms`` is 0
+    and ``card`` empty off CUDA (the interpreter)."""
+    groups, steps, block_d, num_warps, *options = _base_tile(kind, log_space, itemsize, card)  # options: kernel constexprs (STAGES, ...)
     block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
     # Keep at least one program per multiprocessor where the channels allow it.
     while block_d > 16 and batch * triton.cdiv(dim, block_d) < sms:
@@ -457,8 +479,12 @@ def _default_config(kind: str, log_space: bool, itemsize: int, sms: int, batch: 
 
 
 def _pick_config(kind: str, log_space: bool, device: torch.device, dtype: torch.dtype, batch: int, length: int, dim: int, config: dict | None):
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 0
-    cfg = _default_config(kind, bool(log_space), dtype.itemsize, sms, batch, length, dim)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        sms, card = _sm_count(index), _device_name(index)
+    else:
+        sms, card = 0, ""
+    cfg = _default_config(kind, bool(log_space), dtype.itemsize, sms, batch, length, dim, card)
     return {**cfg, **config} if config else cfg
 
 

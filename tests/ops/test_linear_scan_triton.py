@@ -185,6 +185,24 @@ def test_kernels_under_triton_interpreter():
     assert out.count("ok ") == 22, out
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_tiles_follow_the_card():
+    """2-byte tiles come from the card's own sweep where it has one (an H200), else from
+    the default table (the H100's); other dtype sizes and the interpreter use the table."""
+    from mmrec.ops import linear_scan_triton as kernels
+
+    def tile(kind, log_space, card, itemsize=2):
+        return kernels._default_config(kind, log_space, itemsize, 132, 4, 32768, 4096, card)
+
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    assert tile("bwd", True, h200)["STAGES"] == 3 and tile("bwd", True, h200)["G"] == 16
+    assert "STAGES" not in tile("bwd", True, h100) and tile("bwd", True, h100)["G"] == 32
+    assert tile("bwd", False, h200)["REREAD"] is False and tile("bwd", False, h100)["G"] == 64
+    assert tile("fwd", False, h200) == tile("fwd", False, h100)  # no H200 entry: the table's
+    assert tile("bwd", True, "NVIDIA A100-SXM4-80GB") == tile("bwd", True, h100) == tile("bwd", True, "")
+    assert tile("bwd", True, h200, itemsize=4) == tile("bwd", True, h100, itemsize=4)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and triton")
