@@ -91,21 +91,30 @@ def run(args: argparse.Namespace) -> int:
         jobs[recipe] = (process, started, run_dir, log)
         if args.sequential:
             process.wait()
-    rows = []
-    for recipe, (process, started, run_dir, log) in jobs.items():
-        code = process.wait()
-        log.close()
-        row = {"recipe": recipe, "exit_code": code, "wall_s": time.perf_counter() - started}
-        if code == 0:
-            row.update(read_metrics(run_dir))
-            row.update(full_validation_loss(run_dir, args.data, args.device))
-            if (run_dir / "best").is_dir():
-                best = full_validation_loss(run_dir / "best", args.data, args.device)
-                row.update(best_step=best["step"], best_full_val_loss=best["full_val_loss"])
-        else:
-            print(f"{recipe}: training failed (exit {code}); see {run_dir}.log", file=sys.stderr)
-        rows.append(row)
-        print(row, flush=True)
+    # Scored as each finishes, and the JSON rewritten after each: a run stopped early (a
+    # time limit) keeps every recipe that had finished, whatever their order.
+    rows, pending = [], dict(jobs)
+    while pending:
+        finished = [recipe for recipe, (process, *_) in pending.items() if process.poll() is not None]
+        if not finished:
+            time.sleep(1.0)
+            continue
+        for recipe in finished:
+            process, started, run_dir, log = pending.pop(recipe)
+            log.close()
+            row = {"recipe": recipe, "exit_code": process.returncode, "wall_s": time.perf_counter() - started}
+            if process.returncode == 0:
+                row.update(read_metrics(run_dir))
+                row.update(full_validation_loss(run_dir, args.data, args.device))
+                if (run_dir / "best").is_dir():
+                    best = full_validation_loss(run_dir / "best", args.data, args.device)
+                    row.update(best_step=best["step"], best_full_val_loss=best["full_val_loss"])
+            else:
+                print(f"{recipe}: training failed (exit {process.returncode}); see {run_dir}.log", file=sys.stderr)
+            rows.append(row)
+            print(row, flush=True)
+            if pending:
+                write_json(args.out, {**meta, "complete": False, "results": rows})
     print(f"\n{meta['device']}; data {args.data}; overrides {args.overrides or 'none'}")
     print(f"{'recipe':<30} {'params':>10} {'steps':>6} {'full val loss':>14} {'train-loop val':>15} "
           f"{'best step':>10} {'best full val':>14} {'tokens/s':>10}")
@@ -116,5 +125,5 @@ def run(args: argparse.Namespace) -> int:
         best = (f"{r['best_step']:>10} {r['best_full_val_loss']:>14.4f}" if "best_step" in r else f"{'-':>10} {'-':>14}")
         print(f"{r['recipe']:<30} {r['parameters']:>10,} {r['step']:>6} {r['full_val_loss']:>14.4f} "
               f"{r['last_val_loss']:>15.4f} {best} {r['median_tokens_per_s'] or 0:>10.0f}")
-    write_json(args.out, {**meta, "results": rows})
+    write_json(args.out, {**meta, "complete": True, "results": rows})
     return 0 if all(r["exit_code"] == 0 for r in rows) else 1
