@@ -156,6 +156,23 @@ def test_compiled_gradients_equal_eager(overrides):
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def test_recurrence_dropout_drops_the_recurrence_input_only_and_only_in_training():
+    model = build_variant({"recurrence_dropout": 0.5})
+    block = model.blocks[0]
+    seen = {}
+    block.recurrence.register_forward_pre_hook(lambda module, args: seen.update(recurrence=args[0]))
+    block.mdi.register_forward_pre_hook(lambda module, args: seen.update(mdi=args[0]))
+    ids = torch.randint(0, 50, (2, 2 * CHUNK + 3))
+    model.train()
+    model(ids)
+    dropped, kept = seen["recurrence"], seen["mdi"]  # MDI reads z whole
+    assert 0.4 < (dropped == 0).double().mean() < 0.6 and (kept != 0).all()
+    torch.testing.assert_close(dropped, torch.where(dropped == 0, 0.0, 2 * kept))
+    model.eval()
+    model(ids)
+    assert torch.equal(seen["recurrence"], seen["mdi"])
+
+
 def _state_tensors(x):
     if isinstance(x, dict):
         for v in x.values():

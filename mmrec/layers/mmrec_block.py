@@ -7,8 +7,10 @@ the registered memory gives a long-term context; then
 ``x + dropout(W_o(RMSNorm(h) + context))`` and ``x + FFN(RMSNorm(x))``. The state is
 normalised before ``W_o`` because its scale grows up to ``1 / (1 - γ)`` times the input's.
 
-One option beyond DESIGN.md, off by default: ``short_conv`` passes ``z`` through a short
-causal convolution (:mod:`mmrec.layers.short_conv`) before MDI and the recurrence.
+Two options beyond DESIGN.md, off by default: ``short_conv`` passes ``z`` through a short
+causal convolution (:mod:`mmrec.layers.short_conv`) before MDI and the recurrence, and
+``recurrence_dropout`` drops elements of the recurrence's input (not of what MDI reads),
+the regularisation recurrent networks over characters need to generalise.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class MMRecBlock(nn.Module):
             None, ge=2, description="kernel size of a causal depthwise convolution on z before MDI and the recurrence; null: none"
         )
         short_conv_init: Literal["identity", "random"] = Field("identity", description="the convolution's initial taps")
+        recurrence_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the recurrence's input z (training only)")
 
         variant_groups: ClassVar[dict[str, str]] = {"recurrence": "scans", "memory": "memories"}
 
@@ -97,6 +100,7 @@ class MMRecBlock(nn.Module):
         self.ffn_norm = RMSNorm(d, config.norm_eps)
         self.ffn = SwiGLU(d, config.ffn_dim, config.bias, config.dropout)
         self.dropout = nn.Dropout(config.dropout)
+        self.recurrence_dropout = nn.Dropout(config.recurrence_dropout)
         self.planning = Planning(config.planning, d, config.bias) if config.planning is not None else None
 
     def residual_projections(self) -> list[nn.Linear]:
@@ -126,7 +130,7 @@ class MMRecBlock(nn.Module):
         if self.short_conv is not None:
             z, new_state["conv"] = self.short_conv(z, state.get("conv"))
         log_decay = self.log_decay(z, p["k"])
-        h, h_last = self.recurrence(z, log_decay, p.get("g"), state.get("h"))
+        h, h_last = self.recurrence(self.recurrence_dropout(z), log_decay, p.get("g"), state.get("h"))
         dropout = self.dropout_p if self.training else 0.0
         if isinstance(position, Tensor):  # a static decode step (mmrec.decode): buffers updated in place
             context, memory_state = self.memory.step(p["q"], p["k"], p["v"], self.chunk_size, state["memory"], position)
