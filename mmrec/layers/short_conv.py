@@ -9,9 +9,9 @@ read from token ``t``, multiplies features of the tokens before it).
 
 It is written as K shifted multiply-adds rather than ``conv1d``: for K of 2 to 4 that is
 one elementwise kernel once compiled, and it keeps convolutions out of the model's graph
-(compiled CUDA graphs with a ``conv1d`` in this block gave wrong gradients on 2026-11-26,
-docs/benchmarks.md; the test against the eager CPU model in tests/test_model_cuda.py
-guards this form).
+(with a ``conv1d`` here the compiled bf16 CUDA model gave wrong gradients, cause not
+found; docs/benchmarks.md, 2026-11-26. tests/test_model_cuda.py checks this form's
+compiled CUDA gradients against the eager CPU model).
 
 ``init="identity"`` starts as the identity (the block starts as it would without the
 convolution); ``"random"`` as ``nn.Conv1d`` does, mixing from the first step.
