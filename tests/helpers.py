@@ -23,3 +23,13 @@ def run_under_triton_interpreter(script: str) -> str:
     proc = subprocess.run([sys.executable, script], check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
+
+
+def parameter_gradients(model: torch.nn.Module, forward, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of the next-token loss (plus the auxiliary loss) of
+    ``forward`` (``model`` itself or a compiled wrapper of it) on ``ids``, as CPU copies."""
+    model.zero_grad()
+    out = forward(ids[:, :-1], return_aux_loss=True)
+    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+    (loss if out.aux_loss is None else loss + out.aux_loss).backward()
+    return {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}

@@ -4,6 +4,7 @@ import torch
 import mmrec
 from mmrec import registry
 from mmrec.layers.projection import split_state_dict
+from tests.helpers import parameter_gradients
 
 CHUNK = 8
 
@@ -140,17 +141,9 @@ def test_compiled_gradients_equal_eager(overrides):
     # so every parameter's gradient is compared, in float32 as training runs.
     model = build_variant(overrides).float()
     ids = torch.randint(0, 50, (2, 2 * CHUNK + 3))
-
-    def gradients(fn):
-        model.zero_grad()
-        out = fn(ids[:, :-1], return_aux_loss=True)
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
-        (loss if out.aux_loss is None else loss + out.aux_loss).backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    want = gradients(model)
+    want = parameter_gradients(model, model, ids)
     torch._dynamo.reset()
-    got = gradients(torch.compile(model, backend="aot_eager"))
+    got = parameter_gradients(model, torch.compile(model, backend="aot_eager"), ids)
     for name, grad in want.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
