@@ -92,9 +92,8 @@ class StaticDecoder:
             self.layers = [static_cache(layer, state.position, self.capacity, kv_splits, donate) for layer in state.layers]
         else:
             self.chunk_size = config.chunk_size
-            # "h" and, with a short convolution, "conv" are fixed-size already
             self.layers = [
-                {**{name: value.clone() for name, value in layer.items() if name != "memory"},
+                {**_fixed_size_copy(layer),
                  "memory": block.memory.static_state(layer["memory"], batch, config.chunk_size, layer["memory"]["pending_k"].dtype)}
                 for block, layer in zip(model.blocks, state.layers)
             ]
@@ -181,8 +180,7 @@ class StaticDecoder:
             layers = [{name: layer[name][:, :, : self.length].clone() for name in ("k", "v")} for layer in self.layers]
         else:
             pending = self.length % self.chunk_size
-            layers = [{**{name: value.clone() for name, value in layer.items() if name != "memory"},
-                       "memory": block.memory.eager_state(layer["memory"], pending)}
+            layers = [{**_fixed_size_copy(layer), "memory": block.memory.eager_state(layer["memory"], pending)}
                       for block, layer in zip(self.model.blocks, self.layers)]
         return State(layers, self.length, self.model.config_json)
 
@@ -196,6 +194,12 @@ def _block_step(block, x: Tensor, layer: dict, position: Tensor) -> Tensor:
     x, new, _ = block(x, layer, False, position)
     _write_back(layer, new)
     return x
+
+
+def _fixed_size_copy(layer: dict) -> dict:
+    """Copies of a block's state other than its memory: ``h`` and, with a short
+    convolution, ``conv``, which are fixed-size already and need no static form."""
+    return {name: value.clone() for name, value in layer.items() if name != "memory"}
 
 
 def _clone(value):

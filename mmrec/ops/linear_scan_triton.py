@@ -448,14 +448,11 @@ _MIN_TILES = 4
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
-    # get_device_properties costs microseconds; once per device is enough.
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
-def _device_name(device_index: int) -> str:
-    return torch.cuda.get_device_name(device_index)
+def _device_info(device_index: int) -> tuple[int, str]:
+    """Multiprocessor count and card name, which pick the tile. get_device_properties
+    costs microseconds; once per device is enough."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, props.name
 
 
 def _base_tile(kind: str, log_space: bool, itemsize: int, card: str) -> tuple:
@@ -487,7 +484,7 @@ def _default_config(kind: str, log_space: bool, itemsize: int, sms: int, batch: 
 def _pick_config(kind: str, log_space: bool, device: torch.device, dtype: torch.dtype, batch: int, length: int, dim: int, config: dict | None):
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        sms, card = _sm_count(index), _device_name(index)
+        sms, card = _device_info(index)
     else:
         sms, card = 0, ""
     cfg = _default_config(kind, bool(log_space), dtype.itemsize, sms, batch, length, dim, card)
