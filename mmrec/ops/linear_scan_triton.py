@@ -22,8 +22,9 @@ behind (neighbouring rows, served by the caches), and forms ``grad_a_t = g_t h_{
 
 With ``LOG_A`` the kernels read ``log a`` where they read ``a`` and take ``exp`` in the
 accumulation dtype in registers (masked steps load 0, the log of the identity 1); the
-backward then also reads ``a_t`` itself (a neighbouring row of the tile it holds, so a
-cache hit) to form the gradient of ``log a``, ``g_t h_{t-1} a_t``.
+backward forms the gradient of ``log a``, ``g_t h_{t-1} a_t``, taking ``a_t`` from the
+coefficient rows it holds (one step ahead), and reads only each group's last ``a_t``
+again (a neighbouring row, so a cache hit).
 
 Inputs may be non-contiguous or broadcast (stride 0): strides go to the kernels and
 nothing is copied. Accumulation is float32 (float64 for float64 inputs, or on request);
@@ -45,29 +46,28 @@ from torch import Tensor
 # Tile shape per pass and dtype size in bytes: (G groups, R steps per group, BLOCK_D,
 # num_warps[, {kernel option: value}]). The 2-byte entries come from sweeps at B=4,
 # T=32768, D=4096 on an H100 (docs/notes/scan-kernel.md); other cards get them unless
-# ``_CARD_CONFIGS`` has their own. The other sizes keep the same bytes per tile row and
-# were chosen to compile without register spills, not timed.
+# ``_CARD_CONFIGS`` has their own. The other sizes were chosen to compile without
+# register spills, not timed.
+#
+# The 2-byte tiles are 128 channels wide: each program reads and writes rows of 256
+# contiguous bytes. With 128-byte rows even a scan-free copy in this tiling reaches only
+# 92% of copy bandwidth on the H100, against 97% with 256 (v8 in the notes).
 _CONFIGS = {
-    # bf16 forward: 93.6-93.7% of copy in the H100 sweeps of 2026-11-26 02:00 and 05:14,
-    # 1.0-1.6% faster than 16x8x64/4 without options in both.
-    "fwd": {2: (16, 4, 64, 4, {"STAGES": 3, "REREAD": False}), 4: (16, 4, 32, 4), 8: (16, 2, 32, 4)},
-    "bwd": {2: (64, 2, 64, 8), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
+    # H100, 2026-11-26 06:38, two runs: forward 99.0-99.2% of copy, backward 97.3-97.4%.
+    "fwd": {2: (8, 8, 128, 4, {"STAGES": 3, "REREAD": False}), 4: (16, 4, 32, 4), 8: (16, 2, 32, 4)},
+    "bwd": {2: (16, 4, 128, 8, {"REREAD": False}), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
 }
-# With log a (2-byte inputs), Triton's software pipeline (STAGES) and no re-read: H100
-# sweeps of 2026-11-26 02:00 and 05:14 gave 93.8% of copy forward and 92.2-92.5%
-# backward in both. Without the options the same tiles were as fast in one run and
-# 12-16% slower in the other; the pipelined kernels and the plain-gate ones repeat
-# within 1%.
+# With log a (2-byte inputs), same runs: forward 95.5-96.3% (the exps want 8 warps),
+# backward 96.1-96.8%.
 _LOG_CONFIGS = {
-    "fwd": {2: (16, 4, 64, 4, {"STAGES": 3, "REREAD": False})},
-    "bwd": {2: (32, 4, 64, 8, {"STAGES": 3, "REREAD": False})},
+    "fwd": {2: (16, 8, 128, 8, {"STAGES": 3, "REREAD": False})},
+    "bwd": {2: (16, 4, 128, 8, {"REREAD": False})},
 }
 # Cards whose own sweep chose other 2-byte tiles, by device-name prefix: ((pass, log a):
 # tile). The H200 moves 1.4x the H100's bytes per second and wants more of them in
-# flight; there the H100's tiles give 68-75% of copy in three of the four kernels. Its
-# backward drops the re-read; in log space both passes use Triton's software pipeline
-# (STAGES) and no re-read, which leaves the registers to the exps. H200, 2026-11-26 01:14:
-# 92% (plain backward), 88% (log forward), 84% (log backward).
+# flight. H200, 2026-11-26 01:14: 92% (plain backward), 88% (log forward), 84% (log
+# backward), where the H100's tiles of the day (64 channels wide) gave 68-75%. The
+# 128-channel tiles have not run on an H200.
 _CARD_CONFIGS = {
     "NVIDIA H200": {
         ("fwd", False): (16, 8, 64, 4),  # 0.86-0.88 ms there, against 0.93 for the H100's
@@ -76,6 +76,10 @@ _CARD_CONFIGS = {
         ("bwd", True): (16, 4, 64, 4, {"STAGES": 3, "REREAD": False}),
     },
 }
+# Triton's software pipeline (STAGES) keeps tiles in shared memory: up to 147 KB for the
+# tiles above, which Hopper gives a block (227 KB) and smaller cards may not. There the
+# same shape prefetches into registers instead.
+_PIPELINE_SHARED_MEMORY = 227 * 1024
 
 
 @triton.jit
@@ -285,13 +289,14 @@ def _load_bwd_tile(a_base, h_base, g_base, off_a, off_h, off_g, s_at, s_ht, s_gt
 
 
 @triton.jit
-def _backward_tile(av, hv, gv, carry, h0, a_base, g_base, da_base, db_base, off_a, off_at, off_g, off_da, off_db,
+def _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base, off_a, off_at, off_g, off_da, off_db,
                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, tile,
                    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, LOG_A: tl.constexpr, A_ONE: tl.constexpr,
                    HAS_DH: tl.constexpr, HAS_H0: tl.constexpr, REREAD_EVICT: tl.constexpr, STORE_CACHE: tl.constexpr,
                    REREAD: tl.constexpr):
     """The adjoint recurrence over one tile (from :func:`_load_bwd_tile`, bases at the
-    tile's start) from ``carry``; stores its ``grad_a``, ``grad_b``; returns the carry."""
+    tile's start) from ``carry``; stores its ``grad_a``, ``grad_b``; returns the carry.
+    ``h_before`` stands for the state before the sequence's first step (``HAS_H0``)."""
     pa = tl.full((G, BLOCK_D), 1.0, carry.dtype)
     pb = tl.zeros((G, BLOCK_D), dtype=carry.dtype)
     if REREAD:
@@ -323,11 +328,18 @@ def _backward_tile(av, hv, gv, carry, h0, a_base, g_base, da_base, db_base, off_
             g += gv[k].to(carry.dtype)
         hp = hv[k].to(carry.dtype)
         if HAS_H0:
-            hp = tl.where((groups * R + k == n - 1)[:, None], h0[None, :], hp)
+            hp = tl.where((groups * R + k == n - 1)[:, None], h_before[None, :], hp)
         m = (groups * R + k < n)[:, None] & mask_d[None, :]
         da = g * hp
-        if LOG_A:  # d/d(log a_t) = a_t d/da_t; a_t: rows already in cache
-            at = tl.load(a_base + sign * k * s_at + off_at, mask=m, other=0.0)
+        if LOG_A:
+            # d/d(log a_t) = a_t d/da_t. a_t is the next position's coefficient, which
+            # sub-tile k + 1 holds; a group's last step reads it (a row already in cache).
+            # Both are masked to 1 at the sequence's first step, whose a_t the caller has
+            # folded into h0.
+            if k + 1 < R:
+                at = av[k + 1]
+            else:
+                at = tl.load(a_base + sign * k * s_at + off_at, mask=m & (groups * R + k < n - 1)[:, None], other=A_ONE)
             da = da * _gate(at, carry.dtype, LOG_A)
         tl.store(db_base + sign * k * s_dbt + off_db, g.to(db_base.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
         tl.store(da_base + sign * k * s_dat + off_da, da.to(da_base.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
@@ -395,16 +407,24 @@ def _scan_bwd_kernel(
         carry += gl.to(carry.dtype)
     if HAS_H0:
         h0 = tl.load(h0_ptr + pid_b * s_h0b + (d0 + cols) * s_h0d, mask=mask_d, other=0.0).to(carry.dtype)
-
-    if not HAS_H0:
-        h0 = carry  # never read (HAS_H0 is off); the tile helper takes an argument
+        # grad_h0 = a_first * g_first, after the last tile; a_first also completes the
+        # gradient of log a at the first step (see _backward_tile), through h0.
+        if REVERSE:
+            t_first = tl.full((), 0, tl.int64) + (T - 1)
+        else:
+            t_first = tl.full((), 0, tl.int64)
+        a_first = _gate(tl.load(a_ptr + pid_b * s_ab + t_first * s_at + (d0 + cols) * s_ad, mask=mask_d, other=0.0),
+                        carry.dtype, LOG_A)
+        h_before = h0 * a_first if LOG_A else h0
+    else:
+        h_before = carry  # never read (HAS_H0 is off); the tile helper takes an argument
     if STAGES > 0:
         for i in tl.range(0, n_tiles, num_stages=STAGES):
             n = T - i * BLOCK_T
             step = sign * i * BLOCK_T
             av, hv, gv = _load_bwd_tile(a_base + step * s_at, h_base + step * s_ht, g_base + step * s_gt, off_a, off_h, off_g,
                                         s_at, s_ht, s_gt, sign, groups, mask_d, n, i, R, A_ONE, HAS_DH)
-            carry = _backward_tile(av, hv, gv, carry, h0, a_base + step * s_at, g_base + step * s_gt,
+            carry = _backward_tile(av, hv, gv, carry, h_before, a_base + step * s_at, g_base + step * s_gt,
                                    da_base + step * s_dat, db_base + step * s_dbt, off_a, off_at, off_g, off_da, off_db,
                                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, i,
                                    G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE, REREAD)
@@ -420,7 +440,7 @@ def _scan_bwd_kernel(
             a_next, h_next, g_next = _load_bwd_tile(
                 a_base + sign * BLOCK_T * s_at, h_base + sign * BLOCK_T * s_ht, g_base + sign * BLOCK_T * s_gt,
                 off_a, off_h, off_g, s_at, s_ht, s_gt, sign, groups, mask_d, n - BLOCK_T, i + 1, R, A_ONE, HAS_DH)
-            carry = _backward_tile(av, hv, gv, carry, h0, a_base, g_base, da_base, db_base, off_a, off_at, off_g, off_da, off_db,
+            carry = _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base, off_a, off_at, off_g, off_da, off_db,
                                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, i,
                                    G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE, REREAD)
             a_base += sign * BLOCK_T * s_at
@@ -431,13 +451,7 @@ def _scan_bwd_kernel(
             i += 1
 
     if HAS_H0:
-        # grad_h0 = a_first * g_first; g_first is the carry after the last tile.
-        if REVERSE:
-            t_first = tl.full((), 0, tl.int64) + (T - 1)
-        else:
-            t_first = tl.full((), 0, tl.int64)
-        a_first = tl.load(a_ptr + pid_b * s_ab + t_first * s_at + (d0 + cols) * s_ad, mask=mask_d, other=0.0)
-        dh0 = _gate(a_first, carry.dtype, LOG_A) * carry
+        dh0 = a_first * carry  # carry: g at the first step
         tl.store(dh0_ptr + pid_b * s_dh0b + (d0 + cols) * s_dh0d, dh0.to(dh0_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -448,11 +462,11 @@ _MIN_TILES = 4
 
 
 @functools.cache
-def _device_info(device_index: int) -> tuple[int, str]:
-    """Multiprocessor count and card name, which pick the tile. get_device_properties
-    costs microseconds; once per device is enough."""
+def _device_info(device_index: int) -> tuple[int, str, int]:
+    """Multiprocessor count, card name and shared memory a block may have, which pick the
+    tile. get_device_properties costs microseconds; once per device is enough."""
     props = torch.cuda.get_device_properties(device_index)
-    return props.multi_processor_count, props.name
+    return props.multi_processor_count, props.name, getattr(props, "shared_memory_per_block_optin", 0)
 
 
 def _base_tile(kind: str, log_space: bool, itemsize: int, card: str) -> tuple:
@@ -465,29 +479,35 @@ def _base_tile(kind: str, log_space: bool, itemsize: int, card: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=1024)
-def _default_config(kind: str, log_space: bool, itemsize: int, sms: int, batch: int, length: int, dim: int, card: str = "") -> dict:
-    """Tile for one call shape (cached: the launchers run it on every call). ``sms`` is 0
-    and ``card`` empty off CUDA (the interpreter)."""
-    groups, steps, block_d, num_warps, *options = _base_tile(kind, log_space, itemsize, card)  # options: kernel constexprs (STAGES, ...)
+def _default_config(kind: str, log_space: bool, itemsize: int, sms: int, batch: int, length: int, dim: int, card: str = "",
+                    shared_memory: int = 0) -> dict:
+    """Tile for one call shape (cached: the launchers run it on every call). ``sms`` and
+    ``shared_memory`` are 0 and ``card`` empty off CUDA (the interpreter)."""
+    groups, steps, block_d, num_warps, *options = _base_tile(kind, log_space, itemsize, card)
+    options = dict(options[0]) if options else {}  # kernel constexprs (STAGES, ...)
+    if 0 < shared_memory < _PIPELINE_SHARED_MEMORY:
+        options.pop("STAGES", None)
     block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
-    # Keep at least one program per multiprocessor where the channels allow it.
-    while block_d > 16 and batch * triton.cdiv(dim, block_d) < sms:
+    # Halve the block while fewer than 7/8 of the multiprocessors would get a program. Not
+    # all of them: wide rows are worth a few idle ones (on the H100, 128 programs of
+    # 128-channel rows beat 256 of 64 channels; docs/notes/scan-kernel.md, v8).
+    while block_d > 16 and batch * triton.cdiv(dim, block_d) * 8 < sms * 7:
         block_d //= 2
     # Short sequences: shrink the groups first, then the steps per group.
     while groups > 8 and groups * steps * _MIN_TILES > length:
         groups //= 2
     while steps > 1 and groups * steps * _MIN_TILES > length:
         steps //= 2
-    return {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": num_warps, **(options[0] if options else {})}
+    return {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": num_warps, **options}
 
 
 def _pick_config(kind: str, log_space: bool, device: torch.device, dtype: torch.dtype, batch: int, length: int, dim: int, config: dict | None):
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        sms, card = _device_info(index)
+        sms, card, shared_memory = _device_info(index)
     else:
-        sms, card = 0, ""
-    cfg = _default_config(kind, bool(log_space), dtype.itemsize, sms, batch, length, dim, card)
+        sms, card, shared_memory = 0, "", 0
+    cfg = _default_config(kind, bool(log_space), dtype.itemsize, sms, batch, length, dim, card, shared_memory)
     return {**cfg, **config} if config else cfg
 
 

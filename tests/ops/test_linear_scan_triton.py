@@ -117,6 +117,9 @@ def _interpreter_checks() -> None:
         # exclusive prefixes from the rows' own totals (the sweep's REREAD=False)
         (torch.float32, 37, True, True, "strided", True, True, {"config": {**small, "REREAD": False}}),
         (torch.float32, 16, False, True, "broadcast", False, True, {"log_space": True, "config": {**small, "REREAD": False, "STAGES": 2}}),
+        # log space with h0: the first step's a_t reaches the gradient through h0, with that
+        # step inside a group (T=38: the last tile's step 5) and at a group's end (T=16 above)
+        (torch.float32, 38, True, True, "contiguous", True, True, {"log_space": True, "config": {**small, "REREAD": False}}),
     ]
     batch, dim = 2, 20  # 20 channels: a full block and a partial one
     for dtype, length, reverse, with_h0, layout, with_gh, with_ghl, extra in cases:
@@ -182,25 +185,34 @@ def _fp64_accumulation_check(kernels) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 22, out
+    assert out.count("ok ") == 23, out
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_tiles_follow_the_card():
     """2-byte tiles come from the card's own sweep where it has one (an H200), else from
-    the default table (the H100's); other dtype sizes and the interpreter use the table."""
+    the default table (the H100's); other dtype sizes and the interpreter use the table.
+    Blocks narrow only when too few multiprocessors would get a program, and cards with
+    less shared memory than Hopper run the same shapes without the software pipeline."""
     from mmrec.ops import linear_scan_triton as kernels
 
-    def tile(kind, log_space, card, itemsize=2):
-        return kernels._default_config(kind, log_space, itemsize, 132, 4, 32768, 4096, card)
+    def tile(kind, log_space, card, itemsize=2, batch=4, shared_memory=0):
+        return kernels._default_config(kind, log_space, itemsize, 132, batch, 32768, 4096, card, shared_memory)
 
     h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
-    assert tile("bwd", True, h200)["STAGES"] == 3 and tile("bwd", True, h200)["G"] == 16
-    assert tile("bwd", True, h100)["STAGES"] == 3 and tile("bwd", True, h100)["G"] == 32
-    assert tile("bwd", False, h200)["REREAD"] is False and tile("bwd", False, h100)["G"] == 64
+    assert tile("bwd", True, h200)["STAGES"] == 3 and tile("bwd", True, h200)["BLOCK_D"] == 64
+    assert tile("bwd", True, h100)["BLOCK_D"] == 128 and "STAGES" not in tile("bwd", True, h100)
+    assert tile("bwd", False, h200)["REREAD"] is False and tile("bwd", False, h200)["G"] == 32
     assert tile("fwd", False, h200)["R"] == 8 and tile("fwd", False, h100)["STAGES"] == 3
     assert tile("bwd", True, "NVIDIA A100-SXM4-80GB") == tile("bwd", True, h100) == tile("bwd", True, "")
     assert tile("bwd", True, h200, itemsize=4) == tile("bwd", True, h100, itemsize=4)
+    # 4 x 4096 channels in 128-wide blocks: 128 programs for 132 multiprocessors, kept;
+    # one sequence: 32 programs, so blocks halve until 128 programs of 32 channels
+    assert tile("fwd", False, h100)["BLOCK_D"] == 128 and tile("fwd", False, h100, batch=1)["BLOCK_D"] == 32
+    small_card = tile("fwd", True, h100, shared_memory=99 * 1024)
+    hopper = tile("fwd", True, h100, shared_memory=227 * 1024)
+    assert hopper == tile("fwd", True, h100) and hopper["STAGES"] == 3
+    assert {k: v for k, v in hopper.items() if k != "STAGES"} == small_card
 
 
 # ----------------------------------------------------------------------------- CUDA
