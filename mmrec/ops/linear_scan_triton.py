@@ -269,12 +269,15 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
-def _load_bwd_tile(a_base, h_base, g_base, off_a, off_h, off_g, s_at, s_ht, s_gt, sign, groups, mask_d, n, tile,
-                   R: tl.constexpr, A_ONE: tl.constexpr, HAS_DH: tl.constexpr):
+def _load_bwd_tile(a_base, h_base, g_base, off_a, off_at, off_h, off_g, s_at, s_ht, s_gt, sign, groups, mask_d, n, tile,
+                   R: tl.constexpr, A_ONE: tl.constexpr, HAS_DH: tl.constexpr, LOG_A: tl.constexpr):
     """One backward tile's coefficients ``a`` (one step ahead), states ``h`` (one step
     behind) and incoming gradients as R sub-tiles, for tile number ``tile`` with ``n``
     positions left from its start. Tile 0's first position has no coefficient (``a`` past
-    the end) and the last position no state before it (``h0``, taken by the caller)."""
+    the end) and the last position no state before it (``h0``, taken by the caller).
+    With ``LOG_A`` the coefficients get an R+1-th sub-tile: ``a_t`` at each group's last
+    step (the next group's first coefficient, so a cache hit), which the gradient of
+    ``log a`` needs; masked to the identity at the sequence's first step."""
     a_tile = ()
     h_tile = ()
     g_tile = ()
@@ -285,11 +288,14 @@ def _load_bwd_tile(a_base, h_base, g_base, off_a, off_h, off_g, s_at, s_ht, s_gt
         h_tile = h_tile + (tl.load(h_base + sign * k * s_ht + off_h, mask=m & (p < n - 1)[:, None], other=0.0),)
         if HAS_DH:
             g_tile = g_tile + (tl.load(g_base + sign * k * s_gt + off_g, mask=m, other=0.0),)
+    if LOG_A:
+        m = (groups * R + R - 1 < n - 1)[:, None] & mask_d[None, :]
+        a_tile = a_tile + (tl.load(a_base + sign * (R - 1) * s_at + off_at, mask=m, other=A_ONE),)
     return a_tile, h_tile, g_tile
 
 
 @triton.jit
-def _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base, off_a, off_at, off_g, off_da, off_db,
+def _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base, off_a, off_g, off_da, off_db,
                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, tile,
                    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, LOG_A: tl.constexpr, A_ONE: tl.constexpr,
                    HAS_DH: tl.constexpr, HAS_H0: tl.constexpr, REREAD_EVICT: tl.constexpr, STORE_CACHE: tl.constexpr,
@@ -332,15 +338,10 @@ def _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base
         m = (groups * R + k < n)[:, None] & mask_d[None, :]
         da = g * hp
         if LOG_A:
-            # d/d(log a_t) = a_t d/da_t. a_t is the next position's coefficient, which
-            # sub-tile k + 1 holds; a group's last step reads it (a row already in cache).
-            # Both are masked to 1 at the sequence's first step, whose a_t the caller has
-            # folded into h0.
-            if k + 1 < R:
-                at = av[k + 1]
-            else:
-                at = tl.load(a_base + sign * k * s_at + off_at, mask=m & (groups * R + k < n - 1)[:, None], other=A_ONE)
-            da = da * _gate(at, carry.dtype, LOG_A)
+            # d/d(log a_t) = a_t d/da_t. a_t is the next position's coefficient: sub-tile
+            # k + 1 (the extra one for a group's last step). It is masked to 1 at the
+            # sequence's first step, whose a_t the caller has folded into h0.
+            da = da * _gate(av[k + 1], carry.dtype, LOG_A)
         tl.store(db_base + sign * k * s_dbt + off_db, g.to(db_base.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
         tl.store(da_base + sign * k * s_dat + off_da, da.to(da_base.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
     return _last_group(g, G)
@@ -392,7 +393,7 @@ def _scan_bwd_kernel(
     db_base = db_ptr + pid_b * s_dbb + t0 * s_dbt + d0 * s_dbd
     dt = sign * groups * R
     off_a = (dt - sign)[:, None] * s_at + cols[None, :] * s_ad
-    off_at = dt[:, None] * s_at + cols[None, :] * s_ad  # a_t itself, for the gradient of log a
+    off_at = dt[:, None] * s_at + cols[None, :] * s_ad  # a_t itself, for the gradient of log a (LOG_A)
     off_h = (dt + sign)[:, None] * s_ht + cols[None, :] * s_hd
     off_g = dt[:, None] * s_gt + cols[None, :] * s_gd
     off_da = dt[:, None] * s_dat + cols[None, :] * s_dad
@@ -422,15 +423,15 @@ def _scan_bwd_kernel(
         for i in tl.range(0, n_tiles, num_stages=STAGES):
             n = T - i * BLOCK_T
             step = sign * i * BLOCK_T
-            av, hv, gv = _load_bwd_tile(a_base + step * s_at, h_base + step * s_ht, g_base + step * s_gt, off_a, off_h, off_g,
-                                        s_at, s_ht, s_gt, sign, groups, mask_d, n, i, R, A_ONE, HAS_DH)
+            av, hv, gv = _load_bwd_tile(a_base + step * s_at, h_base + step * s_ht, g_base + step * s_gt, off_a, off_at, off_h,
+                                        off_g, s_at, s_ht, s_gt, sign, groups, mask_d, n, i, R, A_ONE, HAS_DH, LOG_A)
             carry = _backward_tile(av, hv, gv, carry, h_before, a_base + step * s_at, g_base + step * s_gt,
-                                   da_base + step * s_dat, db_base + step * s_dbt, off_a, off_at, off_g, off_da, off_db,
+                                   da_base + step * s_dat, db_base + step * s_dbt, off_a, off_g, off_da, off_db,
                                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, i,
                                    G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE, REREAD)
     else:
-        a_next, h_next, g_next = _load_bwd_tile(a_base, h_base, g_base, off_a, off_h, off_g, s_at, s_ht, s_gt,
-                                                sign, groups, mask_d, T, 0, R, A_ONE, HAS_DH)
+        a_next, h_next, g_next = _load_bwd_tile(a_base, h_base, g_base, off_a, off_at, off_h, off_g, s_at, s_ht, s_gt,
+                                                sign, groups, mask_d, T, 0, R, A_ONE, HAS_DH, LOG_A)
         i = 0
         while i < n_tiles:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
             av = a_next
@@ -439,8 +440,8 @@ def _scan_bwd_kernel(
             n = T - i * BLOCK_T
             a_next, h_next, g_next = _load_bwd_tile(
                 a_base + sign * BLOCK_T * s_at, h_base + sign * BLOCK_T * s_ht, g_base + sign * BLOCK_T * s_gt,
-                off_a, off_h, off_g, s_at, s_ht, s_gt, sign, groups, mask_d, n - BLOCK_T, i + 1, R, A_ONE, HAS_DH)
-            carry = _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base, off_a, off_at, off_g, off_da, off_db,
+                off_a, off_at, off_h, off_g, s_at, s_ht, s_gt, sign, groups, mask_d, n - BLOCK_T, i + 1, R, A_ONE, HAS_DH, LOG_A)
+            carry = _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base, off_a, off_g, off_da, off_db,
                                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, i,
                                    G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE, REREAD)
             a_base += sign * BLOCK_T * s_at
