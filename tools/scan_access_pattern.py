@@ -26,47 +26,34 @@ def ms(fn):
 
 
 @triton.jit
-def flat_fwd(a_ptr, b_ptr, h_ptr, BLOCK: tl.constexpr):
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    a = tl.load(a_ptr + o).to(tl.float32)
-    b = tl.load(b_ptr + o).to(tl.float32)
-    tl.store(h_ptr + o, (a * b).to(tl.bfloat16))
-
-
-@triton.jit
-def flat_bwd(a_ptr, h_ptr, g_ptr, da_ptr, db_ptr, BLOCK: tl.constexpr):
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    a = tl.load(a_ptr + o).to(tl.float32)
-    h = tl.load(h_ptr + o).to(tl.float32)
-    g = tl.load(g_ptr + o).to(tl.float32)
-    tl.store(da_ptr + o, (g * h).to(tl.bfloat16))
-    tl.store(db_ptr + o, (g * a).to(tl.bfloat16))
-
-
-@triton.jit
-def tiled_fwd(a_ptr, b_ptr, h_ptr, T, s_b, s_t, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
-    pid_d = tl.program_id(0)
-    base = tl.program_id(1).to(tl.int64) * s_b
-    off = tl.arange(0, ROWS)[:, None] * s_t + (pid_d * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
-    for i in tl.range(0, T // ROWS, num_stages=STAGES):
-        o = base + i * ROWS * s_t + off
-        a = tl.load(a_ptr + o).to(tl.float32)
-        b = tl.load(b_ptr + o).to(tl.float32)
-        tl.store(h_ptr + o, (a * b).to(tl.bfloat16))
-
-
-@triton.jit
-def tiled_bwd(a_ptr, h_ptr, g_ptr, da_ptr, db_ptr, T, s_b, s_t, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
-    pid_d = tl.program_id(0)
-    base = tl.program_id(1).to(tl.int64) * s_b
-    off = tl.arange(0, ROWS)[:, None] * s_t + (pid_d * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
-    for i in tl.range(0, T // ROWS, num_stages=STAGES):
-        o = base + i * ROWS * s_t + off
-        a = tl.load(a_ptr + o).to(tl.float32)
-        h = tl.load(h_ptr + o).to(tl.float32)
+def _work(x_ptr, y_ptr, g_ptr, out_ptr, out2_ptr, o, BACKWARD: tl.constexpr):
+    """The forward's byte mix (read x, y; write x * y) or the backward's (read x, y, g;
+    write g * y and g * x), with no dependence between elements."""
+    x = tl.load(x_ptr + o).to(tl.float32)
+    y = tl.load(y_ptr + o).to(tl.float32)
+    if BACKWARD:
         g = tl.load(g_ptr + o).to(tl.float32)
-        tl.store(da_ptr + o, (g * h).to(tl.bfloat16))
-        tl.store(db_ptr + o, (g * a).to(tl.bfloat16))
+        tl.store(out_ptr + o, (g * y).to(tl.bfloat16))
+        tl.store(out2_ptr + o, (g * x).to(tl.bfloat16))
+    else:
+        tl.store(out_ptr + o, (x * y).to(tl.bfloat16))
+
+
+@triton.jit
+def flat(x_ptr, y_ptr, g_ptr, out_ptr, out2_ptr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _work(x_ptr, y_ptr, g_ptr, out_ptr, out2_ptr, o, BACKWARD)
+
+
+@triton.jit
+def tiled(x_ptr, y_ptr, g_ptr, out_ptr, out2_ptr, T, s_b, s_t,
+          ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, BACKWARD: tl.constexpr):
+    """The scan's tiling: one program per (block of channels, batch), walking time."""
+    pid_d = tl.program_id(0)
+    base = tl.program_id(1).to(tl.int64) * s_b
+    off = tl.arange(0, ROWS)[:, None] * s_t + (pid_d * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
+    for i in tl.range(0, T // ROWS, num_stages=STAGES):
+        _work(x_ptr, y_ptr, g_ptr, out_ptr, out2_ptr, base + i * ROWS * s_t + off, BACKWARD)
 
 
 def main():
@@ -74,7 +61,6 @@ def main():
     copy = copy_bandwidth()["GBps"]
     print(f"{torch.cuda.get_device_name()}  copy {copy:.0f} GB/s")
     B, T = 4, 32768
-    rows = []
 
     def rec(name, D, fwd_ms=None, bwd_ms=None):
         el = B * T * D
@@ -83,9 +69,7 @@ def main():
             parts.append(f"fwd {fwd_ms:.3f} ms {100 * 6 * el / fwd_ms / 1e6 / copy:5.1f}%")
         if bwd_ms is not None:
             parts.append(f"bwd {bwd_ms:.3f} ms {100 * 10 * el / bwd_ms / 1e6 / copy:5.1f}%")
-        line = f"{name:<44} D={D:<5} " + "  ".join(parts)
-        print(line, flush=True)
-        rows.append(line)
+        print(f"{name:<44} D={D:<5} " + "  ".join(parts), flush=True)
 
     for rep in range(2):
         print(f"--- pass {rep}")
@@ -100,13 +84,15 @@ def main():
             if D == 4096:
                 rec("torch.mul (read 2 write 1)", D, ms(lambda: torch.mul(a, b, out=h)))
                 for blk in (1024, 4096):
-                    rec(f"flat triton BLOCK={blk}", D, ms(lambda: flat_fwd[(n // blk,)](a, b, h, BLOCK=blk)),
-                        ms(lambda: flat_bwd[(n // blk,)](a, h, g, da, db, BLOCK=blk)))
+                    rec(f"flat triton BLOCK={blk}", D, ms(lambda: flat[(n // blk,)](a, b, None, h, None, BLOCK=blk, BACKWARD=False)),
+                        ms(lambda: flat[(n // blk,)](a, h, g, da, db, BLOCK=blk, BACKWARD=True)))
             for rws, bd, st in ((64, 64, 3), (64, 32, 3), (32, 128, 3), (64, 64, 4)):
                 grid = (D // bd, B)
                 rec(f"tiled trivial rows={rws} BLOCK_D={bd} st={st} ({B * D // bd} progs)", D,
-                    ms(lambda: tiled_fwd[grid](a, b, h, T, a.stride(0), a.stride(1), ROWS=rws, BLOCK_D=bd, STAGES=st, num_warps=4)),
-                    ms(lambda: tiled_bwd[grid](a, h, g, da, db, T, a.stride(0), a.stride(1), ROWS=rws, BLOCK_D=bd, STAGES=st, num_warps=4 if bd <= 64 else 8)))
+                    ms(lambda: tiled[grid](a, b, None, h, None, T, a.stride(0), a.stride(1), ROWS=rws, BLOCK_D=bd, STAGES=st,
+                                           BACKWARD=False, num_warps=4)),
+                    ms(lambda: tiled[grid](a, h, g, da, db, T, a.stride(0), a.stride(1), ROWS=rws, BLOCK_D=bd, STAGES=st,
+                                           BACKWARD=True, num_warps=4 if bd <= 64 else 8)))
             hs, _ = scan_forward(a, b)
             block = _pick_config("fwd", False, a.device, a.dtype, B, T, D, None)["BLOCK_D"]
             rec(f"scan default tile ({B * D // block} progs)", D, ms(lambda: scan_forward(a, b, out=(h, torch.empty(B, D, device='cuda', dtype=torch.bfloat16)))),
