@@ -16,13 +16,8 @@ Findings of 2026-11-26 (H100): docs/notes/scan-kernel.md, v8.
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench
-from mmrec.bench.scan import copy_bandwidth
+from mmrec.bench.scan import _bench as ms, copy_bandwidth
 from mmrec.ops.linear_scan_triton import _pick_config, scan_backward, scan_forward
-
-
-def ms(fn):
-    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
 @triton.jit

@@ -51,7 +51,7 @@ def resources(kind: str, log_space: bool, tile: tuple) -> tuple[int, int, int]:
     defaults = {name: p.default for name, p in inspect.signature(fn.fn).parameters.items() if p.default is not p.empty}
     constants = defaults | constants
     params = list(fn.arg_names)
-    signature = {name: ("constexpr" if name in constants else signature.get(name, "constexpr")) for name in params}
+    signature = {name: "constexpr" if name in constants else signature[name] for name in params}
     divisible = [i for i, name in enumerate(params)
                  if signature[name].startswith("*") or (signature[name] == "i32" and name != "T" and name != "n_tiles")]
     source = ASTSource(fn=fn, signature=signature,
