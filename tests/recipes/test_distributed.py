@@ -153,6 +153,9 @@ def _init_worker(rank: int, world: int, port: int, overrides: list[str], out: st
         full = {name: p.full_tensor() for name, p in model.named_parameters()}
         if rank == 0:
             torch.save({"full": full, "shapes": shapes}, out)
+        # both ranks reach the teardown together: a gloo process whose peer has gone can
+        # abort in it ("terminate called without an active exception", one run in ~8)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
