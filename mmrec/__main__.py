@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text + "\n")
+            print(f"wrote the recipe schema to {args.out}")
         else:
             print(text)
     return 0

@@ -253,10 +253,14 @@ def save_checkpoint(
         "step": str(step),
         "tokenizer": tokenizer.kind,
     }
-    save_model(model, str(tmp / MODEL_FILE), metadata=metadata)
-    _write_common(tmp, recipe, trainer_state, tokenizer)
-    files = {f.name: _file_record(f) for f in sorted(tmp.iterdir())}
-    manifest = {"format": FORMAT, "step": step, "tokenizer": tokenizer.kind, "files": files}
+    try:
+        save_model(model, str(tmp / MODEL_FILE), metadata=metadata)
+        _write_common(tmp, recipe, trainer_state, tokenizer)
+        files = {f.name: _file_record(f) for f in sorted(tmp.iterdir())}
+        manifest = {"format": FORMAT, "step": step, "tokenizer": tokenizer.kind, "files": files}
+    except BaseException:  # a failed save leaves no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _finish(run_dir, final, tmp, manifest, keep_last)
     return final
 

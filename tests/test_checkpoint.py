@@ -53,6 +53,19 @@ def test_round_trip(tmp_path, recipe):
     assert mmrec.recipes.load(loaded.recipe).model == recipe.model
 
 
+def test_a_failed_save_leaves_nothing_behind(tmp_path, recipe, monkeypatch):
+    """Writing the weights fails (as it did where numpy was missing): no half-written folder stays."""
+    import safetensors.torch
+
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'numpy'")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", broken)
+    with pytest.raises(ModuleNotFoundError):
+        _save(tmp_path, 5, Tiny(), recipe)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_keep_last_and_newest(tmp_path, recipe):
     model = Tiny()
     for step in (1, 2, 3, 10):

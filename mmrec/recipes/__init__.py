@@ -206,7 +206,12 @@ def _describe(error: dict, data: Any) -> str:
         package = registry.KNOWN_PLUGINS.get((group, str(tag)))
         return f"{path}.{field}: " + registry.unknown_name_message(NOUNS[group], str(tag), known, package)
     if kind == "extra_forbidden":
-        return f"{path}: unknown field"
+        known = _fields_at(error["loc"][:-1], data)
+        hint = registry.closest(str(error["loc"][-1]), known)
+        if hint is None:
+            return f"{path}: unknown field"
+        parent = path.rpartition(".")[0]
+        return f"{path}: unknown field; did you mean {parent + '.' if parent else ''}{hint}?"
     return f"{path}: {error['msg']}" + (f" (got {error['input']!r})" if kind not in ("missing",) and not isinstance(error.get("input"), (dict, list)) else "")
 
 
@@ -214,3 +219,37 @@ def _group_at(loc: tuple) -> str:
     """The registry group of the innermost variant slot in ``loc``."""
     slots = {slot: group for config in _block_configs().values() for slot, group in getattr(config, "variant_groups", {}).items()}
     return next((slots[part] for part in reversed(loc) if part in slots), "layers")
+
+
+def _fields_at(loc: tuple, data: Any) -> list[str]:
+    """The field names the config at ``loc`` (a pydantic error location) accepts: the
+    recipe's, ``train``'s, the model's architecture's, or a variant's or nested config's."""
+    config: Any = RecipeBase
+    node = data
+    for part in loc:
+        if not isinstance(node, dict) or not isinstance(part, str) or part not in node:
+            continue  # a union tag pydantic inserted, not a key of the input
+        node = node[part]
+        if config is RecipeBase and part == "model":
+            arch = node.get("arch", "mmrec") if isinstance(node, dict) else None
+            config = _block_configs().get(arch)
+        elif config is RecipeBase and part == "train":
+            config = TrainConfig
+        elif config is not None and part in getattr(config, "variant_groups", {}):
+            kind = node.get("kind", config.model_fields[part].default.kind) if isinstance(node, dict) else None
+            config = _variant_configs(config.variant_groups[part]).get(kind)
+        elif config is not None and part in config.model_fields:
+            config = _nested_config(config.model_fields[part].annotation)
+        else:
+            config = None
+        if config is None:
+            return []
+    return list(config.model_fields) if config is not None else []
+
+
+def _nested_config(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model in ``annotation`` (``Model`` or ``Model | None``), if any."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None

@@ -216,7 +216,14 @@ class MetricsLog:
             self.tb.close()
 
 
+def holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` has a run's files: checkpoints, or metrics of a run that saved none."""
+    return bool(ckpt_io.list_checkpoints(folder)) or (folder / "metrics.jsonl").exists()
+
+
 def pick_out_dir(args, recipe, resume) -> Path:
+    """The run folder: ``--out``, the resumed run's, or ``runs/<recipe>`` (``-2``, ``-3``, ...
+    when taken). A fresh run never writes into a folder that holds another run."""
     if args.out:
         out = Path(args.out)
     elif resume is not None:
@@ -224,14 +231,20 @@ def pick_out_dir(args, recipe, resume) -> Path:
     else:
         out = Path("runs") / recipe.name
         n = 1
-        while ckpt_io.list_checkpoints(out):  # never mix a fresh run into an old one
+        while holds_a_run(out):
             n += 1
             out = Path("runs") / f"{recipe.name}-{n}"
+    if resume is not None and out.resolve() == resume.path.parent.resolve():
+        return out
     existing = ckpt_io.list_checkpoints(out)
-    if existing and (resume is None or out.resolve() != resume.path.parent.resolve()):
+    if existing:
         raise TrainError(
             f"{out} already holds checkpoints (newest {existing[-1][1].name}); continue that run "
             f"with --resume {out}, or pick another --out"
+        )
+    if (out / "metrics.jsonl").exists():
+        raise TrainError(
+            f"{out} holds metrics.jsonl of an earlier run that saved no checkpoint; delete it, or pick another --out"
         )
     return out
 
@@ -353,6 +366,11 @@ def prepare(args: argparse.Namespace) -> Setup:
         if diffs:
             raise CheckpointError(f"{resume.path} holds a different model than recipe {recipe.name!r}: "
                                   + "; ".join(diffs))
+
+        if resume.step >= train.steps:
+            raise TrainError(f"{resume.path} is at step {resume.step} and train.steps is {train.steps}: nothing "
+                             f"left to train; raise it to continue, e.g. --resume {args.resume} "
+                             f"--set train.steps={resume.step + train.steps}")
 
     tokens = tokenizer.encode_corpus(corpus.documents)
     train_tokens, val_tokens = split_tokens(tokens, train.seq_len, train.val_fraction)
@@ -621,8 +639,6 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
                     say(f"step {step}: saved {save(step)}")
                     saved_step = step
             signum = stop.requested()
-        if signum is None and val_loss is None:  # resumed at the last step: evaluate anyway
-            val_loss = validate()
         summary = meter.summary()
         if summary:
             log.write({"event": "throughput", **summary})

@@ -71,6 +71,14 @@ def test_unknown_field_names_its_path():
     assert "train.learning_rate: unknown field" in error_of(["train.learning_rate=4"])
 
 
+def test_unknown_field_suggests_the_closest_field_of_its_own_section():
+    assert "train.max_steps: unknown field; did you mean train.steps?" in error_of(["train.max_steps=4"])
+    assert "did you mean model.d_model?" in error_of(["model.d_modle=64"])
+    assert "did you mean model.memory.slots?" in error_of(["model.memory.slot=4"])  # the variant's own fields
+    assert "did you mean model.planning.lambda_p?" in error_of(["model.planning.lambda=0.1"])  # a nested config
+    assert "did you mean" not in error_of(["train.zzzzzz=1"])
+
+
 def test_wrong_type_names_its_path():
     message = error_of(["model.d_model=\"wide\""])
     assert "model.d_model" in message and "integer" in message
@@ -126,7 +134,7 @@ def test_cli_list_and_schema(capsys, tmp_path):
 
 @pytest.mark.parametrize("mmrec_recipe", ["tiny", "small", "1b", "shakespeare-char"])
 def test_each_transformer_baseline_has_its_mmrec_recipes_size(mmrec_recipe):
-    # DESIGN.md: a model is measured against the Transformer baseline of the same size
+    # docs/design.md, section 3: a model is measured against the Transformer baseline of the same size
     with torch.device("meta"):
         ours = mmrec.build(mmrec_recipe).num_parameters()
         baseline = mmrec.build(f"transformer-{mmrec_recipe}").num_parameters()

@@ -263,6 +263,29 @@ def test_out_dir_with_another_run_is_refused(finished_run, capsys):
     assert "already holds checkpoints" in msg and f"--resume {finished_run}" in msg
 
 
+def test_out_dir_with_metrics_of_a_run_that_saved_nothing_is_refused(tmp_path, text_file, capsys):
+    run = tmp_path / "run"
+    assert train_mod.main(["--out", str(run), "--data", str(text_file), *sets("train.steps=2", "train.save=false")]) == 0
+    before = (run / "metrics.jsonl").read_text()
+    msg = fail(capsys, ["--out", str(run), "--data", str(text_file), *sets("train.steps=2")])
+    assert "metrics.jsonl of an earlier run" in msg
+    assert (run / "metrics.jsonl").read_text() == before  # nothing appended
+
+
+def test_default_run_folder_skips_folders_that_hold_a_run(tmp_path, text_file, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "metrics.jsonl").write_text("{}\n")  # e.g. a run that crashed before saving
+    assert train_mod.main(["--data", str(text_file), *sets("train.steps=1")]) == 0
+    assert "run folder runs/tiny-2" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_resuming_a_finished_run_says_to_raise_the_steps(finished_run, capsys):
+    msg = fail(capsys, ["--resume", str(finished_run)])
+    assert "is at step 4 and train.steps is 4" in msg and "--set train.steps=8" in msg
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch, capsys):
     real, calls = train_mod.lm_loss, []
 
