@@ -197,9 +197,11 @@ def _block_step(block, x: Tensor, layer: dict, position: Tensor) -> Tensor:
 
 
 def _fixed_size_copy(layer: dict) -> dict:
-    """Copies of a block's state other than its memory: ``h`` and, with a short
-    convolution, ``conv``, which are fixed-size already and need no static form."""
-    return {name: value.clone() for name, value in layer.items() if name != "memory"}
+    """Copies of a block's state other than its memory: ``h`` (a tensor, or a dict of
+    tensors for a recurrence that carries several) and, with a short convolution,
+    ``conv``, which are fixed-size already and need no static form."""
+    return {name: _map(value, Tensor.clone) if isinstance(value, dict) else value.clone()
+            for name, value in layer.items() if name != "memory"}
 
 
 def _clone(value):

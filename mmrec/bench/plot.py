@@ -3,7 +3,9 @@
 - ``model``: training tokens/s and peak memory against sequence length, one line per recipe;
 - ``decode``: decode tokens/s and peak memory against context length, one line per
   recipe, batch and mode;
-- ``scan``: GB/s against sequence length, one line per implementation and pass.
+- ``scan``: GB/s against sequence length, one line per implementation and pass;
+- ``recall``: held-out accuracy against learning rate, one line per recipe, and each
+  recipe's best run's accuracy by gap bucket.
 
 ``python -m mmrec.bench model --plot model.png`` draws after the run;
 ``python -m mmrec.bench plot model.json decode.json --out-dir charts`` draws from saved
@@ -19,7 +21,7 @@ from pathlib import Path
 
 
 def add_subcommand(commands) -> None:
-    parser = commands.add_parser("plot", help="PNG charts from saved model / decode / scan JSON", description=__doc__)
+    parser = commands.add_parser("plot", help="PNG charts from saved model / decode / scan / recall JSON", description=__doc__)
     parser.add_argument("results", nargs="+", type=Path, help="JSON written by --out")
     parser.add_argument("--out-dir", type=Path, default=Path("."), help="where the PNGs go (named after the JSON)")
     parser.set_defaults(run=run)
@@ -35,7 +37,9 @@ def kind_of(payload: dict) -> str:
         return "scan"
     if {"recipe", "length", "tokens_per_s"} <= keys:
         return "model"
-    raise ValueError("no length-dependent results to plot: expected the JSON of `model`, `decode` or `scan`")
+    if {"recipe", "lr", "accuracy_by_gap"} <= keys:
+        return "recall"
+    raise ValueError("nothing to plot: expected the JSON of `model`, `decode`, `scan` or `recall`")
 
 
 def _lines(rows: list[dict], label, x: str, y: str) -> dict[str, list[tuple]]:
@@ -72,9 +76,11 @@ def _draw(path: Path, title: str, xlabel: str, rows: list[dict], label, x: str,
 
 
 def plot(payload: dict, path: Path) -> Path:
-    """Draw ``payload`` (the JSON of ``model``, ``decode`` or ``scan``) to the PNG ``path``."""
+    """Draw ``payload`` (the JSON of ``model``, ``decode``, ``scan`` or ``recall``) to the PNG ``path``."""
     kind, rows = kind_of(payload), payload["results"]
     title = f"{kind}: {payload.get('device', '?')}, {payload.get('date', '')}"
+    if kind == "recall":
+        return _draw_recall(path, title, payload)
     memory = ("peak memory (GiB)", "peak_gib", False)
     if kind == "model":
         return _draw(path, title, "sequence length", rows, lambda r: r["recipe"], "length",
@@ -90,3 +96,35 @@ def run(args: argparse.Namespace) -> int:
     for result in args.results:
         print(f"wrote {plot(json.loads(result.read_text()), args.out_dir / (result.stem + '.png'))}")
     return 0
+
+
+def _draw_recall(path: Path, title: str, payload: dict) -> Path:
+    from matplotlib.figure import Figure
+
+    from mmrec.bench.recall import mark_best
+
+    rows = [r for r in payload["results"] if "accuracy" in r]
+    mark_best(rows)  # also for the partial JSON of a run still going
+    best = [r for r in rows if r["best"]]
+    if not best:
+        raise ValueError(f"nothing measured to plot in {path.stem}")
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    by_lr, by_gap = fig.subplots(1, 2)
+    for name, points in _lines(rows, lambda r: r["recipe"], "lr", "accuracy").items():
+        by_lr.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    by_lr.set(xscale="log", xlabel="learning rate", ylabel="held-out accuracy", ylim=(0, 1.02))
+    chunk, buckets = payload["chunk"], ["overall", "short", "medium", "long"]
+    labels = ["overall", f"gap < {chunk}", f"gap {chunk}-{4 * chunk - 1}", f"gap >= {4 * chunk}"]
+    width = 0.8 / len(best)
+    for i, r in enumerate(best):
+        heights = [r["accuracy"] if b == "overall" else r["accuracy_by_gap"].get(b, float("nan")) for b in buckets]
+        by_gap.bar([j + i * width for j in range(len(buckets))], heights, width, label=f"{r['recipe']} (lr {r['lr']:g})")
+    by_gap.set_xticks([j + width * (len(best) - 1) / 2 for j in range(len(buckets))], labels, fontsize="small")
+    by_gap.set(ylabel="held-out accuracy, best lr", ylim=(0, 1.02))
+    for axis in (by_lr, by_gap):
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+    fig.suptitle(f"{title}\nMQAR: {payload.get('seq_len')} tokens, {payload.get('pairs')} pairs, min gap {payload.get('min_gap')}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

@@ -8,6 +8,11 @@ seeds' 0.99), or a range ``(low, high)`` over which the channels' time constants
 and others long-range. Returned as ``log γ``, which keeps its precision where ``γ`` itself
 would round to 1 or 0; only the logits, in the activations' dtype, are kept for backward.
 
+``width`` (default ``d_model``) is how many decays it gives per token: ``W_γ`` maps
+``d_model`` and ``W_c`` maps ``d_context`` to it. A recurrence with one decay per head (the
+delta rule) asks the block for ``n_heads``; a range of ``decay_init`` is then spread over
+those outputs.
+
 ``log γ`` is computed in float32 and returned in the activations' dtype unless asked for
 another (recurrences that keep their state in ``log γ``'s dtype ask for float32). In bf16 it has a
 relative error of at most 2^-8 *of log γ*, so ``γ`` itself is off by a factor
@@ -30,16 +35,18 @@ from mmrec.ops import accumulation_dtype
 
 
 class MDI(nn.Module):
-    def __init__(self, d_model: int, d_context: int, decay_init: float | tuple[float, float] = 0.99, init_std: float = 0.02):
+    def __init__(self, d_model: int, d_context: int, decay_init: float | tuple[float, float] = 0.99, init_std: float = 0.02,
+                 width: int | None = None):
         super().__init__()
+        width = d_model if width is None else width
         bounds = decay_init if isinstance(decay_init, (tuple, list)) else (decay_init,)
         if not all(0.0 < g < 1.0 for g in bounds) or list(bounds) != sorted(bounds):
             raise ValueError(f"decay_init must be in (0, 1), or a range (low, high) inside it, got {decay_init}")
         self.decay_init = tuple(bounds)
-        self.decay = nn.Linear(d_model, d_model, bias=False)  # W_γ
-        self.context = nn.Linear(d_context, d_model, bias=False)  # W_c
-        self.decay_bias = nn.Parameter(torch.empty(d_model))
-        self.context_bias = nn.Parameter(torch.empty(d_model))
+        self.decay = nn.Linear(d_model, width, bias=False)  # W_γ
+        self.context = nn.Linear(d_context, width, bias=False)  # W_c
+        self.decay_bias = nn.Parameter(torch.empty(width))
+        self.context_bias = nn.Parameter(torch.empty(width))
         self.init_std = init_std
         self.init_weights()
 
@@ -62,7 +69,7 @@ class MDI(nn.Module):
         self.context_bias.copy_(torch.logit(half))
 
     def forward(self, z: Tensor, k: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """``z``: ``[B, T, d_model]``, ``k``: ``[B, T, d_context]`` -> ``log γ`` ``[B, T, d_model]``
+        """``z``: ``[B, T, d_model]``, ``k``: ``[B, T, d_context]`` -> ``log γ`` ``[B, T, width]``
         in ``dtype`` (default: ``z``'s)."""
         decay_logit = self.decay(z) + self.decay_bias
         context_logit = self.context(k) + self.context_bias

@@ -1,4 +1,4 @@
-"""The MM-Rec block (DESIGN.md section 1) and the config of an MM-Rec model.
+"""The MM-Rec block (docs/design.md section 2) and the config of an MM-Rec model.
 
 ``u = RMSNorm(x)``; one fused projection (HEM) gives ``q, k, v`` for the memory, the
 candidate ``z`` and, for recurrences that read the input, the gate logits ``g``; MDI turns
@@ -7,10 +7,17 @@ the registered memory gives a long-term context; then
 ``x + dropout(W_o(RMSNorm(h) + context))`` and ``x + FFN(RMSNorm(x))``. The state is
 normalised before ``W_o`` because its scale grows up to ``1 / (1 - γ)`` times the input's.
 
-Two options beyond DESIGN.md, off by default: ``short_conv`` passes ``z`` through a short
+Two options beyond the first design (docs/design.md section 8), off by default: ``short_conv`` passes ``z`` through a short
 causal convolution (:mod:`mmrec.layers.short_conv`) before MDI and the recurrence, and
 ``recurrence_dropout`` drops elements of the recurrence's input (not of what MDI reads),
 the regularisation recurrent networks over characters need to generalise.
+
+A recurrence may ask the block for more than ``z``, ``log γ`` and ``g``, by two optional
+methods (both absent on the built-in ``parallel`` and ``exact``, which get what they got):
+``projection_widths(d_model, n_heads) -> {name: width}`` adds those outputs to the fused
+projection and passes them to the recurrence as keyword arguments of the same names, and
+``decay_width(d_model, n_heads) -> int`` sets how many decays MDI gives per token (default
+``d_model``; the ``delta`` recurrence asks for one per head).
 """
 
 from __future__ import annotations
@@ -91,10 +98,18 @@ class MMRecBlock(nn.Module):
         self.widths = {"q": d, "k": key_dim, "v": key_dim, "z": d}
         if self.recurrence.needs_input_gate:
             self.widths["g"] = d
+        # what the recurrence asks for beyond z, log γ and g (see the module docstring)
+        extra = getattr(self.recurrence, "projection_widths", None)
+        self.recurrence_inputs = dict(extra(d, config.n_heads)) if extra is not None else {}
+        if taken := set(self.recurrence_inputs) & set(self.widths):
+            raise ValueError(f"recurrence {config.recurrence.kind!r} asks for projections named like the block's own: {sorted(taken)}")
+        self.widths.update(self.recurrence_inputs)
+        decay_width = getattr(self.recurrence, "decay_width", None)
+        decay_width = decay_width(d, config.n_heads) if decay_width is not None else d
         self.short_conv = ShortConv(d, config.short_conv, config.short_conv_init) if config.short_conv is not None else None
         self.norm = RMSNorm(d, config.norm_eps)
         self.proj = FusedProjection(d, self.widths, fused=config.hem, bias=config.bias)
-        self.mdi = MDI(d, key_dim, config.decay_init, config.init_std)
+        self.mdi = MDI(d, key_dim, config.decay_init, config.init_std, width=decay_width)
         self.state_norm = RMSNorm(d, config.norm_eps)
         self.out = nn.Linear(d, d, bias=config.bias)  # W_o
         self.ffn_norm = RMSNorm(d, config.norm_eps)
@@ -118,7 +133,8 @@ class MMRecBlock(nn.Module):
         """``x``: ``[B, T, d_model]`` -> ``(x, state, aux_loss)``.
 
         ``state`` (from the previous call) carries the recurrence's last ``h`` (``[B, d]``,
-        float32), the memory's state and, with ``short_conv``, the convolution's last inputs
+        float32; or whatever the recurrence returns as such, e.g. a dict of tensors), the
+        memory's state and, with ``short_conv``, the convolution's last inputs
         (``conv``, ``[B, K-1, d]``), so a sequence fed in pieces gives what one pass gives.
         A ``position`` tensor marks a static decode step (one token, ``state`` from
         ``mmrec.decode``): the memory's buffers are then updated in place.
@@ -130,7 +146,8 @@ class MMRecBlock(nn.Module):
         if self.short_conv is not None:
             z, new_state["conv"] = self.short_conv(z, state.get("conv"))
         log_decay = self.log_decay(z, p["k"])
-        h, h_last = self.recurrence(self.recurrence_dropout(z), log_decay, p.get("g"), state.get("h"))
+        extra = {name: p[name] for name in self.recurrence_inputs}
+        h, h_last = self.recurrence(self.recurrence_dropout(z), log_decay, p.get("g"), state.get("h"), **extra)
         dropout = self.dropout_p if self.training else 0.0
         if isinstance(position, Tensor):  # a static decode step (mmrec.decode): buffers updated in place
             context, memory_state = self.memory.step(p["q"], p["k"], p["v"], self.chunk_size, state["memory"], position)

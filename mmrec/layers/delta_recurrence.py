@@ -1,0 +1,99 @@
+"""The ``delta`` recurrence: a matrix state per head written by the gated delta rule.
+
+The ``parallel`` recurrence keeps one number per channel, which cannot hold key→value
+associations (multi-query associative recall stays at chance). Here each head ``h`` keeps
+``S ∈ R^{d_h×d_h}`` (``d_h = d_model / n_heads``) and, per token (Gated DeltaNet)::
+
+    S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,      o_t = S_tᵀ q_t
+
+The write first removes what the state returns for ``k_t``, so a repeated key overwrites
+its value instead of piling up. What the block provides, and where:
+
+- ``v_t``: the block's candidate ``z`` (after its optional ``short_conv``), split into heads;
+- ``q_t``, ``k_t``: two extra projections ``q_r``, ``k_r`` (width ``d_model`` each), through a
+  short causal convolution (``conv`` taps, random start as ``nn.Conv1d``; ``null``: none)
+  and SiLU, as DeltaNet does, then L2-normalised per head, which keeps ``I − β k kᵀ`` a
+  contraction;
+- ``β_t = σ(beta)``: an extra projection of width ``n_heads``;
+- ``α_t``: MDI's decay with one output per head (``decay_width``), so ``decay_init`` sets
+  the heads' initial time constants (a range spreads them over the heads);
+- ``g``: an output gate, ``h_t = σ(g_t) ⊙ o_t`` (Gated DeltaNet gates its output the same way).
+
+``o`` is not scaled by ``d_h^-1/2``: ``q`` has unit norm, so ``o`` already has ``v``'s
+scale, and the block normalises ``h`` (``state_norm``) before ``W_o``, which would undo a
+constant factor anyway.
+
+Training and prompts run :func:`mmrec.ops.delta_rule.chunk_delta_rule` (chunks of
+``chunk`` tokens); a single token runs one recurrent step. The carried state ``h`` is a
+dict: ``matrix`` ``[B, H, d_h, d_h]`` in the accumulation dtype (float32 for bf16) and,
+with the convolution, ``conv``, its last ``conv - 1`` inputs ``[B, conv-1, 2 d_model]``; so a
+sequence fed in pieces gives what one pass gives.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from torch import Tensor, nn
+
+from mmrec.layers.short_conv import ShortConv
+from mmrec.ops import accumulation_dtype
+from mmrec.ops.delta_rule import chunk_delta_rule, delta_rule_step
+
+
+class DeltaRecurrence(nn.Module):
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        kind: Literal["delta"] = "delta"
+        chunk: PositiveInt = Field(64, description="tokens per chunk of the chunked delta rule")
+        conv: int | None = Field(4, ge=2, description="taps of the causal convolution on q and k; null: none")
+
+    needs_input_gate = True  # g gates the output: h = σ(g) ⊙ o
+
+    @staticmethod
+    def projection_widths(d_model: int, n_heads: int) -> dict[str, int]:
+        """The block's extra projections, passed to ``forward`` by name."""
+        return {"q_r": d_model, "k_r": d_model, "beta": n_heads}
+
+    @staticmethod
+    def decay_width(d_model: int, n_heads: int) -> int:
+        """One decay ``α`` per head."""
+        return n_heads
+
+    def __init__(self, config: Config, *, d_model: int, n_heads: int, init_std: float = 0.02):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.chunk = config.chunk
+        self.conv = ShortConv(2 * d_model, config.conv, init="random") if config.conv is not None else None
+
+    def forward(self, z: Tensor, log_decay: Tensor, gate: Tensor, h0: dict | None = None, *,
+                q_r: Tensor, k_r: Tensor, beta: Tensor) -> tuple[Tensor, dict]:
+        """``z``, ``gate``, ``q_r``, ``k_r``: ``[B, T, D]``; ``log_decay`` (``log α``) and ``beta``
+        (logits): ``[B, T, H]``; ``h0``: the dict this returned last time, or ``None``.
+
+        Returns ``h`` ``[B, T, D]`` in ``z``'s dtype and the next state dict."""
+        batch, length, _ = z.shape
+        heads, head_dim = self.n_heads, self.head_dim
+        h0 = h0 or {}
+        next_state = {}
+        qk = torch.cat([q_r, k_r], -1)  # [B, T, 2D]
+        if self.conv is not None:
+            qk, next_state["conv"] = self.conv(qk, h0.get("conv"))
+        acc = accumulation_dtype(z.dtype)
+        q, k = F.silu(qk).to(acc).view(batch, length, 2, heads, head_dim).unbind(2)  # [B, T, H, d_h]
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        v = z.view(batch, length, heads, head_dim)
+        beta = torch.sigmoid(beta.to(acc))  # [B, T, H]
+        matrix = h0.get("matrix")
+        if length == 1:  # a decode step: the recurrence itself
+            if matrix is None:
+                matrix = z.new_zeros(batch, heads, head_dim, head_dim, dtype=acc)
+            o, matrix = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], log_decay[:, 0], matrix.to(acc))
+            o = o[:, None].to(z.dtype)
+        else:
+            o, matrix = chunk_delta_rule(q, k, v, beta, log_decay, matrix, chunk_size=self.chunk)
+        h = torch.sigmoid(gate) * o.reshape(batch, length, heads * head_dim)
+        return h, {"matrix": matrix, **next_state}

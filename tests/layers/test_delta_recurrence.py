@@ -1,0 +1,187 @@
+"""The ``delta`` recurrence in the MM-Rec block: its contract with the block, state, decoding."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmrec
+from mmrec.decode import StaticDecoder
+from mmrec.layers.delta_recurrence import DeltaRecurrence
+from mmrec.layers.mdi import MDI
+from mmrec.layers.mmrec_block import MMRecBlock
+from mmrec.ops.delta_rule import naive_delta_rule
+from mmrec.state import State
+from tests.helpers import rel_err
+
+
+def toy(dtype=torch.float64, recurrence=None, **model):
+    """Odd sizes: 6-wide heads, memory chunks of 7 tokens, delta chunks of 5."""
+    base = {"arch": "mmrec", "vocab_size": 50, "d_model": 24, "n_layers": 2, "n_heads": 4, "ffn_dim": 40, "chunk_size": 7,
+            "memory": {"kind": "hds", "slots": 16, "banks": 2, "dim": 6}, "planning": {"lambda_p": 0.1},
+            "recurrence": recurrence or {"kind": "delta", "chunk": 5}}
+    return mmrec.build({"name": "toy", "model": {**base, **model}}).to(dtype).eval()
+
+
+def random_split(length, rng):
+    sizes = []
+    while length:
+        sizes.append(min(length, rng.choice([1, 1, 2, 3, 5, 6, 11])))
+        length -= sizes[-1]
+    return sizes
+
+
+def test_layer_equals_the_reference_on_its_inputs():
+    """conv → SiLU → L2 norm per head → delta rule with v = z, β = σ(beta), α from log_decay
+    → σ(g) ⊙ o, against the float64 token loop."""
+    layer = DeltaRecurrence(DeltaRecurrence.Config(chunk=4, conv=3), d_model=10, n_heads=2).double()
+    batch, length = 2, 13
+    z, gate, q_r, k_r = (torch.randn(batch, length, 10, dtype=torch.float64) for _ in range(4))
+    beta, log_decay = torch.randn(batch, length, 2, dtype=torch.float64), -torch.rand(batch, length, 2, dtype=torch.float64)
+    h, state = layer(z, log_decay, gate, None, q_r=q_r, k_r=k_r, beta=beta)
+    w = layer.conv.weight
+    qk = torch.cat([q_r, k_r], -1)
+    padded = F.pad(qk, [0, 0, 2, 0])
+    conv = sum(w[j] * padded[:, j : j + length] for j in range(3))
+    q, k = F.silu(conv).view(batch, length, 2, 2, 5).unbind(2)
+    o, matrix = naive_delta_rule(F.normalize(q, dim=-1), F.normalize(k, dim=-1), z.view(batch, length, 2, 5),
+                                 torch.sigmoid(beta), log_decay)
+    assert rel_err(h, torch.sigmoid(gate) * o.reshape(batch, length, 10)) < 1e-12
+    assert rel_err(state["matrix"], matrix) < 1e-12
+    assert torch.equal(state["conv"], qk[:, -2:])
+
+
+def test_block_contract_adds_projections_and_per_head_decays():
+    config = toy().config
+    block = MMRecBlock(config)
+    assert list(block.widths) == ["q", "k", "v", "z", "g", "q_r", "k_r", "beta"]
+    assert (block.widths["q_r"], block.widths["k_r"], block.widths["beta"]) == (24, 24, 4)
+    assert block.mdi.decay.weight.shape == (4, 24) and block.mdi.context.weight.shape == (4, 12)
+    # the built-in recurrences get what they got before
+    parallel = MMRecBlock(toy(recurrence={"kind": "parallel"}).config)
+    assert list(parallel.widths) == ["q", "k", "v", "z", "g"] and parallel.mdi.decay.weight.shape == (24, 24)
+    assert list(MMRecBlock(toy(recurrence={"kind": "exact"}).config).widths) == ["q", "k", "v", "z"]
+
+
+def test_mdi_width_spreads_a_decay_range_over_its_outputs():
+    mdi = MDI(16, 8, decay_init=(0.9, 0.999), width=3).double()
+    log_decay = mdi(torch.zeros(1, 1, 16, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64))
+    assert log_decay.shape == (1, 1, 3)
+    torch.testing.assert_close(log_decay.exp().flatten(), torch.tensor([0.9, 0.99, 0.999], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("t", [2, 4, 5, 13])  # inside a delta chunk, at and after its boundaries
+def test_future_tokens_never_change_earlier_logits(t):
+    model = toy()
+    ids = torch.randint(0, 50, (2, 24))
+    changed = ids.clone()
+    changed[:, t + 1 :] = torch.randint(0, 50, changed[:, t + 1 :].shape)
+    with torch.no_grad():
+        before, after = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(before[:, : t + 1], after[:, : t + 1], rtol=0, atol=1e-12)
+    assert (before[:, t + 1 :] - after[:, t + 1 :]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("trial", range(3))
+@pytest.mark.parametrize("conv", [4, None])
+def test_pieces_with_carried_state_equal_one_pass(trial, conv):
+    model = toy(recurrence={"kind": "delta", "chunk": 5, "conv": conv})
+    ids = torch.randint(0, 50, (2, 40))
+    with torch.no_grad():
+        whole = model(ids).logits
+        pieces, state, start = [], None, 0
+        for size in random_split(40, random.Random(trial)):  # 1-token steps among them
+            out = model(ids[:, start : start + size], state=state)
+            pieces.append(out.logits)
+            state, start = out.state, start + size
+    assert rel_err(torch.cat(pieces, 1), whole) < 1e-12
+    assert state.layers[0]["h"]["matrix"].shape == (2, 4, 6, 6)
+    assert ("conv" in state.layers[0]["h"]) == (conv is not None)
+
+
+def test_gradient_reaches_every_parameter_of_the_block():
+    model = toy().train()
+    block = model.blocks[0]
+    x = torch.randn(2, 17, 24, dtype=torch.float64)
+    y, _, aux = block(x, return_aux_loss=True)
+    (y.square().mean() + aux).backward()
+    names = [name for name, _ in block.named_parameters()]
+    assert "mdi.decay.weight" in names and "recurrence.conv.weight" in names
+    for name, param in block.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().max() > 0, name
+
+
+def test_state_is_fixed_size_and_round_trips_through_a_file(tmp_path):
+    model = toy()
+    ids = torch.randint(0, 50, (2, 31))
+    with torch.no_grad():
+        out = model(ids[:, :19])
+        sizes = {model(torch.randint(0, 50, (2, n))).state.nbytes() for n in (7, 21, 84)}  # whole memory chunks: the chunk in progress is empty
+        out.state.save(tmp_path / "state.safetensors")
+        loaded = State.load(tmp_path / "state.safetensors", model)
+        continued = model(ids[:, 19:], state=loaded).logits
+        expected = model(ids[:, 19:], state=out.state).logits
+    assert len(sizes) == 1 and loaded.nbytes() == out.state.nbytes()
+    assert torch.equal(loaded.layers[1]["h"]["matrix"], out.state.layers[1]["h"]["matrix"])
+    torch.testing.assert_close(continued, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prompt", [1, 5, 9])
+def test_static_decode_equals_one_pass_and_hands_back_the_state(prompt, tmp_path):
+    model = toy()
+    ids = torch.randint(0, 50, (3, prompt + 20))
+    with torch.no_grad():
+        whole = model(ids).logits
+        start = model(ids[:, :prompt]).state
+        kept = start.layers[0]["h"]["matrix"].clone()
+        decoder = StaticDecoder(model, start, cuda_graph=False)
+        steps = torch.stack([decoder.step(ids[:, t : t + 1]).clone() for t in range(prompt, prompt + 12)], 1)
+        handed_back = decoder.state()
+        rest = model(ids[:, prompt + 12 :], state=handed_back).logits
+        eager = model(ids[:, : prompt + 12]).state
+    assert rel_err(steps, whole[:, prompt : prompt + 12]) < 1e-12
+    assert rel_err(rest, whole[:, prompt + 12 :]) < 1e-12
+    for mine, theirs in zip(handed_back.layers, eager.layers):
+        for key in ("matrix", "conv"):
+            assert rel_err(mine["h"][key], theirs["h"][key]) < 1e-12, key
+    # the decoder's buffers are copies: the state it started from is untouched
+    assert torch.equal(start.layers[0]["h"]["matrix"], kept) and handed_back.nbytes() == eager.nbytes()
+
+
+def test_bfloat16_model_keeps_a_float32_matrix_state():
+    model = toy(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 23))
+    with torch.no_grad():
+        out = model(ids)
+        step = model(ids[:, :1], state=out.state)
+    reference = toy(torch.float64)
+    reference.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        want = reference(ids).logits
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(step.logits).all()
+    assert out.state.layers[0]["h"]["matrix"].dtype == torch.float32
+    assert rel_err(out.logits, want) < 5e-2
+
+
+@pytest.mark.slow
+def test_model_compiles_fullgraph():
+    model = toy(torch.float32)
+    ids = torch.randint(0, 50, (2, 19))  # delta chunks of 5: three whole and a partial one
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # any graph break is an error
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_meta_device_build_is_fully_initialised():
+    """Training builds on the meta device and calls ``reset_parameters``: every parameter of
+    the delta block (the convolution's taps, the per-head MDI) must be set by it."""
+    with torch.device("meta"):
+        model = toy(torch.float32)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(float("nan"))
+    model.reset_parameters(seed=3)
+    assert model.parameters_left_to_constructor() == []
+    assert all(torch.isfinite(p).all() for p in model.parameters())
