@@ -13,14 +13,15 @@ from mmrec.ops import accumulation_dtype
 
 
 def rotary(x: Tensor, base: float, offset: int | Tensor = 0) -> Tensor:
-    """Rotate pairs of channels of ``[B, H, T, E]`` by angles of positions ``offset + t`` (RoPE).
-    ``offset`` may be a 0-dim tensor (static decoding: no host synchronisation)."""
-    half = x.shape[-1] // 2
-    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32) + offset
+    """Rotate pairs of channels of ``[..., T, E]`` by angles of positions ``offset + t`` (RoPE),
+    in the accumulation dtype (float32; float64 for float64 inputs, so that float64 tests
+    are exact). ``offset`` may be a 0-dim tensor (static decoding: no host synchronisation)."""
+    half, acc = x.shape[-1] // 2, accumulation_dtype(x.dtype)
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=acc) / half)
+    positions = torch.arange(x.shape[-2], device=x.device, dtype=acc) + offset
     angles = positions[:, None] * freqs  # [T, E/2]
     cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    x1, x2 = x.to(acc)[..., :half], x.to(acc)[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 

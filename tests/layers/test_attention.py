@@ -22,7 +22,8 @@ def naive_rotary(x, base):
 
 def test_rotary_matches_naive():
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
-    assert rel_err(rotary(x, 100.0), naive_rotary(x, 100.0)) < 1e-6  # angles in float32
+    assert rel_err(rotary(x, 100.0), naive_rotary(x, 100.0)) < 1e-12  # float64 inputs rotate in float64
+    assert rel_err(rotary(x.float(), 100.0), naive_rotary(x, 100.0)) < 1e-6  # others in float32
 
 
 def test_causal_attention_matches_masked_softmax_float64():
