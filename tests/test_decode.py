@@ -229,6 +229,7 @@ def test_memory_without_a_static_step_falls_back_to_eager():
 
 @cuda
 @pytest.mark.parametrize("recipe,overrides", [("tiny", []), ("transformer-tiny", []), ("tiny", ["model.recurrence.kind=exact"]),
+                                              ("tiny", ["model.recurrence.kind=delta"]), ("tiny", ['model.memory={"kind": "window"}']),
                                               ("1b", ["model.n_layers=2"])])
 def test_cuda_graph_replays_equal_eager_steps(recipe, overrides):
     model = mmrec.build(recipe, overrides).cuda().eval()
