@@ -33,3 +33,25 @@ def parameter_gradients(model: torch.nn.Module, forward, ids: torch.Tensor) -> d
     loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
     (loss if out.aux_loss is None else loss + out.aux_loss).backward()
     return {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
+
+
+def assert_causal(model: torch.nn.Module, ids: torch.Tensor, t: int, vocab: int) -> None:
+    """New tokens after position ``t`` leave the logits up to ``t`` exactly as they were
+    (and do change later ones, so the check can fail)."""
+    changed = ids.clone()
+    changed[:, t + 1 :] = torch.randint(0, vocab, changed[:, t + 1 :].shape)
+    with torch.no_grad():
+        before, after = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(before[:, : t + 1], after[:, : t + 1], rtol=0, atol=1e-12)
+    assert (before[:, t + 1 :] - after[:, t + 1 :]).abs().max() > 1e-6
+
+
+def eager_steps(model: torch.nn.Module, state, ids: torch.Tensor):
+    """Feed ``ids`` ``[B, T]`` one token at a time after ``state``: the logits ``[B, T, vocab]``
+    and the last state."""
+    logits = []
+    for t in range(ids.shape[1]):
+        out = model(ids[:, t : t + 1], state=state)
+        logits.append(out.logits[:, -1])
+        state = out.state
+    return torch.stack(logits, 1), state

@@ -7,7 +7,7 @@ import mmrec
 from mmrec.decode import StaticDecoder, supports_static
 from mmrec.decode import _block_step as plain_block_step
 from mmrec.state import State
-from tests.helpers import rel_err
+from tests.helpers import eager_steps, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -149,12 +149,8 @@ def test_float32_static_steps_match_eager_steps(arch, extra):
         out = model(ids[:, :11])
         decoder = StaticDecoder(model, out.state, max_length=30, cuda_graph=False)
         static = static_logits(decoder, ids[:, 11:])
-        eager, state = [], out.state
-        for t in range(11, 30):
-            out = model(ids[:, t : t + 1], state=state)
-            eager.append(out.logits[:, -1])
-            state = out.state
-    assert rel_err(static, torch.stack(eager, 1)) < 1e-5
+        eager, _ = eager_steps(model, out.state, ids[:, 11:])
+    assert rel_err(static, eager) < 1e-5
 
 
 @pytest.mark.parametrize("arch,extra", ARCHS)
@@ -241,12 +237,7 @@ def test_cuda_graph_replays_equal_eager_steps(recipe, overrides):
         decoder = StaticDecoder(model, out.state, max_length=ids.shape[1])
         assert decoder.graph is not None
         graphed = static_logits(decoder, ids[:, prompt:])
-        eager, state = [], out.state
-        for t in range(prompt, ids.shape[1]):
-            out = model(ids[:, t : t + 1], state=state)
-            eager.append(out.logits[:, -1])
-            state = out.state
-        eager = torch.stack(eager, 1)
+        eager, state = eager_steps(model, out.state, ids[:, prompt:])
         handed_back = decoder.state()
     assert rel_err(graphed, eager) < 1e-4  # float32, crossing two chunk boundaries
     assert rel_err(model(ids[:, -1:], state=handed_back).logits, model(ids[:, -1:], state=state).logits) < 1e-4

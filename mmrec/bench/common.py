@@ -87,7 +87,7 @@ def record(rows: list[dict], row: dict, measure: Callable[[], dict], device: tor
         row["error"] = "out of memory"
     reset_peak_memory(device)
     rows.append(row)
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    print({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return row
 
 

@@ -163,6 +163,14 @@ def evaluate(forward, args: argparse.Namespace, device: torch.device, autocast) 
             "queries_by_gap": dict(zip(BUCKETS, map(int, counts)))}
 
 
+@torch.no_grad()
+def state_bytes(recipe, args: argparse.Namespace) -> int:
+    """Bytes of one sequence's float32 state after a whole example, whatever the weights:
+    measured on a fresh CPU copy of the model, so it costs the trained run nothing."""
+    inputs, _ = mqar_batch(1, args.seq_len, args.pairs, args.vocab, args.power_a, args.min_gap)
+    return mmrec.build(recipe).eval()(inputs, return_state=True).state.nbytes()
+
+
 def train_and_evaluate(recipe_name: str, lr: float, args: argparse.Namespace) -> dict:
     """Train one recipe at one learning rate on the task, then score it on the held-out set."""
     device = torch.device(args.device)
@@ -213,9 +221,7 @@ def train_and_evaluate(recipe_name: str, lr: float, args: argparse.Namespace) ->
     row = {"parameters": model.num_parameters(), "steps": step + 1, "train_loss": mean_loss, "diverged": diverged,
            "tokens_per_s": timed * args.batch * args.seq_len / seconds if timed > 0 else None}
     model.eval()
-    row.update(evaluate(forward, args, device, autocast))
-    with torch.no_grad():  # one sequence's state after the whole example, in float32
-        row["state_bytes"] = model(next(stream)[0][:1], return_state=True).state.nbytes()
+    row.update(evaluate(forward, args, device, autocast), state_bytes=state_bytes(recipe, args))
     if history:
         row["history"] = history
     return row
