@@ -5,11 +5,23 @@ For an MM-Rec model, per layer: the recurrence's last state ``h`` ``[B, d]``, th
 progress; for a Transformer, its KV cache. Its size does not grow with the length for
 MM-Rec. A state saves to and loads from safetensors, stamped with a format version and the
 model config that made it, so it is never fed to another model.
+
+File format, version 2: a safetensors file whose tensors are named ``<layer>.<key>``
+(nested keys joined by dots) and whose metadata holds ``format`` ("mmrec.State"),
+``version``, ``position``, ``n_layers``, ``model_config`` and ``sha256``: a SHA-256 over
+those metadata fields and every tensor's name, dtype, shape and bytes, in name order (see
+:func:`checksum`). ``State.load`` recomputes it and refuses a file whose checksum differs
+("is corrupted: checksum mismatch"). Version 1 files (no checksum) still load, with a
+warning that damage to them cannot be detected; saving such a state again adds one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +30,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no checksum (loads with a warning)
 
 
 class StateError(ValueError):
     """A state that does not belong to this model, or a damaged state file."""
+
+
+class UncheckedStateWarning(UserWarning):
+    """A state file of format version 1, which has no checksum to verify."""
 
 
 @dataclass
@@ -52,39 +69,116 @@ class State:
         diffs = [f"{k}: state {mine.get(k)!r} vs model {theirs.get(k)!r}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
         raise StateError("this state was made by a model with another config (" + "; ".join(diffs) + ")")
 
-    def save(self, path: str | Path) -> None:
-        """Write to a safetensors file (atomically: a temporary name, then a rename)."""
+    def save(self, path: str | Path, overwrite: bool = True) -> None:
+        """Write to a safetensors file, with a checksum (format version 2).
+
+        Atomic: written under a temporary name in the same folder, then renamed, so an
+        existing file is replaced whole or not at all. As ``torch.save`` does, the folder
+        must exist (it is not created) and an existing file is replaced, unless
+        ``overwrite=False``, which refuses it. Any failure is a ``StateError`` naming
+        ``path``."""
         path = Path(path)
-        tensors = {f"{i}.{key}": t.contiguous() for i, layer in enumerate(self.layers) for key, t in _flatten(layer).items()}
+        check_writable(path, overwrite)
+        tensors, seen = {}, set()
+        for i, layer in enumerate(self.layers):
+            for key, t in _flatten(layer).items():
+                t = t.detach().contiguous()
+                identity = (t.device, t.data_ptr(), t.dtype, tuple(t.shape))
+                if t.numel() and identity in seen:  # safetensors refuses one tensor stored twice
+                    t = t.clone()
+                seen.add(identity)
+                tensors[f"{i}.{key}"] = t
         metadata = {"format": "mmrec.State", "version": str(FORMAT_VERSION), "position": str(self.position),
                     "n_layers": str(len(self.layers)), "model_config": self.model_config}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
+        metadata["sha256"] = checksum(tensors, metadata)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # never a name the user has
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        except (OSError, SafetensorError, RuntimeError) as error:
+            tmp.unlink(missing_ok=True)
+            raise StateError(f"cannot write state file {str(path)!r}: {error}") from None
 
     @classmethod
     def load(cls, path: str | Path, model=None, device: str | torch.device = "cpu") -> State:
-        """Read a saved state; with ``model``, refuse one made by another model config."""
+        """Read a saved state; with ``model``, refuse one made by another model config.
+
+        A file that is not a state, is truncated, or whose checksum does not match (it was
+        damaged after saving) is refused with a ``StateError`` naming it; a version-1 file,
+        which has no checksum, loads with an ``UncheckedStateWarning``."""
+        name = str(path)
         try:
-            tensors = load_file(str(path), device=str(device))
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(name, framework="pt") as f:
                 metadata = f.metadata() or {}
+            tensors = load_file(name, device="cpu")  # checked on the CPU, then moved
         except (OSError, SafetensorError) as error:
-            raise StateError(f"cannot read state file {str(path)!r}: {error}") from None
+            raise StateError(f"cannot read state file {name!r}: {error}"
+                             + ("" if isinstance(error, OSError) else " (it is truncated, damaged, or not a safetensors file)")) from None
         if metadata.get("format") != "mmrec.State":
-            raise StateError(f"{str(path)!r} is not an mmrec state file")
-        if int(metadata.get("version", -1)) != FORMAT_VERSION:
-            raise StateError(f"{str(path)!r} has state format version {metadata.get('version')}; this mmrec reads version {FORMAT_VERSION}")
-        layers: list[dict] = [{} for _ in range(int(metadata["n_layers"]))]
-        for key, tensor in tensors.items():
-            index, _, name = key.partition(".")
-            _insert(layers[int(index)], name.split("."), tensor)
-        state = cls(layers, int(metadata["position"]), metadata["model_config"])
+            raise StateError(f"{name!r} is not an mmrec state file")
+        try:
+            version = int(metadata.get("version", ""))
+        except ValueError:
+            raise StateError(f"{name!r} is corrupted: its state format version {metadata.get('version')!r} is not a number") from None
+        if version not in READABLE_VERSIONS:
+            newer = " (made by a newer mmrec; upgrade mmrec to read it)" if version > FORMAT_VERSION else ""
+            raise StateError(f"{name!r} has state format version {version}{newer}; this mmrec reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
+        if version == 1:
+            warnings.warn(f"state file {name!r} has format version 1, which carries no checksum, so damage to it "
+                          "cannot be detected; save the state again to add one", UncheckedStateWarning, stacklevel=2)
+        else:
+            stored = metadata.get("sha256")
+            if stored is None:
+                raise StateError(f"{name!r} is corrupted: its checksum (sha256) is missing")
+            if checksum(tensors, {k: v for k, v in metadata.items() if k != "sha256"}) != stored:
+                raise StateError(f"{name!r} is corrupted: checksum mismatch (its data changed after it was saved); "
+                                 "it cannot be used: save the state again from its source")
+        try:
+            n_layers, position, model_config = int(metadata["n_layers"]), int(metadata["position"]), metadata["model_config"]
+            layers: list[dict] = [{} for _ in range(n_layers)]
+            for key, tensor in tensors.items():
+                index, _, rest = key.partition(".")
+                _insert(layers[int(index)], rest.split("."), tensor.to(device))
+        except (KeyError, ValueError, IndexError) as error:
+            raise StateError(f"{name!r} is corrupted: malformed state ({type(error).__name__}: {error})") from None
+        state = cls(layers, position, model_config)
         if model is not None:
             state.check_compatible(model.config_json)
         return state
+
+
+def check_writable(path: str | Path, overwrite: bool = True) -> None:
+    """Raise a ``StateError`` unless a state can be written to ``path``: its folder exists
+    and is writable, ``path`` is not a folder, and (with ``overwrite=False``) no file is
+    there yet. ``State.save`` calls it; a program can call it before long work."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise StateError(f"cannot write state file {str(path)!r}: it is a folder; give a file name")
+    if not parent.is_dir():
+        raise StateError(f"cannot write state file {str(path)!r}: the folder {str(parent)!r} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StateError(f"cannot write state file {str(path)!r}: the folder {str(parent)!r} is not writable")
+    if path.exists() and not overwrite:
+        raise StateError(f"state file {str(path)!r} already exists; choose another name or allow overwriting it")
+
+
+def checksum(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 (hex) of a state file's content: the metadata fields that describe the state,
+    then each tensor's name, dtype, shape and bytes (little-endian, as safetensors stores
+    them), in name order."""
+    digest = hashlib.sha256(b"mmrec.State\n")
+    fields = {k: metadata.get(k) for k in ("format", "version", "position", "n_layers", "model_config")}
+    digest.update(json.dumps(fields, sort_keys=True).encode() + b"\n")
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        digest.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode() + b"\n")
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Tensor]:

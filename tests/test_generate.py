@@ -90,3 +90,65 @@ def test_generate_command_from_a_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("The ")
     assert cli.main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_new_tokens": -1}, r"max_new_tokens must be an integer >= 0, got -1"),
+    ({"max_new_tokens": 2.5}, r"max_new_tokens must be an integer >= 0, got 2.5"),
+    ({"max_new_tokens": True}, r"max_new_tokens must be an integer >= 0, got True"),
+    ({"top_k": 0}, r"top_k must be None \(no limit\) or an integer >= 1, got 0"),
+    ({"top_k": -3}, r"top_k must be .* >= 1, got -3"),
+    ({"top_k": 2.0}, r"top_k must be .* integer >= 1, got 2.0"),
+    ({"top_p": 0.0}, r"top_p must be None \(no limit\) or a number in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top_p must be .* in \(0, 1\], got 1.5"),
+    ({"top_p": float("nan")}, r"top_p must be .*got nan"),
+    ({"temperature": float("nan")}, r"temperature must be a finite number >= 0 .*got nan"),
+    ({"temperature": float("inf")}, r"temperature must be a finite number >= 0 .*got inf"),
+    ({"temperature": -0.5}, r"temperature must be a finite number >= 0 .*got -0.5"),
+    ({"seed": "1"}, r"seed must be None or an integer, got '1'"),
+])
+def test_bad_sampling_options_name_the_argument_value_and_range(model, kwargs, message):
+    args = {"max_new_tokens": 3} | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(model, torch.tensor([1, 2]), **args)
+
+
+def test_edge_values_are_accepted(model):
+    prompt = torch.tensor([1, 2])
+    assert torch.equal(generate(model, prompt, 0), prompt)  # no new tokens: the prompt
+    assert generate(model, prompt, 2, top_k=1, top_p=1.0, temperature=0.0).shape == (4,)
+    assert generate(model, prompt, 2, top_k=10_000, seed=0).shape == (4,)  # more than the vocabulary: no limit
+    import numpy as np
+
+    assert generate(model, prompt.int(), np.int64(2), temperature=np.float64(0.5), seed=np.int64(1)).shape == (4,)
+
+
+@pytest.mark.parametrize("prompt,message", [
+    (torch.tensor([1, 256, 3]), r"prompt_ids\[1\] is 256, outside the model's vocabulary \[0, 256\)"),
+    (torch.tensor([[1, 2, 3], [4, 5, -1]]), r"prompt_ids\[1, 2\] is -1, outside the model's vocabulary \[0, 256\)"),
+    (torch.tensor([1.0, 2.7]), r"prompt_ids must be an integer tensor of token ids, got dtype torch.float32"),
+    (torch.tensor([True, False]), r"integer tensor .*torch.bool"),
+    (torch.zeros(0, dtype=torch.long), r"non-empty .*got shape \(0,\)"),
+    (torch.zeros(0, 3, dtype=torch.long), r"non-empty .*got shape \(0, 3\)"),
+    (torch.zeros(1, 1, 2, dtype=torch.long), r"\[T\] or \[B, T\] .*got shape \(1, 1, 2\)"),
+])
+def test_bad_prompts_are_refused_up_front(model, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompt, 2)
+
+
+def test_a_prompt_that_is_no_tensor_is_a_type_error(model):
+    with pytest.raises(TypeError, match="prompt_ids must be a torch.Tensor of token ids, got list"):
+        generate(model, [1, 2, 3], 2)
+
+
+def test_a_state_of_another_batch_size_or_device_is_refused(model):
+    with torch.no_grad():
+        state = model(torch.randint(0, 256, (2, 5))).state
+    with pytest.raises(mmrec.StateError, match="state has batch size 2 but prompt_ids has 1 row"):
+        generate(model, torch.tensor([1, 2]), 2, state=state)
+    with pytest.raises(mmrec.StateError, match="state is on meta but the model on cpu"):
+        generate(model, torch.tensor([[1], [2]]), 2, state=state.to("meta"))
+    with pytest.raises(ValueError, match="state must be a mmrec.State"):
+        generate(model, torch.tensor([1, 2]), 2, state={"h": 1})
+    assert generate(model, torch.tensor([[1], [2]]), 2, state=state, seed=0).shape == (2, 3)

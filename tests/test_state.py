@@ -1,4 +1,6 @@
 import random
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +91,129 @@ def test_damaged_state_file_is_refused(tmp_path):
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(StateError, match="cannot read"):
         State.load(path)
+
+
+def saved_state(tmp_path, name="state.safetensors"):
+    model = toy()
+    with torch.no_grad():
+        state = model(torch.randint(0, 50, (2, 13))).state
+    path = tmp_path / name
+    state.save(path)
+    return model, state, path
+
+
+def data_section_start(path):
+    raw = path.read_bytes()
+    return 8 + int.from_bytes(raw[:8], "little")
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_flipped_byte_in_the_tensor_data_is_refused(tmp_path, where):
+    model, _, path = saved_state(tmp_path)
+    raw = bytearray(path.read_bytes())
+    start = data_section_start(path)
+    offset = {"first": start, "middle": (start + len(raw)) // 2, "last": len(raw) - 1}[where]
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StateError, match=r"state.safetensors' is corrupted: checksum mismatch"):
+        State.load(path, model)
+
+
+def test_a_changed_metadata_field_is_refused(tmp_path):
+    model, _, path = saved_state(tmp_path)
+    raw = path.read_bytes()
+    assert raw.count(b'"position":"13"') == 1
+    path.write_bytes(raw.replace(b'"position":"13"', b'"position":"93"'))  # same length, header still valid
+    with pytest.raises(StateError, match="checksum mismatch"):
+        State.load(path, model)
+
+
+def test_a_truncated_state_file_is_refused(tmp_path):
+    model, _, path = saved_state(tmp_path)
+    raw = path.read_bytes()
+    for length in (len(raw) - 1, data_section_start(path), 100, 4, 0):
+        path.write_bytes(raw[:length])
+        with pytest.raises(StateError, match="cannot read state file .*state.safetensors"):
+            State.load(path, model)
+
+
+def test_a_version_1_file_loads_with_a_warning(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, state, path = saved_state(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    metadata = {k: v for k, v in metadata.items() if k != "sha256"} | {"version": "1"}
+    old = tmp_path / "v1.safetensors"
+    save_file(load_file(str(path)), str(old), metadata=metadata)
+    with pytest.warns(UserWarning, match="format version 1.*no checksum"):
+        loaded = State.load(old, model)
+    assert loaded.position == state.position
+    torch.testing.assert_close(loaded.layers, state.layers, rtol=0, atol=0)
+    # saving it again gives a current file, with a checksum
+    loaded.save(tmp_path / "v2.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        State.load(tmp_path / "v2.safetensors", model)
+
+
+def test_newer_or_missing_checksum_or_bad_versions_are_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, _, path = saved_state(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    cases = [({"version": "3"}, "version 3 .*newer mmrec"), ({"version": "x"}, "is corrupted: .*version 'x'"),
+             ({"sha256": None}, "is corrupted: its checksum .* missing"), ({"format": "other"}, "not an mmrec state file")]
+    for change, message in cases:
+        bad = {k: v for k, v in (metadata | change).items() if v is not None}
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=bad)
+        with pytest.raises(StateError, match=message):
+            State.load(tmp_path / "bad.safetensors", model)
+
+
+def test_save_into_a_missing_folder_names_it(tmp_path):
+    _, state, _ = saved_state(tmp_path)
+    target = tmp_path / "no" / "such" / "state.safetensors"
+    with pytest.raises(StateError, match=r"cannot write state file .*state.safetensors'.*folder .*such' does not exist"):
+        state.save(target)
+    assert not (tmp_path / "no").exists()  # not created behind the user's back
+    with pytest.raises(StateError, match="is a folder"):
+        state.save(tmp_path)
+
+
+def test_save_failure_is_a_state_error_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import mmrec.state as state_module
+
+    _, state, path = saved_state(tmp_path)
+    before = path.read_bytes()
+
+    def failing_save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_module, "save_file", failing_save_file)
+    with pytest.raises(StateError, match=r"cannot write state file .*state.safetensors'.*No space left"):
+        state.save(path)
+    assert path.read_bytes() == before  # the existing file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.safetensors"]  # no temporary left
+
+
+def test_save_never_touches_other_files_and_can_refuse_to_overwrite(tmp_path):
+    _, state, path = saved_state(tmp_path)
+    bystander = tmp_path / "state.safetensors.tmp"  # the old temporary name
+    bystander.write_text("mine")
+    state.save(path)
+    assert bystander.read_text() == "mine"
+    with pytest.raises(StateError, match="already exists"):
+        state.save(path, overwrite=False)
+    state.save(tmp_path / "new.safetensors", overwrite=False)
+
+
+def test_loads_onto_the_requested_device_after_checking(tmp_path):
+    model, _, path = saved_state(tmp_path)
+    loaded = State.load(path, model, device="meta")
+    assert all(t.device.type == "meta" for layer in loaded.layers for t in mmrec.state._flatten(layer).values())
