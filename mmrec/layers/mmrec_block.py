@@ -17,7 +17,9 @@ methods (both absent on the built-in ``parallel`` and ``exact``, which get what 
 ``projection_widths(d_model, n_heads) -> {name: width}`` adds those outputs to the fused
 projection and passes them to the recurrence as keyword arguments of the same names, and
 ``decay_width(d_model, n_heads) -> int`` sets how many decays MDI gives per token (default
-``d_model``; the ``delta`` recurrence asks for one per head).
+``d_model``; the ``delta`` recurrence asks for one per head). A recurrence with a decay of
+its own sets ``needs_decay = False``: the block then builds no MDI and passes
+``log_decay=None``.
 """
 
 from __future__ import annotations
@@ -109,7 +111,9 @@ class MMRecBlock(nn.Module):
         self.short_conv = ShortConv(d, config.short_conv, config.short_conv_init) if config.short_conv is not None else None
         self.norm = RMSNorm(d, config.norm_eps)
         self.proj = FusedProjection(d, self.widths, fused=config.hem, bias=config.bias)
-        self.mdi = MDI(d, key_dim, config.decay_init, config.init_std, width=decay_width)
+        # a recurrence with a decay of its own (``needs_decay = False``) gets no MDI
+        needs_decay = getattr(self.recurrence, "needs_decay", True)
+        self.mdi = MDI(d, key_dim, config.decay_init, config.init_std, width=decay_width) if needs_decay else None
         self.state_norm = RMSNorm(d, config.norm_eps)
         self.out = nn.Linear(d, d, bias=config.bias)  # W_o
         self.ffn_norm = RMSNorm(d, config.norm_eps)
@@ -121,10 +125,12 @@ class MMRecBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out, self.ffn.down]
 
-    def log_decay(self, z: Tensor, k: Tensor) -> Tensor:
+    def log_decay(self, z: Tensor, k: Tensor) -> Tensor | None:
         """MDI's ``log γ``: in the activations' dtype for a recurrence that takes it so
         (``narrow_decay``, e.g. the parallel scan), else in the accumulation dtype."""
         narrow = getattr(self.recurrence, "narrow_decay", False)
+        if self.mdi is None:
+            return None
         return self.mdi(z, k, None if narrow else accumulation_dtype(z.dtype))
 
     def forward(

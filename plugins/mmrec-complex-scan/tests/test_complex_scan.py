@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mmrec
+import mmrec.testing
 from mmrec import registry
 from mmrec_complex_scan import ComplexRecurrence
 
@@ -56,3 +57,10 @@ def test_registered_and_selectable_from_a_recipe():
     assert '"complex"' in json.dumps(mmrec.recipes.schema())
     with pytest.raises(mmrec.recipes.RecipeError, match="max_period"):
         mmrec.recipes.load("tiny", ["model.recurrence={\"kind\": \"complex\", \"max_period\": 0.5}"])
+
+
+@mmrec.testing.parametrize("scans", "complex", {"max_period": 20.0})
+def test_conforms_to_the_variant_suite(check):
+    # mmrec's conformance suite, one test per check, in a toy model with chunks of 6 tokens
+    # (periods of 2 to 20 tokens: the rotations turn within the checks' sequences)
+    check()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mmrec
+import mmrec.testing
 from mmrec import registry
 from mmrec_fifo_memory import FIFOMemory
 
@@ -80,3 +81,12 @@ def test_trains_with_the_training_command(tmp_path):
 def test_banks_that_do_not_divide_the_heads_are_a_recipe_error():
     with pytest.raises(mmrec.recipes.RecipeError, match=r"memory\.banks \(3\) must divide n_heads \(4\)"):
         mmrec.recipes.load("tiny", ['model.memory={"kind": "fifo", "banks": 3}'])
+
+
+@mmrec.testing.parametrize("memories", "fifo", {"slots": 2, "banks": 2, "dim": 6})
+def test_conforms_to_the_variant_suite(check):
+    # mmrec's conformance suite, one test per check, in a toy model with chunks of 6 tokens
+    # (2 slots: the queue fills and drops summaries within the checks' 22-token sequences)
+    note = check()
+    if check.name == "static_decode":  # fifo has no static step: generate decodes eagerly
+        assert note.startswith("no static decode step")
