@@ -13,6 +13,8 @@ The folder is first written as ``step_000100.tmp``, every file and the folder fs
 then renamed with ``os.replace``; a folder without the ``.tmp`` suffix is therefore
 complete. Loading checks the manifest before reading anything, so a truncated or
 damaged file is reported by name instead of surfacing as a cryptic library error.
+``save_checkpoint`` refuses weights that are not finite (a run that diverged has nothing
+to save; the trainer checks the sharded weights of a distributed run after every update).
 
 A run of several processes (``torchrun``, FSDP2: see ``mmrec.distributed``) saves with
 ``save_distributed_checkpoint`` instead: the same folder, ``.tmp`` and rename (by rank 0,
@@ -246,6 +248,10 @@ def save_checkpoint(
     from safetensors.torch import save_model
 
     run_dir = Path(run_dir)
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise CheckpointError(f"refusing to save step {step} under {run_dir}: the weights "
+                              f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} are not finite")
     final, tmp = _start(run_dir, step)
     metadata = {
         "format": FORMAT,

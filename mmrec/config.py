@@ -1,4 +1,9 @@
-"""Fields every model architecture shares; each block's ``Config`` extends this."""
+"""Fields every model architecture shares; each block's ``Config`` extends this.
+
+Numbers must be finite (``allow_inf_nan=False``, inherited by every architecture's
+``Config``); ``mmrec.recipes.parse`` refuses non-finite numbers in the variants' configs
+(``recurrence``, ``memory``, ``planning``, plugins') as well.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 class ModelConfigBase(BaseModel):
     """Embedding, depth and width of a language model made of registered blocks."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     vocab_size: PositiveInt
     d_model: PositiveInt
@@ -19,8 +24,8 @@ class ModelConfigBase(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = Field(False, description="biases in the linear layers")
     tie_embeddings: bool = False
-    norm_eps: float = Field(1e-6, gt=0)
-    init_std: float = Field(0.02, gt=0)
+    norm_eps: float = Field(1e-6, gt=0, le=1, description="RMSNorm's epsilon, in (0, 1]")
+    init_std: float = Field(0.02, gt=0, le=1, description="standard deviation of the initial weights, in (0, 1]")
 
     @model_validator(mode="after")
     def _heads_divide_width(self):

@@ -66,6 +66,15 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, recipe, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_non_finite_weights_are_never_saved(tmp_path, recipe):
+    model = Tiny()
+    with torch.no_grad():
+        model.lin.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"refusing to save step 3 under .*: the weights lin\.weight are not finite"):
+        _save(tmp_path, 3, model, recipe)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_keep_last_and_newest(tmp_path, recipe):
     model = Tiny()
     for step in (1, 2, 3, 10):

@@ -69,7 +69,7 @@ def full_validation_loss(run_dir: Path, data: str, device: str) -> dict:
 
 def read_metrics(run_dir: Path) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    val = [r for r in records if "val_loss" in r]
+    val = [r for r in records if r.get("val_loss") is not None]  # null: a loss that was not finite
     speeds = [r["train_tokens_per_s"] for r in records if "train_tokens_per_s" in r]
     speeds = speeds[len(speeds) // 10 :]  # past the compile and warm-up steps
     return {"last_val_loss": val[-1]["val_loss"] if val else None, "best_val_loss": min((r["val_loss"] for r in val), default=None),

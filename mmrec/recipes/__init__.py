@@ -4,13 +4,16 @@ A recipe has ``name``, ``model`` and ``train``. ``model`` is a discriminated uni
 ``arch`` over the installed block configs, and each block's variant slots (an MM-Rec
 block's ``recurrence`` and ``memory``) are discriminated unions on ``kind`` over the
 installed variants, so plugins extend the schema by being installed. Every error names
-the JSON path of the problem, and unknown names the closest registered match.
+the JSON path of the problem, and unknown names the closest registered match. Numbers
+must be finite everywhere: ``inf`` or ``nan`` in any field, a plugin's included, is an
+error naming the field.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -31,7 +34,7 @@ class RecipeError(ValueError):
 
 
 class RecipeBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     description: str = ""
@@ -158,12 +161,30 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 def parse(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> BaseModel:
     """Validate a recipe given as a dict."""
     data = apply_overrides(data, overrides) if overrides else data
+    name = data.get("name", "?") if isinstance(data, dict) else "?"
     try:
-        return recipe_type().model_validate(data)
+        recipe = recipe_type().model_validate(data)
     except ValidationError as error:
-        name = data.get("name", "?") if isinstance(data, dict) else "?"
         problems = "\n".join(f"  {_describe(e, data)}" for e in error.errors())
         raise RecipeError(f"invalid recipe {name!r}:\n{problems}") from None
+    # the train and model sections refuse inf and nan themselves; this also covers the
+    # variants' configs (and plugins'), which pydantic lets through by default
+    bad = _non_finite(recipe.model_dump(), "")
+    if bad:
+        problems = "\n".join(f"  {path}: Input should be a finite number (got {value!r})" for path, value in bad)
+        raise RecipeError(f"invalid recipe {name!r}:\n{problems}")
+    return recipe
+
+
+def _non_finite(value: Any, path: str) -> list[tuple[str, float]]:
+    """``(path, value)`` of every float in ``value`` (a recipe dump) that is inf or nan."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [(path, value)]
+    if isinstance(value, dict):
+        return [bad for key, item in value.items() for bad in _non_finite(item, f"{path}.{key}" if path else str(key))]
+    if isinstance(value, (list, tuple)):
+        return [bad for i, item in enumerate(value) for bad in _non_finite(item, f"{path}[{i}]")]
+    return []
 
 
 def load(source: Any, overrides: list[str] | tuple[str, ...] = ()) -> BaseModel:

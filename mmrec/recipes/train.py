@@ -12,6 +12,27 @@ Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits; a sec
 Ctrl-C exits at once. The data order is a function of the seed and the step, and the
 checkpoint holds every RNG state, so a resumed run continues exactly where it stopped.
 
+The run folder's ``metrics.jsonl`` holds one JSON object a line: ``{"step": N,
+"train_loss": ..., ...}`` after each update, ``{"step": N, "val_loss": ...}`` after each
+evaluation, and events (``{"event": "resume", "step": N, "from": ...}``, ``{"event":
+"throughput", ...}``). It is strict JSON: a number that is not finite (a validation loss
+that overflowed) is written as ``null``. It tells the run as it went on: resuming from
+step N in the same folder first removes the records of steps after N (which a run that
+was stopped or killed after its last checkpoint wrote, and which are now trained again),
+says how many it removed, and writes the ``resume`` event; TensorBoard's events of those
+steps are hidden likewise (``purge_step``).
+
+Resuming a checkpoint older than the newest of its run folder is refused (training on
+would overwrite the newer ones): resume the newest, branch off into a new folder with
+``--out``, or pass ``--discard-newer``, which deletes them, naming each.
+
+Nothing is saved that is not finite: after every update the weights are checked (one
+fused reduction over the parameters), and a step that leaves any weight inf or nan stops
+the run (exit status 1) before anything of it is written, like a loss or gradient norm
+that stops being finite. Before any work, the model's size is estimated from the recipe
+and a model whose weights, gradients and AdamW state (16 bytes a parameter, shared out
+over the processes under ``torchrun``) exceed the device's memory is refused.
+
 Several processes (GPUs) run the same command under ``torchrun``::
 
     torchrun --standalone --nproc-per-node 8 -m mmrec.recipes.train --recipe 1b --data texts/
@@ -42,6 +63,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -100,6 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="a UTF-8 text file or a folder of them; default: the built-in corpus (or the checkpoint's data with --resume)")
     p.add_argument("--out", help="run folder for checkpoints and metrics (default runs/<recipe name>)")
     p.add_argument("--resume", metavar="DIR", help="a run folder (its newest checkpoint) or a checkpoint folder to continue from")
+    p.add_argument("--discard-newer", action="store_true",
+                   help="with --resume of an older checkpoint: delete the run folder's newer checkpoints "
+                        "(otherwise refused) and continue from the one named")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set train.lr=3e-4 --set model.n_layers=2")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -187,11 +212,85 @@ class NoLog:
         pass
 
 
-class MetricsLog:
-    """``metrics.jsonl`` in the run folder, plus TensorBoard when asked."""
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by ``None`` (JSON ``null``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
-    def __init__(self, out: Path, tensorboard: bool):
-        self.tb = self.tensorboard_writer()(str(out / "tensorboard")) if tensorboard else None
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _step_of(record: Any) -> float | None:
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
+def _cut_after(kept: list[tuple[str, Any]], step: int) -> list[tuple[str, Any]]:
+    """Remove from ``kept`` (in place) the first record of a step after ``step`` and
+    everything after it; return what was removed."""
+    for i, (_, record) in enumerate(kept):
+        s = _step_of(record)
+        if s is not None and s > step:
+            removed = kept[i:]
+            del kept[i:]
+            return removed
+    return []
+
+
+def continue_metrics(path: Path, step: int) -> list[str]:
+    """Make ``metrics.jsonl`` tell the run as it continues from ``step``: remove the records
+    of later steps (and the events after them) that a run stopped after its checkpoint at
+    ``step`` wrote, and, in a log from before this rule, the records each earlier
+    ``resume`` event superseded; also a last line cut short by a kill. The file is
+    rewritten atomically when anything changes. Returns the removed lines."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    kept: list[tuple[str, Any]] = []
+    removed: list[str] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1 and not text.endswith("\n"):  # a write cut short by a kill
+                removed.append(line)
+                continue
+            record = None  # not ours to judge: kept as it is
+        if isinstance(record, dict) and record.get("event") == "resume" and _step_of(record) is not None:
+            removed += [line for line, _ in _cut_after(kept, record["step"])]
+        kept.append((line, record))
+    removed += [line for line, _ in _cut_after(kept, step)]
+    if removed or (text and not text.endswith("\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line, _ in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return removed
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the run folder (strict JSON: non-finite numbers are ``null``),
+    plus TensorBoard when asked. ``purge_step``: on resume, the first step trained again,
+    whose TensorBoard events and later ones of an earlier attempt are hidden."""
+
+    def __init__(self, out: Path, tensorboard: bool, purge_step: int | None = None):
+        self.tb = (self.tensorboard_writer()(str(out / "tensorboard"), purge_step=purge_step)
+                   if tensorboard else None)
         self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
 
     @staticmethod
@@ -203,7 +302,7 @@ class MetricsLog:
         return SummaryWriter
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None and "step" in record:
             for key, value in record.items():
@@ -221,21 +320,50 @@ def holds_a_run(folder: Path) -> bool:
     return bool(ckpt_io.list_checkpoints(folder)) or (folder / "metrics.jsonl").exists()
 
 
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to: its parent, or ``<run>`` for ``<run>/best/step_N``."""
+    parent = checkpoint.parent
+    if parent.name == "best" and holds_a_run(parent.parent):
+        return parent.parent
+    return parent
+
+
+def newer_checkpoints(run_dir: Path, step: int) -> list[Path]:
+    """The checkpoints in ``run_dir`` (and its ``best/``) of steps after ``step``."""
+    return [p for folder in (run_dir, run_dir / "best") for s, p in ckpt_io.list_checkpoints(folder) if s > step]
+
+
 def pick_out_dir(args, recipe, resume) -> Path:
     """The run folder: ``--out``, the resumed run's, or ``runs/<recipe>`` (``-2``, ``-3``, ...
-    when taken). A fresh run never writes into a folder that holds another run."""
+    when taken). A fresh run never writes into a folder that holds another run, and a
+    resumed one never over checkpoints newer than the one it resumes (unless
+    ``--discard-newer``, which ``train_run`` then carries out)."""
+    if args.discard_newer and resume is None:
+        raise TrainError("--discard-newer goes with --resume CHECKPOINT (an older checkpoint of a run folder)")
     if args.out:
         out = Path(args.out)
     elif resume is not None:
-        return resume.path.parent
+        out = run_folder_of(resume.path)
     else:
         out = Path("runs") / recipe.name
         n = 1
         while holds_a_run(out):
             n += 1
             out = Path("runs") / f"{recipe.name}-{n}"
-    if resume is not None and out.resolve() == resume.path.parent.resolve():
+    if resume is not None and out.resolve() == run_folder_of(resume.path).resolve():
+        newer = [p for s, p in ckpt_io.list_checkpoints(out) if s > resume.step]
+        if newer and not args.discard_newer:
+            names = ", ".join(p.name for p in newer)
+            raise TrainError(
+                f"{out} holds checkpoints newer than {resume.path.name} ({names}), which continuing from it "
+                f"there would overwrite; resume the newest (--resume {out}), branch off into a new folder "
+                f"(--resume {resume.path} --out NEW_FOLDER), or delete them and continue from step {resume.step} "
+                f"(--resume {resume.path} --discard-newer)"
+            )
         return out
+    if args.discard_newer:
+        raise TrainError(f"--discard-newer deletes checkpoints of the run folder of --resume {args.resume}, "
+                         f"but the run goes to --out {out}: leave out one of the two")
     existing = ckpt_io.list_checkpoints(out)
     if existing:
         raise TrainError(
@@ -332,13 +460,35 @@ class Setup:
     resumed_state: dict | None
 
 
-def prepare(args: argparse.Namespace) -> Setup:
+def check_trainer_state(state: Any, resume: ckpt_io.Checkpoint) -> dict:
+    """``trainer.pt`` holds what resuming reads (its bytes are checked by the manifest;
+    this checks that it is a trainer's state of this step)."""
+    where = resume.path / ckpt_io.TRAINER_FILE
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where} holds no trainer state, so {resume.path} cannot be resumed")
+    required = ["step", "scheduler", "rng", "data"] + (["optimizer"] if resume.layout == ckpt_io.LAYOUT_SINGLE else [])
+    missing = [k for k in required if k not in state]
+    if not missing and not (isinstance(state["data"], dict) and {"source", "fingerprint"} <= set(state["data"])):
+        missing = ["data.source", "data.fingerprint"]
+    if missing:
+        raise CheckpointError(f"{where} lacks {', '.join(missing)}, so {resume.path} cannot be resumed "
+                              "(its weights still load for generation)")
+    if state["step"] != resume.step:
+        raise CheckpointError(f"{where} is of step {state['step']}, but {resume.path} is of step {resume.step}: "
+                              "the files of two checkpoints are mixed; resume another checkpoint")
+    return state
+
+
+def prepare(args: argparse.Namespace, device: torch.device | None = None) -> Setup:
     # with several processes rank 0 alone hashes the files: every rank would read the same
     resume = ckpt_io.load_checkpoint(args.resume, verify=distributed.is_main()) if args.resume else None
-    resumed_state = resume.trainer_state() if resume else None
+    resumed_state = check_trainer_state(resume.trainer_state(), resume) if resume else None
     source = args.recipe or (resume.recipe if resume else "tiny")
     recipe = mmrec.recipes.load(source, args.overrides)
     train = recipe.train
+    if device is not None:  # before reading any data: a model that cannot fit is refused at once
+        check_fits(recipe.model, device, distributed.world_size())
+    out = pick_out_dir(args, recipe, resume)
 
     data_source = args.data or (resumed_state["data"]["source"] if resume else None)
     try:
@@ -379,7 +529,81 @@ def prepare(args: argparse.Namespace) -> Setup:
         print(f"warning: the data differs from the data {resume.path} was trained on; "
               "the run continues on the new data", file=sys.stderr)
     return Setup(recipe, corpus, tokenizer, TokenStream(train_tokens, train.seq_len, train.seed, "training"),
-                 val_tokens, data_print, pick_out_dir(args, recipe, resume), resume, resumed_state)
+                 val_tokens, data_print, out, resume, resumed_state)
+
+
+BYTES_PER_PARAMETER = 16  # fp32 weight and gradient, AdamW's two fp32 moments
+
+
+def estimate_parameters(config) -> tuple[int, bool]:
+    """The parameter count of the model ``config`` (a recipe's model section) describes,
+    without building it: ``(count, exact)``. Models of one and two layers are built on
+    the meta device (no memory, no time) and the count extrapolated to ``n_layers``:
+    exact when every layer has the same parameters, as in the built-in blocks. Where
+    that cannot be done (a width so large that a weight's element count overflows, or a
+    block that cannot be built on the meta device) it is a lower bound: the embedding
+    and the head."""
+    lower = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
+    if max(config.d_model, config.ffn_dim, config.vocab_size) ** 2 > 2**60:
+        return lower, False
+    try:
+        with torch.device("meta"):
+            one, two = (mmrec.LanguageModel(config.model_copy(update={"n_layers": n})).num_parameters()
+                        for n in (1, 2))
+    except Exception:  # noqa: BLE001 - a plugin's block that needs real tensors to be built
+        return lower, False
+    return one + (two - one) * (config.n_layers - 1), True
+
+
+def memory_of(device: torch.device) -> tuple[int, str] | None:
+    """``(bytes, what)``: the memory one process trains in, or None when unknown."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, f"{props.name} ({device}) has"
+    if device.type == "cpu":
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+        return total, "this machine has"
+    return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    raise AssertionError
+
+
+def check_fits(config, device: torch.device, world: int = 1) -> None:
+    """Refuse a model whose weights, gradients and AdamW state alone exceed the memory it
+    would train in. With ``world`` processes (FSDP) each holds a ``1/world`` share; the
+    processes on one host share its RAM (CPU) or have a GPU each (CUDA). Activations come
+    on top, so passing is no promise that a run fits."""
+    memory = memory_of(device)
+    if memory is None:
+        return
+    available, what = memory
+    count, exact = estimate_parameters(config)
+    share = count * BYTES_PER_PARAMETER / world
+    on_host = world > 1 and device.type == "cpu"
+    need = share * (int(os.environ.get("LOCAL_WORLD_SIZE", world)) if on_host else 1)
+    if need <= available:
+        return
+    size = f"{'~' if exact else 'at least '}{count:.3g} parameters"
+    per = ""
+    if world > 1:
+        per = (f", {human_bytes(share)} per process, {human_bytes(need)} for the processes on this machine" if on_host
+               else f", {human_bytes(share)} per process of {world}")
+    hint = "make the model smaller (model.d_model, model.n_layers, model.ffn_dim, model.vocab_size)"
+    if device.type == "cuda":
+        hint += ", or shard it over more GPUs (torchrun --nproc-per-node N)"
+    raise TrainError(f"the model has {size} and needs {'~' if exact else 'at least '}"
+                     f"{human_bytes(count * BYTES_PER_PARAMETER)} for its weights, gradients and AdamW state "
+                     f"({BYTES_PER_PARAMETER} bytes a parameter{per}), more than the {human_bytes(available)} "
+                     f"{what}; {hint}")
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -423,17 +647,56 @@ def train_step(forward, model, optimizer, scheduler, data: TokenStream, step: in
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf).item()
         loss_value = loss_sum.item() / train.grad_accum
         aux_value = aux_sum.item() / train.grad_accum if use_aux else None
+    lr = optimizer.param_groups[0]["lr"]
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         bad = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
-        raise Diverged(f"training diverged at step {step + 1}: {bad} "
-                       f"(learning rate {optimizer.param_groups[0]['lr']:.3g})")
+        raise Diverged(f"training diverged at step {step + 1}: {bad} (learning rate {lr:.3g})")
     optimizer.step()
+    # the update itself can overflow (finite loss and gradients, weights inf or nan):
+    # nothing of this step is logged or saved then
+    bad = not weights_finite(model)
+    if world > 1:  # every rank checks its shards; all stop if any found one
+        bad = bool(distributed.any_rank(int(bad), device))
+    if bad:
+        names = non_finite_parameters(model)
+        where = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+        raise Diverged(f"training diverged at step {step + 1}: the update left weights that are not "
+                       f"finite{where} (learning rate {lr:.3g})")
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     stats = {"loss": loss_value, "grad_norm": grad_norm}
     if use_aux:
         stats["aux_loss"] = aux_value
     return stats
+
+
+def _local_parameters(model) -> list[tuple[str, torch.Tensor]]:
+    """This process's parameters (its shards, under FSDP), without the empty ones."""
+    out = []
+    for name, p in model.named_parameters():
+        t = p.to_local() if hasattr(p, "to_local") else p
+        if t.numel():
+            out.append((name, t.detach()))
+    return out
+
+
+def weights_finite(model) -> bool:
+    """Whether this process's parameters are all finite: one fused max-abs reduction
+    (``torch._foreach_norm``, ord inf: nan propagates, no overflow) and one sync."""
+    tensors = [t for _, t in _local_parameters(model)]
+    if not tensors:
+        return True
+    norm = getattr(torch, "_foreach_norm", None)
+    norms = (norm(tensors, math.inf) if norm is not None
+             else [torch.linalg.vector_norm(t, math.inf) for t in tensors])
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.float() for n in norms]
+    return bool(torch.stack(norms).isfinite().all())
+
+
+def non_finite_parameters(model) -> list[str]:
+    """Names of the parameters (this process's shards) holding inf or nan."""
+    return [name for name, t in _local_parameters(model) if not bool(t.isfinite().all())]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -459,7 +722,7 @@ def export(args: argparse.Namespace) -> int:
     """``--export``: a distributed checkpoint in the single-file layout."""
     if distributed.env_world_size() > 1:
         raise TrainError("--export runs in one process: start it with python, not torchrun")
-    if args.resume or args.recipe or args.data or args.overrides:
+    if args.resume or args.recipe or args.data or args.overrides or args.discard_newer:
         raise TrainError("--export converts a checkpoint and takes no other option than --out")
     source = ckpt_io.resolve_checkpoint(args.export)
     path = ckpt_io.export_checkpoint(source, Path(args.out) if args.out else source.parent / "export")
@@ -496,7 +759,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
     rank, world = distributed.rank(), distributed.world_size()
     if args.tensorboard and main_rank:
         MetricsLog.tensorboard_writer()  # missing tensorboard: say so before any work
-    setup = prepare(args)
+    setup = prepare(args, device)
     recipe, train, tokenizer, out, resume = setup.recipe, setup.recipe.train, setup.tokenizer, setup.out, setup.resume
     if sharded:
         if train.batch_size % world:
@@ -508,6 +771,15 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         ckpt_io.remove_stale_tmp(out)
+        if resume is not None and out.resolve() == run_folder_of(resume.path).resolve():
+            newer = newer_checkpoints(out, resume.step)
+            if args.discard_newer:  # pick_out_dir refused newer regular checkpoints without it
+                for p in newer:
+                    shutil.rmtree(p)
+                    print(f"--discard-newer: deleted {p}")
+            elif newer:  # only best/ can hold one: a run stopped after its best but before its last save
+                print(f"note: {', '.join(map(str, newer))} is newer than {resume.path.name}; the first lower "
+                      f"validation loss of the resumed run replaces it", file=sys.stderr)
     distributed.barrier()
     autocast = autocast_for(device, train.dtype)
     use_aux = getattr(recipe.model, "planning", None) is not None
@@ -555,13 +827,33 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"the optimizer state in {resume.path} does not fit this model: {e}") from None
         step = resume.step
+        bad = not weights_finite(model)
+        if sharded:
+            bad = bool(distributed.any_rank(int(bad), device))
+        if bad:
+            names = non_finite_parameters(model)
+            older = [p for s, p in ckpt_io.list_checkpoints(resume.path.parent) if s < step]
+            raise CheckpointError(f"{resume.path} holds weights that are not finite"
+                                  f"{' (' + ', '.join(names[:3]) + ')' if names else ''}: it was saved after training "
+                                  f"diverged; resume an earlier checkpoint"
+                                  + (f" (--resume {older[-1]} --discard-newer)" if older else ""))
         set_schedule_lr(optimizer, scheduler, train, step)
         distributed.set_rng_state(setup.resumed_state, train.seed, step)
     # several processes: each block was compiled before sharding
     forward = torch.compile(model) if train.compile and not sharded else model
     tokens_per_step = train.batch_size * train.seq_len * train.grad_accum
 
-    def save(at_step: int, run_dir: Path = out, keep_last: int = train.keep_last) -> Path:
+    def save_best(at_step: int) -> Path:
+        """The checkpoint of ``at_step`` as ``best/``'s only one (replacing one of a later
+        step, left by an attempt that was stopped and is being resumed)."""
+        path = save(at_step, out / "best", None)
+        if main_rank:
+            for _, other in ckpt_io.list_checkpoints(out / "best"):
+                if other != path:
+                    shutil.rmtree(other, ignore_errors=True)
+        return path
+
+    def save(at_step: int, run_dir: Path = out, keep_last: int | None = train.keep_last) -> Path:
         data = {"source": setup.corpus.source and os.path.abspath(setup.corpus.source),
                 "fingerprint": setup.data_print, "seed": train.seed,
                 "samples_seen": at_step * train.grad_accum * train.batch_size,
@@ -601,7 +893,16 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
         if resume is not None:
             print(f"resuming from {resume.path} at step {step}")
 
-    log = MetricsLog(out, args.tensorboard) if main_rank else NoLog()
+    if main_rank and resume is not None:
+        removed = continue_metrics(out / "metrics.jsonl", step)
+        if removed:
+            steps = [int(s) for s in (_step_of(_json_or_none(line)) for line in removed) if s is not None]
+            span = ("" if not steps else f" of step {steps[0]}" if min(steps) == max(steps)
+                    else f" of steps {min(steps)}-{max(steps)}")
+            print(f"{out / 'metrics.jsonl'}: removed {len(removed)} records{span}, written after step {step} by the "
+                  f"run that stopped (they are trained again now)", file=sys.stderr)
+    log = (MetricsLog(out, args.tensorboard, purge_step=step + 1 if resume is not None else None) if main_rank
+           else NoLog())
     if resume is not None:
         log.write({"event": "resume", "step": step, "from": str(resume.path)})
     val_loss = None
@@ -634,7 +935,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
                     if best_val_loss is None or val_loss < best_val_loss:
                         best_val_loss = val_loss
                         if train.save_best and train.save:
-                            say(f"step {step}: lowest validation loss so far, saved {save(step, out / 'best', 1)}")
+                            say(f"step {step}: lowest validation loss so far, saved {save_best(step)}")
                 if train.save and (step % train.save_every == 0 or step == train.steps or stop.requested() is not None):
                     say(f"step {step}: saved {save(step)}")
                     saved_step = step

@@ -60,6 +60,38 @@ def test_overrides_are_validated_by_the_schema():
         mmrec.recipes.load("tiny", ["train.lr=fast"])
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=inf", "train.lr: Input should be a finite number"),
+    ("train.lr=NaN", "train.lr: Input should be a finite number"),
+    ("train.lr=1e39", "train.lr: Input should be less than or equal to 1"),
+    ("train.lr=0", "train.lr: Input should be greater than 0"),
+    ("train.min_lr=Infinity", "train.min_lr: Input should be a finite number"),
+    ("train.grad_clip=Infinity", "train.grad_clip: Input should be a finite number"),
+    ("train.weight_decay=Infinity", "train.weight_decay: Input should be a finite number"),
+    ("train.weight_decay=500", "train.lr x train.weight_decay is 1.5"),
+    ("train.betas=[0.9,1.0]", "train.betas[1]: Input should be less than 1"),
+    ("train.betas=[-0.1,0.9]", "train.betas[0]: Input should be greater than or equal to 0"),
+    ("train.betas=[0.9,NaN]", "train.betas[1]: Input should be a finite number"),
+    ("train.val_fraction=NaN", "train.val_fraction: Input should be a finite number"),
+    ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),
+    ("train.seed=18446744073709551616", "train.seed: Input should be less than"),
+    ("train.bpe_vocab_size=100", "train.bpe_vocab_size: Input should be greater than or equal to 256"),
+    ("model.dropout=NaN", "model.dropout: Input should be a finite number"),
+    ("model.init_std=Infinity", "model.init_std: Input should be a finite number"),
+    ("model.norm_eps=Infinity", "model.norm_eps: Input should be a finite number"),
+    ("model.d_model=Infinity", "model.d_model: Input should be a finite number"),
+    ("model.recurrence_dropout=NaN", "model.recurrence_dropout: Input should be a finite number"),
+    # a variant's config, which sets no allow_inf_nan of its own
+    ("model.planning.lambda_p=Infinity", "model.planning.lambda_p: Input should be a finite number (got inf)"),
+])
+def test_numbers_must_be_finite_and_in_range(override, expected):
+    assert expected in error_of([override])
+
+
+def test_transformer_numbers_must_be_finite():
+    assert "model.rope_base: Input should be a finite number" in error_of(["model.rope_base=Infinity"], data="transformer-tiny")
+
+
 def error_of(overrides=(), data=None):
     with pytest.raises(RecipeError) as info:
         mmrec.recipes.load(data if data is not None else "tiny", overrides)
