@@ -12,15 +12,9 @@ Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits; a sec
 Ctrl-C exits at once. The data order is a function of the seed and the step, and the
 checkpoint holds every RNG state, so a resumed run continues exactly where it stopped.
 
-The run folder's ``metrics.jsonl`` holds one JSON object a line: ``{"step": N,
-"train_loss": ..., ...}`` after each update, ``{"step": N, "val_loss": ...}`` after each
-evaluation, and events (``{"event": "resume", "step": N, "from": ...}``, ``{"event":
-"throughput", ...}``). It is strict JSON: a number that is not finite (a validation loss
-that overflowed) is written as ``null``. It tells the run as it went on: resuming from
-step N in the same folder first removes the records of steps after N (which a run that
-was stopped or killed after its last checkpoint wrote, and which are now trained again),
-says how many it removed, and writes the ``resume`` event; TensorBoard's events of those
-steps are hidden likewise (``purge_step``).
+The run folder's ``metrics.jsonl`` (:mod:`mmrec.metrics`) is strict JSON, one record a
+line, and reads as the run went on: resuming drops the records a stopped run wrote past
+its checkpoint.
 
 Resuming a checkpoint older than the newest of its run folder is refused (training on
 would overwrite the newer ones): resume the newest, branch off into a new folder with
@@ -29,9 +23,8 @@ would overwrite the newer ones): resume the newest, branch off into a new folder
 Nothing is saved that is not finite: after every update the weights are checked (one
 fused reduction over the parameters), and a step that leaves any weight inf or nan stops
 the run (exit status 1) before anything of it is written, like a loss or gradient norm
-that stops being finite. Before any work, the model's size is estimated from the recipe
-and a model whose weights, gradients and AdamW state (16 bytes a parameter, shared out
-over the processes under ``torchrun``) exceed the device's memory is refused.
+that stops being finite. Before any work, a model whose weights, gradients and AdamW state
+exceed the device's memory is refused (:mod:`mmrec.sizing`).
 
 Several processes (GPUs) run the same command under ``torchrun``::
 
@@ -59,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import random
@@ -93,7 +85,9 @@ from mmrec.data import (
 )
 from mmrec.generate import generate
 from mmrec.optim import build_optimizer, build_scheduler, set_schedule_lr
+from mmrec.metrics import MetricsLog, NoLog, continue_metrics, steps_of
 from mmrec.recipes import RecipeError
+from mmrec.sizing import ModelTooLarge, check_fits
 from mmrec.tokenizer import (
     ByteTokenizer,
     Tokenizer,
@@ -200,119 +194,6 @@ class StopSignal:
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-class NoLog:
-    """What ranks other than 0 log: nothing."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def finite_or_null(value: Any) -> Any:
-    """``value`` with every float that is not finite replaced by ``None`` (JSON ``null``)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_null(v) for v in value]
-    return value
-
-
-def _json_or_none(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
-def _step_of(record: Any) -> float | None:
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
-
-
-def _cut_after(kept: list[tuple[str, Any]], step: int) -> list[tuple[str, Any]]:
-    """Remove from ``kept`` (in place) the first record of a step after ``step`` and
-    everything after it; return what was removed."""
-    for i, (_, record) in enumerate(kept):
-        s = _step_of(record)
-        if s is not None and s > step:
-            removed = kept[i:]
-            del kept[i:]
-            return removed
-    return []
-
-
-def continue_metrics(path: Path, step: int) -> list[str]:
-    """Make ``metrics.jsonl`` tell the run as it continues from ``step``: remove the records
-    of later steps (and the events after them) that a run stopped after its checkpoint at
-    ``step`` wrote, and, in a log from before this rule, the records each earlier
-    ``resume`` event superseded; also a last line cut short by a kill. The file is
-    rewritten atomically when anything changes. Returns the removed lines."""
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.splitlines()
-    kept: list[tuple[str, Any]] = []
-    removed: list[str] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if i == len(lines) - 1 and not text.endswith("\n"):  # a write cut short by a kill
-                removed.append(line)
-                continue
-            record = None  # not ours to judge: kept as it is
-        if isinstance(record, dict) and record.get("event") == "resume" and _step_of(record) is not None:
-            removed += [line for line, _ in _cut_after(kept, record["step"])]
-        kept.append((line, record))
-    removed += [line for line, _ in _cut_after(kept, step)]
-    if removed or (text and not text.endswith("\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line, _ in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return removed
-
-
-class MetricsLog:
-    """``metrics.jsonl`` in the run folder (strict JSON: non-finite numbers are ``null``),
-    plus TensorBoard when asked. ``purge_step``: on resume, the first step trained again,
-    whose TensorBoard events and later ones of an earlier attempt are hidden."""
-
-    def __init__(self, out: Path, tensorboard: bool, purge_step: int | None = None):
-        self.tb = (self.tensorboard_writer()(str(out / "tensorboard"), purge_step=purge_step)
-                   if tensorboard else None)
-        self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
-
-    @staticmethod
-    def tensorboard_writer():
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-        return SummaryWriter
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
-        self.file.flush()
-        if self.tb is not None and "step" in record:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key.replace("_", "/", 1), value, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 def holds_a_run(folder: Path) -> bool:
@@ -532,80 +413,6 @@ def prepare(args: argparse.Namespace, device: torch.device | None = None) -> Set
                  val_tokens, data_print, out, resume, resumed_state)
 
 
-BYTES_PER_PARAMETER = 16  # fp32 weight and gradient, AdamW's two fp32 moments
-
-
-def estimate_parameters(config) -> tuple[int, bool]:
-    """The parameter count of the model ``config`` (a recipe's model section) describes,
-    without building it: ``(count, exact)``. Models of one and two layers are built on
-    the meta device (no memory, no time) and the count extrapolated to ``n_layers``:
-    exact when every layer has the same parameters, as in the built-in blocks. Where
-    that cannot be done (a width so large that a weight's element count overflows, or a
-    block that cannot be built on the meta device) it is a lower bound: the embedding
-    and the head."""
-    lower = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
-    if max(config.d_model, config.ffn_dim, config.vocab_size) ** 2 > 2**60:
-        return lower, False
-    try:
-        with torch.device("meta"):
-            one, two = (mmrec.LanguageModel(config.model_copy(update={"n_layers": n})).num_parameters()
-                        for n in (1, 2))
-    except Exception:  # noqa: BLE001 - a plugin's block that needs real tensors to be built
-        return lower, False
-    return one + (two - one) * (config.n_layers - 1), True
-
-
-def memory_of(device: torch.device) -> tuple[int, str] | None:
-    """``(bytes, what)``: the memory one process trains in, or None when unknown."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return props.total_memory, f"{props.name} ({device}) has"
-    if device.type == "cpu":
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):
-            return None
-        return total, "this machine has"
-    return None
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    raise AssertionError
-
-
-def check_fits(config, device: torch.device, world: int = 1) -> None:
-    """Refuse a model whose weights, gradients and AdamW state alone exceed the memory it
-    would train in. With ``world`` processes (FSDP) each holds a ``1/world`` share; the
-    processes on one host share its RAM (CPU) or have a GPU each (CUDA). Activations come
-    on top, so passing is no promise that a run fits."""
-    memory = memory_of(device)
-    if memory is None:
-        return
-    available, what = memory
-    count, exact = estimate_parameters(config)
-    share = count * BYTES_PER_PARAMETER / world
-    on_host = world > 1 and device.type == "cpu"
-    need = share * (int(os.environ.get("LOCAL_WORLD_SIZE", world)) if on_host else 1)
-    if need <= available:
-        return
-    size = f"{'~' if exact else 'at least '}{count:.3g} parameters"
-    per = ""
-    if world > 1:
-        per = (f", {human_bytes(share)} per process, {human_bytes(need)} for the processes on this machine" if on_host
-               else f", {human_bytes(share)} per process of {world}")
-    hint = "make the model smaller (model.d_model, model.n_layers, model.ffn_dim, model.vocab_size)"
-    if device.type == "cuda":
-        hint += ", or shard it over more GPUs (torchrun --nproc-per-node N)"
-    raise TrainError(f"the model has {size} and needs {'~' if exact else 'at least '}"
-                     f"{human_bytes(count * BYTES_PER_PARAMETER)} for its weights, gradients and AdamW state "
-                     f"({BYTES_PER_PARAMETER} bytes a parameter{per}), more than the {human_bytes(available)} "
-                     f"{what}; {hint}")
-
-
 def pick_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -758,7 +565,10 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
     sharded, main_rank = distributed.is_distributed(), distributed.is_main()
     rank, world = distributed.rank(), distributed.world_size()
     if args.tensorboard and main_rank:
-        MetricsLog.tensorboard_writer()  # missing tensorboard: say so before any work
+        try:
+            MetricsLog.tensorboard_writer()  # missing tensorboard: say so before any work
+        except ImportError as e:
+            raise TrainError(str(e)) from None
     setup = prepare(args, device)
     recipe, train, tokenizer, out, resume = setup.recipe, setup.recipe.train, setup.tokenizer, setup.out, setup.resume
     if sharded:
@@ -896,11 +706,8 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
     if main_rank and resume is not None:
         removed = continue_metrics(out / "metrics.jsonl", step)
         if removed:
-            steps = [int(s) for s in (_step_of(_json_or_none(line)) for line in removed) if s is not None]
-            span = ("" if not steps else f" of step {steps[0]}" if min(steps) == max(steps)
-                    else f" of steps {min(steps)}-{max(steps)}")
-            print(f"{out / 'metrics.jsonl'}: removed {len(removed)} records{span}, written after step {step} by the "
-                  f"run that stopped (they are trained again now)", file=sys.stderr)
+            print(f"{out / 'metrics.jsonl'}: removed {len(removed)} records{steps_of(removed)}, written after step "
+                  f"{step} by the run that stopped (they are trained again now)", file=sys.stderr)
     log = (MetricsLog(out, args.tensorboard, purge_step=step + 1 if resume is not None else None) if main_rank
            else NoLog())
     if resume is not None:
@@ -992,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (RecipeError, DataError, CheckpointError, TokenizerError, TrainError) as e:
+    except (RecipeError, DataError, CheckpointError, TokenizerError, TrainError, ModelTooLarge) as e:
         head, *rest = str(e).strip().splitlines() or [type(e).__name__]
         rank = os.environ.get("RANK", "0") if distributed.env_world_size() > 1 else "0"
         who = "" if rank == "0" else f"[rank {rank}] "  # every rank says what stopped it

@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import mmrec
 from mmrec import checkpoint as ck
+from mmrec import metrics as metrics_log
+from mmrec import sizing
 from mmrec.data import default_corpus
 from mmrec.recipes import train as train_mod
 from tests.recipes.test_train import fail, metrics, sets, steps_saved
@@ -116,7 +118,7 @@ def test_metrics_are_strict_json_with_null_for_non_finite(tmp_path, text_file, m
     [val] = [r for r in records if "val_loss" in r]
     assert val == {"step": 2, "val_loss": None, "val_ppl": None}
 
-    log = train_mod.MetricsLog(tmp_path, tensorboard=False)
+    log = metrics_log.MetricsLog(tmp_path, tensorboard=False)
     log.write({"step": 1, "a": float("inf"), "b": [1.0, float("-inf")], "c": {"d": float("nan")}})
     log.close()
     assert strict_json_lines(tmp_path)[-1] == {"step": 1, "a": None, "b": [1.0, None], "c": {"d": None}}
@@ -249,12 +251,12 @@ def test_continue_metrics_cleans_a_log_written_before_the_rule(tmp_path):
     rec = lambda step, loss: json.dumps({"step": step, "train_loss": loss})
     log.write_text("\n".join([rec(1, 5.0), rec(2, 4.0), rec(3, 3.9), '{"event": "resume", "step": 2}',
                               rec(3, 3.0), rec(4, 2.0), rec(5, 1.0), "not json", "{\"event\": \"throughput\"}"]) + "\n")
-    removed = train_mod.continue_metrics(log, 4)
+    removed = metrics_log.continue_metrics(log, 4)
     assert removed == [rec(3, 3.9), rec(5, 1.0), "not json", '{"event": "throughput"}']
     assert log.read_text().splitlines() == [rec(1, 5.0), rec(2, 4.0), '{"event": "resume", "step": 2}',
                                             rec(3, 3.0), rec(4, 2.0)]
-    assert train_mod.continue_metrics(log, 4) == []  # nothing more to do
-    assert train_mod.continue_metrics(tmp_path / "none.jsonl", 4) == []
+    assert metrics_log.continue_metrics(log, 4) == []  # nothing more to do
+    assert metrics_log.continue_metrics(tmp_path / "none.jsonl", 4) == []
 
 
 # --------------------------------------------------------------------------- sizes
@@ -277,22 +279,22 @@ def test_size_estimate_is_the_built_models_count():
         recipe = mmrec.recipes.load(name)
         with torch.device("meta"):
             count = mmrec.build(recipe).num_parameters()
-        assert train_mod.estimate_parameters(recipe.model) == (count, True)
+        assert sizing.estimate_parameters(recipe.model) == (count, True)
     planned = mmrec.recipes.load("tiny", ["model.short_conv=4", "model.n_layers=3", "model.tie_embeddings=true"])
     with torch.device("meta"):
-        assert train_mod.estimate_parameters(planned.model)[0] == mmrec.build(planned).num_parameters()
+        assert sizing.estimate_parameters(planned.model)[0] == mmrec.build(planned).num_parameters()
 
 
 def test_7b_fits_eight_gpus_with_fsdp_but_not_one(monkeypatch):
     """16 bytes a parameter (fp32 weights, gradients, AdamW moments): 7.4e9 parameters need
     110 GiB, over an 80 GiB GPU in one process, 13.7 GiB a process over 8."""
-    monkeypatch.setattr(train_mod, "memory_of", lambda device: (80 * 2**30, "the GPU has"))
+    monkeypatch.setattr(sizing, "memory_of", lambda device: (80 * 2**30, "the GPU has"))
     config = mmrec.recipes.load("7b").model
     cuda = torch.device("cuda")
-    with pytest.raises(train_mod.TrainError, match=r"needs ~109\.7 GiB .* more than the 80\.0 GiB the GPU has.*torchrun"):
-        train_mod.check_fits(config, cuda, world=1)
-    train_mod.check_fits(config, cuda, world=8)
+    with pytest.raises(sizing.ModelTooLarge, match=r"needs ~109\.7 GiB .* more than the 80\.0 GiB the GPU has.*torchrun"):
+        sizing.check_fits(config, cuda, world=1)
+    sizing.check_fits(config, cuda, world=8)
     # CPU processes on one host share its memory
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    with pytest.raises(train_mod.TrainError, match=r"13\.7 GiB per process, 109\.7 GiB for the processes on this machine"):
-        train_mod.check_fits(config, torch.device("cpu"), world=8)
+    with pytest.raises(sizing.ModelTooLarge, match=r"13\.7 GiB per process, 109\.7 GiB for the processes on this machine"):
+        sizing.check_fits(config, torch.device("cpu"), world=8)
