@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from mmrec.config import ModelConfigBase
@@ -19,6 +19,12 @@ class TransformerBlock(nn.Module):
 
         arch: Literal["transformer"] = "transformer"
         rope_base: float = Field(10000.0, gt=0)
+
+        @model_validator(mode="after")
+        def _rotary_needs_even_heads(self):
+            if self.head_dim % 2:
+                raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even: RoPE rotates pairs of channels")
+            return self
 
     def __init__(self, config: Config, layer: int = 0):
         super().__init__()

@@ -171,3 +171,8 @@ def test_each_transformer_baseline_has_its_mmrec_recipes_size(mmrec_recipe):
         ours = mmrec.build(mmrec_recipe).num_parameters()
         baseline = mmrec.build(f"transformer-{mmrec_recipe}").num_parameters()
     assert abs(baseline - ours) / ours < 0.005, (ours, baseline)
+
+
+def test_a_transformer_with_odd_heads_is_refused_by_validation():
+    """RoPE rotates pairs of channels: an odd head width failed at the first forward pass."""
+    assert "must be even" in error_of(["model.d_model=66", "model.n_heads=2"], data=mmrec.recipes.load("transformer-tiny").model_dump(mode="json"))
