@@ -123,6 +123,13 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights count once
 
+    def flops_per_token(self, length: int) -> float:
+        """Training FLOPs per token (forward and backward) at sequence ``length``: 6 per
+        parameter, plus each block's work that no parameter counts (``mixing_flops``:
+        attention scores, memory reads, a matrix state's updates). Activation
+        checkpointing's recomputation is not counted, as MFU conventionally leaves it out."""
+        return 6 * self.num_parameters() + sum(block.mixing_flops(length) for block in self.blocks)
+
     def forward(
         self, input_ids: Tensor, state: State | None = None, return_aux_loss: bool = False, return_state: bool = True
     ) -> ModelOutput:

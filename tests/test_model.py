@@ -199,3 +199,21 @@ def test_mmrec_state_does_not_pin_activations(overrides):
     assert any(t.dim() == 3 and t.shape[1] == 3 for t in tensors)
     for t in tensors:
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_flops_per_token_counts_parameters_and_each_blocks_mixing():
+    """MFU's numerator: 6 per parameter plus what each block's sequence mixing adds, which
+    the blocks and their variants count themselves (no architecture named in the count)."""
+    with torch.device("meta"):
+        mmrec_model, transformer = mmrec.build("tiny"), mmrec.build("transformer-tiny")
+        delta = mmrec.build("tiny", ["model.recurrence.kind=delta"])
+        window = mmrec.build("tiny", ['model.memory={"kind": "window"}'])
+    c = mmrec_model.config  # hds: 32 slots read over levels 0-2 (32 + 8 + 2), written from keys of 2 x 64
+    hds = 12 * (32 + 8 + 2) * c.d_model + 12 * 32 * 128
+    assert mmrec_model.flops_per_token(256) == 6 * mmrec_model.num_parameters() + c.n_layers * hds
+    t = transformer.config
+    assert transformer.flops_per_token(256) == 6 * transformer.num_parameters() + 6 * t.n_layers * 256 * t.d_model
+    assert transformer.flops_per_token(512) > transformer.flops_per_token(256)  # attention grows with length
+    assert mmrec_model.flops_per_token(512) == mmrec_model.flops_per_token(256)  # the state does not
+    assert delta.flops_per_token(256) - 6 * delta.num_parameters() > c.n_layers * hds  # the matrix state's work
+    assert window.flops_per_token(256) - 6 * window.num_parameters() == c.n_layers * 12 * 1.5 * c.chunk_size * c.d_model

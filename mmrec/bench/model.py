@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import mmrec
-from mmrec.layers.hds_memory import LEVEL_POOL
 from mmrec.bench.plot import plot
 from mmrec.bench.common import (
     compare_to_baseline, matmul_tflops, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json,
@@ -36,20 +35,6 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw the results (matplotlib)")
     parser.set_defaults(run=run)
-
-
-def flops_per_token(model: mmrec.LanguageModel, length: int) -> float:
-    """Training FLOPs per token: 6 per parameter plus the attention terms."""
-    config = model.config
-    dense = 6 * model.num_parameters()
-    if config.arch == "transformer":
-        return dense + 6 * config.n_layers * length * config.d_model  # causal: half of 12 L T d
-    block = model.blocks[0]
-    memory = getattr(block, "memory", None)
-    read_slots = sum(memory.slots // LEVEL_POOL[level] for level in memory.levels) if hasattr(memory, "levels") else 0
-    read = 12 * read_slots * config.d_model  # q.k and p.v over the memory, forward and backward
-    write = 12 * getattr(memory, "slots", 0) * getattr(memory, "key_dim", 0)  # slot queries over each chunk
-    return dense + config.n_layers * (read + write)
 
 
 def time_training_step(model: mmrec.LanguageModel, length: int, tokens_per_step: int, device: torch.device,
@@ -82,7 +67,7 @@ def train_step_once(recipe: str, length: int, args, device: torch.device, peak_t
         model = mmrec.build(recipe, [f"model.max_seq_len={max(length, 2048)}"]).to(torch.bfloat16)
     model.set_activation_checkpointing(length >= args.checkpoint_from)
     row = time_training_step(model, length, args.tokens_per_step, device, not args.no_compile, args.steps)
-    row["mfu"] = flops_per_token(model, length) * row["tokens_per_s"] / (peak_tflops * 1e12)
+    row["mfu"] = model.flops_per_token(length) * row["tokens_per_s"] / (peak_tflops * 1e12)
     row["activation_checkpointing"] = model.activation_checkpointing
     return row
 

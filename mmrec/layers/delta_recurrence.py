@@ -69,6 +69,14 @@ class DeltaRecurrence(nn.Module):
         self.chunk = config.chunk
         self.conv = ShortConv(2 * d_model, config.conv, init="random") if config.conv is not None else None
 
+    def flops_per_token(self, length: int, chunk_size: int) -> float:
+        """The chunked delta rule's matrix products per token (forward and backward, 3 x):
+        per head, within a chunk of C tokens, K Kᵀ, Q Kᵀ, the triangular solve for
+        [V | K] and the product with U (about 10 C d_h), and against the carried state
+        W2 S, Q S and the state update (about 6 d_h²)."""
+        c, d_h = min(self.chunk, length), self.head_dim
+        return 3 * self.n_heads * (10 * c * d_h + 6 * d_h * d_h)
+
     def forward(self, z: Tensor, log_decay: Tensor, gate: Tensor, h0: dict | None = None, *,
                 q_r: Tensor, k_r: Tensor, beta: Tensor) -> tuple[Tensor, dict]:
         """``z``, ``gate``, ``q_r``, ``k_r``: ``[B, T, D]``; ``log_decay`` (``log α``) and ``beta``

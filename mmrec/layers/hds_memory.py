@@ -59,8 +59,16 @@ class HDSMemory(nn.Module):
         self.write_gate = nn.Parameter(torch.empty(config.banks, config.dim))
         self.write_gate_bias = nn.Parameter(torch.empty(config.banks, config.slots))
         self.read = MemoryAttention(n_heads, d_model // n_heads, config.banks, config.dim, init_std)
+        self.d_model = d_model
         self.init_std = init_std
         self.init_weights()
+
+    def flops_per_token(self, length: int, chunk_size: int) -> float:
+        """Training FLOPs per token of the write (slot queries over the chunk's keys and
+        values) and of the read (q·k and p·v over every level's slots); forward and
+        backward, 3 x 2 x 2 per multiply-add pair."""
+        read_slots = sum(self.slots // LEVEL_POOL[level] for level in self.levels)
+        return 12 * read_slots * self.d_model + 12 * self.slots * self.key_dim
 
     def init_weights(self) -> None:
         nn.init.normal_(self.slot_queries, std=1.0)

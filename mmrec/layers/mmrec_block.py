@@ -125,6 +125,12 @@ class MMRecBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out, self.ffn.down]
 
+    def mixing_flops(self, length: int) -> float:
+        """Training FLOPs per token that no parameter counts: the recurrence's and the
+        memory's own (``flops_per_token(length, chunk_size)``; 0 for a variant without it)."""
+        return sum(getattr(part, "flops_per_token", lambda length, chunk_size: 0.0)(length, self.chunk_size)
+                   for part in (self.recurrence, self.memory))
+
     def log_decay(self, z: Tensor, k: Tensor) -> Tensor | None:
         """MDI's ``log γ``: in the activations' dtype for a recurrence that takes it so
         (``narrow_decay``, e.g. the parallel scan), else in the accumulation dtype."""

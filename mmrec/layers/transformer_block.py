@@ -37,6 +37,10 @@ class TransformerBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.attn.out, self.ffn.down]
 
+    def mixing_flops(self, length: int) -> float:
+        """Causal attention's q·k and p·v per token, forward and backward: 12 x (length / 2) x d."""
+        return 6 * length * self.attn_norm.weight.numel()
+
     def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int = 0) -> tuple[Tensor, dict, None]:
         """``x``: ``[B, T, d_model]``; ``state`` is the KV cache of the ``position`` earlier tokens."""
         attended, cache = self.attn(self.attn_norm(x), state, position)

@@ -52,10 +52,16 @@ class WindowMemory(nn.Module):
 
     def __init__(self, config: Config, *, d_model: int, n_heads: int, init_std: float = 0.02):
         super().__init__()
+        self.d_model = d_model
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.kv_heads = config.kv_heads or n_heads
         self.rope_base = config.rope_base
         self.key_dim = self.kv_heads * self.head_dim  # width of the k and v the block projects
+
+    def flops_per_token(self, length: int, chunk_size: int) -> float:
+        """q·k and p·v over the window, forward and backward: a token attends to the
+        previous chunk and its own chunk up to itself, about 1.5 chunks on average."""
+        return 12 * 1.5 * min(chunk_size, length) * self.d_model
 
     def _heads(self, x: Tensor, heads: int) -> Tensor:
         """``[B, T, heads*E]`` -> ``[B, heads, T, E]``."""

@@ -71,7 +71,6 @@ from tqdm import tqdm
 import mmrec
 from mmrec import checkpoint as ckpt_io
 from mmrec.bench.common import matmul_tflops
-from mmrec.bench.model import flops_per_token as model_flops_per_token
 from mmrec import distributed
 from mmrec.checkpoint import CheckpointError
 from mmrec.data import (
@@ -261,8 +260,8 @@ def pick_out_dir(args, recipe, resume) -> Path:
 class Throughput:
     """Tokens/s of the whole run (all processes), MFU, and each process's peak GPU memory.
 
-    MFU is the model's training FLOPs per token (``mmrec.bench.model.flops_per_token``:
-    6 x parameters plus the memory's attention terms; activation checkpointing's
+    MFU is the model's training FLOPs per token (``LanguageModel.flops_per_token``:
+    6 x parameters plus what each block's sequence mixing adds; activation checkpointing's
     recomputation is not counted) times tokens/s, over ``peak_tflops`` per device times
     the number of devices. The summary leaves out the first steps, which compile."""
 
@@ -616,7 +615,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
     if not on_meta:
         model.to(device)
     n_params = model.num_parameters()
-    flops_per_token = model_flops_per_token(model, train.seq_len)
+    flops_per_token = model.flops_per_token(train.seq_len)
     if sharded:
         distributed.shard_model(model, device, param_dtype=param_dtype_for(device, train.dtype),
                                 compile=train.compile, activation_checkpointing=train.activation_checkpointing)

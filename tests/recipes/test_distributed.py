@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 
 import mmrec
 from mmrec import distributed
-from mmrec.bench.model import flops_per_token
 from mmrec.checkpoint import load_checkpoint
 from mmrec.data import default_corpus
 from mmrec.recipes import generate as generate_mod
@@ -119,7 +118,7 @@ def test_throughput_is_logged(runs):
     two, proc = metrics(runs["two"]), runs["proc"]
     with torch.device("meta"):
         model = mmrec.build("tiny", [*TINY, "model.vocab_size=256"])
-    per_token = flops_per_token(model, 64)
+    per_token = model.flops_per_token(64)
     steps = [r for r in two if "train_loss" in r]
     assert len(steps) == 4
     for r in steps:
