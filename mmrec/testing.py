@@ -52,6 +52,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mmrec.state import _flatten
+
 __all__ = ["CHECKS", "SLOW_CHECKS", "Check", "CheckFailed", "VariantFailed", "check_variant", "parametrize", "registered",
            "toy_model", "variant_checks"]
 
@@ -203,21 +205,11 @@ def _rounding_hint(error: float, tolerance: float) -> str:
     return ""
 
 
-def _flat(tree, prefix: str = "") -> dict[str, Tensor]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _assert_states(actual, expected, what: str, tolerance: float = TOLERANCE) -> None:
     if actual.position != expected.position:
         _fail(f"{what}: state at position {actual.position}, expected {expected.position}")
     for layer, (mine, theirs) in enumerate(zip(actual.layers, expected.layers)):
-        mine, theirs = _flat(mine), _flat(theirs)
+        mine, theirs = _flatten(mine), _flatten(theirs)
         if set(mine) != set(theirs):
             _fail(f"{what}: layer {layer}'s state has entries {sorted(mine)}, expected {sorted(theirs)}")
         for key in sorted(mine):
@@ -231,7 +223,7 @@ def _assert_states(actual, expected, what: str, tolerance: float = TOLERANCE) ->
 
 
 def _describe_shapes(state) -> dict[str, str]:
-    return {f"layer {i} {key!r}": f"{list(t.shape)}" for i, layer in enumerate(state.layers) for key, t in _flat(layer).items()}
+    return {f"layer {i} {key!r}": f"{list(t.shape)}" for i, layer in enumerate(state.layers) for key, t in _flatten(layer).items()}
 
 
 # --------------------------------------------------------------------------- the checks
@@ -319,7 +311,7 @@ def _check_state_size(model) -> None:
                 _fail(f"the state holds {short.nbytes()} bytes after {n} tokens and {long.nbytes()} after {n + further} "
                       f"(the same place in a chunk): it must not grow with the length ({'; '.join(grown)})")
             for i, layer in enumerate(long.layers):
-                for key, t in _flat(layer).items():
+                for key, t in _flatten(layer).items():
                     held, own = t.untyped_storage().nbytes(), t.numel() * t.element_size()
                     if held > own:
                         _fail(f"layer {i}'s state {key!r} ({list(t.shape)}, {own} bytes) is a view that keeps {held} bytes "
