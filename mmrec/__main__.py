@@ -21,7 +21,7 @@ def list_registered() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmrec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="registered layers, scans and memories, with the package that gave each")
+    commands.add_parser("list", help="registered layers, recurrences and memories, with the package that gave each")
     schema = commands.add_parser("schema", help="the recipe JSON schema (includes installed plugins)")
     schema.add_argument("--out", help="write to this file instead of stdout")
     args = parser.parse_args(argv)

@@ -1,9 +1,12 @@
 """Named variants from Python entry points.
 
 Three entry-point groups make up the public extension API: ``mmrec.layers`` (layer and
-block classes), ``mmrec.scans`` (recurrence variants) and ``mmrec.memories`` (long-term
-memory variants). The built-ins register through this package's own ``pyproject.toml``
-exactly as a third-party plugin would.
+block classes), ``mmrec.recurrences`` (recurrence variants) and ``mmrec.memories``
+(long-term memory variants). The built-ins register through this package's own
+``pyproject.toml`` exactly as a third-party plugin would. ``mmrec.scans``, the recurrences'
+group before it was renamed, is still read, with a ``DeprecationWarning`` naming each
+plugin that uses it; ``"scans"`` as a group name in this module's functions means
+``"recurrences"``, with the same warning.
 
 Rules (see :func:`entries`):
 
@@ -28,14 +31,15 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-GROUPS = ("layers", "scans", "memories")
-NOUNS = {"layers": "layer", "scans": "scan", "memories": "memory"}
+GROUPS = ("layers", "recurrences", "memories")
+NOUNS = {"layers": "layer", "recurrences": "recurrence", "memories": "memory"}
+RENAMED_GROUPS = {"scans": "recurrences"}  # old name -> new: still read, with a DeprecationWarning
 
 # Variants that known plugin packages provide, so that a recipe naming one while the
 # package is missing says what to install. Add yours with a pull request.
 KNOWN_PLUGINS = {
     ("memories", "fifo"): "mmrec-fifo-memory",
-    ("scans", "complex"): "mmrec-complex-scan",
+    ("recurrences", "complex"): "mmrec-complex-scan",
 }
 
 
@@ -45,8 +49,7 @@ BUILTIN_PACKAGE = "mmrec"
 _load_failures: dict[tuple[str, str], list[str]] = {}
 
 # the nouns callers use for each group in messages (this module's and the recipe validator's)
-_GROUP_OF_NOUN = {"layer": "layers", "architecture": "layers", "scan": "scans", "recurrence": "scans",
-                  "memory": "memories"}
+_GROUP_OF_NOUN = {"layer": "layers", "architecture": "layers", "recurrence": "recurrences", "memory": "memories"}
 
 
 class UnknownNameError(KeyError):
@@ -76,7 +79,7 @@ def closest(name: str, known: list[str]) -> str | None:
 
 def load_failures(group: str, name: str) -> list[str]:
     """Why the entries that register ``name`` in ``group`` failed to load (empty if none did)."""
-    _check_group(group)
+    group = _check_group(group)
     entries(group)  # discovery fills the record
     return list(_load_failures.get((group, name), []))
 
@@ -97,9 +100,28 @@ def unknown_name_message(noun: str, name: str, known: list[str], package: str | 
     return message + (f"; did you mean {suggestion!r}?" if suggestion else "")
 
 
-def _check_group(group: str) -> None:
+def _check_group(group: str) -> str:
+    """``group``, its old name mapped to the new one (with a ``DeprecationWarning``)."""
+    if group in RENAMED_GROUPS:
+        warnings.warn(f"mmrec: the registry group {group!r} is now {RENAMED_GROUPS[group]!r}", DeprecationWarning,
+                      stacklevel=3)
+        return RENAMED_GROUPS[group]
     if group not in GROUPS:
         raise ValueError(f"unknown registry group {group!r}; groups: {', '.join(GROUPS)}")
+    return group
+
+
+def _entry_points(group: str) -> list:
+    """The entry points of ``mmrec.<group>`` and of its old name, each plugin still on the
+    old name warned about."""
+    found = list(entry_points(group=f"mmrec.{group}"))
+    for old in (old for old, new in RENAMED_GROUPS.items() if new == group):
+        for ep in entry_points(group=f"mmrec.{old}"):
+            warnings.warn(f"mmrec: package {_package(ep)!r} registers {ep.name!r} under the entry-point group "
+                          f"'mmrec.{old}', now 'mmrec.{group}': rename the group in its pyproject.toml",
+                          DeprecationWarning, stacklevel=3)
+            found.append(ep)
+    return found
 
 
 def _package(ep) -> str:
@@ -118,7 +140,6 @@ def _precedence(ep) -> tuple:
     return (not _is_builtin(package), package.lower())
 
 
-@functools.cache
 def entries(group: str) -> dict[str, Entry]:
     """Every loadable entry of ``mmrec.<group>``, by name (cached; see :func:`refresh`).
 
@@ -127,11 +148,15 @@ def entries(group: str) -> dict[str, Entry]:
     a warning naming both packages. An entry that fails to load (any ``Exception``, or
     ``SystemExit`` from a plugin that calls ``sys.exit()`` at import) is skipped with a
     warning, and the next entry of the same name, if any, is tried."""
-    _check_group(group)
+    return _entries(_check_group(group))
+
+
+@functools.cache
+def _entries(group: str) -> dict[str, Entry]:
     for key in [key for key in _load_failures if key[0] == group]:
         del _load_failures[key]
     found: dict[str, Entry] = {}
-    for ep in sorted(entry_points(group=f"mmrec.{group}"), key=_precedence):
+    for ep in sorted(_entry_points(group), key=_precedence):
         package = _package(ep)
         if ep.name in found:
             first = found[ep.name]
@@ -164,17 +189,18 @@ def entries(group: str) -> dict[str, Entry]:
 
 def refresh() -> None:
     """Forget cached entry points, e.g. after installing a plugin in this process."""
-    entries.cache_clear()
+    _entries.cache_clear()
     _load_failures.clear()
 
 
 def names(group: str) -> list[str]:
-    """Registered names of ``group`` ("layers", "scans" or "memories"), sorted."""
+    """Registered names of ``group`` ("layers", "recurrences" or "memories"), sorted."""
     return sorted(entries(group))
 
 
 def get(group: str, name: str) -> Any:
     """The object registered as ``name`` in ``group``; unknown names list what exists."""
+    group = _check_group(group)
     found = entries(group)
     if name not in found:
         raise UnknownNameError(group, name, list(found))

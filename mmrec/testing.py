@@ -1,6 +1,6 @@
 """The conformance suite of a variant: what every recurrence and memory must do in a model.
 
-A registered variant (group ``"scans"``, a recurrence, or ``"memories"``, a memory) is put
+A registered variant (group ``"recurrences"``, a recurrence, or ``"memories"``, a memory) is put
 in a tiny float64 MM-Rec model (``BASE_MODEL``: 2 layers, chunks of ``CHUNK`` = 6 tokens;
 sequences of three chunks and a few tokens) and checked for what the rest of mmrec relies on:
 
@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mmrec import registry
 from mmrec.state import _flatten
 
 __all__ = ["CHECKS", "SLOW_CHECKS", "Check", "CheckFailed", "VariantFailed", "check_variant", "parametrize", "registered",
@@ -69,14 +70,14 @@ BASE_MODEL = {
     "arch": "mmrec", "vocab_size": VOCAB, "d_model": 24, "n_layers": 2, "n_heads": 4, "ffn_dim": 40,
     "chunk_size": CHUNK, "recurrence": {"kind": "parallel"}, "memory": {"kind": "hds", "slots": 16, "banks": 2, "dim": 6},
 }
-SLOTS = {"scans": "recurrence", "memories": "memory"}
+SLOTS = {"recurrences": "recurrence", "memories": "memory"}
 
 CHECKS = ("causality", "pieces", "save_load", "state_size", "gradients", "static_decode", "compile")
 SLOW_CHECKS = frozenset({"compile"})
 
 
 class CheckFailed(AssertionError):
-    """A variant failed a check: ``variant`` (``"scans 'name'"``), ``check`` and ``detail``
+    """A variant failed a check: ``variant`` (``"recurrences 'name'"``), ``check`` and ``detail``
     (what the check found) are attributes; the message says all three."""
 
     def __init__(self, variant: str, check: str, detail: str):
@@ -110,7 +111,7 @@ def registered(group: str, cls: type, name: str | None = None):
     ``Config``'s ``kind``) while inside, as if its package were installed, so that recipes
     select it by name. A name registered by another class is refused. ::
 
-        with mmrec.testing.registered("scans", Retention):
+        with mmrec.testing.registered("recurrences", Retention):
             model = mmrec.build({"name": "t", "model": {..., "recurrence": {"kind": "retention"}}})
     """
     from mmrec import recipes, registry
@@ -133,6 +134,7 @@ def registered(group: str, cls: type, name: str | None = None):
 
 
 def _model_dict(group: str, name: str, config: dict | None, model_overrides: dict | None) -> dict:
+    group = registry.RENAMED_GROUPS.get(group, group)  # "scans", the recurrences' old group
     if group not in SLOTS:
         raise ValueError(f"group must be one of {sorted(SLOTS)}, got {group!r}")
     model = copy.deepcopy(BASE_MODEL)
@@ -459,7 +461,7 @@ class Check:
 
 def variant_checks(group: str, kind, config: dict | None = None, *, model_overrides: dict | None = None,
                    checks: Iterable[str] | None = None, slow: bool = True, compile_backend: str = "inductor") -> list[Check]:
-    """The checks of the variant ``kind`` of ``group`` (``"scans"`` or ``"memories"``), as
+    """The checks of the variant ``kind`` of ``group`` (``"recurrences"`` or ``"memories"``), as
     callables a test can parametrize over (``str(check)`` is ``"<kind>-<check>"``).
 
     ``config``: the variant's own fields (e.g. ``{"slots": 4}``); ``model_overrides``:
@@ -510,7 +512,7 @@ def parametrize(group: str, kind, config: dict | None = None, *, argname: str = 
     """A ``pytest.mark.parametrize`` over the variant's checks (arguments as
     :func:`variant_checks`), one test per check, ``slow`` ones marked ``pytest.mark.slow``::
 
-        @mmrec.testing.parametrize("scans", "complex")
+        @mmrec.testing.parametrize("recurrences", "complex")
         def test_complex_conforms(check):
             check()
     """

@@ -23,7 +23,7 @@ def variant_recipes():
     """Every registered recurrence with every registered memory, and the Transformer."""
     cases = [
         pytest.param({"recurrence": {"kind": scan}, "memory": {"kind": memory, **({"slots": 16, "banks": 2, "dim": 6} if memory == "hds" else {})}}, id=f"{scan}-{memory}")
-        for scan in registry.names("scans")
+        for scan in registry.names("recurrences")
         for memory in registry.names("memories")
     ]
     cases.append(pytest.param({"short_conv": 3, "short_conv_init": "random"}, id="parallel-hds-conv"))

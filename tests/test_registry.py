@@ -46,15 +46,15 @@ def with_entry_points(monkeypatch):
 
 
 def test_builtins_are_registered_with_their_package():
-    assert {"parallel", "exact"} <= set(registry.names("scans"))
+    assert {"parallel", "exact"} <= set(registry.names("recurrences"))
     assert "hds" in registry.names("memories")
     assert {"mmrec", "transformer", "rmsnorm", "swiglu", "mdi"} <= set(registry.names("layers"))
-    assert registry.entries("scans")["parallel"].package == "mmrec"
+    assert registry.entries("recurrences")["parallel"].package == "mmrec"
 
 
 def test_unknown_name_lists_registered_and_closest():
     with pytest.raises(registry.UnknownNameError) as info:
-        registry.get("scans", "paralel")
+        registry.get("recurrences", "paralel")
     assert "registered: " in str(info.value) and "exact, parallel" in str(info.value)
     assert "did you mean 'parallel'?" in str(info.value)
     with pytest.raises(ValueError, match="groups"):
@@ -72,9 +72,9 @@ def test_broken_plugin_warns_and_builtins_still_load(with_entry_points):
 
 
 def test_duplicate_name_warns_and_keeps_the_first(with_entry_points):
-    with_entry_points(make_entry_point("parallel", "mmrec.layers.exact_recurrence:ExactRecurrence", "mmrec.scans"))
+    with_entry_points(make_entry_point("parallel", "mmrec.layers.exact_recurrence:ExactRecurrence", "mmrec.recurrences"))
     with pytest.warns(UserWarning, match="already registered"):
-        target = registry.get("scans", "parallel")
+        target = registry.get("recurrences", "parallel")
     assert target.__name__ == "ParallelRecurrence"
 
 
@@ -95,7 +95,7 @@ def test_a_new_variant_joins_the_recipe_schema(with_entry_points):
 
     exact.Another = Another
     try:
-        with_entry_points(make_entry_point("another", "mmrec.layers.exact_recurrence:Another", "mmrec.scans"))
+        with_entry_points(make_entry_point("another", "mmrec.layers.exact_recurrence:Another", "mmrec.recurrences"))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             recipe = recipes.load("tiny", ["model.recurrence.kind=another"])
@@ -151,17 +151,26 @@ def test_a_name_whose_plugin_failed_to_load_says_why(with_entry_points):
 def test_a_plugin_calling_sys_exit_at_import_is_skipped(with_entry_points, tmp_path, monkeypatch):
     (tmp_path / "mmrec_exiting_plugin.py").write_text("import sys\nsys.exit(3)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with_entry_points(make_entry_point("exiting", "mmrec_exiting_plugin:Thing", "mmrec.scans", package="exiting-plugin"))
+    with_entry_points(make_entry_point("exiting", "mmrec_exiting_plugin:Thing", "mmrec.recurrences", package="exiting-plugin"))
     with pytest.warns(UserWarning, match=r"'exiting-plugin'.*SystemExit\(3\).*sys.exit"):
-        names = registry.names("scans")
+        names = registry.names("recurrences")
     assert "exiting" not in names and "parallel" in names
     with pytest.raises(registry.UnknownNameError, match="exiting-plugin.*sys.exit"):
-        registry.get("scans", "exiting")
+        registry.get("recurrences", "exiting")
 
 
 def test_keyboard_interrupt_in_a_plugin_import_is_not_swallowed(with_entry_points, tmp_path, monkeypatch):
     (tmp_path / "mmrec_interrupted_plugin.py").write_text("raise KeyboardInterrupt\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with_entry_points(make_entry_point("interrupted", "mmrec_interrupted_plugin:Thing", "mmrec.scans"))
+    with_entry_points(make_entry_point("interrupted", "mmrec_interrupted_plugin:Thing", "mmrec.recurrences"))
     with pytest.raises(KeyboardInterrupt):
-        registry.names("scans")
+        registry.names("recurrences")
+
+
+def test_a_plugin_on_the_old_scans_group_still_loads_with_a_deprecation_warning(with_entry_points):
+    with_entry_points(make_entry_point("old-style", "mmrec.layers.exact_recurrence:ExactRecurrence", "mmrec.scans",
+                                       package="old-plugin"))
+    with pytest.warns(DeprecationWarning, match=r"'old-plugin' registers 'old-style' under the entry-point group 'mmrec.scans', now 'mmrec.recurrences'"):
+        assert "old-style" in registry.names("recurrences")
+    with pytest.warns(DeprecationWarning, match="'scans' is now 'recurrences'"):
+        assert registry.get("scans", "old-style") is registry.get("recurrences", "old-style")

@@ -28,12 +28,12 @@ from mmrec.testing import (
 # (group, kind, the variant's config, model overrides): each recurrence with the hds memory,
 # each memory with the parallel recurrence, and the delta recurrence with the window memory
 BUILT_INS = [
-    pytest.param("scans", "parallel", None, None, id="parallel"),
-    pytest.param("scans", "exact", None, None, id="exact"),
-    pytest.param("scans", "delta", {"chunk": 4}, None, id="delta"),  # its own chunks are crossed too
+    pytest.param("recurrences", "parallel", None, None, id="parallel"),
+    pytest.param("recurrences", "exact", None, None, id="exact"),
+    pytest.param("recurrences", "delta", {"chunk": 4}, None, id="delta"),  # its own chunks are crossed too
     pytest.param("memories", "hds", None, None, id="hds"),
     pytest.param("memories", "window", None, None, id="window"),
-    pytest.param("scans", "delta", {"chunk": 4}, {"memory": {"kind": "window"}}, id="delta-window"),
+    pytest.param("recurrences", "delta", {"chunk": 4}, {"memory": {"kind": "window"}}, id="delta-window"),
 ]
 
 
@@ -127,7 +127,7 @@ MEMORY = {"slots": 16, "banks": 2, "dim": 6}
 
 
 @pytest.mark.parametrize("group,cls,config,failing,passing", [
-    pytest.param("scans", Forgetful, None, {"pieces", "save_load"}, "causality", id="ignores-its-state"),
+    pytest.param("recurrences", Forgetful, None, {"pieces", "save_load"}, "causality", id="ignores-its-state"),
     pytest.param("memories", Peeking, MEMORY, {"causality", "pieces", "save_load", "static_decode"}, "gradients", id="reads-its-own-chunk"),
     pytest.param("memories", Hoarding, None, {"state_size"}, "pieces", id="state-grows"),
     pytest.param("memories", Stale, MEMORY, {"static_decode"}, "pieces", id="static-step-differs"),
@@ -155,12 +155,12 @@ def test_the_messages_say_what_is_wrong():
     assert re.search(r"changing the tokens after position 2 changed the logits at position 0 <= 2", detail(Peeking, "causality", MEMORY))
     assert re.search(r"holds \d+ bytes after 22 tokens and \d+ after 46 .*'memory\.k' \[2, 22, 24\] -> \[2, 46, 24\]", detail(Hoarding, "state_size"))
     assert "StaticDecoder steps (cuda_graph=False), against eager steps" in detail(Stale, "static_decode", MEMORY)
-    assert "fed in pieces [1, 1, 1" in detail(Forgetful, "pieces", group="scans")
+    assert "fed in pieces [1, 1, 1" in detail(Forgetful, "pieces", group="recurrences")
 
 
 def test_a_graph_break_fails_the_compile_check():
     with pytest.raises(CheckFailed, match=r"fails check 'compile': torch.compile\(model, fullgraph=True, backend='aot_eager'\) failed"):
-        variant_checks("scans", Breaking, checks=["compile"], compile_backend="aot_eager")[0]()
+        variant_checks("recurrences", Breaking, checks=["compile"], compile_backend="aot_eager")[0]()
 
 
 def test_a_model_without_a_static_step_reports_the_eager_fallback():
@@ -183,14 +183,14 @@ def retention(monkeypatch):
 
 
 def test_the_docs_retention_example_passes_every_check(retention):
-    assert set(check_variant("scans", retention, slow=False).values()) == {"ok"}
+    assert set(check_variant("recurrences", retention, slow=False).values()) == {"ok"}
 
 
 def test_a_recurrence_that_ignores_log_decay_but_keeps_mdi_fails_the_gradient_check(retention):
     """What ``needs_decay = False`` prevents: MDI built, its output never read."""
     keeps_mdi = type("KeepsMDI", (retention,), {"needs_decay": True})
     with pytest.raises(CheckFailed) as failure:
-        variant_checks("scans", keeps_mdi, checks=["gradients"])[0]()
+        variant_checks("recurrences", keeps_mdi, checks=["gradients"])[0]()
     assert re.fullmatch(r"parameters with no gradient: (blocks\.\d\.mdi\.\S+(, )?){8} \(only MDI's parameters.*",
                         failure.value.detail)
 
@@ -199,23 +199,23 @@ def test_a_recurrence_that_ignores_log_decay_but_keeps_mdi_fails_the_gradient_ch
 
 
 def test_checks_are_named_callables():
-    checks = variant_checks("scans", "parallel")
+    checks = variant_checks("recurrences", "parallel")
     assert [c.name for c in checks] == list(CHECKS) and [str(c) for c in checks][:2] == ["parallel-causality", "parallel-pieces"]
     assert [c.name for c in checks if c.slow] == ["compile"]
-    assert [c.name for c in variant_checks("scans", "parallel", slow=False)] == [n for n in CHECKS if n != "compile"]
-    mark = mmrec.testing.parametrize("scans", "parallel")
+    assert [c.name for c in variant_checks("recurrences", "parallel", slow=False)] == [n for n in CHECKS if n != "compile"]
+    mark = mmrec.testing.parametrize("recurrences", "parallel")
     assert mark.args[0] == "check" and [p.id for p in mark.args[1]] == list(CHECKS)
     assert [m.name for p in mark.args[1] for m in p.marks] == ["slow"]
 
 
 def test_bad_arguments_fail_at_once():
     with pytest.raises(ValueError, match="unknown checks \\['causalty'\\]"):
-        variant_checks("scans", "parallel", checks=["causalty"])
+        variant_checks("recurrences", "parallel", checks=["causalty"])
     with pytest.raises(ValueError, match="group must be one of"):
         variant_checks("scan", "parallel")
     with pytest.raises(mmrec.recipes.RecipeError, match="unknown recurrence 'paralel'"):
-        variant_checks("scans", "paralel")
+        variant_checks("recurrences", "paralel")
     with pytest.raises(mmrec.recipes.RecipeError, match=r"model\.memory\.slotz: unknown field"):
         variant_checks("memories", "hds", {"slotz": 4})
-    with pytest.raises(ValueError, match="already registered"), mmrec.testing.registered("scans", Forgetful, name="parallel"):
+    with pytest.raises(ValueError, match="already registered"), mmrec.testing.registered("recurrences", Forgetful, name="parallel"):
         pass

@@ -68,7 +68,7 @@ class MMRecBlock(nn.Module):
         short_conv_init: Literal["identity", "random"] = Field("identity", description="the convolution's initial taps")
         recurrence_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the recurrence's input z (training only)")
 
-        variant_groups: ClassVar[dict[str, str]] = {"recurrence": "scans", "memory": "memories"}
+        variant_groups: ClassVar[dict[str, str]] = {"recurrence": "recurrences", "memory": "memories"}
 
         @field_validator("decay_init")
         @classmethod
@@ -94,7 +94,7 @@ class MMRecBlock(nn.Module):
         common = dict(d_model=d, n_heads=config.n_heads, init_std=config.init_std)
         self.chunk_size = config.chunk_size
         self.dropout_p = config.dropout
-        self.recurrence = build_variant("scans", config.recurrence, **common)
+        self.recurrence = build_variant("recurrences", config.recurrence, **common)
         self.memory = build_variant("memories", config.memory, **common)
         key_dim = self.memory.key_dim
         self.widths = {"q": d, "k": key_dim, "v": key_dim, "z": d}

@@ -26,7 +26,7 @@ from mmrec.recipes.train_config import TrainConfig
 
 __all__ = ["RecipeError", "TrainConfig", "load", "names", "parse", "recipe_type", "schema"]
 
-NOUNS = {"layers": "architecture", "scans": "recurrence", "memories": "memory"}
+NOUNS = {"layers": "architecture", "recurrences": "recurrence", "memories": "memory"}
 
 
 class RecipeError(ValueError):

@@ -157,7 +157,7 @@ def test_cli_list_and_schema(capsys, tmp_path):
 
     main(["list"])
     out = capsys.readouterr().out
-    for group, name in (("mmrec.scans", "parallel"), ("mmrec.memories", "hds"), ("mmrec.layers", "rmsnorm")):
+    for group, name in (("mmrec.recurrences", "parallel"), ("mmrec.memories", "hds"), ("mmrec.layers", "rmsnorm")):
         assert group in out and name in out
     assert "mmrec.layers.hds_memory:HDSMemory" in out
     main(["schema", "--out", str(tmp_path / "schema.json")])

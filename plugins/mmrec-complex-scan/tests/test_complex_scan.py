@@ -51,7 +51,7 @@ def test_pieces_with_carried_state_equal_one_pass():
 
 
 def test_registered_and_selectable_from_a_recipe():
-    assert registry.entries("scans")["complex"].package == "mmrec-complex-scan"
+    assert registry.entries("recurrences")["complex"].package == "mmrec-complex-scan"
     model = mmrec.build("tiny", ["model.recurrence.kind=complex"])
     assert type(model.blocks[0].recurrence).__name__ == "ComplexRecurrence"
     assert '"complex"' in json.dumps(mmrec.recipes.schema())
@@ -59,7 +59,7 @@ def test_registered_and_selectable_from_a_recipe():
         mmrec.recipes.load("tiny", ["model.recurrence={\"kind\": \"complex\", \"max_period\": 0.5}"])
 
 
-@mmrec.testing.parametrize("scans", "complex", {"max_period": 20.0})
+@mmrec.testing.parametrize("recurrences", "complex", {"max_period": 20.0})
 def test_conforms_to_the_variant_suite(check):
     # mmrec's conformance suite, one test per check, in a toy model with chunks of 6 tokens
     # (periods of 2 to 20 tokens: the rotations turn within the checks' sequences)
