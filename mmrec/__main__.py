@@ -9,11 +9,23 @@ import sys
 from mmrec import recipes, registry
 
 
+SELECTED_BY = {"layers": "model.arch", "recurrences": "model.recurrence.kind", "memories": "model.memory.kind"}
+
+
 def list_registered() -> None:
+    """What a recipe can select, by entry-point group; the layers that are only building
+    blocks of those (no ``arch``) on one line of their own."""
     for group in registry.GROUPS:
-        print(f"mmrec.{group}:")
+        selectable, parts = [], []
         for name, entry in sorted(registry.entries(group).items()):
+            config = getattr(entry.target, "Config", None)
+            is_model = group != "layers" or "arch" in getattr(config, "model_fields", {})
+            (selectable if is_model else parts).append((name, entry))
+        print(f"mmrec.{group} ({SELECTED_BY[group]}):")
+        for name, entry in selectable:
             print(f"  {name:<20} {entry.package:<20} {entry.value}")
+        if parts:
+            print(f"  building blocks of the above, not selected by a recipe: {', '.join(name for name, _ in parts)}")
     print("recipes:")
     print("  " + ", ".join(recipes.names()))
 

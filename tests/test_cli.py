@@ -18,3 +18,10 @@ def test_list_names_every_registered_variant(capsys):
     shown = capsys.readouterr().out
     for group in mmrec.registry.GROUPS:
         assert all(name in shown for name in mmrec.registry.names(group))
+
+
+def test_list_says_which_layers_a_recipe_selects(capsys):
+    assert main(["list"]) == 0
+    shown = capsys.readouterr().out
+    assert "mmrec.layers (model.arch):" in shown and "mmrec.recurrences (model.recurrence.kind):" in shown
+    assert "building blocks of the above, not selected by a recipe:" in shown and "rmsnorm" in shown.split("building blocks")[1]

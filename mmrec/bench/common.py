@@ -51,14 +51,6 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat:
     return sorted(times)[len(times) // 2]
 
 
-def matmul_tflops(device: torch.device, n: int = 8192) -> float:
-    """The device's measured bf16 matmul rate (random data), the MFU denominator."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = time_ms(lambda: a @ b, device, warmup=3, repeat=10)
-    return 2 * n**3 / ms / 1e9
-
-
 def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 

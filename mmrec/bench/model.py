@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import mmrec
-from mmrec.bench.plot import plot
 from mmrec.bench.common import (
-    compare_to_baseline, matmul_tflops, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json,
+    compare_to_baseline, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json,
 )
+from mmrec.bench.plot import plot
+from mmrec.throughput import matmul_tflops
 
 
 def add_subcommand(commands) -> None:
