@@ -14,6 +14,13 @@ every step updates in place, with the position in a device tensor:
 - Transformer: a KV cache of the maximum length, written at the position, attended over
   in full with the entries past the position masked, as gpt-fast does.
 
+Each block provides its static form: ``supports_static()``, ``static_state(layer, *,
+batch, position, max_length, kv_splits, donate)`` (buffers that continue an eager state),
+``static_capacity(buffers)`` (the most tokens they hold, or ``None``), ``eager_state(buffers,
+length)``, and, for a block that writes a memory once per chunk, ``chunk_size`` and
+``complete_chunk(buffers)``; a block's ``forward`` given a ``position`` tensor is the step.
+The decoder names no architecture.
+
 A step then never changes shape nor waits for the host, and on CUDA it is captured once
 in a CUDA graph (``torch.cuda.CUDAGraph``) and replayed per token. ``compile=True``
 compiles each block's step with ``torch.compile`` (fusing its small kernels) before the
@@ -30,26 +37,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmrec.layers.attention import static_cache
 from mmrec.state import State, _map
 
 __all__ = ["StaticDecoder", "supports_static"]
 
-CACHE_ROUND = 256  # a Transformer's static cache holds a multiple of this many entries
 
 
 def supports_static(model) -> bool:
-    """Whether ``model``'s blocks have a static decode step (the built-in architectures;
-    an MM-Rec model only with a memory that has one, such as ``hds``), and the model is not
-    sharded: a sharded model gathers its weights in forward hooks, with collectives that
-    have no place in a captured step."""
-    config = getattr(model, "config", None)
-    if config is None or _sharded(model):
+    """Whether every block of ``model`` has a static decode step (its ``supports_static()``:
+    the built-in architectures; an MM-Rec block only with a memory that has one, such as
+    ``hds``), and the model is not sharded: a sharded model gathers its weights in forward
+    hooks, with collectives that have no place in a captured step."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or _sharded(model):
         return False
-    if config.arch == "transformer":
-        return True
-    return config.arch == "mmrec" and all(
-        hasattr(block.memory, "step") and hasattr(block.memory, "complete_chunk") for block in model.blocks)
+    return all(getattr(block, "supports_static", lambda: False)() for block in blocks)
 
 
 def _sharded(model) -> bool:
@@ -77,29 +79,25 @@ class StaticDecoder:
     def __init__(self, model, state: State, max_length: int | None = None, cuda_graph: bool | None = None,
                  kv_splits: int = 0, compile: bool | str = False, donate_state: bool = False):
         if not supports_static(model):
-            raise ValueError(f"no static decode step for this model (arch {model.config.arch!r})")
+            raise ValueError("no static decode step for this model: a block has none (an MM-Rec block needs a memory "
+                             "with step and complete_chunk), or the model is sharded; mmrec.generate decodes it with "
+                             "eager steps")
         state.check_compatible(model.config_json)
         self.model = model
         self.length = state.position  # on the host, so that no step has to ask the device
-        self.capacity, self.chunk_size = None, None
-        config, batch = model.config, state.batch_size
-        if config.arch == "transformer":
-            if max_length is None:
-                raise ValueError("a Transformer's static KV cache needs max_length")
-            needed, room = max(max_length, state.position + 1), state.layers[0]["k"].shape[2]
-            donate = donate_state and room >= needed
-            self.capacity = room if donate else -(-needed // CACHE_ROUND) * CACHE_ROUND
-            self.layers = [static_cache(layer, state.position, self.capacity, kv_splits, donate) for layer in state.layers]
-        else:
-            self.chunk_size = config.chunk_size
-            self.layers = [
-                {**_fixed_size_copy(layer),
-                 "memory": block.memory.static_state(layer["memory"], batch, config.chunk_size, layer["memory"]["pending_k"].dtype)}
-                for block, layer in zip(model.blocks, state.layers)
-            ]
+        self.layers = [block.static_state(layer, batch=state.batch_size, position=state.position, max_length=max_length,
+                                          kv_splits=kv_splits, donate=donate_state)
+                       for block, layer in zip(model.blocks, state.layers)]
+        # the most tokens the buffers hold (a KV cache), or None; the chunk a block completes
+        capacities = [c for block, layer in zip(model.blocks, self.layers) if (c := block.static_capacity(layer)) is not None]
+        self.capacity = min(capacities, default=None)
+        chunks = {block.chunk_size for block in model.blocks if getattr(block, "chunk_size", None)}
+        if len(chunks) > 1:
+            raise ValueError(f"the blocks complete chunks of different sizes ({sorted(chunks)}), which one decoder cannot step")
+        self.chunk_size = chunks.pop() if chunks else None
         device = model.embed.weight.device
         self.position = torch.tensor(state.position, device=device)  # int64, advanced by every step
-        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the step's input
+        self.token = torch.zeros(state.batch_size, 1, dtype=torch.long, device=device)  # the step's input
         if compile:
             # one block's step, compiled once and reused by every layer (same code, same shapes)
             self._block_step = torch.compile(_block_step, mode=None if compile is True else compile)
@@ -122,17 +120,17 @@ class StaticDecoder:
             x = self._block_step(block, x, layer, self.position)
         if complete:  # after every layer has read the memory before this chunk
             for block, layer in zip(self.model.blocks, self.layers):
-                block.memory.complete_chunk(layer["memory"])
+                block.complete_chunk(layer)
         self.position += 1
         return self.model.head(self.model.norm(x))[:, -1]
 
     def _capture(self) -> None:
         variants = (False, True) if self.chunk_size is not None else (False,)
-        # A Transformer's warm-up steps only write cache entries past the position, masked
-        # until real steps overwrite them: restoring the position undoes them, with no copy
-        # of the cache (which can be most of the GPU's memory).
-        transformer = self.capacity is not None
-        snapshot, position = [] if transformer else [_map(layer, _clone) for layer in self.layers], self.position.clone()
+        # A KV cache's warm-up steps only write entries past the position, masked until real
+        # steps overwrite them: restoring the position undoes them, with no copy of the
+        # cache (which can be most of the GPU's memory).
+        kv_cache = self.capacity is not None
+        snapshot, position = [] if kv_cache else [_map(layer, _clone) for layer in self.layers], self.position.clone()
         # warm up on a side stream (compiles, cuBLAS picks its kernels), as the PyTorch
         # docs prescribe, then undo what the warm-up steps did to the state
         device = self.position.device
@@ -176,12 +174,7 @@ class StaticDecoder:
 
     def state(self) -> State:
         """The state after the steps so far, as the eager path gives it (a copy)."""
-        if self.model.config.arch == "transformer":
-            layers = [{name: layer[name][:, :, : self.length].clone() for name in ("k", "v")} for layer in self.layers]
-        else:
-            pending = self.length % self.chunk_size
-            layers = [{**_fixed_size_copy(layer), "memory": block.memory.eager_state(layer["memory"], pending)}
-                      for block, layer in zip(self.model.blocks, self.layers)]
+        layers = [block.eager_state(layer, self.length) for block, layer in zip(self.model.blocks, self.layers)]
         return State(layers, self.length, self.model.config_json)
 
     def nbytes(self) -> int:
@@ -194,14 +187,6 @@ def _block_step(block, x: Tensor, layer: dict, position: Tensor) -> Tensor:
     x, new, _ = block(x, layer, False, position)
     _write_back(layer, new)
     return x
-
-
-def _fixed_size_copy(layer: dict) -> dict:
-    """Copies of a block's state other than its memory: ``h`` (a tensor, or a dict of
-    tensors for a recurrence that carries several) and, with a short convolution,
-    ``conv``, which are fixed-size already and need no static form."""
-    return {name: _map(value, Tensor.clone) if isinstance(value, dict) else value.clone()
-            for name, value in layer.items() if name != "memory"}
 
 
 def _clone(value):

@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 
 import mmrec
-from mmrec.bench.plot import plot
 from mmrec.bench.common import peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
-from mmrec.decode import CACHE_ROUND, StaticDecoder
+from mmrec.bench.plot import plot
+from mmrec.decode import StaticDecoder
+from mmrec.layers.transformer_block import TransformerBlock
 from mmrec.state import State
 
 WARMUP, REPEAT = 1, 3  # timed calls of `steps` steps each
@@ -97,7 +98,8 @@ def decode_once(model, batch, context, steps, device, mode, kv_splits=0, compile
     else:
         # a Transformer's cache made with room for the timed steps is donated, not copied
         length = context + steps_run
-        state = state_at(model, batch, context, -(-length // CACHE_ROUND) * CACHE_ROUND - context, device)
+        room = -(-length // TransformerBlock.CACHE_ROUND) * TransformerBlock.CACHE_ROUND
+        state = state_at(model, batch, context, room - context, device)
         decoder = StaticDecoder(model, state, max_length=length, kv_splits=kv_splits, compile=compile, donate_state=True)
         del state
         state_bytes = decoder.nbytes()

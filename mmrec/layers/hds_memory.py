@@ -185,10 +185,13 @@ class HDSMemory(nn.Module):
     # completes a chunk is followed by `complete_chunk` (the decoder replays a second CUDA
     # graph for it): the write, the update and the new keys and values, once per chunk.
 
-    def static_state(self, state: dict[str, Tensor] | None, batch: int, chunk_size: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    def static_state(self, state: dict[str, Tensor] | None, batch: int, chunk_size: int,
+                     dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """Buffers for static decoding that continue the (eager) ``state``: ``memory``, the
         chunk in progress ``pending_k``/``pending_v`` at its full size ``[B, C, banks*dim]``
-        and the memory's keys and values ``[B, banks, S, head_dim]`` (S: slots of all levels)."""
+        and the memory's keys and values ``[B, banks, S, head_dim]`` (S: slots of all levels).
+        ``dtype``: the activations' (default: that of the state's keys)."""
+        dtype = dtype or (state["pending_k"].dtype if state is not None else self.initial.dtype)
         state = self.initial_state(batch, dtype) if state is None else state
         pending = state["pending_k"].shape[1]
         static = {

@@ -39,6 +39,7 @@ from mmrec.layers.projection import FusedProjection
 from mmrec.layers.short_conv import ShortConv
 from mmrec.layers.variant import Variant
 from mmrec.ops import accumulation_dtype
+from mmrec.state import _map
 
 
 def build_variant(group: str, config: Variant, **kwargs) -> nn.Module:
@@ -125,6 +126,30 @@ class MMRecBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out, self.ffn.down]
 
+    # static decoding (mmrec.decode): the recurrence's state is fixed-size already; the
+    # memory keeps its own buffers (``static_state``, ``step``, ``complete_chunk``), and the
+    # decoder calls ``complete_chunk`` after the step of each chunk's last token
+
+    def supports_static(self) -> bool:
+        """Whether the memory has a static decode step (``hds`` and ``window`` do)."""
+        return hasattr(self.memory, "step") and hasattr(self.memory, "complete_chunk")
+
+    def static_state(self, layer: dict, *, batch: int, position: int, **unused) -> dict:
+        """Buffers that continue the eager ``layer`` state."""
+        return {**_fixed_size_copy(layer), "memory": self.memory.static_state(layer["memory"], batch, self.chunk_size)}
+
+    @staticmethod
+    def static_capacity(static: dict) -> int | None:
+        return None  # any length
+
+    def eager_state(self, static: dict, length: int) -> dict:
+        """The eager state equal to ``static`` after ``length`` tokens (a copy)."""
+        pending = length % self.chunk_size
+        return {**_fixed_size_copy(static), "memory": self.memory.eager_state(static["memory"], pending)}
+
+    def complete_chunk(self, static: dict) -> None:
+        self.memory.complete_chunk(static["memory"])
+
     def mixing_flops(self, length: int) -> float:
         """Training FLOPs per token that no parameter counts: the recurrence's and the
         memory's own (``flops_per_token(length, chunk_size)``; 0 for a variant without it)."""
@@ -170,3 +195,11 @@ class MMRecBlock(nn.Module):
         x = x + self.ffn(self.ffn_norm(x))
         aux = self.planning(h, u) if (return_aux_loss and self.planning is not None) else None
         return x, {"h": h_last, "memory": memory_state, **new_state}, aux
+
+
+def _fixed_size_copy(layer: dict) -> dict:
+    """Copies of a block's state other than its memory: ``h`` (a tensor, or a dict of
+    tensors for a recurrence that carries several) and, with a short convolution,
+    ``conv``, which are fixed-size already and need no static form."""
+    return {name: _map(value, Tensor.clone) if isinstance(value, dict) else value.clone()
+            for name, value in layer.items() if name != "memory"}

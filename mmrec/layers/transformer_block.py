@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from mmrec.config import ModelConfigBase
-from mmrec.layers.attention import CausalSelfAttention
+from mmrec.layers.attention import CausalSelfAttention, static_cache
 from mmrec.layers.ffn import SwiGLU
 from mmrec.layers.norm import RMSNorm
 
@@ -36,6 +36,36 @@ class TransformerBlock(nn.Module):
 
     def residual_projections(self) -> list[nn.Linear]:
         return [self.attn.out, self.ffn.down]
+
+    # static decoding (mmrec.decode): the KV cache in a buffer of a fixed number of entries,
+    # written at the position and attended over in full with the entries past it masked
+    chunk_size = None  # no step of this block needs the host to act after it
+    CACHE_ROUND = 256  # the static cache holds a multiple of this many entries
+
+    def supports_static(self) -> bool:
+        return True
+
+    def static_state(self, layer: dict, *, batch: int, position: int, max_length: int | None = None,
+                     kv_splits: int = 0, donate: bool = False) -> dict:
+        """The cache ``layer`` (``k``, ``v`` ``[B, H, position, E]``) in a buffer with room for
+        ``max_length`` tokens (required), rounded up to ``CACHE_ROUND``; ``donate``: the
+        cache's own tensors, if they have that room already."""
+        if max_length is None:
+            raise ValueError("a Transformer's static KV cache needs max_length")
+        needed, room = max(max_length, position + 1), layer["k"].shape[2]
+        donate = donate and room >= needed
+        capacity = room if donate else -(-needed // self.CACHE_ROUND) * self.CACHE_ROUND
+        return static_cache(layer, position, capacity, kv_splits, donate)
+
+    @staticmethod
+    def static_capacity(static: dict) -> int | None:
+        """How many tokens the static cache holds."""
+        return static["k"].shape[2]
+
+    @staticmethod
+    def eager_state(static: dict, length: int) -> dict:
+        """The eager cache equal to ``static`` after ``length`` tokens (a copy)."""
+        return {name: static[name][:, :, :length].clone() for name in ("k", "v")}
 
     def mixing_flops(self, length: int) -> float:
         """Causal attention's q·k and p·v per token, forward and backward: 12 x (length / 2) x d."""

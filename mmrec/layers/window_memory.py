@@ -165,10 +165,13 @@ class WindowMemory(nn.Module):
     # unrotated, as in the eager state, and a step rotates all 2C of them: as much work as
     # the attention itself, and no second copy of the window to keep in step.
 
-    def static_state(self, state: dict[str, Tensor], batch: int, chunk_size: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    def static_state(self, state: dict[str, Tensor], batch: int, chunk_size: int,
+                     dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """Buffers for static decoding that continue the eager ``state`` (from a forward pass):
         ``window_k``, ``window_v`` ``[B, 2C, key_dim]`` (zeros where empty: masked entries must
-        not hold NaNs) and ``has_prev``, a 0-dim bool: whether ``[:C]`` holds a chunk."""
+        not hold NaNs) and ``has_prev``, a 0-dim bool: whether ``[:C]`` holds a chunk.
+        ``dtype``: the activations' (default: that of the state's keys)."""
+        dtype = dtype or state["pending_k"].dtype
         pending, prev = state["pending_k"].shape[1], state["prev_k"].shape[1]
         static = {}
         for name in ("k", "v"):
