@@ -4,30 +4,38 @@ rate that MFU is measured against."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 from mmrec import distributed
 
 
-def matmul_tflops(device: torch.device, n: int = 8192, repeat: int = 10) -> float:
-    """The device's measured bf16 matmul rate (random data, the median of ``repeat``
-    timings after a warm-up), the MFU denominator."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
+    """Median wall milliseconds of ``fn`` over ``repeat`` runs, synchronised, after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    """The device's measured bf16 matmul rate (random data), the MFU denominator."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    seconds = []
-    for i in range(3 + repeat):
-        sync()
-        start = time.perf_counter()
-        a @ b
-        sync()
-        if i >= 3:
-            seconds.append(time.perf_counter() - start)
-    return 2 * n**3 / sorted(seconds)[len(seconds) // 2] / 1e12
+    ms = time_ms(lambda: a @ b, device, warmup=3, repeat=10)
+    return 2 * n**3 / ms / 1e9
 
 
 class Throughput:

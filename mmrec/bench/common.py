@@ -7,11 +7,12 @@ import gc
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from mmrec.throughput import synchronize, time_ms  # noqa: F401 - the benchmarks time with these
 
 
 def run_metadata() -> dict:
@@ -30,25 +31,6 @@ def write_json(path: Path | None, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
-    """Median wall milliseconds of ``fn`` over ``repeat`` runs, synchronised, after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

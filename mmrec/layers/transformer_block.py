@@ -28,6 +28,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: Config, layer: int = 0):
         super().__init__()
+        self.d_model = config.d_model
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = CausalSelfAttention(config.d_model, config.n_heads, config.rope_base, config.bias, config.dropout)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
@@ -69,7 +70,7 @@ class TransformerBlock(nn.Module):
 
     def mixing_flops(self, length: int) -> float:
         """Causal attention's q·k and p·v per token, forward and backward: 12 x (length / 2) x d."""
-        return 6 * length * self.attn_norm.weight.numel()
+        return 6 * length * self.d_model
 
     def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int = 0) -> tuple[Tensor, dict, None]:
         """``x``: ``[B, T, d_model]``; ``state`` is the KV cache of the ``position`` earlier tokens."""
