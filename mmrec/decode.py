@@ -42,7 +42,6 @@ from mmrec.state import State, _map
 __all__ = ["StaticDecoder", "supports_static"]
 
 
-
 def supports_static(model) -> bool:
     """Whether every block of ``model`` has a static decode step (its ``supports_static()``:
     the built-in architectures; an MM-Rec block only with a memory that has one, such as
