@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -233,6 +234,31 @@ def _write_common(tmp: Path, recipe, trainer_state: dict[str, Any], tokenizer) -
     tokenizer.save(tmp)
 
 
+def _local_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """This process's parameters (its shards, under FSDP), without the empty ones."""
+    local = ((name, p.to_local() if hasattr(p, "to_local") else p) for name, p in model.named_parameters())
+    return [(name, t.detach()) for name, t in local if t.numel()]
+
+
+def weights_finite(model: torch.nn.Module) -> torch.Tensor:
+    """Whether this process's parameters are all finite, as a 0-dim bool on their device (no
+    host synchronisation): one fused max-abs reduction, through which nan and inf pass."""
+    tensors = [t for _, t in _local_weights(model)]
+    if not tensors:
+        return torch.tensor(True)
+    return torch.nn.utils.get_total_norm(tensors, math.inf).isfinite()
+
+
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of this process's parameters that hold inf or nan."""
+    return [name for name, t in _local_weights(model) if not bool(t.isfinite().all())]
+
+
+def name_some(names: list[str], shown: int = 3) -> str:
+    """``a, b, c, ...``: the first ``shown`` names, for a message."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -248,10 +274,9 @@ def save_checkpoint(
     from safetensors.torch import save_model
 
     run_dir = Path(run_dir)
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
-    if bad:
+    if not bool(weights_finite(model)):
         raise CheckpointError(f"refusing to save step {step} under {run_dir}: the weights "
-                              f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''} are not finite")
+                              f"{name_some(non_finite_parameters(model))} are not finite")
     final, tmp = _start(run_dir, step)
     metadata = {
         "format": FORMAT,

@@ -380,64 +380,35 @@ def train_step(forward, model, optimizer, scheduler, data: TokenStream, step: in
         loss_sum += loss.detach()
         if use_aux:
             aux_sum += result.aux_loss.detach().float()
+    # The update runs before anything is read back, so that the host waits once a step (for
+    # the update too): a step whose loss or gradient turns out not to be finite stops the run
+    # all the same, and nothing of it is logged or saved.
     if world > 1:  # FSDP has averaged the gradients over the ranks; the losses are averaged here
         grad_norm = distributed.clip_grad_norm(model.parameters(), train.grad_clip or math.inf)
-        loss_value, aux_value = distributed.mean_over_ranks(
-            [loss_sum.item() / train.grad_accum, aux_sum.item() / train.grad_accum], device)
     else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf).item()
-        loss_value = loss_sum.item() / train.grad_accum
-        aux_value = aux_sum.item() / train.grad_accum if use_aux else None
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf)
+    optimizer.step()
+    # the update itself can overflow (finite loss and gradients, weights inf or nan)
+    weights_bad = ~ckpt_io.weights_finite(model)
+    numbers = torch.stack([loss_sum / train.grad_accum, aux_sum / train.grad_accum, weights_bad.float().to(device)])
+    if world > 1:  # every rank checked its shards: a mean above 0 means one found a bad weight
+        loss_value, aux_value, weights_bad = distributed.mean_over_ranks(numbers.tolist(), device)
+    else:
+        loss_value, aux_value, weights_bad, grad_norm = torch.cat([numbers, grad_norm.view(1).float()]).tolist()
     lr = optimizer.param_groups[0]["lr"]
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         bad = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
         raise Diverged(f"training diverged at step {step + 1}: {bad} (learning rate {lr:.3g})")
-    optimizer.step()
-    # the update itself can overflow (finite loss and gradients, weights inf or nan):
-    # nothing of this step is logged or saved then
-    bad = not weights_finite(model)
-    if world > 1:  # every rank checks its shards; all stop if any found one
-        bad = bool(distributed.any_rank(int(bad), device))
-    if bad:
-        names = non_finite_parameters(model)
-        where = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+    if weights_bad > 0:
+        names = ckpt_io.non_finite_parameters(model)
         raise Diverged(f"training diverged at step {step + 1}: the update left weights that are not "
-                       f"finite{where} (learning rate {lr:.3g})")
+                       f"finite{f' ({ckpt_io.name_some(names)})' if names else ''} (learning rate {lr:.3g})")
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     stats = {"loss": loss_value, "grad_norm": grad_norm}
     if use_aux:
         stats["aux_loss"] = aux_value
     return stats
-
-
-def _local_parameters(model) -> list[tuple[str, torch.Tensor]]:
-    """This process's parameters (its shards, under FSDP), without the empty ones."""
-    out = []
-    for name, p in model.named_parameters():
-        t = p.to_local() if hasattr(p, "to_local") else p
-        if t.numel():
-            out.append((name, t.detach()))
-    return out
-
-
-def weights_finite(model) -> bool:
-    """Whether this process's parameters are all finite: one fused max-abs reduction
-    (``torch._foreach_norm``, ord inf: nan propagates, no overflow) and one sync."""
-    tensors = [t for _, t in _local_parameters(model)]
-    if not tensors:
-        return True
-    norm = getattr(torch, "_foreach_norm", None)
-    norms = (norm(tensors, math.inf) if norm is not None
-             else [torch.linalg.vector_norm(t, math.inf) for t in tensors])
-    if len({n.dtype for n in norms}) > 1:
-        norms = [n.float() for n in norms]
-    return bool(torch.stack(norms).isfinite().all())
-
-
-def non_finite_parameters(model) -> list[str]:
-    """Names of the parameters (this process's shards) holding inf or nan."""
-    return [name for name, t in _local_parameters(model) if not bool(t.isfinite().all())]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -571,14 +542,11 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"the optimizer state in {resume.path} does not fit this model: {e}") from None
         step = resume.step
-        bad = not weights_finite(model)
-        if sharded:
-            bad = bool(distributed.any_rank(int(bad), device))
-        if bad:
-            names = non_finite_parameters(model)
+        if distributed.any_rank(int(not bool(ckpt_io.weights_finite(model))), device):
+            names = ckpt_io.non_finite_parameters(model)
             older = [p for s, p in ckpt_io.list_checkpoints(resume.path.parent) if s < step]
             raise CheckpointError(f"{resume.path} holds weights that are not finite"
-                                  f"{' (' + ', '.join(names[:3]) + ')' if names else ''}: it was saved after training "
+                                  f"{f' ({ckpt_io.name_some(names)})' if names else ''}: it was saved after training "
                                   f"diverged; resume an earlier checkpoint"
                                   + (f" (--resume {older[-1]} --discard-newer)" if older else ""))
         set_schedule_lr(optimizer, scheduler, train, step)
