@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from mmrec.metrics import finite_or_null
 from mmrec.throughput import synchronize, time_ms  # noqa: F401 - the benchmarks time with these
 
 
@@ -29,7 +30,7 @@ def write_json(path: Path | None, payload: dict) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    path.write_text(json.dumps(finite_or_null(payload), indent=1, allow_nan=False) + "\n")  # strict JSON: NaN as null
     print(f"wrote {path}")
 
 

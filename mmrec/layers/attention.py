@@ -21,7 +21,7 @@ def rotary(x: Tensor, base: float, offset: int | Tensor = 0) -> Tensor:
     positions = torch.arange(x.shape[-2], device=x.device, dtype=acc) + offset
     angles = positions[:, None] * freqs  # [T, E/2]
     cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.to(acc)[..., :half], x.to(acc)[..., half:]
+    x1, x2 = x.to(acc).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 

@@ -93,9 +93,9 @@ class WindowMemory(nn.Module):
         state = self.initial_state(k) if state is None else state
         prev_k, prev_v = state["prev_k"].to(k.dtype), state["prev_v"].to(v.dtype)
         pending = state["pending_k"].shape[1]
-        # the current chunk from its first token on: [B, pending + T, key_dim]
-        k = torch.cat([state["pending_k"].to(k.dtype), k], dim=1)
-        v = torch.cat([state["pending_v"].to(v.dtype), v], dim=1)
+        if pending:  # the current chunk from its first token on: [B, pending + T, key_dim]
+            k = torch.cat([state["pending_k"].to(k.dtype), k], dim=1)
+            v = torch.cat([state["pending_v"].to(v.dtype), v], dim=1)
         total = pending + q.shape[1]
         if total <= chunk_size:
             context = self._within_one_chunk(q, k, v, prev_k, prev_v, chunk_size, pending, dropout)
@@ -132,11 +132,12 @@ class WindowMemory(nn.Module):
         batch, base, c = q.shape[0], self.rope_base, chunk_size
         total = pending + q.shape[1]
         n = -(-total // c)
-        queries = nn.functional.pad(q, (0, 0, pending, n * c - total))
-        k, v = (nn.functional.pad(x, (0, 0, 0, n * c - total)) for x in (k, v))  # padded keys follow every real query
+        if pending or total < n * c:  # padded keys follow every real query
+            q = nn.functional.pad(q, (0, 0, pending, n * c - total))
+            k, v = (nn.functional.pad(x, (0, 0, 0, n * c - total)) for x in (k, v))
         # chunk-major, so that one mask [n, C, 2C] broadcasts over batch and heads
         chunks = lambda x, h: rearrange(x, "b (n c) (h e) -> b h n c e", c=c, h=h)  # noqa: E731
-        queries = rotary(chunks(queries, self.n_heads), base, c)  # [B, H, n, C, E]
+        queries = rotary(chunks(q, self.n_heads), base, c)  # [B, H, n, C, E]
         own_k, own_v = chunks(k, self.kv_heads), chunks(v, self.kv_heads)  # [B, kv, n, C, E]
         # each chunk's predecessor; chunk 0's comes from the state, or is zeros its mask hides
         has_prev = prev_k.shape[1] > 0

@@ -79,15 +79,15 @@ def _chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: 
     index = torch.arange(size, device=k.device)
     diff = cum[..., :, None] - cum[..., None, :]  # Λ_t − Λ_s [B, H, N, C, C]
     ninf = diff.new_tensor(float("-inf"))
-    below = (index[:, None] > index[None, :]).expand_as(diff)  # s < t
     causal = (index[:, None] >= index[None, :]).expand_as(diff)  # s ≤ t
-    A = beta[..., None] * torch.where(below, diff, ninf).exp() * (k @ k.transpose(-1, -2))
+    decay = torch.where(causal, diff, ninf).exp()  # M_ts = e^{Λ_t − Λ_s} (s ≤ t), 0 above the diagonal
+    A = beta[..., None] * decay * (k @ k.transpose(-1, -2))
     rhs = torch.cat([beta[..., None] * v, (beta * cum.exp())[..., None] * k], -1)  # [diag(β) V | diag(β e^Λ) K]
-    # the diagonal of A is zero and ignored: unitriangular solves (I + A) X = rhs
+    # a unitriangular solve reads only the strictly lower part of A (s < t): (I + A) X = rhs
     w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
     w1, w2 = w.split([value_dim, key_dim], -1)  # [B, H, N, C, V], [B, H, N, C, K]
 
-    attn = torch.where(causal, diff, ninf).exp() * (q @ k.transpose(-1, -2))  # M ⊙ Q Kᵀ [B, H, N, C, C]
+    attn = decay * (q @ k.transpose(-1, -2))  # M ⊙ Q Kᵀ [B, H, N, C, C]
     q_decayed = q * cum.exp()[..., None]  # diag(e^Λ) Q
     k_decayed = k * (cum[..., -1:] - cum).exp()[..., None]  # K ⊙ e^{Λ_C − Λ}
     chunk_decay = cum[..., -1].exp()[..., None, None]  # e^{Λ_C} [B, H, N, 1, 1]
