@@ -48,8 +48,6 @@ BUILTIN_PACKAGE = "mmrec"
 # (group, name) -> why the entries registering it could not be loaded; filled by entries()
 _load_failures: dict[tuple[str, str], list[str]] = {}
 
-# the nouns callers use for each group in messages (this module's and the recipe validator's)
-_GROUP_OF_NOUN = {"layer": "layers", "architecture": "layers", "recurrence": "recurrences", "memory": "memories"}
 
 
 class UnknownNameError(KeyError):
@@ -57,7 +55,7 @@ class UnknownNameError(KeyError):
 
     def __init__(self, group: str, name: str, known: list[str]):
         self.group, self.name, self.known = group, name, known
-        super().__init__(unknown_name_message(NOUNS[group], name, known, KNOWN_PLUGINS.get((group, name)), group=group))
+        super().__init__(unknown_name_message(group, NOUNS[group], name, known, KNOWN_PLUGINS.get((group, name))))
 
     def __str__(self) -> str:
         return self.args[0]
@@ -84,14 +82,12 @@ def load_failures(group: str, name: str) -> list[str]:
     return list(_load_failures.get((group, name), []))
 
 
-def unknown_name_message(noun: str, name: str, known: list[str], package: str | None = None, *, group: str | None = None) -> str:
-    """``unknown scan 'paralel'; registered: exact, parallel; did you mean 'parallel'?``
-
-    When a plugin registers ``name`` but failed to load, the message says so instead
-    (``group`` defaults to the one ``noun`` names)."""
+def unknown_name_message(group: str, noun: str, name: str, known: list[str], package: str | None = None) -> str:
+    """``unknown recurrence 'paralel'; registered: exact, parallel; did you mean 'parallel'?``
+    (``noun`` names what ``group`` holds). When a plugin registers ``name`` in ``group`` but
+    failed to load, the message says so instead."""
     message = f"unknown {noun} {name!r}; registered: {', '.join(sorted(known)) or '(none)'}"
-    group = group or _GROUP_OF_NOUN.get(noun)
-    failures = load_failures(group, name) if group in GROUPS else []
+    failures = load_failures(group, name)
     if failures:
         return message + f"; {name!r} is registered by " + "; and by ".join(failures) + ", so it is unavailable (fix or reinstall that package)"
     if package:

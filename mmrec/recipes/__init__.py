@@ -225,7 +225,7 @@ def _describe(error: dict, data: Any) -> str:
         field, tag = ("arch" if group == "layers" else "kind"), ctx.get("tag")
         known = list(_block_configs()) if group == "layers" else list(_variant_configs(group))
         package = registry.KNOWN_PLUGINS.get((group, str(tag)))
-        return f"{path}.{field}: " + registry.unknown_name_message(NOUNS[group], str(tag), known, package)
+        return f"{path}.{field}: " + registry.unknown_name_message(group, NOUNS[group], str(tag), known, package)
     if kind == "extra_forbidden":
         known = _fields_at(error["loc"][:-1], data)
         hint = registry.closest(str(error["loc"][-1]), known)
