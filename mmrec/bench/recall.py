@@ -12,7 +12,8 @@ given: only a memory that outlives several chunks can answer.
 
 Every recipe is fitted to the task (``vocab_size``, ``d_model``, ``n_layers``,
 ``max_seq_len`` overridden) and trained at each rate of ``--lrs`` on the same stream of
-fresh examples: AdamW with weight decay 0.1 on linear weights, warmup over 5% of the
+fresh examples (with ``--train-pairs``, a mixture of pair counts, as Zoology trains:
+easier examples start the lookup mechanism sooner; held-out examples keep ``--pairs``): AdamW with weight decay 0.1 on linear weights, warmup over 5% of the
 steps then a cosine to zero, bf16 autocast on CUDA, and MM-Rec's planning loss added as
 its recipe trains it. The loss counts query positions only. Accuracy is over every query
 of a held-out set (another seed), also split by how far back the key was given: under one
@@ -95,6 +96,9 @@ def add_subcommand(commands) -> None:
                         help="recipe override for every recipe, after the task's (e.g. --set model.n_heads=2)")
     parser.add_argument("--seq-len", type=int, help="tokens per example (default 256; 4096 with --long-range)")
     parser.add_argument("--pairs", type=int, default=16, help="key-value pairs per example")
+    parser.add_argument("--train-pairs", type=int, nargs="+", metavar="N",
+                        help="train on a mixture: each batch's pairs drawn from these (Zoology trains on such a mixture); "
+                             "held-out examples keep --pairs (default: train on --pairs only)")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--power-a", type=float, default=0.01, help="power law of the query slots (1: uniform)")
     gaps = parser.add_mutually_exclusive_group()
@@ -132,11 +136,15 @@ def memory_chunk(args: argparse.Namespace) -> int:
     return next((chunk for chunk in chunks if chunk is not None), DEFAULT_CHUNK)
 
 
-def examples(args: argparse.Namespace, seed: int, device: torch.device):
-    """The endless stream of batches of ``seed``: the same on every run of the same device."""
+def examples(args: argparse.Namespace, seed: int, device: torch.device, mixture: list[int] | None = None):
+    """The endless stream of ``(inputs, targets, pairs)`` batches of ``seed``, the same on
+    every run of the same device: ``args.pairs`` per example, or with ``mixture`` a count
+    drawn from it for each batch."""
     generator = torch.Generator(device).manual_seed(seed)
+    choice = torch.Generator().manual_seed(seed)  # on the CPU: drawing a count needs no device sync
     while True:
-        yield mqar_batch(args.batch, args.seq_len, args.pairs, args.vocab, args.power_a, args.min_gap, generator)
+        pairs = args.pairs if not mixture else mixture[torch.randint(len(mixture), (), generator=choice)]
+        yield *mqar_batch(args.batch, args.seq_len, pairs, args.vocab, args.power_a, args.min_gap, generator), pairs
 
 
 @torch.no_grad()
@@ -148,8 +156,8 @@ def evaluate(forward, args: argparse.Namespace, device: torch.device, autocast) 
     batches = math.ceil(args.eval_examples / args.batch)
     edges = torch.tensor([args.chunk, 4 * args.chunk], device=device)
     for _ in range(batches):
-        inputs, targets = next(stream)
-        positions, gaps = query_gaps(inputs, targets, args.pairs)
+        inputs, targets, pairs = next(stream)
+        positions, gaps = query_gaps(inputs, targets, pairs)
         with autocast():
             logits = query_logits(forward(inputs, return_state=False).logits, positions).float()
         wanted = targets.gather(1, positions)
@@ -182,15 +190,16 @@ def train_and_evaluate(recipe_name: str, lr: float, args: argparse.Namespace) ->
     scheduler = build_scheduler(optimizer, train)
     forward = torch.compile(model) if args.compile else model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    stream, history, loss_sum, diverged = examples(args, args.seed, device), [], torch.zeros((), device=device), False
+    stream = examples(args, args.seed, device, args.train_pairs)
+    history, loss_sum, diverged = [], torch.zeros((), device=device), False
     warmup = min(10, train.steps // 5)  # steps left out of tokens/s: compilation, allocator warm-up
     started, evaluating = time.perf_counter(), 0.0  # seconds of held-out scoring, left out of tokens/s
     for step in range(train.steps):
         if step == warmup:
             synchronize(device)
             started = time.perf_counter()
-        inputs, targets = next(stream)
-        positions, _ = query_gaps(inputs, targets, args.pairs)
+        inputs, targets, pairs = next(stream)
+        positions, _ = query_gaps(inputs, targets, pairs)
         with autocast():
             out = forward(inputs, return_aux_loss=use_aux, return_state=False)
         logits = query_logits(out.logits, positions).float()
@@ -264,8 +273,10 @@ def run(args: argparse.Namespace) -> int:
     args.chunk = memory_chunk(args)
     if args.long_range:
         args.min_gap = 4 * args.chunk
-    mqar_batch(1, args.seq_len, args.pairs, args.vocab, args.power_a, args.min_gap)  # refuse a task that does not fit now
-    meta = {**run_metadata(), "task": "mqar", "seq_len": args.seq_len, "pairs": args.pairs, "vocab_size": args.vocab,
+    for pairs in {args.pairs, *(args.train_pairs or ())}:  # refuse a task that does not fit now
+        mqar_batch(1, args.seq_len, pairs, args.vocab, args.power_a, args.min_gap)
+    meta = {**run_metadata(), "task": "mqar", "seq_len": args.seq_len, "pairs": args.pairs,
+            "train_pairs": args.train_pairs or [args.pairs], "vocab_size": args.vocab,
             "power_a": args.power_a, "min_gap": args.min_gap, "chunk": args.chunk, "d_model": args.d_model,
             "n_layers": args.layers, "steps": args.steps, "batch": args.batch, "lrs": args.lrs,
             "eval_examples": math.ceil(args.eval_examples / args.batch) * args.batch, "seed": args.seed,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmrec.bench.__main__ import main
-from mmrec.bench.recall import BUCKETS, evaluate, mqar_batch, query_gaps
+from mmrec.bench.recall import BUCKETS, evaluate, examples, mqar_batch, query_gaps
 
 VOCAB, LENGTH, PAIRS = 256, 128, 8
 
@@ -64,6 +64,15 @@ def test_queries_follow_the_power_law():
 def test_examples_are_deterministic_by_seed():
     assert all(torch.equal(a, b) for a, b in zip(batch(seed=3), batch(seed=3)))
     assert not torch.equal(batch(seed=3)[0], batch(seed=4)[0])
+
+
+def test_a_training_mixture_draws_each_batch_s_pairs_from_it():
+    args = SimpleNamespace(batch=4, seq_len=LENGTH, pairs=PAIRS, vocab=VOCAB, power_a=0.01, min_gap=0)
+    drawn = [example for example, _ in zip(examples(args, 0, torch.device("cpu"), [2, 5]), range(40))]
+    assert {pairs for _, _, pairs in drawn} == {2, 5}
+    for inputs, targets, pairs in drawn:
+        assert ((targets != -100).sum(1) == pairs).all()
+    assert {example[2] for example, _ in zip(examples(args, 0, torch.device("cpu")), range(5))} == {PAIRS}
 
 
 def test_targets_align_with_next_token_logits():
