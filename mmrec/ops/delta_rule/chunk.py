@@ -15,7 +15,8 @@ lower-triangular system for ``U`` (rows ``u_t``)::
 so ``U = W1 − W2 S_0`` with ``W1 = (I + A)⁻¹ diag(β) V`` and ``W2 = (I + A)⁻¹ diag(β e^{Λ}) K``
 (the WY / UT representation), which depend on the chunk's own tokens only: one batched
 triangular solve gives them for every chunk at once. What remains sequential is a short
-loop over chunks carrying ``S``::
+loop over chunks carrying ``S``, the custom op ``mmrec::delta_chunk_scan``
+(``chunk_scan.py``; a Triton kernel on CUDA)::
 
     U = W1 − W2 S_0
     O = diag(e^{Λ}) Q S_0 + (M ⊙ Q Kᵀ) U,             M_ts = e^{Λ_t − Λ_s}  (s ≤ t)
@@ -28,8 +29,9 @@ and no ``inf · 0`` reaches the gradients, however strong the decay.
 Inputs are cast to the accumulation dtype (float32 for bf16/fp16, float64 for float64)
 and everything, the carried state included, is computed in it; outputs return in ``v``'s
 dtype. The time axis is padded to a multiple of ``C`` with tokens that leave the state
-unchanged (``β = 0``, ``α = 1``). Plain autograd differentiates it; under
-``torch.compile`` the chunk loop is unrolled (``T / C`` iterations).
+unchanged (``β = 0``, ``α = 1``). Plain autograd differentiates everything but the
+chunk loop, whose op has its own backward (a reverse loop over chunks); ``torch.compile``
+sees the op as one node.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan
 from mmrec.ops.linear_scan import accumulation_dtype
 
 
@@ -56,7 +59,10 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: T
 
 
 def _chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
-                      initial_state: Tensor | None, chunk_size: int, scale: float) -> tuple[Tensor, Tensor]:
+                      initial_state: Tensor | None, chunk_size: int, scale: float,
+                      scan=delta_chunk_scan) -> tuple[Tensor, Tensor]:
+    """``scan``: the loop over chunks, the op or (tests, benchmarks)
+    ``chunk_scan.delta_chunk_scan_reference``."""
     batch, length, heads, key_dim = k.shape
     value_dim, out_dtype = v.shape[-1], v.dtype
     acc = accumulation_dtype(v.dtype)
@@ -90,15 +96,10 @@ def _chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: 
     attn = decay * (q @ k.transpose(-1, -2))  # M ⊙ Q Kᵀ [B, H, N, C, C]
     q_decayed = q * cum.exp()[..., None]  # diag(e^Λ) Q
     k_decayed = k * (cum[..., -1:] - cum).exp()[..., None]  # K ⊙ e^{Λ_C − Λ}
-    chunk_decay = cum[..., -1].exp()[..., None, None]  # e^{Λ_C} [B, H, N, 1, 1]
+    chunk_decay = cum[..., -1].exp()  # e^{Λ_C} [B, H, N]
 
     state = (k.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None
              else initial_state.to(acc))  # [B, H, K, V]
-    outputs = []
-    for n in range(chunks):
-        u = w1[:, :, n] - w2[:, :, n] @ state  # [B, H, C, V]
-        outputs.append(q_decayed[:, :, n] @ state + attn[:, :, n] @ u)
-        state = chunk_decay[:, :, n] * state + k_decayed[:, :, n].transpose(-1, -2) @ u
-    o = torch.stack(outputs, 2)  # [B, H, N, C, V]
+    o, state = scan(w1, w2, q_decayed, k_decayed, attn, chunk_decay, state)[:2]  # [B, H, N, C, V], [B, H, K, V]
     o = o.movedim(1, 3).reshape(batch, chunks * size, heads, value_dim)[:, :length]
     return o.to(out_dtype), state
