@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from mmrec.ops.delta_rule import chunk_delta_rule, naive_delta_rule
 from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
 from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan, delta_chunk_scan_reference
+from tests.helpers import run_under_triton_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and HAS_TRITON
@@ -113,8 +114,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:8] + (None,))
 
 
-@pytest.mark.parametrize("length,chunk", [(37, 16), (50, 64), (48, 16), (9, 4)])
-@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("length,chunk,with_h0", [(37, 16, True), (37, 16, False), (50, 64, True), (9, 4, True)])
 def test_delta_rule_op_equals_loop_and_naive_float64(length, chunk, with_h0):
     """``chunk_delta_rule`` (the op) against the same chunked form with the autograd loop and
     against the token-by-token reference: outputs and every input's gradient."""
@@ -170,3 +170,190 @@ def test_op_compiles_fullgraph_with_gradients():
     grads = torch.autograd.grad([o, final], mine, [grad_o, grad_final])
     for name, got, want in zip(NAMES, grads, refs):
         assert err(got, want) < 1e-5, name
+
+
+# -------------------------------------------------- Triton kernels under the interpreter
+
+
+def strided(inputs):
+    """The same values in the layouts ``chunk.py`` hands over and worse: ``w1`` and ``w2``
+    split from one tensor, ``q_decayed`` and ``attn`` transposed in memory, ``chunk_decay``
+    every other element, the state column-major."""
+    w1, w2, q_decayed, k_decayed, attn, chunk_decay, state = inputs
+    w1, w2 = torch.cat([w1, w2], -1).split([w1.shape[-1], w2.shape[-1]], -1)
+    q_decayed = q_decayed.transpose(-1, -2).contiguous().transpose(-1, -2)
+    attn = attn.transpose(1, 3).contiguous().transpose(1, 3)
+    chunk_decay = torch.stack([chunk_decay, chunk_decay], -1)[..., 0]
+    state = state.transpose(-1, -2).contiguous().transpose(-1, -2)
+    out = [w1, w2, q_decayed, k_decayed, attn, chunk_decay, state]
+    assert not any(x.is_contiguous() for x in out if x is not k_decayed)
+    return out
+
+
+def _interpreter_checks() -> None:
+    """Run in a child process with TRITON_INTERPRET=1 (set before Triton is imported)."""
+    from mmrec.ops.delta_rule import chunk_scan_triton as kernels
+
+    gen = torch.Generator().manual_seed(0)
+    f32, f64 = torch.float32, torch.float64
+    cases = [  # dtype, B, H, N, C, K, V, grad_o, grad_final, layout, launch config, tolerance
+        # odd sizes, padded on chip: C=5 -> 16 rows, K=24 -> 32; V=40 in three 16-column blocks
+        (f32, 2, 2, 3, 5, 24, 40, True, True, "contiguous", {"BLOCK_V": 16}, 1e-5),
+        (f64, 2, 2, 3, 5, 24, 40, True, True, "contiguous", {"BLOCK_V": 16}, 1e-12),
+        (f64, 1, 3, 2, 16, 16, 16, True, False, "strided", {}, 1e-12),
+        (f64, 2, 1, 3, 7, 5, 20, False, True, "strided", {"BLOCK_V": 16, "STAGES": 2}, 1e-12),
+        (f32, 3, 1, 2, 20, 24, 40, True, True, "contiguous", {"BLOCK_V": 64, "STAGES": 2}, 1e-5),  # one block
+    ]
+    for dtype, batch, heads, chunks, size, key_dim, value_dim, with_go, with_gf, layout, config, tol in cases:
+        inputs = scan_inputs(batch, heads, chunks, size, key_dim, value_dim, dtype=dtype, generator=gen)
+        if layout == "strided":
+            inputs = strided(inputs)
+        nan = float("nan")
+        out = (torch.full_like(inputs[0], nan), torch.full_like(inputs[6], nan),
+               torch.full((batch, heads, chunks, key_dim, value_dim), nan, dtype=dtype))
+        o, final, states = kernels.chunk_scan_forward(*inputs, out=out, config=config)
+        grad_o = torch.randn(o.shape, generator=gen, dtype=dtype) if with_go else None
+        grad_final = torch.randn(final.shape, generator=gen, dtype=dtype) if with_gf else None
+        (ref_o, ref_final), refs = reference_grads(inputs, grad_o, grad_final)
+        ref_states = torch.stack([inputs[6]] + [delta_chunk_scan_reference(*[x[:, :, :n] for x in inputs[:6]], inputs[6])[1]
+                                                for n in range(1, chunks)], 2)
+        errs = {"o": err(o, ref_o), "final": err(final, ref_final), "states": err(states, ref_states)}
+        grads = kernels.chunk_scan_backward(*inputs[:6], states, grad_o, grad_final, config=config)
+        for name, arg, got, want in zip(NAMES, inputs, grads, refs):
+            assert got.dtype == arg.dtype and got.shape == arg.shape, name
+            errs["d" + name] = err(got, want)
+        bad = {k: v for k, v in errs.items() if not v < tol}
+        label = f"{dtype} B={batch} H={heads} N={chunks} C={size} K={key_dim} V={value_dim} dO={with_go} dS={with_gf} {layout} {config}"
+        assert not bad, f"{label}: {bad}"
+        print(f"ok {label}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    _delta_rule_layouts_check(kernels)
+
+
+def _delta_rule_layouts_check(kernels) -> None:
+    """The kernels on exactly what ``chunk_delta_rule`` passes the op (a length that ends
+    mid-chunk), against the token-by-token reference, float64."""
+    captured = []
+
+    def scan(*args):
+        captured.append(args)
+        return kernels.chunk_scan_forward(*args)
+
+    inputs = delta_inputs(batch=2, length=21, heads=2, key_dim=24, value_dim=40, generator=torch.Generator().manual_seed(1))
+    o, state = _chunk_delta_rule(*inputs, 8, 0.7, scan=scan)
+    want_o, want_state = naive_delta_rule(*inputs, scale=0.7)
+    args = captured[0]
+    grad_o, grad_final = torch.randn_like(args[0]), torch.randn_like(args[6])
+    _, refs = reference_grads(args, grad_o, grad_final)
+    _, _, states = kernels.chunk_scan_forward(*args)
+    grads = kernels.chunk_scan_backward(*args[:6], states, grad_o, grad_final)
+    errs = {"o": err(o, want_o), "final": err(state, want_state)}
+    errs.update({"d" + name: err(got, want) for name, got, want in zip(NAMES, grads, refs)})
+    bad = {k: v for k, v in errs.items() if not v < 1e-12}
+    assert not bad, f"chunk_delta_rule layouts: {bad}"
+    print("ok chunk_delta_rule layouts: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernels_under_triton_interpreter():
+    out = run_under_triton_interpreter(__file__)
+    assert out.count("ok ") == 6, out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_launch_config_choice():
+    from mmrec.ops.delta_rule.chunk_scan_triton import pick_config
+
+    cfg = pick_config(64, 128, 128)
+    assert (cfg["BLOCK_C"], cfg["BLOCK_K"], cfg["PRECISION"]) == (64, 128, "tf32x3")
+    assert pick_config(5, 24, 40)["BLOCK_C"] == 16 and pick_config(5, 24, 40)["BLOCK_K"] == 32  # padded to tl.dot's 16
+    assert pick_config(64, 64, 64, interpret=True)["PRECISION"] == "ieee"
+    assert pick_config(64, 64, 64, config={"BLOCK_V": 32})["BLOCK_V"] == 32
+    with pytest.raises(ValueError, match="power of two"):
+        pick_config(64, 64, 64, config={"BLOCK_V": 24})
+    with pytest.raises(ValueError, match="cover"):
+        pick_config(64, 64, 64, config={"BLOCK_C": 32})
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and triton")
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_cuda_delta_rule_matches_float64_loop(head_dim, dtype, tol):
+    """``chunk_delta_rule`` on CUDA (the Triton kernels) at a training size, outputs and
+    every input's gradient, against the PyTorch loop in float64 on the same (rounded)
+    inputs. Slow decays (log α in (-0.05, 0)) carry the state across many chunks."""
+    gen = torch.Generator().manual_seed(head_dim)
+    batch, length, heads = 2, 2048, 8
+    inputs = delta_inputs(batch, length, heads, head_dim, head_dim, dtype=dtype, generator=gen)
+    inputs[4] = inputs[4] * 0.05
+    inputs = [x.cuda() for x in inputs]
+    probe_o = torch.randn(batch, length, heads, head_dim, generator=gen).cuda()
+    probe_state = torch.randn(batch, heads, head_dim, head_dim, generator=gen).cuda()
+    results = {}
+    for name, fn, cast in (("op", chunk_delta_rule, lambda x: x), ("ref", loop_delta_rule, lambda x: x.double())):
+        leaves = [cast(x).detach().requires_grad_() for x in inputs]
+        o, state = fn(*leaves, 64, 1.0)
+        loss = (o.double() * probe_o.double()).sum() + (state.double() * probe_state.double()).sum()
+        results[name] = (o, state, torch.autograd.grad(loss, leaves))
+    o, state, grads = results["op"]
+    want_o, want_state, want_grads = results["ref"]
+    assert o.dtype == dtype and state.dtype == torch.float32
+    assert err(o, want_o) < tol and err(state, want_state) < tol
+    for name, arg, got, want in zip(("q", "k", "v", "beta", "log_alpha", "h0"), inputs, grads, want_grads):
+        assert got.dtype == arg.dtype, name
+        assert err(got, want) < tol, name
+
+
+@cuda_only
+@pytest.mark.parametrize("config,tol", [
+    ({}, 1e-5),
+    ({"PRECISION": "ieee"}, 1e-5),
+    ({"PRECISION": "tf32"}, 5e-3),
+    ({"STAGES": 2}, 1e-5),
+    ({"BLOCK_V": 16, "num_warps": 4}, 1e-5),
+    ({"BLOCK_V": 128, "num_warps": 8}, 1e-5),
+], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 33, 64, 128, 128), (3, 2, 17, 20, 24, 40)], ids=["K=V=128", "odd"])
+def test_cuda_kernel_configs_against_float64(config, tol, shape):
+    """The launchers, compiled, fp32, poisoned outputs, against autograd through the loop in float64."""
+    from mmrec.ops.delta_rule import chunk_scan_triton as kernels
+
+    gen = torch.Generator().manual_seed(3)
+    inputs = [x.cuda() for x in scan_inputs(*shape, dtype=torch.float32, generator=gen)]
+    o, final, states = (torch.full_like(inputs[0], float("nan")), torch.full_like(inputs[6], float("nan")),
+                        torch.full((*shape[:3], shape[4], shape[5]), float("nan"), device="cuda"))
+    kernels.chunk_scan_forward(*inputs, out=(o, final, states), config=config)
+    grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
+    (ref_o, ref_final), refs = reference_grads(inputs, grad_o, grad_final)
+    assert err(o, ref_o) < tol and err(final, ref_final) < tol
+    grads = kernels.chunk_scan_backward(*inputs[:6], states, grad_o, grad_final, config=config)
+    for name, got, want in zip(NAMES, grads, refs):
+        assert err(got, want) < tol, name
+
+
+@cuda_only
+def test_cuda_matches_cpu_op_opcheck_and_compiles():
+    gen = torch.Generator().manual_seed(4)
+    inputs = scan_inputs(chunks=3, size=20, dtype=torch.float32, generator=gen)
+    cpu_o, cpu_final, _ = delta_chunk_scan(*inputs)
+    cuda_inputs = [x.cuda().requires_grad_() for x in inputs]
+    o, final, _ = delta_chunk_scan(*cuda_inputs)
+    assert err(o, cpu_o) < 1e-5 and err(final, cpu_final) < 1e-5
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(cuda_inputs))
+    detached = [x.detach() for x in cuda_inputs]
+    _, _, states = delta_chunk_scan(*detached)
+    bwd_args = (*detached[:6], states, torch.randn_like(o), torch.randn_like(final))
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, bwd_args)
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, bwd_args[:7] + (None, bwd_args[8]))
+    q, k, v, beta, log_alpha, h0 = [x.cuda() for x in delta_inputs(length=100, dtype=torch.float32, generator=gen)]
+    fn = torch.compile(lambda *a: chunk_delta_rule(*a, chunk_size=32)[0] * 2, fullgraph=True)
+    want, _ = loop_delta_rule(*[x.double() for x in (q, k, v, beta, log_alpha, h0)], 32, 1.0)
+    assert err(fn(q, k, v, beta, log_alpha, h0), 2 * want) < 1e-5
+
+
+if __name__ == "__main__":
+    _interpreter_checks()

@@ -1,0 +1,347 @@
+"""Triton kernels for ``mmrec::delta_chunk_scan`` and ``mmrec::delta_chunk_scan_backward``.
+
+The loop over chunks (``chunk_scan.py``) is sequential in the chunk index but independent
+across (batch, head) pairs, and in the forward across columns of ``V`` too: every product
+has ``V`` as its free column index (``W2 S``, ``Qd S``, ``P U``, ``Kdᵀ U``). So each program
+takes one (batch·head, block of ``BLOCK_V`` value columns), keeps its ``[K, BLOCK_V]``
+slice of the state on chip in the accumulation dtype for the whole sequence, and walks the
+chunks, doing each chunk's four products with ``tl.dot``. Per chunk the forward reads
+``W1``, ``W2``, ``Qd``, ``Kd``, ``P`` and ``g`` and writes ``O`` and the chunk's starting
+state (for the backward); one launch covers a layer.
+
+The backward walks the chunks the other way with the adjoint ``dS`` ``[K, BLOCK_V]`` on
+chip, reads the stored ``S_n`` and recomputes ``U_n``. ``dW1``, the carried ``dS`` and the
+initial state's gradient are per column like the forward. ``dP``, ``dQd``, ``dKd``,
+``dW2`` and ``dg`` sum over all ``V`` columns: each program writes its block's part, and
+the launcher sums the parts over the blocks (deterministic, no atomics; nothing to sum
+with one block).
+
+Products take fp32 operands at ``PRECISION`` (``tl.dot``'s ``input_precision``):
+``"tf32x3"`` by default, about fp32 accuracy from the tensor cores (three tf32 products);
+``"tf32"`` is one product at tf32 accuracy (about 1e-3), ``"ieee"`` exact fp32 on the CUDA
+cores. The state and every sum stay fp32 (float64 for float64 inputs, which run under
+the interpreter in tests; on CUDA the op runs those through cuBLAS). Sizes that are not
+powers of two (or below ``tl.dot``'s 16) are padded on chip with masked loads and stores.
+The launchers take any strides, and with ``TRITON_INTERPRET=1`` they run on CPU tensors,
+which is how the CPU tests check them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision=PRECISION)
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
+                   s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_on, s_stn,
+                   off_w1, off_w2, off_qd, off_kd, off_p, off_o, off_st, mask_cv, mask_ck, mask_cc, mask_kv,
+                   PRECISION: tl.constexpr):
+    """One chunk: store ``S_n``, write ``O_n``, return ``S_{n+1}``."""
+    n = tl.full((), 0, tl.int64) + n  # 64-bit offsets
+    tl.store(st_ptr + n * s_stn + off_st, s.to(st_ptr.dtype.element_ty), mask=mask_kv)
+    w1 = tl.load(w1_ptr + n * s_w1n + off_w1, mask=mask_cv, other=0.0)  # [C, BV]
+    w2 = tl.load(w2_ptr + n * s_w2n + off_w2, mask=mask_ck, other=0.0)  # [C, K]
+    qd = tl.load(qd_ptr + n * s_qdn + off_qd, mask=mask_ck, other=0.0)  # [C, K]
+    kd = tl.load(kd_ptr + n * s_kdn + off_kd, mask=mask_ck, other=0.0)  # [C, K]
+    p = tl.load(p_ptr + n * s_pn + off_p, mask=mask_cc, other=0.0)  # [C, C]
+    g = tl.load(g_ptr + n * s_gn)
+    u = w1 - _dot(w2, s, PRECISION)  # U = W1 − W2 S
+    o = _dot(qd, s, PRECISION) + _dot(p, u, PRECISION)  # O = Qd S + P U
+    tl.store(o_ptr + n * s_on + off_o, o.to(o_ptr.dtype.element_ty), mask=mask_cv)
+    return g * s + _dot(tl.trans(kd), u, PRECISION)  # S ← g S + Kdᵀ U
+
+
+@triton.jit
+def _forward_kernel(
+    w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, s0_ptr, o_ptr, sl_ptr, st_ptr,
+    H, N, C, K, V,
+    s_w1b, s_w1h, s_w1n, s_w1c, s_w1v,
+    s_w2b, s_w2h, s_w2n, s_w2c, s_w2k,
+    s_qdb, s_qdh, s_qdn, s_qdc, s_qdk,
+    s_kdb, s_kdh, s_kdn, s_kdc, s_kdk,
+    s_pb, s_ph, s_pn, s_pc, s_ps,
+    s_gb, s_gh, s_gn,
+    s_s0b, s_s0h, s_s0k, s_s0v,
+    s_ob, s_oh, s_on, s_oc, s_ov,
+    s_slb, s_slh, s_slk, s_slv,
+    s_stb, s_sth, s_stn, s_stk, s_stv,
+    PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = tl.arange(0, BLOCK_C)  # positions in the chunk
+    keys = tl.arange(0, BLOCK_K)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # this program's value columns
+    mask_c, mask_k, mask_v = rows < C, keys < K, cols < V
+    mask_cv = mask_c[:, None] & mask_v[None, :]
+    mask_ck = mask_c[:, None] & mask_k[None, :]
+    mask_cc = mask_c[:, None] & mask_c[None, :]
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+
+    w1_ptr += b * s_w1b + h * s_w1h
+    w2_ptr += b * s_w2b + h * s_w2h
+    qd_ptr += b * s_qdb + h * s_qdh
+    kd_ptr += b * s_kdb + h * s_kdh
+    p_ptr += b * s_pb + h * s_ph
+    g_ptr += b * s_gb + h * s_gh
+    o_ptr += b * s_ob + h * s_oh
+    st_ptr += b * s_stb + h * s_sth
+    off_w1 = rows[:, None] * s_w1c + cols[None, :] * s_w1v
+    off_w2 = rows[:, None] * s_w2c + keys[None, :] * s_w2k
+    off_qd = rows[:, None] * s_qdc + keys[None, :] * s_qdk
+    off_kd = rows[:, None] * s_kdc + keys[None, :] * s_kdk
+    off_p = rows[:, None] * s_pc + rows[None, :] * s_ps
+    off_o = rows[:, None] * s_oc + cols[None, :] * s_ov
+    off_st = keys[:, None] * s_stk + cols[None, :] * s_stv
+
+    s = tl.load(s0_ptr + b * s_s0b + h * s_s0h + keys[:, None] * s_s0k + cols[None, :] * s_s0v, mask=mask_kv, other=0.0)
+    if STAGES > 0:  # software-pipelined: the next chunks' loads in flight during this one's products
+        for n in tl.range(0, N, num_stages=STAGES):
+            s = _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
+                               s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_on, s_stn,
+                               off_w1, off_w2, off_qd, off_kd, off_p, off_o, off_st, mask_cv, mask_ck, mask_cc, mask_kv,
+                               PRECISION)
+    else:
+        n = 0
+        while n < N:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
+            s = _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
+                               s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_on, s_stn,
+                               off_w1, off_w2, off_qd, off_kd, off_p, off_o, off_st, mask_cv, mask_ck, mask_cc, mask_kv,
+                               PRECISION)
+            n += 1
+    tl.store(sl_ptr + b * s_slb + h * s_slh + keys[:, None] * s_slk + cols[None, :] * s_slv,
+             s.to(sl_ptr.dtype.element_ty), mask=mask_kv)
+
+
+@triton.jit
+def _backward_chunk(n, ds, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr,
+                    dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr,
+                    s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_stn, s_don,
+                    s_dw1n, s_dw2n, s_dqdn, s_dkdn, s_dpn, s_dgn,
+                    off_w1, off_w2, off_qd, off_kd, off_p, off_st, off_do,
+                    off_dw1, off_dw2, off_dqd, off_dkd, off_dp,
+                    mask_cv, mask_ck, mask_cc, mask_kv,
+                    HAS_DO: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk backwards: ``ds`` is the gradient of ``S_{n+1}``; writes this block's
+    parts of the chunk's gradients and returns the gradient of ``S_n``."""
+    n = tl.full((), 0, tl.int64) + n  # 64-bit offsets
+    s = tl.load(st_ptr + n * s_stn + off_st, mask=mask_kv, other=0.0)  # S_n [K, BV]
+    w1 = tl.load(w1_ptr + n * s_w1n + off_w1, mask=mask_cv, other=0.0)
+    w2 = tl.load(w2_ptr + n * s_w2n + off_w2, mask=mask_ck, other=0.0)
+    kd = tl.load(kd_ptr + n * s_kdn + off_kd, mask=mask_ck, other=0.0)
+    g = tl.load(g_ptr + n * s_gn)
+    s_t = tl.trans(s)
+    u = w1 - _dot(w2, s, PRECISION)  # U_n, recomputed
+    du = _dot(kd, ds, PRECISION)  # dU = Kd dS (+ Pᵀ dO)
+    tl.store(dkd_ptr + n * s_dkdn + off_dkd, _dot(u, tl.trans(ds), PRECISION).to(dkd_ptr.dtype.element_ty), mask=mask_ck)
+    tl.store(dg_ptr + n * s_dgn, tl.sum(tl.sum(s * ds, 1), 0).to(dg_ptr.dtype.element_ty))
+    ds = g * ds
+    if HAS_DO:
+        do = tl.load(do_ptr + n * s_don + off_do, mask=mask_cv, other=0.0)  # dO_n [C, BV]
+        qd = tl.load(qd_ptr + n * s_qdn + off_qd, mask=mask_ck, other=0.0)
+        p = tl.load(p_ptr + n * s_pn + off_p, mask=mask_cc, other=0.0)
+        du += _dot(tl.trans(p), do, PRECISION)
+        tl.store(dp_ptr + n * s_dpn + off_dp, _dot(do, tl.trans(u), PRECISION).to(dp_ptr.dtype.element_ty), mask=mask_cc)
+        tl.store(dqd_ptr + n * s_dqdn + off_dqd, _dot(do, s_t, PRECISION).to(dqd_ptr.dtype.element_ty), mask=mask_ck)
+        ds += _dot(tl.trans(qd), do, PRECISION)
+    tl.store(dw1_ptr + n * s_dw1n + off_dw1, du.to(dw1_ptr.dtype.element_ty), mask=mask_cv)
+    tl.store(dw2_ptr + n * s_dw2n + off_dw2, (-_dot(du, s_t, PRECISION)).to(dw2_ptr.dtype.element_ty), mask=mask_ck)
+    return ds - _dot(tl.trans(w2), du, PRECISION)  # dS_n = Qdᵀ dO + g dS − W2ᵀ dU
+
+
+@triton.jit
+def _backward_kernel(
+    w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr, dsl_ptr,
+    dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr, ds0_ptr,
+    H, N, C, K, V,
+    s_w1b, s_w1h, s_w1n, s_w1c, s_w1v,
+    s_w2b, s_w2h, s_w2n, s_w2c, s_w2k,
+    s_qdb, s_qdh, s_qdn, s_qdc, s_qdk,
+    s_kdb, s_kdh, s_kdn, s_kdc, s_kdk,
+    s_pb, s_ph, s_pn, s_pc, s_ps,
+    s_gb, s_gh, s_gn,
+    s_stb, s_sth, s_stn, s_stk, s_stv,
+    s_dob, s_doh, s_don, s_doc, s_dov,
+    s_dslb, s_dslh, s_dslk, s_dslv,
+    s_dw1b, s_dw1h, s_dw1n, s_dw1c, s_dw1v,
+    s_dw2j, s_dw2b, s_dw2h, s_dw2n, s_dw2c, s_dw2k,  # the partial sums have a leading V-block axis j
+    s_dqdj, s_dqdb, s_dqdh, s_dqdn, s_dqdc, s_dqdk,
+    s_dkdj, s_dkdb, s_dkdh, s_dkdn, s_dkdc, s_dkdk,
+    s_dpj, s_dpb, s_dph, s_dpn, s_dpc, s_dps,
+    s_dgj, s_dgb, s_dgh, s_dgn,
+    s_ds0b, s_ds0h, s_ds0k, s_ds0v,
+    HAS_DO: tl.constexpr, HAS_DSL: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    j = pid_v.to(tl.int64)
+    rows = tl.arange(0, BLOCK_C)
+    keys = tl.arange(0, BLOCK_K)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_c, mask_k, mask_v = rows < C, keys < K, cols < V
+    mask_cv = mask_c[:, None] & mask_v[None, :]
+    mask_ck = mask_c[:, None] & mask_k[None, :]
+    mask_cc = mask_c[:, None] & mask_c[None, :]
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+
+    w1_ptr += b * s_w1b + h * s_w1h
+    w2_ptr += b * s_w2b + h * s_w2h
+    qd_ptr += b * s_qdb + h * s_qdh
+    kd_ptr += b * s_kdb + h * s_kdh
+    p_ptr += b * s_pb + h * s_ph
+    g_ptr += b * s_gb + h * s_gh
+    st_ptr += b * s_stb + h * s_sth
+    do_ptr += b * s_dob + h * s_doh
+    dw1_ptr += b * s_dw1b + h * s_dw1h
+    dw2_ptr += j * s_dw2j + b * s_dw2b + h * s_dw2h
+    dqd_ptr += j * s_dqdj + b * s_dqdb + h * s_dqdh
+    dkd_ptr += j * s_dkdj + b * s_dkdb + h * s_dkdh
+    dp_ptr += j * s_dpj + b * s_dpb + h * s_dph
+    dg_ptr += j * s_dgj + b * s_dgb + h * s_dgh
+    off_w1 = rows[:, None] * s_w1c + cols[None, :] * s_w1v
+    off_w2 = rows[:, None] * s_w2c + keys[None, :] * s_w2k
+    off_qd = rows[:, None] * s_qdc + keys[None, :] * s_qdk
+    off_kd = rows[:, None] * s_kdc + keys[None, :] * s_kdk
+    off_p = rows[:, None] * s_pc + rows[None, :] * s_ps
+    off_st = keys[:, None] * s_stk + cols[None, :] * s_stv
+    off_do = rows[:, None] * s_doc + cols[None, :] * s_dov
+    off_dw1 = rows[:, None] * s_dw1c + cols[None, :] * s_dw1v
+    off_dw2 = rows[:, None] * s_dw2c + keys[None, :] * s_dw2k
+    off_dqd = rows[:, None] * s_dqdc + keys[None, :] * s_dqdk
+    off_dkd = rows[:, None] * s_dkdc + keys[None, :] * s_dkdk
+    off_dp = rows[:, None] * s_dpc + rows[None, :] * s_dps
+
+    if HAS_DSL:
+        ds = tl.load(dsl_ptr + b * s_dslb + h * s_dslh + keys[:, None] * s_dslk + cols[None, :] * s_dslv,
+                     mask=mask_kv, other=0.0).to(w1_ptr.dtype.element_ty)
+    else:
+        ds = tl.zeros((BLOCK_K, BLOCK_V), dtype=w1_ptr.dtype.element_ty)
+    if STAGES > 0:
+        for i in tl.range(0, N, num_stages=STAGES):
+            ds = _backward_chunk(N - 1 - i, ds, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr,
+                                 dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr,
+                                 s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_stn, s_don,
+                                 s_dw1n, s_dw2n, s_dqdn, s_dkdn, s_dpn, s_dgn,
+                                 off_w1, off_w2, off_qd, off_kd, off_p, off_st, off_do,
+                                 off_dw1, off_dw2, off_dqd, off_dkd, off_dp,
+                                 mask_cv, mask_ck, mask_cc, mask_kv, HAS_DO, PRECISION)
+    else:
+        n = N - 1
+        while n >= 0:  # not range(), as in the forward
+            ds = _backward_chunk(n, ds, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr,
+                                 dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr,
+                                 s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_stn, s_don,
+                                 s_dw1n, s_dw2n, s_dqdn, s_dkdn, s_dpn, s_dgn,
+                                 off_w1, off_w2, off_qd, off_kd, off_p, off_st, off_do,
+                                 off_dw1, off_dw2, off_dqd, off_dkd, off_dp,
+                                 mask_cv, mask_ck, mask_cc, mask_kv, HAS_DO, PRECISION)
+            n -= 1
+    tl.store(ds0_ptr + b * s_ds0b + h * s_ds0h + keys[:, None] * s_ds0k + cols[None, :] * s_ds0v,
+             ds.to(ds0_ptr.dtype.element_ty), mask=mask_kv)
+
+
+def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = False, interpret: bool = False,
+                config: dict | None = None) -> dict:
+    """Launch config; ``config`` overrides any entry. ``BLOCK_V``: value columns per program;
+    ``num_warps``; ``STAGES``: software-pipelining depth of the chunk loop (0: none);
+    ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32."""
+    block_k = max(16, triton.next_power_of_2(key_dim))
+    cfg = {
+        "BLOCK_C": max(16, triton.next_power_of_2(size)),
+        "BLOCK_K": block_k,
+        # a [K, BLOCK_V] fp32 state (and in the backward its adjoint) per program
+        "BLOCK_V": max(16, min(64 if block_k <= 64 and not backward else 32, triton.next_power_of_2(value_dim))),
+        "num_warps": 4 if block_k <= 64 else 8,
+        "STAGES": 0,
+        "PRECISION": "ieee" if interpret else "tf32x3",
+    }
+    cfg.update(config or {})
+    for name in ("BLOCK_C", "BLOCK_K", "BLOCK_V"):
+        if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest tile), got {cfg[name]}")
+    if cfg["BLOCK_C"] < size or cfg["BLOCK_K"] < key_dim:
+        raise ValueError(f"BLOCK_C and BLOCK_K must cover the chunk ({size}) and the key size ({key_dim})")
+    return cfg
+
+
+def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
+                       initial_state: Tensor, *, out: tuple[Tensor, Tensor, Tensor] | None = None,
+                       config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(O, final state, states)`` as ``mmrec::delta_chunk_scan``, one launch.
+
+    ``out`` takes preallocated outputs; ``config`` overrides the launch config (``pick_config``)."""
+    batch, heads, chunks, size, value_dim = w1.shape
+    key_dim = w2.shape[-1]
+    if out is None:
+        o = torch.empty(w1.shape, dtype=w1.dtype, device=w1.device)
+        final = torch.empty(initial_state.shape, dtype=w1.dtype, device=w1.device)
+        states = torch.empty((batch, heads, chunks, key_dim, value_dim), dtype=w1.dtype, device=w1.device)
+    else:
+        o, final, states = out
+    if batch * heads * value_dim == 0:
+        final.copy_(initial_state)
+        return o, final, states
+    cfg = pick_config(size, key_dim, value_dim, interpret=not w1.is_cuda, config=config)
+    grid = (triton.cdiv(value_dim, cfg["BLOCK_V"]), batch * heads)
+    _forward_kernel[grid](
+        w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, o, final, states,
+        heads, chunks, size, key_dim, value_dim,
+        *w1.stride(), *w2.stride(), *q_decayed.stride(), *k_decayed.stride(), *attn.stride(), *chunk_decay.stride(),
+        *initial_state.stride(), *o.stride(), *final.stride(), *states.stride(),
+        **cfg,
+    )
+    return o, final, states
+
+
+def chunk_scan_backward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
+                        states: Tensor, grad_o: Tensor | None, grad_final: Tensor | None, *,
+                        config: dict | None = None) -> tuple[Tensor, ...]:
+    """Gradients ``(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state)`` as
+    ``mmrec::delta_chunk_scan_backward``, one launch and a sum over the value blocks.
+    ``grad_o`` / ``grad_final`` may be None; ``config`` as in the forward."""
+    batch, heads, chunks, size, value_dim = w1.shape
+    key_dim = w2.shape[-1]
+    cfg = pick_config(size, key_dim, value_dim, backward=True, interpret=not w1.is_cuda, config=config)
+    blocks = triton.cdiv(value_dim, cfg["BLOCK_V"])
+
+    def new(*shape):
+        return torch.empty(shape, dtype=w1.dtype, device=w1.device)
+
+    grad_w1 = new(*w1.shape)
+    grad_state = new(batch, heads, key_dim, value_dim)
+    # per value block, summed below
+    parts = {name: new(blocks, *x.shape) for name, x in
+             (("w2", w2), ("q_decayed", q_decayed), ("k_decayed", k_decayed), ("attn", attn), ("chunk_decay", chunk_decay))}
+    if grad_o is None:  # no output gradient: these parts are zero, and the kernel skips them
+        parts["q_decayed"].zero_()
+        parts["attn"].zero_()
+    _backward_kernel[(blocks, batch * heads)](
+        w1, w2, q_decayed, k_decayed, attn, chunk_decay, states, w1 if grad_o is None else grad_o, grad_final,  # w1: never read
+        grad_w1, parts["w2"], parts["q_decayed"], parts["k_decayed"], parts["attn"], parts["chunk_decay"], grad_state,
+        heads, chunks, size, key_dim, value_dim,
+        *w1.stride(), *w2.stride(), *q_decayed.stride(), *k_decayed.stride(), *attn.stride(), *chunk_decay.stride(),
+        *states.stride(), *(w1.stride() if grad_o is None else grad_o.stride()),
+        *((0, 0, 0, 0) if grad_final is None else grad_final.stride()),
+        *grad_w1.stride(), *parts["w2"].stride(), *parts["q_decayed"].stride(), *parts["k_decayed"].stride(),
+        *parts["attn"].stride(), *parts["chunk_decay"].stride(), *grad_state.stride(),
+        HAS_DO=grad_o is not None, HAS_DSL=grad_final is not None, **cfg,
+    )
+    summed = [x[0] if blocks == 1 else x.sum(0) for x in parts.values()]
+    return grad_w1, *summed, grad_state
