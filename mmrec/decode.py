@@ -14,12 +14,12 @@ every step updates in place, with the position in a device tensor:
 - Transformer: a KV cache of the maximum length, written at the position, attended over
   in full with the entries past the position masked, as gpt-fast does.
 
-Each block provides its static form: ``supports_static()``, ``static_state(layer, *,
-batch, position, max_length, kv_splits, donate)`` (buffers that continue an eager state),
-``static_capacity(buffers)`` (the most tokens they hold, or ``None``), ``eager_state(buffers,
-length)``, and, for a block that writes a memory once per chunk, ``chunk_size`` and
-``complete_chunk(buffers)``; a block's ``forward`` given a ``position`` tensor is the step.
-The decoder names no architecture.
+Each block provides its static form through the methods of :class:`mmrec.contracts.Block`:
+``supports_static()``, ``static_state(layer, *, batch, position, max_length, kv_splits,
+donate)`` (buffers that continue an eager state), ``static_capacity(buffers)`` (the most
+tokens they hold, or ``None``), ``eager_state(buffers, length)``, and, for a block that
+writes a memory once per chunk, ``chunk_size`` and ``complete_chunk(buffers)``; a block's
+``forward`` given a ``position`` tensor is the step. The decoder names no architecture.
 
 A step then never changes shape nor waits for the host, and on CUDA it is captured once
 in a CUDA graph (``torch.cuda.CUDAGraph``) and replayed per token. ``compile=True``
@@ -37,20 +37,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mmrec.contracts import Block
 from mmrec.state import State, _map
 
 __all__ = ["StaticDecoder", "supports_static"]
 
 
 def supports_static(model) -> bool:
-    """Whether every block of ``model`` has a static decode step (its ``supports_static()``:
-    the built-in architectures; an MM-Rec block only with a memory that has one, such as
-    ``hds``), and the model is not sharded: a sharded model gathers its weights in forward
-    hooks, with collectives that have no place in a captured step."""
-    blocks = getattr(model, "blocks", None)
+    """Whether every block of ``model`` is a :class:`mmrec.contracts.Block` with a static
+    decode step (its ``supports_static()``: the built-in architectures; an MM-Rec block
+    only with a memory that has one, such as ``hds``), and the model is not sharded: a
+    sharded model gathers its weights in forward hooks, with collectives that have no
+    place in a captured step."""
+    blocks = getattr(model, "blocks", None)  # a LanguageModel's
     if blocks is None or _sharded(model):
         return False
-    return all(getattr(block, "supports_static", lambda: False)() for block in blocks)
+    return all(isinstance(block, Block) and block.supports_static() for block in blocks)
 
 
 def _sharded(model) -> bool:
@@ -90,7 +92,7 @@ class StaticDecoder:
         # the most tokens the buffers hold (a KV cache), or None; the chunk a block completes
         capacities = [c for block, layer in zip(model.blocks, self.layers) if (c := block.static_capacity(layer)) is not None]
         self.capacity = min(capacities, default=None)
-        chunks = {block.chunk_size for block in model.blocks if getattr(block, "chunk_size", None)}
+        chunks = {block.chunk_size for block in model.blocks if block.chunk_size is not None}
         if len(chunks) > 1:
             raise ValueError(f"the blocks complete chunks of different sizes ({sorted(chunks)}), which one decoder cannot step")
         self.chunk_size = chunks.pop() if chunks else None

@@ -9,6 +9,9 @@ The sequence is cut into chunks of ``C`` tokens. Per bank, ``M`` slots of width 
   solved by the scan op (no loop over chunks);
 - read: tokens of chunk ``c`` attend over ``Mem_{c-1}`` and its HDS levels (level 1 pools
   4 slots into one, level 2 pools 16), so no token sees its own chunk.
+
+The state is ``memory`` ``[B, banks, M, dim]`` (float32) after the last complete chunk and,
+carried by :class:`mmrec.contracts.ChunkedMemory`, the chunk in progress.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from einops import rearrange, repeat
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
+from mmrec.contracts import ChunkedMemory
 from mmrec.layers.memory_attention import MemoryAttention
 from mmrec.ops import accumulation_dtype, linear_scan
 
 LEVEL_POOL = {0: 1, 1: 4, 2: 16}  # slots pooled into one, per HDS level
 
 
-class HDSMemory(nn.Module):
+class HDSMemory(ChunkedMemory):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         kind: Literal["hds"] = "hds"
@@ -105,43 +109,29 @@ class HDSMemory(nn.Module):
         ]
         return torch.cat(levels, dim=-2)
 
-    def initial_state(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
-        """The state before any token: the learned initial memory and no pending chunk."""
-        return {
-            "memory": self.initial.to(accumulation_dtype(dtype)).expand(batch, -1, -1, -1),
-            "pending_k": self.initial.new_zeros(batch, 0, self.key_dim, dtype=dtype),
-            "pending_v": self.initial.new_zeros(batch, 0, self.key_dim, dtype=dtype),
-        }
+    def initial_memory(self, batch: int, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Tensor]:
+        """The learned initial memory ``[B, banks, M, dim]``, in float32 (float64 for float64)."""
+        return {"memory": self.initial.to(device=device, dtype=accumulation_dtype(dtype)).expand(batch, -1, -1, -1)}
 
-    def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, state: dict[str, Tensor] | None = None, dropout: float = 0.0
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``q``: ``[B, T, d_model]``; ``k``, ``v``: ``[B, T, banks*dim]``.
-
-        ``state`` continues an earlier call: ``memory`` ``[B, banks, M, dim]`` after the last
-        complete chunk, and the keys/values of the chunk in progress (``pending_k``,
-        ``pending_v``, fewer than ``chunk_size`` tokens). Returns the read context
-        ``[B, T, d_model]`` and the state after these tokens.
-        """
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, memory: dict[str, Tensor], chunk_size: int, pending: int,
+               dropout: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """``q``: ``[B, T, d_model]``; ``k``, ``v``: ``[B, pending + T, banks*dim]``, from the
+        chunk in progress's first token; ``memory``: ``[B, banks, M, dim]`` after the last
+        complete chunk. Returns the read context ``[B, T, d_model]`` and the memory after
+        the chunks these tokens complete."""
         batch, length, _ = q.shape
-        state = self.initial_state(batch, k.dtype) if state is None else state
-        pending = state["pending_k"].shape[1]
-        if pending:
-            k = torch.cat([state["pending_k"].to(k.dtype), k], dim=1)
-            v = torch.cat([state["pending_v"].to(v.dtype), v], dim=1)
-        memory = state["memory"].to(accumulation_dtype(k.dtype))  # [B, banks, M, dim]
         total = pending + length  # positions counted from the start of the pending chunk
         n_full = total // chunk_size
         banks, slots, dim = self.banks, self.slots, self.dim
+        mem = memory["memory"].to(accumulation_dtype(k.dtype))  # [B, banks, M, dim]
 
         # memories[:, :, :, c]: the memory chunk c reads, [banks, B, M, n_full + 1, dim].
         # Every complete chunk is written and the update over chunks is one scan, one row
         # per (bank, sequence, slot); its first step (keep 0) puts the starting memory in
         # place, so the scan's output is every memory read, with no copy after it.
-        memories = memory.transpose(0, 1).unsqueeze(3)
+        memories = mem.transpose(0, 1).unsqueeze(3)
         if n_full:
-            chunked = lambda x: rearrange(x[:, : n_full * chunk_size], "b (n c) d -> b n c d", c=chunk_size)  # noqa: E731
-            keep, written = self.write(chunked(k), chunked(v))
+            keep, written = self.write(self.complete_chunks(k, chunk_size), self.complete_chunks(v, chunk_size))
             keep = torch.cat([keep.new_zeros(banks, batch, slots, 1), keep], dim=-1)
             written = torch.cat([memories, written], dim=3)
             rows = banks * batch * slots
@@ -151,31 +141,19 @@ class HDSMemory(nn.Module):
             keep = keep.view(rows, n_full + 1, 1).expand(-1, -1, dim)
             memories, last = linear_scan(keep, written.view(rows, n_full + 1, dim), out_dtype=q.dtype)
             memories = memories.view(banks, batch, slots, n_full + 1, dim)
-            memory = last.view(banks, batch, slots, dim).transpose(0, 1).contiguous()
+            mem = last.view(banks, batch, slots, dim).transpose(0, 1).contiguous()
 
         # read: the token at position t reads memories[:, :, :, t // chunk_size]
-        n_read = -(-total // chunk_size)
-        if n_read == 1 or (not pending and total == n_read * chunk_size):
-            queries = q  # whole chunks (always so when decoding or training on multiples of C)
-        else:
-            queries = nn.functional.pad(q, (0, 0, pending, n_read * chunk_size - total))
-        queries = rearrange(queries, "b (n c) d -> (b n) c d", n=n_read)
+        queries = self.chunked_queries(q, pending, chunk_size)  # [B, n_read, C, d]
+        n_read = queries.shape[1]
         # project the slots to keys and values before pooling the HDS levels (both are
         # linear, so they commute): the levels are then pooled at the narrower head width
         read_slots = memories[:, :, :, :n_read].to(q.dtype).reshape(banks, batch * slots * n_read, dim)
         keys, values = (
             self.hierarchy(rearrange(x, "m (b s n) e -> (b n) m s e", b=batch, n=n_read)) for x in self.read.project(read_slots)
         )
-        context = rearrange(self.read.attend(queries, keys, values, dropout), "(b n) c d -> b (n c) d", b=batch)
-        if n_read > 1:
-            context = context[:, pending:total]
-        next_state = {
-            "memory": memory,  # float32, after the last complete chunk
-            # copies (under one chunk): a view would keep the whole projection's storage alive
-            "pending_k": k[:, n_full * chunk_size :].clone(),
-            "pending_v": v[:, n_full * chunk_size :].clone(),
-        }
-        return context, next_state
+        context = self.read.attend(queries.flatten(0, 1), keys, values, dropout).unflatten(0, (batch, n_read))
+        return self.unchunked(context, pending, length), {"memory": mem}  # the memory in float32
 
     # Static decoding (mmrec.decode): one token per step, fixed shapes, buffers updated in
     # place, so that the step can be captured in a CUDA graph. The memory changes only when
@@ -185,22 +163,10 @@ class HDSMemory(nn.Module):
     # completes a chunk is followed by `complete_chunk` (the decoder replays a second CUDA
     # graph for it): the write, the update and the new keys and values, once per chunk.
 
-    def static_state(self, state: dict[str, Tensor] | None, batch: int, chunk_size: int,
-                     dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """Buffers for static decoding that continue the (eager) ``state``: ``memory``, the
-        chunk in progress ``pending_k``/``pending_v`` at its full size ``[B, C, banks*dim]``
-        and the memory's keys and values ``[B, banks, S, head_dim]`` (S: slots of all levels).
-        ``dtype``: the activations' (default: that of the state's keys)."""
-        dtype = dtype or (state["pending_k"].dtype if state is not None else self.initial.dtype)
-        state = self.initial_state(batch, dtype) if state is None else state
-        pending = state["pending_k"].shape[1]
-        static = {
-            "memory": state["memory"].to(accumulation_dtype(dtype)).clone().contiguous(),
-            "pending_k": state["pending_k"].new_zeros(batch, chunk_size, self.key_dim, dtype=dtype),
-            "pending_v": state["pending_v"].new_zeros(batch, chunk_size, self.key_dim, dtype=dtype),
-        }
-        static["pending_k"][:, :pending] = state["pending_k"]
-        static["pending_v"][:, :pending] = state["pending_v"]
+    def static_memory(self, memory: dict[str, Tensor], batch: int, chunk_size: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """``memory`` ``[B, banks, M, dim]`` (a copy) and the keys and values the read attends
+        over, ``[B, banks, S, head_dim]`` (S: slots of all levels)."""
+        static = {"memory": memory["memory"].to(accumulation_dtype(dtype)).clone().contiguous()}
         static["keys"], static["values"] = self.read_keys_values(static["memory"], dtype)
         return static
 
@@ -211,25 +177,12 @@ class HDSMemory(nn.Module):
         slots = memory.to(dtype).transpose(0, 1).reshape(self.banks, batch * self.slots, self.dim)
         return tuple(self.hierarchy(rearrange(x, "m (b s) e -> b m s e", b=batch)) for x in self.read.project(slots))
 
-    @staticmethod
-    def eager_state(static: dict[str, Tensor], pending: int) -> dict[str, Tensor]:
-        """The eager state equal to ``static`` with ``pending`` tokens in the chunk in progress."""
-        return {
-            "memory": static["memory"].clone(),
-            "pending_k": static["pending_k"][:, :pending].clone(),
-            "pending_v": static["pending_v"][:, :pending].clone(),
-        }
+    def eager_memory(self, static: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"memory": static["memory"].clone()}
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, static: dict[str, Tensor], position: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """One token: ``q`` ``[B, 1, d_model]``, ``k``, ``v`` ``[B, 1, banks*dim]``; ``position``:
-        the token's index in the sequence, a 0-dim int64 tensor. Records ``k``, ``v`` in
-        ``static`` in place, without host synchronisation; returns the read context
-        ``[B, 1, d_model]``. The step of a chunk's last token must be followed by
-        :meth:`complete_chunk`."""
-        index = position.remainder(chunk_size).view(1)
-        static["pending_k"].index_copy_(1, index, k.to(static["pending_k"].dtype))
-        static["pending_v"].index_copy_(1, index, v.to(static["pending_v"].dtype))
-        return self.read.attend(q, static["keys"], static["values"]), static  # the memory before this chunk
+    def read_step(self, q: Tensor, static: dict[str, Tensor], index: Tensor, chunk_size: int) -> Tensor:
+        """The memory before this chunk, read through the cached keys and values."""
+        return self.read.attend(q, static["keys"], static["values"])
 
     def complete_chunk(self, static: dict[str, Tensor]) -> None:
         """Write the complete chunk in ``static`` to its memory, in place (``write`` and the

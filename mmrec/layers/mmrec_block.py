@@ -12,14 +12,11 @@ causal convolution (:mod:`mmrec.layers.short_conv`) before MDI and the recurrenc
 ``recurrence_dropout`` drops elements of the recurrence's input (not of what MDI reads),
 the regularisation recurrent networks over characters need to generalise.
 
-A recurrence may ask the block for more than ``z``, ``log γ`` and ``g``, by two optional
-methods (both absent on the built-in ``parallel`` and ``exact``, which get what they got):
-``projection_widths(d_model, n_heads) -> {name: width}`` adds those outputs to the fused
-projection and passes them to the recurrence as keyword arguments of the same names, and
-``decay_width(d_model, n_heads) -> int`` sets how many decays MDI gives per token (default
-``d_model``; the ``delta`` recurrence asks for one per head). A recurrence with a decay of
-its own sets ``needs_decay = False``: the block then builds no MDI and passes
-``log_decay=None``.
+What the block asks of its recurrence and memory is written down in :mod:`mmrec.contracts`
+(``Recurrence``, ``Memory``): a recurrence may ask for more than ``z``, ``log γ`` and ``g``
+(``projection_widths``: extra outputs of the fused projection, passed by name;
+``decay_width``: MDI's decays per token, one per head for ``delta``), or for no MDI at all
+(``needs_decay = False``: ``log_decay=None``).
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
 
-from mmrec import registry
+from mmrec import contracts, registry
 from mmrec.config import ModelConfigBase
 from mmrec.layers.ffn import SwiGLU
 from mmrec.layers.mdi import MDI
@@ -43,14 +40,15 @@ from mmrec.state import _map
 
 
 def build_variant(group: str, config: Variant, **kwargs) -> nn.Module:
-    """Instantiate the registered ``group`` variant that ``config.kind`` names."""
-    cls = registry.get(group, config.kind)
+    """Instantiate the registered ``group`` variant that ``config.kind`` names (with the
+    contract's defaults for what a plain ``nn.Module`` variant leaves out)."""
+    cls = contracts.with_defaults(registry.get(group, config.kind), group)
     if not isinstance(config, cls.Config):  # a bare Variant: validate it by the variant's own schema
         config = cls.Config.model_validate(config.model_dump())
     return cls(config, **kwargs)
 
 
-class MMRecBlock(nn.Module):
+class MMRecBlock(contracts.Block):
     class Config(ModelConfigBase):
         """An MM-Rec language model: gated recurrence plus long-term memory in every block."""
 
@@ -102,19 +100,17 @@ class MMRecBlock(nn.Module):
         if self.recurrence.needs_input_gate:
             self.widths["g"] = d
         # what the recurrence asks for beyond z, log γ and g (see the module docstring)
-        extra = getattr(self.recurrence, "projection_widths", None)
-        self.recurrence_inputs = dict(extra(d, config.n_heads)) if extra is not None else {}
+        self.recurrence_inputs = dict(self.recurrence.projection_widths(d, config.n_heads))
         if taken := set(self.recurrence_inputs) & set(self.widths):
             raise ValueError(f"recurrence {config.recurrence.kind!r} asks for projections named like the block's own: {sorted(taken)}")
         self.widths.update(self.recurrence_inputs)
-        decay_width = getattr(self.recurrence, "decay_width", None)
-        decay_width = decay_width(d, config.n_heads) if decay_width is not None else d
+        decay_width = self.recurrence.decay_width(d, config.n_heads)
         self.short_conv = ShortConv(d, config.short_conv, config.short_conv_init) if config.short_conv is not None else None
         self.norm = RMSNorm(d, config.norm_eps)
         self.proj = FusedProjection(d, self.widths, fused=config.hem, bias=config.bias)
         # a recurrence with a decay of its own (``needs_decay = False``) gets no MDI
-        needs_decay = getattr(self.recurrence, "needs_decay", True)
-        self.mdi = MDI(d, key_dim, config.decay_init, config.init_std, width=decay_width) if needs_decay else None
+        self.mdi = (MDI(d, key_dim, config.decay_init, config.init_std, width=decay_width)
+                    if self.recurrence.needs_decay else None)
         self.state_norm = RMSNorm(d, config.norm_eps)
         self.out = nn.Linear(d, d, bias=config.bias)  # W_o
         self.ffn_norm = RMSNorm(d, config.norm_eps)
@@ -132,7 +128,7 @@ class MMRecBlock(nn.Module):
 
     def supports_static(self) -> bool:
         """Whether the memory has a static decode step (``hds`` and ``window`` do)."""
-        return hasattr(self.memory, "step") and hasattr(self.memory, "complete_chunk")
+        return self.memory.supports_static()
 
     def static_state(self, layer: dict, *, batch: int, position: int, **unused) -> dict:
         """Buffers that continue the eager ``layer`` state."""
@@ -153,16 +149,14 @@ class MMRecBlock(nn.Module):
     def mixing_flops(self, length: int) -> float:
         """Training FLOPs per token that no parameter counts: the recurrence's and the
         memory's own (``flops_per_token(length, chunk_size)``; 0 for a variant without it)."""
-        return sum(getattr(part, "flops_per_token", lambda length, chunk_size: 0.0)(length, self.chunk_size)
-                   for part in (self.recurrence, self.memory))
+        return sum(part.flops_per_token(length, self.chunk_size) for part in (self.recurrence, self.memory))
 
     def log_decay(self, z: Tensor, k: Tensor) -> Tensor | None:
         """MDI's ``log γ``: in the activations' dtype for a recurrence that takes it so
         (``narrow_decay``, e.g. the parallel scan), else in the accumulation dtype."""
-        narrow = getattr(self.recurrence, "narrow_decay", False)
         if self.mdi is None:
             return None
-        return self.mdi(z, k, None if narrow else accumulation_dtype(z.dtype))
+        return self.mdi(z, k, None if self.recurrence.narrow_decay else accumulation_dtype(z.dtype))
 
     def forward(
         self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int | Tensor = 0

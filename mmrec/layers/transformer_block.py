@@ -8,12 +8,13 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from mmrec.config import ModelConfigBase
+from mmrec.contracts import Block
 from mmrec.layers.attention import CausalSelfAttention, static_cache
 from mmrec.layers.ffn import SwiGLU
 from mmrec.layers.norm import RMSNorm
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(Block):
     class Config(ModelConfigBase):
         """A Llama-style Transformer: the baseline MM-Rec is measured against."""
 

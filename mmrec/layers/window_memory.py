@@ -33,10 +33,11 @@ from einops import rearrange
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
+from mmrec.contracts import ChunkedMemory
 from mmrec.layers.attention import rotary
 
 
-class WindowMemory(nn.Module):
+class WindowMemory(ChunkedMemory):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         kind: Literal["window"] = "window"
@@ -74,41 +75,30 @@ class WindowMemory(nn.Module):
         groups = self.n_heads // self.kv_heads
         return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
-    def initial_state(self, like: Tensor) -> dict[str, Tensor]:
-        """No previous chunk and no chunk in progress (on ``like``'s device, in its dtype)."""
-        empty = like.new_zeros(like.shape[0], 0, self.key_dim)
-        return {"prev_k": empty, "prev_v": empty, "pending_k": empty, "pending_v": empty}
+    def initial_memory(self, batch: int, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Tensor]:
+        """No previous chunk."""
+        empty = torch.zeros(batch, 0, self.key_dim, dtype=dtype, device=device)
+        return {"prev_k": empty, "prev_v": empty}
 
-    def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, state: dict[str, Tensor] | None = None, dropout: float = 0.0
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``q``: ``[B, T, d_model]``; ``k``, ``v``: ``[B, T, key_dim]``.
-
-        ``state`` continues an earlier call: the previous complete chunk's keys and values
-        (``prev_k``, ``prev_v``: ``[B, C, key_dim]``, or ``[B, 0, key_dim]`` before the first
-        chunk completes) and those of the chunk in progress (``pending_k``, ``pending_v``,
-        fewer than ``C`` tokens), all unrotated. Returns the context ``[B, T, d_model]`` and
-        the state after these tokens.
-        """
-        state = self.initial_state(k) if state is None else state
-        prev_k, prev_v = state["prev_k"].to(k.dtype), state["prev_v"].to(v.dtype)
-        pending = state["pending_k"].shape[1]
-        if pending:  # the current chunk from its first token on: [B, pending + T, key_dim]
-            k = torch.cat([state["pending_k"].to(k.dtype), k], dim=1)
-            v = torch.cat([state["pending_v"].to(v.dtype), v], dim=1)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, memory: dict[str, Tensor], chunk_size: int, pending: int,
+               dropout: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """``q``: ``[B, T, d_model]``; ``k``, ``v``: ``[B, pending + T, key_dim]``, the current
+        chunk from its first token on; ``memory``: the previous complete chunk's keys and
+        values (``prev_k``, ``prev_v``: ``[B, C, key_dim]``, or ``[B, 0, key_dim]`` before the
+        first chunk completes), unrotated. Returns the context ``[B, T, d_model]`` and the
+        previous chunk after these tokens."""
+        prev_k, prev_v = memory["prev_k"].to(k.dtype), memory["prev_v"].to(v.dtype)
         total = pending + q.shape[1]
         if total <= chunk_size:
             context = self._within_one_chunk(q, k, v, prev_k, prev_v, chunk_size, pending, dropout)
         else:
             context = self._chunked(q, k, v, prev_k, prev_v, chunk_size, pending, dropout)
         n_full = total // chunk_size
-        if n_full:  # copies (one chunk at most): views would keep the whole projection alive
-            prev_k = k[:, (n_full - 1) * chunk_size : n_full * chunk_size].clone()
-            prev_v = v[:, (n_full - 1) * chunk_size : n_full * chunk_size].clone()
-        else:
-            prev_k, prev_v = state["prev_k"], state["prev_v"]
-        rest = slice(n_full * chunk_size, None)
-        return context, {"prev_k": prev_k, "prev_v": prev_v, "pending_k": k[:, rest].clone(), "pending_v": v[:, rest].clone()}
+        if not n_full:
+            return context, memory
+        # copies (one chunk): views would keep the whole projection alive
+        last = slice((n_full - 1) * chunk_size, n_full * chunk_size)
+        return context, {"prev_k": k[:, last].clone(), "prev_v": v[:, last].clone()}
 
     def _within_one_chunk(self, q, k, v, prev_k, prev_v, chunk_size, pending, dropout) -> Tensor:
         """All new tokens in one chunk (e.g. eager decoding), with no padded queries: ``q``
@@ -160,63 +150,43 @@ class WindowMemory(nn.Module):
         return out[:, pending:total]
 
     # Static decoding (mmrec.decode): one token per step, fixed shapes, buffers updated in
-    # place, so that the step can be captured in a CUDA graph. The window lives in one
-    # buffer per keys and values, [B, 2C, key_dim]: the previous chunk in [:C], the chunk in
-    # progress in [C:]; `complete_chunk` moves the second half into the first. Keys stay
-    # unrotated, as in the eager state, and a step rotates all 2C of them: as much work as
-    # the attention itself, and no second copy of the window to keep in step.
+    # place, so that the step can be captured in a CUDA graph. The previous chunk lives in
+    # ``prev_k``, ``prev_v`` ``[B, C, key_dim]``, the chunk in progress in ChunkedMemory's
+    # ``pending_k``, ``pending_v``; `complete_chunk` copies the second into the first. Keys
+    # stay unrotated, as in the eager state, and a step rotates all 2C of them: as much work
+    # as the attention itself, and no second copy of the window to keep in step.
 
-    def static_state(self, state: dict[str, Tensor], batch: int, chunk_size: int,
-                     dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """Buffers for static decoding that continue the eager ``state`` (from a forward pass):
-        ``window_k``, ``window_v`` ``[B, 2C, key_dim]`` (zeros where empty: masked entries must
-        not hold NaNs) and ``has_prev``, a 0-dim bool: whether ``[:C]`` holds a chunk.
-        ``dtype``: the activations' (default: that of the state's keys)."""
-        dtype = dtype or state["pending_k"].dtype
-        pending, prev = state["pending_k"].shape[1], state["prev_k"].shape[1]
+    def static_memory(self, memory: dict[str, Tensor], batch: int, chunk_size: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """``prev_k``, ``prev_v`` ``[B, C, key_dim]`` (zeros where empty: masked entries must
+        not hold NaNs) and ``has_prev``, a 0-dim bool: whether they hold a chunk."""
+        prev = memory["prev_k"].shape[1]
         static = {}
-        for name in ("k", "v"):
-            window = state[f"pending_{name}"].new_zeros(batch, 2 * chunk_size, self.key_dim, dtype=dtype)
-            window[:, :prev] = state[f"prev_{name}"]
-            window[:, chunk_size : chunk_size + pending] = state[f"pending_{name}"]
-            static[f"window_{name}"] = window
-        static["has_prev"] = torch.tensor(prev > 0, device=static["window_k"].device)
+        for name in ("prev_k", "prev_v"):
+            static[name] = memory[name].new_zeros(batch, chunk_size, self.key_dim, dtype=dtype)
+            static[name][:, :prev] = memory[name]
+        static["has_prev"] = torch.tensor(prev > 0, device=static["prev_k"].device)
         return static
 
-    @staticmethod
-    def eager_state(static: dict[str, Tensor], pending: int) -> dict[str, Tensor]:
-        """The eager state equal to ``static`` with ``pending`` tokens in the chunk in progress."""
-        c = static["window_k"].shape[1] // 2
-        prev = c if bool(static["has_prev"]) else 0
-        return {
-            "prev_k": static["window_k"][:, :prev].clone(),
-            "prev_v": static["window_v"][:, :prev].clone(),
-            "pending_k": static["window_k"][:, c : c + pending].clone(),
-            "pending_v": static["window_v"][:, c : c + pending].clone(),
-        }
+    def eager_memory(self, static: dict[str, Tensor]) -> dict[str, Tensor]:
+        prev = static["prev_k"].shape[1] if bool(static["has_prev"]) else 0
+        return {"prev_k": static["prev_k"][:, :prev].clone(), "prev_v": static["prev_v"][:, :prev].clone()}
 
-    def step(
-        self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, static: dict[str, Tensor], position: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One token: ``q`` ``[B, 1, d_model]``, ``k``, ``v`` ``[B, 1, key_dim]``; ``position``: the
-        token's index in the sequence, a 0-dim int64 tensor. Records ``k``, ``v`` in ``static``
-        in place, without host synchronisation; returns the context ``[B, 1, d_model]``. The
-        step of a chunk's last token must be followed by :meth:`complete_chunk`."""
-        index = position.remainder(chunk_size) + chunk_size  # the token's place in the window
-        static["window_k"].index_copy_(1, index.view(1), k.to(static["window_k"].dtype))
-        static["window_v"].index_copy_(1, index.view(1), v.to(static["window_v"].dtype))
-        keys = rotary(self._heads(static["window_k"], self.kv_heads), self.rope_base, 0)  # [B, kv, 2C, E]
-        values = self._heads(static["window_v"], self.kv_heads)
-        query = rotary(self._heads(q, self.n_heads), self.rope_base, index)  # [B, H, 1, E]
+    def read_step(self, q: Tensor, static: dict[str, Tensor], index: Tensor, chunk_size: int) -> Tensor:
+        """``q`` ``[B, 1, d_model]`` over the previous chunk and its own chunk up to itself."""
+        at = index + chunk_size  # the token's place in the window [previous chunk, own chunk]
+        window_k = torch.cat([static["prev_k"], static["pending_k"]], dim=1)  # [B, 2C, key_dim]
+        window_v = torch.cat([static["prev_v"], static["pending_v"]], dim=1)
+        keys = rotary(self._heads(window_k, self.kv_heads), self.rope_base, 0)  # [B, kv, 2C, E]
+        values = self._heads(window_v, self.kv_heads)
+        query = rotary(self._heads(q, self.n_heads), self.rope_base, at)  # [B, H, 1, E]
         s = torch.arange(2 * chunk_size, device=q.device)
-        visible = (s <= index) & ((s >= chunk_size) | static["has_prev"])  # [2C]
+        visible = (s <= at) & ((s >= chunk_size) | static["has_prev"])  # [2C]
         out = nn.functional.scaled_dot_product_attention(
             query, self._expand_kv(keys), self._expand_kv(values), attn_mask=visible[None, :])
-        return rearrange(out, "b h t e -> b t (h e)"), static
+        return rearrange(out, "b h t e -> b t (h e)")
 
     def complete_chunk(self, static: dict[str, Tensor]) -> None:
         """The chunk in progress is complete: it becomes the previous chunk, in place."""
-        c = static["window_k"].shape[1] // 2
-        static["window_k"][:, :c].copy_(static["window_k"][:, c:])
-        static["window_v"][:, :c].copy_(static["window_v"][:, c:])
+        static["prev_k"].copy_(static["pending_k"])
+        static["prev_v"].copy_(static["pending_v"])
         static["has_prev"].fill_(True)

@@ -6,6 +6,10 @@ pooled (per bank, by a learned query attending over the chunk's keys and values)
 one summary, which enters a first-in-first-out queue of ``slots`` summaries. Tokens of
 chunk ``c`` attend over the queue as it was before chunk ``c``: summaries of chunks
 ``c - slots .. c - 1`` (learned fillers before the sequence has that many).
+
+It builds on :class:`mmrec.contracts.ChunkedMemory`, which carries the chunk in progress
+between calls: this module only writes complete chunks (``summarize``) and reads. It has
+no static decode step, so ``mmrec.generate`` decodes it with eager steps.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from einops import rearrange, repeat
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import Tensor, nn
 
+from mmrec.contracts import ChunkedMemory
 from mmrec.layers.memory_attention import MemoryAttention
 from mmrec.ops import accumulation_dtype
 
 __all__ = ["FIFOMemory"]
 
 
-class FIFOMemory(nn.Module):
+class FIFOMemory(ChunkedMemory):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         kind: Literal["fifo"] = "fifo"
@@ -59,35 +64,25 @@ class FIFOMemory(nn.Module):
         pooled = nn.functional.scaled_dot_product_attention(query, keys, values)
         return rearrange(pooled, "(b n) m 1 d -> b n m d", b=batch)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, state: dict | None = None, dropout: float = 0.0):
-        """Same contract as the built-in memories: ``(context [B, T, d_model], next state)``."""
-        batch, length, _ = q.shape
-        if state is None:
-            queue = self.initial.to(accumulation_dtype(k.dtype)).expand(batch, -1, -1, -1)
-            pending_k, pending_v = k[:, :0], v[:, :0]
-        else:
-            queue, pending_k, pending_v = state["queue"], state["pending_k"], state["pending_v"]
-        pending = pending_k.shape[1]
-        k, v = torch.cat([pending_k.to(k.dtype), k], 1), torch.cat([pending_v.to(v.dtype), v], 1)
-        total = pending + length
-        n_full, n_read = total // chunk_size, -(-total // chunk_size)
+    def initial_memory(self, batch: int, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Tensor]:
+        """The learned fillers: ``queue`` ``[B, banks, slots, dim]``, oldest first."""
+        return {"queue": self.initial.to(device=device, dtype=accumulation_dtype(dtype)).expand(batch, -1, -1, -1)}
 
-        history = rearrange(queue, "b m s d -> b s m d")  # [B, slots, banks, dim], oldest first
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, memory: dict, chunk_size: int, pending: int, dropout: float):
+        """Tokens of chunk ``c`` read the queue before it; each complete chunk pushes its summary.
+        (``ChunkedMemory`` carries the chunk in progress and hands ``k``, ``v`` from its start.)"""
+        batch, length, _ = q.shape
+        history = rearrange(memory["queue"], "b m s d -> b s m d")  # [B, slots, banks, dim], oldest first
+        n_full = (pending + length) // chunk_size
         if n_full:
-            chunked = lambda x: rearrange(x[:, : n_full * chunk_size], "b (n c) d -> b n c d", c=chunk_size)  # noqa: E731
-            history = torch.cat([history, self.summarize(chunked(k), chunked(v)).to(history.dtype)], dim=1)
+            summaries = self.summarize(self.complete_chunks(k, chunk_size), self.complete_chunks(v, chunk_size))
+            history = torch.cat([history, summaries.to(history.dtype)], dim=1)
+        queries = self.chunked_queries(q, pending, chunk_size)  # [B, n_read, C, d]
+        n_read = queries.shape[1]
         # chunk c reads the `slots` summaries before it: a sliding window over the history
         windows = history.unfold(1, self.slots, 1)[:, :n_read]  # [B, n_read, banks, dim, slots]
         slots = rearrange(windows, "b n m d s -> (b n) m s d")
-
-        queries = q if n_read == 1 else nn.functional.pad(q, (0, 0, pending, n_read * chunk_size - total))
-        queries = rearrange(queries, "b (n c) d -> (b n) c d", n=n_read)
-        context = rearrange(self.read(queries, slots, dropout), "(b n) c d -> b (n c) d", b=batch)
-        if n_read > 1:
-            context = context[:, pending:total]
-        next_state = {  # copies: views would keep the whole history and keys/values alive
-            "queue": rearrange(history[:, n_full : n_full + self.slots], "b s m d -> b m s d").clone(),
-            "pending_k": k[:, n_full * chunk_size :].clone(),
-            "pending_v": v[:, n_full * chunk_size :].clone(),
-        }
-        return context, next_state
+        context = self.read(queries.flatten(0, 1), slots, dropout).unflatten(0, (batch, n_read))
+        # a copy: a view would keep the whole history alive
+        queue = rearrange(history[:, n_full : n_full + self.slots], "b s m d -> b m s d").clone()
+        return self.unchunked(context, pending, length), {"queue": queue}
