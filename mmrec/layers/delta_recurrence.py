@@ -37,14 +37,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
-from torch import Tensor, nn
+from torch import Tensor
 
+from mmrec.contracts import Recurrence
 from mmrec.layers.short_conv import ShortConv
 from mmrec.ops import accumulation_dtype
 from mmrec.ops.delta_rule import chunk_delta_rule, delta_rule_step
 
 
-class DeltaRecurrence(nn.Module):
+class DeltaRecurrence(Recurrence):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         kind: Literal["delta"] = "delta"

@@ -12,10 +12,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from mmrec.contracts import Recurrence
 from mmrec.ops.gated_rnn import gated_rnn
 
 
-class ExactRecurrence(nn.Module):
+class ExactRecurrence(Recurrence):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         kind: Literal["exact"] = "exact"

@@ -15,12 +15,13 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor, nn
+from torch import Tensor
 
+from mmrec.contracts import Recurrence
 from mmrec.ops import linear_scan
 
 
-class ParallelRecurrence(nn.Module):
+class ParallelRecurrence(Recurrence):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         kind: Literal["parallel"] = "parallel"

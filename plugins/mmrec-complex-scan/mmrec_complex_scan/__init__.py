@@ -19,12 +19,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from mmrec.contracts import Recurrence
 from mmrec.ops import linear_scan
 
 __all__ = ["ComplexRecurrence"]
 
 
-class ComplexRecurrence(nn.Module):
+class ComplexRecurrence(Recurrence):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         kind: Literal["complex"] = "complex"
