@@ -1,0 +1,344 @@
+"""mmrec models as Hugging Face transformers models (``pip install "mmrec[hf]"``).
+
+    import mmrec.hf                                   # registers "mmrec" with the Auto classes
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("exported/")
+    ids = model.generate(**AutoTokenizer.from_pretrained("exported/")(["The "], return_tensors="pt"))
+
+``MMRecConfig`` holds the mmrec recipe (name, model and train sections) and
+``MMRecForCausalLM`` wraps the same ``mmrec.LanguageModel`` that mmrec trains, so the
+weights are mmrec's, under the prefix ``model.``. The streaming ``mmrec.State`` is the
+cache: ``generate`` feeds one token a step whatever the context length.
+
+Padding. A recurrent state must never see a pad token, so rows are run by the span of
+their real tokens: rows whose ``attention_mask`` marks the same span run together, each
+group carrying its own ``State`` (a ``BatchState``). A batch without padding is one group
+and one call; a left-padded batch of prompts of k different lengths takes k calls a step.
+The logits at padded positions are zeros. Padding must be a prefix and/or a suffix of each
+row in the first call (the prompt); a continuation of a state is never padded.
+
+Folders written by ``save_pretrained`` carry ``modeling_mmrec.py``, two lines that import
+these classes from the installed mmrec, and an ``auto_map`` naming it, so a process that
+never imported ``mmrec.hf`` (``lm_eval --model hf``) loads them with ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        GenerationMixin,
+        PretrainedConfig,
+        PreTrainedModel,
+    )
+    from transformers.utils import ModelOutput
+except ImportError:  # pragma: no cover - the message is the point
+    raise ImportError('mmrec.hf needs transformers: pip install "mmrec[hf]"') from None
+
+import mmrec
+from mmrec.model import LanguageModel
+from mmrec.state import State, _map
+
+__all__ = ["LOADER_FILE", "BatchState", "MMRecCausalLMOutput", "MMRecConfig", "MMRecForCausalLM", "hf_tokenizer"]
+
+LOADER_FILE = "modeling_mmrec.py"
+LOADER_SOURCE = '''"""Loads mmrec's transformers classes from the installed mmrec package (pip install "mmrec[hf]")."""
+
+from mmrec.hf import MMRecConfig, MMRecForCausalLM  # noqa: F401
+'''
+AUTO_MAP = {"AutoConfig": "modeling_mmrec.MMRecConfig", "AutoModelForCausalLM": "modeling_mmrec.MMRecForCausalLM"}
+
+
+class MMRecConfig(PretrainedConfig):
+    """The recipe, as JSON data; the usual transformers names (``vocab_size``,
+    ``hidden_size``, ...) are read from its model section. A recipe that names a variant
+    of a plugin that is not installed is refused here, naming the package."""
+
+    model_type = "mmrec"
+
+    recipe: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        recipe = self.recipe
+        if recipe is not None and not isinstance(recipe, dict):  # a shipped name, a path or a recipe object
+            recipe = mmrec.recipes.load(recipe).model_dump(mode="json")
+        if recipe is not None:
+            mmrec.recipes.load(recipe)  # validated now: a RecipeError names each problem
+        self.recipe = recipe
+        kwargs.pop("auto_map", None)
+        self.auto_map = dict(AUTO_MAP)
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """Nothing to do: importing ``mmrec.hf`` registers the class, and ``save_pretrained``
+        writes the loader file itself (transformers would copy this module instead)."""
+
+    def _model_section(self) -> dict:
+        if self.recipe is None:
+            raise ValueError("MMRecConfig has no recipe: give one, e.g. MMRecConfig(recipe='tiny') or a recipe dict")
+        return self.recipe["model"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._model_section()["vocab_size"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self._model_section()["d_model"]
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self._model_section()["n_layers"]
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self._model_section()["n_heads"]
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self._model_section()["max_seq_len"]
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self._model_section()["tie_embeddings"]
+
+
+@dataclass
+class BatchState:
+    """The cache of ``MMRecForCausalLM``: for each group of rows that share a span of real
+    tokens, their row indices and their ``mmrec.State``. ``length`` counts the input
+    columns consumed, padding included (the prefix of ``generate``'s ``input_ids`` that
+    the state has seen)."""
+
+    groups: list[tuple[Tensor, State]]  # (row indices [n], the State of those n rows)
+    batch_size: int
+    length: int
+
+    @classmethod
+    def of(cls, state: State) -> BatchState:
+        """A plain ``mmrec.State`` (e.g. ``mmrec_model(ids).state``) as one group."""
+        rows = torch.arange(state.batch_size)
+        return cls([(rows, state)], state.batch_size, state.position)
+
+    def select(self, index: Tensor) -> BatchState:
+        """The state of rows ``index`` (new row ``j`` is old row ``index[j]``), as beam search reorders it."""
+        where = {}  # old row -> (group, position in the group)
+        for g, (rows, _) in enumerate(self.groups):
+            for k, row in enumerate(rows.tolist()):
+                where[row] = (g, k)
+        picked: dict[int, tuple[list[int], list[int]]] = {}
+        for j, old in enumerate(index.tolist()):
+            g, k = where[old]
+            picked.setdefault(g, ([], []))[0].append(j)
+            picked[g][1].append(k)
+        groups = []
+        for g, (new_rows, members) in sorted(picked.items()):
+            state = self.groups[g][1]
+            take = torch.tensor(members, device=_device_of(state))
+            layers = [_map(layer, lambda t, take=take: t.index_select(0, take)) for layer in state.layers]
+            groups.append((torch.tensor(new_rows), State(layers, state.position, state.model_config)))
+        return BatchState(groups, len(index), self.length)
+
+
+def _device_of(state: State) -> torch.device:
+    from mmrec.state import _flatten
+
+    return next(iter(_flatten(state.layers[0]).values())).device
+
+
+@dataclass
+class MMRecCausalLMOutput(ModelOutput):
+    loss: Tensor | None = None  # mean next-token cross-entropy over labels that are not -100 (exp: perplexity)
+    logits: Tensor | None = None  # [B, T, vocab]; zeros at padded positions
+    state: BatchState | None = None  # the cache: pass it back as state= with the next tokens
+    aux_loss: Tensor | None = None  # the UBÖO planning loss, with return_aux_loss=True
+
+
+def _spans(mask: Tensor) -> list[tuple[Tensor, int, int]]:
+    """``(rows, start, end)`` for each group of rows whose real tokens (``mask`` [B, T], 1 =
+    real) are the columns ``start:end``; a ``ValueError`` if a row's are not contiguous."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, values in enumerate(mask.tolist()):
+        ones = [i for i, v in enumerate(values) if v]
+        if not ones:
+            raise ValueError(f"attention_mask row {row} masks every token: each row needs at least one real token")
+        start, end = ones[0], ones[-1] + 1
+        if len(ones) != end - start:
+            raise ValueError(f"attention_mask row {row} has padding between real tokens ({values}); mmrec models "
+                             "take padding only before and/or after each row's tokens (e.g. padding_side='left')")
+        groups.setdefault((start, end), []).append(row)
+    return [(torch.tensor(rows), start, end) for (start, end), rows in groups.items()]
+
+
+class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
+    """``mmrec.LanguageModel`` behind the transformers API: ``labels`` for the loss,
+    ``generate`` with the streaming state as its cache, ``attention_mask`` for padding."""
+
+    config_class = MMRecConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"model.head.weight": "model.embed.weight"}  # when tied
+    _is_stateful = True  # no assisted decoding: a state cannot be rolled back
+
+    def __init__(self, config: MMRecConfig, model: LanguageModel | None = None):
+        super().__init__(config)
+        recipe = mmrec.recipes.load(config.recipe if config.recipe is not None else config._model_section())
+        if model is not None and model.config_json != recipe.model.model_dump_json():
+            raise ValueError("the LanguageModel given was not built from this config's recipe")
+        self.model = model if model is not None else LanguageModel(recipe.model)
+        self.post_init()
+
+    @classmethod
+    def from_mmrec(cls, model: LanguageModel, recipe) -> MMRecForCausalLM:
+        """Wrap an mmrec model (sharing its weights); ``recipe`` is the recipe it was built from."""
+        return cls(MMRecConfig(recipe=mmrec.recipes.load(recipe).model_dump(mode="json")), model=model)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        """Nothing to do: see ``MMRecConfig.register_for_auto_class``."""
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the cache is the model's own state, made by forward
+
+    def _init_weights(self, module):
+        if module is self.model:
+            self.model.reset_parameters()
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def get_output_embeddings(self):
+        return self.model.head
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, plus the loader file that ``auto_map`` names."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        (Path(save_directory) / LOADER_FILE).write_text(LOADER_SOURCE, encoding="utf-8")
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        state: BatchState | State | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        return_aux_loss: bool = False,
+        return_dict: bool | None = None,
+        inputs_embeds: Tensor | None = None,
+        **kwargs,
+    ) -> MMRecCausalLMOutput:
+        """``input_ids`` [B, T], continuing ``state`` when given. ``attention_mask`` [B, T],
+        or [B, state.length + T] as ``generate`` passes it. ``labels`` [B, T]: the loss is the
+        cross-entropy of token t+1 from position t, skipping labels of -100. The state is
+        returned unless ``use_cache=False`` (default: returned when no labels are given).
+        mmrec's own training objective adds the planning loss: ``out.loss + out.aux_loss``
+        with ``return_aux_loss=True``."""
+        if inputs_embeds is not None:
+            raise ValueError("mmrec models take input_ids, not inputs_embeds")
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a [batch, length] tensor of token ids")
+        vocab = self.config.vocab_size
+        batch, length = input_ids.shape
+        want_state = use_cache if use_cache is not None else labels is None
+        if isinstance(state, State):
+            state = BatchState.of(state)
+        mask = None if attention_mask is None else attention_mask[:, -length:].bool()
+        if state is not None:
+            if state.batch_size != batch:
+                raise ValueError(f"state holds {state.batch_size} rows but input_ids has {batch}")
+            if mask is not None and not bool(mask.all()):
+                raise ValueError("a continuation of a state cannot be padded: pad the prompt (the first call) only")
+            runs = [(rows, group_state, 0, length) for rows, group_state in state.groups]
+        elif mask is None or bool(mask.all()):
+            runs = [(None, None, 0, length)]
+        else:
+            runs = [(rows, None, start, end) for rows, start, end in _spans(mask)]
+
+        logits, states, aux = None, [], []
+        for rows, group_state, start, end in runs:
+            ids = input_ids if rows is None else input_ids[rows.to(input_ids.device), start:end]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                raise ValueError(f"input_ids hold ids outside the model's vocabulary [0, {vocab}) at unmasked positions; "
+                                 "mark padding with attention_mask")
+            out = self.model(ids, state=group_state, return_aux_loss=return_aux_loss, return_state=want_state)
+            if rows is None:
+                logits = out.logits
+            else:
+                if logits is None:
+                    logits = out.logits.new_zeros(batch, length, out.logits.shape[-1])
+                logits[rows.to(logits.device), start:end] = out.logits
+            if want_state:
+                states.append((torch.arange(batch) if rows is None else rows, out.state))
+            if out.aux_loss is not None:
+                aux.append(out.aux_loss)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
+        next_state = None
+        if want_state:
+            next_state = BatchState(states, batch, (state.length if state is not None else 0) + length)
+        return MMRecCausalLMOutput(loss=loss, logits=logits, state=next_state,
+                                   aux_loss=torch.stack(aux).mean() if aux else None)
+
+    def prepare_inputs_for_generation(self, input_ids, state=None, attention_mask=None, use_cache=None, **kwargs):
+        """The tokens the state has not seen yet (all of them on the first step)."""
+        if state is not None:
+            input_ids = input_ids[:, state.length :]
+        inputs = {"input_ids": input_ids, "state": state, "attention_mask": attention_mask}
+        if use_cache is not None:
+            inputs["use_cache"] = use_cache
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        if outputs.state is not None:
+            model_kwargs["state"] = outputs.state
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, num_new_tokens)
+
+    def _reorder_cache(self, state: BatchState | None, beam_idx: Tensor) -> BatchState | None:
+        return None if state is None else state.select(beam_idx)
+
+
+AutoConfig.register(MMRecConfig.model_type, MMRecConfig, exist_ok=True)
+AutoModelForCausalLM.register(MMRecConfig, MMRecForCausalLM, exist_ok=True)
+
+
+def hf_tokenizer(tokenizer):
+    """The transformers tokenizer of an mmrec tokenizer (``mmrec.tokenizer``): the same ids.
+
+    mmrec trains on raw text, with no special tokens, but transformers pads and
+    lm-evaluation-harness needs a start and an end token: all three are the NUL byte's
+    token, which text does not contain. A special token's spelling in text is encoded as
+    text (``split_special_tokens``)."""
+    import tokenizers as tk
+    from transformers import PreTrainedTokenizerFast
+
+    if tokenizer.kind == "byte":
+        # every byte is the token of its value: a BPE with no merges whose vocabulary is the
+        # 256 byte-fallback tokens, so each character falls back to its UTF-8 bytes
+        vocab = {f"<0x{b:02X}>": b for b in range(256)}
+        backend = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        backend.decoder = tk.decoders.Sequence([tk.decoders.ByteFallback(), tk.decoders.Fuse()])
+    elif tokenizer.kind == "bpe":
+        backend = tk.Tokenizer.from_str(tokenizer._tok.to_str())
+    else:
+        raise ValueError(f"no transformers tokenizer for mmrec tokenizer kind {tokenizer.kind!r}")
+    nul = backend.encode("\x00", add_special_tokens=False)
+    if len(nul.ids) != 1:
+        raise ValueError("the tokenizer has no single token for the NUL byte to pad with")
+    nul = nul.tokens[0]
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=nul, bos_token=nul, eos_token=nul,
+                                   split_special_tokens=True)
+

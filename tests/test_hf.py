@@ -1,0 +1,258 @@
+"""mmrec.hf: the transformers classes around mmrec's own model.
+
+Tiny models (d_model 32, 2 layers, chunks of 8 tokens so that prompts and generations
+cross memory-chunk borders) checked against mmrec's own forward pass and ``generate``.
+"""
+
+import json
+
+import pytest
+import torch
+
+import mmrec
+from mmrec.tokenizer import ByteTokenizer, train_bpe
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import mmrec.hf as mmrec_hf
+
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=64", "model.chunk_size=8",
+         "model.memory.slots=16", "model.memory.dim=16"]
+VARIANTS = {
+    "mmrec": ("tiny", SMALL),
+    "transformer": ("transformer-tiny", ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                                         "model.ffn_dim=64", "model.tie_embeddings=false"]),
+}
+
+
+def small_model(name="tiny", overrides=SMALL, seed=0):
+    recipe = mmrec.recipes.load(name, overrides)
+    torch.manual_seed(seed)
+    return recipe, mmrec.build(recipe).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny MM-Rec model, its recipe and the folder save_pretrained wrote."""
+    recipe, model = small_model()
+    folder = tmp_path_factory.mktemp("hf")
+    mmrec_hf.MMRecForCausalLM.from_mmrec(model, recipe).save_pretrained(folder)
+    return recipe, model, folder
+
+
+@pytest.fixture(scope="module")
+def loaded(saved):
+    return AutoModelForCausalLM.from_pretrained(saved[2]).eval()
+
+
+def left_padded(rows, pad=0):
+    """``(ids, attention_mask)`` of ``rows`` (1-D tensors) padded on the left."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = row
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+def random_rows(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 256, (n,), generator=g) for n in lengths]
+
+
+def test_auto_classes_load_the_folder_and_give_mmrecs_logits(saved, loaded):
+    recipe, model, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "mmrec" and config["recipe"] == recipe.model_dump(mode="json")
+    assert isinstance(AutoConfig.from_pretrained(folder), mmrec_hf.MMRecConfig)
+    assert isinstance(loaded, mmrec_hf.MMRecForCausalLM) and isinstance(loaded.model, mmrec.LanguageModel)
+    assert loaded.model.head.weight is loaded.model.embed.weight  # tie_embeddings survives the load
+    ids = torch.randint(0, 256, (3, 29))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("arch", sorted(VARIANTS))
+def test_save_load_round_trip(tmp_path, arch):
+    recipe, model = small_model(*VARIANTS[arch])
+    hf = mmrec_hf.MMRecForCausalLM.from_mmrec(model, recipe)
+    hf.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config.recipe == hf.config.recipe
+    mine, theirs = model.state_dict(), again.model.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert (again.model.head.weight is again.model.embed.weight) == recipe.model.tie_embeddings
+    # and back to a plain mmrec model, without transformers
+    from mmrec.recipes.export import load_hf
+
+    back_recipe, back = load_hf(tmp_path)
+    assert back_recipe == recipe
+    assert all(torch.equal(mine[k], back.state_dict()[k]) for k in mine)
+
+
+def test_plugin_variant_round_trip(tmp_path):
+    pytest.importorskip("mmrec_fifo_memory")  # the README's test command installs it
+    recipe, model = small_model("tiny", [*SMALL[:5], "model.memory={\"kind\": \"fifo\", \"slots\": 4, \"dim\": 16}"])
+    mmrec_hf.MMRecForCausalLM.from_mmrec(model, recipe).save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.recipe["model"]["memory"]["kind"] == "fifo"
+    ids = torch.randint(0, 256, (2, 21))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_config_refuses_a_bad_recipe():
+    with pytest.raises(mmrec.recipes.RecipeError, match="model.memory.kind"):
+        mmrec_hf.MMRecConfig(recipe={"name": "x", "model": {"arch": "mmrec", "vocab_size": 256, "d_model": 32,
+                                                                 "n_layers": 1, "n_heads": 2, "ffn_dim": 64,
+                                                                 "memory": {"kind": "nope"}}})
+    with pytest.raises(ValueError, match="no recipe"):
+        mmrec_hf.MMRecForCausalLM(mmrec_hf.MMRecConfig())
+
+
+@pytest.mark.parametrize("arch", sorted(VARIANTS))
+def test_greedy_generate_equals_mmrec_generate(arch):
+    recipe, model = small_model(*VARIANTS[arch])
+    hf = mmrec_hf.MMRecForCausalLM.from_mmrec(model, recipe).eval()
+    prompt = torch.randint(0, 256, (2, 13))
+    expected = mmrec.generate(model, prompt, max_new_tokens=20, temperature=0)
+    got = hf.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_generate_steps_one_token_at_a_time_through_the_state(loaded, monkeypatch):
+    lengths = []
+    forward = loaded.model.forward
+
+    def recording(ids, *args, **kwargs):
+        lengths.append(ids.shape[1])
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", recording)
+    loaded.generate(torch.randint(0, 256, (1, 17)), max_new_tokens=10, do_sample=False)
+    assert lengths == [17] + [1] * 9
+
+
+def test_generate_stops_at_eos(loaded):
+    prompt = random_rows([9])[0]
+    free = loaded.generate(prompt[None], max_new_tokens=16, do_sample=False)[0, 9:]
+    eos = int(free[4])
+    first = free.tolist().index(eos)
+    stopped = loaded.generate(prompt[None], max_new_tokens=16, do_sample=False, eos_token_id=eos)[0, 9:]
+    assert stopped.tolist() == free[: first + 1].tolist()
+    # in a batch, a finished row is padded while the other goes on as it would alone
+    other = random_rows([9], seed=5)[0]
+    alone = loaded.generate(other[None], max_new_tokens=16, do_sample=False, eos_token_id=eos)[0, 9:]
+    assert eos not in alone.tolist()  # the seed is chosen so that this row never emits it
+    both = loaded.generate(torch.stack([prompt, other]), max_new_tokens=16, do_sample=False, eos_token_id=eos,
+                           pad_token_id=0)
+    assert both[0, 9:].tolist() == free[: first + 1].tolist() + [0] * (16 - first - 1)
+    assert torch.equal(both[1, 9:], alone)
+
+
+def test_left_padded_batch_equals_each_row_alone(loaded):
+    rows = random_rows([5, 19, 11, 19, 2])
+    ids, mask = left_padded(rows)
+    with torch.no_grad():
+        logits = loaded(ids, attention_mask=mask).logits
+    out = loaded.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, pad_token_id=0)
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            alone = loaded(row[None]).logits[0]
+        assert torch.equal(logits[i, ids.shape[1] - len(row):], alone)
+        assert not logits[i, : ids.shape[1] - len(row)].any()  # zeros where the padding is
+        expected = loaded.generate(row[None], max_new_tokens=14, do_sample=False)[0, len(row):]
+        assert torch.equal(out[i, ids.shape[1]:], expected)
+
+
+def test_right_padding_leaves_the_real_positions_alone(loaded):
+    rows = random_rows([7, 12])
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    with torch.no_grad():
+        logits = loaded(ids, attention_mask=mask).logits
+        assert torch.equal(logits[0, :7], loaded(rows[0][None]).logits[0])
+        assert torch.equal(logits[1], loaded(rows[1][None]).logits[0])
+
+
+def test_cache_gives_what_recomputing_gives_for_beams_and_sampling(loaded):
+    """``use_cache=False`` reruns the whole sequence every step: the state must not change a thing."""
+    ids, mask = left_padded(random_rows([6, 13, 9]))
+    common = {"attention_mask": mask, "max_new_tokens": 10, "pad_token_id": 0}
+    beams = loaded.generate(ids, num_beams=3, do_sample=False, **common)
+    assert torch.equal(beams, loaded.generate(ids, num_beams=3, do_sample=False, use_cache=False, **common))
+    sampling = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9, num_return_sequences=2, **common)
+    torch.manual_seed(3)
+    sampled = loaded.generate(ids, **sampling)
+    torch.manual_seed(3)
+    assert torch.equal(sampled, loaded.generate(ids, use_cache=False, **sampling))
+    assert sampled.shape == (6, 23)
+
+
+def test_labels_give_the_shifted_loss(loaded):
+    ids, mask = left_padded(random_rows([8, 15]))
+    labels = ids.masked_fill(mask == 0, -100)
+    out = loaded(ids, attention_mask=mask, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=-100)
+    assert out.state is None  # no state for a loss unless asked (use_cache=True)
+    torch.testing.assert_close(out.loss, expected)
+    # the planning head learns from the auxiliary loss alone, which mmrec's training adds
+    out = loaded(ids, attention_mask=mask, labels=labels, return_aux_loss=True)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    loaded.zero_grad()
+    (out.loss + out.aux_loss).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loaded.parameters())
+    loaded.zero_grad()
+
+
+def test_continuing_a_state_equals_one_pass(loaded):
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        whole = loaded(ids).logits
+        first = loaded(ids[:, :11])
+        second = loaded(ids[:, 11:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, rtol=1e-5, atol=1e-5)
+    assert second.state.length == 30
+
+
+def test_bad_inputs_are_named(loaded):
+    ids = torch.randint(1, 256, (2, 6))
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        loaded(ids, attention_mask=torch.tensor([[1, 0, 1, 1, 1, 1], [1] * 6]))
+    with pytest.raises(ValueError, match="masks every token"):
+        loaded(ids, attention_mask=torch.tensor([[0] * 6, [1] * 6]))
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        loaded(ids.masked_fill(ids == ids[0, 0], 256))
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        loaded(ids, inputs_embeds=torch.zeros(2, 6, 32))
+    state = loaded(ids).state
+    with pytest.raises(ValueError, match="continuation of a state cannot be padded"):
+        loaded(ids[:, :2], state=state, attention_mask=torch.tensor([[1] * 6 + [0, 1], [1] * 8]))
+
+
+def test_byte_tokenizer_gives_mmrecs_ids(tmp_path):
+    text = "Byte-level: é, 日本, \U0001F600 and a literal <0x00>."
+    mine = ByteTokenizer()
+    mmrec_hf.hf_tokenizer(mine).save_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    assert theirs(text).input_ids == mine.encode(text)
+    assert theirs.decode(mine.encode(text)) == text
+    assert theirs.pad_token_id == theirs.bos_token_id == theirs.eos_token_id == 0
+    batch = theirs(["ab", "abcd"], padding=True, padding_side="left")
+    assert batch.input_ids == [[0, 0, 97, 98], [97, 98, 99, 100]] and batch.attention_mask[0] == [0, 0, 1, 1]
+
+
+def test_bpe_tokenizer_gives_mmrecs_ids(tmp_path):
+    pytest.importorskip("tokenizers")
+    mine = train_bpe(["the quick brown fox jumps over the lazy dog\n" * 20, "héllo wörld\n" * 10], vocab_size=300)
+    mmrec_hf.hf_tokenizer(mine).save_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    text = "the lazy fox said héllo"
+    assert theirs(text).input_ids == mine.encode(text)
+    assert theirs.decode(mine.encode(text)) == text
+    assert theirs.pad_token_id == mine.encode("\x00")[0]
