@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from mmrec.contracts import ChunkedMemory
-from mmrec.layers.memory_attention import MemoryAttention
+from mmrec.layers.memory_attention import MemoryAttention, sdpa_ready
 from mmrec.ops import accumulation_dtype, linear_scan
 
 LEVEL_POOL = {0: 1, 1: 4, 2: 16}  # slots pooled into one, per HDS level
@@ -91,7 +91,7 @@ class HDSMemory(ChunkedMemory):
         keys = rearrange(k, "b n c (m d) -> (b n) m c d", m=self.banks)
         values = rearrange(v, "b n c (m d) -> (b n) m c d", m=self.banks)
         queries = repeat(self.slot_queries.to(k.dtype), "m s d -> bn m s d", bn=keys.shape[0])
-        pooled = nn.functional.scaled_dot_product_attention(queries, keys, values)
+        pooled = nn.functional.scaled_dot_product_attention(queries, sdpa_ready(keys), sdpa_ready(values))
         pooled = rearrange(pooled, "(b n) m s d -> m b s n d", b=batch)  # a view
         acc = accumulation_dtype(k.dtype)
         # elementwise and a sum, not a matmul, so that a compiled backward recomputes the

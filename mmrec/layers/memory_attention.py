@@ -12,6 +12,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 
+def sdpa_ready(x: Tensor) -> Tensor:
+    """``x``, or a contiguous copy if a row stride is not a multiple of 16 bytes, which the
+    fused CUDA attention kernels require of their operands. Views of a fused projection
+    whose total width is not a multiple of 8 (e.g. with a per-head output of 1 or 2 heads)
+    are such; a copy costs far less than the attention."""
+    if any(stride * x.element_size() % 16 for stride in x.stride()[:-1]):
+        return x.contiguous()
+    return x
+
+
 class MemoryAttention(nn.Module):
     def __init__(self, n_heads: int, head_dim: int, banks: int, slot_dim: int, init_std: float = 0.02):
         super().__init__()
@@ -38,7 +48,7 @@ class MemoryAttention(nn.Module):
         The banks are shared by their groups of query heads inside the attention
         (``enable_gqa``), never repeated in memory. Returns ``[N, L, n_heads * head_dim]``.
         """
-        queries = rearrange(q, "n l (h e) -> n h l e", h=self.n_heads)
+        queries = sdpa_ready(rearrange(q, "n l (h e) -> n h l e", h=self.n_heads))
         out = nn.functional.scaled_dot_product_attention(
             queries, keys, values, dropout_p=dropout, enable_gqa=self.n_heads != self.banks
         )
