@@ -59,8 +59,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
     model = mmrec.build(recipe)
     ckpt.load_model(model)
     out.mkdir(parents=True, exist_ok=True)
-    MMRecForCausalLM.from_mmrec(model.eval(), recipe).save_pretrained(out)
-    hf_tokenizer(tokenizer).save_pretrained(out)
+    hf_model, hf_tok = MMRecForCausalLM.from_mmrec(model.eval(), recipe), hf_tokenizer(tokenizer)
+    hf_model.generation_config.pad_token_id = hf_tok.pad_token_id  # generate pads finished rows with it
+    hf_model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
     return out
 
 
