@@ -19,14 +19,16 @@ from torch.utils.checkpoint import checkpoint
 from mmrec import registry
 from mmrec.config import ModelConfigBase
 from mmrec.layers.norm import RMSNorm
+from mmrec.loss import IGNORE_INDEX, linear_cross_entropy
 from mmrec.state import State, StateError
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, T, vocab]
+    logits: Tensor | None  # [B, T, vocab]; None when the loss was asked for (targets given)
     state: State | None  # to continue from: model(next_ids, state=out.state); None with return_state=False
     aux_loss: Tensor | None = None  # mean planning loss over layers, when asked for
+    loss: Tensor | None = None  # mean next-token cross-entropy (fp32 softmax), when targets are given
 
 
 class LanguageModel(nn.Module):
@@ -131,7 +133,8 @@ class LanguageModel(nn.Module):
         return 6 * self.num_parameters() + sum(block.mixing_flops(length) for block in self.blocks)
 
     def forward(
-        self, input_ids: Tensor, state: State | None = None, return_aux_loss: bool = False, return_state: bool = True
+        self, input_ids: Tensor, state: State | None = None, return_aux_loss: bool = False, return_state: bool = True,
+        targets: Tensor | None = None,
     ) -> ModelOutput:
         """``input_ids``: ``[B, T]`` token ids, continuing ``state`` when given.
 
@@ -140,6 +143,13 @@ class LanguageModel(nn.Module):
         so that activation memory stays bounded. ``return_state=False`` (training and
         scoring) drops each layer's state as soon as the layer is done: a Transformer's
         is its whole KV cache, which a training step has no use for.
+
+        With ``targets`` (``[B, T]``, ``-100`` ignored) the output holds the loss and no
+        logits: the head and the cross-entropy run chunk by chunk (:mod:`mmrec.loss`), so
+        the ``[B, T, vocab]`` fp32 logits never exist, whatever the vocabulary. It is
+        the only path, with no size threshold: the loss and gradients are those of
+        ``F.cross_entropy(logits.float(), targets)``, and below a few thousand tokens of
+        vocabulary the whole batch is one chunk, the cost one more head matmul.
         """
         if state is not None:
             state.check_compatible(self.config_json)
@@ -147,11 +157,19 @@ class LanguageModel(nn.Module):
                 raise StateError(f"state has batch size {state.batch_size}, input has {input_ids.shape[0]}")
         length = input_ids.shape[1]
         if length > self.stream_piece and not torch.is_grad_enabled():
-            logits = []
+            logits, loss_sum, counted = [], 0.0, 0
             for start in range(0, length, self.stream_piece):
-                out = self(input_ids[:, start : start + self.stream_piece], state, return_aux_loss)
-                logits.append(out.logits)
+                piece = slice(start, start + self.stream_piece)
+                out = self(input_ids[:, piece], state, return_aux_loss,
+                           targets=None if targets is None else targets[:, piece])
+                if targets is None:
+                    logits.append(out.logits)
+                else:  # the mean over all valid tokens, from each piece's mean
+                    valid = (targets[:, piece] != IGNORE_INDEX).sum()
+                    loss_sum, counted = loss_sum + out.loss.nan_to_num() * valid, counted + valid
                 state = out.state
+            if targets is not None:
+                return ModelOutput(None, state if return_state else None, out.aux_loss, loss_sum / counted)
             return ModelOutput(torch.cat(logits, dim=1), state if return_state else None, out.aux_loss)
         x = self.embed(input_ids)
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
@@ -166,10 +184,12 @@ class LanguageModel(nn.Module):
                 next_states.append(layer_state)
             if aux is not None:
                 aux_losses.append(aux)
-        logits = self.head(self.norm(x))
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else (logits.new_zeros(()) if return_aux_loss else None)
+        x = self.norm(x)
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else (x.new_zeros(()) if return_aux_loss else None)
         next_state = State(next_states, position + length, self.config_json) if return_state else None
-        return ModelOutput(logits, next_state, aux_loss)
+        if targets is not None:
+            return ModelOutput(None, next_state, aux_loss, linear_cross_entropy(x, self.head.weight, targets))
+        return ModelOutput(self.head(x), next_state, aux_loss)
 
 
 def _part_seed(seed: int, name: str) -> int:

@@ -81,9 +81,10 @@ from mmrec.data import (
     sample_prompt,
     split_tokens,
 )
+from mmrec.data.shards import ShardSet, is_shard_folder, open_shards
 from mmrec.generate import generate
 from mmrec.optim import build_optimizer, build_scheduler, set_schedule_lr
-from mmrec.metrics import MetricsLog, NoLog, continue_metrics, steps_of
+from mmrec.metrics import MetricsLog, NoLog, WandbRun, continue_metrics, steps_of
 from mmrec.recipes import RecipeError
 from mmrec.sizing import ModelTooLarge, check_fits
 from mmrec.throughput import Throughput, matmul_tflops
@@ -112,7 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Train an mmrec recipe (default: tiny, on a corpus shipped with Python).",
     )
     p.add_argument("--recipe", help="a shipped recipe name (tiny, small, ...) or a recipe JSON file; default tiny, or the checkpoint's recipe with --resume")
-    p.add_argument("--data", help="a UTF-8 text file or a folder of them; default: the built-in corpus (or the checkpoint's data with --resume)")
+    p.add_argument("--data", help="a UTF-8 text file or a folder of them, or a folder of token shards (python -m "
+                                  "mmrec.data.prepare); default: the built-in corpus (or the checkpoint's data with --resume)")
     p.add_argument("--out", help="run folder for checkpoints and metrics (default runs/<recipe name>)")
     p.add_argument("--resume", metavar="DIR", help="a run folder (its newest checkpoint) or a checkpoint folder to continue from")
     p.add_argument("--discard-newer", action="store_true",
@@ -122,6 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override a recipe field, e.g. --set train.lr=3e-4 --set model.n_layers=2")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under <out>/tensorboard")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log to Weights & Biases under <out>/wandb (WANDB_MODE=offline keeps it on disk)")
     p.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
                    help="the device's bf16 matmul rate, MFU's denominator (default on CUDA: measured at start)")
     p.add_argument("--export", metavar="CHECKPOINT",
@@ -133,9 +137,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- helpers
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def lm_loss(output, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32 softmax) of a forward pass: the model's own when
+    it was given the targets (chunked, see ``mmrec.loss``), else from its logits."""
+    if output.loss is not None:
+        return output.loss
+    return F.cross_entropy(output.logits.float().flatten(0, 1), targets.flatten())
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -152,9 +159,10 @@ def evaluate(model, batches, device, autocast) -> float:
     model.eval()
     total = 0.0
     for x, y in batches:
+        y = y.to(device)
         with autocast():
-            logits = model(x.to(device), return_state=False).logits
-        total += lm_loss(logits, y.to(device)).item()
+            output = model(x.to(device), return_state=False, targets=y)
+        total += lm_loss(output, y).item()
     model.train(was_training)
     return total / len(batches)
 
@@ -265,7 +273,7 @@ class Setup:
     """Everything a run needs from the user's input, checked before any training."""
 
     recipe: Any
-    corpus: Corpus
+    corpus: Corpus | ShardSet  # text, or token shards read by memory map
     tokenizer: Tokenizer
     train_data: TokenStream
     val_tokens: torch.Tensor
@@ -307,13 +315,18 @@ def prepare(args: argparse.Namespace, device: torch.device | None = None) -> Set
 
     data_source = args.data or (resumed_state["data"]["source"] if resume else None)
     try:
-        corpus = load_corpus(data_source)
+        corpus = open_shards(data_source) if is_shard_folder(data_source) else load_corpus(data_source)
     except DataError as e:
         if args.data or data_source is None:
             raise
         raise DataError(f"{e}; it is the data {resume.path} was trained on: pass --data to train on other text") from None
 
-    if resume is not None:
+    if isinstance(corpus, ShardSet):  # the tokenizer the shards were made with
+        tokenizer = corpus.tokenizer()
+        if resume is not None and resume.tokenizer != tokenizer.kind:
+            raise TrainError(f"{resume.path} was trained with the {resume.tokenizer} tokenizer, but the shards "
+                             f"{corpus.path} hold {tokenizer.kind} tokens")
+    elif resume is not None:
         if resume.tokenizer != train.tokenizer:
             raise TrainError(f"{resume.path} was trained with the {resume.tokenizer} tokenizer, "
                              f"but train.tokenizer is {train.tokenizer!r}")
@@ -322,7 +335,13 @@ def prepare(args: argparse.Namespace, device: torch.device | None = None) -> Set
         tokenizer = train_bpe(corpus.documents, train.bpe_vocab_size)
     else:
         tokenizer = ByteTokenizer()
-    if tokenizer.kind == "bpe":  # the model's vocabulary is the tokenizer's
+    if isinstance(corpus, ShardSet):  # the recipe's vocabulary (perhaps padded) must hold the shards' tokenizer
+        if recipe.model.vocab_size < tokenizer.vocab_size:
+            raise TrainError(f"model.vocab_size is {recipe.model.vocab_size}, but the tokenizer of {corpus.path} has "
+                             f"{tokenizer.vocab_size} tokens: raise it (--set model.vocab_size={tokenizer.vocab_size}) "
+                             f"or prepare the data with --vocab-size {recipe.model.vocab_size}")
+        recipe = mmrec.recipes.load(source, [*args.overrides, f"train.tokenizer={tokenizer.kind}"])
+    elif tokenizer.kind == "bpe":  # the model's vocabulary is the tokenizer's
         recipe = mmrec.recipes.load(source, [*args.overrides, f"model.vocab_size={tokenizer.vocab_size}"])
     elif recipe.model.vocab_size < tokenizer.vocab_size:
         raise TrainError(f"model.vocab_size is {recipe.model.vocab_size}, but the byte tokenizer needs 256")
@@ -337,9 +356,12 @@ def prepare(args: argparse.Namespace, device: torch.device | None = None) -> Set
                              f"left to train; raise it to continue, e.g. --resume {args.resume} "
                              f"--set train.steps={resume.step + train.steps}")
 
-    tokens = tokenizer.encode_corpus(corpus.documents)
-    train_tokens, val_tokens = split_tokens(tokens, train.seq_len, train.val_fraction)
-    data_print = fingerprint(tokens)
+    if isinstance(corpus, ShardSet):  # split when prepared; train.val_fraction does not apply
+        train_tokens, val_tokens, data_print = corpus.train, corpus.val, corpus.fingerprint
+    else:
+        tokens = tokenizer.encode_corpus(corpus.documents)
+        train_tokens, val_tokens = split_tokens(tokens, train.seq_len, train.val_fraction)
+        data_print = fingerprint(tokens)
     if resume is not None and resumed_state["data"]["fingerprint"] != data_print and distributed.is_main():
         print(f"warning: the data differs from the data {resume.path} was trained on; "
               "the run continues on the new data", file=sys.stderr)
@@ -373,8 +395,8 @@ def train_step(forward, model, optimizer, scheduler, data: TokenStream, step: in
         x, y = data.batch((step * train.grad_accum + micro) * train.batch_size + rank * share, share)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
-            result = forward(x, return_aux_loss=use_aux, return_state=False)
-        loss = lm_loss(result.logits, y)
+            result = forward(x, return_aux_loss=use_aux, return_state=False, targets=y)
+        loss = lm_loss(result, y)
         total = loss + result.aux_loss if use_aux else loss
         (total / train.grad_accum).backward()
         loss_sum += loss.detach()
@@ -472,6 +494,11 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
     if args.tensorboard and main_rank:
         try:
             MetricsLog.tensorboard_writer()  # missing tensorboard: say so before any work
+        except ImportError as e:
+            raise TrainError(str(e)) from None
+    if args.wandb and main_rank:
+        try:
+            WandbRun.module()
         except ImportError as e:
             raise TrainError(str(e)) from None
     setup = prepare(args, device)
@@ -610,7 +637,8 @@ def train_run(args: argparse.Namespace, device: torch.device) -> int:
         if removed:
             print(f"{out / 'metrics.jsonl'}: removed {len(removed)} records{steps_of(removed)}, written after step "
                   f"{step} by the run that stopped (they are trained again now)", file=sys.stderr)
-    log = (MetricsLog(out, args.tensorboard, purge_step=step + 1 if resume is not None else None) if main_rank
+    log = (MetricsLog(out, args.tensorboard, purge_step=step + 1 if resume is not None else None, wandb=args.wandb,
+                      config=recipe.model_dump(mode="json")) if main_rank
            else NoLog())
     if resume is not None:
         log.write({"event": "resume", "step": step, "from": str(resume.path)})

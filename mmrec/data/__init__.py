@@ -1,5 +1,8 @@
 """Training text: the embedded default corpus, user files, and deterministic batching.
 
+Large corpora are tokenized once into shards (``python -m mmrec.data.prepare``,
+:mod:`mmrec.data.shards`), which training reads by memory map.
+
 The batch for a given step depends only on the token stream, the seed and the step
 number, never on what ran before, so a run resumed from a checkpoint sees exactly the
 batches the uninterrupted run would have seen.
@@ -165,7 +168,8 @@ def _mix(*xs: int) -> int:
 
 
 class TokenStream:
-    """One token stream cut into windows of ``seq_len + 1`` tokens.
+    """One token stream cut into windows of ``seq_len + 1`` tokens: a 1-D tensor, or
+    memory-mapped shards (:class:`mmrec.data.shards.TokenShards`).
 
     Each epoch shifts the window grid by a seed-dependent offset and visits the windows
     in a seed-dependent random order, every window once. Sample ``i`` (counting from the
@@ -212,11 +216,15 @@ class TokenStream:
             starts[j] = shift + int(order[k]) * self.seq_len
         return starts
 
+    def _windows(self, starts: torch.Tensor) -> torch.Tensor:
+        """``[len(starts), seq_len + 1]`` int64 ids from each start."""
+        if isinstance(self.tokens, torch.Tensor):
+            return self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)[None, :]].long()
+        return self.tokens.windows(starts, self.seq_len + 1)  # memory-mapped shards
+
     def batch(self, first: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples ``first .. first + batch_size - 1`` as ``(inputs, targets)``, int64 ``[B, T]``."""
-        starts = self.window_starts(first, batch_size)
-        idx = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
-        chunk = self.tokens[idx].long()
+        chunk = self._windows(self.window_starts(first, batch_size))
         return chunk[:, :-1], chunk[:, 1:]
 
     def fixed_batches(self, num_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -224,8 +232,7 @@ class TokenStream:
         count = num_batches * batch_size
         last = len(self) - self.seq_len - 1
         starts = torch.linspace(0, last, count).round().long() if count > 1 else torch.zeros(1, dtype=torch.long)
-        idx = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
-        chunk = self.tokens[idx].long()
+        chunk = self._windows(starts)
         return [
             (chunk[i : i + batch_size, :-1], chunk[i : i + batch_size, 1:])
             for i in range(0, count, batch_size)

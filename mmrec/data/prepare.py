@@ -1,0 +1,468 @@
+"""Tokenize a corpus once into token shards: ``python -m mmrec.data.prepare``.
+
+::
+
+    python -m mmrec.data.prepare --input texts/ --out data/texts --vocab-size 32000
+    python -m mmrec.data.prepare --input src/ --glob '*.py' --glob '*.md' --out data/code
+    python -m mmrec.data.prepare --input dump.jsonl --text-field content --tokenizer gpt2/tokenizer.json --out data/x
+    python -m mmrec.recipes.train --recipe small --data data/texts
+
+Inputs (``--input``, repeatable) are UTF-8 text files (one document each), ``.jsonl``
+files (one document a line, its ``--text-field``), folders (every file under them whose
+name or relative path matches a ``--glob``, in sorted order; hidden files and folders
+skipped; files that are not UTF-8 skipped and counted), and Hugging Face ``datasets``
+saved with ``save_to_disk`` (its ``--text-field``; needs ``pip install datasets``).
+
+The tokenizer is a byte-level BPE trained on the inputs (``--tokenizer bpe``, the
+default, ``--vocab-size`` tokens including the end-of-document token), the 256 bytes
+alone (``--tokenizer byte``: 257 tokens with the end-of-document token), or a
+``tokenizer.json`` given by path, used as is (its ``--eod-token`` must be in it). It is
+written beside the shards as ``tokenizer.json``. Special tokens never come from the
+text: a literal ``<|endoftext|>`` in a document is encoded as ordinary text.
+
+Documents are read, tokenized and written in batches of about ``--batch-bytes`` of text,
+so memory holds a batch (and the largest single document), never the corpus; training a
+BPE holds its word counts (``--tokenizer-train-bytes`` caps the text it sees). Every
+``round(1 / --val-fraction)``-th document, evenly spread, goes to the validation split.
+See :mod:`mmrec.data.shards` for the layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import mmrec
+from mmrec.data import DataError
+from mmrec.data.shards import INDEX_FILE, ShardWriter, is_shard_folder, token_dtype, write_index
+from mmrec.tokenizer import TOKENIZER_FILE, _pieces
+
+DEFAULT_GLOBS = ("*.txt", "*.text", "*.md", "*.rst", "*.markdown", "*.tex", "*.org", "*.jsonl")
+EOD_TOKEN = "<|endoftext|>"
+
+
+class PrepareError(DataError):
+    """Bad input to ``prepare``: the message says what and how to fix it."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Source:
+    """One ``--input`` and what was read from it."""
+
+    path: Path
+    kind: str  # "text", "jsonl", "folder" or "dataset"
+    files: list[Path] = field(default_factory=list)  # a folder's files, in reading order
+    documents: int = 0
+    bytes: int = 0
+    skipped: list[str] = field(default_factory=list)  # files of a folder that could not be read as UTF-8
+
+    def summary(self) -> dict:
+        out = {"path": str(self.path), "kind": self.kind, "documents": self.documents, "bytes": self.bytes}
+        if self.kind == "folder":
+            out["files"] = len(self.files)
+            out["skipped_files"] = len(self.skipped)
+        return out
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file()
+                                                      and (path / "dataset_info.json").is_file())
+
+
+def find_sources(inputs: list[str], globs: list[str]) -> list[Source]:
+    sources = []
+    for given in inputs:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise PrepareError(f"--input {given}: no such file or folder")
+        if path.is_file():
+            sources.append(Source(path, "jsonl" if path.suffix.lower() == ".jsonl" else "text"))
+        elif is_dataset_folder(path):
+            sources.append(Source(path, "dataset"))
+        else:
+            files = list_files(path, globs)
+            if not files:
+                raise PrepareError(f"--input {given}: no file under it matches {' '.join(globs)} (choose files with --glob)")
+            sources.append(Source(path, "folder", files))
+    return sources
+
+
+def list_files(folder: Path, globs: list[str]) -> list[Path]:
+    """Files under ``folder`` whose name or relative path matches a glob; sorted walk,
+    hidden files and folders left out."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            if any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(rel, g) for g in globs) and path.is_file():
+                found.append(path)
+    return found
+
+
+def read_documents(sources: list[Source], text_field: str, dataset_split: str, bar: tqdm | None = None) -> Iterator[str]:
+    """Every non-blank document of every source, in order; counts go into the sources."""
+    for src in sources:
+        src.documents = src.bytes = 0
+        src.skipped = []
+        if src.kind == "dataset":
+            docs = _dataset_documents(src.path, text_field, dataset_split)
+        elif src.kind == "folder":
+            docs = _folder_documents(src, text_field, bar)
+        elif src.kind == "jsonl":
+            docs = _jsonl_documents(src.path, text_field, bar)
+        else:
+            docs = iter([_read_text(src.path, bar)])
+        for doc in docs:
+            if doc.strip():
+                src.documents += 1
+                src.bytes += len(doc.encode("utf-8", "surrogatepass"))
+                yield doc
+
+
+def _read_text(path: Path, bar: tqdm | None) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror or e}") from None
+    if bar is not None:
+        bar.update(len(raw))
+    try:
+        return raw.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _folder_documents(src: Source, text_field: str, bar: tqdm | None) -> Iterator[str]:
+    for path in src.files:
+        if path.suffix.lower() == ".jsonl":
+            yield from _jsonl_documents(path, text_field, bar)
+            continue
+        try:
+            yield _read_text(path, bar)
+        except PrepareError:  # a folder's unreadable or binary file is left out, and counted
+            src.skipped.append(str(path))
+
+
+def _jsonl_documents(path: Path, text_field: str, bar: tqdm | None) -> Iterator[str]:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after the generator is done
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        for number, line in enumerate(f, 1):
+            if bar is not None:
+                bar.update(len(line))
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise PrepareError(f"{path}:{number} is not a JSON line ({e})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                raise PrepareError(f"{path}:{number} has no {text_field!r} field (it has: {fields}); "
+                                   "name the text's field with --text-field")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise PrepareError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not text")
+            yield text
+
+
+def _dataset_documents(path: Path, text_field: str, split: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise PrepareError(f"--input {path} is a Hugging Face dataset saved on disk, which needs the 'datasets' "
+                           "package: pip install datasets") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise PrepareError(f"--input {path} has the splits {', '.join(ds)}, not {split!r}; choose one with --dataset-split")
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise PrepareError(f"--input {path} has no column {text_field!r} (it has: {', '.join(ds.column_names)}); "
+                           "name the text's column with --text-field")
+    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
+        for text in batch[text_field]:
+            if text is not None and not isinstance(text, str):
+                raise PrepareError(f"--input {path}: column {text_field!r} holds {type(text).__name__}, not text")
+            yield text or ""
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise PrepareError("preparing shards needs the 'tokenizers' package: pip install tokenizers") from None
+    return tokenizers
+
+
+def train_tokenizer(documents: Iterator[str], vocab_size: int, eod_token: str):
+    """A byte-level BPE of at most ``vocab_size`` tokens, ``eod_token`` one of them (id 0);
+    ``vocab_size = 257`` leaves the 256 bytes unmerged."""
+    tk = _tokenizers()
+    if vocab_size < 257:
+        raise PrepareError(f"--vocab-size must be at least 257 (the 256 bytes and the end-of-document token), got {vocab_size}")
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                     special_tokens=[eod_token], show_progress=False)
+    tok.train_from_iterator((p for d in documents for p in _pieces(d)), trainer=trainer)
+    return tok
+
+
+def load_tokenizer_file(given: str):
+    """A ``tokenizer.json`` (or a folder holding one), loaded as is."""
+    tk = _tokenizers()
+    path = Path(given).expanduser()
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise PrepareError(f"--tokenizer {given}: no such file (expected bpe, byte, or a tokenizer.json)")
+    try:
+        return tk.Tokenizer.from_file(str(path)), path
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+        raise PrepareError(f"--tokenizer {given}: cannot load it ({e})") from None
+
+
+def _take(documents: Iterator[str], max_bytes: int) -> Iterator[str]:
+    """The leading documents up to about ``max_bytes`` of UTF-8 (all of them for 0)."""
+    seen = 0
+    for doc in documents:
+        yield doc
+        seen += len(doc.encode("utf-8", "surrogatepass"))
+        if max_bytes and seen >= max_bytes:
+            return
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _batches(documents: Iterator[str], batch_bytes: int) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc)
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode_documents(tok, documents: list[str], eod_id: int) -> list[np.ndarray]:
+    """Each document's ids followed by ``eod_id`` (int64). Long documents are cut into
+    pieces where the byte-level pre-tokenizer splits anyway, so the ids are those of the
+    whole text, and the batch runs on every core."""
+    pieces, owner = [], []
+    for i, doc in enumerate(documents):
+        for piece in _pieces(doc):
+            pieces.append(piece)
+            owner.append(i)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    ids: list[list[np.ndarray]] = [[] for _ in documents]
+    for i, enc in zip(owner, encode(pieces, add_special_tokens=False)):
+        ids[i].append(np.asarray(enc.ids, dtype=np.int64))
+    end = np.array([eod_id], dtype=np.int64)
+    return [np.concatenate([*parts, end]) for parts in ids]
+
+
+def write_shards(tok, documents: Iterator[str], eod_id: int, folder: Path, dtype: np.dtype,
+                 args: argparse.Namespace) -> tuple[dict, int]:
+    """Tokenize ``documents`` batch by batch into both splits' shards; the splits' index
+    entries and the number of documents."""
+    writers = {split: ShardWriter(folder, split, dtype, args.shard_tokens) for split in ("train", "val")}
+    count = 0
+    for batch in _batches(documents, args.batch_bytes):
+        parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        for ids in encode_documents(tok, batch, eod_id):
+            parts["val" if is_validation(count, args.val_fraction) else "train"].append(ids)
+            count += 1
+        for split, arrays in parts.items():
+            if arrays:
+                writers[split].write(np.concatenate(arrays), documents=len(arrays))
+    return {split: w.close() for split, w in writers.items()}, count
+
+
+def is_validation(i: int, val_fraction: float) -> bool:
+    """Document ``i`` (from 0) is held out: a fraction ``val_fraction`` of the documents,
+    evenly spread (the first at ``round(1 / val_fraction) - 1``)."""
+    return math.floor((i + 1) * val_fraction + 1e-9) > math.floor(i * val_fraction + 1e-9)
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds anything, unless ``overwrite`` and it is a shard folder."""
+    if out.exists():
+        if not out.is_dir():
+            raise PrepareError(f"--out {out} is a file; choose a folder")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise PrepareError(f"--out {out} already exists and is not empty; pass --overwrite to replace it, "
+                                   "or choose another --out")
+            if not is_shard_folder(out):
+                raise PrepareError(f"--overwrite replaces a folder of token shards, but {out} holds other files "
+                                   f"(no {INDEX_FILE}); choose another --out")
+
+
+def work_folder(out: Path, overwrite: bool) -> Path:
+    """The hidden folder beside ``out`` that the shards are written into, fresh; it
+    becomes ``out`` when done."""
+    check_output(out, overwrite)
+    work = out.parent / f".{out.name}.partial"
+    if work.exists():  # left by a run that was stopped
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Write the shard folder ``args.out``; its index."""
+    started = time.perf_counter()
+    if not 0 < args.val_fraction < 1:
+        raise PrepareError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    globs = args.glob or list(DEFAULT_GLOBS)
+    out = Path(args.out).expanduser()
+    check_output(out, args.overwrite)  # before any work
+    sources = find_sources(args.input, globs)
+    total = None if any(s.kind == "dataset" for s in sources) else sum(
+        f.stat().st_size for s in sources for f in (s.files or [s.path]))
+
+    def documents(desc: str) -> Iterator[str]:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, disable=args.quiet)
+        with bar:
+            yield from read_documents(sources, args.text_field, args.dataset_split, bar)
+
+    # the tokenizer: trained on a first pass, or loaded
+    tokenizer_info: dict = {"file": TOKENIZER_FILE}
+    if args.tokenizer in ("bpe", "byte"):
+        vocab = args.vocab_size if args.tokenizer == "bpe" else 257
+        tok = train_tokenizer(_take(documents("training the tokenizer"), args.tokenizer_train_bytes), vocab,
+                              args.eod_token)
+        tokenizer_info.update(kind=args.tokenizer, requested_vocab_size=vocab,
+                              trained_on_bytes=sum(s.bytes for s in sources))
+        loaded_from = None
+    else:
+        tok, loaded_from = load_tokenizer_file(args.tokenizer)
+        tokenizer_info.update(kind="loaded", loaded_from=str(loaded_from.resolve()))
+    eod_id = tok.token_to_id(args.eod_token)
+    if eod_id is None:
+        raise PrepareError(f"the tokenizer has no token {args.eod_token!r} to end documents with; name its "
+                           "end-of-document token with --eod-token (e.g. '</s>')")
+    tok.encode_special_tokens = True  # special tokens come from here, never from the text
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    tokenizer_info["vocab_size"] = vocab_size
+    dtype = token_dtype(vocab_size)
+
+    work = work_folder(out, args.overwrite)
+    if loaded_from is not None:
+        shutil.copyfile(loaded_from, work / TOKENIZER_FILE)  # byte for byte: used as is
+    else:
+        tok.save(str(work / TOKENIZER_FILE))
+    try:
+        splits, count = write_shards(tok, documents("tokenizing"), eod_id, work, dtype, args)
+    except BaseException:
+        shutil.rmtree(work)
+        raise
+    if count == 0 or splits["val"]["tokens"] == 0:
+        shutil.rmtree(work)
+        if count == 0:
+            raise PrepareError("the inputs hold no text (every document is empty)")
+        raise PrepareError(f"{count} documents leave none for validation at --val-fraction {args.val_fraction}; "
+                           f"raise it to at least {1 / count:.3g} or give more documents")
+    result = {
+        "dtype": dtype.name,
+        "eod_id": eod_id,
+        "eod_token": args.eod_token,
+        "tokenizer": tokenizer_info,
+        "splits": splits,
+        "documents": count,
+        "input_bytes": sum(s.bytes for s in sources),
+        "val_fraction": args.val_fraction,
+        "shard_tokens": args.shard_tokens,
+        "globs": globs,
+        "text_field": args.text_field,
+        "sources": [s.summary() for s in sources],
+        "mmrec_version": mmrec.__version__ if hasattr(mmrec, "__version__") else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_index(work, result)
+    if out.exists():
+        shutil.rmtree(out)  # empty, or a shard folder and --overwrite
+    work.rename(out)
+    skipped = [f for s in sources for f in s.skipped]
+    if skipped and not args.quiet:
+        print(f"skipped {len(skipped)} files that are not UTF-8 text or could not be read (e.g. {skipped[0]})",
+              file=sys.stderr)
+    return result
+
+
+def describe(out: Path, index: dict) -> str:
+    s = index["splits"]
+    return (f"{out}: {index['documents']:,} documents, {index['input_bytes'] / 1e6:,.1f} MB of text -> "
+            f"{s['train']['tokens']:,} training and {s['val']['tokens']:,} validation tokens "
+            f"({len(s['train']['shards'])} + {len(s['val']['shards'])} shards of {index['dtype']}); "
+            f"vocabulary {index['tokenizer']['vocab_size']}, end of document {index['eod_token']!r} = id "
+            f"{index['eod_id']}; {index['seconds']:.0f} s")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mmrec.data.prepare",
+                                description="Tokenize text into memory-mappable token shards for training.")
+    p.add_argument("--input", action="append", required=True, metavar="PATH",
+                   help="a text file, a .jsonl file, a folder, or a datasets folder (save_to_disk); repeatable")
+    p.add_argument("--out", required=True, metavar="DIR", help="the shard folder to write")
+    p.add_argument("--glob", action="append", metavar="PATTERN",
+                   help=f"files of a folder to read, by name or relative path; repeatable (default: {' '.join(DEFAULT_GLOBS)})")
+    p.add_argument("--text-field", default="text", help="the text's field in .jsonl lines and datasets (default text)")
+    p.add_argument("--dataset-split", default="train", help="the split of a saved DatasetDict (default train)")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="bpe (train a byte-level BPE, default), byte (the 256 bytes), or a tokenizer.json used as is")
+    p.add_argument("--vocab-size", type=int, default=32000, help="BPE vocabulary, end-of-document token included (default 32000)")
+    p.add_argument("--tokenizer-train-bytes", type=int, default=0, metavar="N",
+                   help="train the BPE on the first N bytes of text only (default 0: all)")
+    p.add_argument("--eod-token", default=EOD_TOKEN, help=f"the end-of-document token (default {EOD_TOKEN})")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of the documents held out (default 0.01)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens a shard file (default 100M)")
+    p.add_argument("--batch-bytes", type=int, default=16_000_000, help="text tokenized at a time (default 16 MB)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it is a shard folder already")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        index = prepare(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe(Path(args.out), index))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
