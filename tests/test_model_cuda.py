@@ -45,7 +45,7 @@ def test_cuda_matches_cpu_model():
 ], ids=["parallel", "exact", "short-conv"])
 def test_cuda_compiled_gradients_match_the_cpu_model(overrides):
     # A finite gradient is not enough: compiled with PyTorch 2.11, every model once gave
-    # finite but zero decay gradients (docs/benchmarks.md, 2026-11-26). So every
+    # finite but zero decay gradients (docs/notes/benchmark-history.md, 2026-11-26). So every
     # parameter's gradient is compared with the eager CPU model's, in float32.
     torch._dynamo.reset()
     model = mmrec.build("tiny", ["model.n_layers=2", "model.dropout=0.0", *overrides])
