@@ -243,3 +243,19 @@ def test_validation_documents_are_evenly_spread():
     held = [i for i in range(1000) if is_validation(i, 0.01)]
     assert held == list(range(99, 1000, 100))
     assert sum(is_validation(i, 0.3) for i in range(1000)) == 300
+
+
+def test_long_documents_encode_in_pieces_to_the_same_ids(tmp_path, capsys):
+    from mmrec.data.prepare import can_cut, encode_documents
+
+    text = default_corpus().text[:200_000]  # several pieces of 64K characters
+    (tmp_path / "in.txt").write_text(text)
+    (tmp_path / "short.txt").write_text("another document\n")
+    prepare(capsys, "--input", str(tmp_path), "--glob", "*.txt", "--out", str(tmp_path / "s"), "--vocab-size", "500",
+            "--val-fraction", "0.5")
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "s" / "tokenizer.json"))
+    tok.encode_special_tokens = True
+    assert can_cut(tok)
+    whole, cut = encode_documents(tok, [text], 0), encode_documents(tok, [text], 0, cut=True)
+    assert np.array_equal(whole[0], cut[0]) and whole[0][-1] == 0 and whole[0].size > 10_000
+    assert np.array_equal(decode_split(open_shards(tmp_path / "s"), "train"), whole[0])

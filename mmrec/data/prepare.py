@@ -274,13 +274,23 @@ def _batches(documents: Iterator[str], batch_bytes: int) -> Iterator[list[str]]:
         yield batch
 
 
-def encode_documents(tok, documents: list[str], eod_id: int) -> list[np.ndarray]:
-    """Each document's ids followed by ``eod_id`` (int64). Long documents are cut into
-    pieces where the byte-level pre-tokenizer splits anyway, so the ids are those of the
-    whole text, and the batch runs on every core."""
+def can_cut(tok) -> bool:
+    """Whether cutting a text after a lone newline leaves its ids unchanged: true of a
+    byte-level pre-tokenizer with its regex and no prefix space (GPT-2's, and ours),
+    which splits there anyway."""
+    pre = tok.pre_tokenizer
+    tk = _tokenizers()
+    return (isinstance(pre, tk.pre_tokenizers.ByteLevel) and pre.use_regex and not pre.add_prefix_space
+            and tok.normalizer is None)
+
+
+def encode_documents(tok, documents: list[str], eod_id: int, cut: bool = False) -> list[np.ndarray]:
+    """Each document's ids followed by ``eod_id`` (int64). With ``cut`` (see ``can_cut``)
+    long documents are encoded in pieces, so that a batch of a few long documents still
+    runs on every core."""
     pieces, owner = [], []
     for i, doc in enumerate(documents):
-        for piece in _pieces(doc):
+        for piece in _pieces(doc) if cut else [doc]:
             pieces.append(piece)
             owner.append(i)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
@@ -296,10 +306,10 @@ def write_shards(tok, documents: Iterator[str], eod_id: int, folder: Path, dtype
     """Tokenize ``documents`` batch by batch into both splits' shards; the splits' index
     entries and the number of documents."""
     writers = {split: ShardWriter(folder, split, dtype, args.shard_tokens) for split in ("train", "val")}
-    count = 0
+    count, cut = 0, can_cut(tok)
     for batch in _batches(documents, args.batch_bytes):
         parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-        for ids in encode_documents(tok, batch, eod_id):
+        for ids in encode_documents(tok, batch, eod_id, cut):
             parts["val" if is_validation(count, args.val_fraction) else "train"].append(ids)
             count += 1
         for split, arrays in parts.items():
