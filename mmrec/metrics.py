@@ -1,4 +1,5 @@
-"""``metrics.jsonl``: a training run's log, one JSON object a line, plus TensorBoard.
+"""``metrics.jsonl``: a training run's log, one JSON object a line, plus TensorBoard and
+Weights & Biases.
 
 Records: ``{"step": N, "train_loss": ..., ...}`` after each update, ``{"step": N,
 "val_loss": ...}`` after each evaluation, and events (``{"event": "resume", "step": N,
@@ -6,7 +7,9 @@ Records: ``{"step": N, "train_loss": ..., ...}`` after each update, ``{"step": N
 finite is written as ``null``. It tells the run as it went on: resuming from step N first
 removes the records of steps after N that a stopped or killed run wrote past its last
 checkpoint (:func:`continue_metrics`), and TensorBoard's events of those steps are hidden
-likewise (``purge_step``).
+likewise (``purge_step``). Each record's numbers go to TensorBoard and wandb under the
+same names (``train_loss`` as ``train/loss``). wandb keeps a run's steps increasing, so
+each invocation (a resume included) is a wandb run of its own, grouped by the run folder.
 """
 
 from __future__ import annotations
@@ -99,14 +102,51 @@ def continue_metrics(path: Path, step: int) -> list[str]:
     return removed
 
 
+def scalars(record: dict) -> dict[str, float]:
+    """The numbers of a record as the trackers name them: ``train_loss`` -> ``train/loss``."""
+    return {key.replace("_", "/", 1): value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float))}
+
+
+class WandbRun:
+    """A Weights & Biases run in ``<out>/wandb`` (``WANDB_MODE=offline`` keeps it on disk;
+    ``WANDB_PROJECT`` names the project, default ``mmrec``), named after the run folder, or
+    ``<folder>-from-<step>`` when resuming, in a group named after the run folder."""
+
+    def __init__(self, out: Path, config: dict | None, resume_step: int | None):
+        wandb = self.module()
+        folder = out.resolve().name
+        name = folder + (f"-from-{resume_step}" if resume_step is not None else "")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "mmrec"), dir=str(out), name=name,
+                              group=folder, config=config or {})
+
+    @staticmethod
+    def module():
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError('--wandb needs the wandb package: pip install wandb (or "mmrec[wandb]")') from None
+        return wandb
+
+    def write(self, step: int, numbers: dict[str, float]) -> None:
+        self.run.log(numbers, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLog:
     """``metrics.jsonl`` in the run folder (strict JSON: non-finite numbers are ``null``),
-    plus TensorBoard when asked. ``purge_step``: on resume, the first step trained again,
-    whose TensorBoard events and later ones of an earlier attempt are hidden."""
+    plus TensorBoard and wandb when asked. ``purge_step``: on resume, the first step trained
+    again, whose TensorBoard events and later ones of an earlier attempt are hidden.
+    ``config``: what the wandb run records as its configuration (the recipe)."""
 
-    def __init__(self, out: Path, tensorboard: bool, purge_step: int | None = None):
+    def __init__(self, out: Path, tensorboard: bool, purge_step: int | None = None, wandb: bool = False,
+                 config: dict | None = None):
         self.tb = (self.tensorboard_writer()(str(out / "tensorboard"), purge_step=purge_step)
                    if tensorboard else None)
+        resume_step = None if purge_step is None else purge_step - 1
+        self.wandb = WandbRun(out, config, resume_step) if wandb else None
         self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
 
     @staticmethod
@@ -120,15 +160,21 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
         self.file.flush()
-        if self.tb is not None and "step" in record:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key.replace("_", "/", 1), value, record["step"])
+        if "step" not in record:
+            return
+        numbers = scalars(record)
+        if self.tb is not None:
+            for key, value in numbers.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None and numbers:
+            self.wandb.write(record["step"], numbers)
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def steps_of(lines: list[str]) -> str:
