@@ -18,7 +18,11 @@ import torch.nn.functional as F
 
 from mmrec.ops.delta_rule import chunk_delta_rule, naive_delta_rule
 from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
-from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan, delta_chunk_scan_reference
+from mmrec.ops.delta_rule.chunk_scan import (
+    _chunk_gradients,
+    delta_chunk_scan,
+    delta_chunk_scan_reference,
+)
 from tests.helpers import run_under_triton_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -107,11 +111,11 @@ def test_opcheck():
     inputs = scan_inputs(batch=2, chunks=3, size=4, key_dim=5, value_dim=3)
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(x.requires_grad_() for x in inputs))
     detached = [x.detach() for x in inputs]
-    o, final, states = delta_chunk_scan(*detached)
-    args = (*detached[:6], states, torch.randn_like(o), torch.randn_like(final))
+    o, final, _ = delta_chunk_scan(*detached)
+    args = (*detached[1:6], torch.randn_like(o), torch.randn_like(final))
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args)
-    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:7] + (None, args[8]))
-    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:8] + (None,))
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:5] + (None, args[6]))
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:6] + (None,))
 
 
 @pytest.mark.parametrize("length,chunk,with_h0", [(37, 16, True), (37, 16, False), (50, 64, True), (9, 4, True)])
@@ -190,6 +194,17 @@ def strided(inputs):
     return out
 
 
+def kernel_grads(kernels, inputs, states, grad_o, grad_final, config=None):
+    """Every input's gradient from the adjoint kernel (into NaN-filled outputs, so an
+    unwritten element shows) and the batched products."""
+    w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state = inputs
+    nan = float("nan")
+    adjoints = (torch.full_like(w1, nan), torch.full_like(states, nan), torch.full_like(initial_state, nan))
+    kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final, out=adjoints, config=config)
+    grad_u, grad_next, grad_initial = adjoints
+    return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial)
+
+
 def _interpreter_checks() -> None:
     """Run in a child process with TRITON_INTERPRET=1 (set before Triton is imported)."""
     from mmrec.ops.delta_rule import chunk_scan_triton as kernels
@@ -218,7 +233,7 @@ def _interpreter_checks() -> None:
         ref_states = torch.stack([inputs[6]] + [delta_chunk_scan_reference(*[x[:, :, :n] for x in inputs[:6]], inputs[6])[1]
                                                 for n in range(1, chunks)], 2)
         errs = {"o": err(o, ref_o), "final": err(final, ref_final), "states": err(states, ref_states)}
-        grads = kernels.chunk_scan_backward(*inputs[:6], states, grad_o, grad_final, config=config)
+        grads = kernel_grads(kernels, inputs, states, grad_o, grad_final, config)
         for name, arg, got, want in zip(NAMES, inputs, grads, refs):
             assert got.dtype == arg.dtype and got.shape == arg.shape, name
             errs["d" + name] = err(got, want)
@@ -245,7 +260,7 @@ def _delta_rule_layouts_check(kernels) -> None:
     grad_o, grad_final = torch.randn_like(args[0]), torch.randn_like(args[6])
     _, refs = reference_grads(args, grad_o, grad_final)
     _, _, states = kernels.chunk_scan_forward(*args)
-    grads = kernels.chunk_scan_backward(*args[:6], states, grad_o, grad_final)
+    grads = kernel_grads(kernels, args, states, grad_o, grad_final)
     errs = {"o": err(o, want_o), "final": err(state, want_state)}
     errs.update({"d" + name: err(got, want) for name, got, want in zip(NAMES, grads, refs)})
     bad = {k: v for k, v in errs.items() if not v < 1e-12}
@@ -264,7 +279,12 @@ def test_launch_config_choice():
     from mmrec.ops.delta_rule.chunk_scan_triton import pick_config
 
     cfg = pick_config(64, 128, 128)
-    assert (cfg["BLOCK_C"], cfg["BLOCK_K"], cfg["PRECISION"]) == (64, 128, "tf32x3")
+    assert (cfg["BLOCK_C"], cfg["BLOCK_K"], cfg["PRECISION"]) == (64, 128, "tf32x3")  # PyTorch's "highest"
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert pick_config(64, 128, 128)["PRECISION"] == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")
     assert pick_config(5, 24, 40)["BLOCK_C"] == 16 and pick_config(5, 24, 40)["BLOCK_K"] == 32  # padded to tl.dot's 16
     assert pick_config(64, 64, 64, interpret=True)["PRECISION"] == "ieee"
     assert pick_config(64, 64, 64, config={"BLOCK_V": 32})["BLOCK_V"] == 32
@@ -330,7 +350,7 @@ def test_cuda_kernel_configs_against_float64(config, tol, shape):
     grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
     (ref_o, ref_final), refs = reference_grads(inputs, grad_o, grad_final)
     assert err(o, ref_o) < tol and err(final, ref_final) < tol
-    grads = kernels.chunk_scan_backward(*inputs[:6], states, grad_o, grad_final, config=config)
+    grads = kernel_grads(kernels, inputs, states, grad_o, grad_final, config)
     for name, got, want in zip(NAMES, grads, refs):
         assert err(got, want) < tol, name
 
@@ -345,10 +365,9 @@ def test_cuda_matches_cpu_op_opcheck_and_compiles():
     assert err(o, cpu_o) < 1e-5 and err(final, cpu_final) < 1e-5
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(cuda_inputs))
     detached = [x.detach() for x in cuda_inputs]
-    _, _, states = delta_chunk_scan(*detached)
-    bwd_args = (*detached[:6], states, torch.randn_like(o), torch.randn_like(final))
+    bwd_args = (*detached[1:6], torch.randn_like(o), torch.randn_like(final))
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, bwd_args)
-    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, bwd_args[:7] + (None, bwd_args[8]))
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, bwd_args[:5] + (None, bwd_args[6]))
     q, k, v, beta, log_alpha, h0 = [x.cuda() for x in delta_inputs(length=100, dtype=torch.float32, generator=gen)]
     fn = torch.compile(lambda *a: chunk_delta_rule(*a, chunk_size=32)[0] * 2, fullgraph=True)
     want, _ = loop_delta_rule(*[x.double() for x in (q, k, v, beta, log_alpha, h0)], 32, 1.0)

@@ -9,17 +9,21 @@ state ``S`` ``[K, V]``::
 
 ``delta_chunk_scan`` is the custom op ``mmrec::delta_chunk_scan``. It returns ``O``, the
 final state and every chunk's starting state ``S_n`` (kept for the backward, never
-differentiated). Its backward, the op ``mmrec::delta_chunk_scan_backward``, is the
-reverse loop, with ``dS`` the gradient of ``S_{n+1}``::
+differentiated). In the backward only the adjoint ``dS_{n+1}`` (the gradient of the state
+after chunk ``n``) is sequential; the op ``mmrec::delta_chunk_scan_backward`` runs its
+reverse loop and keeps ``dU_n`` and every ``dS_{n+1}``::
 
-    dU_n  = P_nᵀ dO_n + Kd_n dS          dW1_n = dU_n          dW2_n = −dU_n S_nᵀ
-    dP_n  = dO_n U_nᵀ                    dQd_n = dO_n S_nᵀ      dKd_n = U_n dSᵀ
-    dg_n  = Σ S_n ⊙ dS                   dS   ← Qd_nᵀ dO_n + g_n dS − W2_nᵀ dU_n
+    dU_n = P_nᵀ dO_n + Kd_n dS_{n+1},      dS_n = Qd_nᵀ dO_n + g_n dS_{n+1} − W2_nᵀ dU_n
 
-(``U_n`` recomputed from the stored ``S_n``). On CPU both are these loops in PyTorch
-(one batched matmul per product, over all batch elements and heads); on CUDA Triton
-kernels (``chunk_scan_triton.py``) run the whole loop in one launch with the state on
-chip. ``delta_chunk_scan_reference`` is the same forward loop through autograd, which
+Every other gradient then comes for all chunks at once, as batched products (with ``U_n``
+recomputed from the stored ``S_n``)::
+
+    dW1_n = dU_n    dW2_n = −dU_n S_nᵀ    dQd_n = dO_n S_nᵀ    dP_n = dO_n U_nᵀ
+    dKd_n = U_n dS_{n+1}ᵀ                 dg_n = Σ S_n ⊙ dS_{n+1}
+
+On CPU both loops are PyTorch (one batched matmul per product, over all batch elements and
+heads); on CUDA Triton kernels (``chunk_scan_triton.py``) run each loop in one launch with
+the state on chip. ``delta_chunk_scan_reference`` is the same forward loop through autograd, which
 tests and benchmarks compare against. Everything runs in the inputs' dtype (float32 or
 float64: the caller casts to the accumulation dtype).
 """
@@ -60,37 +64,41 @@ def _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_
     return o, state.clone() if chunks == 0 else state, states
 
 
-def _backward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o: Tensor | None,
-                        grad_final: Tensor | None) -> tuple[Tensor, ...]:
-    """Gradients ``(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state)`` by the
-    reverse loop (module docstring). Differentiable itself when ``states`` is."""
-    batch, heads, chunks, _, value_dim = w1.shape
-    key_dim = w2.shape[-1]
-    grad_state = (w1.new_zeros(batch, heads, key_dim, value_dim) if grad_final is None else grad_final)  # dS
-    grads = {name: [] for name in ("w1", "w2", "q_decayed", "k_decayed", "attn", "chunk_decay")}
+def _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o: Tensor | None,
+                       grad_final: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The sequential part of the backward: ``(dU [B, H, N, C, V], dS_{n+1} for every n
+    [B, H, N, K, V], dS_0)`` by the reverse loop (module docstring). It needs no state."""
+    batch, heads, chunks, size, key_dim = w2.shape
+    value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
+    grad_state = w2.new_zeros(batch, heads, key_dim, value_dim) if grad_final is None else grad_final  # dS
+    grad_u, grad_next = [], []
     for n in range(chunks - 1, -1, -1):
-        state = states[:, :, n]  # S_n [B, H, K, V]
-        state_t = state.transpose(-1, -2)
-        u = w1[:, :, n] - w2[:, :, n] @ state  # U_n [B, H, C, V]
-        grad_u = k_decayed[:, :, n] @ grad_state
+        grad_next.append(grad_state)
+        du = k_decayed[:, :, n] @ grad_state  # [B, H, C, V]
         if grad_o is not None:
-            grad_out = grad_o[:, :, n]  # dO_n [B, H, C, V]
-            grad_u = grad_u + attn[:, :, n].transpose(-1, -2) @ grad_out
-            grads["attn"].append(grad_out @ u.transpose(-1, -2))
-            grads["q_decayed"].append(grad_out @ state_t)
-        else:
-            grads["attn"].append(w1.new_zeros(batch, heads, *attn.shape[-2:]))
-            grads["q_decayed"].append(w1.new_zeros(batch, heads, *q_decayed.shape[-2:]))
-        grads["k_decayed"].append(u @ grad_state.transpose(-1, -2))
-        grads["chunk_decay"].append((state * grad_state).sum((-2, -1)))
-        grads["w1"].append(grad_u)
-        grads["w2"].append(-(grad_u @ state_t))
-        grad_state = chunk_decay[:, :, n, None, None] * grad_state - w2[:, :, n].transpose(-1, -2) @ grad_u
+            du = du + attn[:, :, n].transpose(-1, -2) @ grad_o[:, :, n]
+        grad_state = chunk_decay[:, :, n, None, None] * grad_state - w2[:, :, n].transpose(-1, -2) @ du
         if grad_o is not None:
-            grad_state = grad_state + q_decayed[:, :, n].transpose(-1, -2) @ grad_out
-    out = [torch.stack(grads[name][::-1], 2) if chunks else ref.new_zeros(ref.shape)
-           for name, ref in zip(grads, (w1, w2, q_decayed, k_decayed, attn, chunk_decay))]
-    return (*out, grad_state.clone() if chunks == 0 and grad_final is not None else grad_state)
+            grad_state = grad_state + q_decayed[:, :, n].transpose(-1, -2) @ grad_o[:, :, n]
+        grad_u.append(du)
+    if not chunks:
+        return (w2.new_zeros(batch, heads, 0, size, value_dim), w2.new_zeros(batch, heads, 0, key_dim, value_dim),
+                grad_state.clone())
+    return torch.stack(grad_u[::-1], 2), torch.stack(grad_next[::-1], 2), grad_state
+
+
+def _chunk_gradients(w1, w2, q_decayed, attn, states, grad_o: Tensor | None, grad_u, grad_next) -> tuple[Tensor, ...]:
+    """Gradients ``(w1, w2, q_decayed, k_decayed, attn, chunk_decay)`` from the adjoints,
+    every chunk at once (batched products that sum over ``V``)."""
+    states_t = states.transpose(-1, -2)  # S_nᵀ [B, H, N, V, K]
+    u = w1 - w2 @ states  # U_n, recomputed
+    if grad_o is None:
+        grad_qd, grad_attn = torch.zeros_like(q_decayed), torch.zeros_like(attn)
+    else:
+        grad_qd, grad_attn = grad_o @ states_t, grad_o @ u.transpose(-1, -2)
+    grad_kd = u @ grad_next.transpose(-1, -2)
+    grad_decay = (states * grad_next).sum((-2, -1))
+    return grad_u, -(grad_u @ states_t), grad_qd, grad_kd, grad_attn, grad_decay
 
 
 # ---------------------------------------------------------------------------- the ops
@@ -136,29 +144,29 @@ def _(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state):
 
 
 @torch.library.custom_op("mmrec::delta_chunk_scan_backward", mutates_args=())
-def _scan_backward_op(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
-                      states: Tensor, grad_o: Tensor | None, grad_final: Tensor | None
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state)`` of
-    ``mmrec::delta_chunk_scan``, from its stored ``states``."""
+def _adjoint_op(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
+                grad_o: Tensor | None, grad_final: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The reverse loop of ``mmrec::delta_chunk_scan``'s backward: ``(dU, dS_{n+1} for
+    every n, dS_0)``, from the gradients of ``O`` and of the final state (not both None)."""
     with torch.no_grad():
-        return _backward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final)
+        return _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
 
 
-@_scan_backward_op.register_fake
-def _(w1, w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final):
-    batch, heads, _, key_dim, value_dim = states.shape
-    return (*(x.new_empty(x.shape) for x in (w1, w2, q_decayed, k_decayed, attn, chunk_decay)),
-            w1.new_empty(batch, heads, key_dim, value_dim))
+@_adjoint_op.register_fake
+def _(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
+    batch, heads, chunks, size, key_dim = w2.shape
+    value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
+    return (w2.new_empty(batch, heads, chunks, size, value_dim), w2.new_empty(batch, heads, chunks, key_dim, value_dim),
+            w2.new_empty(batch, heads, key_dim, value_dim))
 
 
-@_scan_backward_op.register_kernel("cuda")
-def _(w1, w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final):
-    kernels = _use_triton(w1)
+@_adjoint_op.register_kernel("cuda")
+def _(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
+    kernels = _use_triton(w2)
     if kernels is None:
         with torch.no_grad():
-            return _backward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final)
-    return kernels.chunk_scan_backward(w1, w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final)
+            return _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
+    return kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
 
 
 def _setup_context(ctx, inputs, output):
@@ -168,10 +176,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_o: Tensor | None, grad_final: Tensor | None, _grad_states):
     *inputs, states = ctx.saved_tensors
+    w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state = inputs
+    if grad_o is None and grad_final is None:
+        return (None,) * 7
     if torch.is_grad_enabled():
         # Double backward: the stored states are constants to autograd, so recompute them
-        # through differentiable ops, then run the same reverse loop.
-        w1, w2, _, k_decayed, _, chunk_decay, initial_state = inputs
+        # through differentiable ops, then the same loop through differentiable ops.
         chunks = w1.shape[2]
         states, state = [], initial_state
         for n in range(chunks):
@@ -179,9 +189,12 @@ def _backward(ctx, grad_o: Tensor | None, grad_final: Tensor | None, _grad_state
             u = w1[:, :, n] - w2[:, :, n] @ state
             state = chunk_decay[:, :, n, None, None] * state + k_decayed[:, :, n].transpose(-1, -2) @ u
         states = torch.stack(states, 2) if chunks else w1.new_empty(*w1.shape[:3], w2.shape[-1], w1.shape[-1])
-        return _backward_composite(*inputs[:6], states, grad_o, grad_final)
-    # One reverse pass (a Triton kernel on CUDA).
-    return torch.ops.mmrec.delta_chunk_scan_backward(*inputs[:6], states, grad_o, grad_final)
+        grad_u, grad_next, grad_initial = _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
+    else:
+        # One reverse pass (a Triton kernel on CUDA).
+        grad_u, grad_next, grad_initial = torch.ops.mmrec.delta_chunk_scan_backward(
+            w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
+    return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial)
 
 
 _scan_op.register_autograd(_backward, setup_context=_setup_context)

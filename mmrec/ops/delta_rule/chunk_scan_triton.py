@@ -9,17 +9,17 @@ chunks, doing each chunk's four products with ``tl.dot``. Per chunk the forward 
 ``W1``, ``W2``, ``Qd``, ``Kd``, ``P`` and ``g`` and writes ``O`` and the chunk's starting
 state (for the backward); one launch covers a layer.
 
-The backward walks the chunks the other way with the adjoint ``dS`` ``[K, BLOCK_V]`` on
-chip, reads the stored ``S_n`` and recomputes ``U_n``. ``dW1``, the carried ``dS`` and the
-initial state's gradient are per column like the forward. ``dP``, ``dQd``, ``dKd``,
-``dW2`` and ``dg`` sum over all ``V`` columns: each program writes its block's part, and
-the launcher sums the parts over the blocks (deterministic, no atomics; nothing to sum
-with one block).
+The backward kernel runs the adjoint recurrence the other way, ``dU_n = P_nᵀ dO_n +
+Kd_n dS``, ``dS ← Qd_nᵀ dO_n + g_n dS − W2_nᵀ dU_n``, with ``dS`` ``[K, BLOCK_V]`` on chip:
+per column like the forward (it needs no state). It writes ``dU_n`` and each ``dS_{n+1}``;
+the gradients that sum over ``V`` (``dW2``, ``dQd``, ``dKd``, ``dP``, ``dg``) are then
+batched products over all chunks at once, in PyTorch (``chunk_scan.py``).
 
-Products take fp32 operands at ``PRECISION`` (``tl.dot``'s ``input_precision``):
-``"tf32x3"`` by default, about fp32 accuracy from the tensor cores (three tf32 products);
-``"tf32"`` is one product at tf32 accuracy (about 1e-3), ``"ieee"`` exact fp32 on the CUDA
-cores. The state and every sum stay fp32 (float64 for float64 inputs, which run under
+Products take fp32 operands at ``PRECISION`` (``tl.dot``'s ``input_precision``), by
+default from ``torch.get_float32_matmul_precision()`` (``default_precision``):
+``"tf32x3"``, about fp32 accuracy from three tf32 products on the tensor cores, or
+``"tf32"``, one product (relative error about 1e-3 per product), which needs far fewer
+registers; ``"ieee"`` is exact fp32 on the CUDA cores. The state and every sum stay fp32 (float64 for float64 inputs, which run under
 the interpreter in tests; on CUDA the op runs those through cuBLAS). Sizes that are not
 powers of two (or below ``tl.dot``'s 16) are padded on chip with masked loads and stores.
 The launchers take any strides, and with ``TRITON_INTERPRET=1`` they run on CPU tensors,
@@ -128,61 +128,41 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_chunk(n, ds, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr,
-                    dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr,
-                    s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_stn, s_don,
-                    s_dw1n, s_dw2n, s_dqdn, s_dkdn, s_dpn, s_dgn,
-                    off_w1, off_w2, off_qd, off_kd, off_p, off_st, off_do,
-                    off_dw1, off_dw2, off_dqd, off_dkd, off_dp,
-                    mask_cv, mask_ck, mask_cc, mask_kv,
-                    HAS_DO: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk backwards: ``ds`` is the gradient of ``S_{n+1}``; writes this block's
-    parts of the chunk's gradients and returns the gradient of ``S_n``."""
+def _adjoint_chunk(n, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, du_ptr, dsn_ptr,
+                   s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_don, s_dun, s_dsnn,
+                   off_w2, off_qd, off_kd, off_p, off_do, off_du, off_dsn, mask_cv, mask_ck, mask_cc, mask_kv,
+                   HAS_DO: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk backwards: store ``dS_{n+1}`` (``ds``) and ``dU_n``, return ``dS_n``."""
     n = tl.full((), 0, tl.int64) + n  # 64-bit offsets
-    s = tl.load(st_ptr + n * s_stn + off_st, mask=mask_kv, other=0.0)  # S_n [K, BV]
-    w1 = tl.load(w1_ptr + n * s_w1n + off_w1, mask=mask_cv, other=0.0)
-    w2 = tl.load(w2_ptr + n * s_w2n + off_w2, mask=mask_ck, other=0.0)
-    kd = tl.load(kd_ptr + n * s_kdn + off_kd, mask=mask_ck, other=0.0)
+    tl.store(dsn_ptr + n * s_dsnn + off_dsn, ds.to(dsn_ptr.dtype.element_ty), mask=mask_kv)
+    w2 = tl.load(w2_ptr + n * s_w2n + off_w2, mask=mask_ck, other=0.0)  # [C, K]
+    kd = tl.load(kd_ptr + n * s_kdn + off_kd, mask=mask_ck, other=0.0)  # [C, K]
     g = tl.load(g_ptr + n * s_gn)
-    s_t = tl.trans(s)
-    u = w1 - _dot(w2, s, PRECISION)  # U_n, recomputed
     du = _dot(kd, ds, PRECISION)  # dU = Kd dS (+ Pᵀ dO)
-    tl.store(dkd_ptr + n * s_dkdn + off_dkd, _dot(u, tl.trans(ds), PRECISION).to(dkd_ptr.dtype.element_ty), mask=mask_ck)
-    tl.store(dg_ptr + n * s_dgn, tl.sum(tl.sum(s * ds, 1), 0).to(dg_ptr.dtype.element_ty))
     ds = g * ds
     if HAS_DO:
         do = tl.load(do_ptr + n * s_don + off_do, mask=mask_cv, other=0.0)  # dO_n [C, BV]
-        qd = tl.load(qd_ptr + n * s_qdn + off_qd, mask=mask_ck, other=0.0)
-        p = tl.load(p_ptr + n * s_pn + off_p, mask=mask_cc, other=0.0)
+        qd = tl.load(qd_ptr + n * s_qdn + off_qd, mask=mask_ck, other=0.0)  # [C, K]
+        p = tl.load(p_ptr + n * s_pn + off_p, mask=mask_cc, other=0.0)  # [C, C]
         du += _dot(tl.trans(p), do, PRECISION)
-        tl.store(dp_ptr + n * s_dpn + off_dp, _dot(do, tl.trans(u), PRECISION).to(dp_ptr.dtype.element_ty), mask=mask_cc)
-        tl.store(dqd_ptr + n * s_dqdn + off_dqd, _dot(do, s_t, PRECISION).to(dqd_ptr.dtype.element_ty), mask=mask_ck)
         ds += _dot(tl.trans(qd), do, PRECISION)
-    tl.store(dw1_ptr + n * s_dw1n + off_dw1, du.to(dw1_ptr.dtype.element_ty), mask=mask_cv)
-    tl.store(dw2_ptr + n * s_dw2n + off_dw2, (-_dot(du, s_t, PRECISION)).to(dw2_ptr.dtype.element_ty), mask=mask_ck)
+    tl.store(du_ptr + n * s_dun + off_du, du.to(du_ptr.dtype.element_ty), mask=mask_cv)
     return ds - _dot(tl.trans(w2), du, PRECISION)  # dS_n = Qdᵀ dO + g dS − W2ᵀ dU
 
 
 @triton.jit
-def _backward_kernel(
-    w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr, dsl_ptr,
-    dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr, ds0_ptr,
+def _adjoint_kernel(
+    w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, dsl_ptr, du_ptr, dsn_ptr, ds0_ptr,
     H, N, C, K, V,
-    s_w1b, s_w1h, s_w1n, s_w1c, s_w1v,
     s_w2b, s_w2h, s_w2n, s_w2c, s_w2k,
     s_qdb, s_qdh, s_qdn, s_qdc, s_qdk,
     s_kdb, s_kdh, s_kdn, s_kdc, s_kdk,
     s_pb, s_ph, s_pn, s_pc, s_ps,
     s_gb, s_gh, s_gn,
-    s_stb, s_sth, s_stn, s_stk, s_stv,
     s_dob, s_doh, s_don, s_doc, s_dov,
     s_dslb, s_dslh, s_dslk, s_dslv,
-    s_dw1b, s_dw1h, s_dw1n, s_dw1c, s_dw1v,
-    s_dw2j, s_dw2b, s_dw2h, s_dw2n, s_dw2c, s_dw2k,  # the partial sums have a leading V-block axis j
-    s_dqdj, s_dqdb, s_dqdh, s_dqdn, s_dqdc, s_dqdk,
-    s_dkdj, s_dkdb, s_dkdh, s_dkdn, s_dkdc, s_dkdk,
-    s_dpj, s_dpb, s_dph, s_dpn, s_dpc, s_dps,
-    s_dgj, s_dgb, s_dgh, s_dgn,
+    s_dub, s_duh, s_dun, s_duc, s_duv,
+    s_dsnb, s_dsnh, s_dsnn, s_dsnk, s_dsnv,
     s_ds0b, s_ds0h, s_ds0k, s_ds0v,
     HAS_DO: tl.constexpr, HAS_DSL: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -191,7 +171,6 @@ def _backward_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    j = pid_v.to(tl.int64)
     rows = tl.arange(0, BLOCK_C)
     keys = tl.arange(0, BLOCK_K)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -201,76 +180,70 @@ def _backward_kernel(
     mask_cc = mask_c[:, None] & mask_c[None, :]
     mask_kv = mask_k[:, None] & mask_v[None, :]
 
-    w1_ptr += b * s_w1b + h * s_w1h
     w2_ptr += b * s_w2b + h * s_w2h
     qd_ptr += b * s_qdb + h * s_qdh
     kd_ptr += b * s_kdb + h * s_kdh
     p_ptr += b * s_pb + h * s_ph
     g_ptr += b * s_gb + h * s_gh
-    st_ptr += b * s_stb + h * s_sth
-    do_ptr += b * s_dob + h * s_doh
-    dw1_ptr += b * s_dw1b + h * s_dw1h
-    dw2_ptr += j * s_dw2j + b * s_dw2b + h * s_dw2h
-    dqd_ptr += j * s_dqdj + b * s_dqdb + h * s_dqdh
-    dkd_ptr += j * s_dkdj + b * s_dkdb + h * s_dkdh
-    dp_ptr += j * s_dpj + b * s_dpb + h * s_dph
-    dg_ptr += j * s_dgj + b * s_dgb + h * s_dgh
-    off_w1 = rows[:, None] * s_w1c + cols[None, :] * s_w1v
+    if HAS_DO:
+        do_ptr += b * s_dob + h * s_doh
+    du_ptr += b * s_dub + h * s_duh
+    dsn_ptr += b * s_dsnb + h * s_dsnh
     off_w2 = rows[:, None] * s_w2c + keys[None, :] * s_w2k
     off_qd = rows[:, None] * s_qdc + keys[None, :] * s_qdk
     off_kd = rows[:, None] * s_kdc + keys[None, :] * s_kdk
     off_p = rows[:, None] * s_pc + rows[None, :] * s_ps
-    off_st = keys[:, None] * s_stk + cols[None, :] * s_stv
     off_do = rows[:, None] * s_doc + cols[None, :] * s_dov
-    off_dw1 = rows[:, None] * s_dw1c + cols[None, :] * s_dw1v
-    off_dw2 = rows[:, None] * s_dw2c + keys[None, :] * s_dw2k
-    off_dqd = rows[:, None] * s_dqdc + keys[None, :] * s_dqdk
-    off_dkd = rows[:, None] * s_dkdc + keys[None, :] * s_dkdk
-    off_dp = rows[:, None] * s_dpc + rows[None, :] * s_dps
+    off_du = rows[:, None] * s_duc + cols[None, :] * s_duv
+    off_dsn = keys[:, None] * s_dsnk + cols[None, :] * s_dsnv
 
     if HAS_DSL:
         ds = tl.load(dsl_ptr + b * s_dslb + h * s_dslh + keys[:, None] * s_dslk + cols[None, :] * s_dslv,
-                     mask=mask_kv, other=0.0).to(w1_ptr.dtype.element_ty)
+                     mask=mask_kv, other=0.0).to(w2_ptr.dtype.element_ty)
     else:
-        ds = tl.zeros((BLOCK_K, BLOCK_V), dtype=w1_ptr.dtype.element_ty)
+        ds = tl.zeros((BLOCK_K, BLOCK_V), dtype=w2_ptr.dtype.element_ty)
     if STAGES > 0:
         for i in tl.range(0, N, num_stages=STAGES):
-            ds = _backward_chunk(N - 1 - i, ds, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr,
-                                 dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr,
-                                 s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_stn, s_don,
-                                 s_dw1n, s_dw2n, s_dqdn, s_dkdn, s_dpn, s_dgn,
-                                 off_w1, off_w2, off_qd, off_kd, off_p, off_st, off_do,
-                                 off_dw1, off_dw2, off_dqd, off_dkd, off_dp,
-                                 mask_cv, mask_ck, mask_cc, mask_kv, HAS_DO, PRECISION)
+            ds = _adjoint_chunk(N - 1 - i, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, du_ptr, dsn_ptr,
+                                s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_don, s_dun, s_dsnn,
+                                off_w2, off_qd, off_kd, off_p, off_do, off_du, off_dsn, mask_cv, mask_ck, mask_cc, mask_kv,
+                                HAS_DO, PRECISION)
     else:
         n = N - 1
         while n >= 0:  # not range(), as in the forward
-            ds = _backward_chunk(n, ds, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr,
-                                 dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr,
-                                 s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_stn, s_don,
-                                 s_dw1n, s_dw2n, s_dqdn, s_dkdn, s_dpn, s_dgn,
-                                 off_w1, off_w2, off_qd, off_kd, off_p, off_st, off_do,
-                                 off_dw1, off_dw2, off_dqd, off_dkd, off_dp,
-                                 mask_cv, mask_ck, mask_cc, mask_kv, HAS_DO, PRECISION)
+            ds = _adjoint_chunk(n, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, du_ptr, dsn_ptr,
+                                s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_don, s_dun, s_dsnn,
+                                off_w2, off_qd, off_kd, off_p, off_do, off_du, off_dsn, mask_cv, mask_ck, mask_cc, mask_kv,
+                                HAS_DO, PRECISION)
             n -= 1
     tl.store(ds0_ptr + b * s_ds0b + h * s_ds0h + keys[:, None] * s_ds0k + cols[None, :] * s_ds0v,
              ds.to(ds0_ptr.dtype.element_ty), mask=mask_kv)
 
 
-def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = False, interpret: bool = False,
-                config: dict | None = None) -> dict:
-    """Launch config; ``config`` overrides any entry. ``BLOCK_V``: value columns per program;
-    ``num_warps``; ``STAGES``: software-pipelining depth of the chunk loop (0: none);
-    ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32."""
+def default_precision() -> str:
+    """``tl.dot``'s ``input_precision`` for fp32 products, from PyTorch's own switch for
+    them (``torch.set_float32_matmul_precision``, which also governs cuBLAS in the rest of
+    the chunked form): ``"highest"`` (PyTorch's default) gives ``"tf32x3"``, about fp32
+    accuracy; ``"high"`` and ``"medium"`` give ``"tf32"``."""
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = False, config: dict | None = None) -> dict:
+    """Launch config of either kernel; ``config`` overrides any entry. ``BLOCK_V``: value
+    columns per program; ``num_warps``; ``STAGES``: software-pipelining depth of the chunk
+    loop (0: none); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact fp32
+    under the interpreter, which ignores it)."""
     block_k = max(16, triton.next_power_of_2(key_dim))
+    # A program holds the chunk's [C, K] operands and a [K, BLOCK_V] fp32 state: up to
+    # K = 64, 64 columns and 4 warps; beyond, 32 columns and 8 warps (sm_90, C = 64: no
+    # spills in either kernel with tf32 products).
     cfg = {
         "BLOCK_C": max(16, triton.next_power_of_2(size)),
         "BLOCK_K": block_k,
-        # a [K, BLOCK_V] fp32 state (and in the backward its adjoint) per program
-        "BLOCK_V": max(16, min(64 if block_k <= 64 and not backward else 32, triton.next_power_of_2(value_dim))),
+        "BLOCK_V": max(16, min(64 if block_k <= 64 else 32, triton.next_power_of_2(value_dim))),
         "num_warps": 4 if block_k <= 64 else 8,
         "STAGES": 0,
-        "PRECISION": "ieee" if interpret else "tf32x3",
+        "PRECISION": "ieee" if interpret else default_precision(),
     }
     cfg.update(config or {})
     for name in ("BLOCK_C", "BLOCK_K", "BLOCK_V"):
@@ -310,38 +283,31 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
     return o, final, states
 
 
-def chunk_scan_backward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
-                        states: Tensor, grad_o: Tensor | None, grad_final: Tensor | None, *,
-                        config: dict | None = None) -> tuple[Tensor, ...]:
-    """Gradients ``(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state)`` as
-    ``mmrec::delta_chunk_scan_backward``, one launch and a sum over the value blocks.
-    ``grad_o`` / ``grad_final`` may be None; ``config`` as in the forward."""
-    batch, heads, chunks, size, value_dim = w1.shape
-    key_dim = w2.shape[-1]
-    cfg = pick_config(size, key_dim, value_dim, backward=True, interpret=not w1.is_cuda, config=config)
-    blocks = triton.cdiv(value_dim, cfg["BLOCK_V"])
-
-    def new(*shape):
-        return torch.empty(shape, dtype=w1.dtype, device=w1.device)
-
-    grad_w1 = new(*w1.shape)
-    grad_state = new(batch, heads, key_dim, value_dim)
-    # per value block, summed below
-    parts = {name: new(blocks, *x.shape) for name, x in
-             (("w2", w2), ("q_decayed", q_decayed), ("k_decayed", k_decayed), ("attn", attn), ("chunk_decay", chunk_decay))}
-    if grad_o is None:  # no output gradient: these parts are zero, and the kernel skips them
-        parts["q_decayed"].zero_()
-        parts["attn"].zero_()
-    _backward_kernel[(blocks, batch * heads)](
-        w1, w2, q_decayed, k_decayed, attn, chunk_decay, states, w1 if grad_o is None else grad_o, grad_final,  # w1: never read
-        grad_w1, parts["w2"], parts["q_decayed"], parts["k_decayed"], parts["attn"], parts["chunk_decay"], grad_state,
+def chunk_scan_adjoint(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
+                       grad_o: Tensor | None, grad_final: Tensor | None, *,
+                       out: tuple[Tensor, Tensor, Tensor] | None = None,
+                       config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dU, dS_{n+1} for every n, dS_0)`` as ``mmrec::delta_chunk_scan_backward``, one
+    launch. ``grad_o`` or ``grad_final`` may be None (not both); ``out`` and ``config`` as
+    in the forward."""
+    batch, heads, chunks, size, key_dim = w2.shape
+    value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
+    if out is None:
+        grad_u = torch.empty((batch, heads, chunks, size, value_dim), dtype=w2.dtype, device=w2.device)
+        grad_next = torch.empty((batch, heads, chunks, key_dim, value_dim), dtype=w2.dtype, device=w2.device)
+        grad_initial = torch.empty((batch, heads, key_dim, value_dim), dtype=w2.dtype, device=w2.device)
+    else:
+        grad_u, grad_next, grad_initial = out
+    if batch * heads * value_dim == 0:
+        return grad_u, grad_next, grad_initial
+    cfg = pick_config(size, key_dim, value_dim, interpret=not w2.is_cuda, config=config)
+    grid = (triton.cdiv(value_dim, cfg["BLOCK_V"]), batch * heads)
+    _adjoint_kernel[grid](
+        w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final, grad_u, grad_next, grad_initial,
         heads, chunks, size, key_dim, value_dim,
-        *w1.stride(), *w2.stride(), *q_decayed.stride(), *k_decayed.stride(), *attn.stride(), *chunk_decay.stride(),
-        *states.stride(), *(w1.stride() if grad_o is None else grad_o.stride()),
-        *((0, 0, 0, 0) if grad_final is None else grad_final.stride()),
-        *grad_w1.stride(), *parts["w2"].stride(), *parts["q_decayed"].stride(), *parts["k_decayed"].stride(),
-        *parts["attn"].stride(), *parts["chunk_decay"].stride(), *grad_state.stride(),
+        *w2.stride(), *q_decayed.stride(), *k_decayed.stride(), *attn.stride(), *chunk_decay.stride(),
+        *((0,) * 5 if grad_o is None else grad_o.stride()), *((0,) * 4 if grad_final is None else grad_final.stride()),
+        *grad_u.stride(), *grad_next.stride(), *grad_initial.stride(),
         HAS_DO=grad_o is not None, HAS_DSL=grad_final is not None, **cfg,
     )
-    summed = [x[0] if blocks == 1 else x.sum(0) for x in parts.values()]
-    return grad_w1, *summed, grad_state
+    return grad_u, grad_next, grad_initial
