@@ -1,0 +1,175 @@
+"""``python -m mmrec.bench delta``: the chunked delta rule with its chunk loop as the op
+``mmrec::delta_chunk_scan`` (Triton on CUDA) against the same chunked form with the loop
+in PyTorch (one batched step per chunk, autograd for the backward), same inputs, same run.
+
+For each head size and sequence length (batch = ``--tokens`` / length) it times
+``chunk_delta_rule`` forward alone and forward+backward, and prints tokens/s, the ratio
+op/loop and the op's error against the loop (outputs and gradients). Both run under each
+``--precision`` (``torch.set_float32_matmul_precision``: ``highest`` keeps fp32 products,
+``tf32x3`` in the kernels; ``high`` allows tf32 in cuBLAS and the kernels). Inputs as the
+``delta`` layer gives them: unit-norm ``q``, ``k`` in float32, ``v`` in ``--dtype``, β in
+(0, 1), log α in (-0.05, 0), a random initial state. ``--kernels`` adds the two Triton
+launchers alone (the forward scan, and the adjoint scan of the backward) with their default
+launch config and each ``--config`` (``KEY=VALUE,...``: ``BLOCK_V``, ``num_warps``,
+``STAGES``, ``PRECISION``), for tuning in one GPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmrec.bench.common import peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
+from mmrec.bench.gated_rnn import parse_config
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def add_subcommand(commands) -> None:
+    parser = commands.add_parser("delta", help="chunked delta rule: the chunk-loop op vs the PyTorch loop",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=16384, help="batch x length")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048])
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="K = V")
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of v (q, k, β, log α: float32)")
+    parser.add_argument("--precision", nargs="+", choices=["highest", "high"], default=["highest", "high"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile both versions (as training compiles blocks)")
+    parser.add_argument("--kernels", action="store_true", help="also time the Triton launchers alone")
+    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
+                        help="with --kernels: also time them with this launch config (repeatable)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    parser.set_defaults(run=run)
+
+
+def make_inputs(batch: int, length: int, heads: int, head_dim: int, dtype, device, gen):
+    def draw(fn, *shape):
+        return fn(*shape, generator=gen, device=device, dtype=torch.float32)
+
+    q = F.normalize(draw(torch.randn, batch, length, heads, head_dim), dim=-1)
+    k = F.normalize(draw(torch.randn, batch, length, heads, head_dim), dim=-1)
+    v = draw(torch.randn, batch, length, heads, head_dim).to(dtype)
+    beta = draw(torch.rand, batch, length, heads)
+    log_alpha = -0.05 * draw(torch.rand, batch, length, heads)
+    state = draw(torch.randn, batch, heads, head_dim, head_dim)
+    return q, k, v, beta, log_alpha, state
+
+
+def _rel_err(x, ref) -> float:
+    x, ref = x.float(), ref.float()
+    return float((x - ref).norm() / ref.norm())
+
+
+def _passes(fn, inputs, probe):
+    """(forward, forward+backward) of ``fn``; forward+backward returns every input's gradient."""
+    leaves = [x.detach().requires_grad_() for x in inputs]
+
+    def forward():
+        with torch.no_grad():
+            return fn(*inputs)
+
+    def forward_backward():
+        o, state = fn(*leaves)
+        return torch.autograd.grad([o, state], leaves, [probe[0], probe[1]])
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def _kernel_passes(config: dict | None, inputs, chunk: int):
+    """The two Triton launchers alone, on the op inputs ``chunk_delta_rule`` would give them."""
+    from mmrec.ops.delta_rule import chunk_scan_triton as kernels
+    from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
+
+    captured = []
+
+    def capture(*args):
+        captured.append(args)
+        return kernels.chunk_scan_forward(*args)
+
+    with torch.no_grad():
+        _chunk_delta_rule(*inputs, chunk, 1.0, scan=capture)
+    args = captured[0]
+    o, final, _ = kernels.chunk_scan_forward(*args, config=config)
+    grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
+    return {"fwd": lambda: kernels.chunk_scan_forward(*args, config=config),
+            "bwd": lambda: kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)}
+
+
+def bench_once(args, length: int, head_dim: int, precision: str, device: torch.device, gen) -> list[dict]:
+    from mmrec.ops.delta_rule import chunk_delta_rule
+    from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
+    from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan_reference
+
+    torch.set_float32_matmul_precision(precision)
+    batch = max(1, args.tokens // length)
+    inputs = make_inputs(batch, length, args.heads, head_dim, DTYPES[args.dtype], device, gen)
+    probe = (torch.randn(inputs[2].shape, generator=gen, device=device).to(inputs[2].dtype),
+             torch.randn(inputs[5].shape, generator=gen, device=device))
+    impls = {"op": functools.partial(chunk_delta_rule, chunk_size=args.chunk),
+             "loop": functools.partial(_chunk_delta_rule, chunk_size=args.chunk, scale=1.0, scan=delta_chunk_scan_reference)}
+    if args.compile:
+        impls = {name: torch.compile(fn, fullgraph=True) for name, fn in impls.items()}
+    passes = {name: _passes(fn, inputs, probe) for name, fn in impls.items()}
+    if args.kernels and device.type == "cuda":
+        for text in [""] + args.config:
+            passes[f"kernel[{text or 'default'}]"] = _kernel_passes(parse_config(text) or None, inputs, args.chunk)
+    base = {"length": length, "batch": batch, "heads": args.heads, "head_dim": head_dim, "precision": precision}
+    rows, results = [], {}
+    for impl, calls in passes.items():
+        for pass_, call in calls.items():
+
+            def measure(call=call, impl=impl, pass_=pass_):
+                reset_peak_memory(device)
+                ms = time_ms(call, device, warmup=args.warmup, repeat=args.repeat)
+                if not impl.startswith("kernel"):
+                    results[impl, pass_] = call()
+                return {"ms": ms, "tokens_per_s": batch * length / ms * 1e3, "peak_gib": peak_memory_gib(device)}
+
+            record(rows, {**base, "impl": impl, "pass": pass_}, measure, device)
+    for row in rows:
+        mine, loop = results.get((row["impl"], row["pass"])), results.get(("loop", row["pass"]))
+        if row["impl"] == "op" and mine is not None and loop is not None:
+            row["rel_err_vs_loop"] = max(_rel_err(a, b) for a, b in zip(mine, loop))
+        loop_row = next((r for r in rows if r["impl"] == "loop" and r["pass"] == row["pass"] and "tokens_per_s" in r), None)
+        if row["impl"] == "op" and loop_row and "tokens_per_s" in row:
+            row["over_loop"] = row["tokens_per_s"] / loop_row["tokens_per_s"]
+    torch.set_float32_matmul_precision("highest")
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    meta = {**run_metadata(), "tokens": args.tokens, "heads": args.heads, "chunk": args.chunk, "dtype": args.dtype,
+            "compile": args.compile, "configs": [parse_config(c) for c in args.config]}
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for length in args.lengths:
+        for head_dim in args.head_dims:
+            for precision in args.precision:
+                rows.extend(bench_once(args, length, head_dim, precision, device, gen))
+                if args.compile:
+                    torch._dynamo.reset()
+
+    print(f"\n{meta['device']}, chunk_delta_rule, {args.tokens} tokens x {args.heads} heads, chunk {args.chunk}, "
+          f"v in {args.dtype}, compile={args.compile}")
+    print(f"{'T':>6} {'batch':>5} {'K=V':>4} {'precision':<8} {'impl':<28} {'pass':<8} {'tok/s':>11} {'ms':>9} "
+          f"{'x loop':>7} {'err vs loop':>11} {'peak GiB':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['length']:>6} {r['batch']:>5} {r['head_dim']:>4} {r['precision']:<8} {r['impl']:<28} {r['pass']:<8} {r['error']}")
+            continue
+        ratio = f"{r['over_loop']:.2f}x" if "over_loop" in r else "-"
+        error = f"{r['rel_err_vs_loop']:.1e}" if "rel_err_vs_loop" in r else "-"
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        print(f"{r['length']:>6} {r['batch']:>5} {r['head_dim']:>4} {r['precision']:<8} {r['impl']:<28} {r['pass']:<8} "
+              f"{r['tokens_per_s']:>11.4g} {r['ms']:>9.3f} {ratio:>7} {error:>11} {peak:>8}")
+    write_json(args.out, {**meta, "results": rows})
+    return 0
