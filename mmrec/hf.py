@@ -67,50 +67,47 @@ class MMRecConfig(PretrainedConfig):
 
     recipe: dict | None = None
 
-    def __post_init__(self, **kwargs):
-        recipe = self.recipe
+    def __init__(self, recipe=None, **kwargs):
         if recipe is not None and not isinstance(recipe, dict):  # a shipped name, a path or a recipe object
             recipe = mmrec.recipes.load(recipe).model_dump(mode="json")
         if recipe is not None:
             mmrec.recipes.load(recipe)  # validated now: a RecipeError names each problem
         self.recipe = recipe
         kwargs.pop("auto_map", None)
+        super().__init__(**kwargs)
         self.auto_map = dict(AUTO_MAP)
-        super().__post_init__(**kwargs)
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoConfig"):
         """Nothing to do: importing ``mmrec.hf`` registers the class, and ``save_pretrained``
         writes the loader file itself (transformers would copy this module instead)."""
 
-    def _model_section(self) -> dict:
-        if self.recipe is None:
-            raise ValueError("MMRecConfig has no recipe: give one, e.g. MMRecConfig(recipe='tiny') or a recipe dict")
-        return self.recipe["model"]
+    def _model_field(self, name: str):
+        return None if self.recipe is None else self.recipe["model"][name]
 
     @property
-    def vocab_size(self) -> int:
-        return self._model_section()["vocab_size"]
+    def vocab_size(self) -> int | None:
+        return self._model_field("vocab_size")
 
     @property
-    def hidden_size(self) -> int:
-        return self._model_section()["d_model"]
+    def hidden_size(self) -> int | None:
+        return self._model_field("d_model")
 
     @property
-    def num_hidden_layers(self) -> int:
-        return self._model_section()["n_layers"]
+    def num_hidden_layers(self) -> int | None:
+        return self._model_field("n_layers")
 
     @property
-    def num_attention_heads(self) -> int:
-        return self._model_section()["n_heads"]
+    def num_attention_heads(self) -> int | None:
+        return self._model_field("n_heads")
 
     @property
-    def max_position_embeddings(self) -> int:
-        return self._model_section()["max_seq_len"]
+    def max_position_embeddings(self) -> int | None:
+        return self._model_field("max_seq_len")
 
     @property
     def tie_word_embeddings(self) -> bool:
-        return self._model_section()["tie_embeddings"]
+        return bool(self._model_field("tie_embeddings"))
 
 
 @dataclass
@@ -192,7 +189,9 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MMRecConfig, model: LanguageModel | None = None):
         super().__init__(config)
-        recipe = mmrec.recipes.load(config.recipe if config.recipe is not None else config._model_section())
+        if config.recipe is None:
+            raise ValueError("MMRecConfig has no recipe: give one, e.g. MMRecConfig(recipe='tiny') or a recipe dict")
+        recipe = mmrec.recipes.load(config.recipe)
         if model is not None and model.config_json != recipe.model.model_dump_json():
             raise ValueError("the LanguageModel given was not built from this config's recipe")
         self.model = model if model is not None else LanguageModel(recipe.model)
