@@ -81,8 +81,8 @@ class StaticDecoder:
                  kv_splits: int = 0, compile: bool | str = False, donate_state: bool = False):
         if not supports_static(model):
             raise ValueError("no static decode step for this model: a block has none (an MM-Rec block needs a memory "
-                             "with step and complete_chunk), or the model is sharded; mmrec.generate decodes it with "
-                             "eager steps")
+                             "with the static-decode methods of mmrec.contracts.Memory), or the model is sharded; "
+                             "mmrec.generate decodes it with eager steps")
         state.check_compatible(model.config_json)
         self.model = model
         self.length = state.position  # on the host, so that no step has to ask the device

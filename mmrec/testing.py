@@ -360,8 +360,9 @@ def _check_static_decode(model) -> str | None:
         greedy = mmrec.generate(model, ids[:, :prompt], 8, temperature=0)
         _check_greedy(model, ids[:, :prompt], greedy)
         if not supports_static(model):
-            return ("no static decode step (the model's memory has no step/complete_chunk): StaticDecoder refuses it and "
-                    "mmrec.generate decodes with eager steps, the documented fallback; generate works")
+            return ("no static decode step (the memory's supports_static() is false: it lacks the static-decode "
+                    "methods of mmrec.contracts.Memory): StaticDecoder refuses it and mmrec.generate decodes with eager "
+                    "steps, the documented fallback; generate works")
         decoder = StaticDecoder(model, start, max_length=length, cuda_graph=False)
         static = torch.stack([decoder.step(ids[:, t : t + 1]).clone() for t in range(prompt, length)], 1)
         _assert_logits(static, eager, "StaticDecoder steps (cuda_graph=False), against eager steps", offset=prompt)
