@@ -33,6 +33,7 @@ BUILT_INS = [
     pytest.param("recurrences", "delta", {"chunk": 4}, None, id="delta"),  # its own chunks are crossed too
     pytest.param("memories", "hds", None, None, id="hds"),
     pytest.param("memories", "window", None, None, id="window"),
+    pytest.param("memories", "delta", {"chunk": 4}, None, id="delta-memory"),
     pytest.param("recurrences", "delta", {"chunk": 4}, {"memory": {"kind": "window"}}, id="delta-window"),
 ]
 

@@ -42,7 +42,7 @@ from torch import Tensor
 from mmrec.contracts import Recurrence
 from mmrec.layers.short_conv import ShortConv
 from mmrec.ops import accumulation_dtype
-from mmrec.ops.delta_rule import chunk_delta_rule, delta_rule_step
+from mmrec.ops.delta_rule import chunk_delta_rule, chunk_delta_rule_flops, delta_rule_step
 
 
 class DeltaRecurrence(Recurrence):
@@ -71,12 +71,7 @@ class DeltaRecurrence(Recurrence):
         self.conv = ShortConv(2 * d_model, config.conv, init="random") if config.conv is not None else None
 
     def flops_per_token(self, length: int, chunk_size: int) -> float:
-        """The chunked delta rule's matrix products per token (forward and backward, 3 x):
-        per head, within a chunk of C tokens, K Kᵀ, Q Kᵀ, the triangular solve for
-        [V | K] and the product with U (about 10 C d_h), and against the carried state
-        W2 S, Q S and the state update (about 6 d_h²)."""
-        c, d_h = min(self.chunk, length), self.head_dim
-        return 3 * self.n_heads * (10 * c * d_h + 6 * d_h * d_h)
+        return chunk_delta_rule_flops(min(self.chunk, length), self.n_heads, self.head_dim)
 
     def forward(self, z: Tensor, log_decay: Tensor, gate: Tensor, h0: dict | None = None, *,
                 q_r: Tensor, k_r: Tensor, beta: Tensor) -> tuple[Tensor, dict]:
