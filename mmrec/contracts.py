@@ -36,6 +36,11 @@ __all__ = ["Block", "ChunkedMemory", "Memory", "Recurrence", "with_defaults"]
 StateTree = Any  # a tensor or a (nested) dict of tensors: what a layer carries between calls
 
 
+def _missing(variant: nn.Module, method: str) -> str:
+    contract = next(base.__name__ for base in type(variant).__mro__ if base.__module__ == __name__)
+    return f"{type(variant).__name__} must implement {method} (see mmrec.contracts.{contract}.{method})"
+
+
 class Block(nn.Module):
     """A model block: ``LanguageModel`` stacks ``n_layers`` of them, built as
     ``Block(config, layer=i)`` from the recipe's model config.
@@ -58,7 +63,7 @@ class Block(nn.Module):
         must give what one pass gives, and the output at ``t`` may depend on tokens ``<= t``
         only. A ``position`` tensor (0-dim int64) marks a static decode step: ``T = 1``,
         ``state`` is the block's static buffers, updated in place (no host synchronisation)."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "forward"))
 
     def residual_projections(self) -> list[nn.Linear]:
         """The linears that write into the residual stream: initialised with the std scaled
@@ -134,7 +139,7 @@ class Recurrence(nn.Module):
         ``None`` at the start. Returns ``h`` ``[B, T, d]`` (in ``z``'s dtype; the block
         normalises it) and the state to carry: a tensor or a dict of tensors whose size does
         not depend on ``T``. Causal per token; pieces with ``h0`` carried equal one pass."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "forward"))
 
 
 _STATIC = ("static_state", "step", "complete_chunk", "eager_state")
@@ -159,7 +164,7 @@ class Memory(nn.Module):
         of the read (0 outside training). Returns the context ``[B, T, d]`` in ``q``'s dtype
         (the block adds it to the normalised state before ``W_o``) and the next state, whose
         size does not depend on the length and whose tensors are not views of larger ones."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "forward"))
 
     def flops_per_token(self, length: int, chunk_size: int) -> float:
         """Training FLOPs per token (forward and backward) of the reads and writes that the
@@ -209,7 +214,7 @@ class ChunkedMemory(Memory):
 
     def initial_memory(self, batch: int, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Tensor]:
         """The memory before any token (without the chunk in progress)."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "initial_memory"))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, memory: dict[str, Tensor], chunk_size: int, pending: int,
                dropout: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -217,13 +222,14 @@ class ChunkedMemory(Memory):
         key_dim]``, the chunk in progress from its first token on (its ``pending`` earlier
         tokens, then the new ones); ``memory``: after the last complete chunk. Returns the
         context ``[B, T, d]`` and the memory after the ``(pending + T) // C`` complete chunks."""
-        raise NotImplementedError
+        raise NotImplementedError(_missing(self, "attend"))
 
     def initial_state(self, batch: int, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Tensor]:
         """The state before any token: the initial memory and an empty chunk in progress."""
         memory = self.initial_memory(batch, dtype, device)
-        like = next(iter(memory.values()))
-        empty = like.new_zeros(batch, 0, self.key_dim, dtype=dtype, device=device or like.device)
+        if device is None and memory:
+            device = next(iter(memory.values())).device
+        empty = torch.zeros(batch, 0, self.key_dim, dtype=dtype, device=device)
         return {**memory, "pending_k": empty, "pending_v": empty}
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, state: dict[str, Tensor] | None = None,

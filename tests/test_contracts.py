@@ -236,3 +236,16 @@ def test_the_docs_memory_example_equals_a_loop_over_chunks(average):
     context, state = memory(q, k, v, chunk)
     assert torch.allclose(context, torch.cat(expected, 1), atol=1e-12)
     assert torch.allclose(state["average"], average, atol=1e-12)
+
+
+def test_a_method_left_out_is_named():
+    class Unfinished(ChunkedMemory):
+        key_dim = 3
+
+        def initial_memory(self, batch, dtype, device=None):
+            return {}
+
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(NotImplementedError, match=r"Unfinished must implement attend \(see mmrec.contracts.ChunkedMemory.attend\)"):
+        Unfinished()(x, x, x, 4)
+    assert Unfinished().initial_state(2, torch.float64)["pending_k"].shape == (2, 0, 3)  # an empty memory is fine
