@@ -234,6 +234,8 @@ class ChunkedMemory(Memory):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, state: dict[str, Tensor] | None = None,
                 dropout: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`Memory.forward`: the chunk in progress put in front of ``k``, ``v``, then
+        :meth:`attend`; the tokens after the last complete chunk carried on."""
         batch, length, _ = q.shape
         state = self.initial_state(batch, k.dtype, k.device) if state is None else state
         pending = state["pending_k"].shape[1]
