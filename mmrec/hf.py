@@ -24,6 +24,7 @@ never imported ``mmrec.hf`` (``lm_eval --model hf``) loads them with ``trust_rem
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -47,6 +48,7 @@ except ImportError:  # pragma: no cover - the message is the point
 import mmrec
 from mmrec.model import LanguageModel
 from mmrec.state import State, _map
+from mmrec.tokenizer import TOKENIZER_FILE
 
 __all__ = ["LOADER_FILE", "BatchState", "MMRecCausalLMOutput", "MMRecConfig", "MMRecForCausalLM", "hf_tokenizer"]
 
@@ -331,7 +333,9 @@ def hf_tokenizer(tokenizer):
         backend = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=[], byte_fallback=True))
         backend.decoder = tk.decoders.Sequence([tk.decoders.ByteFallback(), tk.decoders.Fuse()])
     elif tokenizer.kind == "bpe":
-        backend = tk.Tokenizer.from_str(tokenizer._tok.to_str())
+        with tempfile.TemporaryDirectory() as folder:  # through its own file, tokenizer.json
+            tokenizer.save(folder)
+            backend = tk.Tokenizer.from_file(str(Path(folder) / TOKENIZER_FILE))
     else:
         raise ValueError(f"no transformers tokenizer for mmrec tokenizer kind {tokenizer.kind!r}")
     nul = backend.encode("\x00", add_special_tokens=False)
