@@ -188,6 +188,7 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _tied_weights_keys: ClassVar[dict[str, str]] = {"model.head.weight": "model.embed.weight"}  # when tied
     _is_stateful = True  # no assisted decoding: a state cannot be rolled back
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: MMRecConfig, model: LanguageModel | None = None):
         super().__init__(config)
@@ -215,6 +216,17 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         if module is self.model:
             self.model.reset_parameters()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """mmrec's activation checkpointing: each block recomputed in the backward pass."""
+        self.model.set_activation_checkpointing(True)
+
+    def gradient_checkpointing_disable(self):
+        self.model.set_activation_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.activation_checkpointing
 
     def get_input_embeddings(self):
         return self.model.embed
@@ -291,8 +303,9 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
         next_state = None
         if want_state:
             next_state = BatchState(states, batch, (state.length if state is not None else 0) + length)
-        return MMRecCausalLMOutput(loss=loss, logits=logits, state=next_state,
-                                   aux_loss=torch.stack(aux).mean() if aux else None)
+        out = MMRecCausalLMOutput(loss=loss, logits=logits, state=next_state,
+                                  aux_loss=torch.stack(aux).mean() if aux else None)
+        return out.to_tuple() if return_dict is False else out
 
     def prepare_inputs_for_generation(self, input_ids, state=None, attention_mask=None, use_cache=None, **kwargs):
         """The tokens the state has not seen yet (all of them on the first step)."""
