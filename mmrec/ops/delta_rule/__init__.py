@@ -1,6 +1,7 @@
 """The gated delta rule (DeltaNet, Gated DeltaNet) on a matrix state per head.
 
-``chunk_delta_rule`` is the production path (chunked, matrix products, pure PyTorch);
+``chunk_delta_rule`` is the production path (chunked: matrix products in PyTorch, and the
+loop over chunks as the custom op ``mmrec::delta_chunk_scan``, a Triton kernel on CUDA);
 ``naive_delta_rule`` the token-by-token reference; ``delta_rule_step`` one decode step.
 Layout ``[B, T, H, D]`` throughout, the state ``[B, H, K, V]``.
 """
