@@ -287,7 +287,7 @@ def test_launch_config_choice():
         torch.set_float32_matmul_precision("highest")
     assert pick_config(5, 24, 40)["BLOCK_C"] == 16 and pick_config(5, 24, 40)["BLOCK_K"] == 32  # padded to tl.dot's 16
     assert pick_config(64, 64, 64, interpret=True)["PRECISION"] == "ieee"
-    assert pick_config(64, 64, 64, config={"BLOCK_V": 32})["BLOCK_V"] == 32
+    assert pick_config(64, 64, 64)["BLOCK_V"] == 32 and pick_config(64, 64, 64, config={"BLOCK_V": 64})["BLOCK_V"] == 64
     with pytest.raises(ValueError, match="power of two"):
         pick_config(64, 64, 64, config={"BLOCK_V": 24})
     with pytest.raises(ValueError, match="cover"):

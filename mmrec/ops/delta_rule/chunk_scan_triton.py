@@ -234,13 +234,14 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
     loop (0: none); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact fp32
     under the interpreter, which ignores it)."""
     block_k = max(16, triton.next_power_of_2(key_dim))
-    # A program holds the chunk's [C, K] operands and a [K, BLOCK_V] fp32 state: up to
-    # K = 64, 64 columns and 4 warps; beyond, 32 columns and 8 warps (sm_90, C = 64: no
-    # spills in either kernel with tf32 products).
+    # A program holds the chunk's [C, K] operands and a [K, BLOCK_V] fp32 state (or its
+    # adjoint). 32 columns, and 8 warps past K = 64: with C = 64 on sm_90, neither kernel
+    # spills with tf32 products (tf32x3, which splits every operand in registers, spills
+    # a little at K = 64 and 1-2 KB a thread at K = 128).
     cfg = {
         "BLOCK_C": max(16, triton.next_power_of_2(size)),
         "BLOCK_K": block_k,
-        "BLOCK_V": max(16, min(64 if block_k <= 64 else 32, triton.next_power_of_2(value_dim))),
+        "BLOCK_V": max(16, min(32, triton.next_power_of_2(value_dim))),
         "num_warps": 4 if block_k <= 64 else 8,
         "STAGES": 0,
         "PRECISION": "ieee" if interpret else default_precision(),
