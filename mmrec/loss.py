@@ -71,7 +71,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g = g.to(dtype)
                 if need_x:
                     grad_x[s : s + chunk] = g @ w
-                if need_w:
+                if need_w and grad_w.dtype == dtype:
+                    grad_w.addmm_(g.T, xc)
+                elif need_w:  # a bf16 product, summed in fp32
                     grad_w += g.T @ xc
         return grad_x, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 

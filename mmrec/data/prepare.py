@@ -368,13 +368,15 @@ def prepare(args: argparse.Namespace) -> dict:
 
     # the tokenizer: trained on a first pass, or loaded
     tokenizer_info: dict = {"file": TOKENIZER_FILE}
-    if args.tokenizer in ("bpe", "byte"):
-        vocab = args.vocab_size if args.tokenizer == "bpe" else 257
-        tok = train_tokenizer(_take(documents("training the tokenizer"), args.tokenizer_train_bytes), vocab,
+    loaded_from = None
+    if args.tokenizer == "bpe":
+        tok = train_tokenizer(_take(documents("training the tokenizer"), args.tokenizer_train_bytes), args.vocab_size,
                               args.eod_token)
-        tokenizer_info.update(kind=args.tokenizer, requested_vocab_size=vocab,
+        tokenizer_info.update(kind="bpe", requested_vocab_size=args.vocab_size,
                               trained_on_bytes=sum(s.bytes for s in sources))
-        loaded_from = None
+    elif args.tokenizer == "byte":  # the byte alphabet needs no text
+        tok = train_tokenizer(iter([]), 257, args.eod_token)
+        tokenizer_info.update(kind="byte")
     else:
         tok, loaded_from = load_tokenizer_file(args.tokenizer)
         tokenizer_info.update(kind="loaded", loaded_from=str(loaded_from.resolve()))
@@ -416,7 +418,7 @@ def prepare(args: argparse.Namespace) -> dict:
         "globs": globs,
         "text_field": args.text_field,
         "sources": [s.summary() for s in sources],
-        "mmrec_version": mmrec.__version__ if hasattr(mmrec, "__version__") else None,
+        "mmrec_version": mmrec.__version__,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_index(work, result)
@@ -457,7 +459,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eod-token", default=EOD_TOKEN, help=f"the end-of-document token (default {EOD_TOKEN})")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of the documents held out (default 0.01)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens a shard file (default 100M)")
-    p.add_argument("--batch-bytes", type=int, default=16_000_000, help="text tokenized at a time (default 16 MB)")
+    p.add_argument("--batch-bytes", type=int, default=4_000_000, help="text tokenized at a time (default 4 MB)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it is a shard folder already")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
