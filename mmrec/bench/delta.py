@@ -128,7 +128,12 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
 
             def measure(call=call, impl=impl, pass_=pass_):
                 reset_peak_memory(device)
-                ms = time_ms(call, device, warmup=args.warmup, repeat=args.repeat)
+                try:
+                    ms = time_ms(call, device, warmup=args.warmup, repeat=args.repeat)
+                except Exception as error:
+                    if type(error).__name__ != "OutOfResources":  # a launch config too large for the chip
+                        raise
+                    return {"error": "out of resources"}
                 if not impl.startswith("kernel"):
                     results[impl, pass_] = call()
                 return {"ms": ms, "tokens_per_s": batch * length / ms * 1e3, "peak_gib": peak_memory_gib(device)}
