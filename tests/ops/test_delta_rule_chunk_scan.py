@@ -110,12 +110,16 @@ def test_gradcheck_and_gradgradcheck():
 def test_opcheck():
     inputs = scan_inputs(batch=2, chunks=3, size=4, key_dim=5, value_dim=3)
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(x.requires_grad_() for x in inputs))
+    # any strides in (a column-major state among them), contiguous outputs as the fake kernel says
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(strided([x.detach() for x in inputs])))
     detached = [x.detach() for x in inputs]
     o, final, _ = delta_chunk_scan(*detached)
     args = (*detached[1:6], torch.randn_like(o), torch.randn_like(final))
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args)
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:5] + (None, args[6]))
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:6] + (None,))
+    column_major = args[6].transpose(-1, -2).contiguous().transpose(-1, -2)
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, (*strided(detached)[1:6], args[5], column_major))
 
 
 @pytest.mark.parametrize("length,chunk,with_h0", [(37, 16, True), (37, 16, False), (50, 64, True), (9, 4, True)])

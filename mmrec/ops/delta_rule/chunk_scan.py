@@ -61,7 +61,7 @@ def _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_
         u = w1[:, :, n] - w2[:, :, n] @ state
         o[:, :, n] = q_decayed[:, :, n] @ state + attn[:, :, n] @ u
         state = chunk_decay[:, :, n, None, None] * state + k_decayed[:, :, n].transpose(-1, -2) @ u
-    return o, state.clone() if chunks == 0 else state, states
+    return o, state.contiguous() if chunks else state.clone(memory_format=torch.contiguous_format), states
 
 
 def _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o: Tensor | None,
@@ -83,8 +83,8 @@ def _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o: Tens
         grad_u.append(du)
     if not chunks:
         return (w2.new_zeros(batch, heads, 0, size, value_dim), w2.new_zeros(batch, heads, 0, key_dim, value_dim),
-                grad_state.clone())
-    return torch.stack(grad_u[::-1], 2), torch.stack(grad_next[::-1], 2), grad_state
+                grad_state.clone(memory_format=torch.contiguous_format))
+    return torch.stack(grad_u[::-1], 2), torch.stack(grad_next[::-1], 2), grad_state.contiguous()
 
 
 def _chunk_gradients(w1, w2, q_decayed, attn, states, grad_o: Tensor | None, grad_u, grad_next) -> tuple[Tensor, ...]:
