@@ -176,7 +176,7 @@ def test_datasets_on_disk(tmp_path, docs, capsys, monkeypatch):
     """The wiring, through a stand-in ``datasets``; the real package where it is installed."""
 
     class FakeDataset:
-        column_names = ["text", "n"]
+        column_names = ("text", "n")
 
         def select_columns(self, columns):
             assert columns == ["text"]

@@ -109,7 +109,7 @@ def test_model_loss_equals_the_loss_of_its_logits_with_tied_embeddings(arch):
     want.backward()
     torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=1e-12)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
     # without gradients long inputs run in pieces: the loss is the mean over all of them
     model.stream_piece = 8

@@ -46,7 +46,13 @@ from tqdm import tqdm
 
 import mmrec
 from mmrec.data import DataError
-from mmrec.data.shards import INDEX_FILE, ShardWriter, is_shard_folder, token_dtype, write_index
+from mmrec.data.shards import (
+    INDEX_FILE,
+    ShardWriter,
+    is_shard_folder,
+    token_dtype,
+    write_index,
+)
 from mmrec.tokenizer import TOKENIZER_FILE, _pieces
 
 DEFAULT_GLOBS = ("*.txt", "*.text", "*.md", "*.rst", "*.markdown", "*.tex", "*.org", "*.jsonl")
@@ -72,7 +78,7 @@ class Source:
     skipped: list[str] = field(default_factory=list)  # files of a folder that could not be read as UTF-8
 
     def summary(self) -> dict:
-        out = {"path": str(self.path), "kind": self.kind, "documents": self.documents, "bytes": self.bytes}
+        out = {"path": str(self.path.resolve()), "kind": self.kind, "documents": self.documents, "bytes": self.bytes}
         if self.kind == "folder":
             out["files"] = len(self.files)
             out["skipped_files"] = len(self.skipped)
