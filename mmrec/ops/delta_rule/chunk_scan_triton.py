@@ -1,8 +1,8 @@
 """Triton kernels for ``mmrec::delta_chunk_scan`` and ``mmrec::delta_chunk_scan_backward``.
 
 The loop over chunks (``chunk_scan.py``) is sequential in the chunk index but independent
-across (batch, head) pairs, and in the forward across columns of ``V`` too: every product
-has ``V`` as its free column index (``W2 S``, ``Qd S``, ``P U``, ``Kdᵀ U``). So each program
+across (batch, head) pairs and across columns of ``V``: every product has ``V`` as its free
+column index (``W2 S``, ``Qd S``, ``P U``, ``Kdᵀ U``). So each program
 takes one (batch·head, block of ``BLOCK_V`` value columns), keeps its ``[K, BLOCK_V]``
 slice of the state on chip in the accumulation dtype for the whole sequence, and walks the
 chunks, doing each chunk's four products with ``tl.dot``. Per chunk the forward reads
@@ -19,8 +19,9 @@ Products take fp32 operands at ``PRECISION`` (``tl.dot``'s ``input_precision``),
 default from ``torch.get_float32_matmul_precision()`` (``default_precision``):
 ``"tf32x3"``, about fp32 accuracy from three tf32 products on the tensor cores, or
 ``"tf32"``, one product (relative error about 1e-3 per product), which needs far fewer
-registers; ``"ieee"`` is exact fp32 on the CUDA cores. The state and every sum stay fp32 (float64 for float64 inputs, which run under
-the interpreter in tests; on CUDA the op runs those through cuBLAS). Sizes that are not
+registers; ``"ieee"`` is exact fp32 on the CUDA cores. The state and every sum stay fp32
+(float64 for float64 inputs, which run under the interpreter in tests; on CUDA the op runs
+those through cuBLAS). Sizes that are not
 powers of two (or below ``tl.dot``'s 16) are padded on chip with masked loads and stores.
 The launchers take any strides, and with ``TRITON_INTERPRET=1`` they run on CPU tensors,
 which is how the CPU tests check them.
