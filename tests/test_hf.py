@@ -210,6 +210,33 @@ def test_labels_give_the_shifted_loss(loaded):
     loaded.zero_grad()
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    recipe, model = small_model()
+    hf = mmrec_hf.MMRecForCausalLM.from_mmrec(model, recipe).train()
+    ids = torch.randint(0, 256, (2, 20))
+
+    def gradients():
+        hf.zero_grad()
+        hf(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in hf.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    hf.gradient_checkpointing_enable()
+    assert hf.is_gradient_checkpointing and model.activation_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+    hf.gradient_checkpointing_disable()
+    assert not model.activation_checkpointing
+
+
+def test_tuple_outputs_when_asked(loaded):
+    ids = torch.randint(0, 256, (1, 9))
+    logits, state = loaded(ids, return_dict=False)
+    assert torch.equal(logits, loaded(ids).logits) and state.length == 9
+
+
 def test_continuing_a_state_equals_one_pass(loaded):
     ids = torch.randint(0, 256, (2, 30))
     with torch.no_grad():
@@ -256,3 +283,22 @@ def test_bpe_tokenizer_gives_mmrecs_ids(tmp_path):
     assert theirs(text).input_ids == mine.encode(text)
     assert theirs.decode(mine.encode(text)) == text
     assert theirs.pad_token_id == mine.encode("\x00")[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_cuda_matches_mmrec_and_each_row_alone():
+    """On a GPU mmrec.generate decodes with CUDA graphs (StaticDecoder) while transformers
+    steps eagerly through the state: the same greedy tokens, padded or not."""
+    recipe, model = small_model()
+    model = model.cuda()
+    hf = mmrec_hf.MMRecForCausalLM.from_mmrec(model, recipe).eval()
+    rows = [row.cuda() for row in random_rows([5, 19, 11])]
+    ids, mask = left_padded(rows)
+    out = hf.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    for i, row in enumerate(rows):
+        expected = mmrec.generate(model, row[None], max_new_tokens=24, temperature=0)[0, len(row):]
+        assert torch.equal(out[i, ids.shape[1]:], expected)
+    beams = hf.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=8, num_beams=3, pad_token_id=0)
+    again = hf.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=8, num_beams=3, pad_token_id=0,
+                        use_cache=False)
+    assert torch.equal(beams, again)
