@@ -226,7 +226,7 @@ def _tokenizers():
     return tokenizers
 
 
-def train_tokenizer(documents: Iterator[str], vocab_size: int, eod_token: str):
+def train_tokenizer(documents: Iterator[str], vocab_size: int, eod_token: str, progress: bool = False):
     """A byte-level BPE of at most ``vocab_size`` tokens, ``eod_token`` one of them (id 0);
     ``vocab_size = 257`` leaves the 256 bytes unmerged."""
     tk = _tokenizers()
@@ -236,7 +236,7 @@ def train_tokenizer(documents: Iterator[str], vocab_size: int, eod_token: str):
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tk.decoders.ByteLevel()
     trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
-                                     special_tokens=[eod_token], show_progress=False)
+                                     special_tokens=[eod_token], show_progress=progress)
     tok.train_from_iterator((p for d in documents for p in _pieces(d)), trainer=trainer)
     return tok
 
@@ -376,8 +376,8 @@ def prepare(args: argparse.Namespace) -> dict:
     tokenizer_info: dict = {"file": TOKENIZER_FILE}
     loaded_from = None
     if args.tokenizer == "bpe":
-        tok = train_tokenizer(_take(documents("training the tokenizer"), args.tokenizer_train_bytes), args.vocab_size,
-                              args.eod_token)
+        tok = train_tokenizer(_take(documents("reading for the tokenizer"), args.tokenizer_train_bytes),
+                              args.vocab_size, args.eod_token, progress=not args.quiet)
         tokenizer_info.update(kind="bpe", requested_vocab_size=args.vocab_size,
                               trained_on_bytes=sum(s.bytes for s in sources))
     elif args.tokenizer == "byte":  # the byte alphabet needs no text
