@@ -1,6 +1,7 @@
 """Token shards: reading by memory map, batching, damaged folders, and training from them."""
 
 import json
+import shutil
 import signal
 
 import numpy as np
@@ -45,8 +46,8 @@ def test_batches_from_shards_equal_batches_from_a_tensor(tmp_path):
     mapped = TokenStream(write_stream(tmp_path, tokens, shard_tokens=250), seq_len=16, seed=5)
     assert len(flat) == len(mapped) and flat.windows_per_epoch == mapped.windows_per_epoch
     for first in (0, 7, 400, 5000):  # later positions reach into later epochs
-        for (x, y), (u, v) in [(flat.batch(first, 8), mapped.batch(first, 8))]:
-            assert torch.equal(x, u) and torch.equal(y, v) and u.dtype == torch.long
+        (x, y), (u, v) = flat.batch(first, 8), mapped.batch(first, 8)
+        assert torch.equal(x, u) and torch.equal(y, v) and u.dtype == torch.long
     assert all(torch.equal(x, u) for (x, _), (u, _) in zip(flat.fixed_batches(3, 4), mapped.fixed_batches(3, 4)))
 
 
@@ -62,8 +63,6 @@ def shard_folder(tmp_path_factory):
 
 
 def test_damaged_folders_are_clear_errors(tmp_path, shard_folder):
-    import shutil
-
     bad = tmp_path / "bad"
     shutil.copytree(shard_folder, bad)
     index = json.loads((bad / "index.json").read_text())
