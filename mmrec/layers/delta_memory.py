@@ -105,7 +105,8 @@ class DeltaMemory(Memory):
             qk, next_state["conv"] = self.conv(qk, state.get("conv"))
         acc = accumulation_dtype(q.dtype)
         q, k = F.silu(qk).to(acc).view(batch, length, 2, heads, head_dim).unbind(2)  # [B, T, H, d_h]
-        beta, log_alpha = (torch.einsum("bthe,he->bth", k, w) + b for w, b in zip(self.gate_weight.to(acc), self.gate_bias.to(acc)))
+        # per head, a dot product with a weight vector (elementwise and a sum: no matmul of a strided view)
+        beta, log_alpha = ((k * w).sum(-1) + b for w, b in zip(self.gate_weight.to(acc), self.gate_bias.to(acc)))
         beta, log_alpha = torch.sigmoid(beta), -F.softplus(log_alpha)  # [B, T, H]
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         v = v.view(batch, length, heads, head_dim)
