@@ -122,6 +122,26 @@ def test_greedy_generate_equals_mmrec_generate(arch):
     assert torch.equal(got, expected)
 
 
+VARIANT_SLOTS = [("memory", "memories", name) for name in mmrec.registry.names("memories")] + [
+    ("recurrence", "recurrences", name) for name in mmrec.registry.names("recurrences")]
+
+
+@pytest.mark.parametrize(("slot", "group", "kind"), VARIANT_SLOTS, ids=[f"{s}-{k}" for s, _, k in VARIANT_SLOTS])
+def test_every_installed_variant_pads_and_reorders_its_state(slot, group, kind):
+    """Built-in and plugin variants alike: left-padded greedy decoding gives mmrec.generate's
+    tokens for each row, and beam search through the state gives what recomputing gives."""
+    recipe, model = small_model("tiny", [*SMALL[:5], f'model.{slot}={{"kind": "{kind}"}}'])
+    hf = mmrec_hf.MMRecForCausalLM.from_mmrec(model, recipe).eval()
+    rows = random_rows([4, 13, 9])
+    ids, mask = left_padded(rows)
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for i, row in enumerate(rows):
+        expected = mmrec.generate(model, row[None], max_new_tokens=8, temperature=0)[0, len(row):]
+        assert torch.equal(out[i, ids.shape[1]:], expected)
+    common = {"attention_mask": mask, "max_new_tokens": 5, "num_beams": 2, "pad_token_id": 0}
+    assert torch.equal(hf.generate(ids, **common), hf.generate(ids, use_cache=False, **common))
+
+
 def test_generate_steps_one_token_at_a_time_through_the_state(loaded, monkeypatch):
     lengths = []
     forward = loaded.model.forward
