@@ -100,6 +100,19 @@ def test_op_matches_loop_float64_with_gradients(outputs, chunks):
         assert err(got, want) < 1e-12, name
 
 
+def test_states_kept_only_for_a_backward():
+    inputs = scan_inputs(chunks=3)
+    with torch.no_grad():
+        o, final, states = delta_chunk_scan(*[x.requires_grad_() for x in inputs])
+    assert states.shape == (3, 2, 0, 24, 40)
+    want_o, want_final, want_states = delta_chunk_scan(*[x.detach() for x in inputs[:6]], inputs[6].detach().requires_grad_())
+    assert want_states.shape == (3, 2, 3, 24, 40)
+    assert torch.equal(o, want_o) and torch.equal(final, want_final)
+    o, final, _ = torch.ops.mmrec.delta_chunk_scan(*inputs, False)  # not through the wrapper
+    with pytest.raises(RuntimeError, match="keep_states"):
+        (o.sum() + final.sum()).backward()
+
+
 def test_gradcheck_and_gradgradcheck():
     inputs = [x.requires_grad_() for x in scan_inputs(batch=1, heads=2, chunks=3, size=2, key_dim=3, value_dim=2)]
     fn = lambda *a: delta_chunk_scan(*a)[:2]  # the states are not differentiable
@@ -112,6 +125,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(x.requires_grad_() for x in inputs))
     # any strides in (a column-major state among them), contiguous outputs as the fake kernel says
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(strided([x.detach() for x in inputs])))
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, (*[x.detach() for x in inputs], False))
     detached = [x.detach() for x in inputs]
     o, final, _ = delta_chunk_scan(*detached)
     args = (*detached[1:6], torch.randn_like(o), torch.randn_like(final))
@@ -267,6 +281,9 @@ def _delta_rule_layouts_check(kernels) -> None:
     grads = kernel_grads(kernels, args, states, grad_o, grad_final)
     errs = {"o": err(o, want_o), "final": err(state, want_state)}
     errs.update({"d" + name: err(got, want) for name, got, want in zip(NAMES, grads, refs)})
+    inference = kernels.chunk_scan_forward(*args, keep_states=False)  # no states written
+    training = kernels.chunk_scan_forward(*args)
+    assert inference[2].shape[2] == 0 and torch.equal(inference[0], training[0]) and torch.equal(inference[1], training[1])
     bad = {k: v for k, v in errs.items() if not v < 1e-12}
     assert not bad, f"chunk_delta_rule layouts: {bad}"
     print("ok chunk_delta_rule layouts: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))

@@ -8,8 +8,8 @@ state ``S`` ``[K, V]``::
     U_n = W1_n − W2_n S_n,    O_n = Qd_n S_n + P_n U_n,    S_{n+1} = g_n S_n + Kd_nᵀ U_n
 
 ``delta_chunk_scan`` is the custom op ``mmrec::delta_chunk_scan``. It returns ``O``, the
-final state and every chunk's starting state ``S_n`` (kept for the backward, never
-differentiated). In the backward only the adjoint ``dS_{n+1}`` (the gradient of the state
+final state and every chunk's starting state ``S_n`` (for the backward, never
+differentiated; not written when no gradient is needed). In the backward only the adjoint ``dS_{n+1}`` (the gradient of the state
 after chunk ``n``) is sequential; the op ``mmrec::delta_chunk_scan_backward`` runs its
 reverse loop and keeps ``dU_n`` and every ``dS_{n+1}``::
 
@@ -49,15 +49,18 @@ def delta_chunk_scan_reference(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_deca
     return torch.stack(outputs, 2), state
 
 
-def _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state) -> tuple[Tensor, Tensor, Tensor]:
-    """The forward loop into preallocated outputs: ``(O, final state, S_n for every n)``."""
+def _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state,
+                       keep_states: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward loop into preallocated outputs: ``(O, final state, S_n for every n)``
+    (no chunk's state without ``keep_states``)."""
     batch, heads, chunks, _, value_dim = w1.shape
     key_dim = w2.shape[-1]
     o = w1.new_empty(w1.shape)
-    states = w1.new_empty(batch, heads, chunks, key_dim, value_dim)
+    states = w1.new_empty(batch, heads, chunks if keep_states else 0, key_dim, value_dim)
     state = initial_state
     for n in range(chunks):
-        states[:, :, n] = state
+        if keep_states:
+            states[:, :, n] = state
         u = w1[:, :, n] - w2[:, :, n] @ state
         o[:, :, n] = q_decayed[:, :, n] @ state + attn[:, :, n] @ u
         state = chunk_decay[:, :, n, None, None] * state + k_decayed[:, :, n].transpose(-1, -2) @ u
@@ -122,25 +125,26 @@ def _use_triton(x: Tensor):
 
 @torch.library.custom_op("mmrec::delta_chunk_scan", mutates_args=())
 def _scan_op(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
-             initial_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+             initial_state: Tensor, keep_states: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     with torch.no_grad():
-        return _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state)
+        return _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)
 
 
 @_scan_op.register_fake
-def _(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state):
+def _(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
     batch, heads, chunks, _, value_dim = w1.shape
     return (w1.new_empty(w1.shape), w1.new_empty(initial_state.shape),
-            w1.new_empty(batch, heads, chunks, w2.shape[-1], value_dim))
+            w1.new_empty(batch, heads, chunks if keep_states else 0, w2.shape[-1], value_dim))
 
 
 @_scan_op.register_kernel("cuda")
-def _(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state):
+def _(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
     kernels = _use_triton(w1)
     if kernels is None:
         with torch.no_grad():
-            return _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state)
-    return kernels.chunk_scan_forward(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state)
+            return _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)
+    return kernels.chunk_scan_forward(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state,
+                                      keep_states=keep_states)
 
 
 @torch.library.custom_op("mmrec::delta_chunk_scan_backward", mutates_args=())
@@ -171,14 +175,17 @@ def _(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
 
 def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(*inputs, output[2])
+    ctx.save_for_backward(*inputs[:7], output[2])
 
 
 def _backward(ctx, grad_o: Tensor | None, grad_final: Tensor | None, _grad_states):
     *inputs, states = ctx.saved_tensors
     w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state = inputs
     if grad_o is None and grad_final is None:
-        return (None,) * 7
+        return (None,) * 8
+    if states.shape[2] != w1.shape[2] and not torch.is_grad_enabled():
+        raise RuntimeError("mmrec::delta_chunk_scan ran with keep_states=False, so it has no states to differentiate "
+                           "with: call it through delta_chunk_scan, which keeps them when a gradient is needed")
     if torch.is_grad_enabled():
         # Double backward: the stored states are constants to autograd, so recompute them
         # through differentiable ops, then the same loop through differentiable ops.
@@ -194,7 +201,7 @@ def _backward(ctx, grad_o: Tensor | None, grad_final: Tensor | None, _grad_state
         # One reverse pass (a Triton kernel on CUDA).
         grad_u, grad_next, grad_initial = torch.ops.mmrec.delta_chunk_scan_backward(
             w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
-    return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial)
+    return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial, None)
 
 
 _scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -209,7 +216,8 @@ def delta_chunk_scan(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tenso
     ``[B, H, K, V]``; all of one dtype, float32 or float64. Any strides.
 
     Returns ``O`` ``[B, H, N, C, V]``, the final state ``[B, H, K, V]`` and the state
-    entering each chunk ``[B, H, N, K, V]`` (not differentiable)."""
+    entering each chunk ``[B, H, N, K, V]`` (not differentiable), which the backward reads:
+    kept only when a gradient will be needed (``[B, H, 0, K, V]`` otherwise)."""
     if w1.dim() != 5:
         raise ValueError(f"delta_chunk_scan expects w1 of shape [batch, heads, chunks, chunk, value_dim], got {tuple(w1.shape)}")
     batch, heads, chunks, size, value_dim = w1.shape
@@ -228,4 +236,5 @@ def delta_chunk_scan(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tenso
                              "cast to the accumulation dtype first")
     if w1.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"delta_chunk_scan runs in float32 or float64, got {w1.dtype}: cast to the accumulation dtype first")
-    return torch.ops.mmrec.delta_chunk_scan(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state)
+    keep_states = torch.is_grad_enabled() and any(x.requires_grad for x in (w1, *given.values()))
+    return torch.ops.mmrec.delta_chunk_scan(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)

@@ -6,8 +6,8 @@ column index (``W2 S``, ``Qd S``, ``P U``, ``Kdᵀ U``). So each program
 takes one (batch·head, block of ``BLOCK_V`` value columns), keeps its ``[K, BLOCK_V]``
 slice of the state on chip in the accumulation dtype for the whole sequence, and walks the
 chunks, doing each chunk's four products with ``tl.dot``. Per chunk the forward reads
-``W1``, ``W2``, ``Qd``, ``Kd``, ``P`` and ``g`` and writes ``O`` and the chunk's starting
-state (for the backward); one launch covers a layer.
+``W1``, ``W2``, ``Qd``, ``Kd``, ``P`` and ``g`` and writes ``O`` and, when a backward will
+follow (``KEEP_STATES``), the chunk's starting state; one launch covers a layer.
 
 The backward kernel runs the adjoint recurrence the other way, ``dU_n = P_nᵀ dO_n +
 Kd_n dS``, ``dS ← Qd_nᵀ dO_n + g_n dS − W2_nᵀ dU_n``, with ``dS`` ``[K, BLOCK_V]`` on chip:
@@ -47,10 +47,11 @@ def _dot(a, b, PRECISION: tl.constexpr):
 def _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
                    s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_on, s_stn,
                    off_w1, off_w2, off_qd, off_kd, off_p, off_o, off_st, mask_cv, mask_ck, mask_cc, mask_kv,
-                   PRECISION: tl.constexpr):
-    """One chunk: store ``S_n``, write ``O_n``, return ``S_{n+1}``."""
+                   KEEP_STATES: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk: store ``S_n`` (with ``KEEP_STATES``), write ``O_n``, return ``S_{n+1}``."""
     n = tl.full((), 0, tl.int64) + n  # 64-bit offsets
-    tl.store(st_ptr + n * s_stn + off_st, s.to(st_ptr.dtype.element_ty), mask=mask_kv)
+    if KEEP_STATES:
+        tl.store(st_ptr + n * s_stn + off_st, s.to(st_ptr.dtype.element_ty), mask=mask_kv)
     w1 = tl.load(w1_ptr + n * s_w1n + off_w1, mask=mask_cv, other=0.0)  # [C, BV]
     w2 = tl.load(w2_ptr + n * s_w2n + off_w2, mask=mask_ck, other=0.0)  # [C, K]
     qd = tl.load(qd_ptr + n * s_qdn + off_qd, mask=mask_ck, other=0.0)  # [C, K]
@@ -77,7 +78,7 @@ def _forward_kernel(
     s_ob, s_oh, s_on, s_oc, s_ov,
     s_slb, s_slh, s_slk, s_slv,
     s_stb, s_sth, s_stn, s_stk, s_stv,
-    PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    KEEP_STATES: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
@@ -115,14 +116,14 @@ def _forward_kernel(
             s = _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
                                s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_on, s_stn,
                                off_w1, off_w2, off_qd, off_kd, off_p, off_o, off_st, mask_cv, mask_ck, mask_cc, mask_kv,
-                               PRECISION)
+                               KEEP_STATES, PRECISION)
     else:
         n = 0
         while n < N:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
             s = _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
                                s_w1n, s_w2n, s_qdn, s_kdn, s_pn, s_gn, s_on, s_stn,
                                off_w1, off_w2, off_qd, off_kd, off_p, off_o, off_st, mask_cv, mask_ck, mask_cc, mask_kv,
-                               PRECISION)
+                               KEEP_STATES, PRECISION)
             n += 1
     tl.store(sl_ptr + b * s_slb + h * s_slh + keys[:, None] * s_slk + cols[None, :] * s_slv,
              s.to(sl_ptr.dtype.element_ty), mask=mask_kv)
@@ -257,9 +258,10 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
 
 
 def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
-                       initial_state: Tensor, *, out: tuple[Tensor, Tensor, Tensor] | None = None,
+                       initial_state: Tensor, *, keep_states: bool = True, out: tuple[Tensor, Tensor, Tensor] | None = None,
                        config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(O, final state, states)`` as ``mmrec::delta_chunk_scan``, one launch.
+    """``(O, final state, states)`` as ``mmrec::delta_chunk_scan``, one launch; without
+    ``keep_states`` no chunk's state is written (``states`` has 0 chunks).
 
     ``out`` takes preallocated outputs; ``config`` overrides the launch config (``pick_config``)."""
     batch, heads, chunks, size, value_dim = w1.shape
@@ -267,7 +269,8 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
     if out is None:
         o = torch.empty(w1.shape, dtype=w1.dtype, device=w1.device)
         final = torch.empty(initial_state.shape, dtype=w1.dtype, device=w1.device)
-        states = torch.empty((batch, heads, chunks, key_dim, value_dim), dtype=w1.dtype, device=w1.device)
+        states = torch.empty((batch, heads, chunks if keep_states else 0, key_dim, value_dim), dtype=w1.dtype,
+                             device=w1.device)
     else:
         o, final, states = out
     if batch * heads * value_dim == 0:
@@ -280,7 +283,7 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
         heads, chunks, size, key_dim, value_dim,
         *w1.stride(), *w2.stride(), *q_decayed.stride(), *k_decayed.stride(), *attn.stride(), *chunk_decay.stride(),
         *initial_state.stride(), *o.stride(), *final.stride(), *states.stride(),
-        **cfg,
+        KEEP_STATES=keep_states, **cfg,
     )
     return o, final, states
 
