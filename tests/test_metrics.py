@@ -62,6 +62,9 @@ def test_wandb_gets_what_tensorboard_gets(tmp_path, offline_wandb):
                 2: {"train/loss": 5.0, "lr": 6e-4, "grad/norm": 0.75}}
     assert by_step(offline_wandb) == by_step(scalars) == expected
     assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == RECORDS
+    import wandb
+
+    wandb.teardown()  # the wandb service writes the run file in the background: wait for it to finish
     written = b"".join(f.read_bytes() for f in (out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert b"train/loss" in written and b"grad/norm" in written  # wandb's own offline record of the run
 
