@@ -236,6 +236,8 @@ def _interpreter_checks() -> None:
         (f64, 1, 3, 2, 16, 16, 16, True, False, "strided", {}, 1e-12),
         (f64, 2, 1, 3, 7, 5, 20, False, True, "strided", {"BLOCK_V": 16, "STAGES": 2}, 1e-12),
         (f32, 3, 1, 2, 20, 24, 40, True, True, "contiguous", {"BLOCK_V": 64, "STAGES": 2}, 1e-5),  # one block
+        # fp32 operands as two bf16 parts each, three products: about 16 bits of mantissa
+        (f32, 2, 2, 3, 20, 24, 40, True, True, "strided", {"PRECISION": "bf16x3"}, 5e-4),
     ]
     for dtype, batch, heads, chunks, size, key_dim, value_dim, with_go, with_gf, layout, config, tol in cases:
         inputs = scan_inputs(batch, heads, chunks, size, key_dim, value_dim, dtype=dtype, generator=gen)
@@ -292,7 +294,7 @@ def _delta_rule_layouts_check(kernels) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 6, out
+    assert out.count("ok ") == 7, out
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -354,6 +356,7 @@ def test_cuda_delta_rule_matches_float64_loop(head_dim, dtype, tol):
     ({}, 1e-5),
     ({"PRECISION": "ieee"}, 1e-5),
     ({"PRECISION": "tf32"}, 5e-3),
+    ({"PRECISION": "bf16x3"}, 5e-4),
     ({"STAGES": 2}, 1e-5),
     ({"BLOCK_V": 16, "num_warps": 4}, 1e-5),
     ({"BLOCK_V": 128, "num_warps": 8}, 1e-5),

@@ -19,7 +19,9 @@ Products take fp32 operands at ``PRECISION`` (``tl.dot``'s ``input_precision``),
 default from ``torch.get_float32_matmul_precision()`` (``default_precision``):
 ``"tf32x3"``, about fp32 accuracy from three tf32 products on the tensor cores, or
 ``"tf32"``, one product (relative error about 1e-3 per product), which needs far fewer
-registers; ``"ieee"`` is exact fp32 on the CUDA cores. The state and every sum stay fp32
+registers. Two more for tuning: ``"bf16x3"``, each fp32 operand split into two bf16 parts
+and three bf16 products (about 16 bits of mantissa: errors near 1e-4 in tests, with half
+tf32x3's registers for the split operands), and ``"ieee"``, exact fp32 on the CUDA cores. The state and every sum stay fp32
 (float64 for float64 inputs, which run under the interpreter in tests; on CUDA the op runs
 those through cuBLAS). Sizes that are not
 powers of two (or below ``tl.dot``'s 16) are padded on chip with masked loads and stores.
@@ -36,11 +38,29 @@ from torch import Tensor
 
 
 @triton.jit
+def _split_bf16(x, UPCAST: tl.constexpr):
+    """fp32 ``x`` as ``hi + lo``, two bf16 parts (about 16 bits of mantissa); with
+    ``UPCAST`` their values as fp32 (the interpreter's 16-bit ``tl.dot`` is not exact)."""
+    hi = x.to(tl.bfloat16)
+    lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+    if UPCAST:
+        return hi.to(tl.float32), lo.to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision=PRECISION)
-    else:
+    """``a @ b`` with fp32 accumulation; fp32 operands at ``PRECISION`` (module docstring)."""
+    if a.dtype != tl.float32:
         return tl.dot(a, b)
+    elif PRECISION == "bf16x3" or PRECISION == "bf16x3-interpret":
+        a_hi, a_lo = _split_bf16(a, PRECISION == "bf16x3-interpret")
+        b_hi, b_lo = _split_bf16(b, PRECISION == "bf16x3-interpret")
+        acc = tl.dot(a_lo, b_hi)  # the small terms first; lo x lo left out
+        acc = tl.dot(a_hi, b_lo, acc)
+        return tl.dot(a_hi, b_hi, acc)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -249,6 +269,8 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
         "PRECISION": "ieee" if interpret else default_precision(),
     }
     cfg.update(config or {})
+    if interpret and cfg["PRECISION"] == "bf16x3":
+        cfg["PRECISION"] = "bf16x3-interpret"
     for name in ("BLOCK_C", "BLOCK_K", "BLOCK_V"):
         if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest tile), got {cfg[name]}")
