@@ -188,14 +188,8 @@ def _backward(ctx, grad_o: Tensor | None, grad_final: Tensor | None, _grad_state
                            "with: call it through delta_chunk_scan, which keeps them when a gradient is needed")
     if torch.is_grad_enabled():
         # Double backward: the stored states are constants to autograd, so recompute them
-        # through differentiable ops, then the same loop through differentiable ops.
-        chunks = w1.shape[2]
-        states, state = [], initial_state
-        for n in range(chunks):
-            states.append(state)
-            u = w1[:, :, n] - w2[:, :, n] @ state
-            state = chunk_decay[:, :, n, None, None] * state + k_decayed[:, :, n].transpose(-1, -2) @ u
-        states = torch.stack(states, 2) if chunks else w1.new_empty(*w1.shape[:3], w2.shape[-1], w1.shape[-1])
+        # (the forward loop, differentiable here), then the reverse loop the same way.
+        states = _forward_composite(*inputs, keep_states=True)[2]
         grad_u, grad_next, grad_initial = _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
     else:
         # One reverse pass (a Triton kernel on CUDA).
