@@ -27,16 +27,18 @@ def static_logits(decoder, ids):
     return torch.stack([decoder.step(ids[:, t : t + 1]).clone() for t in range(ids.shape[1])], 1)
 
 
-def test_hds_memory_step_equals_forward():
+@pytest.mark.parametrize("options", [{"slots": 8, "levels": [0, 1]}, {"slots": 64, "levels": [0, 2, 3], "own_value": 0.1}])
+def test_hds_memory_step_equals_forward(options):
     from mmrec.layers.hds_memory import HDSMemory
 
-    memory = HDSMemory(HDSMemory.Config(slots=8, banks=3, dim=5, levels=[0, 1]), d_model=12, n_heads=3).double()
+    slots = options["slots"]
+    memory = HDSMemory(HDSMemory.Config(banks=3, dim=5, **options), d_model=12, n_heads=3).double()
     with torch.no_grad():  # random parameters well away from their init, and a random start
         for param in memory.parameters():
             param.normal_()
     batch, chunk, length = 2, 5, 17
     q, k, v = torch.randn(batch, length, 12).double(), torch.randn(batch, length, 15).double(), torch.randn(batch, length, 15).double()
-    start = {"memory": torch.randn(batch, 3, 8, 5).double(), "pending_k": k[:, :3], "pending_v": v[:, :3]}
+    start = {"memory": torch.randn(batch, 3, slots, 5).double(), "pending_k": k[:, :3], "pending_v": v[:, :3]}
     with torch.no_grad():
         expected, end = memory(q[:, 3:], k[:, 3:], v[:, 3:], chunk, start)
         static = memory.static_state(start, batch, chunk, torch.float64)

@@ -8,7 +8,9 @@ The sequence is cut into chunks of ``C`` tokens. Per bank, ``M`` slots of width 
 - update: ``Mem_c = (1 - β_c) ⊙ Mem_{c-1} + β_c ⊙ w_c``, a linear recurrence over chunks
   solved by the scan op (no loop over chunks);
 - read: tokens of chunk ``c`` attend over ``Mem_{c-1}`` and its HDS levels (level 1 pools
-  4 slots into one, level 2 pools 16), so no token sees its own chunk.
+  4 slots into one, level 2 pools 16, level 3 pools 64), so no token sees its own chunk;
+  with ``own_value`` (off by default) each token's read also adds its own value, the
+  seeds' ``0.1 · v_t``.
 
 The state is ``memory`` ``[B, banks, M, dim]`` (float32) after the last complete chunk and,
 carried by :class:`mmrec.contracts.ChunkedMemory`, the chunk in progress.
@@ -27,7 +29,7 @@ from mmrec.contracts import ChunkedMemory
 from mmrec.layers.memory_attention import MemoryAttention, sdpa_ready
 from mmrec.ops import accumulation_dtype, linear_scan
 
-LEVEL_POOL = {0: 1, 1: 4, 2: 16}  # slots pooled into one, per HDS level
+LEVEL_POOL = {0: 1, 1: 4, 2: 16, 3: 64}  # slots pooled into one, per HDS level
 
 
 class HDSMemory(ChunkedMemory):
@@ -37,7 +39,14 @@ class HDSMemory(ChunkedMemory):
         slots: PositiveInt = Field(64, description="M: level-0 slots per bank")
         banks: PositiveInt = Field(1, description="independent memory banks (the seeds' num_memories)")
         dim: PositiveInt = Field(64, description="width of one slot (the seeds' mem_dim)")
-        levels: list[Literal[0, 1, 2]] = Field([0, 1, 2], min_length=1, description="HDS levels the read attends over")
+        levels: list[Literal[0, 1, 2, 3]] = Field(
+            [0, 1, 2], min_length=1,
+            description="HDS levels the read attends over: level l pools 4^l slots into one (1, 4, 16, 64)",
+        )
+        own_value: float = Field(
+            0.0, description="weight of each token's own value, projected as the slots' values are, added to its read "
+                             "(the seeds' 0.1·v_t); 0: off",
+        )
 
         @model_validator(mode="after")
         def _levels_fit(self):
@@ -57,6 +66,7 @@ class HDSMemory(ChunkedMemory):
         super().__init__()
         self.banks, self.slots, self.dim = config.banks, config.slots, config.dim
         self.levels = sorted(config.levels)
+        self.own_value = config.own_value
         self.key_dim = config.banks * config.dim  # width of the k and v the block projects
         self.slot_queries = nn.Parameter(torch.empty(config.banks, config.slots, config.dim))
         self.initial = nn.Parameter(torch.empty(config.banks, config.slots, config.dim))  # Mem_{-1}
@@ -70,9 +80,12 @@ class HDSMemory(ChunkedMemory):
     def flops_per_token(self, length: int, chunk_size: int) -> float:
         """Training FLOPs per token of the write (slot queries over the chunk's keys and
         values) and of the read (q·k and p·v over every level's slots); forward and
-        backward, 3 x 2 x 2 per multiply-add pair."""
+        backward, 3 x 2 x 2 per multiply-add pair. With ``own_value``, each token's value
+        also passes the read's value projection (the parameter count covers its use on the
+        slots, not this second use): 3 x 2 per multiply-add."""
         read_slots = sum(self.slots // LEVEL_POOL[level] for level in self.levels)
-        return 12 * read_slots * self.d_model + 12 * self.slots * self.key_dim
+        own = 6 * self.key_dim * self.read.head_dim if self.own_value else 0
+        return 12 * read_slots * self.d_model + 12 * self.slots * self.key_dim + own
 
     def init_weights(self) -> None:
         nn.init.normal_(self.slot_queries, std=1.0)
@@ -153,7 +166,10 @@ class HDSMemory(ChunkedMemory):
             self.hierarchy(rearrange(x, "m (b s n) e -> (b n) m s e", b=batch, n=n_read)) for x in self.read.project(read_slots)
         )
         context = self.read.attend(queries.flatten(0, 1), keys, values, dropout).unflatten(0, (batch, n_read))
-        return self.unchunked(context, pending, length), {"memory": mem}  # the memory in float32
+        context = self.unchunked(context, pending, length)
+        if self.own_value:
+            context = context + self.own_value * self.read.head_values(v[:, pending:])
+        return context, {"memory": mem}  # the memory in float32
 
     # Static decoding (mmrec.decode): one token per step, fixed shapes, buffers updated in
     # place, so that the step can be captured in a CUDA graph. The memory changes only when
@@ -182,7 +198,10 @@ class HDSMemory(ChunkedMemory):
 
     def read_step(self, q: Tensor, static: dict[str, Tensor], index: Tensor, chunk_size: int) -> Tensor:
         """The memory before this chunk, read through the cached keys and values."""
-        return self.read.attend(q, static["keys"], static["values"])
+        context = self.read.attend(q, static["keys"], static["values"])
+        if self.own_value:
+            context = context + self.own_value * self.read.head_values(static["pending_v"].index_select(1, index))
+        return context
 
     def complete_chunk(self, static: dict[str, Tensor]) -> None:
         """Write the complete chunk in ``static`` to its memory, in place (``write`` and the

@@ -13,6 +13,14 @@ would round to 1 or 0; only the logits, in the activations' dtype, are kept for 
 delta rule) asks the block for ``n_heads``; a range of ``decay_init`` is then spread over
 those outputs.
 
+``integration=True`` (off by default) adds the seeds' gated integration, applied by the
+block to the recurrence's output (:meth:`MDI.integrate`):
+``h̃_t = (1 - ι_t) ⊙ h_t + ι_t ⊙ z_t + γ_t ⊙ h_t`` with ``ι_t = σ(W_ι [z_t; h_t] + b_ι)``.
+The seeds' MDI computes ``(1 - g) ⊙ h_prev + g ⊙ z_t + γ ⊙ h_prev`` (the last term its
+"residual") beside the core formula; as a state update its keep factor ``1 - g + γ`` would
+exceed 1, so here it reads the state the recurrence has already formed, per token, which
+keeps every recurrence parallel and adds no state.
+
 ``log γ`` is computed in float32 and returned in the activations' dtype unless asked for
 another (recurrences that keep their state in ``log γ``'s dtype ask for float32). In bf16 it has a
 relative error of at most 2^-8 *of log γ*, so ``γ`` itself is off by a factor
@@ -36,9 +44,11 @@ from mmrec.ops import accumulation_dtype
 
 class MDI(nn.Module):
     def __init__(self, d_model: int, d_context: int, decay_init: float | tuple[float, float] = 0.99, init_std: float = 0.02,
-                 width: int | None = None):
+                 width: int | None = None, integration: bool = False):
         super().__init__()
         width = d_model if width is None else width
+        if integration and d_model % width:
+            raise ValueError(f"the gated integration needs MDI's decays per token ({width}) to divide d_model ({d_model})")
         bounds = decay_init if isinstance(decay_init, (tuple, list)) else (decay_init,)
         if not all(0.0 < g < 1.0 for g in bounds) or list(bounds) != sorted(bounds):
             raise ValueError(f"decay_init must be in (0, 1), or a range (low, high) inside it, got {decay_init}")
@@ -47,6 +57,8 @@ class MDI(nn.Module):
         self.context = nn.Linear(d_context, width, bias=False)  # W_c
         self.decay_bias = nn.Parameter(torch.empty(width))
         self.context_bias = nn.Parameter(torch.empty(width))
+        # W_ι, b_ι of the gated integration, reading [z; h]
+        self.integration = nn.Linear(2 * d_model, d_model) if integration else None
         self.init_std = init_std
         self.init_weights()
 
@@ -67,6 +79,9 @@ class MDI(nn.Module):
         half = self.initial_decay().sqrt()  # each of the two gates gives sqrt(γ_0)
         self.decay_bias.copy_(torch.logit(half))
         self.context_bias.copy_(torch.logit(half))
+        if self.integration is not None:  # ι starts near 1/2 for every token
+            nn.init.normal_(self.integration.weight, std=self.init_std)
+            nn.init.zeros_(self.integration.bias)
 
     def forward(self, z: Tensor, k: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """``z``: ``[B, T, d_model]``, ``k``: ``[B, T, d_context]`` -> ``log γ`` ``[B, T, width]``
@@ -74,6 +89,17 @@ class MDI(nn.Module):
         decay_logit = self.decay(z) + self.decay_bias
         context_logit = self.context(k) + self.context_bias
         return LogSigmoidSum.apply(decay_logit, context_logit, dtype or z.dtype)
+
+
+    def integrate(self, h: Tensor, z: Tensor, log_decay: Tensor) -> Tensor:
+        """The gated integration (``integration=True``): ``h``, ``z`` ``[B, T, d_model]``,
+        ``log_decay`` ``[B, T, width]`` (what :meth:`forward` returned; with fewer decays
+        than channels, e.g. one per head, each covers its group of channels) ->
+        ``(1 - ι) ⊙ h + ι ⊙ z + γ ⊙ h`` ``[B, T, d_model]`` in ``h``'s dtype."""
+        gate = torch.sigmoid(self.integration(torch.cat([z, h], dim=-1)))
+        decay = log_decay.exp().to(h.dtype)
+        residual = (h.unflatten(-1, (decay.shape[-1], -1)) * decay.unsqueeze(-1)).flatten(-2)
+        return (1 - gate) * h + gate * z + residual
 
 
 class LogSigmoidSum(torch.autograd.Function):

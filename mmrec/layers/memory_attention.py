@@ -27,7 +27,7 @@ class MemoryAttention(nn.Module):
         super().__init__()
         if n_heads % banks:
             raise ValueError(f"n_heads ({n_heads}) must be divisible by the memory banks ({banks})")
-        self.n_heads, self.banks = n_heads, banks
+        self.n_heads, self.banks, self.head_dim = n_heads, banks, head_dim
         self.key = nn.Parameter(torch.empty(banks, slot_dim, head_dim))
         self.value = nn.Parameter(torch.empty(banks, slot_dim, head_dim))
         self.init_std = init_std
@@ -41,6 +41,12 @@ class MemoryAttention(nn.Module):
         """Keys and values ``[banks, N, head_dim]`` of ``slots`` ``[banks, N, slot_dim]``."""
         weights = torch.cat([self.key, self.value], dim=-1).to(slots.dtype)  # one matmul for both
         return torch.bmm(slots, weights).chunk(2, dim=-1)
+
+    def head_values(self, v: Tensor) -> Tensor:
+        """``v`` ``[..., banks * slot_dim]`` projected by each bank's value weight, then
+        given to that bank's query heads as ``attend`` groups them: ``[..., n_heads * head_dim]``."""
+        values = torch.einsum("...md,mde->...me", v.unflatten(-1, (self.banks, -1)), self.value.to(v.dtype))
+        return values.repeat_interleave(self.n_heads // self.banks, dim=-2).flatten(-2)
 
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, dropout: float = 0.0) -> Tensor:
         """``q``: ``[N, L, n_heads * head_dim]``; ``keys``, ``values``: ``[N, banks, S, head_dim]``.

@@ -7,6 +7,10 @@ the registered memory gives a long-term context; then
 ``x + dropout(W_o(RMSNorm(h) + context))`` and ``x + FFN(RMSNorm(x))``. The state is
 normalised before ``W_o`` because its scale grows up to ``1 / (1 - γ)`` times the input's.
 
+Options from the seeds, off by default and not measured yet (docs/design.md section 2):
+``gated_integration`` (MDI's ``(1 - ι) ⊙ h + ι ⊙ z + γ ⊙ h`` on the recurrence's output) and
+``pe_dim`` (HEM's ``p = W_p u`` and ``e = W_e p``, added to the memory's context before ``W_o``).
+
 Two options beyond the first design (docs/design.md section 8), off by default: ``short_conv`` passes ``z`` through a short
 causal convolution (:mod:`mmrec.layers.short_conv`) before MDI and the recurrence, and
 ``recurrence_dropout`` drops elements of the recurrence's input (not of what MDI reads),
@@ -66,6 +70,14 @@ class MMRecBlock(contracts.Block):
         )
         short_conv_init: Literal["identity", "random"] = Field("identity", description="the convolution's initial taps")
         recurrence_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the recurrence's input z (training only)")
+        gated_integration: bool = Field(
+            False, description="MDI's gated integration (1-ι)⊙h + ι⊙z + γ⊙h of the recurrence's output, ι = σ(W_ι[z; h]) "
+                               "(the seeds' MDI; not measured yet)",
+        )
+        pe_dim: PositiveInt | None = Field(
+            None, description="width of HEM's projection p = W_p u, whose e = W_e p is added before W_o "
+                              "(the seeds' p, e and pe_dim; not measured yet); null: none",
+        )
 
         variant_groups: ClassVar[dict[str, str]] = {"recurrence": "recurrences", "memory": "memories"}
 
@@ -104,12 +116,21 @@ class MMRecBlock(contracts.Block):
         if taken := set(self.recurrence_inputs) & set(self.widths):
             raise ValueError(f"recurrence {config.recurrence.kind!r} asks for projections named like the block's own: {sorted(taken)}")
         self.widths.update(self.recurrence_inputs)
+        if config.pe_dim is not None:  # the seeds' p (HEM) and e = W_e p
+            if "p" in self.widths:
+                raise ValueError(f"recurrence {config.recurrence.kind!r} asks for a projection named 'p', which pe_dim uses")
+            self.widths["p"] = config.pe_dim
+        self.pe = nn.Linear(config.pe_dim, d, bias=config.bias) if config.pe_dim is not None else None  # W_e
         decay_width = self.recurrence.decay_width(d, config.n_heads)
         self.short_conv = ShortConv(d, config.short_conv, config.short_conv_init) if config.short_conv is not None else None
         self.norm = RMSNorm(d, config.norm_eps)
         self.proj = FusedProjection(d, self.widths, fused=config.hem, bias=config.bias)
         # a recurrence with a decay of its own (``needs_decay = False``) gets no MDI
-        self.mdi = (MDI(d, key_dim, config.decay_init, config.init_std, width=decay_width)
+        if config.gated_integration and not self.recurrence.needs_decay:
+            raise ValueError(f"gated_integration needs MDI's decay, and recurrence {config.recurrence.kind!r} has a decay "
+                             "of its own (no MDI); set gated_integration: false")
+        self.mdi = (MDI(d, key_dim, config.decay_init, config.init_std, width=decay_width,
+                        integration=config.gated_integration)
                     if self.recurrence.needs_decay else None)
         self.state_norm = RMSNorm(d, config.norm_eps)
         self.out = nn.Linear(d, d, bias=config.bias)  # W_o
@@ -184,7 +205,11 @@ class MMRecBlock(contracts.Block):
             context, memory_state = self.memory.step(p["q"], p["k"], p["v"], self.chunk_size, state["memory"], position)
         else:
             context, memory_state = self.memory(p["q"], p["k"], p["v"], self.chunk_size, state.get("memory"), dropout)
+        if self.mdi is not None and self.mdi.integration is not None:
+            h = self.mdi.integrate(h, z, log_decay)
         h = self.state_norm(h.to(x.dtype))
+        if self.pe is not None:
+            context = context + self.pe(p["p"])
         x = x + self.dropout(self.out(h + context))
         x = x + self.ffn(self.ffn_norm(x))
         aux = self.planning(h, u) if (return_aux_loss and self.planning is not None) else None

@@ -14,12 +14,11 @@ def reference(memory_module, q, k, v, chunk_size, memory):
     contexts = []
     for start in range(0, length, chunk_size):
         stop = min(start + chunk_size, length)
-        levels = [memory]
-        if 1 in m.levels:
-            levels.append(memory.reshape(batch, m.banks, m.slots // 4, 4, m.dim).mean(3))
-        if 2 in m.levels:
-            levels.append(memory.reshape(batch, m.banks, m.slots // 16, 16, m.dim).mean(3))
-        contexts.append(m.read(q[:, start:stop], torch.cat(levels, dim=2)))
+        levels = [memory] if 0 in m.levels else []
+        for level, pool in ((1, 4), (2, 16), (3, 64)):
+            if level in m.levels:
+                levels.append(memory.reshape(batch, m.banks, m.slots // pool, pool, m.dim).mean(3))
+        contexts.append(m.read(q[:, start:stop], torch.cat(levels, dim=2)) + m.own_value * own_values(m, v[:, start:stop]))
         keys = k[:, start:stop].reshape(batch, stop - start, m.banks, m.dim).transpose(1, 2)
         values = v[:, start:stop].reshape(batch, stop - start, m.banks, m.dim).transpose(1, 2)
         weights = (m.slot_queries @ keys.transpose(-1, -2) / math.sqrt(m.dim)).softmax(-1)  # [B, banks, M, c]
@@ -29,15 +28,26 @@ def reference(memory_module, q, k, v, chunk_size, memory):
     return torch.cat(contexts, dim=1), memory
 
 
-@pytest.mark.parametrize("length,levels", [(23, [0, 1, 2]), (24, [0, 2]), (5, [0])])
-def test_matches_chunk_loop_float64_with_gradients(length, levels):
-    config = HDSMemory.Config(slots=16, banks=2, dim=5, levels=levels)
+def own_values(m, v):
+    """Each query head's projection of its bank's slice of ``v`` ``[B, L, banks*dim]``, head by head."""
+    heads, group = m.read.n_heads, m.read.n_heads // m.banks
+    slices = v.unflatten(-1, (m.banks, m.dim))
+    return torch.cat([slices[:, :, h // group] @ m.read.value[h // group] for h in range(heads)], dim=-1)
+
+
+@pytest.mark.parametrize(
+    "length,levels,slots,own_value",
+    [(23, [0, 1, 2], 16, 0.0), (24, [0, 2], 16, 0.0), (5, [0], 16, 0.0), (23, [0, 1, 2, 3], 64, 0.0), (23, [1, 3], 64, 0.0),
+     (23, [0, 1], 16, 0.1), (17, [0, 3], 64, -0.7)],
+)
+def test_matches_chunk_loop_float64_with_gradients(length, levels, slots, own_value):
+    config = HDSMemory.Config(slots=slots, banks=2, dim=5, levels=levels, own_value=own_value)
     memory = HDSMemory(config, d_model=12, n_heads=4).double()
     for p in memory.parameters():
         torch.nn.init.normal_(p)
     q = torch.randn(2, length, 12, dtype=torch.float64)
     k, v = torch.randn(2, length, 10, dtype=torch.float64), torch.randn(2, length, 10, dtype=torch.float64)
-    start = torch.randn(2, 2, 16, 5, dtype=torch.float64)
+    start = torch.randn(2, 2, slots, 5, dtype=torch.float64)
     state = {"memory": start, "pending_k": k[:, :0], "pending_v": v[:, :0]}
     context, next_state = memory(q, k, v, chunk_size=6, state=state)
     ref_context, _ = reference(memory, q, k, v, 6, start)
@@ -49,8 +59,13 @@ def test_matches_chunk_loop_float64_with_gradients(length, levels):
     torch.testing.assert_close(next_state["pending_k"], k[:, full:])
     probe = torch.randn_like(context)
     params = [p for name, p in memory.named_parameters() if name != "initial"]  # a start was given
-    got = torch.autograd.grad((context * probe).sum(), params, allow_unused=True, materialize_grads=True)
-    want = torch.autograd.grad((ref_context * probe).sum(), params, allow_unused=True, materialize_grads=True)
+    inputs = [q, k, v]
+    for x in inputs:
+        x.requires_grad_()
+    context, _ = memory(q, k, v, chunk_size=6, state=state)
+    ref_context, _ = reference(memory, q, k, v, 6, start)
+    got = torch.autograd.grad((context * probe).sum(), params + inputs, allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad((ref_context * probe).sum(), params + inputs, allow_unused=True, materialize_grads=True)
     for g, w in zip(got, want):
         if w.abs().max() == 0:  # one chunk: what it writes is read by no token
             assert g.abs().max() == 0
@@ -66,9 +81,10 @@ def test_default_start_is_the_learned_initial_memory():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("own_value", [0.0, 0.3])
 @pytest.mark.parametrize("split", [[1] * 13, [5, 8], [4, 4, 5], [3, 1, 9], [13]])
-def test_pieces_with_carried_state_equal_one_pass(split):
-    memory = HDSMemory(HDSMemory.Config(slots=16, banks=2, dim=3), d_model=8, n_heads=2).double()
+def test_pieces_with_carried_state_equal_one_pass(split, own_value):
+    memory = HDSMemory(HDSMemory.Config(slots=16, banks=2, dim=3, own_value=own_value), d_model=8, n_heads=2).double()
     q, k, v = (torch.randn(2, 13, w, dtype=torch.float64) for w in (8, 6, 6))
     whole, whole_state = memory(q, k, v, chunk_size=4)
     pieces, state, start = [], None, 0
@@ -85,6 +101,30 @@ def test_config_rejects_slots_that_do_not_pool():
     with pytest.raises(ValueError, match="divisible by 16"):
         HDSMemory.Config(slots=24, levels=[0, 1, 2])
     HDSMemory.Config(slots=24, levels=[0, 1])
+    with pytest.raises(ValueError, match="divisible by 64"):
+        HDSMemory.Config(slots=32, levels=[0, 3])
+    with pytest.raises(ValueError):
+        HDSMemory.Config(levels=[0, 4])
+
+
+def test_options_are_off_by_default_and_change_nothing_then():
+    config = HDSMemory.Config()
+    assert config.levels == [0, 1, 2] and config.own_value == 0.0
+    plain = HDSMemory(HDSMemory.Config(slots=16, banks=2, dim=3), d_model=8, n_heads=2).double()
+    explicit = HDSMemory(HDSMemory.Config(slots=16, banks=2, dim=3, own_value=0.0), d_model=8, n_heads=2).double()
+    explicit.load_state_dict(plain.state_dict())
+    q, k, v = (torch.randn(2, 9, w, dtype=torch.float64) for w in (8, 6, 6))
+    assert torch.equal(plain(q, k, v, 4)[0], explicit(q, k, v, 4)[0])
+
+
+def test_flops_count_the_fourth_level_and_the_own_value():
+    def flops(**fields):
+        return HDSMemory(HDSMemory.Config(slots=64, banks=2, dim=5, **fields), d_model=12, n_heads=4).flops_per_token(99, 7)
+
+    write = 12 * 64 * 10
+    assert flops(levels=[0, 1, 2]) == 12 * (64 + 16 + 4) * 12 + write
+    assert flops(levels=[0, 1, 2, 3]) == 12 * (64 + 16 + 4 + 1) * 12 + write
+    assert flops(levels=[0], own_value=0.1) == 12 * 64 * 12 + write + 6 * 10 * 3  # key_dim x head_dim per token
 
 
 def test_bfloat16_memories_are_read_narrow_but_carried_in_float32():

@@ -76,3 +76,34 @@ def test_compiled_gradients_equal_eager(dtype, out_dtype):
     for got, want in zip(gradients(torch.compile(mdi, backend="aot_eager")), gradients(mdi)):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("width", [9, 3, 1])  # per channel, per head of 3 channels, one for all
+def test_gated_integration_matches_formula_float64_with_gradients(width):
+    mdi = MDI(9, 5, decay_init=0.9, width=width, integration=True).double()
+    for p in mdi.parameters():
+        torch.nn.init.normal_(p)
+    h, z = (torch.randn(2, 7, 9, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    log_gamma = mdi(z, k)
+    # written channel by channel: channel c takes decay c // (9 // width)
+    w, b = mdi.integration.weight, mdi.integration.bias
+    gate = torch.sigmoid(z @ w[:, :9].T + h @ w[:, 9:].T + b)
+    gamma = torch.stack([log_gamma[..., c // (9 // width)].exp() for c in range(9)], dim=-1)
+    want = (1 - gate) * h + gate * z + gamma * h
+    got = mdi.integrate(h, z, log_gamma)
+    assert rel_err(got, want) < 1e-12
+    probe = torch.randn_like(want)
+    params = [h, z, k, *mdi.parameters()]
+    grads = torch.autograd.grad((got * probe).sum(), params, retain_graph=True)
+    ref = torch.autograd.grad((want * probe).sum(), params)
+    for g, r in zip(grads, ref):
+        assert rel_err(g, r) < 1e-10
+
+
+def test_gated_integration_is_off_by_default_and_starts_half_open():
+    assert MDI(8, 4).integration is None
+    mdi = MDI(8, 4, integration=True)
+    assert mdi.integration.bias.abs().max() == 0 and mdi.integration.weight.std() < 0.05
+    with pytest.raises(ValueError, match="divide d_model"):
+        MDI(8, 4, width=3, integration=True)

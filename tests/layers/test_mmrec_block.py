@@ -1,0 +1,117 @@
+"""The MM-Rec block's options from the seeds (gated integration, HEM's p and e, the memory
+read's own value, HDS level 3): off by default and then the block is unchanged; on, each
+is the formula it names, causal, and fed in pieces equal to one pass."""
+
+import pytest
+import torch
+
+import mmrec
+from mmrec.layers.mmrec_block import MMRecBlock
+from mmrec.testing import CHECKS, check_variant
+from tests.helpers import rel_err
+
+BLOCK = {"vocab_size": 50, "d_model": 12, "n_layers": 1, "n_heads": 3, "ffn_dim": 20, "chunk_size": 5,
+         "memory": {"kind": "hds", "slots": 16, "banks": 3, "dim": 4}}
+
+
+def config(**options) -> MMRecBlock.Config:
+    return mmrec.recipes.parse({"name": "t", "model": {**BLOCK, **options}}).model
+
+
+def block(**options) -> MMRecBlock:
+    torch.manual_seed(0)
+    module = MMRecBlock(config(**options)).double()
+    with torch.no_grad():  # parameters well away from their init
+        for p in module.parameters():
+            p.normal_(std=0.3)
+    return module
+
+
+def test_options_are_off_by_default():
+    default = config()
+    assert not default.gated_integration and default.pe_dim is None
+    assert default.memory.levels == [0, 1, 2] and default.memory.own_value == 0.0
+    plain = block()
+    assert plain.pe is None and plain.mdi.integration is None and "p" not in plain.widths
+    # every shipped recipe builds the same parameters as before the options existed
+    for name in mmrec.recipes.names():
+        recipe = mmrec.recipes.load(name)
+        if recipe.model.arch == "mmrec":
+            assert not recipe.model.gated_integration and recipe.model.pe_dim is None, name
+            assert recipe.model.memory.kind != "hds" or recipe.model.memory.own_value == 0.0, name
+
+
+def test_options_are_in_the_recipe_schema():
+    text = str(mmrec.recipes.schema())
+    for field in ("gated_integration", "pe_dim", "own_value"):
+        assert field in text
+
+
+def test_explicitly_off_options_give_the_same_block():
+    plain, off = block(), block(gated_integration=False, pe_dim=None, memory={**BLOCK["memory"], "own_value": 0.0})
+    assert plain.state_dict().keys() == off.state_dict().keys()
+    off.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 13, 12, dtype=torch.float64)
+    assert torch.equal(plain(x)[0], off(x)[0])
+
+
+def wired(module: MMRecBlock, x, options: bool = True):
+    """The block's first residual written out (its FFN is zeroed by the caller): what the
+    options add, by hand, around the block's own parts (left out with ``options=False``)."""
+    u = module.norm(x)
+    p = module.proj(u)
+    z = p["z"]
+    log_decay = module.log_decay(z, p["k"])
+    h, _ = module.recurrence(z, log_decay, p.get("g"), None)
+    context, _ = module.memory(p["q"], p["k"], p["v"], module.chunk_size)
+    if options and module.mdi.integration is not None:
+        weight, bias = module.mdi.integration.weight, module.mdi.integration.bias
+        gate = torch.sigmoid(z @ weight[:, :12].T + h @ weight[:, 12:].T + bias)
+        h = (1 - gate) * h + gate * z + log_decay.exp() * h
+    if options and module.pe is not None:
+        context = context + p["p"] @ module.pe.weight.T  # e = W_e p, p = W_p u
+    return x + module.out(module.state_norm(h) + context)
+
+
+@pytest.mark.parametrize("options", [{"gated_integration": True}, {"pe_dim": 5}, {"pe_dim": 7, "hem": False},
+                                     {"gated_integration": True, "pe_dim": 3}])
+def test_options_are_wired_as_written_float64_with_gradients(options):
+    module = block(**options)
+    with torch.no_grad():
+        module.ffn.down.weight.zero_()
+    x = torch.randn(2, 13, 12, dtype=torch.float64, requires_grad=True)
+    got, want = module(x)[0], wired(module, x)
+    assert rel_err(got, want) < 1e-12
+    assert rel_err(got, wired(module, x, options=False)) > 1e-2  # the options do change the block
+    probe = torch.randn_like(got)
+    params = [x, *(p for name, p in module.named_parameters() if name.startswith(("mdi.integration", "pe.", "proj.")))]
+    grads = torch.autograd.grad((got * probe).sum(), params, retain_graph=True)
+    ref = torch.autograd.grad((want * probe).sum(), params)
+    for g, r in zip(grads, ref):
+        assert g.abs().max() > 0 and rel_err(g, r) < 1e-10
+
+
+def test_gated_integration_refused_for_a_recurrence_without_mdi(monkeypatch):
+    from mmrec.layers.parallel_recurrence import ParallelRecurrence
+
+    monkeypatch.setattr(ParallelRecurrence, "needs_decay", False)  # a recurrence with a decay of its own
+    assert block().mdi is None
+    with pytest.raises(ValueError, match="gated_integration needs MDI"):
+        block(gated_integration=True)
+
+
+# the conformance suite (mmrec.testing): causality, pieces equal one pass, save and load,
+# state size, gradients to every parameter, static decoding, for each option on
+OPTIONS = [
+    pytest.param("recurrences", "parallel", None, {"gated_integration": True, "pe_dim": 5}, id="parallel-integration-pe"),
+    pytest.param("recurrences", "exact", None, {"gated_integration": True}, id="exact-integration"),
+    pytest.param("recurrences", "delta", {"chunk": 4}, {"gated_integration": True}, id="delta-integration"),  # γ per head
+    pytest.param("memories", "hds", {"slots": 64, "banks": 2, "dim": 6, "levels": [0, 1, 2, 3], "own_value": 0.1}, None,
+                 id="hds-level3-own-value"),
+]
+
+
+@pytest.mark.parametrize("group,kind,config,overrides", OPTIONS)
+def test_options_pass_the_conformance_suite(group, kind, config, overrides):
+    report = check_variant(group, kind, config, model_overrides=overrides, slow=False)
+    assert report == {name: "ok" for name in CHECKS if name != "compile"}
