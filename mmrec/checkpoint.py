@@ -1,42 +1,47 @@
-"""Training checkpoints: one folder per step, written under a temporary name and renamed.
+"""Training checkpoints: one folder per step, written whole or not at all.
 
 ``<run>/step_000100/`` holds
 
-- ``model.safetensors``: the weights, with the recipe JSON, the step and the tokenizer
-  kind as metadata (``safetensors.safe_open(...).metadata()``);
-- ``trainer.pt``: optimizer, scheduler, RNG states and data position;
-- ``recipe.json``: the same recipe, readable;
+- the weights and the optimizer state, in one of two layouts (below);
+- ``trainer.pt``: scheduler, RNG states and data position (and, in the single-file
+  layout, the optimizer state);
+- ``recipe.json``: the recipe, readable;
 - ``tokenizer.json``: the BPE tokenizer, when one was trained;
 - ``manifest.json``: size and SHA-256 of each file above, written last.
 
-The folder is first written as ``step_000100.tmp``, every file and the folder fsynced,
-then renamed with ``os.replace``; a folder without the ``.tmp`` suffix is therefore
-complete. Loading checks the manifest before reading anything, so a truncated or
-damaged file is reported by name instead of surfacing as a cryptic library error.
-``save_checkpoint`` refuses weights that are not finite (a run that diverged has nothing
-to save; the trainer checks the sharded weights of a distributed run after every update).
+The folder is written as ``step_000100.tmp``, fsynced, and renamed (:mod:`mmrec.atomic`);
+a folder without the ``.tmp`` suffix is therefore complete. Loading checks the manifest
+before reading anything, so a truncated or damaged file is reported by name instead of
+surfacing as a cryptic library error. Weights that are not finite are never saved.
 
-A run of several processes (``torchrun``, FSDP2: see ``mmrec.distributed``) saves with
-``save_distributed_checkpoint`` instead: the same folder, ``.tmp`` and rename (by rank 0,
-after every rank has written), manifest (``"layout": "dcp"``), ``recipe.json`` and
-tokenizer, but the weights and the optimizer state are one ``torch.distributed.checkpoint``
-(DCP) checkpoint in ``dcp/`` (``.metadata`` and a ``__<rank>_0.distcp`` file per rank),
-made from ``torch.distributed.checkpoint.state_dict.get_state_dict``; ``trainer.pt`` then
-holds the rest (scheduler, the RNG states of every rank, data position). DCP re-shards
-on load, so such a checkpoint resumes on any number of processes, a single one included
-(``Checkpoint.load_training_state``), and ``Checkpoint.load_model`` reads its weights
-into a plain model (``python -m mmrec.recipes.generate`` works on it as it is).
-``export_checkpoint`` turns it into the single-file layout above (``python -m
-mmrec.recipes.train --export CHECKPOINT``), optimizer state included, for tools that want
-one ``model.safetensors``.
+Why two layouts. A single process writes ``model.safetensors``: the whole model in one
+file with the recipe JSON, the step and the tokenizer kind as metadata, which
+``safetensors``, ``transformers`` (``mmrec.hf``) and any other tool read without mmrec.
+Several processes (``torchrun``, FSDP2: see ``mmrec.distributed``) hold a shard each,
+and gathering the whole model and optimizer state on one of them would need the memory
+sharding exists to avoid; so they write one ``torch.distributed.checkpoint`` (DCP)
+checkpoint in ``dcp/`` (``.metadata`` and a ``__<rank>_0.distcp`` file per rank, every
+rank writing its own shard), marked ``"layout": "dcp"`` in the manifest, with
+``trainer.pt`` also holding every rank's RNG state. :func:`save_training_checkpoint`
+picks the layout from the model (sharded or not).
+
+Loading has one way in for both layouts and for plain and sharded models alike
+(:meth:`Checkpoint.load_training_state`, :meth:`Checkpoint.load_model`): the stored
+state is read, as whole tensors from ``model.safetensors`` or as the shards this model
+needs from ``dcp/`` (DCP re-shards on load, also into one process), and handed to
+``torch.distributed.checkpoint.state_dict``'s setters, which keep each process's part.
+So either layout resumes on any number of processes, and ``python -m
+mmrec.recipes.generate`` reads either as it is. :func:`export_checkpoint` (``python -m
+mmrec.recipes.train --export CHECKPOINT``) turns a DCP checkpoint into the single-file
+layout, optimizer state included, for tools that want one ``model.safetensors``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -46,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mmrec import atomic
 
 __all__ = [
     "Checkpoint",
@@ -60,6 +67,7 @@ __all__ = [
     "rng_state",
     "save_checkpoint",
     "save_distributed_checkpoint",
+    "save_training_checkpoint",
     "set_rng_state",
 ]
 
@@ -161,24 +169,6 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
 # --------------------------------------------------------------------------- save
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -187,45 +177,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _start(run_dir: Path, step: int) -> tuple[Path, Path]:
-    """``(final, tmp)`` folders for ``step``; ``tmp`` created empty."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / _step_dir_name(step)
-    tmp = run_dir / (final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return final, tmp
-
-
 def _file_record(f: Path) -> dict[str, Any]:
-    _fsync_file(f)
+    atomic.fsync(f)  # several processes: each fsyncs its share of the files
     return {"bytes": f.stat().st_size, "sha256": _sha256(f)}
 
 
-def _finish(run_dir: Path, final: Path, tmp: Path, manifest: dict[str, Any], keep_last: int | None) -> None:
-    """Write the manifest into ``tmp``, fsync, rename ``tmp`` to ``final``, prune."""
+def _step_paths(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """``(final, tmp)``: the folder of ``step`` and the one it is written as."""
+    final = run_dir / _step_dir_name(step)
+    return final, run_dir / (final.name + ".tmp")
+
+
+def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
     with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    for folder in {tmp, *(p.parent for p in tmp.rglob("*"))}:
-        _fsync_dir(folder)
-
-    if final.exists():  # saving the same step again: move the old one aside first
-        old = run_dir / (final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(run_dir)
-
-    if keep_last is not None:
-        prune_checkpoints(run_dir, keep_last)
 
 
 def _write_common(tmp: Path, recipe, trainer_state: dict[str, Any], tokenizer) -> None:
@@ -259,6 +225,26 @@ def name_some(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
+def save_training_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    recipe,
+    trainer_state: dict[str, Any],
+    tokenizer,
+    keep_last: int | None = None,
+) -> Path:
+    """Save a training run's ``model`` and ``optimizer`` in the layout its processes can
+    write (module docstring): the single-file one for a plain model, the DCP one for a
+    sharded model (a collective then: every process calls it). Returns the folder."""
+    if _is_sharded(model):
+        return save_distributed_checkpoint(run_dir, step, model, optimizer, recipe, trainer_state, tokenizer,
+                                           keep_last)
+    return save_checkpoint(run_dir, step, model, recipe, {**trainer_state, "optimizer": optimizer.state_dict()},
+                           tokenizer, keep_last)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -268,31 +254,26 @@ def save_checkpoint(
     tokenizer,
     keep_last: int | None = None,
 ) -> Path:
-    """Write ``run_dir/step_NNNNNN`` atomically and return it. ``recipe`` is the pydantic
-    recipe; ``tokenizer`` anything with ``kind`` and ``save(dir)``; ``keep_last`` prunes
-    older checkpoints after the new one is in place."""
+    """Write ``run_dir/step_NNNNNN`` in the single-file layout and return it. ``recipe`` is
+    the pydantic recipe; ``tokenizer`` anything with ``kind`` and ``save(dir)``;
+    ``keep_last`` prunes older checkpoints after the new one is in place."""
     from safetensors.torch import save_model
 
     run_dir = Path(run_dir)
     if not bool(weights_finite(model)):
         raise CheckpointError(f"refusing to save step {step} under {run_dir}: the weights "
                               f"{name_some(non_finite_parameters(model))} are not finite")
-    final, tmp = _start(run_dir, step)
-    metadata = {
-        "format": FORMAT,
-        "recipe": recipe.model_dump_json(),
-        "step": str(step),
-        "tokenizer": tokenizer.kind,
-    }
-    try:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final, tmp = _step_paths(run_dir, step)
+    metadata = {"format": FORMAT, "recipe": recipe.model_dump_json(), "step": str(step), "tokenizer": tokenizer.kind}
+    with atomic.replacing(final, tmp):  # a failed save leaves no half-written folder behind
+        tmp.mkdir()
         save_model(model, str(tmp / MODEL_FILE), metadata=metadata)
         _write_common(tmp, recipe, trainer_state, tokenizer)
         files = {f.name: _file_record(f) for f in sorted(tmp.iterdir())}
-        manifest = {"format": FORMAT, "step": step, "tokenizer": tokenizer.kind, "files": files}
-    except BaseException:  # a failed save leaves no half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _finish(run_dir, final, tmp, manifest, keep_last)
+        _write_manifest(tmp, {"format": FORMAT, "step": step, "tokenizer": tokenizer.kind, "files": files})
+    if keep_last is not None:
+        prune_checkpoints(run_dir, keep_last)
     return final
 
 
@@ -306,36 +287,41 @@ def save_distributed_checkpoint(
     tokenizer,
     keep_last: int | None = None,
 ) -> Path:
-    """The distributed layout (module docstring) of a sharded ``model`` and its
-    ``optimizer``: a collective, every rank calls it with the same arguments (only rank
-    0's ``trainer_state`` is written). Returns the final folder on every rank, once it is
-    in place."""
+    """The DCP layout (module docstring) of a sharded ``model`` and its ``optimizer``: a
+    collective, every rank calls it with the same arguments (only rank 0's
+    ``trainer_state`` is written, with every rank's RNG state added as ``rng_per_rank``).
+    Returns the final folder on every rank, once it is in place."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     run_dir = Path(run_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
-    final = run_dir / _step_dir_name(step)
-    tmp = run_dir / (final.name + ".tmp")
+    final, tmp = _step_paths(run_dir, step)
+    rng_per_rank = [None] * world
+    dist.all_gather_object(rng_per_rank, rng_state())
     model_state, optim_state = get_state_dict(model, optimizer)
     if rank == 0:
-        _start(run_dir, step)
-    dist.barrier()
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / DCP_DIR)
-    if rank == 0:
-        _write_common(tmp, recipe, trainer_state, tokenizer)
-    dist.barrier()
-    # every rank fsyncs and hashes its share of the files
-    names = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
-    mine = {name: _file_record(tmp / name) for name in names[rank::world]}
-    shares = [None] * world
-    dist.all_gather_object(shares, mine)
-    if rank == 0:
-        files = {name: record for share in shares for name, record in share.items()}
-        manifest = {"format": FORMAT, "layout": LAYOUT_DCP, "step": step, "tokenizer": tokenizer.kind,
-                    "world_size": world, "files": dict(sorted(files.items()))}
-        _finish(run_dir, final, tmp, manifest, keep_last)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    # rank 0 renames the folder once every rank has written its files into it
+    with atomic.replacing(final, tmp) if rank == 0 else contextlib.nullcontext(tmp):
+        if rank == 0:
+            tmp.mkdir()
+        dist.barrier()
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / DCP_DIR)
+        if rank == 0:
+            _write_common(tmp, recipe, {**trainer_state, "rng_per_rank": rng_per_rank}, tokenizer)
+        dist.barrier()
+        # every rank hashes its share of the files
+        names = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
+        shares = [None] * world
+        dist.all_gather_object(shares, {name: _file_record(tmp / name) for name in names[rank::world]})
+        if rank == 0:
+            files = {name: record for share in shares for name, record in share.items()}
+            _write_manifest(tmp, {"format": FORMAT, "layout": LAYOUT_DCP, "step": step, "tokenizer": tokenizer.kind,
+                                  "world_size": world, "files": dict(sorted(files.items()))})
+    if rank == 0 and keep_last is not None:
+        prune_checkpoints(run_dir, keep_last)
     dist.barrier()
     return final
 
@@ -355,27 +341,6 @@ class Checkpoint:
     def recipe_file(self) -> Path:
         return self.path / RECIPE_FILE
 
-    def load_model(self, model: torch.nn.Module) -> None:
-        """Copy the stored weights into ``model`` (same architecture: see ``model_differences``),
-        a plain one or, for a checkpoint of the distributed layout, a sharded one."""
-        if self.layout == LAYOUT_DCP:
-            self._load_dcp(model, None)
-            return
-        from safetensors.torch import load_model
-
-        f = self.path / MODEL_FILE
-        try:
-            missing, unexpected = load_model(model, str(f), strict=False)
-        except Exception as e:  # noqa: BLE001 - safetensors and torch raise various types
-            raise CheckpointError(f"cannot load the weights in {f}: {_one_line(e)}") from None
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {', '.join(sorted(missing)[:5])}")
-            if unexpected:
-                parts.append(f"unexpected {', '.join(sorted(unexpected)[:5])}")
-            raise CheckpointError(f"the weights in {f} do not fit the model: {'; '.join(parts)}")
-
     def trainer_state(self) -> dict[str, Any]:
         f = self.path / TRAINER_FILE
         try:
@@ -383,59 +348,80 @@ class Checkpoint:
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot load the trainer state in {f}: {_one_line(e)}") from None
 
+    def load_model(self, model: torch.nn.Module) -> None:
+        """Copy the stored weights into ``model``, plain or sharded (same architecture: see
+        ``model_differences``)."""
+        self._load(model, None, None)
+
     def load_training_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                             trainer_state: dict[str, Any]) -> None:
         """Weights and optimizer state into ``model`` (plain, or sharded with FSDP2 in a
         process group: a collective then) and ``optimizer``, built over it, whatever
         layout and number of processes the checkpoint was saved with. ``trainer_state`` is
         ``self.trainer_state()``."""
-        if self.layout == LAYOUT_DCP:
-            self._load_dcp(model, optimizer)
-            return
-        if not _is_sharded(model):
-            self.load_model(model)
-            try:
-                optimizer.load_state_dict(trainer_state["optimizer"])
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise self._unfit_optimizer(e) from None
-            return
-        # a single-process checkpoint, resumed by several processes: full states, each rank
-        # keeping its shards (every rank reads the files)
-        from safetensors.torch import load_file
+        self._load(model, optimizer, trainer_state)
+
+    def _load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+              trainer_state: dict[str, Any] | None) -> None:
+        """Read the stored state the layout's way, then set it the one way (module docstring)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
+        if self.layout == LAYOUT_DCP:
+            where = self.path / DCP_DIR
+            unfit = f"cannot load the distributed checkpoint {where}"
+            model_state, optim_state = self._read_dcp(model, optimizer, unfit)
+        else:
+            where = self.path / MODEL_FILE
+            unfit = f"the weights in {where} do not fit the model"
+            model_state, optim_state = self._read_single(model, optimizer, trainer_state)
+        # whole tensors: each process keeps its shard; DCP's are this process's shards already
+        options = StateDictOptions(full_state_dict=self.layout == LAYOUT_SINGLE)
+        try:
+            set_model_state_dict(model, model_state, options=options)
+        except Exception as e:  # noqa: BLE001 - torch raises various types
+            raise CheckpointError(f"{unfit}: {_state_dict_error(e)}") from None
+        if optimizer is None:
+            return
+        try:
+            set_optimizer_state_dict(model, optimizer, optim_state,
+                                     options=StateDictOptions(full_state_dict=options.full_state_dict, strict=False))
+        except (ValueError, KeyError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"the optimizer state in {self.path} does not fit this model: {e}") from None
+        # a parameter that had no optimizer state when saved (it never had a gradient) gets
+        # a placeholder from the setter: forget it
+        _drop_optimizer_state(model, optimizer, set(optim_state["state"]))
+
+    def _read_single(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                     trainer_state: dict[str, Any] | None) -> tuple[dict, dict | None]:
+        """Whole tensors: the weights from ``model.safetensors``, the optimizer state from
+        ``trainer.pt``, keyed by parameter name."""
+        from safetensors.torch import load_file
+
         f = self.path / MODEL_FILE
         try:
-            set_model_state_dict(model, load_file(f), options=StateDictOptions(full_state_dict=True))
-        except Exception as e:  # noqa: BLE001
+            model_state = load_file(f)
+        except Exception as e:  # noqa: BLE001 - safetensors raises various types
             raise CheckpointError(f"cannot load the weights in {f}: {_one_line(e)}") from None
+        if optimizer is None:
+            return model_state, None
         try:
-            state = _optimizer_state_by_name(model, optimizer, trainer_state["optimizer"])
-            kept = set(state["state"])
-            set_optimizer_state_dict(model, optimizer, state,
-                                     options=StateDictOptions(full_state_dict=True, strict=False))
-        except (ValueError, KeyError, RuntimeError, IndexError) as e:
-            raise self._unfit_optimizer(e) from None
-        _drop_optimizer_state(model, optimizer, kept)
+            return model_state, _optimizer_state_by_name(model, optimizer, trainer_state["optimizer"])
+        except (KeyError, IndexError, TypeError) as e:
+            raise CheckpointError(f"the optimizer state in {self.path} does not fit this model: {e}") from None
 
-    def _unfit_optimizer(self, e: BaseException) -> CheckpointError:
-        return CheckpointError(f"the optimizer state in {self.path} does not fit this model: {e}")
-
-    def _load_dcp(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        """Read ``dcp/`` into ``model`` (and ``optimizer``), re-sharding to the current
-        processes; without a process group, into one process."""
+    def _read_dcp(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                  unfit: str) -> tuple[dict, dict | None]:
+        """The shards of ``dcp/`` that this process's ``model`` (and ``optimizer``) hold,
+        re-sharded to the current processes; without a process group, into one process."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
             get_model_state_dict,
             get_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
         )
 
         where = self.path / DCP_DIR
@@ -445,8 +431,7 @@ class Checkpoint:
                 state = {"model": get_model_state_dict(model)}
             else:
                 model_state, optim_state = get_state_dict(model, optimizer)
-                # only the parameters that had optimizer state when saved (a parameter that
-                # never had a gradient has none, and gets none here either)
+                # only the parameters that had optimizer state when saved
                 optim_state["state"] = {name: value for name, value in optim_state["state"].items()
                                         if f"optim.state.{name}.step" in stored}
                 state = {"model": model_state, "optim": optim_state}
@@ -454,12 +439,9 @@ class Checkpoint:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(state, checkpoint_id=where, no_dist=single)
-            set_model_state_dict(model, state["model"])
-            if optimizer is not None:
-                set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
-                _drop_optimizer_state(model, optimizer, set(state["optim"]["state"]))
         except Exception as e:  # noqa: BLE001 - DCP wraps what went wrong in various types
-            raise CheckpointError(f"cannot load the distributed checkpoint {where}: {_one_line(e)}") from None
+            raise CheckpointError(f"{unfit}: {_one_line(e)}") from None
+        return state["model"], state.get("optim")
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
@@ -482,8 +464,7 @@ def _optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Opti
 
 
 def _drop_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, kept: set[str]) -> None:
-    """Forget the state of parameters that had none in the checkpoint (loading fills in a
-    placeholder for them)."""
+    """Forget the state of parameters that had none in the checkpoint."""
     names = {id(p): name for name, p in model.named_parameters()}
     for p in list(optimizer.state):
         if names.get(id(p)) not in kept:
@@ -493,6 +474,14 @@ def _drop_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 def _one_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0] if s else type(e).__name__
+
+
+def _state_dict_error(e: BaseException) -> str:
+    """``load_state_dict``'s "Error(s) in loading state_dict for X:" and its reasons, on one line."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    return "; ".join(lines)[:500] if lines else type(e).__name__
 
 
 def _damaged(file: Path, what: str) -> CheckpointError:
@@ -508,7 +497,8 @@ def _damaged(file: Path, what: str) -> CheckpointError:
 
 def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     """Open a checkpoint folder (or the newest in a run folder) and check every file
-    against the manifest. Raises ``CheckpointError`` naming the first bad file."""
+    against the manifest (``verify``: their SHA-256 too, not only their sizes). Raises
+    ``CheckpointError`` naming the first bad file."""
     from safetensors import safe_open
 
     ckpt = resolve_checkpoint(path)
@@ -566,10 +556,9 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
 
 
 def export_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
-    """Convert a checkpoint of the distributed layout (or the newest in a run folder) into
-    the single-file layout, written as ``run_dir/step_NNNNNN`` and returned: the weights
-    as ``model.safetensors`` with the recipe metadata, and a ``trainer.pt`` with the
-    optimizer state, so that a single process resumes the export as it would the original.
+    """Convert a checkpoint of the DCP layout (or the newest in a run folder) into the
+    single-file layout, written as ``run_dir/step_NNNNNN`` and returned, optimizer state
+    included, so that a single process resumes the export as it would the original.
     Runs in one process, which needs the memory of the whole model and optimizer state."""
     import mmrec
     from mmrec.optim import build_optimizer
@@ -583,12 +572,11 @@ def export_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
     optimizer = build_optimizer(model, recipe.train)
     state = ckpt.trainer_state()
     ckpt.load_training_state(model, optimizer, state)
-    state["optimizer"] = optimizer.state_dict()
     tokenizer = load_tokenizer(ckpt.tokenizer, ckpt.path)
     out = Path(run_dir)
     if (out / _step_dir_name(ckpt.step)).resolve() == ckpt.path.resolve():
         raise CheckpointError(f"the export would replace {ckpt.path} itself: pick another folder")
-    return save_checkpoint(out, ckpt.step, model, recipe, state, tokenizer)
+    return save_training_checkpoint(out, ckpt.step, model, optimizer, recipe, state, tokenizer)
 
 
 # --------------------------------------------------------------------------- compare

@@ -17,14 +17,20 @@ stay fp32.
 
 This module holds the process-group life cycle, the sharding, and the few collectives
 the training loop needs; checkpoints of sharded models are in ``mmrec.checkpoint``.
+The trainer sees them through a :class:`World`: the processes of the run, which without
+``torchrun`` is a world of one whose collectives return their input, so that one code
+path trains on one process and on many.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "World",
     "all_gather_object",
     "any_rank",
     "barrier",
@@ -41,6 +48,7 @@ __all__ = [
     "init",
     "is_distributed",
     "is_main",
+    "join",
     "mean_over_ranks",
     "rank",
     "seed_rank",
@@ -106,6 +114,95 @@ def init(device_name: str | None) -> torch.device:
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def join(device_name: str | None) -> World:
+    """This process's :class:`World`: the process group ``torchrun`` describes (joined
+    here, see :func:`init`), or a world of one on ``device_name`` (default: CUDA when
+    available). Raises ``RuntimeError`` naming a device that cannot be used."""
+    if env_world_size() > 1:
+        device = init(device_name)
+        return World(device, dist.get_rank(), dist.get_world_size())
+    try:
+        device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise RuntimeError(f"--device {device_name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device_name}: this PyTorch sees no CUDA device")
+    return World(device)
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes of a run, as the training loop sees them: ``size`` processes, this
+    one ``rank``, on ``device``. A world of one (no ``torchrun``) is the trivial case:
+    its collectives return their input, ``share`` is the whole batch and ``parallelize``
+    leaves the model whole, so the loop never asks how many processes there are."""
+
+    device: torch.device
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the one process that prints, logs and writes shared files."""
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded over several processes (FSDP2)."""
+        return self.size > 1
+
+    def describe(self) -> str:
+        return f"{self.size} processes on {self.device.type} (FSDP)" if self.sharded else str(self.device)
+
+    def share(self, batch_size: int) -> slice:
+        """This process's contiguous share of every batch of ``batch_size`` samples
+        (``batch_size`` divisible by ``size``)."""
+        n = batch_size // self.size
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def parallelize(self, model: nn.Module, *, param_dtype: torch.dtype | None, compile: bool,
+                    activation_checkpointing: bool) -> Callable:
+        """Set ``model`` up for training, before its parameters get memory: sharded with
+        FSDP2 over several processes (each block compiled, see :func:`shard_model`), whole
+        in one. Returns what the loop calls for the forward pass: the model, or in one
+        process with ``compile`` its ``torch.compile``-d whole (compiled at the first call)."""
+        if self.sharded:
+            return shard_model(model, self.device, param_dtype=param_dtype, compile=compile,
+                               activation_checkpointing=activation_checkpointing)
+        model.set_activation_checkpointing(activation_checkpointing)
+        return torch.compile(model) if compile else model
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` averaged over the processes, in float64 (one all-reduce)."""
+        values = values.double()
+        if self.sharded:
+            dist.all_reduce(values)
+            values /= self.size
+        return values
+
+    def mean_floats(self, values: list[float]) -> list[float]:
+        return mean_over_ranks(values, self.device)
+
+    def max(self, code: int) -> int:
+        """The largest ``code`` over the processes: every one agrees on, e.g., a stop request."""
+        return any_rank(code, self.device)
+
+    def gather(self, obj: Any) -> list:
+        """Every process's ``obj`` (picklable), in rank order."""
+        return all_gather_object(obj)
+
+    def barrier(self) -> None:
+        barrier()
+
+    def seed(self, seed: int, step: int = 0) -> None:
+        """See :func:`seed_rank`."""
+        seed_rank(seed, self.rank, step)
+
+    def leave(self) -> None:
+        """Leave the process group (nothing to leave in a world of one)."""
+        teardown()
 
 
 def shard_model(model: nn.Module, device: torch.device, *, param_dtype: torch.dtype | None = None,
@@ -184,18 +281,19 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def clip_grad_norm(parameters, max_norm: float) -> float:
-    """``clip_grad_norm_`` for FSDP2's DTensor gradients: the norm of the whole (sharded)
-    gradient, reduced over the ranks, then every shard scaled by the same factor. Returns
-    the norm before clipping, the same number on every rank."""
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_``, for plain gradients and FSDP2's DTensor ones alike: the norm of
+    the whole (sharded) gradient, reduced over the ranks, then every shard scaled by the
+    same factor. Returns the norm before clipping (0-dim, on the gradients' device, no host
+    synchronisation), the same on every rank; ``max_norm`` 0 clips nothing."""
     from torch.distributed.tensor import DTensor
 
     parameters = [p for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type=2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()  # the per-rank partial norms, reduced
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
-    return total.item()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm or math.inf, total)
+    return total
 
 
 # --------------------------------------------------------------------------- RNG

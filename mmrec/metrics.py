@@ -17,8 +17,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from mmrec import atomic
 
 
 class NoLog:
@@ -93,12 +96,8 @@ def continue_metrics(path: Path, step: int) -> list[str]:
         kept.append((line, record))
     removed += [line for line, _ in _cut_after(kept, step)]
     if removed or (text and not text.endswith("\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line, _ in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic.replacing(path, path.with_name(path.name + ".tmp")) as tmp:
+            tmp.write_text("".join(line + "\n" for line, _ in kept), encoding="utf-8")
     return removed
 
 
@@ -175,6 +174,22 @@ class MetricsLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.close()
+
+
+def open_run_log(out: Path, main: bool, tensorboard: bool, wandb: bool, resume_step: int | None,
+                 config: dict | None) -> MetricsLog | NoLog:
+    """The log of the run in ``out``: :class:`MetricsLog` in the main process (rank 0), which
+    alone writes it, :class:`NoLog` in the others. Resuming from ``resume_step`` first
+    removes what the stopped run logged past it (:func:`continue_metrics`), saying so."""
+    if not main:
+        return NoLog()
+    if resume_step is not None:
+        removed = continue_metrics(out / "metrics.jsonl", resume_step)
+        if removed:
+            print(f"{out / 'metrics.jsonl'}: removed {len(removed)} records{steps_of(removed)}, written after step "
+                  f"{resume_step} by the run that stopped (they are trained again now)", file=sys.stderr)
+    return MetricsLog(out, tensorboard, purge_step=None if resume_step is None else resume_step + 1, wandb=wandb,
+                      config=config)
 
 
 def steps_of(lines: list[str]) -> str:

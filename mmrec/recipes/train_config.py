@@ -19,6 +19,10 @@ MAX_LR = 1.0
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
+class TrainError(ValueError):
+    """A problem with a run's settings that the user can fix."""
+
+
 class TrainConfig(BaseModel):
     """Optimisation and run settings. Every field can be overridden with ``--set train.X=...``."""
 
