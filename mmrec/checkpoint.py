@@ -406,6 +406,11 @@ class Checkpoint:
             model_state = load_file(f)
         except Exception as e:  # noqa: BLE001 - safetensors raises various types
             raise CheckpointError(f"cannot load the weights in {f}: {_one_line(e)}") from None
+        missing, unexpected = _names_unmatched(model, set(model_state))
+        if missing or unexpected:
+            parts = [f"{what} {', '.join(names[:5])}" for what, names in (("missing", missing), ("unexpected", unexpected))
+                     if names]
+            raise CheckpointError(f"the weights in {f} do not fit the model: {'; '.join(parts)}")
         if optimizer is None:
             return model_state, None
         try:
@@ -448,6 +453,19 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _names_unmatched(model: torch.nn.Module, stored: set[str]) -> tuple[list[str], list[str]]:
+    """``(missing, unexpected)``: the model's tensors of which ``stored`` names none, and the
+    names in ``stored`` that are none of the model's. A tensor the model holds under
+    several names (a head tied to the embedding) is stored under one of them
+    (``safetensors.torch.save_model``)."""
+    aliases: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(t), []).append(name)
+    missing = sorted(names[0] for names in aliases.values() if not stored.intersection(names))
+    unexpected = sorted(stored.difference(name for names in aliases.values() for name in names))
+    return missing, unexpected
 
 
 def _optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -30,6 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mmrec import atomic
+
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no checksum (loads with a warning)
 
@@ -93,10 +95,9 @@ class State:
         metadata["sha256"] = checksum(tensors, metadata)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # never a name the user has
         try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
+            with atomic.replacing(path, tmp, durable=False):
+                save_file(tensors, str(tmp), metadata=metadata)
         except (OSError, SafetensorError, RuntimeError) as error:
-            tmp.unlink(missing_ok=True)
             raise StateError(f"cannot write state file {str(path)!r}: {error}") from None
 
     @classmethod

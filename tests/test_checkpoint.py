@@ -171,3 +171,55 @@ def test_rng_state_round_trip(tmp_path):
     ck.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), torch.rand(3))
     assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+
+
+def test_training_state_round_trip_through_the_one_load_path(tmp_path, recipe):
+    """``save_training_checkpoint`` of a plain model writes the single-file layout; loading
+    it back (through ``torch.distributed.checkpoint.state_dict``'s setters) restores the
+    weights and every optimizer state tensor exactly, and gives a parameter that had no
+    state (no gradient) none."""
+    torch.manual_seed(0)
+
+    def build():
+        model = Tiny()
+        model.unused = torch.nn.Parameter(torch.zeros(2))  # never gets a gradient
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    model, optimizer = build()
+    for _ in range(2):
+        model.head(model.lin(model.embed(torch.tensor([1, 2, 3])))).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = {"step": 2, "rng": ck.rng_state(), "data": {}}
+    path = ck.save_training_checkpoint(tmp_path, 2, model, optimizer, recipe, state, ByteTokenizer())
+    loaded = ck.load_checkpoint(path)
+    assert loaded.layout == "single" and "optimizer" in loaded.trainer_state()
+
+    other, other_optimizer = build()
+    loaded.load_training_state(other, other_optimizer, loaded.trainer_state())
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(a, b), name
+    assert other.head.weight is other.embed.weight
+    expected, got = optimizer.state_dict(), other_optimizer.state_dict()
+    assert got["state"].keys() == expected["state"].keys() and len(got["state"]) == 3  # not `unused`
+    for i, s in expected["state"].items():
+        assert s.keys() == got["state"][i].keys() and all(torch.equal(s[k], got["state"][i][k]) for k in s)
+    # the setter hands betas over as a list, which AdamW unpacks alike
+    assert [{**g, "betas": tuple(g["betas"])} for g in got["param_groups"]] == expected["param_groups"]
+
+
+def test_a_training_state_of_another_model_is_refused(tmp_path, recipe):
+    model = Tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model.lin(torch.ones(4)).sum().backward()
+    optimizer.step()
+    path = ck.save_training_checkpoint(tmp_path, 1, model, optimizer, recipe, {"step": 1}, ByteTokenizer())
+    other = Tiny()
+    other.extra = torch.nn.Linear(4, 4)
+    loaded = ck.load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="do not fit the model: missing extra.bias, extra.weight$"):
+        loaded.load_training_state(other, torch.optim.AdamW(other.parameters()), loaded.trainer_state())
+    other = Tiny()
+    other.lin = torch.nn.Linear(4, 5)
+    with pytest.raises(CheckpointError, match="do not fit the model: size mismatch for lin.weight"):
+        loaded.load_model(other)

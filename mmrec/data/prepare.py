@@ -45,6 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 import mmrec
+from mmrec import atomic
 from mmrec.data import DataError
 from mmrec.data.shards import (
     INDEX_FILE,
@@ -344,17 +345,6 @@ def check_output(out: Path, overwrite: bool) -> None:
                                    f"(no {INDEX_FILE}); choose another --out")
 
 
-def work_folder(out: Path, overwrite: bool) -> Path:
-    """The hidden folder beside ``out`` that the shards are written into, fresh; it
-    becomes ``out`` when done."""
-    check_output(out, overwrite)
-    work = out.parent / f".{out.name}.partial"
-    if work.exists():  # left by a run that was stopped
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    return work
-
-
 def prepare(args: argparse.Namespace) -> dict:
     """Write the shard folder ``args.out``; its index."""
     started = time.perf_counter()
@@ -395,42 +385,39 @@ def prepare(args: argparse.Namespace) -> dict:
     tokenizer_info["vocab_size"] = vocab_size
     dtype = token_dtype(vocab_size)
 
-    work = work_folder(out, args.overwrite)
-    if loaded_from is not None:
-        shutil.copyfile(loaded_from, work / TOKENIZER_FILE)  # byte for byte: used as is
-    else:
-        tok.save(str(work / TOKENIZER_FILE))
-    try:
+    check_output(out, args.overwrite)  # again: the tokenizer may have taken long
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written into a hidden folder beside out, which becomes out when done (mmrec.atomic);
+    # shards are not fsynced: a crash costs a run of prepare again, never a half folder
+    with atomic.replacing(out, out.parent / f".{out.name}.partial", durable=False) as work:
+        work.mkdir()
+        if loaded_from is not None:
+            shutil.copyfile(loaded_from, work / TOKENIZER_FILE)  # byte for byte: used as is
+        else:
+            tok.save(str(work / TOKENIZER_FILE))
         splits, count = write_shards(tok, documents("tokenizing"), eod_id, work, dtype, args)
-    except BaseException:
-        shutil.rmtree(work)
-        raise
-    if count == 0 or splits["val"]["tokens"] == 0:
-        shutil.rmtree(work)
         if count == 0:
             raise PrepareError("the inputs hold no text (every document is empty)")
-        raise PrepareError(f"{count} documents leave none for validation at --val-fraction {args.val_fraction}; "
-                           f"raise it to at least {1 / count:.3g} or give more documents")
-    result = {
-        "dtype": dtype.name,
-        "eod_id": eod_id,
-        "eod_token": args.eod_token,
-        "tokenizer": tokenizer_info,
-        "splits": splits,
-        "documents": count,
-        "input_bytes": sum(s.bytes for s in sources),
-        "val_fraction": args.val_fraction,
-        "shard_tokens": args.shard_tokens,
-        "globs": globs,
-        "text_field": args.text_field,
-        "sources": [s.summary() for s in sources],
-        "mmrec_version": mmrec.__version__,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    write_index(work, result)
-    if out.exists():
-        shutil.rmtree(out)  # empty, or a shard folder and --overwrite
-    work.rename(out)
+        if splits["val"]["tokens"] == 0:
+            raise PrepareError(f"{count} documents leave none for validation at --val-fraction {args.val_fraction}; "
+                               f"raise it to at least {1 / count:.3g} or give more documents")
+        result = {
+            "dtype": dtype.name,
+            "eod_id": eod_id,
+            "eod_token": args.eod_token,
+            "tokenizer": tokenizer_info,
+            "splits": splits,
+            "documents": count,
+            "input_bytes": sum(s.bytes for s in sources),
+            "val_fraction": args.val_fraction,
+            "shard_tokens": args.shard_tokens,
+            "globs": globs,
+            "text_field": args.text_field,
+            "sources": [s.summary() for s in sources],
+            "mmrec_version": mmrec.__version__,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        write_index(work, result)
     skipped = [f for s in sources for f in s.skipped]
     if skipped and not args.quiet:
         print(f"skipped {len(skipped)} files that are not UTF-8 text or could not be read (e.g. {skipped[0]})",
