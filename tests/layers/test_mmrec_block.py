@@ -115,3 +115,9 @@ OPTIONS = [
 def test_options_pass_the_conformance_suite(group, kind, config, overrides):
     report = check_variant(group, kind, config, model_overrides=overrides, slow=False)
     assert report == {name: "ok" for name in CHECKS if name != "compile"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group,kind,config,overrides", OPTIONS)
+def test_options_compile(group, kind, config, overrides):
+    assert check_variant(group, kind, config, model_overrides=overrides, checks=["compile"], compile_backend="aot_eager") == {"compile": "ok"}
