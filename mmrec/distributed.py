@@ -176,13 +176,14 @@ class World:
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` averaged over the processes, in float64 (one all-reduce)."""
-        values = values.double()
+        values = values.to(torch.float64, copy=True)
         if self.sharded:
             dist.all_reduce(values)
             values /= self.size
         return values
 
     def mean_floats(self, values: list[float]) -> list[float]:
+        """Each of ``values`` averaged over the processes (see :func:`mean_over_ranks`)."""
         return mean_over_ranks(values, self.device)
 
     def max(self, code: int) -> int:
@@ -202,7 +203,8 @@ class World:
 
     def leave(self) -> None:
         """Leave the process group (nothing to leave in a world of one)."""
-        teardown()
+        if self.sharded:
+            teardown()
 
 
 def shard_model(model: nn.Module, device: torch.device, *, param_dtype: torch.dtype | None = None,

@@ -59,6 +59,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -198,6 +199,25 @@ def build_model(recipe) -> mmrec.LanguageModel:
     return model
 
 
+def initialise(model: mmrec.LanguageModel, world: World, train) -> Callable:
+    """Give ``model``, fresh from ``build_model``, memory and its initial weights, set up
+    for ``world`` (:meth:`World.parallelize`); returns what the loop calls for the forward
+    pass. A model on the meta device is sharded before it gets memory, so that each
+    process allocates only its shards, and initialised in place: the same initial weights
+    whatever the number of processes. Other processes than rank 0 then get RNG streams of
+    their own (dropout)."""
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        model.to(world.device)
+    forward = world.parallelize(model, param_dtype=param_dtype_for(world.device, train.dtype), compile=train.compile,
+                                activation_checkpointing=train.activation_checkpointing)
+    if on_meta:
+        model.to_empty(device=world.device)
+    model.reset_parameters(seed=train.seed)
+    world.seed(train.seed)
+    return forward
+
+
 def param_dtype_for(device: torch.device, dtype: str) -> torch.dtype | None:
     """FSDP's compute dtype for the gathered parameters: bf16 where training computes in
     bf16 on CUDA (fp32 master weights stay sharded), otherwise the stored fp32."""
@@ -247,22 +267,12 @@ class Trainer:
             self.peak_tflops = matmul_tflops(device)
             torch.cuda.empty_cache()
 
-        # Model, optimizer, schedule; a checkpoint's states replace the fresh ones. The model
-        # is built on the meta device where it can be (no memory), sharded, then given memory
-        # and initialised in place: the same initial weights whatever the number of processes.
+        # Model, optimizer, schedule; a checkpoint's states replace the fresh ones.
         random.seed(train.seed)
         torch.manual_seed(train.seed)
         model = self.model = build_model(recipe)
-        on_meta = any(p.is_meta for p in model.parameters())
-        if not on_meta:
-            model.to(device)
         self.n_params, flops_per_token = model.num_parameters(), model.flops_per_token(train.seq_len)
-        self.forward = world.parallelize(model, param_dtype=param_dtype_for(device, train.dtype),
-                                         compile=train.compile, activation_checkpointing=train.activation_checkpointing)
-        if on_meta:
-            model.to_empty(device=device)
-        model.reset_parameters(seed=train.seed)
-        world.seed(train.seed)
+        self.forward = initialise(model, world, train)
         self.optimizer = build_optimizer(model, train)
         self.scheduler = build_scheduler(self.optimizer, train)
         self.step = 0
@@ -324,64 +334,50 @@ class Trainer:
             stats["aux_loss"] = aux_value
         return stats
 
-    def validate(self) -> float:
+    def validate(self, say: Callable[[str], None]) -> float:
+        """The validation loss, logged and said; a new lowest one is kept in ``best/``
+        (``train.save_best``)."""
         [loss] = self.world.mean_floats([evaluate(self.forward, self.val_batches, self.world.device, self.autocast)])
-        self.log.write({"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+        step = self.step
+        self.log.write({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+        say(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
+        if self.best_val_loss is None or loss < self.best_val_loss:
+            self.best_val_loss = loss
+            best = self.checkpointer.save_best(step, self.model, self.optimizer, self.scheduler, loss)
+            if best is not None:
+                say(f"step {step}: lowest validation loss so far, saved {best}")
         return loss
-
-    def save(self, best: bool = False) -> Path | None:
-        saver = self.checkpointer.save_best if best else self.checkpointer.save
-        return saver(self.step, self.model, self.optimizer, self.scheduler, self.best_val_loss)
 
     def fit(self) -> int:
         """Train to ``train.steps``; the exit status."""
-        args, world, train, recipe, setup = self.args, self.world, self.train, self.recipe, self.setup
-        out, resume, main_rank = setup.out, setup.resume, world.is_main
+        world, train, setup = self.world, self.train, self.setup
+        main_rank, resume = world.is_main, setup.resume
         if main_rank:
-            if self.peak_tflops is not None:
-                print(f"MFU against {self.peak_tflops:.4g} TFLOP/s per device "
-                      f"({'given' if args.peak_tflops is not None else 'measured bf16 matmul'})")
-            print(f"{recipe.name}: {self.n_params / 1e6:.2f}M parameters on {world.describe()}; "
-                  f"data {setup.corpus.name}: {len(setup.train_data):,} training and {setup.val_tokens.numel():,} "
-                  f"validation {setup.tokenizer.kind} tokens (vocabulary {setup.tokenizer.vocab_size}); run folder {out}")
-            if resume is not None:
-                print(f"resuming from {resume.path} at step {self.step}")
-        self.log = open_run_log(out, world.is_main, args.tensorboard, args.wandb,
+            self.announce()
+        self.log = open_run_log(setup.out, main_rank, self.args.tensorboard, self.args.wandb,
                                 resume_step=self.step if resume is not None else None,
-                                config=recipe.model_dump(mode="json"))
+                                config=self.recipe.model_dump(mode="json"))
         if resume is not None:
             self.log.write({"event": "resume", "step": self.step, "from": str(resume.path)})
-        val_loss = None
         saved_step = self.step if resume is not None else None
+        val_loss = None
         try:
             with StopSignal(world) as stop, tqdm(
-                    total=train.steps, initial=self.step, unit="step", dynamic_ncols=True, desc=f"train {recipe.name}",
-                    disable=not main_rank) as bar:
+                    total=train.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                    desc=f"train {self.recipe.name}", disable=not main_rank) as bar:
                 say = bar.write if main_rank else (lambda text: None)
                 self.model.train()
                 while self.step < train.steps and stop.agree() is None:
                     lr, started = self.optimizer.param_groups[0]["lr"], time.perf_counter()
                     stats = self.train_step()
-                    step = self.step
-                    speed = self.meter.step(time.perf_counter() - started)
-                    self.log.write({"step": step, **{f"train_{k}": v for k, v in stats.items()}, "train_lr": lr,
-                                    **{f"train_{k}": v for k, v in speed.items()},
-                                    "train_tokens": step * self.tokens_per_step})
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{speed['tokens_per_s']:,.0f}", lr=f"{lr:.2e}",
-                                    **self.meter.postfix(speed), refresh=False)
-                    bar.update(1)
-                    if step % train.eval_every == 0 or step == train.steps:
-                        val_loss = self.validate()
-                        say(f"step {step}: validation loss {val_loss:.4f}, "
-                            f"perplexity {math.exp(min(val_loss, 50)):.2f}")
-                        if self.best_val_loss is None or val_loss < self.best_val_loss:
-                            self.best_val_loss = val_loss
-                            best = self.save(best=True)
-                            if best is not None:
-                                say(f"step {step}: lowest validation loss so far, saved {best}")
-                    if self.checkpointer.due(step, stopping=stop.agree() is not None):
-                        say(f"step {step}: saved {self.save()}")
-                        saved_step = step
+                    self.log_step(stats, lr, time.perf_counter() - started, bar)
+                    if self.step % train.eval_every == 0 or self.step == train.steps:
+                        val_loss = self.validate(say)
+                    if self.checkpointer.due(self.step, stopping=stop.agree() is not None):
+                        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
+                                                      self.best_val_loss)
+                        say(f"step {self.step}: saved {path}")
+                        saved_step = self.step
                 signum = stop.agree()
             summary = self.meter.summary()
             if summary:
@@ -403,23 +399,45 @@ class Trainer:
 
         if signum is not None:
             if main_rank:
-                where = (f"checkpoint {self.checkpointer.last()}" if saved_step
-                         else "no checkpoint (train.save is off)" if not train.save
-                         else "no checkpoint (no step had finished)")
-                command = (f"torchrun --nproc-per-node N -m mmrec.recipes.train --resume {out} (any N, 1 included)"
-                           if world.sharded else f"python -m mmrec.recipes.train --resume {out}")
-                print(f"stopped by {signal.Signals(signum).name} at step {self.step}; {where}. Continue with: {command}",
-                      file=sys.stderr)
+                self.report_stop(signum, saved_step)
             return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
-
         if main_rank:
             if summary:
                 print(self.meter.describe(summary))
             print(f"validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f} "
-                  f"(step {self.step}, {out})")
+                  f"(step {self.step}, {setup.out})")
         if train.sample_tokens > 0:  # with several processes every one runs the sharded model; rank 0 prints
-            print_sample(self.model, setup.tokenizer, setup.val_tokens, recipe, self.autocast, show=main_rank)
+            print_sample(self.model, setup.tokenizer, setup.val_tokens, self.recipe, self.autocast, show=main_rank)
         return 0
+
+    def log_step(self, stats: dict, lr: float, seconds: float, bar: tqdm) -> None:
+        speed = self.meter.step(seconds)
+        self.log.write({"step": self.step, **{f"train_{k}": v for k, v in stats.items()}, "train_lr": lr,
+                        **{f"train_{k}": v for k, v in speed.items()}, "train_tokens": self.step * self.tokens_per_step})
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{speed['tokens_per_s']:,.0f}", lr=f"{lr:.2e}",
+                        **self.meter.postfix(speed), refresh=False)
+        bar.update(1)
+
+    def announce(self) -> None:
+        setup, tokenizer = self.setup, self.setup.tokenizer
+        if self.peak_tflops is not None:
+            print(f"MFU against {self.peak_tflops:.4g} TFLOP/s per device "
+                  f"({'given' if self.args.peak_tflops is not None else 'measured bf16 matmul'})")
+        print(f"{self.recipe.name}: {self.n_params / 1e6:.2f}M parameters on {self.world.describe()}; "
+              f"data {setup.corpus.name}: {len(setup.train_data):,} training and {setup.val_tokens.numel():,} "
+              f"validation {tokenizer.kind} tokens (vocabulary {tokenizer.vocab_size}); run folder {setup.out}")
+        if setup.resume is not None:
+            print(f"resuming from {setup.resume.path} at step {self.step}")
+
+    def report_stop(self, signum: int, saved_step: int | None) -> None:
+        out = self.setup.out
+        where = (f"checkpoint {self.checkpointer.last()}" if saved_step
+                 else "no checkpoint (train.save is off)" if not self.train.save
+                 else "no checkpoint (no step had finished)")
+        command = (f"torchrun --nproc-per-node N -m mmrec.recipes.train --resume {out} (any N, 1 included)"
+                   if self.world.sharded else f"python -m mmrec.recipes.train --resume {out}")
+        print(f"stopped by {signal.Signals(signum).name} at step {self.step}; {where}. Continue with: {command}",
+              file=sys.stderr)
 
 
 def print_sample(model, tokenizer: Tokenizer, val_tokens: torch.Tensor, recipe, autocast, show: bool = True) -> None:
