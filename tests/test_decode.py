@@ -225,10 +225,15 @@ def test_memory_without_a_static_step_falls_back_to_eager():
     assert torch.equal(mmrec.generate(fifo, prompt, 4, temperature=0), mmrec.generate(fifo, prompt, 4, temperature=0, cuda_graph=False))
 
 
+# the seeds' options, all on (docs/design.md, "Options from the seeds")
+SEED_OPTIONS = ["model.gated_integration=true", "model.pe_dim=24", "model.memory.own_value=0.1", "model.memory.slots=64",
+                "model.memory.levels=[0,1,2,3]"]
+
+
 @cuda
 @pytest.mark.parametrize("recipe,overrides", [("tiny", []), ("transformer-tiny", []), ("tiny", ["model.recurrence.kind=exact"]),
                                               ("tiny", ["model.recurrence.kind=delta"]), ("tiny", ['model.memory={"kind": "window"}']),
-                                              ("1b", ["model.n_layers=2"])])
+                                              ("1b", ["model.n_layers=2"]), ("tiny", SEED_OPTIONS)])
 def test_cuda_graph_replays_equal_eager_steps(recipe, overrides):
     model = mmrec.build(recipe, overrides).cuda().eval()
     chunk = getattr(model.config, "chunk_size", 64)
@@ -250,7 +255,8 @@ def test_cuda_graph_replays_equal_eager_steps(recipe, overrides):
 
 
 @cuda
-@pytest.mark.parametrize("recipe,overrides", [("tiny", []), ("transformer-tiny", []), ("1b", ["model.n_layers=2"])])
+@pytest.mark.parametrize("recipe,overrides", [("tiny", []), ("transformer-tiny", []), ("1b", ["model.n_layers=2"]),
+                                              ("tiny", SEED_OPTIONS)])
 def test_cuda_graph_of_compiled_steps_equals_uncompiled(recipe, overrides):
     model = mmrec.build(recipe, overrides).cuda().eval()
     chunk = getattr(model.config, "chunk_size", 64)

@@ -120,7 +120,7 @@ class MMRecBlock(contracts.Block):
             if "p" in self.widths:
                 raise ValueError(f"recurrence {config.recurrence.kind!r} asks for a projection named 'p', which pe_dim uses")
             self.widths["p"] = config.pe_dim
-        self.pe = nn.Linear(config.pe_dim, d, bias=config.bias) if config.pe_dim is not None else None  # W_e
+        self.pe_out = nn.Linear(config.pe_dim, d, bias=config.bias) if config.pe_dim is not None else None  # W_e: p -> e
         decay_width = self.recurrence.decay_width(d, config.n_heads)
         self.short_conv = ShortConv(d, config.short_conv, config.short_conv_init) if config.short_conv is not None else None
         self.norm = RMSNorm(d, config.norm_eps)
@@ -208,8 +208,8 @@ class MMRecBlock(contracts.Block):
         if self.mdi is not None and self.mdi.integration is not None:
             h = self.mdi.integrate(h, z, log_decay)
         h = self.state_norm(h.to(x.dtype))
-        if self.pe is not None:
-            context = context + self.pe(p["p"])
+        if self.pe_out is not None:
+            context = context + self.pe_out(p["p"])
         x = x + self.dropout(self.out(h + context))
         x = x + self.ffn(self.ffn_norm(x))
         aux = self.planning(h, u) if (return_aux_loss and self.planning is not None) else None

@@ -32,7 +32,7 @@ def test_options_are_off_by_default():
     assert not default.gated_integration and default.pe_dim is None
     assert default.memory.levels == [0, 1, 2] and default.memory.own_value == 0.0
     plain = block()
-    assert plain.pe is None and plain.mdi.integration is None and "p" not in plain.widths
+    assert plain.pe_out is None and plain.mdi.integration is None and "p" not in plain.widths
     # every shipped recipe builds the same parameters as before the options existed
     for name in mmrec.recipes.names():
         recipe = mmrec.recipes.load(name)
@@ -68,8 +68,8 @@ def wired(module: MMRecBlock, x, options: bool = True):
         weight, bias = module.mdi.integration.weight, module.mdi.integration.bias
         gate = torch.sigmoid(z @ weight[:, :12].T + h @ weight[:, 12:].T + bias)
         h = (1 - gate) * h + gate * z + log_decay.exp() * h
-    if options and module.pe is not None:
-        context = context + p["p"] @ module.pe.weight.T  # e = W_e p, p = W_p u
+    if options and module.pe_out is not None:
+        context = context + p["p"] @ module.pe_out.weight.T  # e = W_e p, p = W_p u
     return x + module.out(module.state_norm(h) + context)
 
 
@@ -84,7 +84,7 @@ def test_options_are_wired_as_written_float64_with_gradients(options):
     assert rel_err(got, want) < 1e-12
     assert rel_err(got, wired(module, x, options=False)) > 1e-2  # the options do change the block
     probe = torch.randn_like(got)
-    params = [x, *(p for name, p in module.named_parameters() if name.startswith(("mdi.integration", "pe.", "proj.")))]
+    params = [x, *(p for name, p in module.named_parameters() if name.startswith(("mdi.integration", "pe_out.", "proj.")))]
     grads = torch.autograd.grad((got * probe).sum(), params, retain_graph=True)
     ref = torch.autograd.grad((want * probe).sum(), params)
     for g, r in zip(grads, ref):
