@@ -1,19 +1,66 @@
 #!/usr/bin/env bash
-# FSDP2 training of the 24-layer `7b` recipe (7.36B parameters) on 2 GPUs at sequence
-# length 4096, for a few dozen steps: tokens/s, MFU against the measured bf16 matmul rate,
-# peak memory per GPU, and the loss going down (issue #9). From the repository root:
+# The `7b` recipe (7.36B parameters) trained with FSDP2 on NPROC GPUs (issues #9, #24):
+# throughput at sequence 4096 and 32768, a full-size distributed checkpoint saved and
+# resumed (on as many GPUs and on another number), and a run of 200 steps on token shards
+# of real text. From the repository root; the device-call plan is docs/notes/7b-runbook.md:
 #
-#     OUT=out bash tools/fsdp_7b.sh              # the 2-GPU run (about 3-5 minutes)
-#     DRY_RUN=1 OUT=/tmp/dry bash tools/fsdp_7b.sh   # the same script on CPU: tiny recipe, gloo
+#     OUT=out bash tools/fsdp_7b.sh                          # phase short: 30 steps at 4096
+#     OUT=out PHASES="data real" bash tools/fsdp_7b.sh       # shards, then 200 steps on them
+#     OUT=out PHASES=long bash tools/fsdp_7b.sh              # sequence 32768
+#     OUT=out PHASES=ckpt bash tools/fsdp_7b.sh              # save, resume, compare
+#     DRY_RUN=1 OUT=/tmp/dry PHASES="short long data real ckpt" bash tools/fsdp_7b.sh
 #
-# Settings (environment): RECIPE (7b), NPROC (2), STEPS (30), BATCH (4, the global batch: 2 sequences
-# per GPU), SEQ (4096), COMPILE (auto: torch.compile per block, and the run again without
-# it if the compiled one fails before its first step; 1; 0), SAVE (0: no checkpoint at
-# all; 1: one distributed checkpoint at the end, about 88 GB of model and optimizer state
-# in RUN_DIR), DATA (default: the corpus that ships with Python, byte tokens: about 440K
-# training tokens, so 30 steps of 16K tokens see each token about once), TIMEOUT (480 s;
-# SIGTERM then: the processes stop after their current step, exit 143, and the steps done
-# so far are still summarised), PYTHON (python3).
+# DRY_RUN=1 runs every phase on CPU with gloo and the tiny recipe (2 processes, a few
+# steps, shards of this repository's docs/): it checks the script and the comparisons,
+# and measures nothing.
+#
+# Phases (PHASES, run in the order given; default short):
+#   short  RECIPE at SEQ (4096), global batch BATCH (4), STEPS (30) steps, no checkpoint;
+#          data: DATA, or the corpus that ships with Python as byte tokens (about 440K
+#          training tokens). Writes train.log, metrics.jsonl, summary.json.
+#   long   the same at SEQ_LONG (32768), global batch BATCH_LONG (NPROC: one sequence of
+#          32K tokens per GPU, 4x the tokens of a 4096 step), STEPS_LONG (12) steps, the
+#          first SKIP_LONG (2) left out of the summary. Writes long.log, long.json.
+#   data   token shards in DATA_DIR (default /tmp/mmrec-shards-site-packages-32k), unless
+#          it holds them already: `python -m mmrec.data.prepare` over the Python sources
+#          and docs of this interpreter's site-packages (docs/data.md; about 410 MB of text
+#          on the H200 image), a 32000-token BPE trained there (BPE_TRAIN_BYTES caps its
+#          text; 0, the default, is all of it; TOKENIZER=path/tokenizer.json skips the
+#          training), all cores encoding, every 100th document held out for validation
+#          (VAL_FRACTION, 0.01). Writes data.log, data.json (counts and seconds).
+#   real   RECIPE on DATA_DIR's shards: STEPS_REAL (200) steps at SEQ, batch BATCH, warmup
+#          WARMUP_REAL (20) to the recipe's lr then cosine to its min_lr, validation every
+#          EVAL_REAL (50) steps on 4 batches. Also the throughput at SEQ over 195 steps.
+#          Writes real.log, real.json (summary and loss curve), real.png (matplotlib).
+#   ckpt   four runs at SEQ, batch BATCH, dropout 0 (so that one process and several draw
+#          alike), learning rate in warmup throughout (WARMUP = CKPT_STEPS, so the rate of
+#          a step does not depend on train.steps), torch.compile off (CKPT_COMPILE, 0: no
+#          compile time; the same kernels in every run):
+#            B  from scratch, CKPT_STEPS (8) steps, no checkpoint: the uninterrupted run;
+#            A  from scratch, CKPT_AT (4) steps, saving the checkpoint of step CKPT_AT
+#               (about 88 GB: fp32 weights and AdamW moments; the free disk is checked);
+#            C  A's checkpoint resumed on NPROC processes to step CKPT_STEPS;
+#            D  A's checkpoint resumed on RESUME_NPROC (1) processes for RESUME_STEPS (2)
+#               steps, the global batch in RESUME_ACCUM (1) micro-batches (the same samples).
+#          PASS when C's losses of steps CKPT_AT+1.. are B's within relative CKPT_RTOL
+#          (1e-4; "bitwise identical" is said when they are) and D's within CKPT_RTOL_OTHER
+#          (1e-2: one process computes with fp32 parameters under autocast, FSDP with bf16
+#          ones, so the losses differ by rounding; the step after the checkpoint shows by
+#          how much). The checkpoint is deleted at the end (KEEP_CKPT=1 keeps it). Writes
+#          ckpt.log, ckpt.json (numbers and verdicts); exit status 1 on FAIL.
+#
+# Other settings (environment): NPROC (2), RECIPE (7b), COMPILE (auto: torch.compile per
+# block, and the run again without it if the compiled one fails before its first step;
+# 1; 0), SKIP (5: steps left out of the throughput summaries), SAVE (0; 1: the short
+# phase saves a checkpoint at its end), RUN_DIR (/tmp/fsdp-7b-run: run folders, outside
+# $OUT; the metrics and summaries are copied to $OUT), PYTHON (python3).
+#
+# Time: CALL_BUDGET (570 s; TIMEOUT is its old name) is what the whole invocation may
+# take, to fit one 10-minute device call. Every training run gets what is left of it (less
+# 15 s for the summaries) as its timeout, then SIGTERM: the processes finish their current
+# step and exit 143, and the steps done so far are still summarised; a phase that would
+# start with under 60 s left is skipped and named. The exit status is the first failing
+# phase's (0 when all pass).
 #
 # The model is built on the meta device, sharded (fully_shard per block, then the root),
 # then materialised and initialised shard by shard on each GPU, so start-up takes seconds.
@@ -30,28 +77,39 @@
 #   activations with checkpointing: 24 block inputs (8192 x 4096 bf16) 1.5, one
 #     block recomputed for its backward ~4 (its saved tensors, counted on the meta
 #     device: 3.8 GiB, plus 4.2 GiB more if the memory read's SDPA fell back to its
-#     math kernel), logits and loss (8192 x 32000: bf16 logits, fp32 copy, saved
-#     log-softmax, gradient) ~3                                           ~8-10 GiB
-#   total ~68-70 GiB of the H100's 79.1 GiB (max_memory_allocated); the CUDA allocator
-#   reserves some more, which expandable segments keep small.
+#     math kernel), the loss (chunked: no [tokens, 32000] logits)        ~6-8 GiB
+#   total ~66-70 GiB (measured on 2 x H100: 67.7 GiB max_memory_allocated).
 # Without activation checkpointing the activations alone would be ~70 GiB: it stays on.
+# At 32768 tokens per GPU (phase long) the activations grow 4x: block inputs 6 GiB, one
+# block's recomputation ~15 GiB -> ~80-90 GiB of the H200's ~139 GiB.
+# One process holding the whole model (ckpt's D): 16 bytes a parameter, 109.7 GiB (fp32
+# weights 27.4, gradients 27.4, AdamW 54.8), plus activations of 4 x 4096 tokens with an
+# fp32 residual stream (~6 GiB of block inputs, ~8-10 GiB for one block's recomputation)
+# and, in the forward pass, autocast's bf16 copies of the weights (13.7 GiB, while no
+# gradient exists yet): ~125-130 GiB, within the H200's ~139 GiB but not an H100's.
+# The checkpoint: 12 bytes a parameter (fp32 weights, two AdamW moments) = 88.3 GB, one
+# .distcp file per saving process; it is hashed (SHA-256) when saved and again, by rank 0
+# alone, when resumed.
 #
-# Compile time: the blocks are alike, so one compiled graph serves all 24; expect the
-# first step to take 1-2 minutes (forward and backward graphs) and the validation at the
-# end another ~30 s (an eval-mode forward graph). The summary leaves out the first
-# SKIP (5) steps.
+# Compile time: the blocks are alike, so one compiled graph serves all 24; the first step
+# took 32 s on 2 x H100 (forward and backward graphs), the validation at the end another
+# ~30 s (an eval-mode graph). The summaries leave out the first SKIP steps.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
+OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 PYTHON=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
+PHASES=${PHASES:-short}
 NPROC=${NPROC:-2}
 COMPILE=${COMPILE:-auto}
 SAVE=${SAVE:-0}
 SKIP=${SKIP:-5}
-TIMEOUT=${TIMEOUT:-480}
-RUN_DIR=${RUN_DIR:-/tmp/fsdp-7b-run}  # checkpoints stay out of $OUT; the metrics are copied there
+CALL_BUDGET=${CALL_BUDGET:-${TIMEOUT:-570}}
+RUN_DIR=${RUN_DIR:-/tmp/fsdp-7b-run}
+REPORT=(tools/fsdp_7b_report.py)
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# NVLink multicast stays off on the lent machines (their KINDS.md): keep it so for our processes
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
 
 if ! "$PYTHON" -c "import mmrec, tqdm, pydantic, safetensors, einops" 2>/dev/null; then
     # a bare device machine: as tools/device_check.sh does
@@ -63,85 +121,232 @@ if ! "$PYTHON" -c "import mmrec, tqdm, pydantic, safetensors, einops" 2>/dev/nul
 fi
 
 if [ "$DRY_RUN" = 1 ]; then  # the tiny recipe on CPU with gloo: checks this script, measures nothing
-    STEPS=${STEPS:-8}; SKIP=${SKIP_DRY:-2}
+    RECIPE=tiny; SEQ=${SEQ:-64}; BATCH=${BATCH:-4}; STEPS=${STEPS:-8}; SKIP=${SKIP_DRY:-2}
+    SEQ_LONG=${SEQ_LONG:-256}; STEPS_LONG=${STEPS_LONG:-4}; SKIP_LONG=1
+    STEPS_REAL=${STEPS_REAL:-12}; WARMUP_REAL=2; EVAL_REAL=4; VOCAB=512; VAL_FRACTION=0.2
+    CKPT_STEPS=${CKPT_STEPS:-6}; CKPT_AT=${CKPT_AT:-3}
     [ "$COMPILE" = auto ] && COMPILE=0
-    args=(--recipe tiny --device cpu --peak-tflops 0.05
-          --set train.seq_len="${SEQ:-64}" --set train.batch_size="${BATCH:-4}")
+    base=(--device cpu --peak-tflops 0.05)
+    DATA_DIR=${DATA_DIR:-$RUN_DIR-shards}
+    corpus=(--input docs --glob '*.md')  # a tiny input: this repository's docs
 else
-    STEPS=${STEPS:-30}
+    RECIPE=${RECIPE:-7b}; SEQ=${SEQ:-4096}; BATCH=${BATCH:-4}; STEPS=${STEPS:-30}
+    SEQ_LONG=${SEQ_LONG:-32768}; STEPS_LONG=${STEPS_LONG:-12}; SKIP_LONG=${SKIP_LONG:-2}
+    STEPS_REAL=${STEPS_REAL:-200}; WARMUP_REAL=${WARMUP_REAL:-20}; EVAL_REAL=${EVAL_REAL:-50}; VOCAB=32000
+    VAL_FRACTION=${VAL_FRACTION:-0.01}
+    CKPT_STEPS=${CKPT_STEPS:-8}; CKPT_AT=${CKPT_AT:-4}
+    base=()
+    DATA_DIR=${DATA_DIR:-/tmp/mmrec-shards-site-packages-32k}
+    site=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    corpus=(--input "$site" --glob '*.py' --glob '*.pyi' --glob '*.md' --glob '*.rst' --glob '*.txt')
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    args=(--recipe "${RECIPE:-7b}" --set train.tokenizer=byte
-          --set train.seq_len="${SEQ:-4096}" --set train.batch_size="${BATCH:-4}")
 fi
-"$PYTHON" -c "import torch; print('torch', torch.__version__)"
-args+=(--out "$RUN_DIR" ${DATA:+--data "$DATA"}
-       --set train.steps="$STEPS" --set train.warmup_steps=5 --set train.activation_checkpointing=true
-       --set train.eval_every=100000 --set train.eval_batches=1 --set train.sample_tokens=0)
-[ "$SAVE" = 1 ] || args+=(--set train.save=false)
+BATCH_LONG=${BATCH_LONG:-$NPROC}
+RESUME_NPROC=${RESUME_NPROC:-1}; RESUME_STEPS=${RESUME_STEPS:-2}; RESUME_ACCUM=${RESUME_ACCUM:-1}
+CKPT_RTOL=${CKPT_RTOL:-1e-4}; CKPT_RTOL_OTHER=${CKPT_RTOL_OTHER:-1e-2}; CKPT_COMPILE=${CKPT_COMPILE:-0}
+"$PYTHON" -c "import torch; print('torch', torch.__version__, '| cores', __import__('os').cpu_count())"
+# every training run: activation checkpointing, no sample at the end
+common=(--recipe "$RECIPE" "${base[@]}" --set train.activation_checkpointing=true --set train.sample_tokens=0)
+byte=(); [ "$DRY_RUN" = 1 ] || byte=(--set train.tokenizer=byte)  # the default corpus as bytes, vocabulary kept
 
-started=$SECONDS
-train() {  # $1: compile (true/false); both tries together stay within TIMEOUT
-    rm -rf "$RUN_DIR"
-    echo "+ torchrun --nproc-per-node $NPROC -m mmrec.recipes.train ${args[*]} --set train.compile=$1"
-    timeout --signal=TERM --kill-after=30 $((TIMEOUT - (SECONDS - started))) \
-        "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
-        -m mmrec.recipes.train "${args[@]}" --set train.compile="$1" 2>&1 | tee -a "$OUT/train.log"
-    status=${PIPESTATUS[0]}
+left() { echo $((CALL_BUDGET - SECONDS)); }
+# elapsed LOG FROM PATTERN START: seconds from START to the stamp of the last line of LOG
+# (from line FROM on) holding PATTERN; "?" when there is none
+elapsed() {
+    local t
+    t=$(tail -n +"$2" "$1" | grep -a -- "$3" | tail -1 | awk '{ sub(/s$/, "", $1); print $1 }')
+    [ -n "$t" ] && echo $((t - $4)) || echo "?"
+}
+stamp() { while IFS= read -r line; do printf '%4ds %s\n' "$SECONDS" "$line"; done; }  # seconds into the call
+
+# launch NPROC LOG ARGS...: one torchrun of the trainer within the call's budget; its status
+launch() {
+    local nproc=$1 log=$2; shift 2
+    local limit=$(($(left) - 15))
+    if [ "$limit" -lt 45 ]; then
+        echo "skipped: ${limit}s left of CALL_BUDGET=${CALL_BUDGET}s: torchrun --nproc-per-node $nproc ... $*" | tee -a "$log"
+        return 124
+    fi
+    echo "+ torchrun --nproc-per-node $nproc -m mmrec.recipes.train $* (timeout ${limit}s)" | stamp | tee -a "$log"
+    timeout --signal=TERM --kill-after=30 "$limit" \
+        "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
+        -m mmrec.recipes.train "$@" 2>&1 | stamp | tee -a "$log"
+    return "${PIPESTATUS[0]}"
+}
+
+# train RUN LOG ARGS...: a fresh run into folder RUN, compiled as COMPILE says
+train() {
+    local run=$1 log=$2; shift 2
+    attempt() {  # attempt true|false ARGS...
+        local compile=$1; shift
+        rm -rf "$run"
+        launch "$NPROC" "$log" --out "$run" "$@" --set train.compile="$compile"
+    }
+    case $COMPILE in
+    1 | true) attempt true "$@" ;;
+    0 | false) attempt false "$@" ;;
+    *)
+        attempt true "$@"
+        local status=$?
+        if [ $status -ne 0 ] && ! grep -q train_loss "$run/metrics.jsonl" 2>/dev/null; then
+            echo "the compiled run failed before its first step: again without torch.compile" | tee -a "$log"
+            attempt false "$@"
+        else
+            return $status
+        fi ;;
+    esac
+}
+
+phase_short() {
+    : > "$OUT/train.log"
+    local save=(); [ "$SAVE" = 1 ] || save=(--set train.save=false)
+    train "$RUN_DIR" "$OUT/train.log" "${common[@]}" "${byte[@]}" ${DATA:+--data "$DATA"} "${save[@]}" \
+        --set train.seq_len="$SEQ" --set train.batch_size="$BATCH" --set train.steps="$STEPS" \
+        --set train.warmup_steps=5 --set train.eval_every=100000 --set train.eval_batches=1
+    local status=$?
     cp "$RUN_DIR/metrics.jsonl" "$OUT/metrics.jsonl" 2>/dev/null
+    "$PYTHON" "${REPORT[@]}" summary "$OUT/metrics.jsonl" --processes "$NPROC" --skip "$SKIP" \
+        --out "$OUT/summary.json" || { [ $status = 0 ] && status=1; }
+    return $status
+}
+
+phase_long() {
+    : > "$OUT/long.log"
+    train "$RUN_DIR-long" "$OUT/long.log" "${common[@]}" "${byte[@]}" ${DATA:+--data "$DATA"} \
+        --set train.save=false --set train.seq_len="$SEQ_LONG" --set train.batch_size="$BATCH_LONG" \
+        --set train.steps="$STEPS_LONG" --set train.warmup_steps=5 --set train.eval_every=100000 \
+        --set train.eval_batches=1
+    local status=$?
+    "$PYTHON" "${REPORT[@]}" summary "$RUN_DIR-long/metrics.jsonl" --processes "$NPROC" --skip "$SKIP_LONG" \
+        --label "sequence $SEQ_LONG, batch $BATCH_LONG" --out "$OUT/long.json" 2>&1 | tee -a "$OUT/long.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || { [ $status = 0 ] && status=1; }
+    return $status
+}
+
+phase_data() {
+    : > "$OUT/data.log"
+    if [ -f "$DATA_DIR/index.json" ]; then
+        echo "token shards already in $DATA_DIR: kept" | tee -a "$OUT/data.log"
+        return 0
+    fi
+    local tok=(--vocab-size "$VOCAB" --tokenizer-train-bytes "${BPE_TRAIN_BYTES:-0}" --val-fraction "$VAL_FRACTION")
+    [ -n "${TOKENIZER:-}" ] && tok=(--tokenizer "$TOKENIZER")
+    local started=$SECONDS limit=$(($(left) - 15))
+    echo "+ python -m mmrec.data.prepare ${corpus[*]} ${tok[*]} --out $DATA_DIR (timeout ${limit}s)" | stamp | tee -a "$OUT/data.log"
+    TOKENIZERS_PARALLELISM=true timeout --signal=TERM --kill-after=10 "$limit" \
+        "$PYTHON" -m mmrec.data.prepare "${corpus[@]}" "${tok[@]}" --out "$DATA_DIR" --overwrite 2>&1 \
+        | tr '\r' '\n' | grep -v '^\s*$' | stamp | tee -a "$OUT/data.log" | tail -5
+    local status=${PIPESTATUS[0]}
+    "$PYTHON" - "$DATA_DIR/index.json" "$OUT/data.json" $((SECONDS - started)) <<'EOF' | tee -a "$OUT/data.log"
+import json, os, sys
+from pathlib import Path
+index, out, wall = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+if not index.exists():
+    sys.exit(f"no shards were written ({wall} s): see data.log")
+i = json.loads(index.read_text())
+report = {"dir": str(index.parent), "wall_s": wall, "cores": os.cpu_count(), "prepare_s": i.get("seconds"),
+          "documents": i["documents"], "input_bytes": i["input_bytes"], "tokenizer": i["tokenizer"],
+          "train_tokens": i["splits"]["train"]["tokens"], "val_tokens": i["splits"]["val"]["tokens"],
+          "sources": i["sources"]}
+out.write_text(json.dumps(report, indent=1) + "\n")
+print(f"shards: {report['documents']:,} documents, {report['input_bytes'] / 1e6:.1f} MB of text -> "
+      f"{report['train_tokens']:,} training and {report['val_tokens']:,} validation tokens in {wall} s "
+      f"on {report['cores']} cores ({index.parent})")
+EOF
     return "$status"
 }
 
-: > "$OUT/train.log"
-case $COMPILE in
-1 | true) train true ;;
-0 | false) train false ;;
-*)
-    train true
-    if [ $? -ne 0 ] && ! grep -q train_loss "$OUT/metrics.jsonl" 2>/dev/null; then
-        echo "the compiled run failed before its first step: again without torch.compile"
-        train false
-    fi ;;
-esac
-status=$?
-
-"$PYTHON" - "$OUT" "$SKIP" "$NPROC" <<'EOF'
-import json, sys
-from pathlib import Path
-
-out, skip, nproc = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-path = out / "metrics.jsonl"
-records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-steps = [r for r in records if "train_loss" in r]
-if not steps:
-    sys.exit("no training step finished: see train.log")
-timed = steps[skip:] if len(steps) > skip else steps
-seconds = sum(r["train_step_s"] for r in timed)
-tokens = sum(r["train_step_s"] * r["train_tokens_per_s"] for r in timed)
-summary = {
-    "processes": nproc, "steps": len(steps), "steps_timed": len(timed), "first_timed_step": timed[0]["step"],
-    "tokens_per_s": tokens / seconds, "s_per_step": seconds / len(timed),
-    "first_step_s": steps[0]["train_step_s"],
-    "loss_first": steps[0]["train_loss"], "loss_last": steps[-1]["train_loss"],
-    "loss_min": min(r["train_loss"] for r in steps),
+phase_real() {
+    : > "$OUT/real.log"
+    if [ ! -f "$DATA_DIR/index.json" ]; then
+        echo "no token shards in $DATA_DIR: run the data phase first (PHASES=\"data real\")" | tee -a "$OUT/real.log"
+        return 2
+    fi
+    local vocab=(); [ "$DRY_RUN" = 1 ] && vocab=(--set model.vocab_size="$VOCAB")  # tiny's 256 bytes < the BPE
+    train "$RUN_DIR-real" "$OUT/real.log" "${common[@]}" "${vocab[@]}" --data "$DATA_DIR" --set train.save=false \
+        --set train.seq_len="$SEQ" --set train.batch_size="$BATCH" --set train.steps="$STEPS_REAL" \
+        --set train.warmup_steps="$WARMUP_REAL" --set train.eval_every="$EVAL_REAL" --set train.eval_batches=4
+    local status=$?
+    "$PYTHON" "${REPORT[@]}" summary "$RUN_DIR-real/metrics.jsonl" --processes "$NPROC" --skip "$SKIP" --curve \
+        --label "real data, sequence $SEQ" --out "$OUT/real.json" 2>&1 | tee -a "$OUT/real.log"
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        "$PYTHON" "${REPORT[@]}" plot "$OUT/real.json" --out "$OUT/real.png" \
+            --title "$RECIPE, FSDP2 on $NPROC GPUs: $(basename "$DATA_DIR") shards, $BATCH x $SEQ tokens a step" \
+            2>&1 | tee -a "$OUT/real.log"
+    elif [ $status = 0 ]; then
+        status=1
+    fi
+    return $status
 }
-if "train_mfu" in timed[0]:  # per step MFU is linear in tokens/s: weight by time
-    summary["mfu"] = sum(r["train_mfu"] * r["train_step_s"] for r in timed) / seconds
-if "train_peak_gib" in steps[-1]:
-    summary["peak_gib_per_gpu"] = steps[-1]["train_peak_gib"]
-    summary["peak_reserved_gib_per_gpu"] = steps[-1]["train_peak_reserved_gib"]
-events = [r for r in records if r.get("event") == "throughput"]
-if events:
-    summary["trainer_summary"] = events[-1]  # the trainer's own, over all but its first 3 steps
-val = [r["val_loss"] for r in records if "val_loss" in r]
-if val:
-    summary["val_loss"] = val[-1]
-(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-print("\nloss by step: " + " ".join(f"{r['train_loss']:.3f}" for r in steps))
-print(json.dumps(summary, indent=1))
-mfu = f", MFU {100 * summary['mfu']:.1f}%" if "mfu" in summary else ""
-mem = (", peak memory per GPU " + " / ".join(f"{g:.1f}" for g in summary["peak_gib_per_gpu"]) + " GiB"
-       if "peak_gib_per_gpu" in summary else "")
-print(f"{nproc} processes: {summary['tokens_per_s']:,.0f} tokens/s over steps {summary['first_timed_step']}-"
-      f"{steps[-1]['step']}{mfu}{mem}; loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}")
-EOF
-exit $status
+
+phase_ckpt() {
+    local log=$OUT/ckpt.log dir=$RUN_DIR-ckpt status=0
+    : > "$log"
+    rm -rf "$dir"; mkdir -p "$dir"
+    local need free
+    need=$("$PYTHON" -c 'import sys, mmrec.recipes as r; from mmrec.sizing import estimate_parameters as e
+print(12 * e(r.load(sys.argv[1]).model)[0])' "$RECIPE")
+    free=$(df -B1 --output=avail "$dir" | tail -1)
+    echo "checkpoint of about $((need / 1000000000)) GB; $((free / 1000000000)) GB free in $dir" | tee -a "$log"
+    if [ "$free" -lt $((need + need / 20)) ]; then
+        echo "FAIL: not enough disk for the checkpoint: set RUN_DIR to a filesystem with more room" | tee -a "$log"
+        return 1
+    fi
+    local args=("${common[@]}" "${byte[@]}" ${DATA:+--data "$DATA"} --set model.dropout=0
+                --set train.seq_len="$SEQ" --set train.batch_size="$BATCH" --set train.warmup_steps="$CKPT_STEPS"
+                --set train.eval_every=100000 --set train.eval_batches=1)
+    local COMPILE=$CKPT_COMPILE
+    echo "== B: the uninterrupted run, $CKPT_STEPS steps" | tee -a "$log"
+    train "$dir/b" "$log" "${args[@]}" --set train.steps="$CKPT_STEPS" --set train.save=false || status=1
+    echo "== A: from scratch to step $CKPT_AT, saving its checkpoint" | tee -a "$log"
+    train "$dir/a" "$log" "${args[@]}" --set train.steps="$CKPT_AT" --set train.save=true || status=1
+    local ckpt
+    ckpt=$(printf '%s/a/step_%06d' "$dir" "$CKPT_AT")
+    if [ -f "$ckpt/manifest.json" ]; then
+        # the save: from the validation line before it to the line that names the saved folder
+        local validated
+        validated=$(elapsed "$log" 1 "step $CKPT_AT: validation loss" 0)
+        echo "saved $ckpt: $(du -sh "$ckpt" | cut -f1) in about $(elapsed "$log" 1 "step $CKPT_AT: saved" "$validated") s" \
+            | tee -a "$log"
+        local resume=(--resume "$ckpt" --set train.save=false --set train.compile="$CKPT_COMPILE" "${base[@]}")
+        local started=$SECONDS from=$(($(wc -l < "$log") + 1))
+        echo "== C: resumed on $NPROC processes to step $CKPT_STEPS" | tee -a "$log"
+        launch "$NPROC" "$log" "${resume[@]}" --out "$dir/c" --set train.steps="$CKPT_STEPS" || status=1
+        echo "C: launch to resumed (start-up, checking the files' SHA-256, loading):" \
+            "$(elapsed "$log" "$from" "resuming from" "$started") s" | tee -a "$log"
+        started=$SECONDS from=$(($(wc -l < "$log") + 1))
+        echo "== D: resumed on $RESUME_NPROC process(es) to step $((CKPT_AT + RESUME_STEPS))," \
+             "$RESUME_ACCUM micro-batch(es) a step" | tee -a "$log"
+        launch "$RESUME_NPROC" "$log" "${resume[@]}" --out "$dir/d" --set train.steps=$((CKPT_AT + RESUME_STEPS)) \
+            --set train.batch_size=$((BATCH / RESUME_ACCUM)) --set train.grad_accum="$RESUME_ACCUM" || status=1
+        echo "D: launch to resumed: $(elapsed "$log" "$from" "resuming from" "$started") s;" \
+            "$(tail -n +"$from" "$log" | grep -ao 'peak memory per GPU [^(]*' | tail -1)" | tee -a "$log"
+    else
+        echo "FAIL: no checkpoint $ckpt was written" | tee -a "$log"
+        status=1
+    fi
+    "$PYTHON" "${REPORT[@]}" resume --reference "$dir/b" --fresh "$dir/a" --resumed "$dir/c" --processes "$NPROC" \
+        --other "$dir/d" --other-processes "$RESUME_NPROC" --at "$CKPT_AT" --rtol "$CKPT_RTOL" \
+        --rtol-other "$CKPT_RTOL_OTHER" --out "$OUT/ckpt.json" 2>&1 | tee -a "$log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    [ "${KEEP_CKPT:-0}" = 1 ] || rm -rf "$dir/a"/step_*  # 88 GB at 7b size
+    return $status
+}
+
+overall=0
+for phase in ${PHASES//,/ }; do
+    case $phase in short | long | data | real | ckpt) ;; *)
+        echo "unknown phase '$phase': PHASES takes short, long, data, real and ckpt" >&2; exit 2 ;;
+    esac
+    echo "=== phase $phase ($(left)s left of CALL_BUDGET=${CALL_BUDGET}s)"
+    if [ "$(left)" -lt 60 ]; then
+        echo "=== phase $phase skipped: under 60 s left"
+        [ $overall = 0 ] && overall=124
+        continue
+    fi
+    "phase_$phase"
+    status=$?
+    echo "=== phase $phase: exit status $status after ${SECONDS}s"
+    [ $overall = 0 ] && overall=$status
+done
+exit $overall
