@@ -27,12 +27,15 @@ for part in "${parts[@]}"; do
             --out "$OUT/decode.json" --plot "$OUT/decode.png" 2>&1 | tee "$OUT/decode.log" | grep -v "^{" | tail -30
         [ -n "${SKIP_GATED:-}" ] || timeout 90 python3 -m mmrec.bench gated-rnn --batches 4 16 64 --lengths 512 --out "$OUT/gated_rnn.json" 2>&1 | tail -16 ;;
     sweep)
-        # the op with the default tiles, then the kernels with these tiles: the defaults, the
-        # H100's earlier best and the options (docs/notes/scan-kernel.md)
-        timeout 240 python3 -m mmrec.bench scan --no-baselines --lengths 2048 8192 32768 --sweep --sweep-log \
-            --tiles 16,8,64,4 64,2,64,8 32,4,64,8 32,4,64,8,reread=0 16,4,64,4,reread=0 16,4,64,4 \
-                    16,8,64,4,stages=3,reread=0 16,4,64,4,stages=3,reread=0 32,4,64,8,stages=3,reread=0 \
-            --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^{" | tail -45 ;;
+        # the op with its default tiles, then the kernels alone with these tiles: the H100's
+        # and the H200's tables and neighbours (tools/scan_sweep.py, docs/notes/scan-kernel.md)
+        timeout 100 python3 -m mmrec.bench scan --no-baselines --lengths 2048 8192 32768 \
+            --out "$OUT/sweep-op.json" 2>&1 | tee "$OUT/sweep-op.log" | tail -12
+        timeout 240 python3 -m tools.scan_sweep --lengths 32768 --log \
+            --tiles 8,8,128,4,stages=3,reread=0 16,8,128,8,stages=3,reread=0 16,4,128,8,reread=0 \
+                    16,8,64,4 32,4,64,8,reread=0 16,8,64,4,stages=3,reread=0 16,4,64,4,stages=3,reread=0 \
+                    16,4,64,4,reread=0 32,4,64,8,stages=3,reread=0 \
+            --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^{" | tail -30 ;;
     quality)
         # QUALITY_RECIPES: shipped names or recipe files, trained side by side (default: the shipped pair)
         timeout "${QUALITY_TIMEOUT:-560}" python3 -m mmrec.bench quality --data .data/tinyshakespeare.txt --runs /tmp/quality \

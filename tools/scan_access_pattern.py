@@ -11,7 +11,8 @@ Times at B=4, T=32768, bf16, as % of the same run's copy bandwidth at the floor 
 Each at D = 4096, 4224, 6336 and 8448: in 64-channel blocks 256, 264, 396 and 528
 programs on an H100's 132 multiprocessors, which separates the access pattern from the
 program count.
-Findings of 2026-11-26 (H100): docs/notes/scan-kernel.md, v8.
+What it found on the H100 and why the tiles are 128 channels wide there:
+docs/notes/scan-kernel.md.
 """
 import torch
 import triton

@@ -1,11 +1,12 @@
 """Registers, stack frame and shared memory of the scan kernels for given tiles, compiled
 for sm_90 on this machine (Triton's own ptxas and cuobjdump; no GPU needed).
 
-    python tools/scan_resources.py fwd,plain,8,8,128,4,stages=3,reread=0 bwd,log,16,4,128,8,reread=0
+    python -m tools.scan_resources fwd,plain,8,8,128,4,stages=3,reread=0 bwd,log,16,4,128,8,reread=0
 
-Each argument: pass (fwd/bwd), gates (plain/log), then a tile as `mmrec.bench scan --tiles`
-takes it. A stack frame above 0 means spills (docs/notes/scan-kernel.md). Launches are
-specialised as the op's are: bf16, unit channel stride, 16-divisible pointers and strides.
+Each argument: pass (fwd/bwd), gates (plain/log), then a tile as `tools.scan_sweep --tiles`
+takes it (tiles with the sweep-only options compile the copy in tools/scan_kernel_options.py).
+A stack frame above 0 means spills (docs/notes/scan-kernel.md). Launches are specialised
+as the op's are: bf16, unit channel stride, 16-divisible pointers and strides.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import triton.backends.nvidia as nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mmrec.bench.scan import parse_tile
-from mmrec.ops import linear_scan_triton as kernels
+from mmrec.ops import linear_scan_triton
+from tools import scan_kernel_options
+from tools.scan_sweep import needs_option_kernels, parse_tile, tile_config
 
 POINTERS = {
     "fwd": ["a_ptr", "b_ptr", "h0_ptr", "h_ptr", "hlast_ptr"],
@@ -40,6 +42,7 @@ STRIDES = {
 def resources(kind: str, log_space: bool, tile: tuple) -> tuple[int, int, int]:
     """(registers, stack bytes, shared bytes) of one kernel variant."""
     groups, steps, block_d, warps, options = tile
+    kernels = scan_kernel_options if needs_option_kernels(tile_config(tile)) else linear_scan_triton
     fn = kernels._scan_fwd_kernel if kind == "fwd" else kernels._scan_bwd_kernel
     flags = dict(HAS_H0=False, REVERSE=False, ACC_FP64=False, LOG_A=log_space)
     if kind == "bwd":

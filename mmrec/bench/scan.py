@@ -17,9 +17,7 @@ synchronising), the same call replayed as a CUDA graph (GPU time alone), and the
 kernels launched directly. A through-autograd time near the host time and well above
 the graph time means the call is CPU-bound.
 
-``--sweep`` times tile configurations of both kernels (``--tiles``, or else a built-in
-list) at ``--sweep-lengths`` (default: the longest length), also in log space
-with ``--sweep-log``.
+Tile sweeps of the kernels alone are a development tool: ``python -m tools.scan_sweep``.
 """
 
 from __future__ import annotations
@@ -39,10 +37,6 @@ from mmrec.bench.plot import plot
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("fwd", "fwd+bwd")
-SWEEP = [  # (G, R, BLOCK_D, num_warps): tile configurations timed by --sweep
-    (32, 4, 64, 8), (16, 4, 64, 4), (32, 2, 64, 8), (64, 2, 64, 8), (16, 4, 64, 2), (32, 4, 64, 4),
-    (16, 2, 64, 4), (64, 4, 64, 16), (32, 4, 32, 4), (64, 4, 32, 8), (16, 8, 64, 4), (32, 2, 64, 4),
-]
 
 
 def add_subcommand(commands) -> None:
@@ -57,13 +51,6 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw the results (matplotlib)")
     parser.add_argument("--no-baselines", action="store_true", help="time the op and the copy only")
-    parser.add_argument("--sweep", action="store_true", help="also time the kernels' tile configurations")
-    parser.add_argument("--sweep-lengths", type=int, nargs="+", help="lengths for --sweep (default: the longest of --lengths)")
-    parser.add_argument("--tiles", nargs="+", default=[], metavar="G,R,BLOCK_D,WARPS[,OPTION=N...]",
-                        help="the tiles --sweep times (default: a built-in list); options (see the kernels): stream=1 cache hints for streamed "
-                             "data, stages=N Triton's software pipeline instead of the prefetch into registers, "
-                             "reread=0 exclusive prefixes from the rows' own totals")
-    parser.add_argument("--sweep-log", action="store_true", help="--sweep also with log-space gates")
     parser.set_defaults(run=run)
 
 
@@ -85,15 +72,18 @@ def copy_bandwidth(nbytes: int = 2**30) -> dict:
 
 def _baselines(dtype):
     """Other scans, each as (name, prepare(a, b, dh) -> (fwd, fwd+bwd) callables)."""
-    from mmrec.ops.linear_scan import _backward_composite, _scan_cpu
+    from mmrec.ops.linear_scan import (
+        linear_scan_backward_composite,
+        linear_scan_composite,
+    )
 
     def composite(a, b, dh):
         def fwd():
-            return _scan_cpu(a, b, None, False)
+            return linear_scan_composite(a, b)
 
         def fwd_bwd():
-            h, _ = _scan_cpu(a, b, None, False)
-            return _backward_composite(a, h, dh, None, None, False, b.dtype)
+            h, _ = linear_scan_composite(a, b)
+            return linear_scan_backward_composite(a, h, dh, None, None, False, b.dtype)
 
         return fwd, fwd_bwd
 
@@ -135,8 +125,6 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("python -m mmrec.bench scan needs a CUDA device", file=sys.stderr)
         return 2
-    from mmrec.ops import linear_scan_triton as kernels
-
     dtype = DTYPES[args.dtype]
     size = torch.tensor([], dtype=dtype).element_size()
     floor = {"fwd": 3 * size, "fwd+bwd": 8 * size}  # bytes per element
@@ -173,7 +161,6 @@ def run(args: argparse.Namespace) -> int:
                 if not other["impl"].startswith("mmrec") and other["length"] == row["length"] and other["pass"] == row["pass"]
             }
 
-    sweep = _sweep(kernels, args, dtype, floor, copy) if args.sweep else []
     print()
     print(f"batch {args.batch}, dim {args.dim}, {args.dtype}; floor {floor['fwd']} B/element forward, "
           f"{floor['fwd+bwd']} forward+backward; % of copy bandwidth at the floor")
@@ -190,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             graph = "failed" if row["graph_ms"] is None else f"{row['graph_ms']:.3f}"
             print(f"{row['length']:>6} {row['ms']:>9.3f} {row['host_ms']:>7.3f} {graph:>7} {row['fwd_kernel_ms']:>11.3f} "
                   f"{row['bwd_kernel_ms']:>11.3f} {row['bwd_launch_host_ms']:>16.3f}")
-    payload = {**meta, "copy": copy, "results": rows, "sweep": sweep}
+    payload = {**meta, "copy": copy, "results": rows}
     write_json(args.out, payload)
     if args.plot:
         print(f"wrote {plot(payload, args.plot)}")
@@ -198,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _time_length(args, dtype, length, gen, baselines, record) -> None:
-    from mmrec.ops.linear_scan import _scan_cpu, linear_scan
+    from mmrec.ops.linear_scan import linear_scan, linear_scan_composite
 
     shape = (args.batch, length, args.dim)
     # decays in [0.5, 1) (positive, so fla's log-space gate applies), never zeros
@@ -206,7 +193,7 @@ def _time_length(args, dtype, length, gen, baselines, record) -> None:
     b = torch.randn(shape, device="cuda", generator=gen).to(dtype)
     dh = torch.randn(shape, device="cuda", generator=gen).to(dtype)
     ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
-    check = _rel_err(linear_scan(a, b)[0], _scan_cpu(a, b, None, False)[0])
+    check = _rel_err(linear_scan(a, b)[0], linear_scan_composite(a, b)[0])
     record("mmrec linear_scan", "fwd", length, _bench(lambda: linear_scan(a, b)), rel_err_vs_composite=check)
 
     def fwd_bwd():
@@ -272,67 +259,3 @@ def _overhead(a, b, dh, fwd_bwd) -> dict:
         "bwd_kernel_ms": _bench(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
         "bwd_launch_host_ms": _host_ms(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
     }
-
-
-def _time_config(kernels, a, b, dh, dtype, cfg, log_space=False) -> tuple[float, float, object]:
-    h, _ = kernels.scan_forward(a, b, log_space=log_space, config=cfg)
-    fwd = _bench(lambda: kernels.scan_forward(a, b, log_space=log_space, config=cfg))
-    bwd = _bench(lambda: kernels.scan_backward(a, h, dh, None, None, False, dtype, log_space=log_space, config=cfg))
-    return fwd, bwd, h
-
-
-KERNEL_OPTIONS = {"stream": "STREAM", "stages": "STAGES", "reread": "REREAD"}
-
-
-def parse_tile(text: str) -> tuple:
-    """``"16,4,64,4,stages=3,reread=0"`` -> ``(16, 4, 64, 4, (("STAGES", 3), ("REREAD", 0)))``."""
-    fields = text.split(",")
-    options = []
-    for field in fields[4:]:
-        name, _, value = field.partition("=")
-        if name not in KERNEL_OPTIONS or not value:
-            raise SystemExit(f"--tiles {text!r}: options are {', '.join(f'{k}=N' for k in KERNEL_OPTIONS)}")
-        options.append((KERNEL_OPTIONS[name], int(value)))
-    return (*(int(x) for x in fields[:4]), tuple(options))
-
-
-def _sweep(kernels, args, dtype, floor, copy) -> list[dict]:
-    tiles = list(dict.fromkeys([parse_tile(t) for t in args.tiles] or [(*tile, ()) for tile in SWEEP]))
-    out = []
-    for length in args.sweep_lengths or [max(args.lengths)]:
-        for log_space in (False, True) if args.sweep_log else (False,):
-            out += _sweep_one(kernels, args, dtype, floor, copy, length, log_space, tiles)
-            torch.cuda.empty_cache()
-    return out
-
-
-def _sweep_one(kernels, args, dtype, floor, copy, length, log_space, tiles) -> list[dict]:
-    shape = (args.batch, length, args.dim)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    a = (torch.rand(shape, device="cuda", generator=gen) * 0.5 + 0.5).to(dtype)
-    if log_space:
-        a = a.float().log().to(dtype)
-    b = torch.randn(shape, device="cuda", generator=gen).to(dtype)
-    dh = torch.randn(shape, device="cuda", generator=gen).to(dtype)
-    ref, _ = kernels.scan_forward(a, b, log_space=log_space)
-    elements = a.numel()
-    out = []
-    defaults = {kind: kernels._pick_config(kind, log_space, a.device, dtype, *shape, None) for kind in ("fwd", "bwd")}
-    print(f"\ntile sweep at T={length}{' (log space)' if log_space else ''} (fwd floor {floor['fwd']} B/el, "
-          f"bwd {floor['fwd+bwd'] - floor['fwd']} B/el); defaults here: fwd {defaults['fwd']}, bwd {defaults['bwd']}")
-    for groups, steps, block_d, warps, options in tiles:
-        cfg = {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": warps, **dict(options)}
-        label = "".join(f" {name.lower()}={value}" for name, value in options)
-        try:
-            fwd, bwd, h = _time_config(kernels, a, b, dh, dtype, cfg, log_space)
-            err = _rel_err(h, ref)
-        except Exception as error:  # noqa: BLE001
-            print(f"  {cfg}: failed: {type(error).__name__}: {str(error)[:200]}")
-            continue
-        row = {"length": length, "log_space": log_space, "config": cfg, "fwd_ms": fwd, "bwd_ms": bwd, "rel_err": err,
-               "fwd_pct_of_copy": 100 * floor["fwd"] * elements / fwd / 1e6 / copy["GBps"],
-               "bwd_pct_of_copy": 100 * (floor["fwd+bwd"] - floor["fwd"]) * elements / bwd / 1e6 / copy["GBps"]}
-        out.append(row)
-        print(f"  G={groups:<3} R={steps} BLOCK_D={block_d:<3} warps={warps}{label}: fwd {fwd:.3f} ms ({row['fwd_pct_of_copy']:.1f}%)"
-              f"  bwd {bwd:.3f} ms ({row['bwd_pct_of_copy']:.1f}%)  err {err:.1e}")
-    return out

@@ -1,10 +1,13 @@
 """First-order linear recurrence ``h_t = a_t * h_{t-1} + b_t`` over the time axis.
 
-``linear_scan`` is the custom op ``mmrec::linear_scan``. Its CPU implementation is a
-chunked parallel scan (log-depth doubling inside chunks of ``CHUNK`` steps, the same scan
-recursively over chunk totals), so it never loops over tokens in Python and needs no
-logarithms: ``a`` may have any sign. ``linear_scan_reference`` is the step-by-step loop
-that tests compare against. GPU kernels register further implementations of the same op.
+``linear_scan`` is the custom op ``mmrec::linear_scan``. Its CPU implementation,
+``linear_scan_composite`` (and ``linear_scan_backward_composite`` for the backward op), is
+a chunked parallel scan in PyTorch ops (log-depth doubling inside chunks of ``CHUNK``
+steps, the same scan recursively over chunk totals), so it never loops over tokens in
+Python and needs no logarithms: ``a`` may have any sign; it runs on any device, which is
+how the scan benchmark times it on the GPU as a baseline. ``linear_scan_reference`` is the
+step-by-step loop that tests compare against. GPU kernels register further
+implementations of the same op.
 
 Two options run through both ops (forward and backward) on every device:
 
@@ -93,7 +96,7 @@ def _output_dtypes(a_dtype: torch.dtype, b_dtype: torch.dtype, accumulate_fp64: 
     return (in_dtype, in_dtype, acc) if out_dtype is None else (out_dtype, acc, acc)
 
 
-def _scan_cpu(
+def linear_scan_composite(
     a_in: Tensor,
     b_in: Tensor,
     h0: Tensor | None,
@@ -102,6 +105,7 @@ def _scan_cpu(
     accumulate_fp64: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """``mmrec::linear_scan`` in PyTorch ops (the op's CPU implementation), on any device."""
     out_dtype, last_dtype, acc = _output_dtypes(a_in.dtype, b_in.dtype, accumulate_fp64, out_dtype)
     a, b = a_in.to(acc), b_in.to(acc)
     if log_space:
@@ -130,7 +134,7 @@ def _linear_scan_op(
     accumulate_fp64: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    return _scan_cpu(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
+    return linear_scan_composite(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
 
 
 @_linear_scan_op.register_fake
@@ -154,7 +158,7 @@ def _triton_kernels():
 def _(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False, out_dtype=None):
     kernels = _triton_kernels()
     if kernels is None:
-        return _scan_cpu(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
+        return linear_scan_composite(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
     return kernels.scan_forward(a, b, h0, reverse, log_space=log_space, accumulate_fp64=accumulate_fp64, out_dtype=out_dtype)
 
 
@@ -186,13 +190,14 @@ def _adjoint(scan, a, h, grad_h, grad_h_last, h0, reverse, log_space):
     return grad_a, g, grad_h0
 
 
-def _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
+def linear_scan_backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
+    """``mmrec::linear_scan_backward`` in PyTorch ops (its CPU implementation), on any device."""
     # Everything runs in the accumulation dtype of the inputs (h may be stored narrower,
     # with out_dtype).
     acc = accumulation_dtype(torch.promote_types(a.dtype, b_dtype), accumulate_fp64)
     grad_h = None if grad_h is None else grad_h.to(acc)
-    grad_a, g, grad_h0 = _adjoint(lambda *args: _scan_cpu(*args)[0], a.to(acc), h.to(acc), grad_h, grad_h_last,
-                                  h0, reverse, log_space)
+    scan = lambda *args: linear_scan_composite(*args)[0]
+    grad_a, g, grad_h0 = _adjoint(scan, a.to(acc), h.to(acc), grad_h, grad_h_last, h0, reverse, log_space)
     return grad_a.to(a.dtype), g.to(b_dtype), h.new_empty(0) if h0 is None else grad_h0.to(h0.dtype)
 
 
@@ -210,7 +215,7 @@ def _linear_scan_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(a, b, h0)`` of ``mmrec::linear_scan`` (of ``log a`` with ``log_space``);
     the third is empty without ``h0``."""
-    return _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space, accumulate_fp64)
+    return linear_scan_backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space, accumulate_fp64)
 
 
 @_linear_scan_backward_op.register_fake
@@ -223,7 +228,7 @@ def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumula
 def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
     kernels = _triton_kernels()
     if kernels is None:
-        return _backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space, accumulate_fp64)
+        return linear_scan_backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space, accumulate_fp64)
     return kernels.scan_backward(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=log_space, accumulate_fp64=accumulate_fp64)
 
 
@@ -247,7 +252,7 @@ def _backward(ctx, grad_h: Tensor | None, grad_h_last: Tensor | None):
         )
         return grad_a, grad_b, (grad_h0 if h0 is not None else None), None, None, None, None
     # Double backward: the same formula through differentiable ops.
-    scan = lambda *args: linear_scan(*args, accumulate_fp64=fp64)[0]  # noqa: E731
+    scan = lambda *args: linear_scan(*args, accumulate_fp64=fp64)[0]
     grad_a, g, grad_h0 = _adjoint(scan, a, h, grad_h, grad_h_last, h0, reverse, log_space)
     return grad_a.to(a.dtype), g.to(ctx.b_dtype), None if h0 is None else grad_h0.to(h0.dtype), None, None, None, None
 

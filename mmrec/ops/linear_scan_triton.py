@@ -44,38 +44,37 @@ import triton.language as tl
 from torch import Tensor
 
 # Tile shape per pass and dtype size in bytes: (G groups, R steps per group, BLOCK_D,
-# num_warps[, {kernel option: value}]). The 2-byte entries come from sweeps at B=4,
-# T=32768, D=4096 on an H100 (docs/notes/scan-kernel.md); other cards get them unless
-# ``_CARD_CONFIGS`` has their own. The other sizes were chosen to compile without
-# register spills, not timed.
+# num_warps[, {kernel option: value}]). The 2-byte tiles are the best of tile sweeps at
+# B=4, T=32768, D=4096 on an H100 (docs/notes/scan-kernel.md: how they were chosen;
+# docs/benchmarks.md: what they reach); cards without an entry in ``_CARD_CONFIGS`` get
+# them. The other sizes were chosen to compile without register spills and are not timed.
 #
-# The 2-byte tiles are 128 channels wide: each program reads and writes rows of 256
-# contiguous bytes. With 128-byte rows even a scan-free copy in this tiling reaches only
-# 92% of copy bandwidth on the H100, against 97% with 256 (v8 in the notes).
+# The 2-byte tiles are 128 channels wide, so each program reads and writes rows of 256
+# contiguous bytes: on the H100 even a scan-free copy in this tiling stays well below copy
+# bandwidth with 128-byte rows and comes close to it with 256 (docs/notes/scan-kernel.md).
 _CONFIGS = {
-    # H100, 2026-11-26 06:38, two runs: forward 99.0-99.2% of copy, backward 97.3-97.4%.
     "fwd": {2: (8, 8, 128, 4, {"STAGES": 3, "REREAD": False}), 4: (16, 4, 32, 4), 8: (16, 2, 32, 4)},
     "bwd": {2: (16, 4, 128, 8, {"REREAD": False}), 4: (64, 2, 32, 8), 8: (16, 2, 32, 4)},
 }
-# With log a (2-byte inputs): forward 95.5-96.3% (the exps want 8 warps), backward
-# 97.4-98.0% (06:50, two runs).
+# With log a (2-byte inputs); the forward wants 8 warps for the exps.
 _LOG_CONFIGS = {
     "fwd": {2: (16, 8, 128, 8, {"STAGES": 3, "REREAD": False})},
     "bwd": {2: (16, 4, 128, 8, {"REREAD": False})},
 }
 # Cards whose own sweep chose other 2-byte tiles, by device-name prefix: ((pass, log a):
-# tile). The H200 moves 1.4x the H100's bytes per second and wants more of them in
-# flight. H200, 2026-11-26 01:14: 92% (plain backward), 88% (log forward), 84% (log
-# backward), where the H100's tiles of the day (64 channels wide) gave 68-75%. The
-# 128-channel tiles have not run on an H200.
+# tile). The H200 moves 1.4x the H100's bytes per second and is faster with two programs
+# of 64 channels per multiprocessor than with the H100's 128-channel tiles.
 _CARD_CONFIGS = {
     "NVIDIA H200": {
-        ("fwd", False): (16, 8, 64, 4),  # 0.86-0.88 ms there, against 0.93 for the H100's
+        ("fwd", False): (16, 8, 64, 4),
         ("bwd", False): (32, 4, 64, 8, {"REREAD": False}),
         ("fwd", True): (16, 8, 64, 4, {"STAGES": 3, "REREAD": False}),
         ("bwd", True): (16, 4, 64, 4, {"STAGES": 3, "REREAD": False}),
     },
 }
+# What ``config`` may set: the tile shape and the kernels' two options (see
+# ``_scan_fwd_kernel``).
+_CONFIG_KEYS = ("G", "R", "BLOCK_D", "num_warps", "STAGES", "REREAD")
 # Triton's software pipeline (STAGES) keeps tiles in shared memory: up to 147 KB for the
 # tiles above, which Hopper gives a block (227 KB) and smaller cards may not. There the
 # same shape prefetches into registers instead.
@@ -152,7 +151,7 @@ def _load_tile(a_base, b_base, off_a, off_b, s_at, s_bt, sign, groups, mask_d, n
 @triton.jit
 def _forward_tile(av, bv, carry, a_base, b_base, h_base, off_a, off_b, off_h, s_at, s_bt, s_ht, sign, groups, mask_d, n,
                   G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, LOG_A: tl.constexpr, A_ONE: tl.constexpr,
-                  REREAD_EVICT: tl.constexpr, STORE_CACHE: tl.constexpr, REREAD: tl.constexpr):
+                  REREAD: tl.constexpr):
     """Scan one tile (``av``, ``bv`` from :func:`_load_tile`, bases at the tile's start)
     from the state ``carry``, store its states, return the state after it."""
     pa = tl.full((G, BLOCK_D), 1.0, carry.dtype)
@@ -163,9 +162,8 @@ def _forward_tile(av, bv, carry, a_base, b_base, h_base, off_a, off_b, off_h, s_
         for k in tl.static_range(R):
             p = (groups - 1) * R + k  # position in this tile
             m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
-            ak = _gate(tl.load(a_base + sign * (k - R) * s_at + off_a, mask=m, other=A_ONE, eviction_policy=REREAD_EVICT),
-                       carry.dtype, LOG_A)
-            bk = tl.load(b_base + sign * (k - R) * s_bt + off_b, mask=m, other=0.0, eviction_policy=REREAD_EVICT).to(carry.dtype)
+            ak = _gate(tl.load(a_base + sign * (k - R) * s_at + off_a, mask=m, other=A_ONE), carry.dtype, LOG_A)
+            bk = tl.load(b_base + sign * (k - R) * s_bt + off_b, mask=m, other=0.0).to(carry.dtype)
             pa = pa * ak
             pb = pb * ak + bk
         h = _entering(pa, pb, carry)
@@ -178,7 +176,7 @@ def _forward_tile(av, bv, carry, a_base, b_base, h_base, off_a, off_b, off_h, s_
     for k in tl.static_range(R):
         h = _gate(av[k], carry.dtype, LOG_A) * h + bv[k].to(carry.dtype)
         m = (groups * R + k < n)[:, None] & mask_d[None, :]
-        tl.store(h_base + sign * k * s_ht + off_h, h.to(h_base.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
+        tl.store(h_base + sign * k * s_ht + off_h, h.to(h_base.dtype.element_ty), mask=m)
     return _last_group(h, G)
 
 
@@ -192,8 +190,7 @@ def _scan_fwd_kernel(
     s_hb, s_ht, s_hd,
     s_lb, s_ld,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, ACC_FP64: tl.constexpr, LOG_A: tl.constexpr,
-    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr = False, STAGES: tl.constexpr = 0,
-    REREAD: tl.constexpr = True,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr = 0, REREAD: tl.constexpr = True,
 ):
     # A tile is G groups of R consecutive steps; this program walks the tiles in order.
     # Position p = i * G * R + j * R + k (tile i, group j, step k) is time t = p (or
@@ -201,14 +198,13 @@ def _scan_fwd_kernel(
     # owns whole groups and runs the R steps of a group sequentially in registers.
     BLOCK_T: tl.constexpr = G * R
     A_ONE: tl.constexpr = 0.0 if LOG_A else 1.0  # what masked steps load: the identity
-    # Options tried in the tile sweep. STREAM: the re-read rows are their last use, the
-    # stores are not read again by this kernel. STAGES > 0: Triton's software pipeline
+    # The two options of the tile table. STAGES > 0: Triton's software pipeline
     # (asynchronous copies through shared memory, STAGES - 1 tiles ahead) replaces the
     # prefetch into registers. REREAD=False: each row's exclusive prefix comes from a scan
     # of its own group totals (``_entering_exclusive``) instead of re-reading the rows
-    # of the group before it.
-    REREAD_EVICT: tl.constexpr = "evict_first" if STREAM else ""
-    STORE_CACHE: tl.constexpr = ".cs" if STREAM else ""
+    # of the group before it. The pipelined loop takes only that form: re-read rows
+    # would get shared-memory buffers of their own.
+    tl.static_assert(STAGES == 0 or not REREAD, "the pipelined loop (STAGES > 0) needs REREAD=False")
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d0 = (pid_d * BLOCK_D).to(tl.int64)
@@ -246,7 +242,7 @@ def _scan_fwd_kernel(
             av, bv = _load_tile(a_tile, b_tile, off_a, off_b, s_at, s_bt, sign, groups, mask_d, n, R, A_ONE)
             carry = _forward_tile(av, bv, carry, a_tile, b_tile, h_base + sign * i * BLOCK_T * s_ht,
                                   off_a, off_b, off_h, s_at, s_bt, s_ht, sign, groups, mask_d, n,
-                                  G, R, BLOCK_D, LOG_A, A_ONE, REREAD_EVICT, STORE_CACHE, REREAD)
+                                  G, R, BLOCK_D, LOG_A, A_ONE, REREAD)
     else:
         # Loads for the first tile; each iteration then issues the next tile's loads
         # before it computes (fully masked past the end), so they overlap the arithmetic.
@@ -259,7 +255,7 @@ def _scan_fwd_kernel(
             a_next, b_next = _load_tile(a_base + sign * BLOCK_T * s_at, b_base + sign * BLOCK_T * s_bt,
                                         off_a, off_b, s_at, s_bt, sign, groups, mask_d, n - BLOCK_T, R, A_ONE)
             carry = _forward_tile(av, bv, carry, a_base, b_base, h_base, off_a, off_b, off_h, s_at, s_bt, s_ht,
-                                  sign, groups, mask_d, n, G, R, BLOCK_D, LOG_A, A_ONE, REREAD_EVICT, STORE_CACHE, REREAD)
+                                  sign, groups, mask_d, n, G, R, BLOCK_D, LOG_A, A_ONE, REREAD)
             a_base += sign * BLOCK_T * s_at
             b_base += sign * BLOCK_T * s_bt
             h_base += sign * BLOCK_T * s_ht
@@ -298,8 +294,7 @@ def _load_bwd_tile(a_base, h_base, g_base, off_a, off_at, off_h, off_g, s_at, s_
 def _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base, off_a, off_g, off_da, off_db,
                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, tile,
                    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, LOG_A: tl.constexpr, A_ONE: tl.constexpr,
-                   HAS_DH: tl.constexpr, HAS_H0: tl.constexpr, REREAD_EVICT: tl.constexpr, STORE_CACHE: tl.constexpr,
-                   REREAD: tl.constexpr):
+                   HAS_DH: tl.constexpr, HAS_H0: tl.constexpr, REREAD: tl.constexpr):
     """The adjoint recurrence over one tile (from :func:`_load_bwd_tile`, bases at the
     tile's start) from ``carry``; stores its ``grad_a``, ``grad_b``; returns the carry.
     ``h_before`` stands for the state before the sequence's first step (``HAS_H0``)."""
@@ -312,12 +307,12 @@ def _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base
             p = (groups - 1) * R + k  # position in this tile
             m = ((groups >= 1) & (p < n))[:, None] & mask_d[None, :]
             ak = tl.load(a_base + sign * (k - R) * s_at + off_a,
-                         mask=m & ((p >= 1) | (tile > 0))[:, None], other=A_ONE, eviction_policy=REREAD_EVICT)
+                         mask=m & ((p >= 1) | (tile > 0))[:, None], other=A_ONE)
             ak = _gate(ak, carry.dtype, LOG_A)
             pa = pa * ak
             pb = pb * ak
             if HAS_DH:
-                gk = tl.load(g_base + sign * (k - R) * s_gt + off_g, mask=m, other=0.0, eviction_policy=REREAD_EVICT)
+                gk = tl.load(g_base + sign * (k - R) * s_gt + off_g, mask=m, other=0.0)
                 pb += gk.to(carry.dtype)
         g = _entering(pa, pb, carry)
     else:  # each row's own group total, from registers
@@ -342,8 +337,8 @@ def _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base
             # k + 1 (the extra one for a group's last step). It is masked to 1 at the
             # sequence's first step, whose a_t the caller has folded into h0.
             da = da * _gate(av[k + 1], carry.dtype, LOG_A)
-        tl.store(db_base + sign * k * s_dbt + off_db, g.to(db_base.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
-        tl.store(da_base + sign * k * s_dat + off_da, da.to(da_base.dtype.element_ty), mask=m, cache_modifier=STORE_CACHE)
+        tl.store(db_base + sign * k * s_dbt + off_db, g.to(db_base.dtype.element_ty), mask=m)
+        tl.store(da_base + sign * k * s_dat + off_da, da.to(da_base.dtype.element_ty), mask=m)
     return _last_group(g, G)
 
 
@@ -362,8 +357,7 @@ def _scan_bwd_kernel(
     s_dh0b, s_dh0d,
     HAS_DH: tl.constexpr, HAS_DHL: tl.constexpr, HAS_H0: tl.constexpr,
     REVERSE: tl.constexpr, ACC_FP64: tl.constexpr, LOG_A: tl.constexpr,
-    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr = False, STAGES: tl.constexpr = 0,
-    REREAD: tl.constexpr = True,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr = 0, REREAD: tl.constexpr = True,
 ):
     # REVERSE is the direction of the forward scan; this pass runs the other way, over
     # positions p (tiled as in the forward kernel) at times t = T-1-p, or t = p.
@@ -371,9 +365,8 @@ def _scan_bwd_kernel(
     # p + 1 (the forward's previous step; h0 past the end).
     BLOCK_T: tl.constexpr = G * R
     A_ONE: tl.constexpr = 0.0 if LOG_A else 1.0  # what masked steps load: the identity
-    # STREAM, STAGES: as in the forward kernel.
-    REREAD_EVICT: tl.constexpr = "evict_first" if STREAM else ""
-    STORE_CACHE: tl.constexpr = ".cs" if STREAM else ""
+    # STAGES, REREAD: as in the forward kernel.
+    tl.static_assert(STAGES == 0 or not REREAD, "the pipelined loop (STAGES > 0) needs REREAD=False")
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d0 = (pid_d * BLOCK_D).to(tl.int64)
@@ -428,7 +421,7 @@ def _scan_bwd_kernel(
             carry = _backward_tile(av, hv, gv, carry, h_before, a_base + step * s_at, g_base + step * s_gt,
                                    da_base + step * s_dat, db_base + step * s_dbt, off_a, off_g, off_da, off_db,
                                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, i,
-                                   G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE, REREAD)
+                                   G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD)
     else:
         a_next, h_next, g_next = _load_bwd_tile(a_base, h_base, g_base, off_a, off_at, off_h, off_g, s_at, s_ht, s_gt,
                                                 sign, groups, mask_d, T, 0, R, A_ONE, HAS_DH, LOG_A)
@@ -443,7 +436,7 @@ def _scan_bwd_kernel(
                 off_a, off_at, off_h, off_g, s_at, s_ht, s_gt, sign, groups, mask_d, n - BLOCK_T, i + 1, R, A_ONE, HAS_DH, LOG_A)
             carry = _backward_tile(av, hv, gv, carry, h_before, a_base, g_base, da_base, db_base, off_a, off_g, off_da, off_db,
                                    s_at, s_gt, s_dat, s_dbt, sign, groups, mask_d, n, i,
-                                   G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD_EVICT, STORE_CACHE, REREAD)
+                                   G, R, BLOCK_D, LOG_A, A_ONE, HAS_DH, HAS_H0, REREAD)
             a_base += sign * BLOCK_T * s_at
             h_base += sign * BLOCK_T * s_ht
             g_base += sign * BLOCK_T * s_gt
@@ -491,7 +484,7 @@ def _default_config(kind: str, log_space: bool, itemsize: int, sms: int, batch: 
     block_d = min(block_d, max(16, triton.next_power_of_2(dim)))
     # Halve the block while fewer than 7/8 of the multiprocessors would get a program. Not
     # all of them: wide rows are worth a few idle ones (on the H100, 128 programs of
-    # 128-channel rows beat 256 of 64 channels; docs/notes/scan-kernel.md, v8).
+    # 128-channel rows beat 256 of 64 channels; docs/notes/scan-kernel.md).
     while block_d > 16 and batch * triton.cdiv(dim, block_d) * 8 < sms * 7:
         block_d //= 2
     # Short sequences: shrink the groups first, then the steps per group.
@@ -509,7 +502,15 @@ def _pick_config(kind: str, log_space: bool, device: torch.device, dtype: torch.
     else:
         sms, card, shared_memory = 0, "", 0
     cfg = _default_config(kind, bool(log_space), dtype.itemsize, sms, batch, length, dim, card, shared_memory)
-    return {**cfg, **config} if config else cfg
+    if not config:
+        return cfg
+    unknown = sorted(set(config) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"linear_scan config: unknown keys {unknown}; it takes {', '.join(_CONFIG_KEYS)}")
+    cfg = {**cfg, **config}
+    if cfg.get("STAGES", 0) > 0 and cfg.get("REREAD", True):
+        raise ValueError(f"linear_scan config {config}: the pipelined loop (STAGES > 0) needs REREAD=False")
+    return cfg
 
 
 def _strides2(x: Tensor | None) -> tuple[int, int]:
@@ -533,7 +534,8 @@ def scan_forward(
     With ``log_space`` ``a`` holds ``log a``. ``out`` takes preallocated ``(h, h_last)``;
     ``accumulate_fp64`` carries the state in float64 whatever the input dtype;
     ``out_dtype`` stores ``h`` in that dtype and ``h_last`` in the accumulation dtype.
-    ``config`` overrides the tile shape (keys ``G``, ``R``, ``BLOCK_D``, ``num_warps``).
+    ``config`` overrides the tile (keys ``G``, ``R``, ``BLOCK_D``, ``num_warps``, ``STAGES``,
+    ``REREAD``; see ``_CONFIGS``).
     """
     if a.shape != b.shape:
         shape = torch.broadcast_shapes(a.shape, b.shape)

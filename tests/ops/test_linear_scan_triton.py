@@ -84,12 +84,14 @@ def reference_grads(a, b, h0, reverse, grad_h, grad_h_last, log_space=False):
 # ----------------------------------------------------------------------- interpreter
 
 
+SMALL = {"G": 4, "R": 4, "BLOCK_D": 16}  # 16-step tiles, 16-channel blocks
+
+
 def _interpreter_checks() -> None:
     """Run in a child process with TRITON_INTERPRET=1: small shapes, tiny tiles."""
     from mmrec.ops import linear_scan_triton as kernels
 
-    gen = torch.Generator().manual_seed(0)
-    small = {"G": 4, "R": 4, "BLOCK_D": 16}  # 16-step tiles, 16-channel blocks
+    small = SMALL
     cases = [
         # dtype, T, reverse, h0, layout, grad_h, grad_h_last, extra
         (torch.float32, 21, False, False, "contiguous", True, False, {}),
@@ -109,21 +111,27 @@ def _interpreter_checks() -> None:
         # h stored narrower than the state (out_dtype), h_last in the accumulation dtype
         (torch.bfloat16, 21, False, True, "contiguous", True, True, {"log_space": True, "out_dtype": torch.bfloat16}),
         (torch.float32, 21, True, True, "broadcast", True, True, {"out_dtype": torch.bfloat16}),
-        # cache hints (the tile sweep's STREAM option) change no result
-        (torch.bfloat16, 21, True, True, "strided", True, True, {"log_space": True, "config": {**small, "STREAM": True}}),
-        # the software-pipelined forward loop (the tile sweep's STAGES option)
-        (torch.float32, 37, True, True, "strided", True, True, {"config": {**small, "STAGES": 3}}),
-        (torch.bfloat16, 21, False, True, "contiguous", True, True, {"log_space": True, "config": {**small, "STAGES": 2}}),
-        # exclusive prefixes from the rows' own totals (the sweep's REREAD=False)
+        # the software-pipelined loop (STAGES), which takes its prefixes from the rows' own totals
+        (torch.float32, 37, True, True, "strided", True, True, {"config": {**small, "STAGES": 3, "REREAD": False}}),
+        (torch.bfloat16, 21, False, True, "contiguous", True, True,
+         {"log_space": True, "config": {**small, "STAGES": 2, "REREAD": False}}),
+        # exclusive prefixes from the rows' own totals (REREAD=False) in the register-prefetch loop
         (torch.float32, 37, True, True, "strided", True, True, {"config": {**small, "REREAD": False}}),
         (torch.float32, 16, False, True, "broadcast", False, True, {"log_space": True, "config": {**small, "REREAD": False, "STAGES": 2}}),
         # log space with h0: the first step's a_t reaches the gradient through h0, with that
         # step inside a group (T=38: the last tile's step 5) and at a group's end (T=16 above)
         (torch.float32, 38, True, True, "contiguous", True, True, {"log_space": True, "config": {**small, "REREAD": False}}),
     ]
+    check_cases(kernels, cases, torch.Generator().manual_seed(0))
+    _fp64_accumulation_check(kernels)
+
+
+def check_cases(kernels, cases, gen) -> None:
+    """Each case through ``kernels.scan_forward`` and ``kernels.scan_backward`` (a module
+    with the launchers' signatures) against the float64 reference; prints "ok" per case."""
     batch, dim = 2, 20  # 20 channels: a full block and a partial one
     for dtype, length, reverse, with_h0, layout, with_gh, with_ghl, extra in cases:
-        extra = {"config": small, **extra}
+        extra = {"config": SMALL, **extra}
         log_space = extra.get("log_space", False)
         a, b = make_inputs(batch, length, dim, dtype, "cpu", gen, layout, log_space)
         h0 = torch.randn(batch, dim, generator=gen).to(dtype) if with_h0 else None
@@ -152,10 +160,9 @@ def _interpreter_checks() -> None:
             errs[name] = rel_err(got, ref)
         # grad_a uses the stored (rounded) states, so allow the rounding of h as well
         bad = {k: v for k, v in errs.items() if v > tols[k]}
-        label = f"{dtype} T={length} reverse={reverse} h0={with_h0} {layout} { {k: v for k, v in extra.items() if k != 'config' or v is not small} }"
+        label = f"{dtype} T={length} reverse={reverse} h0={with_h0} {layout} { {k: v for k, v in extra.items() if k != 'config' or v is not SMALL} }"
         assert not bad, f"{label}: {bad}"
         print(f"ok {label}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
-    _fp64_accumulation_check(kernels)
 
 
 def drifting_inputs(length, dim, gen):
@@ -185,7 +192,33 @@ def _fp64_accumulation_check(kernels) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 23, out
+    assert out.count("ok ") == 22, out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_config_takes_the_tile_and_its_two_options():
+    """``config`` overrides take the tile shape, STAGES and REREAD; anything else, and the
+    pipelined loop with the re-read, is refused with the keys it takes. Every tile of the
+    tables passes the same check."""
+    from mmrec.ops import linear_scan_triton as kernels
+
+    def pick(config, kind="fwd", log_space=False, dtype=torch.bfloat16):
+        return kernels._pick_config(kind, log_space, torch.device("cpu"), dtype, 4, 32768, 4096, config)
+
+    assert pick({"G": 8, "R": 2, "STAGES": 3, "REREAD": False}) == {**pick(None), "G": 8, "R": 2, "STAGES": 3, "REREAD": False}
+    with pytest.raises(ValueError, match=r"unknown keys \['STREAM'\]; it takes G, R, BLOCK_D, num_warps, STAGES, REREAD"):
+        pick({"STREAM": True})
+    with pytest.raises(ValueError, match="the pipelined loop"):
+        pick({"STAGES": 3}, dtype=torch.float32)  # its table tile re-reads
+    with pytest.raises(ValueError, match="the pipelined loop"):
+        pick({"STAGES": 3, "REREAD": True})
+    tables = [kernels._CONFIGS, kernels._LOG_CONFIGS]
+    tiles = [tile for table in tables for sizes in table.values() for tile in sizes.values()]
+    tiles += [tile for card in kernels._CARD_CONFIGS.values() for tile in card.values()]
+    assert len(tiles) == 12
+    for groups, steps, block_d, warps, *options in tiles:
+        config = {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": warps, **(options[0] if options else {})}
+        assert pick(config) == {**pick(None), **config}
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -287,10 +320,9 @@ def test_cuda_outputs_fully_written(reverse):
 
 @cuda_only
 @pytest.mark.parametrize("log_space", [False, True])
-@pytest.mark.parametrize("options", [{"STAGES": 3}, {"REREAD": False}, {"STAGES": 3, "REREAD": False}, {"STREAM": True}],
-                         ids=str)
+@pytest.mark.parametrize("options", [{"REREAD": False}, {"STAGES": 3, "REREAD": False}], ids=str)
 def test_cuda_kernel_options_agree_with_the_reference(options, log_space):
-    """The sweep's kernel options (software pipeline, no re-read, cache hints), compiled for
+    """The kernels' options (no re-read, and with it the software pipeline), compiled for
     the GPU, on a length that ends mid-tile, float32 against the float64 reference."""
     from mmrec.ops import linear_scan_triton as kernels
 
