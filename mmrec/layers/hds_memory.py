@@ -44,7 +44,7 @@ class HDSMemory(ChunkedMemory):
             description="HDS levels the read attends over: level l pools 4^l slots into one (1, 4, 16, 64)",
         )
         own_value: float = Field(
-            0.0, description="weight of each token's own value, projected as the slots' values are, added to its read "
+            0.0, allow_inf_nan=False, description="weight of each token's own value, projected as the slots' values are, added to its read "
                              "(the seeds' 0.1·v_t); 0: off",
         )
 

@@ -105,6 +105,8 @@ def test_config_rejects_slots_that_do_not_pool():
         HDSMemory.Config(slots=32, levels=[0, 3])
     with pytest.raises(ValueError):
         HDSMemory.Config(levels=[0, 4])
+    with pytest.raises(ValueError, match="finite"):
+        HDSMemory.Config(own_value=float("nan"))
 
 
 def test_options_are_off_by_default_and_change_nothing_then():
