@@ -8,10 +8,10 @@ after it; here it stays linear, so that in the MM-Rec block the input gate ``σ(
 read from token ``t``, multiplies features of the tokens before it).
 
 It is written as K shifted multiply-adds rather than ``conv1d``: for K of 2 to 4 that is
-one elementwise kernel once compiled, and it keeps convolutions out of the model's graph
-(with a ``conv1d`` here the compiled bf16 CUDA model gave wrong gradients, cause not
-found; docs/notes/benchmark-history.md, 2026-11-26. tests/test_model_cuda.py checks this form's
-compiled CUDA gradients against the eager CPU model).
+one elementwise kernel once compiled, and it keeps convolutions out of the model's graph,
+where a ``conv1d`` gave wrong gradients in the compiled bf16 CUDA model
+(docs/notes/benchmark-history.md). tests/test_model_cuda.py checks this form's compiled
+CUDA gradients against the eager CPU model.
 
 ``init="identity"`` starts as the identity (the block starts as it would without the
 convolution); ``"random"`` as ``nn.Conv1d`` does, mixing from the first step.
