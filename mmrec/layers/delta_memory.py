@@ -35,9 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from torch import Tensor, nn
 
 from mmrec.contracts import Memory
+from mmrec.layers.delta_recurrence import conv_silu_heads
 from mmrec.layers.short_conv import ShortConv
-from mmrec.ops import accumulation_dtype
-from mmrec.ops.delta_rule import chunk_delta_rule, chunk_delta_rule_flops, delta_rule_step
+from mmrec.ops.delta_rule import chunk_delta_rule_flops, delta_rule
 
 
 class DeltaMemory(Memory):
@@ -97,39 +97,20 @@ class DeltaMemory(Memory):
         """``q``, ``k``, ``v``: ``[B, T, d]``; ``state``: ``{"matrix", "conv"}`` from the last
         call, or ``None``. ``chunk_size`` (the block's) and ``dropout`` do not apply."""
         batch, length, _ = q.shape
-        heads, head_dim = self.heads, self.head_dim
         state = state or {}
-        next_state = {}
-        qk = torch.cat([q, k], -1)  # [B, T, 2d]
-        if self.conv is not None:
-            qk, next_state["conv"] = self.conv(qk, state.get("conv"))
-        acc = accumulation_dtype(q.dtype)
-        q, k = F.silu(qk).to(acc).view(batch, length, 2, heads, head_dim).unbind(2)  # [B, T, H, d_h]
+        q, k, next_state = conv_silu_heads(self.conv, q, k, self.heads, state)  # [B, T, H, d_h]
         # per head, a dot product with a weight vector (elementwise and a sum: no matmul of a strided view)
-        beta, log_alpha = ((k * w).sum(-1) + b for w, b in zip(self.gate_weight.to(acc), self.gate_bias.to(acc)))
+        beta, log_alpha = ((k * w).sum(-1) + b for w, b in zip(self.gate_weight.to(k.dtype), self.gate_bias.to(k.dtype)))
         beta, log_alpha = torch.sigmoid(beta), -F.softplus(log_alpha)  # [B, T, H]
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        v = v.view(batch, length, heads, head_dim)
-        matrix = state.get("matrix")
-        if length == 1:
-            if matrix is None:
-                matrix = v.new_zeros(batch, heads, head_dim, head_dim, dtype=acc)
-            o, matrix = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], log_alpha[:, 0], matrix.to(acc))
-            o = o[:, None]
-        else:
-            o, matrix = chunk_delta_rule(q, k, v, beta, log_alpha, matrix, chunk_size=self.chunk)
-        o = F.rms_norm(o.to(acc), (head_dim,), self.out_norm.to(acc))
-        return o.reshape(batch, length, heads * head_dim).to(v.dtype), {"matrix": matrix, **next_state}
+        v = v.view(batch, length, self.heads, self.head_dim)
+        o, matrix = delta_rule(q, k, v, beta, log_alpha, state.get("matrix"), chunk_size=self.chunk)
+        o = F.rms_norm(o.to(k.dtype), (self.head_dim,), self.out_norm.to(k.dtype))
+        return o.reshape(batch, length, -1).to(v.dtype), {"matrix": matrix, **next_state}
 
     # static decoding: the state is fixed-size, so the buffers are copies and a step is the eager step
 
-    def static_state(self, state: dict | None, batch: int, chunk_size: int, dtype: torch.dtype | None = None) -> dict:
-        if state is None or "matrix" not in state:
-            param = self.gate_weight
-            acc = accumulation_dtype(dtype or param.dtype)
-            state = {"matrix": param.new_zeros(batch, self.heads, self.head_dim, self.head_dim, dtype=acc)}
-            if self.conv is not None:
-                state["conv"] = param.new_zeros(batch, self.conv.kernel_size - 1, 2 * self.key_dim, dtype=dtype or param.dtype)
+    def static_state(self, state: dict, batch: int, chunk_size: int, dtype: torch.dtype | None = None) -> dict:
         return {name: value.clone() for name, value in state.items()}
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, static: dict, position: Tensor) -> tuple[Tensor, dict]:

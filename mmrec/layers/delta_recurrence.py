@@ -42,7 +42,7 @@ from torch import Tensor
 from mmrec.contracts import Recurrence
 from mmrec.layers.short_conv import ShortConv
 from mmrec.ops import accumulation_dtype
-from mmrec.ops.delta_rule import chunk_delta_rule, chunk_delta_rule_flops, delta_rule_step
+from mmrec.ops.delta_rule import chunk_delta_rule_flops, delta_rule
 
 
 class DeltaRecurrence(Recurrence):
@@ -80,24 +80,24 @@ class DeltaRecurrence(Recurrence):
 
         Returns ``h`` ``[B, T, D]`` in ``z``'s dtype and the next state dict."""
         batch, length, _ = z.shape
-        heads, head_dim = self.n_heads, self.head_dim
         h0 = h0 or {}
-        next_state = {}
-        qk = torch.cat([q_r, k_r], -1)  # [B, T, 2D]
-        if self.conv is not None:
-            qk, next_state["conv"] = self.conv(qk, h0.get("conv"))
-        acc = accumulation_dtype(z.dtype)
-        q, k = F.silu(qk).to(acc).view(batch, length, 2, heads, head_dim).unbind(2)  # [B, T, H, d_h]
+        q, k, next_state = conv_silu_heads(self.conv, q_r, k_r, self.n_heads, h0)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        v = z.view(batch, length, heads, head_dim)
-        beta = torch.sigmoid(beta.to(acc))  # [B, T, H]
-        matrix = h0.get("matrix")
-        if length == 1:  # a decode step: the recurrence itself
-            if matrix is None:
-                matrix = z.new_zeros(batch, heads, head_dim, head_dim, dtype=acc)
-            o, matrix = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], log_decay[:, 0], matrix.to(acc))
-            o = o[:, None].to(z.dtype)
-        else:
-            o, matrix = chunk_delta_rule(q, k, v, beta, log_decay, matrix, chunk_size=self.chunk)
-        h = torch.sigmoid(gate) * o.reshape(batch, length, heads * head_dim)
+        v = z.view(batch, length, self.n_heads, self.head_dim)
+        beta = torch.sigmoid(beta.to(q.dtype))  # [B, T, H]
+        o, matrix = delta_rule(q, k, v, beta, log_decay, h0.get("matrix"), chunk_size=self.chunk)
+        h = torch.sigmoid(gate) * o.reshape(batch, length, -1)
         return h, {"matrix": matrix, **next_state}
+
+
+def conv_silu_heads(conv: ShortConv | None, q: Tensor, k: Tensor, heads: int, state: dict) -> tuple[Tensor, Tensor, dict]:
+    """The delta rule's queries and keys before normalisation, as DeltaNet forms them: ``q``,
+    ``k`` ``[B, T, D]`` through one causal convolution over ``[q | k]`` (continuing
+    ``state["conv"]``) and SiLU, in the accumulation dtype, split into heads ``[B, T, H, D/H]``.
+    Returns them and ``{"conv": ...}``, the convolution's state to carry (empty without one)."""
+    batch, length, width = q.shape
+    qk, next_state = torch.cat([q, k], -1), {}  # [B, T, 2D]
+    if conv is not None:
+        qk, next_state["conv"] = conv(qk, state.get("conv"))
+    q, k = F.silu(qk).to(accumulation_dtype(q.dtype)).view(batch, length, 2, heads, width // heads).unbind(2)
+    return q, k, next_state

@@ -6,10 +6,28 @@ loop over chunks as the custom op ``mmrec::delta_chunk_scan``, a Triton kernel o
 Layout ``[B, T, H, D]`` throughout, the state ``[B, H, K, V]``.
 """
 
+from torch import Tensor
+
 from mmrec.ops.delta_rule.chunk import chunk_delta_rule
 from mmrec.ops.delta_rule.naive import delta_rule_step, naive_delta_rule
+from mmrec.ops.linear_scan import accumulation_dtype
 
-__all__ = ["chunk_delta_rule", "chunk_delta_rule_flops", "delta_rule_step", "naive_delta_rule"]
+__all__ = ["chunk_delta_rule", "chunk_delta_rule_flops", "delta_rule", "delta_rule_step", "naive_delta_rule"]
+
+
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, state: Tensor | None = None,
+               chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+    """The gated delta rule over any number of tokens, as layers call it: one token (a decode
+    step) runs the recurrence itself, longer inputs the chunked form. Arguments as
+    :func:`chunk_delta_rule`; returns ``o`` in ``v``'s dtype and the state in the
+    accumulation dtype."""
+    if q.shape[1] > 1:
+        return chunk_delta_rule(q, k, v, beta, log_alpha, state, chunk_size=chunk_size)
+    batch, _, heads, key_dim = k.shape
+    acc = accumulation_dtype(v.dtype)
+    state = v.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=acc) if state is None else state.to(acc)
+    o, state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], log_alpha[:, 0], state)
+    return o[:, None].to(v.dtype), state
 
 
 def chunk_delta_rule_flops(chunk: int, heads: int, head_dim: int) -> float:
