@@ -233,6 +233,7 @@ SEED_OPTIONS = ["model.gated_integration=true", "model.pe_dim=24", "model.memory
 @cuda
 @pytest.mark.parametrize("recipe,overrides", [("tiny", []), ("transformer-tiny", []), ("tiny", ["model.recurrence.kind=exact"]),
                                               ("tiny", ["model.recurrence.kind=delta"]), ("tiny", ['model.memory={"kind": "window"}']),
+                                              ("tiny", ['model.memory={"kind": "delta"}']),
                                               ("1b", ["model.n_layers=2"]), ("tiny", SEED_OPTIONS)])
 def test_cuda_graph_replays_equal_eager_steps(recipe, overrides):
     model = mmrec.build(recipe, overrides).cuda().eval()
