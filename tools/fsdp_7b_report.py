@@ -111,9 +111,9 @@ def verdict(name: str, result: dict, rtol: float) -> tuple[bool, str]:
 
 
 def cmd_resume(args) -> int:
-    reference = losses(read_metrics(args.reference / "metrics.jsonl"))
+    reference_records, resumed_records = (read_metrics(run / "metrics.jsonl") for run in (args.reference, args.resumed))
+    reference, resumed = losses(reference_records), losses(resumed_records)
     fresh = losses(read_metrics(args.fresh / "metrics.jsonl"))
-    resumed = losses(read_metrics(args.resumed / "metrics.jsonl"))
     after = sorted(s for s in reference if s > args.at)
     report = {"checkpoint_step": args.at, "rtol": args.rtol, "rtol_other": args.rtol_other}
     # context: how closely two runs from scratch agree (the fresh run that saved, over its steps)
@@ -121,8 +121,7 @@ def cmd_resume(args) -> int:
     report["resumed"] = compare(reference, resumed, after)
     checks = [verdict(f"resume on {args.processes} processes (steps {after[0]}-{after[-1]})" if after
                       else "resume", report["resumed"], args.rtol)]
-    ref_val, res_val = losses(read_metrics(args.reference / "metrics.jsonl"), "val_loss"), \
-        losses(read_metrics(args.resumed / "metrics.jsonl"), "val_loss")
+    ref_val, res_val = losses(reference_records, "val_loss"), losses(resumed_records, "val_loss")
     common = sorted(set(ref_val) & set(res_val))
     if common:
         report["resumed_val"] = compare(ref_val, res_val, common)
