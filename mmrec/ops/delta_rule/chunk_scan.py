@@ -38,15 +38,9 @@ from torch import Tensor
 
 def delta_chunk_scan_reference(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor,
                                chunk_decay: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
-    """``(O [B, H, N, C, V], final state [B, H, K, V])``, one batched step per chunk,
-    differentiable by autograd. Shapes as in :func:`delta_chunk_scan`."""
-    state = initial_state
-    outputs = []
-    for n in range(w1.shape[2]):
-        u = w1[:, :, n] - w2[:, :, n] @ state  # [B, H, C, V]
-        outputs.append(q_decayed[:, :, n] @ state + attn[:, :, n] @ u)
-        state = chunk_decay[:, :, n, None, None] * state + k_decayed[:, :, n].transpose(-1, -2) @ u
-    return torch.stack(outputs, 2), state
+    """``(O [B, H, N, C, V], final state [B, H, K, V])``: the forward loop, differentiable by
+    autograd (which the ops' CPU implementation is too). Shapes as in :func:`delta_chunk_scan`."""
+    return _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=False)[:2]
 
 
 def _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state,
@@ -180,7 +174,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_o: Tensor | None, grad_final: Tensor | None, _grad_states):
     *inputs, states = ctx.saved_tensors
-    w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state = inputs
+    w1, w2, q_decayed, k_decayed, attn, chunk_decay, _initial_state = inputs
     if grad_o is None and grad_final is None:
         return (None,) * 8
     if states.shape[2] != w1.shape[2] and not torch.is_grad_enabled():
