@@ -355,9 +355,8 @@ def test_cuda_delta_rule_matches_float64_loop(head_dim, dtype, tol):
 @pytest.mark.parametrize("config,tol", [
     ({}, 1e-5),
     ({"PRECISION": "ieee"}, 1e-5),
-    # one tf32 product rounds its inputs to 10 bits (2^-11 ≈ 5e-4 relative); the chunk
-    # recurrence and its adjoint compound that over every chunk (5e-3 failed on an H200 at
-    # both shapes); a wrong kernel is off by O(1)
+    # one tf32 product rounds its inputs to 10 bits (2^-11 ≈ 5e-4 relative), and the chunk
+    # recurrence and its adjoint compound that over every chunk; a wrong kernel is off by O(1)
     ({"PRECISION": "tf32"}, 2e-2),
     ({"PRECISION": "bf16x3"}, 5e-4),
     ({"STAGES": 2}, 1e-5),
