@@ -5,11 +5,13 @@ the time axis in tiles of ``G * R`` steps: ``G`` groups of ``R`` consecutive ste
 thread holds whole groups (``R`` sub-tiles kept in a tuple), so a group's steps run
 sequentially in registers; only the group totals cross threads, in one
 ``tl.associative_scan`` over the ``G`` rows (operator ``(a1, b1) . (a2, b2) =
-(a1 a2, a2 b1 + b2)``). That scan needs each row's *previous* group's total, which the
-kernel reads again (cache hits: the same lines were loaded a moment before) rather than
-shifting data between threads. The state carried in from the previous tile enters the
-scan result, and the last group's final state is carried to the next tile. The next
-tile's loads are issued before the current tile's arithmetic. Device memory sees each
+(a1 a2, a2 b1 + b2)``). Row j needs the composition of groups 0..j-1: either each row
+reads its previous group again (``REREAD``; cache hits, the same lines were loaded a
+moment before) or the scan carries every prefix without its last group as well, so each
+row's own total suffices. The state carried in from the previous tile enters the scan
+result, and the last group's final state is carried to the next tile. The next tile's
+loads are issued before the current tile's arithmetic (or, with ``STAGES``, Triton's
+software pipeline copies them ahead through shared memory). Device memory sees each
 element read once and written once:
 
 * forward: read ``a``, ``b``; write ``h`` (6 bytes per element in bf16);
@@ -31,7 +33,8 @@ nothing is copied. Accumulation is float32 (float64 for float64 inputs, or on re
 the stores cast to the outputs' dtypes, so ``h`` may be narrower than the state
 (``out_dtype``) while ``h_last`` keeps the accumulation dtype.
 The launchers take any tensors Triton can address, so with ``TRITON_INTERPRET=1`` they
-run on CPU tensors too, which is how the CPU test suite checks them.
+run on CPU tensors too, which is how the CPU test suite checks them. How the kernels and
+their tiles were chosen: docs/notes/scan-kernel.md.
 """
 
 from __future__ import annotations
