@@ -1,3 +1,5 @@
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -106,6 +108,46 @@ def test_fixed_batches_are_stable_and_cover_the_split():
     assert batches[0][0][0, 0] == 0 and batches[-1][1][-1, -1] == 499
     again = TokenStream(tokens, seq_len=20, seed=99).fixed_batches(3, 4)
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(batches, again))
+
+
+class Positions:
+    """A token source as long as a real corpus that holds nothing: id = position."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def dim(self) -> int:
+        return 1
+
+    def numel(self) -> int:
+        return self.n
+
+    def windows(self, starts: torch.Tensor, length: int) -> torch.Tensor:
+        if starts.min() < 0 or starts.max() + length > self.n:
+            raise IndexError(f"a window from {starts.max()} runs past {self.n} tokens")
+        return starts[:, None] + torch.arange(length)
+
+
+@pytest.mark.parametrize("n", [81_767_864, 2**24 + 3, 123_456_789])
+def test_fixed_batches_of_a_split_longer_than_float32_counts_end_at_its_end(n):
+    stream = TokenStream(Positions(n), seq_len=2048, seed=0)
+    batches = stream.fixed_batches(16, 8)
+    starts = torch.cat([x[:, 0] for x, _ in batches])
+    assert starts[0] == 0 and batches[-1][1][-1, -1] == n - 1
+    assert (starts.diff() > 0).all()
+
+
+def test_fixed_batch_starts_are_the_exactly_rounded_even_spacing():
+    """Start ``i`` of ``count`` is ``round(i * last / (count - 1))``, halves to even (as
+    ``torch.linspace(...).round()`` gave wherever float32 was exact)."""
+    for n in (41, 500, 777, 10_000, 1_000_003):
+        for num_batches, batch_size in ((1, 1), (1, 2), (3, 4), (5, 7), (16, 8)):
+            stream = TokenStream(Positions(n), seq_len=20, seed=0)
+            count, last = num_batches * batch_size, n - 21
+            got = torch.cat([x[:, 0] for x, _ in stream.fixed_batches(num_batches, batch_size)]).tolist()
+            assert got == [round(Fraction(i * last, max(count - 1, 1))) for i in range(count)]
+            if n < 100_000:  # where float32 is exact: the batches validation always had
+                assert got == (torch.linspace(0, last, count).round().long().tolist() if count > 1 else [0])
 
 
 def test_too_short_stream_is_a_clear_error():

@@ -15,12 +15,15 @@ import importlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 __all__ = [
     "Corpus",
     "DataError",
+    "TensorTokens",
+    "TokenSource",
     "TokenStream",
     "default_corpus",
     "load_corpus",
@@ -167,18 +170,44 @@ def _mix(*xs: int) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
+class TokenSource(Protocol):
+    """Where a :class:`TokenStream` reads its ids from."""
+
+    def numel(self) -> int: ...
+
+    def windows(self, starts: torch.Tensor, length: int) -> torch.Tensor:
+        """``[len(starts), length]`` int64: the ids from each start."""
+        ...
+
+
+class TensorTokens:
+    """A 1-D tensor of ids as a :class:`TokenSource` (memory-mapped shards are the other,
+    :class:`mmrec.data.shards.TokenShards`)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        if tokens.dim() != 1:
+            raise ValueError("tokens must be a 1-D tensor")
+        self.tokens = tokens
+
+    def numel(self) -> int:
+        return self.tokens.numel()
+
+    def windows(self, starts: torch.Tensor, length: int) -> torch.Tensor:
+        return self.tokens[starts[:, None] + torch.arange(length)[None, :]].long()
+
+
 class TokenStream:
-    """One token stream cut into windows of ``seq_len + 1`` tokens: a 1-D tensor, or
-    memory-mapped shards (:class:`mmrec.data.shards.TokenShards`).
+    """One token stream cut into windows of ``seq_len + 1`` tokens: a 1-D tensor, or any
+    :class:`TokenSource` (memory-mapped shards, :class:`mmrec.data.shards.TokenShards`).
 
     Each epoch shifts the window grid by a seed-dependent offset and visits the windows
     in a seed-dependent random order, every window once. Sample ``i`` (counting from the
     start of training) is therefore a pure function of ``(tokens, seq_len, seed, i)``.
     """
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, seed: int, what: str = "data"):
-        if tokens.dim() != 1:
-            raise ValueError("tokens must be a 1-D tensor")
+    def __init__(self, tokens: torch.Tensor | TokenSource, seq_len: int, seed: int, what: str = "data"):
+        if isinstance(tokens, torch.Tensor):
+            tokens = TensorTokens(tokens)
         n = tokens.numel()
         if n < seq_len + 1:
             raise DataError(
@@ -216,23 +245,20 @@ class TokenStream:
             starts[j] = shift + int(order[k]) * self.seq_len
         return starts
 
-    def _windows(self, starts: torch.Tensor) -> torch.Tensor:
-        """``[len(starts), seq_len + 1]`` int64 ids from each start."""
-        if isinstance(self.tokens, torch.Tensor):
-            return self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)[None, :]].long()
-        return self.tokens.windows(starts, self.seq_len + 1)  # memory-mapped shards
-
     def batch(self, first: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples ``first .. first + batch_size - 1`` as ``(inputs, targets)``, int64 ``[B, T]``."""
-        chunk = self._windows(self.window_starts(first, batch_size))
+        chunk = self.tokens.windows(self.window_starts(first, batch_size), self.seq_len + 1)
         return chunk[:, :-1], chunk[:, 1:]
 
     def fixed_batches(self, num_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Evenly spaced windows over the whole stream: the same every call (for validation)."""
         count = num_batches * batch_size
         last = len(self) - self.seq_len - 1
-        starts = torch.linspace(0, last, count).round().long() if count > 1 else torch.zeros(1, dtype=torch.long)
-        chunk = self._windows(starts)
+        # start i = round(i * last / (count - 1)), halves to even, in integers: exact at any length
+        span, steps = torch.arange(count) * last, max(count - 1, 1)
+        q, r = span // steps, span % steps
+        starts = q + ((2 * r > steps) | ((2 * r == steps) & (q % 2 == 1))).long()
+        chunk = self.tokens.windows(starts, self.seq_len + 1)
         return [
             (chunk[i : i + batch_size, :-1], chunk[i : i + batch_size, 1:])
             for i in range(0, count, batch_size)
