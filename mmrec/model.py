@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmrec import registry
 from mmrec.config import ModelConfigBase
+from mmrec.contracts import Block, with_defaults
 from mmrec.layers.norm import RMSNorm
 from mmrec.loss import IGNORE_INDEX, linear_cross_entropy
 from mmrec.state import State, StateError
@@ -37,7 +38,7 @@ class LanguageModel(nn.Module):
         self.config = config
         self.config_json = config.model_dump_json()  # identifies the states this model makes
         self.stream_piece = 32768  # without gradients, longer inputs run in pieces of this many tokens
-        block = registry.get("layers", config.arch)
+        block = with_defaults(registry.get("layers", config.arch), "layers")
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(block(config, layer=i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
@@ -114,7 +115,7 @@ class LanguageModel(nn.Module):
         for module in part.modules():
             if hasattr(module, "init_weights"):
                 module.init_weights()
-        if hasattr(part, "residual_projections"):
+        if isinstance(part, Block):
             for linear in part.residual_projections():
                 nn.init.normal_(linear.weight, std=std / math.sqrt(2 * self.config.n_layers))
 
