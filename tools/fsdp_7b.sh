@@ -32,22 +32,31 @@
 #          WARMUP_REAL (20) to the recipe's lr then cosine to its min_lr, validation every
 #          EVAL_REAL (50) steps on 4 batches. Also the throughput at SEQ over 195 steps.
 #          Writes real.log, real.json (summary and loss curve), real.png (matplotlib).
-#   ckpt   four runs at SEQ, batch BATCH, dropout 0 (so that one process and several draw
-#          alike), learning rate in warmup throughout (WARMUP = CKPT_STEPS, so the rate of
-#          a step does not depend on train.steps), torch.compile off (CKPT_COMPILE, 0: no
-#          compile time; the same kernels in every run):
+#   ckpt   four runs at SEQ, batch BATCH, dropout 0 (one process and several would draw
+#          different masks), the learning rate in warmup throughout (warmup CKPT_STEPS
+#          steps, so a step's rate does not depend on train.steps), torch.compile off
+#          (CKPT_COMPILE, 0: no compile time), in CKPT_DTYPE (float32: fp32 parameters and
+#          TF32 matmuls, TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, so that one process and FSDP
+#          compute alike; bfloat16: the recipe's mixed precision, see CKPT_RTOL_OTHER):
 #            B  from scratch, CKPT_STEPS (8) steps, no checkpoint: the uninterrupted run;
 #            A  from scratch, CKPT_AT (4) steps, saving the checkpoint of step CKPT_AT
-#               (about 88 GB: fp32 weights and AdamW moments; the free disk is checked);
+#               (88.3 GB: fp32 weights and AdamW moments) in CKPT_DIR (default: RUN_DIR's
+#               filesystem, else /dev/shm, whichever has the room; checked first);
 #            C  A's checkpoint resumed on NPROC processes to step CKPT_STEPS;
 #            D  A's checkpoint resumed on RESUME_NPROC (1) processes for RESUME_STEPS (2)
-#               steps, the global batch in RESUME_ACCUM (1) micro-batches (the same samples).
-#          PASS when C's losses of steps CKPT_AT+1.. are B's within relative CKPT_RTOL
-#          (1e-4; "bitwise identical" is said when they are) and D's within CKPT_RTOL_OTHER
-#          (1e-2: one process computes with fp32 parameters under autocast, FSDP with bf16
-#          ones, so the losses differ by rounding; the step after the checkpoint shows by
-#          how much). The checkpoint is deleted at the end (KEEP_CKPT=1 keeps it). Writes
-#          ckpt.log, ckpt.json (numbers and verdicts); exit status 1 on FAIL.
+#               steps, the global batch in RESUME_ACCUM (BATCH: one sequence at a time)
+#               micro-batches: the same samples, the least activation memory.
+#          CKPT_RESUMES ("C D") picks the resumed runs (B and A always run: "D" alone
+#          re-runs D in a later call).
+#          PASS when C's losses of steps CKPT_AT+1.. (and its validation loss) are B's
+#          within relative CKPT_RTOL (1e-4; "bitwise identical" is said when they are),
+#          and D's within CKPT_RTOL_OTHER (1e-4 in float32; 1e-2 in bfloat16, where one
+#          process keeps fp32 parameters under autocast and FSDP gathers bf16 ones, so
+#          their losses differ by rounding, about as much as batches differ: a loose
+#          check). The step after the checkpoint is a forward pass of the loaded weights
+#          alone; the steps after it use the loaded AdamW state too. The checkpoint is
+#          deleted at the end (KEEP_CKPT=1 keeps it). Writes ckpt.log, ckpt.json
+#          (numbers and verdicts); exit status 1 on FAIL.
 #
 # Other settings (environment): NPROC (2), RECIPE (7b), COMPILE (auto: torch.compile per
 # block, and the run again without it if the compiled one fails before its first step;
@@ -83,10 +92,11 @@
 # At 32768 tokens per GPU (phase long) the activations grow 4x: block inputs 6 GiB, one
 # block's recomputation ~15 GiB -> ~80-90 GiB of the H200's ~139 GiB.
 # One process holding the whole model (ckpt's D): 16 bytes a parameter, 109.7 GiB (fp32
-# weights 27.4, gradients 27.4, AdamW 54.8), plus activations of 4 x 4096 tokens with an
-# fp32 residual stream (~6 GiB of block inputs, ~8-10 GiB for one block's recomputation)
-# and, in the forward pass, autocast's bf16 copies of the weights (13.7 GiB, while no
-# gradient exists yet): ~125-130 GiB, within the H200's ~139 GiB but not an H100's.
+# weights 27.4, gradients 27.4, AdamW 54.8), plus the activations of one 4096-token
+# sequence at a time in fp32 (block inputs 1.5 GiB, one block's recomputation ~4, ~4
+# more if the memory read's SDPA takes its math kernel, the chunked loss ~0.5): ~116-120
+# GiB of the H200's ~140 GiB (not an H100's 80). The whole batch at once would add
+# ~20 GiB more, and bf16 autocast its cached bf16 copies of the weights (13.7 GiB).
 # The checkpoint: 12 bytes a parameter (fp32 weights, two AdamW moments) = 88.3 GB, one
 # .distcp file per saving process; it is hashed (SHA-256) when saved and again, by rank 0
 # alone, when resumed.
@@ -142,8 +152,10 @@ else
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
 BATCH_LONG=${BATCH_LONG:-$NPROC}
-RESUME_NPROC=${RESUME_NPROC:-1}; RESUME_STEPS=${RESUME_STEPS:-2}; RESUME_ACCUM=${RESUME_ACCUM:-1}
-CKPT_RTOL=${CKPT_RTOL:-1e-4}; CKPT_RTOL_OTHER=${CKPT_RTOL_OTHER:-1e-2}; CKPT_COMPILE=${CKPT_COMPILE:-0}
+RESUME_NPROC=${RESUME_NPROC:-1}; RESUME_STEPS=${RESUME_STEPS:-2}; RESUME_ACCUM=${RESUME_ACCUM:-$BATCH}
+CKPT_DTYPE=${CKPT_DTYPE:-float32}; CKPT_COMPILE=${CKPT_COMPILE:-0}; CKPT_RTOL=${CKPT_RTOL:-1e-4}
+if [ "$CKPT_DTYPE" = float32 ]; then CKPT_RTOL_OTHER=${CKPT_RTOL_OTHER:-1e-4}; else CKPT_RTOL_OTHER=${CKPT_RTOL_OTHER:-1e-2}; fi
+CKPT_RESUMES=${CKPT_RESUMES:-C D}
 "$PYTHON" -c "import torch; print('torch', torch.__version__, '| cores', __import__('os').cpu_count())"
 # every training run: activation checkpointing, no sample at the end
 common=(--recipe "$RECIPE" "${base[@]}" --set train.activation_checkpointing=true --set train.sample_tokens=0)
@@ -279,56 +291,78 @@ phase_real() {
     return $status
 }
 
+# ckpt_dir LOG NEED: the first of CKPT_DIR (default: $RUN_DIR-ckpt, on disk, then
+# /dev/shm/fsdp-7b-ckpt, in memory) whose filesystem has NEED bytes and 5% more free, or
+# nothing; what it found goes to LOG
+ckpt_dir() {
+    local dir free
+    for dir in ${CKPT_DIR:-$RUN_DIR-ckpt /dev/shm/fsdp-7b-ckpt}; do
+        mkdir -p "$dir" 2>/dev/null || continue
+        free=$(df -B1 --output=avail "$dir" | tail -1)
+        echo "$((free / 1000000)) MB free in $dir" | tee -a "$1" >&2
+        if [ "$free" -ge $(($2 + $2 / 20)) ]; then echo "$dir"; return; fi
+        rmdir "$dir" 2>/dev/null
+    done
+}
+
 phase_ckpt() {
-    local log=$OUT/ckpt.log dir=$RUN_DIR-ckpt status=0
+    local log=$OUT/ckpt.log status=0 need dir
     : > "$log"
-    rm -rf "$dir"; mkdir -p "$dir"
-    local need free
     need=$("$PYTHON" -c 'import sys, mmrec.recipes as r; from mmrec.sizing import estimate_parameters as e
 print(12 * e(r.load(sys.argv[1]).model)[0])' "$RECIPE")
-    free=$(df -B1 --output=avail "$dir" | tail -1)
-    echo "checkpoint of about $((need / 1000000000)) GB; $((free / 1000000000)) GB free in $dir" | tee -a "$log"
-    if [ "$free" -lt $((need + need / 20)) ]; then
-        echo "FAIL: not enough disk for the checkpoint: set RUN_DIR to a filesystem with more room" | tee -a "$log"
+    echo "the checkpoint: about $((need / 1000000)) MB (12 bytes a parameter)" | tee -a "$log"
+    dir=$(ckpt_dir "$log" "$need")
+    if [ -z "$dir" ]; then
+        echo "FAIL: no room for the checkpoint: set CKPT_DIR to a folder on a filesystem with more" | tee -a "$log"
         return 1
     fi
-    local args=("${common[@]}" "${byte[@]}" ${DATA:+--data "$DATA"} --set model.dropout=0
+    rm -rf "${dir:?}"/{a,b,c,d}
+    echo "runs in $dir: B, A, then $CKPT_RESUMES, in $CKPT_DTYPE" | tee -a "$log"
+    # TF32 for fp32 matmuls in these runs alone: the others compute in bf16
+    [ "$CKPT_DTYPE" = float32 ] && local -x TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
+    local args=("${common[@]}" "${byte[@]}" ${DATA:+--data "$DATA"} --set model.dropout=0 --set train.dtype="$CKPT_DTYPE"
                 --set train.seq_len="$SEQ" --set train.batch_size="$BATCH" --set train.warmup_steps="$CKPT_STEPS"
                 --set train.eval_every=100000 --set train.eval_batches=1)
-    local COMPILE=$CKPT_COMPILE
+    local COMPILE=$CKPT_COMPILE compare=()
     echo "== B: the uninterrupted run, $CKPT_STEPS steps" | tee -a "$log"
     train "$dir/b" "$log" "${args[@]}" --set train.steps="$CKPT_STEPS" --set train.save=false || status=1
     echo "== A: from scratch to step $CKPT_AT, saving its checkpoint" | tee -a "$log"
     train "$dir/a" "$log" "${args[@]}" --set train.steps="$CKPT_AT" --set train.save=true || status=1
-    local ckpt
+    local ckpt validated started from
     ckpt=$(printf '%s/a/step_%06d' "$dir" "$CKPT_AT")
     if [ -f "$ckpt/manifest.json" ]; then
         # the save: from the validation line before it to the line that names the saved folder
-        local validated
         validated=$(elapsed "$log" 1 "step $CKPT_AT: validation loss" 0)
         echo "saved $ckpt: $(du -sh "$ckpt" | cut -f1) in about $(elapsed "$log" 1 "step $CKPT_AT: saved" "$validated") s" \
             | tee -a "$log"
         local resume=(--resume "$ckpt" --set train.save=false --set train.compile="$CKPT_COMPILE" "${base[@]}")
-        local started=$SECONDS from=$(($(wc -l < "$log") + 1))
-        echo "== C: resumed on $NPROC processes to step $CKPT_STEPS" | tee -a "$log"
-        launch "$NPROC" "$log" "${resume[@]}" --out "$dir/c" --set train.steps="$CKPT_STEPS" || status=1
-        echo "C: launch to resumed (start-up, checking the files' SHA-256, loading):" \
-            "$(elapsed "$log" "$from" "resuming from" "$started") s" | tee -a "$log"
-        started=$SECONDS from=$(($(wc -l < "$log") + 1))
-        echo "== D: resumed on $RESUME_NPROC process(es) to step $((CKPT_AT + RESUME_STEPS))," \
-             "$RESUME_ACCUM micro-batch(es) a step" | tee -a "$log"
-        launch "$RESUME_NPROC" "$log" "${resume[@]}" --out "$dir/d" --set train.steps=$((CKPT_AT + RESUME_STEPS)) \
-            --set train.batch_size=$((BATCH / RESUME_ACCUM)) --set train.grad_accum="$RESUME_ACCUM" || status=1
-        echo "D: launch to resumed: $(elapsed "$log" "$from" "resuming from" "$started") s;" \
-            "$(tail -n +"$from" "$log" | grep -ao 'peak memory per GPU [^(]*' | tail -1)" | tee -a "$log"
+        if [[ " $CKPT_RESUMES " == *" C "* ]]; then
+            started=$SECONDS from=$(($(wc -l < "$log") + 1))
+            echo "== C: resumed on $NPROC processes to step $CKPT_STEPS" | tee -a "$log"
+            launch "$NPROC" "$log" "${resume[@]}" --out "$dir/c" --set train.steps="$CKPT_STEPS" || status=1
+            echo "C: launch to resumed (start-up, checking the files' SHA-256, loading):" \
+                "$(elapsed "$log" "$from" "resuming from" "$started") s" | tee -a "$log"
+            compare+=(--resumed "$dir/c" --processes "$NPROC")
+        fi
+        if [[ " $CKPT_RESUMES " == *" D "* ]]; then
+            started=$SECONDS from=$(($(wc -l < "$log") + 1))
+            echo "== D: resumed on $RESUME_NPROC process(es) to step $((CKPT_AT + RESUME_STEPS))," \
+                 "$RESUME_ACCUM micro-batch(es) a step" | tee -a "$log"
+            launch "$RESUME_NPROC" "$log" "${resume[@]}" --out "$dir/d" --set train.steps=$((CKPT_AT + RESUME_STEPS)) \
+                --set train.batch_size=$((BATCH / RESUME_ACCUM)) --set train.grad_accum="$RESUME_ACCUM" || status=1
+            echo "D: launch to resumed: $(elapsed "$log" "$from" "resuming from" "$started") s;" \
+                "$(tail -n +"$from" "$log" | grep -ao 'peak memory per GPU [^(]*' | tail -1)" | tee -a "$log"
+            compare+=(--other "$dir/d" --other-processes "$RESUME_NPROC" --other-until $((CKPT_AT + RESUME_STEPS)))
+        fi
     else
         echo "FAIL: no checkpoint $ckpt was written" | tee -a "$log"
         status=1
     fi
-    "$PYTHON" "${REPORT[@]}" resume --reference "$dir/b" --fresh "$dir/a" --resumed "$dir/c" --processes "$NPROC" \
-        --other "$dir/d" --other-processes "$RESUME_NPROC" --at "$CKPT_AT" --rtol "$CKPT_RTOL" \
-        --rtol-other "$CKPT_RTOL_OTHER" --out "$OUT/ckpt.json" 2>&1 | tee -a "$log"
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    if [ ${#compare[@]} -gt 0 ]; then
+        "$PYTHON" "${REPORT[@]}" resume --reference "$dir/b" --fresh "$dir/a" "${compare[@]}" --at "$CKPT_AT" \
+            --rtol "$CKPT_RTOL" --rtol-other "$CKPT_RTOL_OTHER" --out "$OUT/ckpt.json" 2>&1 | tee -a "$log"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    fi
     [ "${KEEP_CKPT:-0}" = 1 ] || rm -rf "$dir/a"/step_*  # 88 GB at 7b size
     return $status
 }

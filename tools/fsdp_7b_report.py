@@ -111,32 +111,36 @@ def verdict(name: str, result: dict, rtol: float) -> tuple[bool, str]:
 
 
 def cmd_resume(args) -> int:
-    reference_records, resumed_records = (read_metrics(run / "metrics.jsonl") for run in (args.reference, args.resumed))
-    reference, resumed = losses(reference_records), losses(resumed_records)
-    fresh = losses(read_metrics(args.fresh / "metrics.jsonl"))
-    after = sorted(s for s in reference if s > args.at)
+    if args.resumed is None and args.other is None:
+        raise SystemExit("nothing to compare: give --resumed, --other or both")
+    reference_records = read_metrics(args.reference / "metrics.jsonl")
+    reference = losses(reference_records)
     report = {"checkpoint_step": args.at, "rtol": args.rtol, "rtol_other": args.rtol_other}
-    # context: how closely two runs from scratch agree (the fresh run that saved, over its steps)
-    report["from_scratch"] = compare(reference, fresh, sorted(s for s in fresh if s <= args.at))
-    report["resumed"] = compare(reference, resumed, after)
-    checks = [verdict(f"resume on {args.processes} processes (steps {after[0]}-{after[-1]})" if after
-                      else "resume", report["resumed"], args.rtol)]
-    ref_val, res_val = losses(reference_records, "val_loss"), losses(resumed_records, "val_loss")
-    common = sorted(set(ref_val) & set(res_val))
-    if common:
-        report["resumed_val"] = compare(ref_val, res_val, common)
-        checks.append(verdict(f"validation loss after the resume on {args.processes} processes",
-                              report["resumed_val"], args.rtol))
+    if args.fresh is not None:  # context: how closely two runs from scratch agree (the run that saved, up to it)
+        fresh = losses(read_metrics(args.fresh / "metrics.jsonl"))
+        report["from_scratch"] = compare(reference, fresh, list(range(1, args.at + 1)))
+        fs = report["from_scratch"]
+        print(f"two runs from scratch, steps 1-{args.at}: " + (
+            f"no loss for steps {fs['missing_steps']}" if "missing_steps" in fs
+            else "bitwise identical" if fs["identical"] else f"max relative difference {fs['max_rel_diff']:.3g}"))
+    checks = []
+    if args.resumed is not None:
+        resumed_records = read_metrics(args.resumed / "metrics.jsonl")
+        after = sorted(s for s in reference if s > args.at)
+        report["resumed"] = compare(reference, losses(resumed_records), after)
+        span = f" (steps {after[0]}-{after[-1]})" if after else ""
+        checks.append(verdict(f"resume on {args.processes} processes{span}", report["resumed"], args.rtol))
+        ref_val, res_val = losses(reference_records, "val_loss"), losses(resumed_records, "val_loss")
+        if set(ref_val) & set(res_val):
+            report["resumed_val"] = compare(ref_val, res_val, sorted(set(ref_val) & set(res_val)))
+            checks.append(verdict(f"validation loss after the resume on {args.processes} processes",
+                                  report["resumed_val"], args.rtol))
     if args.other is not None:
-        other = losses(read_metrics(args.other / "metrics.jsonl"))
-        report["other"] = compare(reference, other, sorted(s for s in other if s > args.at))
+        steps = list(range(args.at + 1, args.other_until + 1))
+        report["other"] = compare(reference, losses(read_metrics(args.other / "metrics.jsonl")), steps)
         report["other_processes"] = args.other_processes
-        checks.append(verdict(f"resume on {args.other_processes} process(es), another count than saved",
-                              report["other"], args.rtol_other))
-    fs = report["from_scratch"]
-    if "missing_steps" not in fs:
-        print(f"two runs from scratch, steps 1-{args.at}: "
-              + ("bitwise identical" if fs["identical"] else f"max relative difference {fs['max_rel_diff']:.3g}"))
+        checks.append(verdict(f"resume on {args.other_processes} process(es), another count than saved (steps "
+                              f"{steps[0]}-{steps[-1]})", report["other"], args.rtol_other))
     for ok, line in checks:
         print(line)
     report["pass"] = all(ok for ok, _ in checks)
@@ -187,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(run=cmd_summary)
     r = sub.add_parser("resume", help="resumed runs against the uninterrupted one")
     r.add_argument("--reference", type=Path, required=True, help="run folder of the uninterrupted run")
-    r.add_argument("--fresh", type=Path, required=True, help="run folder of the run that saved the checkpoint")
-    r.add_argument("--resumed", type=Path, required=True, help="run folder resumed on as many processes")
-    r.add_argument("--processes", type=int, required=True)
+    r.add_argument("--fresh", type=Path, help="run folder of the run that saved the checkpoint")
+    r.add_argument("--resumed", type=Path, help="run folder resumed on as many processes as saved")
+    r.add_argument("--processes", type=int, help="how many processes saved (and resumed into --resumed)")
     r.add_argument("--other", type=Path, help="run folder resumed on another number of processes")
     r.add_argument("--other-processes", type=int)
+    r.add_argument("--other-until", type=int, help="the last step --other was to train")
     r.add_argument("--at", type=int, required=True, help="the checkpoint's step")
     r.add_argument("--rtol", type=float, required=True)
     r.add_argument("--rtol-other", type=float, required=True)

@@ -28,7 +28,7 @@ def resume(tmp_path, resumed: dict, other: dict, rtol="1e-4"):
     d = write_run(tmp_path / "d", other)
     out = tmp_path / "ckpt.json"
     code = main(["resume", "--reference", str(b), "--fresh", str(a), "--resumed", str(c), "--processes", "2",
-                 "--other", str(d), "--other-processes", "1", "--at", "3", "--rtol", rtol, "--rtol-other", "1e-2",
+                 "--other", str(d), "--other-processes", "1", "--other-until", "5", "--at", "3", "--rtol", rtol, "--rtol-other", "1e-2",
                  "--out", str(out)])
     return code, json.loads(out.read_text())
 
@@ -61,7 +61,7 @@ def test_a_resume_that_stopped_early_fails(tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 1
     assert report["resumed"]["missing_steps"] == [6] and "FAIL resume on 2 processes (steps 4-6): no loss for steps [6]" in text
-    assert "FAIL resume on 1 process(es), another count than saved: no loss for steps ['none run']" in text
+    assert "FAIL resume on 1 process(es), another count than saved (steps 4-5): no loss for steps [4, 5]" in text
 
 
 def test_summary_weights_by_time_and_keeps_the_curve(tmp_path, capsys):
