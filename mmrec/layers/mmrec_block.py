@@ -7,7 +7,7 @@ the registered memory gives a long-term context; then
 ``x + dropout(W_o(RMSNorm(h) + context))`` and ``x + FFN(RMSNorm(x))``. The state is
 normalised before ``W_o`` because its scale grows up to ``1 / (1 - γ)`` times the input's.
 
-Options from the seeds, off by default and not measured yet (docs/design.md section 2):
+Options from the seeds, off by default (docs/design.md section 2 says what is measured of them):
 ``gated_integration`` (MDI's ``(1 - ι) ⊙ h + ι ⊙ z + γ ⊙ h`` on the recurrence's output) and
 ``pe_dim`` (HEM's ``p = W_p u`` and ``e = W_e p``, added to the memory's context before ``W_o``).
 
@@ -72,11 +72,11 @@ class MMRecBlock(contracts.Block):
         recurrence_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the recurrence's input z (training only)")
         gated_integration: bool = Field(
             False, description="MDI's gated integration (1-ι)⊙h + ι⊙z + γ⊙h of the recurrence's output, ι = σ(W_ι[z; h]) "
-                               "(the seeds' MDI; not measured yet)",
+                               "(the seeds' MDI)",
         )
         pe_dim: PositiveInt | None = Field(
             None, description="width of HEM's projection p = W_p u, whose e = W_e p is added before W_o "
-                              "(the seeds' p, e and pe_dim; not measured yet); null: none",
+                              "(the seeds' p, e and pe_dim); null: none",
         )
 
         variant_groups: ClassVar[dict[str, str]] = {"recurrence": "recurrences", "memory": "memories"}
