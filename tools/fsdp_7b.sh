@@ -350,7 +350,7 @@ print(12 * e(r.load(sys.argv[1]).model)[0])' "$RECIPE")
                  "$RESUME_ACCUM micro-batch(es) a step" | tee -a "$log"
             launch "$RESUME_NPROC" "$log" "${resume[@]}" --out "$dir/d" --set train.steps=$((CKPT_AT + RESUME_STEPS)) \
                 --set train.batch_size=$((BATCH / RESUME_ACCUM)) --set train.grad_accum="$RESUME_ACCUM" || status=1
-            echo "D: launch to resumed: $(elapsed "$log" "$from" "resuming from" "$started") s;" \
+            echo "D: launch to resumed: $(elapsed "$log" "$from" "resuming from" "$started") s" \
                 "$(tail -n +"$from" "$log" | grep -ao 'peak memory per GPU [^(]*' | tail -1)" | tee -a "$log"
             compare+=(--other "$dir/d" --other-processes "$RESUME_NPROC" --other-until $((CKPT_AT + RESUME_STEPS)))
         fi
