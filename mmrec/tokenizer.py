@@ -9,7 +9,17 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["BPETokenizer", "ByteTokenizer", "Tokenizer", "TokenizerError", "load_tokenizer", "train_bpe"]
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "Tokenizer",
+    "TokenizerError",
+    "load_tokenizer",
+    "pieces",
+    "require_tokenizers",
+    "train_bpe",
+    "vocab_size_of",
+]
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -50,32 +60,42 @@ class ByteTokenizer:
 
 class BPETokenizer:
     """A byte-level BPE (``tokenizers``); ``tokenizer.json`` loads with
-    ``tokenizers.Tokenizer.from_file`` as well."""
+    ``tokenizers.Tokenizer.from_file`` as well.
+
+    Text is only ever text: a special token's string in it (a literal ``<|endoftext|>``)
+    is encoded as ordinary tokens, as ``python -m mmrec.data.prepare`` does, and the
+    end-of-document id is placed by whoever joins documents."""
 
     kind = "bpe"
 
     def __init__(self, tok):  # tok: tokenizers.Tokenizer
-        self._tok = tok
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        tok.encode_special_tokens = True  # not saved in tokenizer.json: set on every load
+        self.backend = tok  # the tokenizers.Tokenizer
+        self.vocab_size = vocab_size_of(tok)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids])
+        return self.backend.decode([int(i) for i in ids])
 
     def encode_corpus(self, documents: Iterable[str], separator: str = "\n\n") -> torch.Tensor:
         out: list[int] = []
-        pieces = _pieces(separator.join(documents))
-        for enc in self._tok.encode_batch(pieces, add_special_tokens=False):
+        for enc in self.backend.encode_batch(pieces(separator.join(documents)), add_special_tokens=False):
             out.extend(enc.ids)
         return torch.tensor(out, dtype=torch.int32)
 
     def save(self, directory: str | Path) -> None:
-        self._tok.save(str(Path(directory) / TOKENIZER_FILE))
+        self.backend.save(str(Path(directory) / TOKENIZER_FILE))
 
 
-def _pieces(text: str, size: int = 1 << 16) -> list[str]:
+def vocab_size_of(tok) -> int:
+    """The ids of a ``tokenizers.Tokenizer`` run over ``0 .. vocab_size_of(tok) - 1``: its
+    highest id + 1, which is more than its count of tokens when the ids have gaps."""
+    return max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+
+def pieces(text: str, size: int = 1 << 16) -> list[str]:
     """Cut a long text into pieces of about ``size`` characters so that batch encoding is
     parallel and memory stays bounded. A cut goes right after a newline that stands alone
     between two non-space characters: the byte-level pre-tokenizer puts a boundary on both
@@ -95,32 +115,36 @@ def _pieces(text: str, size: int = 1 << 16) -> list[str]:
     return out
 
 
-def _require_tokenizers():
+def require_tokenizers(purpose: str = "train.tokenizer = 'bpe'"):
+    """The ``tokenizers`` package (an optional dependency), or an error saying how to get it."""
     try:
         import tokenizers
     except ImportError:
-        raise TokenizerError(
-            "train.tokenizer = 'bpe' needs the 'tokenizers' package: pip install tokenizers"
-        ) from None
+        raise TokenizerError(f"{purpose} needs the 'tokenizers' package: pip install tokenizers") from None
     return tokenizers
 
 
-def train_bpe(documents: Sequence[str], vocab_size: int) -> BPETokenizer:
-    """Train a byte-level BPE with at most ``vocab_size`` tokens (at least the 256 bytes;
-    fewer than asked when the text has fewer distinct merges)."""
-    tk = _require_tokenizers()
-    if vocab_size < 256:
-        raise TokenizerError(f"train.bpe_vocab_size must be at least 256 (the byte alphabet), got {vocab_size}")
+def train_bpe(documents: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (),
+              progress: bool = False) -> BPETokenizer:
+    """Train a byte-level BPE with at most ``vocab_size`` tokens: ``special_tokens`` first
+    (ids 0, 1, ...), the 256 bytes, then merges (fewer than asked when the text has fewer
+    distinct ones). ``documents`` is read once, so it may be a generator."""
+    tk = require_tokenizers()
+    least = 256 + len(special_tokens)
+    if vocab_size < least:
+        specials = f" and {len(special_tokens)} special token{'s' * (len(special_tokens) > 1)}" if special_tokens else ""
+        raise TokenizerError(f"a byte-level BPE needs a vocabulary of at least {least} (the 256 bytes{specials}), "
+                             f"got {vocab_size} (train.bpe_vocab_size, or prepare's --vocab-size)")
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tk.decoders.ByteLevel()
     trainer = tk.trainers.BpeTrainer(
         vocab_size=vocab_size,
         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-        show_progress=False,
+        special_tokens=list(special_tokens),
+        show_progress=progress,
     )
-    tok.train_from_iterator((p for d in documents for p in _pieces(d)), trainer=trainer)
+    tok.train_from_iterator((p for d in documents for p in pieces(d)), trainer=trainer)
     return BPETokenizer(tok)
 
 
@@ -129,7 +153,7 @@ def load_tokenizer(kind: str, directory: str | Path | None = None) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
-        tk = _require_tokenizers()
+        tk = require_tokenizers()
         if directory is None:
             raise TokenizerError("a BPE tokenizer is loaded from a directory holding tokenizer.json")
         path = Path(directory) / TOKENIZER_FILE

@@ -89,6 +89,8 @@ def test_folder_with_globs_round_trips_every_document(tmp_path, docs, capsys):
     [literal] = [d for split in ("train", "val") for d in split_documents(decode_split(shards, split), shards.eod_id)
                  if "mentions" in tok.decode(d)]
     assert f"mentions {EOD} in" in tok.decode(literal) and len(literal) > 10
+    # and mmrec's own tokenizer of the folder encodes it the same way (no end token from text)
+    assert shards.tokenizer().encode(docs[-1]) == literal
 
 
 def test_text_file_and_jsonl_and_byte_tokenizer(tmp_path, docs, capsys):
@@ -259,3 +261,72 @@ def test_long_documents_encode_in_pieces_to_the_same_ids(tmp_path, capsys):
     whole, cut = encode_documents(tok, [text], 0), encode_documents(tok, [text], 0, cut=True)
     assert np.array_equal(whole[0], cut[0]) and whole[0][-1] == 0 and whole[0].size > 10_000
     assert np.array_equal(decode_split(open_shards(tmp_path / "s"), "train"), whole[0])
+
+
+def test_the_trained_tokenizer_is_mmrec_train_bpe_with_the_end_token(tmp_path, docs, capsys):
+    from mmrec.tokenizer import train_bpe
+
+    folder = write_folder(tmp_path / "in", docs)
+    prepare(capsys, "--input", str(folder), "--glob", "*.md", "--out", str(tmp_path / "s"), "--vocab-size", "400",
+            "--val-fraction", "0.1")
+    order = sorted(range(len(docs)), key=lambda i: (i % 3, i))  # the reading order
+    expected = train_bpe([docs[i] for i in order], 400, special_tokens=[EOD])
+    assert expected.backend.token_to_id(EOD) == 0
+    assert json.loads((tmp_path / "s" / "tokenizer.json").read_text()) == json.loads(expected.backend.to_str())
+
+
+def test_token_ids_past_the_vocabulary_count_are_not_wrapped(tmp_path, capsys):
+    """A tokenizer whose ids have gaps: its shards' dtype must hold the highest id."""
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "</s>": 1, "hello": 70_000}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "gaps.json"))
+    (tmp_path / "a.txt").write_text("hello hello\n")
+    (tmp_path / "b.txt").write_text("hello x\n")
+    out = tmp_path / "shards"
+    prepare(capsys, "--input", str(tmp_path), "--glob", "*.txt", "--tokenizer", str(tmp_path / "gaps.json"),
+            "--eod-token", "</s>", "--out", str(out), "--val-fraction", "0.5")
+    shards = open_shards(out)
+    assert shards.index["dtype"] == "uint32" and shards.vocab_size == 70_001
+    assert decode_split(shards, "train").tolist() == [70_000, 70_000, 1]
+    assert decode_split(shards, "val").tolist() == [70_000, 0, 1]
+    assert shards.tokenizer().vocab_size == 70_001
+
+
+def test_lone_surrogates_in_jsonl_are_replaced_and_counted(tmp_path, docs, capsys):
+    rows = [{"text": docs[0]}, {"text": "bad \ud800 here"}, {"text": docs[1]}, {"text": "\udfff twice \udc00"}]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # valid JSON, \u escapes
+    out = tmp_path / "shards"
+    assert main(["--input", str(tmp_path / "r.jsonl"), "--tokenizer", "byte", "--out", str(out),
+                 "--val-fraction", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "replaced lone surrogates with U+FFFD in 2 documents" in err and f"{tmp_path / 'r.jsonl'}:2" in err
+    shards = open_shards(out)
+    assert shards.index["sources"][0]["surrogates_replaced"] == 2
+    tok = shards.tokenizer()
+    got = [tok.decode(d) for split in ("train", "val") for d in split_documents(decode_split(shards, split), shards.eod_id)]
+    assert sorted(got) == sorted([docs[0], "bad \ufffd here", docs[1], "\ufffd twice \ufffd"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shard-tokens", "0"], "--shard-tokens must be at least 1, got 0"),
+        (["--shard-tokens", "-3"], "--shard-tokens must be at least 1, got -3"),
+        (["--batch-bytes", "0"], "--batch-bytes must be at least 1, got 0"),
+        (["--tokenizer-train-bytes", "-1"], "--tokenizer-train-bytes must be 0 (all) or more, got -1"),
+        (["--vocab-size", "256"], "--vocab-size must be at least 257"),
+        (["--val-fraction", "0"], "--val-fraction must be in (0, 1)"),
+        (["--val-fraction", "nan"], "--val-fraction must be in (0, 1)"),
+    ],
+    ids=["shard-tokens-0", "shard-tokens-negative", "batch-bytes", "train-bytes", "vocab-size", "val-0", "val-nan"],
+)
+def test_numeric_options_are_checked_before_any_reading(tmp_path, capsys, monkeypatch, argv, message):
+    import mmrec.data.prepare as prep
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the inputs were read before the options were checked")
+
+    monkeypatch.setattr(prep, "read_documents", no_reading)
+    (tmp_path / "a.txt").write_text("some text\n")
+    err = prepare(capsys, "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), *argv, code=2)
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

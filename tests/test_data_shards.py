@@ -40,6 +40,15 @@ def test_shards_read_as_one_stream(tmp_path):
         shards.read(990, 1002)
 
 
+@pytest.mark.parametrize("ids", [[1, 70_000, 2], [5, -1]], ids=["too-large", "negative"])
+def test_ids_that_do_not_fit_the_dtype_are_refused(tmp_path, ids):
+    writer = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 100)
+    writer.write(np.array([1, 2, 3]))
+    with pytest.raises(ShardError, match=f"token id {min(ids) if min(ids) < 0 else max(ids)} does not fit uint16"):
+        writer.write(np.array(ids))
+    assert writer.close()["tokens"] == 3 and (tmp_path / "train_00000.bin").read_bytes() == b"\x01\x00\x02\x00\x03\x00"
+
+
 def test_batches_from_shards_equal_batches_from_a_tensor(tmp_path):
     tokens = np.random.default_rng(1).integers(0, 50_000, 3000).astype(np.uint16)
     flat = TokenStream(torch.from_numpy(tokens.astype(np.int64)), seq_len=16, seed=5)

@@ -5,8 +5,8 @@ from mmrec.data import default_corpus
 from mmrec.tokenizer import (
     ByteTokenizer,
     TokenizerError,
-    _pieces,
     load_tokenizer,
+    pieces,
     train_bpe,
 )
 
@@ -26,9 +26,9 @@ def test_byte_tokenizer_round_trip():
 
 def test_pieces_cut_only_where_the_pre_tokenizer_has_a_boundary():
     text = "alpha beta\ngamma\n\n\ndelta  \nepsilon\nz" * 50
-    pieces = _pieces(text, size=37)
-    assert "".join(pieces) == text and len(pieces) > 10
-    for p in pieces[:-1]:
+    parts = pieces(text, size=37)
+    assert "".join(parts) == text and len(parts) > 10
+    for p in parts[:-1]:
         assert p.endswith("\n") and not p[-2].isspace()
 
 
@@ -63,5 +63,23 @@ def test_tokenizer_errors(tmp_path):
         load_tokenizer("bpe", tmp_path)
     with pytest.raises(TokenizerError, match="at least 256"):
         train_bpe(["abc"], vocab_size=100)
+    with pytest.raises(TokenizerError, match="at least 257 .the 256 bytes and 1 special token"):
+        train_bpe(["abc"], vocab_size=256, special_tokens=["<|endoftext|>"])
     with pytest.raises(TokenizerError, match="unknown tokenizer"):
         load_tokenizer("words")
+
+
+def test_special_tokens_never_come_from_the_text(tmp_path):
+    """An end-of-document token in the vocabulary is only ever placed by the caller: a
+    literal ``<|endoftext|>`` in text is ordinary text, before and after saving."""
+    pytest.importorskip("tokenizers")
+    eod = "<|endoftext|>"
+    tok = train_bpe(default_corpus().documents[:20], vocab_size=300, special_tokens=[eod])
+    assert tok.backend.token_to_id(eod) == 0 and tok.vocab_size == 300
+    text = f"one document {eod} and on"
+    ids = tok.encode(text)
+    assert 0 not in ids and len(ids) > len(eod) // 2
+    assert tok.decode(ids) == text
+    assert tok.encode_corpus([text, text]).tolist() == tok.encode(f"{text}\n\n{text}")
+    tok.save(tmp_path)
+    assert load_tokenizer("bpe", tmp_path).encode(text) == ids

@@ -34,6 +34,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -54,10 +55,19 @@ from mmrec.data.shards import (
     token_dtype,
     write_index,
 )
-from mmrec.tokenizer import TOKENIZER_FILE, _pieces
+from mmrec.tokenizer import (
+    TOKENIZER_FILE,
+    TokenizerError,
+    pieces,
+    require_tokenizers,
+    train_bpe,
+    vocab_size_of,
+)
 
 DEFAULT_GLOBS = ("*.txt", "*.text", "*.md", "*.rst", "*.markdown", "*.tex", "*.org", "*.jsonl")
 EOD_TOKEN = "<|endoftext|>"
+# A UTF-16 surrogate code point in a str is a lone one (a JSON "\ud800" escape): not text.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class PrepareError(DataError):
@@ -77,9 +87,12 @@ class Source:
     documents: int = 0
     bytes: int = 0
     skipped: list[str] = field(default_factory=list)  # files of a folder that could not be read as UTF-8
+    surrogates_replaced: int = 0  # .jsonl documents whose lone surrogates became U+FFFD
+    first_surrogate: str | None = None  # where the first of them is: "file:line"
 
     def summary(self) -> dict:
-        out = {"path": str(self.path.resolve()), "kind": self.kind, "documents": self.documents, "bytes": self.bytes}
+        out = {"path": str(self.path.resolve()), "kind": self.kind, "documents": self.documents, "bytes": self.bytes,
+               "surrogates_replaced": self.surrogates_replaced}
         if self.kind == "folder":
             out["files"] = len(self.files)
             out["skipped_files"] = len(self.skipped)
@@ -129,20 +142,20 @@ def list_files(folder: Path, globs: list[str]) -> list[Path]:
 def read_documents(sources: list[Source], text_field: str, dataset_split: str, bar: tqdm | None = None) -> Iterator[str]:
     """Every non-blank document of every source, in order; counts go into the sources."""
     for src in sources:
-        src.documents = src.bytes = 0
-        src.skipped = []
+        src.documents = src.bytes = src.surrogates_replaced = 0
+        src.skipped, src.first_surrogate = [], None
         if src.kind == "dataset":
             docs = _dataset_documents(src.path, text_field, dataset_split)
         elif src.kind == "folder":
             docs = _folder_documents(src, text_field, bar)
         elif src.kind == "jsonl":
-            docs = _jsonl_documents(src.path, text_field, bar)
+            docs = _jsonl_documents(src, src.path, text_field, bar)
         else:
             docs = iter([_read_text(src.path, bar)])
         for doc in docs:
             if doc.strip():
                 src.documents += 1
-                src.bytes += len(doc.encode("utf-8", "surrogatepass"))
+                src.bytes += len(doc.encode("utf-8"))
                 yield doc
 
 
@@ -162,7 +175,7 @@ def _read_text(path: Path, bar: tqdm | None) -> str:
 def _folder_documents(src: Source, text_field: str, bar: tqdm | None) -> Iterator[str]:
     for path in src.files:
         if path.suffix.lower() == ".jsonl":
-            yield from _jsonl_documents(path, text_field, bar)
+            yield from _jsonl_documents(src, path, text_field, bar)
             continue
         try:
             yield _read_text(path, bar)
@@ -170,7 +183,9 @@ def _folder_documents(src: Source, text_field: str, bar: tqdm | None) -> Iterato
             src.skipped.append(str(path))
 
 
-def _jsonl_documents(path: Path, text_field: str, bar: tqdm | None) -> Iterator[str]:
+def _jsonl_documents(src: Source, path: Path, text_field: str, bar: tqdm | None) -> Iterator[str]:
+    """The ``text_field`` of each line; lone surrogates (valid JSON, not text: no
+    tokenizer takes them) are replaced with U+FFFD and counted in ``src``."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below, after the generator is done
     except OSError as e:
@@ -192,6 +207,10 @@ def _jsonl_documents(path: Path, text_field: str, bar: tqdm | None) -> Iterator[
             text = record[text_field]
             if not isinstance(text, str):
                 raise PrepareError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not text")
+            if LONE_SURROGATE.search(text):
+                text = LONE_SURROGATE.sub("\ufffd", text)
+                src.surrogates_replaced += 1
+                src.first_surrogate = src.first_surrogate or f"{path}:{number}"
             yield text
 
 
@@ -219,32 +238,9 @@ def _dataset_documents(path: Path, text_field: str, split: str) -> Iterator[str]
 # --------------------------------------------------------------------------- tokenizers
 
 
-def _tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise PrepareError("preparing shards needs the 'tokenizers' package: pip install tokenizers") from None
-    return tokenizers
-
-
-def train_tokenizer(documents: Iterator[str], vocab_size: int, eod_token: str, progress: bool = False):
-    """A byte-level BPE of at most ``vocab_size`` tokens, ``eod_token`` one of them (id 0);
-    ``vocab_size = 257`` leaves the 256 bytes unmerged."""
-    tk = _tokenizers()
-    if vocab_size < 257:
-        raise PrepareError(f"--vocab-size must be at least 257 (the 256 bytes and the end-of-document token), got {vocab_size}")
-    tok = tk.Tokenizer(tk.models.BPE())
-    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tk.decoders.ByteLevel()
-    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
-                                     special_tokens=[eod_token], show_progress=progress)
-    tok.train_from_iterator((p for d in documents for p in _pieces(d)), trainer=trainer)
-    return tok
-
-
 def load_tokenizer_file(given: str):
     """A ``tokenizer.json`` (or a folder holding one), loaded as is."""
-    tk = _tokenizers()
+    tk = require_tokenizers("preparing shards")
     path = Path(given).expanduser()
     if path.is_dir():
         path = path / TOKENIZER_FILE
@@ -261,7 +257,7 @@ def _take(documents: Iterator[str], max_bytes: int) -> Iterator[str]:
     seen = 0
     for doc in documents:
         yield doc
-        seen += len(doc.encode("utf-8", "surrogatepass"))
+        seen += len(doc.encode("utf-8"))
         if max_bytes and seen >= max_bytes:
             return
 
@@ -286,7 +282,7 @@ def can_cut(tok) -> bool:
     byte-level pre-tokenizer with its regex and no prefix space (GPT-2's, and ours),
     which splits there anyway."""
     pre = tok.pre_tokenizer
-    tk = _tokenizers()
+    tk = require_tokenizers("preparing shards")
     return (isinstance(pre, tk.pre_tokenizers.ByteLevel) and pre.use_regex and not pre.add_prefix_space
             and tok.normalizer is None)
 
@@ -295,14 +291,14 @@ def encode_documents(tok, documents: list[str], eod_id: int, cut: bool = False) 
     """Each document's ids followed by ``eod_id`` (int64). With ``cut`` (see ``can_cut``)
     long documents are encoded in pieces, so that a batch of a few long documents still
     runs on every core."""
-    pieces, owner = [], []
+    texts, owner = [], []
     for i, doc in enumerate(documents):
-        for piece in _pieces(doc) if cut else [doc]:
-            pieces.append(piece)
+        for piece in pieces(doc) if cut else [doc]:
+            texts.append(piece)
             owner.append(i)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     ids: list[list[np.ndarray]] = [[] for _ in documents]
-    for i, enc in zip(owner, encode(pieces, add_special_tokens=False)):
+    for i, enc in zip(owner, encode(texts, add_special_tokens=False)):
         ids[i].append(np.asarray(enc.ids, dtype=np.int64))
     end = np.array([eod_id], dtype=np.int64)
     return [np.concatenate([*parts, end]) for parts in ids]
@@ -345,11 +341,25 @@ def check_output(out: Path, overwrite: bool) -> None:
                                    f"(no {INDEX_FILE}); choose another --out")
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """The numeric options, before any reading (training a tokenizer can take hours)."""
+    if not 0 < args.val_fraction < 1:
+        raise PrepareError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.shard_tokens < 1:
+        raise PrepareError(f"--shard-tokens must be at least 1, got {args.shard_tokens}")
+    if args.batch_bytes < 1:
+        raise PrepareError(f"--batch-bytes must be at least 1, got {args.batch_bytes}")
+    if args.tokenizer_train_bytes < 0:
+        raise PrepareError(f"--tokenizer-train-bytes must be 0 (all) or more, got {args.tokenizer_train_bytes}")
+    if args.tokenizer == "bpe" and args.vocab_size < 257:
+        raise PrepareError(f"--vocab-size must be at least 257 (the 256 bytes and the end-of-document token), "
+                           f"got {args.vocab_size}")
+
+
 def prepare(args: argparse.Namespace) -> dict:
     """Write the shard folder ``args.out``; its index."""
     started = time.perf_counter()
-    if not 0 < args.val_fraction < 1:
-        raise PrepareError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    check_options(args)
     globs = args.glob or list(DEFAULT_GLOBS)
     out = Path(args.out).expanduser()
     check_output(out, args.overwrite)  # before any work
@@ -366,12 +376,12 @@ def prepare(args: argparse.Namespace) -> dict:
     tokenizer_info: dict = {"file": TOKENIZER_FILE}
     loaded_from = None
     if args.tokenizer == "bpe":
-        tok = train_tokenizer(_take(documents("reading for the tokenizer"), args.tokenizer_train_bytes),
-                              args.vocab_size, args.eod_token, progress=not args.quiet)
+        tok = train_bpe(_take(documents("reading for the tokenizer"), args.tokenizer_train_bytes),
+                        args.vocab_size, special_tokens=[args.eod_token], progress=not args.quiet).backend
         tokenizer_info.update(kind="bpe", requested_vocab_size=args.vocab_size,
                               trained_on_bytes=sum(s.bytes for s in sources))
     elif args.tokenizer == "byte":  # the byte alphabet needs no text
-        tok = train_tokenizer(iter([]), 257, args.eod_token)
+        tok = train_bpe([], 257, special_tokens=[args.eod_token]).backend
         tokenizer_info.update(kind="byte")
     else:
         tok, loaded_from = load_tokenizer_file(args.tokenizer)
@@ -381,7 +391,7 @@ def prepare(args: argparse.Namespace) -> dict:
         raise PrepareError(f"the tokenizer has no token {args.eod_token!r} to end documents with; name its "
                            "end-of-document token with --eod-token (e.g. '</s>')")
     tok.encode_special_tokens = True  # special tokens come from here, never from the text
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    vocab_size = vocab_size_of(tok)  # the highest id + 1: ids may have gaps
     tokenizer_info["vocab_size"] = vocab_size
     dtype = token_dtype(vocab_size)
 
@@ -419,8 +429,13 @@ def prepare(args: argparse.Namespace) -> dict:
         }
         write_index(work, result)
     skipped = [f for s in sources for f in s.skipped]
-    if skipped and not args.quiet:
+    if skipped:
         print(f"skipped {len(skipped)} files that are not UTF-8 text or could not be read (e.g. {skipped[0]})",
+              file=sys.stderr)
+    replaced = [s for s in sources if s.surrogates_replaced]
+    if replaced:
+        print(f"replaced lone surrogates with U+FFFD in {sum(s.surrogates_replaced for s in replaced)} documents "
+              f"(JSON escapes \\ud800 to \\udfff that are not text; the first at {replaced[0].first_surrogate})",
               file=sys.stderr)
     return result
 
@@ -454,7 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens a shard file (default 100M)")
     p.add_argument("--batch-bytes", type=int, default=4_000_000, help="text tokenized at a time (default 4 MB)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it is a shard folder already")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (what was skipped or replaced is still said)")
     return p.parse_args(argv)
 
 
@@ -462,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         index = prepare(args)
-    except DataError as e:
+    except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe(Path(args.out), index))

@@ -70,7 +70,15 @@ class ShardWriter:
         return sum(s["tokens"] for s in self.shards) + self._in_shard
 
     def write(self, ids: np.ndarray, documents: int = 0) -> None:
-        """Append ``ids`` (any integer array; checked to fit the dtype by the caller)."""
+        """Append ``ids`` (any integer array); an id the dtype cannot hold is refused, so
+        that none is ever written wrapped around."""
+        ids = np.asarray(ids)
+        if ids.size:
+            low, high, top = int(ids.min()), int(ids.max()), int(np.iinfo(self.dtype).max)
+            if low < 0 or high > top:
+                raise ShardError(f"token id {low if low < 0 else high} does not fit {self.dtype.name} shards "
+                                 f"(ids 0 to {top}): the dtype was chosen for a smaller vocabulary than the "
+                                 "tokenizer's ids reach")
         ids = np.ascontiguousarray(ids, dtype=self.dtype)
         self.documents += documents
         while ids.size:
