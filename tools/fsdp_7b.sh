@@ -167,7 +167,7 @@ left() { echo $((CALL_BUDGET - SECONDS)); }
 elapsed() {
     local t
     t=$(tail -n +"$2" "$1" | grep -a -- "$3" | tail -1 | awk '{ sub(/s$/, "", $1); print $1 }')
-    [ -n "$t" ] && echo $((t - $4)) || echo "?"
+    if [ -n "$t" ] && [[ $4 =~ ^[0-9]+$ ]]; then echo $((t - $4)); else echo "?"; fi
 }
 stamp() { while IFS= read -r line; do printf '%4ds %s\n' "$SECONDS" "$line"; done; }  # seconds into the call
 
