@@ -14,8 +14,11 @@ Padding. A recurrent state must never see a pad token, so rows are run by the sp
 their real tokens: rows whose ``attention_mask`` marks the same span run together, each
 group carrying its own ``State`` (a ``BatchState``). A batch without padding is one group
 and one call; a left-padded batch of prompts of k different lengths takes k calls a step.
-The logits at padded positions are zeros. Padding must be a prefix and/or a suffix of each
-row in the first call (the prompt); a continuation of a state is never padded.
+The logits at padded positions are zeros, and the loss skips them. Padding must be a prefix
+and/or a suffix of each row in the first call (the prompt); a continuation of a state is
+never padded. ``generate`` reads each row's next token from the last column, so it needs
+prompts padded on the left (``padding_side='left'``, as transformers' decoder-only models
+do) and refuses one whose row ends in padding.
 
 Folders written by ``save_pretrained`` carry ``modeling_mmrec.py``, two lines that import
 these classes from the installed mmrec, and an ``auto_map`` naming it, so a process that
@@ -46,11 +49,13 @@ except ImportError:  # pragma: no cover - the message is the point
     raise ImportError('mmrec.hf needs transformers: pip install "mmrec[hf]"') from None
 
 import mmrec
+from mmrec.data.prepare import EOD_TOKEN
 from mmrec.model import LanguageModel
 from mmrec.state import State, _map
 from mmrec.tokenizer import TOKENIZER_FILE
 
-__all__ = ["LOADER_FILE", "BatchState", "MMRecCausalLMOutput", "MMRecConfig", "MMRecForCausalLM", "hf_tokenizer"]
+__all__ = ["LOADER_FILE", "BatchState", "MMRecCausalLMOutput", "MMRecConfig", "MMRecForCausalLM", "end_of_document",
+           "hf_tokenizer"]
 
 LOADER_FILE = "modeling_mmrec.py"
 LOADER_SOURCE = '''"""Loads mmrec's transformers classes from the installed mmrec package (pip install "mmrec[hf]")."""
@@ -58,6 +63,32 @@ LOADER_SOURCE = '''"""Loads mmrec's transformers classes from the installed mmre
 from mmrec.hf import MMRecConfig, MMRecForCausalLM  # noqa: F401
 '''
 AUTO_MAP = {"AutoConfig": "modeling_mmrec.MMRecConfig", "AutoModelForCausalLM": "modeling_mmrec.MMRecForCausalLM"}
+
+
+class _FromRecipe:
+    """A transformers name (``vocab_size``, ...) for a field of the recipe's model section.
+    transformers sets these names from keyword arguments (``from_pretrained(...,
+    vocab_size=...)``): the recipe's own value is taken, another is refused, naming the
+    recipe field to change."""
+
+    def __init__(self, field: str, convert=None):
+        self.field, self.convert = field, convert
+
+    def __set_name__(self, owner, name: str):
+        self.name = name
+
+    def __get__(self, config, owner=None):
+        if config is None:
+            return self
+        value = None if config.recipe is None else config.recipe["model"][self.field]
+        return value if self.convert is None else self.convert(value)
+
+    def __set__(self, config, value):
+        have = self.__get__(config)
+        if value != have:
+            where = "it has no recipe" if config.recipe is None else f"its recipe has model.{self.field} = {have!r}"
+            raise ValueError(f"MMRecConfig reads {self.name} from its recipe, and {where}: to change it, set "
+                             f"model.{self.field} in the recipe (not {self.name}={value!r})")
 
 
 class MMRecConfig(PretrainedConfig):
@@ -84,32 +115,12 @@ class MMRecConfig(PretrainedConfig):
         """Nothing to do: importing ``mmrec.hf`` registers the class, and ``save_pretrained``
         writes the loader file itself (transformers would copy this module instead)."""
 
-    def _model_field(self, name: str):
-        return None if self.recipe is None else self.recipe["model"][name]
-
-    @property
-    def vocab_size(self) -> int | None:
-        return self._model_field("vocab_size")
-
-    @property
-    def hidden_size(self) -> int | None:
-        return self._model_field("d_model")
-
-    @property
-    def num_hidden_layers(self) -> int | None:
-        return self._model_field("n_layers")
-
-    @property
-    def num_attention_heads(self) -> int | None:
-        return self._model_field("n_heads")
-
-    @property
-    def max_position_embeddings(self) -> int | None:
-        return self._model_field("max_seq_len")
-
-    @property
-    def tie_word_embeddings(self) -> bool:
-        return bool(self._model_field("tie_embeddings"))
+    vocab_size = _FromRecipe("vocab_size")
+    hidden_size = _FromRecipe("d_model")
+    num_hidden_layers = _FromRecipe("n_layers")
+    num_attention_heads = _FromRecipe("n_heads")
+    max_position_embeddings = _FromRecipe("max_seq_len")
+    tie_word_embeddings = _FromRecipe("tie_embeddings", bool)
 
 
 @dataclass
@@ -143,21 +154,15 @@ class BatchState:
         groups = []
         for g, (new_rows, members) in sorted(picked.items()):
             state = self.groups[g][1]
-            take = torch.tensor(members, device=_device_of(state))
-            layers = [_map(layer, lambda t, take=take: t.index_select(0, take)) for layer in state.layers]
+            take = torch.tensor(members)
+            layers = [_map(layer, lambda t, take=take: t.index_select(0, take.to(t.device))) for layer in state.layers]
             groups.append((torch.tensor(new_rows), State(layers, state.position, state.model_config)))
         return BatchState(groups, len(index), self.length)
 
 
-def _device_of(state: State) -> torch.device:
-    from mmrec.state import _flatten
-
-    return next(iter(_flatten(state.layers[0]).values())).device
-
-
 @dataclass
 class MMRecCausalLMOutput(ModelOutput):
-    loss: Tensor | None = None  # mean next-token cross-entropy over labels that are not -100 (exp: perplexity)
+    loss: Tensor | None = None  # mean next-token cross-entropy over labels that real tokens predict (exp: perplexity)
     logits: Tensor | None = None  # [B, T, vocab]; zeros at padded positions
     state: BatchState | None = None  # the cache: pass it back as state= with the next tokens
     aux_loss: Tensor | None = None  # the UBÖO planning loss, with return_aux_loss=True
@@ -253,7 +258,9 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> MMRecCausalLMOutput:
         """``input_ids`` [B, T], continuing ``state`` when given. ``attention_mask`` [B, T],
         or [B, state.length + T] as ``generate`` passes it. ``labels`` [B, T]: the loss is the
-        cross-entropy of token t+1 from position t, skipping labels of -100. The state is
+        cross-entropy of token t+1 from position t, skipping labels of -100 and labels after
+        a padded position (nothing real predicts them): each row's loss is that of the row
+        alone, without its padding. The state is
         returned unless ``use_cache=False`` (default: returned when no labels are given).
         mmrec's own training objective adds the planning loss: ``out.loss + out.aux_loss``
         with ``return_aux_loss=True``."""
@@ -298,8 +305,10 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+            targets = labels[:, 1:].to(logits.device)
+            if mask is not None:  # a padded position's logits are zeros: what follows it is not predicted
+                targets = targets.masked_fill(~mask[:, :-1].to(logits.device), -100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         next_state = None
         if want_state:
             next_state = BatchState(states, batch, (state.length if state is not None else 0) + length)
@@ -308,9 +317,15 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
         return out.to_tuple() if return_dict is False else out
 
     def prepare_inputs_for_generation(self, input_ids, state=None, attention_mask=None, use_cache=None, **kwargs):
-        """The tokens the state has not seen yet (all of them on the first step)."""
+        """The tokens the state has not seen yet (all of them on the first step). The next
+        token is read from the last column, so every row's prompt must end there."""
         if state is not None:
             input_ids = input_ids[:, state.length :]
+        elif attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+            raise ValueError(f"generate continues each row from its last column, but attention_mask rows {rows} end "
+                             "in padding: pad prompts on the left for generation (tokenizer padding_side='left'), "
+                             "as transformers' decoder-only models expect")
         inputs = {"input_ids": input_ids, "state": state, "attention_mask": attention_mask}
         if use_cache is not None:
             inputs["use_cache"] = use_cache
@@ -329,15 +344,9 @@ AutoConfig.register(MMRecConfig.model_type, MMRecConfig, exist_ok=True)
 AutoModelForCausalLM.register(MMRecConfig, MMRecForCausalLM, exist_ok=True)
 
 
-def hf_tokenizer(tokenizer):
-    """The transformers tokenizer of an mmrec tokenizer (``mmrec.tokenizer``): the same ids.
-
-    mmrec trains on raw text, with no special tokens, but transformers pads and
-    lm-evaluation-harness needs a start and an end token: all three are the NUL byte's
-    token, which text does not contain. A special token's spelling in text is encoded as
-    text (``split_special_tokens``)."""
+def _backend(tokenizer):
+    """The ``tokenizers.Tokenizer`` of an mmrec tokenizer."""
     import tokenizers as tk
-    from transformers import PreTrainedTokenizerFast
 
     if tokenizer.kind == "byte":
         # every byte is the token of its value: a BPE with no merges whose vocabulary is the
@@ -345,16 +354,53 @@ def hf_tokenizer(tokenizer):
         vocab = {f"<0x{b:02X}>": b for b in range(256)}
         backend = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=[], byte_fallback=True))
         backend.decoder = tk.decoders.Sequence([tk.decoders.ByteFallback(), tk.decoders.Fuse()])
-    elif tokenizer.kind == "bpe":
+        return backend
+    if tokenizer.kind == "bpe":
         with tempfile.TemporaryDirectory() as folder:  # through its own file, tokenizer.json
             tokenizer.save(folder)
-            backend = tk.Tokenizer.from_file(str(Path(folder) / TOKENIZER_FILE))
-    else:
-        raise ValueError(f"no transformers tokenizer for mmrec tokenizer kind {tokenizer.kind!r}")
-    nul = backend.encode("\x00", add_special_tokens=False)
-    if len(nul.ids) != 1:
-        raise ValueError("the tokenizer has no single token for the NUL byte to pad with")
-    nul = nul.tokens[0]
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=nul, bos_token=nul, eos_token=nul,
-                                   split_special_tokens=True)
+            return tk.Tokenizer.from_file(str(Path(folder) / TOKENIZER_FILE))
+    raise ValueError(f"no transformers tokenizer for mmrec tokenizer kind {tokenizer.kind!r}")
 
+
+def end_of_document(tokenizer, eod_token: str | None = None) -> str | None:
+    """The special token that ends each document of the token shards (``mmrec.data.prepare``)
+    a model trained on: ``eod_token``, or by default ``<|endoftext|>`` when the tokenizer
+    has it as a special token; ``None`` for a tokenizer without one (mmrec's byte
+    tokenizer, a BPE trained on raw text). A ``ValueError`` if it has no ``eod_token``."""
+    return _end_of_document(_backend(tokenizer), eod_token)
+
+
+def _end_of_document(backend, eod_token: str | None) -> str | None:
+    specials = sorted(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
+    if eod_token is None:
+        return EOD_TOKEN if EOD_TOKEN in specials else None
+    if eod_token not in specials:
+        raise ValueError(f"the tokenizer has no special token {eod_token!r} to end documents with "
+                         f"(its special tokens: {', '.join(map(repr, specials)) or 'none'})")
+    return eod_token
+
+
+def hf_tokenizer(tokenizer, eod_token: str | None = None):
+    """The transformers tokenizer of an mmrec tokenizer (``mmrec.tokenizer``).
+
+    Its ids are those the model trained on: ``tokenizer.encode``'s, and for a model
+    trained on token shards (``mmrec.data.prepare``) the shards'. Text is only text: a
+    special token's spelling in it (a literal ``<|endoftext|>``) is encoded as ordinary
+    tokens (``split_special_tokens``), as prepare and ``BPETokenizer.encode`` do.
+
+    transformers pads, and lm-evaluation-harness starts and ends text, with special tokens.
+    A shards' tokenizer has one: its end-of-document token (see :func:`end_of_document`)
+    is all three, as each document the model saw ended with it. A tokenizer without one
+    uses the NUL byte's token, which text does not contain."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = _backend(tokenizer)
+    special = _end_of_document(backend, eod_token)
+    if special is None:
+        nul = backend.encode("\x00", add_special_tokens=False)
+        if len(nul.ids) != 1 or backend.decode(nul.ids) != "\x00":
+            raise ValueError("the tokenizer has no end-of-document token and no single token for the NUL byte "
+                             "to pad with")
+        special = nul.tokens[0]
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=special, bos_token=special, eos_token=special,
+                                   split_special_tokens=True)

@@ -57,6 +57,16 @@ def left_padded(rows, pad=0):
     return ids, mask
 
 
+def right_padded(rows, pad=0):
+    """``(ids, attention_mask)`` of ``rows`` (1-D tensors) padded on the right."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    return ids, mask
+
+
 def random_rows(lengths, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 256, (n,), generator=g) for n in lengths]
@@ -110,6 +120,28 @@ def test_config_refuses_a_bad_recipe():
                                                                  "memory": {"kind": "nope"}}})
     with pytest.raises(ValueError, match="no recipe"):
         mmrec_hf.MMRecForCausalLM(mmrec_hf.MMRecConfig())
+
+
+def test_config_takes_the_transformers_names_the_recipe_agrees_with(saved):
+    """transformers passes its usual names (``vocab_size``, ``tie_word_embeddings``, ...) as
+    keyword arguments: the recipe's own value is taken, another is refused naming the recipe
+    field to change."""
+    recipe, _, folder = saved
+    tiny = mmrec.recipes.load("tiny").model
+    config = mmrec_hf.MMRecConfig(recipe="tiny", tie_word_embeddings=tiny.tie_embeddings, vocab_size=tiny.vocab_size)
+    assert config.tie_word_embeddings == tiny.tie_embeddings and config.vocab_size == tiny.vocab_size
+    with pytest.raises(ValueError, match="model.tie_embeddings"):
+        mmrec_hf.MMRecConfig(recipe="tiny", tie_word_embeddings=not tiny.tie_embeddings)
+    fields = {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
+              "num_attention_heads": "n_heads", "max_position_embeddings": "max_seq_len"}
+    for name, field in fields.items():
+        with pytest.raises(ValueError, match=f"model.{field} in the recipe"):
+            setattr(config, name, getattr(tiny, field) + 1)
+        setattr(config, name, getattr(tiny, field))  # the recipe's value: nothing changes
+    assert config.recipe == mmrec.recipes.load("tiny").model_dump(mode="json")
+    assert AutoConfig.from_pretrained(folder, vocab_size=recipe.model.vocab_size).vocab_size == recipe.model.vocab_size
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        AutoModelForCausalLM.from_pretrained(folder, vocab_size=recipe.model.vocab_size + 8)
 
 
 @pytest.mark.parametrize("arch", sorted(VARIANTS))
@@ -189,14 +221,21 @@ def test_left_padded_batch_equals_each_row_alone(loaded):
 
 def test_right_padding_leaves_the_real_positions_alone(loaded):
     rows = random_rows([7, 12])
-    ids = torch.zeros(2, 12, dtype=torch.long)
-    mask = torch.zeros(2, 12, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    ids, mask = right_padded(rows)
     with torch.no_grad():
         logits = loaded(ids, attention_mask=mask).logits
         assert torch.equal(logits[0, :7], loaded(rows[0][None]).logits[0])
         assert torch.equal(logits[1], loaded(rows[1][None]).logits[0])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_refuses_a_prompt_padded_on_the_right(loaded, use_cache):
+    """generate reads the next token from the last column, which is padding for a row that
+    ends before it: such a prompt is refused, naming the fix (pad on the left)."""
+    ids, mask = right_padded(random_rows([7, 12]))
+    with pytest.raises(ValueError, match="padding_side='left'"):
+        loaded.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                        use_cache=use_cache)
 
 
 def test_cache_gives_what_recomputing_gives_for_beams_and_sampling(loaded):
@@ -213,15 +252,25 @@ def test_cache_gives_what_recomputing_gives_for_beams_and_sampling(loaded):
     assert sampled.shape == (6, 23)
 
 
-def test_labels_give_the_shifted_loss(loaded):
-    ids, mask = left_padded(random_rows([8, 15]))
-    labels = ids.masked_fill(mask == 0, -100)
-    out = loaded(ids, attention_mask=mask, labels=labels)
-    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                                 ignore_index=-100)
+@pytest.mark.parametrize("pad", [left_padded, right_padded])
+def test_labels_give_mmrecs_loss_of_each_row_alone(loaded, pad):
+    """The loss of a padded batch is mmrec's own loss of each row, unpadded, averaged over
+    the tokens predicted (a row of n tokens predicts n - 1)."""
+    rows = random_rows([8, 15, 3])
+    ids, mask = pad(rows)
+    with torch.no_grad():
+        out = loaded(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        alone = [loaded.model(row[None, :-1], targets=row[None, 1:]).loss for row in rows]
+    predicted = [len(row) - 1 for row in rows]
+    expected = sum(loss * n for loss, n in zip(alone, predicted)) / sum(predicted)
     assert out.state is None  # no state for a loss unless asked (use_cache=True)
     torch.testing.assert_close(out.loss, expected)
-    # the planning head learns from the auxiliary loss alone, which mmrec's training adds
+
+
+def test_the_loss_with_the_planning_loss_reaches_every_weight(loaded):
+    """The planning head learns from the auxiliary loss alone, which mmrec's training adds."""
+    ids, mask = left_padded(random_rows([8, 15]))
+    labels = ids.masked_fill(mask == 0, -100)
     out = loaded(ids, attention_mask=mask, labels=labels, return_aux_loss=True)
     assert out.aux_loss is not None and out.aux_loss > 0
     loaded.zero_grad()
@@ -303,6 +352,65 @@ def test_bpe_tokenizer_gives_mmrecs_ids(tmp_path):
     assert theirs(text).input_ids == mine.encode(text)
     assert theirs.decode(mine.encode(text)) == text
     assert theirs.pad_token_id == mine.encode("\x00")[0]
+    assert theirs.eos_token_id == theirs.bos_token_id == theirs.pad_token_id  # no special tokens: NUL's
+
+
+SHARD_DOCUMENTS = ["The cat sat on the mat.", "A literal <|endoftext|> in a document is text.",
+                   "Dogs and cats\nand mats.", "The mat, the cat, the dog."] * 2
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A folder of token shards that ``python -m mmrec.data.prepare`` wrote (BPE, 300 tokens)."""
+    from mmrec.data import prepare
+
+    root = tmp_path_factory.mktemp("shards")
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in SHARD_DOCUMENTS))
+    args = ["--input", str(root / "docs.jsonl"), "--out", str(root / "shards"), "--vocab-size", "300",
+            "--val-fraction", "0.25", "--quiet"]
+    assert prepare.main(args) == 0
+    return root / "shards"
+
+
+def test_shards_tokenizer_gives_the_shards_ids_and_ends_text_with_their_eod_token(shards, tmp_path):
+    """The tokenizer of a model trained on token shards: the ids the shards hold (a literal
+    ``<|endoftext|>`` in a document is text there too), and their end-of-document token as
+    the start, end and padding token."""
+    from mmrec.data.shards import open_shards
+
+    opened = open_shards(shards)
+    eod = opened.eod_id
+    mmrec_hf.hf_tokenizer(opened.tokenizer()).save_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    assert theirs.eos_token == theirs.bos_token == theirs.pad_token == "<|endoftext|>"
+    assert theirs.eos_token_id == theirs.bos_token_id == theirs.pad_token_id == eod
+    stream = torch.cat([opened.train[:], opened.val[:]]).tolist()  # each document's ids, then eod
+    assert stream.count(eod) == len(SHARD_DOCUMENTS) and stream[-1] == eod
+    held, current = [], []
+    for token in stream:
+        if token == eod:
+            held.append(current)
+            current = []
+        else:
+            current.append(token)
+    assert sorted(held) == sorted(theirs(d).input_ids for d in SHARD_DOCUMENTS)
+    ids = theirs(SHARD_DOCUMENTS[1]).input_ids
+    assert ids == opened.tokenizer().encode(SHARD_DOCUMENTS[1])  # and mmrec's tokenizer's
+    assert theirs.decode(ids) == SHARD_DOCUMENTS[1]
+    assert theirs.decode([*ids, eod], skip_special_tokens=True) == SHARD_DOCUMENTS[1]
+
+
+def test_a_tokenizer_without_a_pad_token_is_refused():
+    """No end-of-document token and no single token for the NUL byte: nothing to pad with."""
+    import tokenizers as tk
+
+    words = tk.Tokenizer(tk.models.WordLevel({"[UNK]": 0, "the": 1, "cat": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    mine = mmrec.tokenizer.BPETokenizer(words)
+    with pytest.raises(ValueError, match="no single token for the NUL byte"):
+        mmrec_hf.hf_tokenizer(mine)
+    with pytest.raises(ValueError, match="'</s>'"):
+        mmrec_hf.hf_tokenizer(ByteTokenizer(), eod_token="</s>")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -5,7 +5,14 @@
 
 The folder holds ``config.json`` (the recipe inside), ``model.safetensors``, the tokenizer
 (``tokenizer.json``: the checkpoint's byte-level or BPE tokenizer, the same ids),
-``generation_config.json`` and ``modeling_mmrec.py``; ``AutoModelForCausalLM`` loads it
+``generation_config.json`` and ``modeling_mmrec.py``. A model trained on token shards
+(``python -m mmrec.data.prepare``) starts, ends and pads text with their end-of-document
+token, ``<|endoftext|>`` (``--eod-token`` names another), and ``generate`` stops at it;
+one trained on raw text uses the NUL byte's token (see ``mmrec.hf.hf_tokenizer``).
+
+The folder is written whole or not at all (``mmrec.atomic``): a new folder, an empty one,
+or with ``--overwrite`` an earlier export, which it replaces (one holding other files is
+refused). ``AutoModelForCausalLM`` loads it
 after ``import mmrec.hf``, or with ``trust_remote_code=True`` in a process that has not
 imported it (``lm_eval --model hf --model_args pretrained=exported/,trust_remote_code=True``).
 Needs ``pip install "mmrec[hf]"``. A recipe that uses a plugin's variant needs the plugin
@@ -18,11 +25,13 @@ transformers). Every problem ends the command with one ``error:`` line and exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import mmrec
+from mmrec import atomic
 from mmrec.checkpoint import CheckpointError, load_checkpoint
 from mmrec.model import LanguageModel
 from mmrec.recipes import RecipeError
@@ -39,31 +48,72 @@ class ExportError(ValueError):
     """A folder that cannot be written or read."""
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the checkpoint (or the newest in a run folder) as a transformers folder ``out``.
-    A non-empty ``out`` is refused unless ``overwrite``."""
+def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False, eod_token: str | None = None) -> Path:
+    """Write the checkpoint (or the newest in a run folder) as a transformers folder ``out``,
+    whole or not at all. A non-empty ``out`` is refused unless it is an earlier export
+    (holding only files that this one writes) and ``overwrite`` is given. ``eod_token``: the shards' end-of-document token, when
+    prepare was given another than ``<|endoftext|>``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file; give a folder to export to")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} is not empty; choose another folder or pass --overwrite to write into it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{out} is not empty; choose another folder, or pass --overwrite to replace "
+                              "an earlier export there")
+        if not is_export(out):
+            raise ExportError(f"{out} is not an mmrec export (no config.json of model_type 'mmrec'); "
+                              "--overwrite replaces only an earlier export: choose another folder")
     ckpt = load_checkpoint(checkpoint)
     recipe = mmrec.recipes.load(ckpt.recipe)
     tokenizer = load_tokenizer(ckpt.tokenizer, ckpt.path)
 
     from mmrec.hf import (  # needs transformers: checked after the cheap checks
         MMRecForCausalLM,
+        end_of_document,
         hf_tokenizer,
     )
 
     model = mmrec.build(recipe)
     ckpt.load_model(model)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_model, hf_tok = MMRecForCausalLM.from_mmrec(model.eval(), recipe), hf_tokenizer(tokenizer)
+    try:
+        eod = end_of_document(tokenizer, eod_token)
+        hf_tok = hf_tokenizer(tokenizer, eod)
+    except ValueError as error:
+        raise ExportError(f"cannot export the tokenizer of {ckpt.path}: {error}") from None
+    hf_model = MMRecForCausalLM.from_mmrec(model.eval(), recipe)
     hf_model.generation_config.pad_token_id = hf_tok.pad_token_id  # generate pads finished rows with it
-    hf_model.save_pretrained(out)
-    hf_tok.save_pretrained(out)
+    if eod is not None:
+        hf_model.generation_config.eos_token_id = hf_tok.eos_token_id  # and stops a row at the end of a document
+    made = _missing_parents(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.replacing(out) as work:
+            hf_model.save_pretrained(work)
+            hf_tok.save_pretrained(work)
+            others = sorted({p.name for p in out.iterdir()} - {p.name for p in work.iterdir()}) if out.is_dir() else []
+            if others:
+                raise ExportError(f"{out} holds files that an export does not write ({', '.join(others[:5])}); "
+                                  "--overwrite replaces an earlier export whole: move them out first")
+    except BaseException:
+        for folder in made:  # the parents this call made, innermost first, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return out
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a transformers folder of an mmrec model."""
+    try:
+        read_recipe(folder)
+    except ExportError:
+        return False
+    return True
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, innermost first."""
+    return [p for p in path.absolute().parents if not p.exists()]
 
 
 def read_recipe(folder: str | Path) -> dict:
@@ -114,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", nargs=2, metavar=("CHECKPOINT", "OUT"), required=True,
                    help="a run folder (its newest checkpoint) or a checkpoint folder, and the folder to write")
-    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier export")
+    p.add_argument("--eod-token", metavar="TOKEN",
+                   help="the end-of-document token of a run on token shards prepared with --eod-token "
+                        "(default <|endoftext|>, when the tokenizer has it)")
     args = p.parse_args(argv)
     try:
-        out = export_hf(args.hf[0], args.hf[1], overwrite=args.overwrite)
+        out = export_hf(args.hf[0], args.hf[1], overwrite=args.overwrite, eod_token=args.eod_token)
     except (CheckpointError, RecipeError, TokenizerError, ExportError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: cannot write {args.hf[1]}: {error}", file=sys.stderr)
         return 2
     print(f"exported {args.hf[0]} to {out}")
     return 0

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,22 @@ def run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def shard_run(tmp_path_factory):
+    """A two-step training run of a tiny MM-Rec model on token shards (a BPE of 300 tokens)."""
+    from mmrec.data import prepare
+
+    root = tmp_path_factory.mktemp("shard-export")
+    documents = [d for d in default_corpus().text[:20_000].split("\n\n") if d.strip()]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    assert prepare.main(["--input", str(root / "docs.jsonl"), "--out", str(root / "shards"), "--vocab-size", "300",
+                         "--val-fraction", "0.2", "--quiet"]) == 0
+    args = ["--out", str(root / "run"), "--data", str(root / "shards")]
+    args += [a for s in [*SETTINGS, "model.vocab_size=300"] for a in ("--set", s)]
+    assert train_mod.main(args) == 0
+    return root / "run", json.loads((root / "shards" / "index.json").read_text())
+
+
+@pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("exported") / "tiny-hf"
     assert export_mod.main(["--hf", str(run), str(out)]) == 0
@@ -61,7 +78,26 @@ def test_export_loads_in_transformers_with_the_checkpoints_weights(run, exported
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, model(ids).logits)
     text = "Exported: é and 日本."
-    assert AutoTokenizer.from_pretrained(exported)(text).input_ids == ByteTokenizer().encode(text)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert tokenizer(text).input_ids == ByteTokenizer().encode(text)
+    # raw text has no end-of-document token: the NUL byte pads, and generate stops only at its length
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == tokenizer.pad_token_id == 0
+    assert hf.generation_config.pad_token_id == 0 and hf.generation_config.eos_token_id is None
+
+
+def test_export_of_a_run_on_token_shards_ends_text_with_their_eod_token(shard_run, tmp_path):
+    """Each document the model saw ended with the shards' end-of-document token: the
+    tokenizer starts, ends and pads text with it, and generate stops at it."""
+    import mmrec.hf  # noqa: F401 - registers the Auto classes
+
+    run, index = shard_run
+    out = tmp_path / "hf"
+    assert export_mod.main(["--hf", str(run), str(out)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token == tokenizer.bos_token == tokenizer.pad_token == index["eod_token"] == "<|endoftext|>"
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == tokenizer.pad_token_id == index["eod_id"]
+    generation = AutoModelForCausalLM.from_pretrained(out).generation_config
+    assert generation.eos_token_id == generation.pad_token_id == index["eod_id"]
 
 
 def test_export_loads_back_into_mmrec(run, exported):
@@ -72,16 +108,76 @@ def test_export_loads_back_into_mmrec(run, exported):
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-def test_export_never_writes_into_a_folder_that_holds_files(run, tmp_path, capsys):
-    out = tmp_path / "taken"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    assert export_mod.main(["--hf", str(run), str(out)]) == 2
-    assert "is not empty" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
-    assert export_mod.main(["--hf", str(run), str(out), "--overwrite"]) == 0
-    assert (out / "config.json").is_file() and (out / "notes.txt").read_text() == "mine"
+def one_error_line(capsys) -> str:
+    """The one ``error:`` line the command ended with (a progress bar of transformers aside)."""
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in err and err.count("error") == 1, err
+    return lines[-1]
+
+
+def test_export_writes_into_an_empty_folder_or_over_an_earlier_export_only(run, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert export_mod.main(["--hf", str(run), str(taken)]) == 2
+    assert "is not empty" in one_error_line(capsys)
+    assert export_mod.main(["--hf", str(run), str(taken), "--overwrite"]) == 2
+    assert "not an mmrec export" in one_error_line(capsys)
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").read_text() == "mine"
+    other = tmp_path / "other-model"  # a folder of another model: its config.json is the user's
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert export_mod.main(["--hf", str(run), str(other), "--overwrite"]) == 2
+    assert "not an mmrec export" in one_error_line(capsys)
+    assert json.loads((other / "config.json").read_text()) == {"model_type": "llama"}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_mod.main(["--hf", str(run), str(empty)]) == 0
+    capsys.readouterr()
+    assert export_mod.main(["--hf", str(run), str(empty)]) == 2  # an earlier export, without --overwrite
+    assert "is not empty" in one_error_line(capsys)
+    assert export_mod.main(["--hf", str(run), str(empty), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert export_mod.load_hf(empty)[0] == mmrec.recipes.load(load_checkpoint(run).recipe)
+    (empty / "NOTES.md").write_text("mine")  # the user's file in an earlier export: not replaced
+    assert export_mod.main(["--hf", str(run), str(empty), "--overwrite"]) == 2
+    assert "NOTES.md" in one_error_line(capsys) and (empty / "NOTES.md").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "other-model", "taken"]  # nothing left beside
+
+
+def test_export_failures_are_one_line_and_leave_no_folder(run, tmp_path, capsys, monkeypatch):
     assert export_mod.main(["--hf", str(tmp_path / "nothing"), str(tmp_path / "new")]) == 2
-    assert "error:" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    one_error_line(capsys)
+    # the tokenizer cannot be exported as asked: it has no such end-of-document token
+    assert export_mod.main(["--hf", str(run), str(tmp_path / "a" / "out"), "--eod-token", "</s>"]) == 2
+    assert "'</s>'" in one_error_line(capsys)
+    # the OS refuses: the folder's parent is a file
+    (tmp_path / "file").write_text("x")
+    assert export_mod.main(["--hf", str(run), str(tmp_path / "file" / "out")]) == 2
+    assert str(tmp_path / "file") in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+    # a write that fails halfway (a full disk) leaves nothing half-written, and an earlier export as it was
+    import mmrec.hf
+
+    assert export_mod.main(["--hf", str(run), str(tmp_path / "done")]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir()}
+
+    def disk_full(self, folder, *args, **kwargs):
+        Path(folder).mkdir()
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mmrec.hf.MMRecForCausalLM, "save_pretrained", disk_full)
+    assert export_mod.main(["--hf", str(run), str(tmp_path / "b" / "out")]) == 2
+    assert "No space left on device" in one_error_line(capsys)
+    assert export_mod.main(["--hf", str(run), str(tmp_path / "done"), "--overwrite"]) == 2
+    assert "No space left on device" in one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "file"]
 
 
 def test_load_hf_refuses_a_folder_of_another_model(tmp_path):
