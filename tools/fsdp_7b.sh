@@ -90,7 +90,8 @@
 #   total ~66-70 GiB (measured on 2 x H100: 67.7 GiB max_memory_allocated).
 # Without activation checkpointing the activations alone would be ~70 GiB: it stays on.
 # At 32768 tokens per GPU (phase long) the activations grow 4x: block inputs 6 GiB, one
-# block's recomputation ~15 GiB -> ~80-90 GiB of the H200's ~139 GiB.
+# block's recomputation ~15 GiB -> ~80-90 GiB of the H200's ~139 GiB (~105 if the memory
+# read's SDPA takes its math kernel: 4.2 GiB at 8192 tokens, 16.8 at 32768).
 # One process holding the whole model (ckpt's D): 16 bytes a parameter, 109.7 GiB (fp32
 # weights 27.4, gradients 27.4, AdamW 54.8), plus the activations of one 4096-token
 # sequence at a time in fp32 (block inputs 1.5 GiB, one block's recomputation ~4, ~4
