@@ -34,7 +34,7 @@ SPLITS = ("train", "val")
 
 
 class ShardError(DataError):
-    """A shard folder is missing, incomplete or not of this format."""
+    """A shard folder is missing, incomplete or not of this format, or ids do not fit it."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -117,8 +117,8 @@ def write_index(folder: Path, index: dict[str, Any]) -> None:
 
 class TokenShards:
     """One split's shards as a single read-only token stream, memory-mapped: nothing is
-    read until a window is asked for. Quacks like the 1-D tensor ``TokenStream`` takes
-    (``dim``, ``numel``, slicing, ``windows``); what it returns is int64."""
+    read until a window is asked for. A :class:`mmrec.data.TokenSource` (``numel``,
+    ``windows``) that also reads by slices; what it returns is int64."""
 
     def __init__(self, files: list[Path], counts: list[int], dtype: np.dtype):
         self._maps = [np.memmap(f, dtype=dtype, mode="r", shape=(n,)) for f, n in zip(files, counts) if n]
