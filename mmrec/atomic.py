@@ -2,8 +2,9 @@
 
 The content is written under a temporary name beside its final one, then renamed over it
 with ``os.replace``: a reader sees the old content or the new, never half of either. A
-folder already at the final name is moved aside first (a rename cannot replace a
-non-empty folder) and deleted once the new one is in place. With ``durable=True`` every
+folder already at the final name is moved aside first, under a hidden name of its own
+(a rename cannot replace a non-empty folder), and deleted once the new one is in place;
+between those two renames the final name briefly does not exist. With ``durable=True`` every
 file and folder of the new content, and the parent folder after the rename, are fsynced,
 so a power cut after the write cannot leave the rename without the data.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,8 +88,8 @@ def _rename(tmp: Path, final: Path) -> None:
     if not (final.is_dir() and not final.is_symlink()):
         os.replace(tmp, final)
         return
-    old = final.with_name(final.name + ".old")  # a rename cannot replace a folder: move it aside
-    remove(old)
+    # a rename cannot replace a folder: move it aside, under a name no user file has
+    old = final.with_name(f".{final.name}.{uuid.uuid4().hex}.old")
     os.replace(final, old)
     try:
         os.replace(tmp, final)

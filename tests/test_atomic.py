@@ -31,6 +31,17 @@ def test_a_folder_is_replaced_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]  # no .tmp, no .old
 
 
+def test_replacing_a_folder_leaves_the_user_s_own_files_beside_it(tmp_path):
+    final, backup = tmp_path / "texts", tmp_path / "texts.old"
+    final.mkdir()
+    backup.mkdir()
+    (backup / "keep").write_text("the user's backup")
+    with atomic.replacing(final) as tmp:
+        tmp.mkdir()
+    assert (backup / "keep").read_text() == "the user's backup"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["texts", "texts.old"]
+
+
 @pytest.mark.parametrize("kind", ["file", "folder"])
 def test_a_failed_write_leaves_the_old_content_and_no_temporary(tmp_path, kind):
     final = tmp_path / "out"
