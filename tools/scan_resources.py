@@ -4,7 +4,7 @@ for sm_90 on this machine (Triton's own ptxas and cuobjdump; no GPU needed).
     python -m tools.scan_resources fwd,plain,8,8,128,4,stages=3,reread=0 bwd,log,16,4,128,8,reread=0
 
 Each argument: pass (fwd/bwd), gates (plain/log), then a tile as `tools.scan_sweep --tiles`
-takes it (tiles with the sweep-only options compile the copy in tools/scan_kernel_options.py).
+takes it.
 A stack frame above 0 means spills (docs/notes/scan-kernel.md). Launches are specialised
 as the op's are: bf16, unit channel stride, 16-divisible pointers and strides.
 """
@@ -24,8 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mmrec.ops import linear_scan_triton
-from tools import scan_kernel_options
-from tools.scan_sweep import needs_option_kernels, parse_tile, tile_config
+from tools.scan_sweep import parse_tile
 
 POINTERS = {
     "fwd": ["a_ptr", "b_ptr", "h0_ptr", "h_ptr", "hlast_ptr"],
@@ -42,8 +41,7 @@ STRIDES = {
 def resources(kind: str, log_space: bool, tile: tuple) -> tuple[int, int, int]:
     """(registers, stack bytes, shared bytes) of one kernel variant."""
     groups, steps, block_d, warps, options = tile
-    kernels = scan_kernel_options if needs_option_kernels(tile_config(tile)) else linear_scan_triton
-    fn = kernels._scan_fwd_kernel if kind == "fwd" else kernels._scan_bwd_kernel
+    fn = linear_scan_triton._scan_fwd_kernel if kind == "fwd" else linear_scan_triton._scan_bwd_kernel
     flags = dict(HAS_H0=False, REVERSE=False, ACC_FP64=False, LOG_A=log_space)
     if kind == "bwd":
         flags.update(HAS_DH=True, HAS_DHL=False)

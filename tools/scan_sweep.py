@@ -6,13 +6,11 @@ Times the forward and the backward kernel (launched directly, no autograd) for e
 at each length, as a share of the device's copy bandwidth at the op's byte floor (as
 ``python -m mmrec.bench scan`` counts it), with the relative error of ``h`` against the
 default tile's. A tile is ``G,R,BLOCK_D,WARPS`` and options ``NAME=N``: ``stages=N``
-(Triton's software pipeline instead of the prefetch into registers), ``reread=0``
-(exclusive prefixes from the rows' own totals) and ``stream=1`` (cache hints for
-streamed data). Tiles the library's kernels accept run through them
-(``mmrec/ops/linear_scan_triton.py``); tiles with options only sweeps use (``stream``, or
-``stages`` with the re-read) run through the copy in ``tools/scan_kernel_options.py``. Each
-row says which (``kernels``). The chosen tiles go into the tables of
-``linear_scan_triton.py``; docs/notes/scan-kernel.md says how they were chosen.
+(Triton's software pipeline instead of the prefetch into registers; with ``reread=0``)
+and ``reread=0`` (exclusive prefixes from the rows' own totals): what the library's
+kernels (``mmrec/ops/linear_scan_triton.py``) take. The chosen tiles go into their
+tables; docs/notes/scan-kernel.md says how they were chosen, and the history the
+variants that were dropped (cache hints, the pipelined loop with the re-read).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-OPTIONS = {"stream": "STREAM", "stages": "STAGES", "reread": "REREAD"}
+OPTIONS = {"stages": "STAGES", "reread": "REREAD"}
 # (G, R, BLOCK_D, num_warps): the tiles timed without --tiles
 DEFAULT_TILES = [
     (32, 4, 64, 8), (16, 4, 64, 4), (32, 2, 64, 8), (64, 2, 64, 8), (16, 4, 64, 2), (32, 4, 64, 4),
@@ -52,12 +50,6 @@ def tile_config(tile: tuple) -> dict:
     return {"G": groups, "R": steps, "BLOCK_D": block_d, "num_warps": warps, **dict(options)}
 
 
-def needs_option_kernels(config: dict) -> bool:
-    """Whether ``config`` uses an option the library's kernels no longer have: the cache
-    hints, or the pipelined loop with the re-read."""
-    return bool(config.get("STREAM", 0)) or (config.get("STAGES", 0) > 0 and bool(config.get("REREAD", 1)))
-
-
 def _time_tile(kernels, a, b, dh, dtype, cfg, log_space) -> tuple[float, float, torch.Tensor]:
     from mmrec.bench.scan import _bench
 
@@ -69,8 +61,7 @@ def _time_tile(kernels, a, b, dh, dtype, cfg, log_space) -> tuple[float, float, 
 
 def sweep_length(args, dtype, copy_gbps, length, log_space, tiles) -> list[dict]:
     from mmrec.bench.scan import _rel_err
-    from mmrec.ops import linear_scan_triton as library
-    from tools import scan_kernel_options
+    from mmrec.ops import linear_scan_triton as kernels
 
     shape = (args.batch, length, args.dim)
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -79,25 +70,23 @@ def sweep_length(args, dtype, copy_gbps, length, log_space, tiles) -> list[dict]
         a = a.float().log().to(dtype)
     b = torch.randn(shape, device="cuda", generator=gen).to(dtype)
     dh = torch.randn(shape, device="cuda", generator=gen).to(dtype)
-    ref, _ = library.scan_forward(a, b, log_space=log_space)
+    ref, _ = kernels.scan_forward(a, b, log_space=log_space)
     size = a.element_size()
     floor = {"fwd": 3 * size * a.numel(), "bwd": 5 * size * a.numel()}  # bytes
-    defaults = {kind: library._pick_config(kind, log_space, a.device, dtype, *shape, None) for kind in ("fwd", "bwd")}
+    defaults = {kind: kernels._pick_config(kind, log_space, a.device, dtype, *shape, None) for kind in ("fwd", "bwd")}
     print(f"\ntile sweep at T={length}{' (log space)' if log_space else ''}; the library's tiles here: "
           f"fwd {defaults['fwd']}, bwd {defaults['bwd']}")
     rows = []
     for tile in tiles:
         cfg = tile_config(tile)
-        options = needs_option_kernels(cfg)
-        kernels = scan_kernel_options if options else library
-        label = "".join(f" {name.lower()}={value}" for name, value in tile[4]) + (" (tools copy)" if options else "")
+        label = "".join(f" {name.lower()}={value}" for name, value in tile[4])
         try:
             fwd, bwd, h = _time_tile(kernels, a, b, dh, dtype, cfg, log_space)
             err = _rel_err(h, ref)
         except Exception as error:  # noqa: BLE001 - report the tile and go on
             print(f"  {cfg}: failed: {type(error).__name__}: {str(error)[:200]}")
             continue
-        row = {"length": length, "log_space": log_space, "config": cfg, "kernels": "tools" if options else "library",
+        row = {"length": length, "log_space": log_space, "config": cfg,
                "fwd_ms": fwd, "bwd_ms": bwd, "rel_err": err,
                "fwd_pct_of_copy": 100 * floor["fwd"] / fwd / 1e6 / copy_gbps,
                "bwd_pct_of_copy": 100 * floor["bwd"] / bwd / 1e6 / copy_gbps}
