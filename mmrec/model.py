@@ -135,7 +135,7 @@ class LanguageModel(nn.Module):
 
     def forward(
         self, input_ids: Tensor, state: State | None = None, return_aux_loss: bool = False, return_state: bool = True,
-        targets: Tensor | None = None,
+        targets: Tensor | None = None, logits_at: Tensor | None = None,
     ) -> ModelOutput:
         """``input_ids``: ``[B, T]`` token ids, continuing ``state`` when given.
 
@@ -151,7 +151,13 @@ class LanguageModel(nn.Module):
         the only path, with no size threshold: the loss and gradients are those of
         ``F.cross_entropy(logits.float(), targets)``, and below a few thousand tokens of
         vocabulary the whole batch is one chunk, the cost one more head matmul.
+
+        With ``logits_at`` (``[B, P]`` positions) the logits are ``[B, P, vocab]``, those of
+        the positions named (the head runs on them only): what a task scored at a few
+        positions per sequence needs.
         """
+        if targets is not None and logits_at is not None:
+            raise ValueError("give targets (for the loss) or logits_at (for logits at some positions), not both")
         if state is not None:
             state.check_compatible(self.config_json)
             if state.batch_size != input_ids.shape[0]:
@@ -171,7 +177,10 @@ class LanguageModel(nn.Module):
                 state = out.state
             if targets is not None:
                 return ModelOutput(None, state if return_state else None, out.aux_loss, loss_sum / counted)
-            return ModelOutput(torch.cat(logits, dim=1), state if return_state else None, out.aux_loss)
+            logits = torch.cat(logits, dim=1)
+            if logits_at is not None:
+                logits = logits.gather(1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
+            return ModelOutput(logits, state if return_state else None, out.aux_loss)
         x = self.embed(input_ids)
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
         position = state.position if state is not None else 0
@@ -190,6 +199,8 @@ class LanguageModel(nn.Module):
         next_state = State(next_states, position + length, self.config_json) if return_state else None
         if targets is not None:
             return ModelOutput(None, next_state, aux_loss, linear_cross_entropy(x, self.head.weight, targets))
+        if logits_at is not None:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))  # [B, P, d]
         return ModelOutput(self.head(x), next_state, aux_loss)
 
 

@@ -188,6 +188,28 @@ def test_return_state_false_gives_the_same_logits_and_no_state(recipe):
     assert torch.equal(lean.logits, full.logits)
 
 
+@pytest.mark.parametrize("recipe", ["tiny", "transformer-tiny"])
+def test_logits_at_gives_those_positions_logits_with_gradients(recipe):
+    torch.manual_seed(0)
+    model = mmrec.build(recipe, ["model.n_layers=2"]).double()
+    ids = torch.randint(0, 256, (3, 37))
+    at = torch.stack([torch.randperm(37)[:5] for _ in range(3)])  # [B, P], a different set per row
+    full = model(ids, return_state=False).logits
+    some = model(ids, return_state=False, logits_at=at).logits
+    assert some.shape == (3, 5, 256)
+    torch.testing.assert_close(some, full.gather(1, at[..., None].expand(-1, -1, 256)), rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(some.sum(), list(model.parameters()), allow_unused=True)
+    want = torch.autograd.grad(full.gather(1, at[..., None].expand(-1, -1, 256)).sum(), list(model.parameters()),
+                               allow_unused=True)
+    for a, b in zip(grads, want):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-10, atol=1e-12))
+    model.stream_piece = 16  # the no-gradient path that runs long inputs in pieces
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, logits_at=at).logits, some.detach(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, targets=ids, logits_at=at)
+
+
 @pytest.mark.parametrize("overrides", [c for c in variant_recipes() if c.id != "transformer"])
 def test_mmrec_state_does_not_pin_activations(overrides):
     # a view of the chunk in progress (or of the history) would keep whole activations alive

@@ -83,11 +83,6 @@ def query_gaps(inputs: Tensor, targets: Tensor, num_pairs: int) -> tuple[Tensor,
     return positions, positions - 2 * pair
 
 
-def query_logits(logits: Tensor, positions: Tensor) -> Tensor:
-    """The logits ``[B, pairs, vocab]`` at the query positions only (the loss needs no others)."""
-    return logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[-1]))
-
-
 def add_subcommand(commands) -> None:
     parser = commands.add_parser("recall", help="multi-query associative recall accuracy (Zoology MQAR), lr sweep",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,7 +154,7 @@ def evaluate(forward, args: argparse.Namespace, device: torch.device, autocast) 
         inputs, targets, pairs = next(stream)
         positions, gaps = query_gaps(inputs, targets, pairs)
         with autocast():
-            logits = query_logits(forward(inputs, return_state=False).logits, positions).float()
+            logits = forward(inputs, return_state=False, logits_at=positions).logits.float()
         wanted = targets.gather(1, positions)
         loss += F.cross_entropy(logits.flatten(0, 1), wanted.flatten())
         bucket = torch.bucketize(gaps, edges, right=True)
@@ -201,8 +196,8 @@ def train_and_evaluate(recipe_name: str, lr: float, args: argparse.Namespace) ->
         inputs, targets, pairs = next(stream)
         positions, _ = query_gaps(inputs, targets, pairs)
         with autocast():
-            out = forward(inputs, return_aux_loss=use_aux, return_state=False)
-        logits = query_logits(out.logits, positions).float()
+            out = forward(inputs, return_aux_loss=use_aux, return_state=False, logits_at=positions)
+        logits = out.logits.float()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.gather(1, positions).flatten())
         (loss + out.aux_loss if use_aux else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf)

@@ -82,8 +82,8 @@ def test_targets_align_with_next_token_logits():
                            seed=0, eval_examples=64, chunk=8)
 
     def oracle(shift):
-        def forward(inputs, return_state):
-            answer = lookup_predictions(inputs, PAIRS).roll(shift, dims=1)
+        def forward(inputs, return_state, logits_at):
+            answer = lookup_predictions(inputs, PAIRS).roll(shift, dims=1).gather(1, logits_at)
             return SimpleNamespace(logits=torch.nn.functional.one_hot(answer.clamp(min=0), VOCAB).float())
         return forward
 
