@@ -151,10 +151,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def remove_stale_tmp(run_dir: str | Path) -> None:
-    """Delete ``step_*.tmp`` folders that a crash during a save left behind."""
-    for p in Path(run_dir).glob("step_*.tmp"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    """Delete what a crash during a save left in ``run_dir`` and its ``best/``: ``step_*.tmp``
+    folders (a save in progress) and ``.step_*.<id>.old`` ones (a checkpoint being replaced,
+    :mod:`mmrec.atomic`)."""
+    for folder in (Path(run_dir), Path(run_dir) / "best"):
+        for p in [*folder.glob("step_*.tmp"), *folder.glob(".step_*.old")]:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:

@@ -81,10 +81,13 @@ def test_keep_last_and_newest(tmp_path, recipe):
         _save(tmp_path, step, model, recipe, keep_last=2)
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 10]
     assert ck.resolve_checkpoint(tmp_path).name == "step_000010"
-    (tmp_path / "step_000011.tmp").mkdir()  # an interrupted save
+    leftovers = [tmp_path / "step_000011.tmp", tmp_path / ".step_000010.0af3.old",  # a save, a replacement
+                 tmp_path / "best" / "step_000009.tmp"]  # a save of the best
+    for p in leftovers:
+        p.mkdir(parents=True)
     assert ck.resolve_checkpoint(tmp_path).name == "step_000010"
     ck.remove_stale_tmp(tmp_path)
-    assert not (tmp_path / "step_000011.tmp").exists()
+    assert not any(p.exists() for p in leftovers) and (tmp_path / "best").is_dir()
     _save(tmp_path, 10, model, recipe)  # the same step again replaces it
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 10]
 

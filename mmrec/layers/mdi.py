@@ -90,7 +90,6 @@ class MDI(nn.Module):
         context_logit = self.context(k) + self.context_bias
         return LogSigmoidSum.apply(decay_logit, context_logit, dtype or z.dtype)
 
-
     def integrate(self, h: Tensor, z: Tensor, log_decay: Tensor) -> Tensor:
         """The gated integration (``integration=True``): ``h``, ``z`` ``[B, T, d_model]``,
         ``log_decay`` ``[B, T, width]`` (what :meth:`forward` returned; with fewer decays

@@ -150,7 +150,7 @@ class Checkpointer:
         try:
             scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"the optimizer state in {resume.path} does not fit this model: {e}") from None
+            raise CheckpointError(f"the scheduler state in {resume.path} does not fit this run: {e}") from None
         step = resume.step
         if self.world.max(int(not bool(ckpt_io.weights_finite(model)))):
             names = ckpt_io.non_finite_parameters(model)

@@ -359,7 +359,6 @@ class Trainer:
                                 config=self.recipe.model_dump(mode="json"))
         if resume is not None:
             self.log.write({"event": "resume", "step": self.step, "from": str(resume.path)})
-        saved_step = self.step if resume is not None else None
         val_loss = None
         try:
             with StopSignal(world) as stop, tqdm(
@@ -367,18 +366,20 @@ class Trainer:
                     desc=f"train {self.recipe.name}", disable=not main_rank) as bar:
                 say = bar.write if main_rank else (lambda text: None)
                 self.model.train()
-                while self.step < train.steps and stop.agree() is None:
+                # the processes agree on a stop once a step, after it: the same answer then
+                # decides the save (a stop saves the step it ends) and the loop
+                signum = stop.agree()
+                while self.step < train.steps and signum is None:
                     lr, started = self.optimizer.param_groups[0]["lr"], time.perf_counter()
                     stats = self.train_step()
                     self.log_step(stats, lr, time.perf_counter() - started, bar)
                     if self.step % train.eval_every == 0 or self.step == train.steps:
                         val_loss = self.validate(say)
-                    if self.checkpointer.due(self.step, stopping=stop.agree() is not None):
+                    signum = stop.agree()
+                    if self.checkpointer.due(self.step, stopping=signum is not None):
                         path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
                                                       self.best_val_loss)
                         say(f"step {self.step}: saved {path}")
-                        saved_step = self.step
-                signum = stop.agree()
             summary = self.meter.summary()
             if summary:
                 self.log.write({"event": "throughput", **summary})
@@ -393,13 +394,15 @@ class Trainer:
             last = self.checkpointer.last()
             kept = f"the last checkpoint is {last}" if last else "no checkpoint was saved"
             print(f"\ninterrupted again: exiting at once without saving; {kept}", file=sys.stderr)
-            return EXIT_SIGINT
+            # raised, not returned: this process alone is leaving, so it must not wait at the
+            # closing barrier for the others (they may be inside a collective)
+            raise SystemExit(EXIT_SIGINT) from None
         finally:
             self.log.close()
 
         if signum is not None:
             if main_rank:
-                self.report_stop(signum, saved_step)
+                self.report_stop(signum)
             return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
         if main_rank:
             if summary:
@@ -429,15 +432,18 @@ class Trainer:
         if setup.resume is not None:
             print(f"resuming from {setup.resume.path} at step {self.step}")
 
-    def report_stop(self, signum: int, saved_step: int | None) -> None:
-        out = self.setup.out
-        where = (f"checkpoint {self.checkpointer.last()}" if saved_step
-                 else "no checkpoint (train.save is off)" if not self.train.save
-                 else "no checkpoint (no step had finished)")
+    def report_stop(self, signum: int) -> None:
+        out, last, resume = self.setup.out, self.checkpointer.last(), self.setup.resume
+        stopped = f"stopped by {signal.Signals(signum).name} at step {self.step}"
+        if last is None:  # stopped before the first step, or with train.save off
+            reason = "train.save is off" if not self.train.save else "no step had finished"
+            again = f"--resume {resume.path} --out {out}" if resume is not None else f"--out {out}"
+            print(f"{stopped}; no checkpoint in {out} ({reason}). Start again with {again} "
+                  f"after deleting {out / 'metrics.jsonl'}", file=sys.stderr)
+            return
         command = (f"torchrun --nproc-per-node N -m mmrec.recipes.train --resume {out} (any N, 1 included)"
                    if self.world.sharded else f"python -m mmrec.recipes.train --resume {out}")
-        print(f"stopped by {signal.Signals(signum).name} at step {self.step}; {where}. Continue with: {command}",
-              file=sys.stderr)
+        print(f"{stopped}; checkpoint {last}. Continue with: {command}", file=sys.stderr)
 
 
 def print_sample(model, tokenizer: Tokenizer, val_tokens: torch.Tensor, recipe, autocast, show: bool = True) -> None:

@@ -121,6 +121,44 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, text_file, monke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_signal_between_steps_still_saves_where_it_stops(tmp_path, text_file, monkeypatch, capsys):
+    """A signal that lands after a step's stop check (here: while the save decision of step 3,
+    which is not due, is made) stops the run after the next step, which it saves."""
+    from mmrec.recipes.checkpointing import Checkpointer
+
+    real = Checkpointer.due
+
+    def due(self, step, stopping):
+        if step == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return real(self, step, stopping)
+
+    monkeypatch.setattr(Checkpointer, "due", due)
+    run = tmp_path / "run"
+    argv = ["--out", str(run), "--data", str(text_file), *sets("train.steps=12", "train.save_every=5")]
+    assert train_mod.main(argv) == train_mod.EXIT_SIGTERM
+    assert steps_saved(run) == ["step_000004"]
+    assert f"stopped by SIGTERM at step 4; checkpoint {run / 'step_000004'}" in capsys.readouterr().err
+
+
+def test_a_stop_before_any_step_names_no_checkpoint_that_is_not_there(tmp_path, text_file, monkeypatch, capsys):
+    source, branch = tmp_path / "source", tmp_path / "branch"
+    common = ["--data", str(text_file), *sets("train.steps=4", "train.save_every=2")]
+    assert train_mod.main(["--out", str(source), *common]) == 0
+    from mmrec.model import LanguageModel
+
+    def train_mode(self, mode=True, real=LanguageModel.train):  # the loop sets it just before its first stop check
+        signal.raise_signal(signal.SIGINT)
+        return real(self, mode)
+
+    monkeypatch.setattr(LanguageModel, "train", train_mode)
+    resumed = source / "step_000002"
+    assert train_mod.main(["--resume", str(resumed), "--out", str(branch), *sets("train.steps=6")]) == train_mod.EXIT_SIGINT
+    err = capsys.readouterr().err
+    assert f"no checkpoint in {branch} (no step had finished)" in err
+    assert f"--resume {resumed} --out {branch}" in err and "checkpoint None" not in err
+
+
 def test_resume_extends_a_finished_run(tmp_path, text_file, capsys):
     run = tmp_path / "run"
     assert train_mod.main(["--out", str(run), "--data", str(text_file), *sets("train.steps=4")]) == 0
