@@ -47,12 +47,19 @@ def test_options_are_in_the_recipe_schema():
         assert field in text
 
 
-def test_explicitly_off_options_give_the_same_block():
-    plain, off = block(), block(gated_integration=False, pe_dim=None, memory={**BLOCK["memory"], "own_value": 0.0})
-    assert plain.state_dict().keys() == off.state_dict().keys()
-    off.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 13, 12, dtype=torch.float64)
-    assert torch.equal(plain(x)[0], off(x)[0])
+# the block's parameters before the options existed (this config at commit 4a60294)
+PARAMETERS_BEFORE_THE_OPTIONS = {
+    "memory.slot_queries": (3, 16, 4), "memory.initial": (3, 16, 4), "memory.write_gate": (3, 4),
+    "memory.write_gate_bias": (3, 16), "memory.read.key": (3, 4, 4), "memory.read.value": (3, 4, 4),
+    "norm.weight": (12,), "proj.proj.weight": (60, 12), "mdi.decay_bias": (12,), "mdi.context_bias": (12,),
+    "mdi.decay.weight": (12, 12), "mdi.context.weight": (12, 12), "state_norm.weight": (12,), "out.weight": (12, 12),
+    "ffn_norm.weight": (12,), "ffn.gate_up.weight": (40, 12), "ffn.down.weight": (12, 20),
+}
+
+
+def test_with_the_options_off_the_block_has_its_parameters_from_before_them():
+    for module in (block(), block(gated_integration=False, pe_dim=None, memory={**BLOCK["memory"], "own_value": 0.0})):
+        assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == PARAMETERS_BEFORE_THE_OPTIONS
 
 
 def wired(module: MMRecBlock, x, options: bool = True):
