@@ -37,26 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = [
-    "World",
-    "all_gather_object",
-    "any_rank",
-    "barrier",
-    "clip_grad_norm",
-    "env_world_size",
-    "gather_floats",
-    "init",
-    "is_distributed",
-    "is_main",
-    "join",
-    "mean_over_ranks",
-    "rank",
-    "seed_rank",
-    "set_rng_state",
-    "shard_model",
-    "teardown",
-    "world_size",
-]
+__all__ = ["World", "clip_grad_norm", "env_world_size", "is_distributed", "join", "shard_model"]
 
 
 def env_world_size() -> int:
@@ -72,20 +53,7 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main() -> bool:
-    """Rank 0, the one process that prints, logs and writes shared files."""
-    return rank() == 0
-
-
-def init(device_name: str | None) -> torch.device:
+def _init(device_name: str | None) -> torch.device:
     """Join the process group ``torchrun`` describes in the environment and return this
     process's device: ``cuda:LOCAL_RANK`` with NCCL where CUDA is used, the CPU with gloo."""
     if not dist.is_available():
@@ -111,17 +79,17 @@ def init(device_name: str | None) -> torch.device:
     return device
 
 
-def teardown() -> None:
+def _teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def join(device_name: str | None) -> World:
     """This process's :class:`World`: the process group ``torchrun`` describes (joined
-    here, see :func:`init`), or a world of one on ``device_name`` (default: CUDA when
+    here, see :func:`_init`), or a world of one on ``device_name`` (default: CUDA when
     available). Raises ``RuntimeError`` naming a device that cannot be used."""
     if env_world_size() > 1:
-        device = init(device_name)
+        device = _init(device_name)
         return World(device, dist.get_rank(), dist.get_world_size())
     try:
         device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -174,6 +142,9 @@ class World:
         model.set_activation_checkpointing(activation_checkpointing)
         return torch.compile(model) if compile else model
 
+    # collectives: every process calls them, in the same order; in a world of one they
+    # return their input
+
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` averaged over the processes, in float64 (one all-reduce)."""
         values = values.to(torch.float64, copy=True)
@@ -183,28 +154,66 @@ class World:
         return values
 
     def mean_floats(self, values: list[float]) -> list[float]:
-        """Each of ``values`` averaged over the processes (see :func:`mean_over_ranks`)."""
-        return mean_over_ranks(values, self.device)
+        """Each of ``values`` averaged over the processes."""
+        return self.mean(torch.tensor(values, device=self.device)).tolist() if self.sharded else list(values)
 
     def max(self, code: int) -> int:
         """The largest ``code`` over the processes: every one agrees on, e.g., a stop request."""
-        return any_rank(code, self.device)
+        if not self.sharded:
+            return code
+        t = torch.tensor([code], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def gather(self, obj: Any) -> list:
         """Every process's ``obj`` (picklable), in rank order."""
-        return all_gather_object(obj)
+        if not self.sharded:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_floats(self, values: list[float]) -> list[list[float]]:
+        """Every process's ``values``, in rank order (one all-gather of a tensor)."""
+        if not self.sharded:
+            return [list(values)]
+        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(out, mine)
+        return [t.tolist() for t in out]
 
     def barrier(self) -> None:
-        barrier()
+        if self.sharded:
+            dist.barrier()
+
+    # random streams
 
     def seed(self, seed: int, step: int = 0) -> None:
-        """See :func:`seed_rank`."""
-        seed_rank(seed, self.rank, step)
+        """Give processes above rank 0 random streams of their own (dropout masks), once the
+        model's initial weights, drawn alike on every process, are in place; rank 0 keeps
+        the stream a single process would have."""
+        if self.rank > 0:
+            s = _rank_seed(seed, self.rank, step)
+            random.seed(s)
+            torch.manual_seed(s)
+
+    def restore_rng(self, trainer_state: dict[str, Any], seed: int, step: int) -> None:
+        """Restore the RNG states of a checkpoint's ``trainer_state``: each process its own
+        when the checkpoint was saved by as many, otherwise rank 0's (the only one a single
+        process saves), with fresh streams (:meth:`seed`) for the others."""
+        from mmrec.checkpoint import set_rng_state
+
+        per_rank = trainer_state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.size:
+            set_rng_state(per_rank[self.rank])
+        else:
+            set_rng_state(trainer_state["rng"])
+            self.seed(seed, step)
 
     def leave(self) -> None:
         """Leave the process group (nothing to leave in a world of one)."""
         if self.sharded:
-            teardown()
+            _teardown()
 
 
 def shard_model(model: nn.Module, device: torch.device, *, param_dtype: torch.dtype | None = None,
@@ -239,48 +248,7 @@ def shard_model(model: nn.Module, device: torch.device, *, param_dtype: torch.dt
     return model
 
 
-# --------------------------------------------------------------------------- collectives
-
-
-def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Each value averaged over the ranks (one all-reduce); unchanged in a single process."""
-    if not is_distributed():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
-
-
-def gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
-    """Every rank's ``values``, in rank order (one all-gather); ``[values]`` in a single process."""
-    if not is_distributed():
-        return [list(values)]
-    mine = torch.tensor(values, dtype=torch.float64, device=device)
-    out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, mine)
-    return [t.tolist() for t in out]
-
-
-def any_rank(code: int, device: torch.device) -> int:
-    """The largest ``code`` over the ranks: every rank agrees on, e.g., a stop request."""
-    if not is_distributed():
-        return code
-    t = torch.tensor([code], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def all_gather_object(obj) -> list:
-    if not is_distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+# --------------------------------------------------------------------------- gradients
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
@@ -304,28 +272,3 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 def _rank_seed(seed: int, rank: int, step: int) -> int:
     digest = hashlib.sha256(f"mmrec:{seed}:{rank}:{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def seed_rank(seed: int, rank: int, step: int = 0) -> None:
-    """Give ranks above 0 random streams of their own (dropout masks), once the model's
-    initial weights, drawn alike on every rank, are in place; rank 0 keeps the stream a
-    single process would have."""
-    if rank > 0:
-        s = _rank_seed(seed, rank, step)
-        random.seed(s)
-        torch.manual_seed(s)
-
-
-def set_rng_state(trainer_state: dict[str, Any], seed: int, step: int) -> None:
-    """Restore the RNG states of a checkpoint's ``trainer_state``: each rank its own when
-    the checkpoint was saved by as many processes, otherwise rank 0's (the only one a
-    single process saves), with fresh streams for the other ranks."""
-    from mmrec.checkpoint import set_rng_state as restore
-
-    per_rank = trainer_state.get("rng_per_rank")
-    r, w = rank(), world_size()
-    if per_rank is not None and len(per_rank) == w:
-        restore(per_rank[r])
-    else:
-        restore(trainer_state["rng"])
-        seed_rank(seed, r, step)

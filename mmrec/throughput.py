@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from mmrec import distributed
+from mmrec.distributed import World
 
 
 def synchronize(device: torch.device) -> None:
@@ -46,12 +46,12 @@ class Throughput:
     recomputation is not counted) times tokens/s, over ``peak_tflops`` per device times
     the number of devices. The summary leaves out the first steps, which compile."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_tflops: float | None, world: int,
-                 device: torch.device, warmup: int = 3):
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_tflops: float | None, world: World,
+                 warmup: int = 3):
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak_tflops = peak_tflops  # per device
-        self.peak_flops = peak_tflops * 1e12 * world if peak_tflops else None  # all devices together
-        self.device, self.warmup = device, warmup
+        self.peak_flops = peak_tflops * 1e12 * world.size if peak_tflops else None  # all devices together
+        self.world, self.device, self.warmup = world, world.device, warmup
         self.seconds: list[float] = []
         self.peak_gib: list[float] | None = None  # per rank
         self.reserved_gib: list[float] | None = None
@@ -62,8 +62,8 @@ class Throughput:
         if self.peak_flops:
             speed["mfu"] = self.flops_per_token * speed["tokens_per_s"] / self.peak_flops
         if self.device.type == "cuda":  # each rank's peak so far, allocated and reserved (a collective)
-            peaks = distributed.gather_floats([torch.cuda.max_memory_allocated(self.device) / 2**30,
-                                               torch.cuda.max_memory_reserved(self.device) / 2**30], self.device)
+            peaks = self.world.gather_floats([torch.cuda.max_memory_allocated(self.device) / 2**30,
+                                              torch.cuda.max_memory_reserved(self.device) / 2**30])
             self.peak_gib, self.reserved_gib = [a for a, _ in peaks], [r for _, r in peaks]
             speed["peak_gib"], speed["peak_reserved_gib"] = self.peak_gib, self.reserved_gib
         return speed

@@ -29,6 +29,7 @@ def test_collectives_of_a_world_of_one_return_their_input():
     assert world.mean_floats([0.25, 2.0]) == [0.25, 2.0]
     assert world.max(15) == 15 and world.max(0) == 0
     assert world.gather(("a", 1)) == [("a", 1)]
+    assert world.gather_floats([1.5, 2.0]) == [[1.5, 2.0]]
     world.barrier()
 
 

@@ -21,7 +21,7 @@ import torch
 
 from mmrec import checkpoint as ckpt_io
 from mmrec.checkpoint import Checkpoint, CheckpointError
-from mmrec.distributed import World, set_rng_state
+from mmrec.distributed import World
 from mmrec.optim import set_schedule_lr
 from mmrec.recipes.train_config import TrainError
 
@@ -160,7 +160,7 @@ class Checkpointer:
                                   f"diverged; resume an earlier checkpoint"
                                   + (f" (--resume {older[-1]} --discard-newer)" if older else ""))
         set_schedule_lr(optimizer, scheduler, self.train, step)
-        set_rng_state(state, self.train.seed, step)
+        self.world.restore_rng(state, self.train.seed, step)
         return step
 
     def due(self, step: int, stopping: bool) -> bool:

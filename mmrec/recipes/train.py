@@ -282,7 +282,7 @@ class Trainer:
         # the lowest validation loss so far, carried through resumes (train.save_best keeps its checkpoint)
         self.best_val_loss = setup.resumed_state.get("best_val_loss") if setup.resume is not None else None
         self.tokens_per_step = train.batch_size * train.seq_len * train.grad_accum
-        self.meter = Throughput(self.tokens_per_step, flops_per_token, self.peak_tflops, world.size, device)
+        self.meter = Throughput(self.tokens_per_step, flops_per_token, self.peak_tflops, world)
 
     def train_step(self) -> dict:
         """One optimizer update over ``train.grad_accum`` micro-batches; the batches are

@@ -287,12 +287,3 @@ def test_batch_must_split_evenly(runs):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "error: train.batch_size is 3" in line]
     assert lines and "multiple of 2" in lines[0] and "[rank0]: Traceback" not in proc.stderr
-
-
-def test_helpers_in_one_process():
-    device = torch.device("cpu")
-    assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
-    assert distributed.mean_over_ranks([1.5, 2.0], device) == [1.5, 2.0]
-    assert distributed.any_rank(15, device) == 15
-    assert distributed.all_gather_object("x") == ["x"]
-    assert distributed.gather_floats([1.5, 2.0], device) == [[1.5, 2.0]]
