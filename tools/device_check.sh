@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
-# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model]...
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta]...
 # Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
@@ -43,5 +43,14 @@ for part in "${parts[@]}"; do
         cp /tmp/quality/*.log "$OUT/" 2>/dev/null ;;
     model)
         timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
+    delta)
+        # the delta rule's speed: where a 1b-delta training step spends its time, the chunk-loop
+        # kernels alone, and 1b-delta against 1b and transformer-1b (docs/notes/delta-kernel.md)
+        timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json > "$OUT/profile_delta.txt" 2>&1
+        tail -40 "$OUT/profile_delta.txt"
+        timeout 150 python3 -m mmrec.bench delta --kernels --config PRECISION=bf16x3 --config BLOCK_V=64,num_warps=8 \
+            --out "$OUT/delta.json" 2>&1 | tee "$OUT/delta.log" | grep -v "^{" | tail -30
+        timeout 240 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-delta.json transformer-1b \
+            --lengths 2048 --out "$OUT/model_delta.json" 2>&1 | tail -8 ;;
     esac
 done
