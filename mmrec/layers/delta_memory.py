@@ -26,7 +26,6 @@ one recurrent step, which is also the static decode step.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from mmrec.contracts import Memory
 from mmrec.layers.delta_recurrence import conv_silu_heads
+from mmrec.layers.mdi import spread_decays
 from mmrec.layers.short_conv import ShortConv
 from mmrec.ops.delta_rule import chunk_delta_rule_flops, delta_rule
 
@@ -81,13 +81,10 @@ class DeltaMemory(Memory):
     @torch.no_grad()
     def init_weights(self) -> None:
         nn.init.normal_(self.gate_weight, std=self.init_std)
-        low, high = self.decay_init
-        decays = torch.logspace(math.log10(-math.log(high)), math.log10(-math.log(low)), self.heads)  # -log α
+        rates = -spread_decays(self.decay_init, self.heads).flip(0).log()  # −log α, the slowest head first
         self.gate_bias[0].zero_()  # β starts at 1/2
-        self.gate_bias[1].copy_(decays.expm1().log())  # softplus⁻¹(−log α)
+        self.gate_bias[1].copy_(rates.expm1().log())  # softplus⁻¹(−log α)
         nn.init.ones_(self.out_norm)
-        if self.conv is not None:
-            self.conv.init_weights()
 
     def flops_per_token(self, length: int, chunk_size: int) -> float:
         return chunk_delta_rule_flops(min(self.chunk, length), self.heads, self.head_dim)

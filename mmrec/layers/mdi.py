@@ -42,6 +42,16 @@ from torch import Tensor, nn
 from mmrec.ops import accumulation_dtype
 
 
+def spread_decays(bounds: tuple[float, ...], n: int) -> Tensor:
+    """``n`` decays in float64: ``bounds[0]`` for all with one bound; with ``(low, high)``,
+    time constants ``1 / (1 - γ)`` evenly spaced in log from ``low``'s to ``high``'s, so the
+    decays cover short and long memories alike."""
+    if len(bounds) == 1:
+        return torch.full((n,), bounds[0], dtype=torch.float64)
+    low, high = (1 / (1 - g) for g in bounds)  # time constants in tokens
+    return 1 - 1 / torch.logspace(math.log10(low), math.log10(high), n, dtype=torch.float64)
+
+
 class MDI(nn.Module):
     def __init__(self, d_model: int, d_context: int, decay_init: float | tuple[float, float] = 0.99, init_std: float = 0.02,
                  width: int | None = None, integration: bool = False):
@@ -64,12 +74,7 @@ class MDI(nn.Module):
 
     def initial_decay(self) -> Tensor:
         """``γ_0`` per channel."""
-        n = self.decay_bias.numel()
-        if len(self.decay_init) == 1:
-            return torch.full((n,), self.decay_init[0], dtype=torch.float64)
-        low, high = (1 / (1 - g) for g in self.decay_init)  # time constants in tokens
-        timescales = torch.logspace(math.log10(low), math.log10(high), n, dtype=torch.float64)
-        return 1 - 1 / timescales
+        return spread_decays(self.decay_init, self.decay_bias.numel())
 
     @torch.no_grad()
     def init_weights(self) -> None:
