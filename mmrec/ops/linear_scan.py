@@ -99,8 +99,8 @@ def _output_dtypes(a_dtype: torch.dtype, b_dtype: torch.dtype, accumulate_fp64: 
 def linear_scan_composite(
     a_in: Tensor,
     b_in: Tensor,
-    h0: Tensor | None,
-    reverse: bool,
+    h0: Tensor | None = None,
+    reverse: bool = False,
     log_space: bool = False,
     accumulate_fp64: bool = False,
     out_dtype: torch.dtype | None = None,

@@ -198,3 +198,13 @@ def test_out_dtype_opcheck():
     h, _ = linear_scan(log_a.detach(), b.detach(), h0.detach(), log_space=True, out_dtype=torch.bfloat16)
     bwd = torch.ops.mmrec.linear_scan_backward.default
     torch.library.opcheck(bwd, (log_a.detach(), h, torch.randn_like(h), torch.randn_like(h0), h0.detach(), False, torch.float32, True, False))
+
+
+def test_composite_takes_the_ops_defaults():
+    """The benchmarks call the composite as they call the op: ``(a, b)`` alone."""
+    from mmrec.ops.linear_scan import linear_scan_composite
+
+    a, b = torch.rand(2, 37, 5, dtype=torch.float64), torch.randn(2, 37, 5, dtype=torch.float64)
+    h, h_last = linear_scan_composite(a, b)
+    assert rel_err(h, linear_scan_reference(a, b)) < 1e-12
+    assert torch.equal(h_last, h[:, -1])
