@@ -31,6 +31,8 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--checkpoint-from", type=int, default=32768, help="activation checkpointing at and above this length")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--precision", default="high", choices=["highest", "high", "medium"],
+                        help="torch.set_float32_matmul_precision, as training sets it (train.tf32: high)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
@@ -75,8 +77,9 @@ def train_step_once(recipe: str, length: int, args, device: torch.device, peak_t
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
+    torch.set_float32_matmul_precision(args.precision)
     peak = matmul_tflops(device) if device.type == "cuda" else float("nan")
-    meta = {**run_metadata(), "dtype": "bfloat16", "compile": not args.no_compile, "matmul_tflops": peak,
+    meta = {**run_metadata(), "dtype": "bfloat16", "compile": not args.no_compile, "float32_matmul_precision": args.precision, "matmul_tflops": peak,
             "tokens_per_step": args.tokens_per_step}
     print(f"{meta['device']}: bf16 matmul {peak:.0f} TFLOP/s", flush=True)
     rows = []

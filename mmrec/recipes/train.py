@@ -256,6 +256,7 @@ class Trainer:
                                          {"source": setup.corpus.source, "fingerprint": setup.data_print})
         self.checkpointer.open_folder(setup.resume, args.discard_newer)
         self.autocast = autocast_for(device, train.dtype)
+        torch.set_float32_matmul_precision("high" if train.tf32 else "highest")
         self.use_aux = getattr(recipe.model, "planning", None) is not None
         share = world.share(train.batch_size)  # each process evaluates its share; the mean is all-reduced
         self.val_batches = [(x[share], y[share]) for x, y in TokenStream(

@@ -53,6 +53,9 @@ class TrainConfig(BaseModel):
     compile: bool = False
     activation_checkpointing: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    tf32: bool = Field(True, description="float32 matrix products on TF32 tensor cores (set_float32_matmul_precision "
+                       "'high'): those autocast leaves in float32, such as the delta rule's chunk products, and all "
+                       "of them in float32 training; false keeps them exact")
     tokenizer: Literal["byte", "bpe"] = "byte"
     bpe_vocab_size: int = Field(4096, ge=256, description="at least the 256 bytes of the byte-level alphabet")
     sample_tokens: int = Field(200, ge=0, description="tokens generated as a sample at the end")
