@@ -19,6 +19,7 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 import mmrec
 from mmrec.bench.common import run_metadata, write_json
-from mmrec.checkpoint import load_checkpoint
+from mmrec.checkpoint import Checkpoint, load_checkpoint
 from mmrec.data import load_corpus, split_tokens
 from mmrec.tokenizer import load_tokenizer
 
@@ -44,12 +45,58 @@ def add_subcommand(commands) -> None:
     parser.set_defaults(run=run)
 
 
-@torch.no_grad()
-def full_validation_loss(run_dir: Path, data: str, device: str) -> dict:
+def train_command(recipe: str, data: str, run_dir: Path, device: str, overrides: list[str]) -> list[str]:
+    """``python -m mmrec.recipes.train`` for ``recipe`` into ``run_dir``, in this interpreter."""
+    return [sys.executable, "-m", "mmrec.recipes.train", "--recipe", recipe, "--data", data, "--out", str(run_dir),
+            "--device", device, *[x for o in overrides for x in ("--set", o)]]
+
+
+def train_all(commands: dict[str, tuple[list[str], Path]], sequential: bool) -> Iterator[tuple[str, int, float]]:
+    """Run each training command (``key -> (argv, log file)``) side by side, or one after the
+    other, and yield ``(key, exit code, wall seconds)`` as each finishes, whatever their
+    order: a caller that scores each run as it comes keeps every finished one when a time
+    limit stops the rest. One after the other, each is yielded before the next starts. A
+    caller that stops early (an error while scoring) stops the runs still going: SIGTERM,
+    on which training saves a checkpoint and exits."""
+    pending = {}
+
+    def finish(key: str) -> tuple[str, int, float]:
+        process, started, log = pending.pop(key)
+        process.wait()
+        log.close()
+        return key, process.returncode, time.perf_counter() - started
+
+    try:
+        for key, (cmd, log_file) in commands.items():
+            log = open(log_file, "w")  # noqa: SIM115 - closed when the process is done
+            pending[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.perf_counter(), log)
+            if sequential:
+                yield finish(key)
+        while pending:
+            finished = [key for key, (process, *_) in pending.items() if process.poll() is not None]
+            if not finished:
+                time.sleep(1.0)
+            for key in finished:
+                yield finish(key)
+    finally:
+        for process, _, log in pending.values():
+            process.terminate()
+            process.wait()
+            log.close()
+
+
+def load_trained(run_dir: Path, device: str) -> tuple[Checkpoint, mmrec.LanguageModel]:
+    """The newest checkpoint of ``run_dir`` (or the checkpoint folder itself) and its model,
+    float32, in eval mode on ``device``: what the benchmarks score."""
     checkpoint = load_checkpoint(run_dir, verify=False)
     model = mmrec.build(str(checkpoint.recipe_file))
     checkpoint.load_model(model)
-    model = model.to(device).float().eval()
+    return checkpoint, model.to(device).float().eval()
+
+
+@torch.no_grad()
+def full_validation_loss(run_dir: Path, data: str, device: str) -> dict:
+    checkpoint, model = load_trained(run_dir, device)
     train = mmrec.recipes.load(str(checkpoint.recipe_file)).train
     tokenizer = load_tokenizer(checkpoint.tokenizer, checkpoint.path)
     tokens = tokenizer.encode_corpus(load_corpus(data).documents)
@@ -67,8 +114,13 @@ def full_validation_loss(run_dir: Path, data: str, device: str) -> dict:
             "full_val_loss": loss, "full_val_ppl": math.exp(loss)}
 
 
+def read_records(run_dir: Path) -> list[dict]:
+    """A run's ``metrics.jsonl`` (:mod:`mmrec.metrics`), one dict a record."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def read_metrics(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_records(run_dir)
     val = [r for r in records if r.get("val_loss") is not None]  # null: a loss that was not finite
     speeds = [r["train_tokens_per_s"] for r in records if "train_tokens_per_s" in r]
     speeds = speeds[len(speeds) // 10 :]  # past the compile and warm-up steps
@@ -79,42 +131,27 @@ def read_metrics(run_dir: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     meta = {**run_metadata(), "data": args.data, "overrides": args.overrides, "side_by_side": not args.sequential}
     args.runs.mkdir(parents=True, exist_ok=True)
-    jobs = {}
-    for recipe in args.recipes:
-        name = Path(recipe).stem  # a shipped name, or a recipe file
-        run_dir = args.runs / name
-        cmd = [sys.executable, "-m", "mmrec.recipes.train", "--recipe", recipe, "--data", args.data, "--out", str(run_dir),
-               "--device", args.device, *[x for o in args.overrides for x in ("--set", o)]]
-        log = open(args.runs / f"{name}.log", "w")
-        started = time.perf_counter()
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        jobs[recipe] = (process, started, run_dir, log)
-        if args.sequential:
-            process.wait()
+    commands = {recipe: (train_command(recipe, args.data, args.runs / Path(recipe).stem, args.device, args.overrides),
+                         args.runs / f"{Path(recipe).stem}.log")  # a shipped name, or a recipe file
+                for recipe in args.recipes}
     # Scored as each finishes, and the JSON rewritten after each: a run stopped early (a
     # time limit) keeps every recipe that had finished, whatever their order.
-    rows, pending = [], dict(jobs)
-    while pending:
-        finished = [recipe for recipe, (process, *_) in pending.items() if process.poll() is not None]
-        if not finished:
-            time.sleep(1.0)
-            continue
-        for recipe in finished:
-            process, started, run_dir, log = pending.pop(recipe)
-            log.close()
-            row = {"recipe": recipe, "exit_code": process.returncode, "wall_s": time.perf_counter() - started}
-            if process.returncode == 0:
-                row.update(read_metrics(run_dir))
-                row.update(full_validation_loss(run_dir, args.data, args.device))
-                if (run_dir / "best").is_dir():
-                    best = full_validation_loss(run_dir / "best", args.data, args.device)
-                    row.update(best_step=best["step"], best_full_val_loss=best["full_val_loss"])
-            else:
-                print(f"{recipe}: training failed (exit {process.returncode}); see {run_dir}.log", file=sys.stderr)
-            rows.append(row)
-            print(row, flush=True)
-            if pending:
-                write_json(args.out, {**meta, "complete": False, "results": rows})
+    rows = []
+    for recipe, exit_code, wall_s in train_all(commands, args.sequential):
+        run_dir = args.runs / Path(recipe).stem
+        row = {"recipe": recipe, "exit_code": exit_code, "wall_s": wall_s}
+        if exit_code == 0:
+            row.update(read_metrics(run_dir))
+            row.update(full_validation_loss(run_dir, args.data, args.device))
+            if (run_dir / "best").is_dir():
+                best = full_validation_loss(run_dir / "best", args.data, args.device)
+                row.update(best_step=best["step"], best_full_val_loss=best["full_val_loss"])
+        else:
+            print(f"{recipe}: training failed (exit {exit_code}); see {run_dir}.log", file=sys.stderr)
+        rows.append(row)
+        print(row, flush=True)
+        if len(rows) < len(commands):
+            write_json(args.out, {**meta, "complete": False, "results": rows})
     print(f"\n{meta['device']}; data {args.data}; overrides {args.overrides or 'none'}")
     print(f"{'recipe':<30} {'params':>10} {'steps':>6} {'full val loss':>14} {'train-loop val':>15} "
           f"{'best step':>10} {'best full val':>14} {'tokens/s':>10}")
