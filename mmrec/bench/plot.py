@@ -5,9 +5,11 @@
   recipe, batch and mode;
 - ``scan``: GB/s against sequence length, one line per implementation and pass;
 - ``recall``: held-out accuracy against learning rate, one line per recipe, and each
-  recipe's best run's accuracy by gap bucket.
+  recipe's best run's accuracy by gap bucket;
+- ``scale``: validation loss against training tokens, one line per recipe, and each
+  recipe's loss by position over its longest scored window.
 
-``python -m mmrec.bench model --plot model.png`` draws after the run;
+``python -m mmrec.bench model --plot model.png`` (and ``recall``, ``scale``) draws after the run;
 ``python -m mmrec.bench plot model.json decode.json --out-dir charts`` draws from saved
 results. Points a run could not measure (out of memory) are left out of their line.
 """
@@ -21,7 +23,8 @@ from pathlib import Path
 
 
 def add_subcommand(commands) -> None:
-    parser = commands.add_parser("plot", help="PNG charts from saved model / decode / scan / recall JSON", description=__doc__)
+    parser = commands.add_parser("plot", help="PNG charts from saved model / decode / scan / recall / scale JSON",
+                                 description=__doc__)
     parser.add_argument("results", nargs="+", type=Path, help="JSON written by --out")
     parser.add_argument("--out-dir", type=Path, default=Path("."), help="where the PNGs go (named after the JSON)")
     parser.set_defaults(run=run)
@@ -39,7 +42,9 @@ def kind_of(payload: dict) -> str:
         return "model"
     if {"recipe", "lr", "accuracy_by_gap"} <= keys:
         return "recall"
-    raise ValueError("nothing to plot: expected the JSON of `model`, `decode`, `scan` or `recall`")
+    if {"recipe", "val_curve", "loss_by_position"} <= keys:
+        return "scale"
+    raise ValueError("nothing to plot: expected the JSON of `model`, `decode`, `scan`, `recall` or `scale`")
 
 
 def _lines(rows: list[dict], label, x: str, y: str) -> dict[str, list[tuple]]:
@@ -76,11 +81,13 @@ def _draw(path: Path, title: str, xlabel: str, rows: list[dict], label, x: str,
 
 
 def plot(payload: dict, path: Path) -> Path:
-    """Draw ``payload`` (the JSON of ``model``, ``decode``, ``scan`` or ``recall``) to the PNG ``path``."""
+    """Draw ``payload`` (the JSON of ``model``, ``decode``, ``scan``, ``recall`` or ``scale``) to the PNG ``path``."""
     kind, rows = kind_of(payload), payload["results"]
     title = f"{kind}: {payload.get('device', '?')}, {payload.get('date', '')}"
     if kind == "recall":
         return _draw_recall(path, title, payload)
+    if kind == "scale":
+        return _draw_scale(path, title, payload)
     memory = ("peak memory (GiB)", "peak_gib", False)
     if kind == "model":
         return _draw(path, title, "sequence length", rows, lambda r: r["recipe"], "length",
@@ -125,6 +132,38 @@ def _draw_recall(path: Path, title: str, payload: dict) -> Path:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize="small")
     fig.suptitle(f"{title}\nMQAR: {payload.get('seq_len')} tokens, {payload.get('pairs')} pairs, min gap {payload.get('min_gap')}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _draw_scale(path: Path, title: str, payload: dict) -> Path:
+    from matplotlib.figure import Figure
+
+    rows = [r for r in payload["results"] if r.get("val_curve") or r.get("loss_by_position")]
+    if not rows:
+        raise ValueError(f"nothing measured to plot in {path.stem}")
+    seq_len = payload["seq_len"]
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    curves, by_position = fig.subplots(1, 2)
+    for r in rows:
+        points = [(p["tokens"], p["val_loss"]) for p in r.get("val_curve", []) if p["val_loss"] is not None]
+        curves.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=r["recipe"])
+        scored = [e for e in r.get("loss_by_position", []) if "bucket_loss" in e]
+        if scored:
+            longest = max(scored, key=lambda e: e["length"])
+            width = longest["bucket_tokens"]
+            centres = [min((i + 0.5) * width, longest["length"]) for i in range(len(longest["bucket_loss"]))]
+            by_position.plot(centres, longest["bucket_loss"], label=f"{r['recipe']} ({longest['multiple']}x window)")
+    curves.set(xlabel="training tokens", ylabel="validation loss")
+    by_position.axvline(seq_len, color="gray", linestyle=":", label=f"training length {seq_len}")
+    by_position.set_xscale("log", base=2)
+    by_position.set(xlabel="position in the window (tokens)", ylabel="mean loss at the position")
+    for axis in (curves, by_position):
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+    fig.suptitle(f"{title}\n{payload.get('tokens', 0):,} training tokens from {payload.get('data', '?')}, "
+                 f"{payload.get('eval_windows')} validation windows a length")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path

@@ -1,0 +1,139 @@
+"""The scale benchmark: the tiny pair trained end to end on CPU from byte shards, the loss
+by position against a float64 reference, and the options refused before any training."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmrec
+from mmrec.bench.__main__ import main
+from mmrec.bench.scale import loss_by_position, segments
+from mmrec.data import TokenStream, default_corpus
+from mmrec.data import prepare as prepare_mod
+from mmrec.data.shards import open_shards
+
+pytest.importorskip("tokenizers")
+
+SEQ_LEN = 32
+TOY = ["model.vocab_size=257", "model.n_layers=1", "train.batch_size=2", f"train.seq_len={SEQ_LEN}",
+       "train.eval_batches=1", "train.warmup_steps=1", "train.sample_tokens=0"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    texts = root / "texts"
+    texts.mkdir()
+    for i, doc in enumerate(default_corpus().documents[:20]):
+        (texts / f"doc{i:02d}.txt").write_text(doc)
+    out = root / "shards"
+    assert prepare_mod.main(["--input", str(texts), "--out", str(out), "--tokenizer", "byte",
+                             "--val-fraction", "0.2", "--quiet"]) == 0
+    return out
+
+
+def sets(*overrides):
+    return [x for o in overrides for x in ("--set", o)]
+
+
+def test_the_tiny_pair_trains_on_the_same_batches_and_is_scored_by_position(shards, tmp_path):
+    out, chart = tmp_path / "scale.json", tmp_path / "scale.png"
+    code = main(["scale", "--data", str(shards), "--recipes", "tiny", "transformer-tiny", "--tokens", "300",
+                 "--evals", "2", "--lengths", "1", "2", "4", "--eval-windows", "3", "--runs", str(tmp_path / "runs"),
+                 "--device", "cpu", *sets(*TOY), "--out", str(out), "--plot", str(chart)])
+    assert code == 0
+    payload = json.loads(out.read_text())
+    steps = math.ceil(300 / (2 * SEQ_LEN))  # 5 updates of 64 tokens
+    assert payload["complete"] and payload["same_batches"] is True
+    assert (payload["steps"], payload["tokens"], payload["seq_len"]) == (steps, steps * 2 * SEQ_LEN, SEQ_LEN)
+    assert payload["data_fingerprint"] == open_shards(shards).fingerprint
+    rows = {r["recipe"]: r for r in payload["results"]}
+    assert set(rows) == {"tiny", "transformer-tiny"}
+    for r in rows.values():
+        assert r["exit_code"] == 0 and r["step"] == steps and r["parameters"] > 0
+        assert [p["step"] for p in r["val_curve"]] == [2, 4, 5]  # every steps // evals, and the last
+        assert all(0 < p["val_loss"] < 10 and p["tokens"] == p["step"] * 2 * SEQ_LEN for p in r["val_curve"])
+        batches = r["batches"]
+        assert batches["fingerprint"] == payload["data_fingerprint"] and batches["tokens_seen"] == payload["tokens"]
+        assert 0 < r["data_time"]["median_data_s"] < r["data_time"]["median_step_s"]
+        assert [e["multiple"] for e in r["loss_by_position"]] == [1, 2, 4]
+        for entry in r["loss_by_position"]:
+            assert "error" not in entry
+            assert len(entry["bucket_loss"]) == entry["length"] // (SEQ_LEN // 8)
+            assert all(0 < v < 10 for v in entry["bucket_loss"])
+            assert list(entry["segment_loss"]) == [f"{a}-{b}x" for a, b in segments(entry["multiple"])]
+            assert all(0 < v < 10 for v in entry["segment_loss"].values())
+    assert rows["tiny"]["batches"] == rows["transformer-tiny"]["batches"]  # the same tokens in the same order
+    assert rows["tiny"]["val_curve"] != rows["transformer-tiny"]["val_curve"]  # two models, not one run twice
+    assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_segments_double_from_the_training_length():
+    assert segments(1) == [(0, 1)]
+    assert segments(3) == [(0, 1), (1, 2), (2, 3)]
+    assert segments(8) == [(0, 1), (1, 2), (2, 4), (4, 8)]
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "transformer-tiny"])
+def test_loss_by_position_matches_a_float64_reference_whole_or_streamed(shards, recipe):
+    model = mmrec.build(recipe, ["model.vocab_size=257", "model.n_layers=2"]).eval()
+    val = open_shards(shards).val
+    [whole] = loss_by_position(model, val, SEQ_LEN, [3], 2, "cpu")
+    model.stream_piece = SEQ_LEN  # pieces of the training length carrying the state: one pass
+    [streamed] = loss_by_position(model, val, SEQ_LEN, [3], 2, "cpu")
+
+    [(inputs, targets)] = TokenStream(val, 3 * SEQ_LEN, 0).fixed_batches(1, 2)
+    model.stream_piece = 1 << 20
+    with torch.no_grad():
+        logits = model.double()(inputs, return_state=False).logits
+    reference = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(0)  # [3 x SEQ_LEN]
+    assert torch.allclose(torch.tensor(whole["bucket_loss"], dtype=torch.float64),
+                          reference.view(-1, SEQ_LEN // 8).mean(1), atol=1e-4)
+    assert whole["segment_loss"]["2-3x"] == pytest.approx(reference[2 * SEQ_LEN :].mean().item(), abs=1e-4)
+    assert streamed["bucket_loss"] == pytest.approx(whole["bucket_loss"], abs=1e-4)
+
+
+def test_a_length_the_model_cannot_run_is_reported_not_raised(shards):
+    model = mmrec.build("transformer-tiny", ["model.vocab_size=257", "model.n_layers=1"]).eval()
+
+    class Limited(torch.nn.Module):  # a positional scheme with a hard maximum length
+        def forward(self, ids, **kwargs):
+            if ids.shape[1] > 2 * SEQ_LEN:
+                raise ValueError(f"positions end at {2 * SEQ_LEN}")
+            return model(ids, **kwargs)
+
+    val = open_shards(shards).val
+    rows = loss_by_position(Limited(), val, SEQ_LEN, [1, 4, val.numel()], 2, "cpu")
+    assert "bucket_loss" in rows[0]
+    assert rows[1]["error"] == f"ValueError: positions end at {2 * SEQ_LEN}"
+    assert "fewer than" in rows[2]["error"]  # a window longer than the validation split
+
+
+@pytest.mark.parametrize("argv,message", [
+    (sets("train.seq_len=64") + ["--recipes", "tiny", "small"], "different batches"),
+    (sets("train.steps=10"), "--tokens sets train.steps"),
+    (["--recipes", "tiny", "tiny"], "share a run folder"),
+    (["--lengths", "0"], "at least 1"),
+])
+def test_options_that_cannot_compare_are_refused_before_training(shards, tmp_path, capsys, argv, message):
+    argv = ["--recipes", "tiny", "transformer-tiny", *argv] if "--recipes" not in argv else argv
+    assert main(["scale", "--data", str(shards), "--tokens", "100", "--runs", str(tmp_path / "runs"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_folder_in_use_is_refused(shards, tmp_path, capsys):
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "metrics.jsonl").write_text("{}\n")
+    assert main(["scale", "--data", str(shards), "--recipes", "tiny", "transformer-tiny", "--tokens", "100",
+                 "--runs", str(tmp_path / "runs")]) == 2
+    assert "already hold a run" in capsys.readouterr().err
+
+
+def test_text_data_is_refused_with_the_command_that_makes_shards(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text("some text\n")
+    assert main(["scale", "--data", str(tmp_path / "corpus.txt"), "--tokens", "100", "--runs", str(tmp_path / "r")]) == 2
+    assert "python -m mmrec.data.prepare" in capsys.readouterr().err
