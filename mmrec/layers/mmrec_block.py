@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 from torch import Tensor, nn
 
 from mmrec import contracts, registry
@@ -50,6 +50,18 @@ def build_variant(group: str, config: Variant, **kwargs) -> nn.Module:
     if not isinstance(config, cls.Config):  # a bare Variant: validate it by the variant's own schema
         config = cls.Config.model_validate(config.model_dump())
     return cls(config, **kwargs)
+
+
+class LayerOverride(BaseModel):
+    """Fields of the block that some layers set otherwise: ``layers`` (0-based indices) and
+    any of ``MMRecBlock.Config.per_layer_fields``, e.g. ``{"layers": [1, 3], "recurrence":
+    {"kind": "delta"}, "decay_init": [0.9, 0.999]}``. A hybrid stack, as fla's configs put
+    attention in a few layers of a linear-attention model. A variant given here replaces the
+    model's whole (its own defaults fill in what it leaves out)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    layers: list[NonNegativeInt] = Field(min_length=1)
 
 
 class MMRecBlock(contracts.Block):
@@ -79,7 +91,14 @@ class MMRecBlock(contracts.Block):
                               "(the seeds' p, e and pe_dim); null: none",
         )
 
+        layer_overrides: list[LayerOverride] = Field(
+            [], description="layers whose recurrence, memory, decay_init or short convolution differ from the "
+                            "model's: [{\"layers\": [1, 3], \"recurrence\": {\"kind\": \"delta\"}}] (a hybrid stack)",
+        )
+
         variant_groups: ClassVar[dict[str, str]] = {"recurrence": "recurrences", "memory": "memories"}
+        # what a layer override may set: the block's own mixing, not the model's shape
+        per_layer_fields: ClassVar[tuple[str, ...]] = ("recurrence", "memory", "decay_init", "short_conv", "short_conv_init")
 
         @field_validator("decay_init")
         @classmethod
@@ -88,6 +107,47 @@ class MMRecBlock(contracts.Block):
             if not all(0 < g < 1 for g in bounds) or list(bounds) != sorted(bounds):
                 raise ValueError("must be in (0, 1), or a range [low, high] with 0 < low <= high < 1")
             return value
+
+        @model_validator(mode="after")
+        def _layer_overrides_fit_the_model(self):
+            seen: dict[int, int] = {}
+            for i, group in enumerate(self.layer_overrides):
+                fields = set(group.model_extra or {})
+                if not fields:
+                    raise ValueError(f"layer_overrides[{i}] sets nothing for layers {group.layers}: give one of "
+                                     f"{', '.join(self.per_layer_fields)}")
+                if unknown := sorted(fields - set(self.per_layer_fields)):
+                    raise ValueError(f"layer_overrides[{i}] sets {unknown}, which are the same for every layer; a layer "
+                                     f"override may set {', '.join(self.per_layer_fields)}")
+                for layer in group.layers:
+                    if layer >= self.n_layers:
+                        raise ValueError(f"layer_overrides[{i}] names layer {layer}, but the model has {self.n_layers} "
+                                         f"(0 to {self.n_layers - 1})")
+                    if layer in seen:
+                        raise ValueError(f"layer {layer} is in layer_overrides[{seen[layer]}] and [{i}]: name each layer once")
+                    seen[layer] = i
+                for slot, group_name in self.variant_groups.items():
+                    variant = (group.model_extra or {}).get(slot)
+                    if isinstance(variant, dict) and "kind" in variant:
+                        try:
+                            registry.get(group_name, variant["kind"])
+                        except registry.UnknownNameError as error:
+                            raise ValueError(f"layer_overrides[{i}].{slot}.kind: {error}") from None
+                try:
+                    self.for_layer(group.layers[0])
+                except ValidationError as error:
+                    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                    raise ValueError(f"layer_overrides[{i}]: {detail}") from None
+            return self
+
+        def for_layer(self, layer: int) -> "MMRecBlock.Config":
+            """This config as layer ``layer`` sees it: with its override's fields, validated
+            by this (recipe-narrowed) class, so a variant's fields are checked as the model's are."""
+            group = next((g for g in self.layer_overrides if layer in g.layers), None)
+            if group is None:
+                return self
+            merged = {**self.model_dump(exclude={"layer_overrides"}), **group.model_extra}
+            return type(self).model_validate(merged)
 
         @model_validator(mode="after")
         def _variants_fit_the_model(self):
@@ -101,6 +161,7 @@ class MMRecBlock(contracts.Block):
 
     def __init__(self, config: Config, layer: int = 0):
         super().__init__()
+        config = config.for_layer(layer)
         d = config.d_model
         common = dict(d_model=d, n_heads=config.n_heads, init_std=config.init_std)
         self.chunk_size = config.chunk_size

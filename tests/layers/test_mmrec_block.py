@@ -128,3 +128,58 @@ def test_options_pass_the_conformance_suite(group, kind, config, overrides):
 @pytest.mark.parametrize("group,kind,config,overrides", OPTIONS)
 def test_options_compile(group, kind, config, overrides):
     assert check_variant(group, kind, config, model_overrides=overrides, checks=["compile"], compile_backend="aot_eager") == {"compile": "ok"}
+
+
+# layer_overrides: a hybrid stack, some layers with another recurrence, memory or decay
+
+HYBRID = [{"layers": [1], "recurrence": {"kind": "delta", "chunk": 4}, "decay_init": [0.9, 0.999]},
+          {"layers": [0, 2], "memory": {"kind": "window"}}]
+
+
+def test_layer_overrides_give_each_layer_its_own_variants_and_decay():
+    model = mmrec.build(mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": 4, "layer_overrides": HYBRID}}))
+    kinds = [(type(b.recurrence).__name__, type(b.memory).__name__) for b in model.blocks]
+    assert kinds == [("ParallelRecurrence", "WindowMemory"), ("DeltaRecurrence", "HDSMemory"),
+                     ("ParallelRecurrence", "WindowMemory"), ("ParallelRecurrence", "HDSMemory")]
+    # the delta layer: one decay per head, from its own range; the others: one per channel from the model's
+    delta_decays, other_decays = model.blocks[1].mdi.initial_decay(), model.blocks[3].mdi.initial_decay()
+    assert delta_decays.numel() == BLOCK["n_heads"] and other_decays.numel() == BLOCK["d_model"]
+    assert delta_decays.min().item() == pytest.approx(0.9) and delta_decays.max().item() == pytest.approx(0.999)
+    assert torch.allclose(other_decays, torch.full_like(other_decays, 0.99))
+
+
+def test_without_layer_overrides_every_layer_is_the_models():
+    config = mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": 2}}).model
+    assert config.layer_overrides == [] and config.for_layer(1) is config
+
+
+@pytest.mark.parametrize("group,kind,config,overrides", [
+    pytest.param("recurrences", "delta", {"chunk": 4},
+                 {"layer_overrides": [{"layers": [0], "recurrence": {"kind": "parallel"}, "decay_init": 0.9}]},
+                 id="parallel-then-delta"),
+    pytest.param("memories", "delta", None, {"layer_overrides": [{"layers": [1], "memory": {"kind": "hds", "slots": 16, "banks": 2, "dim": 6}}]},
+                 id="delta-memory-then-hds"),
+])
+def test_hybrid_stacks_pass_the_conformance_suite(group, kind, config, overrides):
+    report = check_variant(group, kind, config, model_overrides=overrides, slow=False)
+    assert report == {name: "ok" for name in CHECKS if name != "compile"}
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"layers": [9], "recurrence": {"kind": "delta"}}, "names layer 9, but the model has 2"),
+    ({"layers": [0], "d_model": 8}, r"sets \['d_model'\], which are the same for every layer"),
+    ({"layers": [0]}, "sets nothing for layers"),
+    ({"layers": []}, "at least 1 item"),
+    ({"layers": [1], "recurrence": {"kind": "deltaa"}}, r"layer_overrides\[0\].recurrence.kind: unknown recurrence 'deltaa'.*did you mean 'delta'"),
+    ({"layers": [1], "recurrence": {"kind": "delta", "chunkk": 4}}, r"layer_overrides\[0\]: recurrence.delta.chunkk: Extra inputs"),
+    ({"layers": [1], "decay_init": 1.5}, r"layer_overrides\[0\]: decay_init"),
+])
+def test_bad_layer_overrides_are_refused_with_their_path(override, message):
+    with pytest.raises(mmrec.recipes.RecipeError, match=message):
+        mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": 2, "layer_overrides": [override]}})
+
+
+def test_a_layer_named_twice_is_refused():
+    twice = [{"layers": [0], "decay_init": 0.9}, {"layers": [1, 0], "decay_init": 0.95}]
+    with pytest.raises(mmrec.recipes.RecipeError, match=r"layer 0 is in layer_overrides\[0\] and \[1\]"):
+        mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": 2, "layer_overrides": twice}})
