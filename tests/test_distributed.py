@@ -46,13 +46,14 @@ class Blocks(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = torch.nn.Linear(3, 3)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(3, 3)])
         self.checkpointing = None
 
     def set_activation_checkpointing(self, on: bool) -> None:
         self.checkpointing = on
 
     def forward(self, x):
-        return self.lin(x)
+        return self.blocks[0](self.lin(x))
 
 
 def test_a_world_of_one_leaves_the_model_whole():
@@ -60,7 +61,10 @@ def test_a_world_of_one_leaves_the_model_whole():
     assert World(CPU).parallelize(model, param_dtype=None, compile=False, activation_checkpointing=True) is model
     assert model.checkpointing is True
     compiled = World(CPU).parallelize(model, param_dtype=None, compile=True, activation_checkpointing=False)
-    assert compiled is not model and compiled._orig_mod is model and model.checkpointing is False
+    # each block compiled in place, as under FSDP: the same module, the same state-dict keys
+    assert compiled is model and model.checkpointing is False
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    assert list(model.state_dict()) == list(Blocks().state_dict())
 
 
 @pytest.mark.parametrize("max_norm", [0.0, 0.5, 100.0])
