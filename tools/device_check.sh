@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
-# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta]...
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|recall|scale]...
 # Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
@@ -52,5 +52,31 @@ for part in "${parts[@]}"; do
             --out "$OUT/delta.json" 2>&1 | tee "$OUT/delta.log" | grep -v "^{" | tail -30
         timeout 240 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-delta.json transformer-1b \
             --lengths 2048 --out "$OUT/model_delta.json" 2>&1 | tail -8 ;;
+    hybrid)
+        # what a hybrid stack costs: the delta recurrence in every fourth layer of 1b, beside
+        # 1b, 1b-delta and the Transformer (fp32 chunk products on TF32, as training runs them)
+        timeout 400 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-hybrid.json \
+            docs/results/recipes/1b-delta.json transformer-1b --lengths 2048 \
+            --out "$OUT/model_hybrid.json" 2>&1 | tail -10 ;;
+    recall)
+        # MQAR L 512, 64 pairs, Zoology's pair mixture: the delta recurrence in both layers, in one
+        # of them (either), and the Transformer
+        timeout "${RECALL_TIMEOUT:-560}" python3 -m mmrec.bench recall --recipes transformer-tiny \
+            docs/results/recipes/tiny-delta.json docs/results/recipes/tiny-hybrid-last.json \
+            docs/results/recipes/tiny-hybrid-first.json --seq-len 512 --pairs 64 --train-pairs 4 8 16 32 64 \
+            --steps "${RECALL_STEPS:-2500}" --lrs 1e-3 3e-3 --jobs 8 --eval-every 500 \
+            --out "$OUT/recall_hybrid.json" --plot "$OUT/recall_hybrid.png" 2>&1 | grep -v "^{" | tail -14 ;;
+    scale)
+        # quality at scale: shards of this machine's site-packages, then SCALE_RECIPES (default the
+        # hybrid small against transformer-small) one after the other on the same batches
+        site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        [ -f /tmp/shards/index.json ] || python3 -m mmrec.data.prepare --input "$site" --glob '*.py' --glob '*.pyi' \
+            --glob '*.md' --glob '*.rst' --glob '*.txt' --vocab-size 32000 --tokenizer-train-bytes 40000000 \
+            --out /tmp/shards --quiet 2>&1 | tail -3
+        timeout "${SCALE_TIMEOUT:-520}" python3 -m mmrec.bench scale --data /tmp/shards --tokens "${SCALE_TOKENS:-50_000_000}" \
+            --recipes ${SCALE_RECIPES:-docs/results/recipes/small-hybrid.json transformer-small} --sequential \
+            --runs /tmp/scale --set train.compile=true --set train.warmup_steps=100 \
+            --out "$OUT/scale.json" --plot "$OUT/scale.png" 2>&1 | tail -20
+        cp /tmp/scale/*.log "$OUT/" 2>/dev/null ;;
     esac
 done
