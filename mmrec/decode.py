@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from mmrec.contracts import Block
-from mmrec.state import State, _map
+from mmrec.state import State, map_tensors
 
 __all__ = ["StaticDecoder", "supports_static"]
 
@@ -131,7 +131,7 @@ class StaticDecoder:
         # steps overwrite them: restoring the position undoes them, with no copy of the
         # cache (which can be most of the GPU's memory).
         kv_cache = self.capacity is not None
-        snapshot, position = [] if kv_cache else [_map(layer, _clone) for layer in self.layers], self.position.clone()
+        snapshot, position = [] if kv_cache else [map_tensors(layer, _clone) for layer in self.layers], self.position.clone()
         # warm up on a side stream (compiles, cuBLAS picks its kernels), as the PyTorch
         # docs prescribe, then undo what the warm-up steps did to the state
         device = self.position.device

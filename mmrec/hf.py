@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - the message is the point
 import mmrec
 from mmrec.data.prepare import EOD_TOKEN
 from mmrec.model import LanguageModel
-from mmrec.state import State, _map
+from mmrec.state import State, map_tensors
 from mmrec.tokenizer import TOKENIZER_FILE
 
 __all__ = ["LOADER_FILE", "BatchState", "MMRecCausalLMOutput", "MMRecConfig", "MMRecForCausalLM", "end_of_document",
@@ -155,7 +155,7 @@ class BatchState:
         for g, (new_rows, members) in sorted(picked.items()):
             state = self.groups[g][1]
             take = torch.tensor(members)
-            layers = [_map(layer, lambda t, take=take: t.index_select(0, take.to(t.device))) for layer in state.layers]
+            layers = [map_tensors(layer, lambda t, take=take: t.index_select(0, take.to(t.device))) for layer in state.layers]
             groups.append((torch.tensor(new_rows), State(layers, state.position, state.model_config)))
         return BatchState(groups, len(index), self.length)
 

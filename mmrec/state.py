@@ -58,10 +58,10 @@ class State:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in _flatten(layer).values())
 
     def to(self, device: torch.device | str) -> State:
-        return State([_map(layer, lambda t: t.to(device)) for layer in self.layers], self.position, self.model_config)
+        return State([map_tensors(layer, lambda t: t.to(device)) for layer in self.layers], self.position, self.model_config)
 
     def detach(self) -> State:
-        return State([_map(layer, Tensor.detach) for layer in self.layers], self.position, self.model_config)
+        return State([map_tensors(layer, Tensor.detach) for layer in self.layers], self.position, self.model_config)
 
     def check_compatible(self, model_config: str) -> None:
         """Refuse a state made by a model of another config, naming the fields that differ."""
@@ -192,8 +192,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Tensor]:
     return out
 
 
-def _map(tree: dict, fn) -> dict:
-    return {k: _map(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+def map_tensors(tree: dict, fn) -> dict:
+    """A layer's state (a tree of dicts with tensor leaves) with ``fn`` applied to every
+    tensor: moving, detaching, cloning or selecting rows of a whole state at once."""
+    return {k: map_tensors(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 def _insert(tree: dict, keys: list[str], value: Tensor) -> None:

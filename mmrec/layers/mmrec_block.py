@@ -40,7 +40,7 @@ from mmrec.layers.projection import FusedProjection
 from mmrec.layers.short_conv import ShortConv
 from mmrec.layers.variant import Variant
 from mmrec.ops import accumulation_dtype
-from mmrec.state import _map
+from mmrec.state import map_tensors
 
 
 def build_variant(group: str, config: Variant, **kwargs) -> nn.Module:
@@ -281,5 +281,5 @@ def _fixed_size_copy(layer: dict) -> dict:
     """Copies of a block's state other than its memory: ``h`` (a tensor, or a dict of
     tensors for a recurrence that carries several) and, with a short convolution,
     ``conv``, which are fixed-size already and need no static form."""
-    return {name: _map(value, Tensor.clone) if isinstance(value, dict) else value.clone()
+    return {name: map_tensors(value, Tensor.clone) if isinstance(value, dict) else value.clone()
             for name, value in layer.items() if name != "memory"}
