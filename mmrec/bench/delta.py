@@ -12,6 +12,11 @@ op/loop and the op's error against the loop (outputs and gradients). Both run un
 launchers alone (the forward scan, and the adjoint scan of the backward) with their default
 launch config and each ``--config`` (``KEY=VALUE,...``: ``BLOCK_V``, ``num_warps``,
 ``STAGES``, ``PRECISION``), for tuning in one GPU run.
+
+The baseline, when it is installed: flash-linear-attention's ``chunk_gated_delta_rule``
+(the same recurrence: ``g`` = log α, its ``q``, ``k``, ``v``, ``β`` in ``v``'s dtype, ``scale``
+1), timed and checked against the loop the same way; an fla that refuses the device (its
+gated delta rule needs Triton 3.7.1 on Hopper) is reported with its message.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of v (q, k, β, log α: float32)")
     parser.add_argument("--precision", nargs="+", choices=["highest", "high"], default=["highest", "high"])
     parser.add_argument("--compile", action="store_true", help="torch.compile both versions (as training compiles blocks)")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="leave out fla's chunk_gated_delta_rule (timed when installed)")
     parser.add_argument("--kernels", action="store_true", help="also time the Triton launchers alone")
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
                         help="with --kernels: also time them with this launch config (repeatable)")
@@ -103,6 +110,22 @@ def _kernel_passes(config: dict | None, inputs, chunk: int):
             "bwd": lambda: kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)}
 
 
+def fla_gated_delta_rule():
+    """fla's ``chunk_gated_delta_rule`` with this module's call signature, or ``None``
+    when fla is not installed."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+
+    def call(q, k, v, beta, log_alpha, state):
+        dtype = v.dtype
+        return chunk_gated_delta_rule(q=q.to(dtype), k=k.to(dtype), v=v, g=log_alpha.float(), beta=beta.to(dtype),
+                                      scale=1.0, initial_state=state, output_final_state=True)
+
+    return call
+
+
 def bench_once(args, length: int, head_dim: int, precision: str, device: torch.device, gen) -> list[dict]:
     from mmrec.ops.delta_rule import chunk_delta_rule
     from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
@@ -117,6 +140,8 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
              "loop": functools.partial(_chunk_delta_rule, chunk_size=args.chunk, scale=1.0, scan=delta_chunk_scan_reference)}
     if args.compile:
         impls = {name: torch.compile(fn, fullgraph=True) for name, fn in impls.items()}
+    if args.baselines and (fla := fla_gated_delta_rule()) is not None:
+        impls["fla chunk_gated_delta_rule"] = fla
     passes = {name: _passes(fn, inputs, probe) for name, fn in impls.items()}
     if args.kernels and device.type == "cuda":
         for text in [""] + args.config:
@@ -131,6 +156,8 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
                 try:
                     ms = time_ms(call, device, warmup=args.warmup, repeat=args.repeat)
                 except Exception as error:
+                    if impl.startswith("fla"):  # a baseline that refuses this device or these shapes
+                        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"}
                     if type(error).__name__ != "OutOfResources":  # a launch config too large for the chip
                         raise
                     return {"error": "out of resources"}
@@ -141,11 +168,15 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
             record(rows, {**base, "impl": impl, "pass": pass_}, measure, device)
     for row in rows:
         mine, loop = results.get((row["impl"], row["pass"])), results.get(("loop", row["pass"]))
-        if row["impl"] == "op" and mine is not None and loop is not None:
+        compared = row["impl"] != "loop" and not row["impl"].startswith("kernel")
+        if compared and mine is not None and loop is not None:
             row["rel_err_vs_loop"] = max(_rel_err(a, b) for a, b in zip(mine, loop))
         loop_row = next((r for r in rows if r["impl"] == "loop" and r["pass"] == row["pass"] and "tokens_per_s" in r), None)
-        if row["impl"] == "op" and loop_row and "tokens_per_s" in row:
+        if compared and loop_row and "tokens_per_s" in row:
             row["over_loop"] = row["tokens_per_s"] / loop_row["tokens_per_s"]
+        fla_row = next((r for r in rows if r["impl"].startswith("fla") and r["pass"] == row["pass"] and "tokens_per_s" in r), None)
+        if row["impl"] == "op" and fla_row and "tokens_per_s" in row:
+            row["over_fla"] = row["tokens_per_s"] / fla_row["tokens_per_s"]
     torch.set_float32_matmul_precision("highest")
     return rows
 
@@ -166,15 +197,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{meta['device']}, chunk_delta_rule, {args.tokens} tokens x {args.heads} heads, chunk {args.chunk}, "
           f"v in {args.dtype}, compile={args.compile}")
     print(f"{'T':>6} {'batch':>5} {'K=V':>4} {'precision':<8} {'impl':<28} {'pass':<8} {'tok/s':>11} {'ms':>9} "
-          f"{'x loop':>7} {'err vs loop':>11} {'peak GiB':>8}")
+          f"{'x loop':>7} {'x fla':>6} {'err vs loop':>11} {'peak GiB':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['length']:>6} {r['batch']:>5} {r['head_dim']:>4} {r['precision']:<8} {r['impl']:<28} {r['pass']:<8} {r['error']}")
             continue
         ratio = f"{r['over_loop']:.2f}x" if "over_loop" in r else "-"
+        over_fla = f"{r['over_fla']:.2f}x" if "over_fla" in r else "-"
         error = f"{r['rel_err_vs_loop']:.1e}" if "rel_err_vs_loop" in r else "-"
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
         print(f"{r['length']:>6} {r['batch']:>5} {r['head_dim']:>4} {r['precision']:<8} {r['impl']:<28} {r['pass']:<8} "
-              f"{r['tokens_per_s']:>11.4g} {r['ms']:>9.3f} {ratio:>7} {error:>11} {peak:>8}")
+              f"{r['tokens_per_s']:>11.4g} {r['ms']:>9.3f} {ratio:>7} {over_fla:>6} {error:>11} {peak:>8}")
     write_json(args.out, {**meta, "results": rows})
     return 0

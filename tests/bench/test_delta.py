@@ -16,3 +16,51 @@ def test_delta_benchmark_compares_the_op_with_the_loop(tmp_path):
     for op, loop in zip(rows[:2], rows[2:]):
         assert op["over_loop"] == op["tokens_per_s"] / loop["tokens_per_s"]
         assert op["rel_err_vs_loop"] < 1e-5  # outputs, then every input's gradient
+
+
+def _fake_fla(monkeypatch, chunk_gated_delta_rule):
+    """Install ``fla.ops.gated_delta_rule`` holding ``chunk_gated_delta_rule``."""
+    import sys
+    import types
+
+    modules = {name: types.ModuleType(name) for name in ("fla", "fla.ops", "fla.ops.gated_delta_rule")}
+    modules["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = chunk_gated_delta_rule
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+ARGS = ["delta", "--tokens", "64", "--lengths", "32", "--heads", "2", "--head-dims", "8", "--chunk", "16",
+        "--precision", "highest", "--device", "cpu", "--warmup", "0", "--repeat", "1"]
+
+
+def test_fla_baseline_is_called_with_the_same_recurrence(tmp_path, monkeypatch):
+    """A stand-in with fla's documented signature and meaning (layout [B, T, H, D], ``g`` the
+    log decay, ``o = scale · S_tᵀ q_t``), computed by the token-by-token reference: the
+    benchmark's adapter must pass it what makes it equal the loop."""
+    from mmrec.ops.delta_rule import naive_delta_rule
+
+    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+        o, state = naive_delta_rule(q, k, v, beta, g, initial_state, scale=scale)
+        return o, state if output_final_state else None
+
+    _fake_fla(monkeypatch, chunk_gated_delta_rule)
+    out = tmp_path / "delta.json"
+    assert main([*ARGS, "--dtype", "fp32", "--out", str(out)]) == 0
+    rows = {(r["impl"], r["pass"]): r for r in json.loads(out.read_text())["results"]}
+    for pass_ in ("fwd", "fwd+bwd"):
+        assert rows["fla chunk_gated_delta_rule", pass_]["rel_err_vs_loop"] < 1e-5
+        op, fla = rows["op", pass_], rows["fla chunk_gated_delta_rule", pass_]
+        assert op["over_fla"] == op["tokens_per_s"] / fla["tokens_per_s"]
+    assert main([*ARGS, "--no-baselines", "--out", str(out)]) == 0
+    assert not any(r["impl"].startswith("fla") for r in json.loads(out.read_text())["results"])
+
+
+def test_an_fla_that_refuses_the_device_is_reported_not_fatal(tmp_path, monkeypatch):
+    def refuses(**kwargs):
+        raise RuntimeError("gated delta rule needs triton >= 3.7.1 on Hopper\nmore")
+
+    _fake_fla(monkeypatch, refuses)
+    out = tmp_path / "delta.json"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["results"] if r["impl"].startswith("fla")]
+    assert [r["error"] for r in rows] == ["RuntimeError: gated delta rule needs triton >= 3.7.1 on Hopper"] * 2
