@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
-# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|recall|scale]...
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|recall|scale|seeds]...
 # Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
@@ -66,17 +66,21 @@ for part in "${parts[@]}"; do
             docs/results/recipes/tiny-hybrid-first.json --seq-len 512 --pairs 64 --train-pairs 4 8 16 32 64 \
             --steps "${RECALL_STEPS:-2500}" --lrs 1e-3 3e-3 --jobs 8 --eval-every 500 \
             --out "$OUT/recall_hybrid.json" --plot "$OUT/recall_hybrid.png" 2>&1 | grep -v "^{" | tail -14 ;;
-    scale)
+    scale|seeds)
         # quality at scale: shards of this machine's site-packages, then SCALE_RECIPES (default the
         # hybrid small against transformer-small) one after the other on the same batches
         site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
         [ -f /tmp/shards/index.json ] || python3 -m mmrec.data.prepare --input "$site" --glob '*.py' --glob '*.pyi' \
             --glob '*.md' --glob '*.rst' --glob '*.txt' --vocab-size 32000 --tokenizer-train-bytes 40000000 \
             --out /tmp/shards --quiet 2>&1 | tail -3
-        timeout "${SCALE_TIMEOUT:-520}" python3 -m mmrec.bench scale --data /tmp/shards --tokens "${SCALE_TOKENS:-50_000_000}" \
-            --recipes ${SCALE_RECIPES:-docs/results/recipes/small-hybrid.json transformer-small} --sequential \
-            --runs /tmp/scale --set train.compile=true --set train.warmup_steps=100 \
-            --out "$OUT/scale.json" --plot "$OUT/scale.png" 2>&1 | tail -20
-        cp /tmp/scale/*.log "$OUT/" 2>/dev/null ;;
+        # seeds: the seeds' ablations (UBÖO off, exact, HEM off, the seeds' options) beside small, at 10M tokens
+        seeds="small docs/results/recipes/small-no-planning.json docs/results/recipes/small-exact.json"
+        seeds="$seeds docs/results/recipes/small-no-hem.json docs/results/recipes/small-seed-options.json"
+        recipes=${SCALE_RECIPES:-docs/results/recipes/small-hybrid.json transformer-small}; tokens=${SCALE_TOKENS:-50_000_000}
+        [ "$part" = seeds ] && { recipes=${SEEDS_RECIPES:-$seeds}; tokens=${SEEDS_TOKENS:-10_000_000}; }
+        timeout "${SCALE_TIMEOUT:-520}" python3 -m mmrec.bench scale --data /tmp/shards --tokens "$tokens" \
+            --recipes $recipes --sequential --runs "/tmp/$part" --set train.compile=true --set train.warmup_steps=100 \
+            --out "$OUT/$part.json" --plot "$OUT/$part.png" 2>&1 | tail -20
+        cp /tmp/$part/*.log "$OUT/" 2>/dev/null ;;
     esac
 done
