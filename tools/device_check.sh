@@ -76,10 +76,10 @@ for part in "${parts[@]}"; do
         # seeds: the seeds' ablations (UBÖO off, exact, HEM off, the seeds' options) beside small, at 10M tokens
         seeds="small docs/results/recipes/small-no-planning.json docs/results/recipes/small-exact.json"
         seeds="$seeds docs/results/recipes/small-no-hem.json docs/results/recipes/small-seed-options.json"
-        recipes=${SCALE_RECIPES:-docs/results/recipes/small-hybrid.json transformer-small}; tokens=${SCALE_TOKENS:-50_000_000}
-        [ "$part" = seeds ] && { recipes=${SEEDS_RECIPES:-$seeds}; tokens=${SEEDS_TOKENS:-10_000_000}; }
+        recipes=${SCALE_RECIPES:-docs/results/recipes/small-hybrid.json transformer-small}; tokens=${SCALE_TOKENS:-50_000_000}; warmup=100
+        [ "$part" = seeds ] && { recipes=${SEEDS_RECIPES:-$seeds}; tokens=${SEEDS_TOKENS:-10_000_000}; warmup=20; }
         timeout "${SCALE_TIMEOUT:-520}" python3 -m mmrec.bench scale --data /tmp/shards --tokens "$tokens" \
-            --recipes $recipes --sequential --runs "/tmp/$part" --set train.compile=true --set train.warmup_steps=100 \
+            --recipes $recipes --sequential --runs "/tmp/$part" --set train.compile=true --set train.warmup_steps=$warmup \
             --out "$OUT/$part.json" --plot "$OUT/$part.png" 2>&1 | tail -20
         cp /tmp/$part/*.log "$OUT/" 2>/dev/null ;;
     esac
