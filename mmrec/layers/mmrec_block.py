@@ -56,8 +56,9 @@ class LayerOverride(BaseModel):
     """Fields of the block that some layers set otherwise: ``layers`` (0-based indices) and
     any of ``MMRecBlock.Config.per_layer_fields``, e.g. ``{"layers": [1, 3], "recurrence":
     {"kind": "delta"}, "decay_init": [0.9, 0.999]}``. A hybrid stack, as fla's configs put
-    attention in a few layers of a linear-attention model. A variant given here replaces the
-    model's whole (its own defaults fill in what it leaves out)."""
+    attention in a few layers of a linear-attention model. A variant of another kind than
+    the model's replaces it (its own defaults fill in the rest); without ``kind``, or with
+    the model's, only the fields given change (``{"memory": {"slots": 32}}``)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -112,19 +113,23 @@ class MMRecBlock(contracts.Block):
         def _layer_overrides_fit_the_model(self):
             seen: dict[int, int] = {}
             for i, group in enumerate(self.layer_overrides):
+                where = f"layer_overrides[{i}]"
                 fields = set(group.model_extra or {})
                 if not fields:
-                    raise ValueError(f"layer_overrides[{i}] sets nothing for layers {group.layers}: give one of "
+                    raise ValueError(f"{where} sets nothing for layers {group.layers}: give one of "
                                      f"{', '.join(self.per_layer_fields)}")
-                if unknown := sorted(fields - set(self.per_layer_fields)):
-                    raise ValueError(f"layer_overrides[{i}] sets {unknown}, which are the same for every layer; a layer "
-                                     f"override may set {', '.join(self.per_layer_fields)}")
+                for name in sorted(fields - set(self.per_layer_fields)):
+                    hint = registry.closest(name, list(self.per_layer_fields))
+                    same = " (the same for every layer)" if name in type(self).model_fields else ""
+                    raise ValueError(f"{where}.{name}: not a field a layer may set{same}; "
+                                     + (f"did you mean {hint!r}?" if hint else f"one of {', '.join(self.per_layer_fields)}"))
                 for layer in group.layers:
                     if layer >= self.n_layers:
-                        raise ValueError(f"layer_overrides[{i}] names layer {layer}, but the model has {self.n_layers} "
+                        raise ValueError(f"{where}.layers: layer {layer}, but the model has {self.n_layers} "
                                          f"(0 to {self.n_layers - 1})")
                     if layer in seen:
-                        raise ValueError(f"layer {layer} is in layer_overrides[{seen[layer]}] and [{i}]: name each layer once")
+                        raise ValueError(f"{where}.layers: layer {layer} is in layer_overrides[{seen[layer]}] too; "
+                                         "name each layer once")
                     seen[layer] = i
                 for slot, group_name in self.variant_groups.items():
                     variant = (group.model_extra or {}).get(slot)
@@ -132,21 +137,37 @@ class MMRecBlock(contracts.Block):
                         try:
                             registry.get(group_name, variant["kind"])
                         except registry.UnknownNameError as error:
-                            raise ValueError(f"layer_overrides[{i}].{slot}.kind: {error}") from None
+                            raise ValueError(f"{where}.{slot}.kind: {error}") from None
                 try:
                     self.for_layer(group.layers[0])
                 except ValidationError as error:
-                    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-                    raise ValueError(f"layer_overrides[{i}]: {detail}") from None
+                    raise ValueError("; ".join(f"{where}.{self._override_path(e['loc'])}: {e['msg']}"
+                                               for e in error.errors())) from None
             return self
 
+        def _override_path(self, loc: tuple) -> str:
+            """A pydantic error location inside a layer's config as a recipe path (without
+            the variant union's tag)."""
+            parts = list(loc)
+            if len(parts) > 1 and parts[0] in self.variant_groups and parts[1] in registry.entries(self.variant_groups[parts[0]]):
+                del parts[1]  # the union member's tag, e.g. "delta"
+            return ".".join(map(str, parts))
+
         def for_layer(self, layer: int) -> "MMRecBlock.Config":
-            """This config as layer ``layer`` sees it: with its override's fields, validated
-            by this (recipe-narrowed) class, so a variant's fields are checked as the model's are."""
+            """This config as layer ``layer`` sees it, validated by this (recipe-narrowed)
+            class, so a variant's fields are checked as the model's are. A variant in the
+            override without ``kind``, or with the model's, changes only the fields it gives;
+            one of another kind replaces the model's (its own defaults fill in the rest)."""
             group = next((g for g in self.layer_overrides if layer in g.layers), None)
             if group is None:
                 return self
-            merged = {**self.model_dump(exclude={"layer_overrides"}), **group.model_extra}
+            merged = self.model_dump(exclude={"layer_overrides"})
+            for name, value in group.model_extra.items():
+                if name in self.variant_groups and isinstance(value, dict):
+                    model_variant = merged[name]
+                    if value.get("kind", model_variant["kind"]) == model_variant["kind"]:
+                        value = {**model_variant, **value}
+                merged[name] = value
             return type(self).model_validate(merged)
 
         @model_validator(mode="after")

@@ -166,20 +166,36 @@ def test_hybrid_stacks_pass_the_conformance_suite(group, kind, config, overrides
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"layers": [9], "recurrence": {"kind": "delta"}}, "names layer 9, but the model has 2"),
-    ({"layers": [0], "d_model": 8}, r"sets \['d_model'\], which are the same for every layer"),
+    ({"layers": [9], "recurrence": {"kind": "delta"}}, r"layer_overrides\[0\].layers: layer 9, but the model has 2"),
+    ({"layers": [0], "d_model": 8}, r"layer_overrides\[0\].d_model: not a field a layer may set \(the same for every layer\)"),
+    ({"layers": [0], "recurence": {"kind": "delta"}}, r"layer_overrides\[0\].recurence: not a field a layer may set; did you mean 'recurrence'"),
     ({"layers": [0]}, "sets nothing for layers"),
     ({"layers": []}, "at least 1 item"),
     ({"layers": [1], "recurrence": {"kind": "deltaa"}}, r"layer_overrides\[0\].recurrence.kind: unknown recurrence 'deltaa'.*did you mean 'delta'"),
-    ({"layers": [1], "recurrence": {"kind": "delta", "chunkk": 4}}, r"layer_overrides\[0\]: recurrence.delta.chunkk: Extra inputs"),
-    ({"layers": [1], "decay_init": 1.5}, r"layer_overrides\[0\]: decay_init"),
+    ({"layers": [1], "recurrence": {"kind": "delta", "chunkk": 4}}, r"layer_overrides\[0\].recurrence.chunkk: Extra inputs"),
+    ({"layers": [1], "decay_init": 1.5}, r"layer_overrides\[0\].decay_init: "),
 ])
 def test_bad_layer_overrides_are_refused_with_their_path(override, message):
     with pytest.raises(mmrec.recipes.RecipeError, match=message):
         mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": 2, "layer_overrides": [override]}})
 
 
+def test_a_variant_of_the_models_kind_changes_only_the_fields_given():
+    model = {**BLOCK, "n_layers": 3, "memory": {"kind": "hds", "slots": 16, "banks": 3, "dim": 4}}
+    same_kind = mmrec.recipes.parse({"name": "t", "model": {**model, "layer_overrides": [
+        {"layers": [1], "memory": {"slots": 32}}, {"layers": [2], "memory": {"kind": "hds", "dim": 6}}]}}).model
+    assert [(c.memory.kind, c.memory.slots, c.memory.banks, c.memory.dim) for c in map(same_kind.for_layer, range(3))] == [
+        ("hds", 16, 3, 4), ("hds", 32, 3, 4), ("hds", 16, 3, 6)]
+    other_kind = mmrec.recipes.parse({"name": "t", "model": {**model, "layer_overrides": [
+        {"layers": [1], "memory": {"kind": "window"}}]}}).model.for_layer(1)
+    assert other_kind.memory.kind == "window" and other_kind.memory.kv_heads is None  # its own defaults
+    window_model = {**BLOCK, "n_layers": 2, "memory": {"kind": "window", "kv_heads": 1}}
+    assert mmrec.recipes.parse({"name": "t", "model": {**window_model, "layer_overrides": [
+        {"layers": [1], "memory": {"rope_base": 500.0}}]}}).model.for_layer(1).memory.model_dump() == {
+        "kind": "window", "kv_heads": 1, "rope_base": 500.0}
+
+
 def test_a_layer_named_twice_is_refused():
     twice = [{"layers": [0], "decay_init": 0.9}, {"layers": [1, 0], "decay_init": 0.95}]
-    with pytest.raises(mmrec.recipes.RecipeError, match=r"layer 0 is in layer_overrides\[0\] and \[1\]"):
+    with pytest.raises(mmrec.recipes.RecipeError, match=r"layer_overrides\[1\].layers: layer 0 is in layer_overrides\[0\] too"):
         mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": 2, "layer_overrides": twice}})
