@@ -25,7 +25,8 @@ def estimate_parameters(config) -> tuple[int, bool]:
     """The parameter count of the model ``config`` (a recipe's model section) describes,
     without building it: ``(count, exact)``. Models of one and two layers are built on
     the meta device (no memory, no time) and the count extrapolated to ``n_layers``:
-    exact when every layer has the same parameters, as in the built-in blocks. Where
+    exact when every layer has the same parameters, as in the built-in blocks; a hybrid
+    stack (``layer_overrides``) is built whole on the meta device instead. Where
     that cannot be done (a width so large that a weight's element count overflows, or a
     block that cannot be built on the meta device) it is a lower bound: the embedding
     and the head."""
@@ -34,6 +35,8 @@ def estimate_parameters(config) -> tuple[int, bool]:
         return lower, False
     try:
         with torch.device("meta"):
+            if getattr(config, "layer_overrides", None):  # layers differ: count them all
+                return LanguageModel(config).num_parameters(), True
             one, two = (LanguageModel(config.model_copy(update={"n_layers": n})).num_parameters()
                         for n in (1, 2))
     except Exception:  # noqa: BLE001 - a plugin's block that needs real tensors to be built

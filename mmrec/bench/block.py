@@ -29,18 +29,23 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--baseline", default="transformer-1b", help="Transformer recipe for the saved-bytes count")
     parser.add_argument("--shrink", type=int, default=1, help="divide the widths by this for the saved-bytes count")
     parser.add_argument("--saved-only", action="store_true", help="only count saved bytes per token (no timing)")
+    parser.add_argument("--layer", type=int, default=0, help="in a hybrid stack (layer_overrides): the layer whose block is measured")
     parser.add_argument("--out", type=Path)
     parser.set_defaults(run=run)
 
 
-def shrunk(recipe: str, shrink: int, extra: tuple[str, ...] = ()) -> "mmrec.LanguageModel":
+def shrunk(recipe: str, shrink: int, extra: tuple[str, ...] = (), layer: int = 0) -> "mmrec.LanguageModel":
     """A one-block model of ``recipe`` with its widths divided by ``shrink`` (heads, slots and
-    chunk size kept)."""
-    model = mmrec.recipes.load(recipe).model
+    chunk size kept); in a hybrid stack (``layer_overrides``) the block is layer ``layer``'s."""
+    loaded = mmrec.recipes.load(recipe)
+    data, model = loaded.model_dump(mode="json"), loaded.model
+    if getattr(model, "layer_overrides", None):
+        model = model.for_layer(layer)
+        data["model"] = model.model_dump(mode="json", exclude={"layer_overrides"})
     overrides = ["model.n_layers=1", f"model.d_model={model.d_model // shrink}", f"model.ffn_dim={model.ffn_dim // shrink}"]
     if model.arch == "mmrec" and getattr(model.memory, "dim", None):
         overrides.append(f"model.memory.dim={model.memory.dim // shrink}")
-    return mmrec.build(recipe, overrides + list(extra))
+    return mmrec.build(data, overrides + list(extra))
 
 
 def saved_bytes_per_token(block: torch.nn.Module, x: torch.Tensor) -> float:
@@ -79,13 +84,13 @@ def saved_bytes_table(args: argparse.Namespace, device: torch.device, dtype: tor
     rows = []
     for recipe in (args.recipe, args.baseline):
         with torch.device(device):
-            model = shrunk(recipe, args.shrink).to(dtype)
+            model = shrunk(recipe, args.shrink, layer=args.layer).to(dtype)
         block = model.blocks[0].train()
         x = torch.randn(args.batch, args.length, model.config.d_model, device=device, dtype=dtype, requires_grad=True)
         n_layers = mmrec.recipes.load(recipe).model.n_layers
         for mode, module in (("eager", block), ("compiled", partitioned(block))):
             per_token = saved_bytes_per_token(module, x)
-            rows.append({"recipe": recipe, "mode": mode, "shrink": args.shrink, "d_model": model.config.d_model,
+            rows.append({"recipe": recipe, "layer": args.layer, "mode": mode, "shrink": args.shrink, "d_model": model.config.d_model,
                          "saved_bytes_per_token": per_token, "layers": n_layers, "model_saved_bytes_per_token": per_token * n_layers})
         torch._dynamo.reset()
         del model, block, x
@@ -147,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for hem in (True, False):
         with torch.device(device):
-            model = mmrec.build(args.recipe, [f"model.hem={str(hem).lower()}", "model.n_layers=1"]).to(dtype)
+            model = shrunk(args.recipe, 1, (f"model.hem={str(hem).lower()}",), layer=args.layer).to(dtype)
         block = model.blocks[0].train()
         x = torch.randn(args.batch, args.length, model.config.d_model, device=device, dtype=dtype, requires_grad=True)
         whole = time_ms(forward_backward(lambda x: block(x, return_aux_loss=True)[0], (x,)), device, 2, args.repeat)

@@ -43,3 +43,9 @@ def test_partitioned_block_gives_the_eager_result():
     got = partitioned(block)(x, return_aux_loss=True)[0]
     torch.testing.assert_close(got, want)
     assert saved_bytes_per_token(partitioned(block), x) > 0
+
+
+def test_the_one_block_of_a_hybrid_stack_is_the_named_layers():
+    recipe = "docs/results/recipes/1b-hybrid.json"
+    kinds = [type(shrunk(recipe, 16, layer=layer).blocks[0].recurrence).__name__ for layer in (0, 3)]
+    assert kinds == ["ParallelRecurrence", "DeltaRecurrence"]

@@ -283,6 +283,11 @@ def test_size_estimate_is_the_built_models_count():
     planned = mmrec.recipes.load("tiny", ["model.short_conv=4", "model.n_layers=3", "model.tie_embeddings=true"])
     with torch.device("meta"):
         assert sizing.estimate_parameters(planned.model)[0] == mmrec.build(planned).num_parameters()
+    # a hybrid stack: the overridden layers (beyond the first two) have other parameters
+    hybrid = mmrec.recipes.load("docs/results/recipes/1b-hybrid.json")
+    with torch.device("meta"):
+        count = mmrec.build(hybrid).num_parameters()
+    assert count != mmrec.build("1b").num_parameters() and sizing.estimate_parameters(hybrid.model) == (count, True)
 
 
 def test_7b_fits_eight_gpus_with_fsdp_but_not_one(monkeypatch):
