@@ -100,7 +100,7 @@ class StaticDecoder:
         self.position = torch.tensor(state.position, device=device)  # int64, advanced by every step
         self.token = torch.zeros(state.batch_size, 1, dtype=torch.long, device=device)  # the step's input
         if compile:
-            # one block's step, compiled once and reused by every layer (same code, same shapes)
+            # one block's step, compiled once per distinct layer config and reused by every layer of it
             self._block_step = torch.compile(_block_step, mode=None if compile is True else compile)
         else:
             self._block_step = _block_step

@@ -135,9 +135,10 @@ class World:
         """Set ``model`` up for training, before its parameters get memory: sharded with
         FSDP2 over several processes (:func:`shard_model`), whole in one. With ``compile``
         each block is compiled in place, in one process as in many (as torchtitan does):
-        the blocks share one compiled graph, so compiling takes one block's time, not the
-        whole stack's, and training runs what ``mmrec.bench model`` times. Returns what the
-        loop calls for the forward pass (the model)."""
+        blocks of the same config share one compiled graph, so compiling takes one block's
+        time per distinct layer config (a hybrid stack has several), not the whole stack's,
+        and training runs what ``mmrec.bench model`` times. Returns what the loop calls for
+        the forward pass (the model)."""
         if self.sharded:
             return shard_model(model, self.device, param_dtype=param_dtype, compile=compile,
                                activation_checkpointing=activation_checkpointing)
@@ -222,7 +223,12 @@ class World:
 
 def compile_blocks(model: nn.Module) -> None:
     """``torch.compile`` each of ``model.blocks`` in place (its parameters and state-dict
-    keys stay as they are)."""
+    keys stay as they are). The blocks share one code object, so each distinct layer config
+    (``layer_overrides``) is a recompilation of it: the limit on those is raised to leave
+    room for every config in training and evaluation (grad on and off)."""
+    configs = 1 + len(getattr(getattr(model, "config", None), "layer_overrides", ()))
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 4 * configs)
     for block in model.blocks:
         block.compile()
 

@@ -77,7 +77,15 @@ def train_step_once(recipe: str, length: int, args, device: torch.device, peak_t
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
+    precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(args.precision)
+    try:
+        return _run(args, device)
+    finally:
+        torch.set_float32_matmul_precision(precision)  # `bench all` runs the others in this process
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> int:
     peak = matmul_tflops(device) if device.type == "cuda" else float("nan")
     meta = {**run_metadata(), "dtype": "bfloat16", "compile": not args.no_compile, "float32_matmul_precision": args.precision, "matmul_tflops": peak,
             "tokens_per_step": args.tokens_per_step}

@@ -454,7 +454,8 @@ class Trainer:
 def print_sample(model, tokenizer: Tokenizer, val_tokens: torch.Tensor, recipe, autocast, show: bool = True) -> None:
     """Continue the opening words of some validation prose."""
     prompt = torch.tensor(tokenizer.encode(sample_prompt(tokenizer.decode(val_tokens[:20_000].tolist()))))
-    with autocast():
+    # eager: compiled blocks would compile again for each shape a token-by-token decode takes
+    with autocast(), torch.compiler.set_stance("force_eager"):
         ids = generate(model, prompt, recipe.train.sample_tokens, temperature=0.8, top_p=0.95, seed=recipe.train.seed)
     if show:
         print(f"sample (prompt in brackets):\n[{tokenizer.decode(prompt.tolist())}]"
@@ -468,6 +469,7 @@ def run(args: argparse.Namespace) -> int:
         world = distributed.join(args.device)  # torchrun's processes, or a world of one
     except RuntimeError as e:
         raise TrainError(str(e)) from None
+    precision = torch.get_float32_matmul_precision()  # the trainer sets it for the run (train.tf32)
     try:
         code = Trainer(args, world).fit()
         # every process done before any leaves the group: gloo aborts a process whose
@@ -475,6 +477,7 @@ def run(args: argparse.Namespace) -> int:
         world.barrier()
         return code
     finally:
+        torch.set_float32_matmul_precision(precision)
         world.leave()
 
 

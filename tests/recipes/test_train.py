@@ -199,11 +199,15 @@ def test_switches_keep_the_numbers(tmp_path, text_file, capsys):
     assert bf16 == pytest.approx(plain, rel=0.05)
 
 
-def test_tf32_sets_the_float32_matmul_precision(tmp_path, text_file, capsys):
-    for tf32, precision in ((True, "high"), (False, "highest")):
+def test_tf32_sets_the_float32_matmul_precision_for_the_run(tmp_path, text_file, monkeypatch, capsys):
+    seen, fit = [], train_mod.Trainer.fit
+    monkeypatch.setattr(train_mod.Trainer, "fit", lambda self: seen.append(torch.get_float32_matmul_precision()) or fit(self))
+    torch.set_float32_matmul_precision("medium")
+    for tf32 in (True, False):
         assert train_mod.main(["--out", str(tmp_path / str(tf32)), "--data", str(text_file),
                                *sets("train.steps=1", "train.sample_tokens=0", f"train.tf32={str(tf32).lower()}")]) == 0
-        assert torch.get_float32_matmul_precision() == precision  # conftest puts "highest" back after each test
+        assert torch.get_float32_matmul_precision() == "medium"  # the caller's, once the run is over
+    assert seen == ["high", "highest"]
 
 
 def test_default_run_folder_is_never_reused(tmp_path, text_file, monkeypatch, capsys):
