@@ -78,6 +78,7 @@ for part in "${parts[@]}"; do
         seeds="$seeds docs/results/recipes/small-no-hem.json docs/results/recipes/small-seed-options.json"
         recipes=${SCALE_RECIPES:-docs/results/recipes/small-hybrid.json transformer-small}; tokens=${SCALE_TOKENS:-50_000_000}; warmup=100
         [ "$part" = seeds ] && { recipes=${SEEDS_RECIPES:-$seeds}; tokens=${SEEDS_TOKENS:-10_000_000}; warmup=20; }
+        rm -rf "/tmp/$part"  # what a run cut by an earlier call's limit left on a warm machine
         timeout "${SCALE_TIMEOUT:-520}" python3 -m mmrec.bench scale --data /tmp/shards --tokens "$tokens" \
             --recipes $recipes --sequential --runs "/tmp/$part" --set train.compile=true --set train.warmup_steps=$warmup \
             --out "$OUT/$part.json" --plot "$OUT/$part.png" 2>&1 | tail -20

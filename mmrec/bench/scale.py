@@ -22,8 +22,9 @@ function of the shards' tokens, ``train.seq_len``, ``train.seed`` and ``i`` alon
 decides it. Recipes that agree on ``seq_len``, ``batch_size``, ``grad_accum`` and ``seed``
 therefore see the same tokens in the same order; recipes that do not are refused before
 any training. Each result records what its checkpoint says it trained on (the shards'
-fingerprint, the seed, the tokens seen) and a hash of its first and last updates'
-batches drawn with its saved settings; ``same_batches`` says whether every run agrees.
+fingerprint, the seed, the tokens seen) and ``read``, a digest of the CRC-32 of every
+update's input tokens that the trainer logged as it read them (``train_batch_crc``);
+``same_batches`` says whether every run agrees (``null`` when a log lacks the CRCs).
 
 **Loss by position.** Each final checkpoint, in float32, scores ``--eval-windows``
 windows of the validation split for each of ``--lengths`` (multiples of the training
@@ -34,7 +35,10 @@ attends over all of it with rotary positions it never saw in training (past
 equals one pass). The per-token cross-entropy, averaged over the windows, is reported in
 buckets of ``seq_len / 8`` positions and as its mean over the segments 0-1x, 1-2x,
 2-4x, 4-8x, ... of the training length: a loss that keeps falling past 1x uses the longer
-context, one that rises does not extrapolate. A length a model cannot run (out of
+context, one that rises does not extrapolate. Windows start anywhere in the validation
+stream, whose documents are joined with the end-of-document token, so a long window spans
+several documents (site-packages files average about 4,000 tokens): past the first
+document, "longer context" is mostly earlier documents. A length a model cannot run (out of
 memory, a positional scheme with a hard limit) is recorded with the reason instead.
 
 **Data time.** The trainer logs ``train_data_s``, the seconds each update spent reading
@@ -135,17 +139,13 @@ def plan_runs(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict]:
             {**first, "steps": steps, "tokens_per_step": tokens_per_step, "tokens": steps * tokens_per_step})
 
 
-def batches_hash(train_tokens: TokenSource, seq_len: int, batch_size: int, grad_accum: int, seed: int,
-                 steps: int) -> str:
-    """A hash of the samples of the first and the last update, as training draws them."""
-    stream = TokenStream(train_tokens, seq_len, seed, "training")
-    per_step = batch_size * grad_accum
-    h = hashlib.blake2b(digest_size=8)
-    for first in (0, (steps - 1) * per_step):
-        inputs, targets = stream.batch(first, per_step)
-        h.update(inputs.numpy().tobytes())
-        h.update(targets[:, -1:].numpy().tobytes())
-    return h.hexdigest()
+def read_batches(steps: list[dict]) -> str | None:
+    """A digest of the batches a run read, from the CRC-32 the trainer logs for each update
+    (``train_batch_crc``), in step order; ``None`` when its log lacks any of them."""
+    crcs = [r.get("train_batch_crc") for r in sorted(steps, key=lambda r: r["step"])]
+    if not crcs or None in crcs:
+        return None
+    return hashlib.blake2b(" ".join(crcs).encode(), digest_size=8).hexdigest()
 
 
 def describe_run(run_dir: Path, checkpoint: Checkpoint, shards: ShardSet) -> dict:
@@ -163,8 +163,7 @@ def describe_run(run_dir: Path, checkpoint: Checkpoint, shards: ShardSet) -> dic
         **read_metrics(run_dir),
         "batches": {"fingerprint": data["fingerprint"], "seed": data["seed"], "tokens_seen": data["tokens_seen"],
                     **{f: getattr(train, f) for f in BATCH_FIELDS},
-                    "hash": batches_hash(shards.train, train.seq_len, train.batch_size, train.grad_accum,
-                                         train.seed, checkpoint.step)},
+                    "read": read_batches(steps)},
     }
     timed = steps[len(steps) // 10 :]  # past the compile and warm-up steps
     if timed and all("train_data_s" in r for r in timed):
@@ -274,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
         if len(rows) < len(commands):  # scored as each finishes: a run cut short keeps the finished ones
             write_json(args.out, {**meta, "complete": False, "same_batches": None, "results": rows})
     trained = [r for r in rows if r["exit_code"] == 0]
-    same = all(r["batches"] == trained[0]["batches"] for r in trained) if trained else None
+    same = (all(r["batches"] == trained[0]["batches"] for r in trained)
+            if trained and all(r["batches"]["read"] for r in trained) else None)
     payload = {**meta, "complete": True, "same_batches": same, "results": rows}
     print_table(payload)
     write_json(args.out, payload)

@@ -59,6 +59,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -290,17 +291,20 @@ class Trainer:
         those of update number ``self.step`` (counting from 0), whatever ran before. Each
         process takes its contiguous share of each micro-batch; the returned numbers are
         those of the whole batch, the same in every process, but ``data_s``: the seconds
-        this process spent reading its batches (the memory map or the token tensor)."""
+        this process spent reading its batches (the memory map or the token tensor), and
+        ``batch_crc``: a CRC-32 of the input tokens it read (hex), by which runs that should
+        have seen the same data can be compared."""
         train, device, model, step = self.train, self.world.device, self.model, self.step
         loss_sum = torch.zeros((), device=device)
         aux_sum = torch.zeros((), device=device)
         share = self.world.share(train.batch_size)
-        data_s = 0.0
+        data_s, crc = 0.0, 0
         for micro in range(train.grad_accum):
             reading = time.perf_counter()
             x, y = self.setup.train_data.batch((step * train.grad_accum + micro) * train.batch_size + share.start,
                                                share.stop - share.start)
             data_s += time.perf_counter() - reading
+            crc = zlib.crc32(x.numpy().tobytes(), crc)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with self.autocast():
                 result = self.forward(x, return_aux_loss=self.use_aux, return_state=False, targets=y)
@@ -334,7 +338,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        stats = {"loss": loss_value, "grad_norm": grad_norm, "data_s": data_s}
+        stats = {"loss": loss_value, "grad_norm": grad_norm, "data_s": data_s, "batch_crc": f"{crc:08x}"}
         if self.use_aux:
             stats["aux_loss"] = aux_value
         return stats

@@ -66,6 +66,7 @@ def test_the_tiny_pair_trains_on_the_same_batches_and_is_scored_by_position(shar
             assert all(0 < v < 10 for v in entry["bucket_loss"])
             assert list(entry["segment_loss"]) == [f"{a}-{b}x" for a, b in segments(entry["multiple"])]
             assert all(0 < v < 10 for v in entry["segment_loss"].values())
+    assert rows["tiny"]["batches"]["read"] is not None  # the trainers' own record of what they read
     assert rows["tiny"]["batches"] == rows["transformer-tiny"]["batches"]  # the same tokens in the same order
     assert rows["tiny"]["val_curve"] != rows["transformer-tiny"]["val_curve"]  # two models, not one run twice
     assert chart.read_bytes().startswith(b"\x89PNG")
@@ -137,3 +138,12 @@ def test_text_data_is_refused_with_the_command_that_makes_shards(tmp_path, capsy
     (tmp_path / "corpus.txt").write_text("some text\n")
     assert main(["scale", "--data", str(tmp_path / "corpus.txt"), "--tokens", "100", "--runs", str(tmp_path / "r")]) == 2
     assert "python -m mmrec.data.prepare" in capsys.readouterr().err
+
+
+def test_the_batches_read_come_from_the_trainers_log():
+    from mmrec.bench.scale import read_batches
+
+    log = [{"step": 1, "train_batch_crc": "0000abcd"}, {"step": 2, "train_batch_crc": "12345678"}]
+    assert read_batches(log) == read_batches(list(reversed(log)))  # in step order
+    assert read_batches(log) != read_batches([log[0], {"step": 2, "train_batch_crc": "12345679"}])
+    assert read_batches([log[0], {"step": 2}]) is None and read_batches([]) is None
