@@ -35,11 +35,13 @@ attends over all of it with rotary positions it never saw in training (past
 equals one pass). The per-token cross-entropy, averaged over the windows, is reported in
 buckets of ``seq_len / 8`` positions and as its mean over the segments 0-1x, 1-2x,
 2-4x, 4-8x, ... of the training length: a loss that keeps falling past 1x uses the longer
-context, one that rises does not extrapolate. Windows start anywhere in the validation
-stream, whose documents are joined with the end-of-document token, so a long window spans
-several documents (site-packages files average about 4,000 tokens): past the first
-document, "longer context" is mostly earlier documents. A length a model cannot run (out of
-memory, a positional scheme with a hard limit) is recorded with the reason instead.
+context, one that rises does not extrapolate. Each window begins a validation document
+and stays inside it (the documents long enough, spread evenly; fewer than
+``--eval-windows`` when fewer are that long), so a position is the context that document
+has given. ``--stream-windows`` spreads the windows over the validation stream instead,
+where a long window spans several documents (site-packages files average about 4,000
+tokens). A length a model cannot run (out of memory, a positional scheme with a hard
+limit, no document that long) is recorded with the reason instead.
 
 **Data time.** The trainer logs ``train_data_s``, the seconds each update spent reading
 its batch, beside ``train_step_s``: the result gives the median of each and the share of
@@ -92,6 +94,9 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1, 4, 8],
                         help="windows scored by position, in multiples of train.seq_len (default 1 4 8)")
     parser.add_argument("--eval-windows", type=int, default=16, help="validation windows per length (default 16)")
+    parser.add_argument("--stream-windows", action="store_true",
+                        help="score windows spread over the validation stream, across documents (default: each "
+                             "window inside one document, from its start)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw the curves (matplotlib)")
@@ -201,28 +206,55 @@ def mean_token_loss(model: mmrec.LanguageModel, windows: torch.Tensor, device: s
     return (total / windows.shape[0]).cpu()
 
 
+def document_window_starts(tokens: torch.Tensor, eod_id: int, length: int, count: int) -> torch.Tensor:
+    """Starts of up to ``count`` windows of ``length + 1`` tokens (inputs and the last
+    target) that each begin a document and stay inside it (its end-of-document token may be
+    the last target), spread evenly over the documents long enough for one."""
+    ends = (tokens == eod_id).nonzero().flatten()  # each document's end-of-document token
+    starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
+    long_enough = starts[ends - starts >= length]
+    if long_enough.numel() <= count:
+        return long_enough
+    return long_enough[torch.linspace(0, long_enough.numel() - 1, count).round().long()]
+
+
 def loss_by_position(model: mmrec.LanguageModel, val_tokens: TokenSource, seq_len: int, multiples: list[int],
-                     num_windows: int, device: str) -> list[dict]:
+                     num_windows: int, device: str, eod_id: int | None = None) -> list[dict]:
     """Per multiple of ``seq_len``: the mean loss by position bucket (``seq_len / 8``
-    positions each) and by segment (:func:`segments`) over ``num_windows`` evenly spread
-    validation windows; or ``error``, why that length could not be scored."""
+    positions each) and by segment (:func:`segments`) over ``num_windows`` validation
+    windows; or ``error``, why that length could not be scored. With ``eod_id`` each window
+    lies inside one document, from its start (:func:`document_window_starts`), so a position
+    is the context the document itself has given; without, windows are spread evenly over
+    the validation stream and may span documents."""
     bucket = max(1, seq_len // 8)
+    tokens = val_tokens.windows(torch.zeros(1, dtype=torch.long), val_tokens.numel())[0] if eod_id is not None else None
     rows = []
     for multiple in multiples:
         length = multiple * seq_len
-        row = {"multiple": multiple, "length": length, "windows": num_windows, "bucket_tokens": bucket}
-        if val_tokens.numel() < length + 1:
+        row = {"multiple": multiple, "length": length, "windows": num_windows, "bucket_tokens": bucket,
+               "window_starts": "documents" if eod_id is not None else "stream"}
+        if eod_id is not None:
+            starts = document_window_starts(tokens, eod_id, length, num_windows)
+            row["windows"] = starts.numel()
+            if not starts.numel():
+                row["error"] = (f"no validation document has the {length + 1:,} tokens of a window "
+                                "(--stream-windows scores windows that span documents)")
+                rows.append(row)
+                continue
+            windows = torch.stack([tokens[s : s + length + 1] for s in starts.tolist()])
+        elif val_tokens.numel() < length + 1:
             row["error"] = f"the validation split has {val_tokens.numel():,} tokens, fewer than a window's {length + 1:,}"
             rows.append(row)
             continue
-        [(inputs, targets)] = TokenStream(val_tokens, length, 0, "validation").fixed_batches(1, num_windows)
-        windows = torch.cat([inputs, targets[:, -1:]], dim=1)  # [K, length + 1]
+        else:
+            [(inputs, targets)] = TokenStream(val_tokens, length, 0, "validation").fixed_batches(1, num_windows)
+            windows = torch.cat([inputs, targets[:, -1:]], dim=1)  # [K, length + 1]
+            row["overlapping"] = num_windows * length > val_tokens.numel() - 1  # windows share tokens
         try:
             per_token = mean_token_loss(model, windows, device)
         except (RuntimeError, ValueError, IndexError) as error:  # out of memory, or a length the model refuses
             row["error"] = "out of memory" if is_out_of_memory(error) else f"{type(error).__name__}: {error}"
         else:
-            row["overlapping"] = num_windows * length > val_tokens.numel() - 1  # windows share tokens
             row["bucket_loss"] = [float(b.mean()) for b in per_token.split(bucket)]
             row["segment_loss"] = {f"{a}-{b}x": float(per_token[a * seq_len : b * seq_len].mean())
                                    for a, b in segments(multiple)}
@@ -263,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
             checkpoint, model = load_trained(run_dir, args.device)
             row.update(describe_run(run_dir, checkpoint, shards), parameters=model.num_parameters())
             row["loss_by_position"] = loss_by_position(model, shards.val, shared["seq_len"], args.lengths,
-                                                       args.eval_windows, args.device)
+                                                       args.eval_windows, args.device,
+                                                       None if args.stream_windows else shards.eod_id)
             del model
             reset_peak_memory(torch.device(args.device))  # the next model scored has the memory to itself
         else:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import mmrec
 from mmrec.bench.__main__ import main
-from mmrec.bench.scale import loss_by_position, segments
+from mmrec.bench.scale import document_window_starts, loss_by_position, segments
 from mmrec.data import TokenStream, default_corpus
 from mmrec.data import prepare as prepare_mod
 from mmrec.data.shards import open_shards
@@ -61,7 +61,7 @@ def test_the_tiny_pair_trains_on_the_same_batches_and_is_scored_by_position(shar
         assert 0 < r["data_time"]["median_data_s"] < r["data_time"]["median_step_s"]
         assert [e["multiple"] for e in r["loss_by_position"]] == [1, 2, 4]
         for entry in r["loss_by_position"]:
-            assert "error" not in entry
+            assert "error" not in entry and entry["window_starts"] == "documents" and entry["windows"] > 0
             assert len(entry["bucket_loss"]) == entry["length"] // (SEQ_LEN // 8)
             assert all(0 < v < 10 for v in entry["bucket_loss"])
             assert list(entry["segment_loss"]) == [f"{a}-{b}x" for a, b in segments(entry["multiple"])]
@@ -147,3 +147,35 @@ def test_the_batches_read_come_from_the_trainers_log():
     assert read_batches(log) == read_batches(list(reversed(log)))  # in step order
     assert read_batches(log) != read_batches([log[0], {"step": 2, "train_batch_crc": "12345679"}])
     assert read_batches([log[0], {"step": 2}]) is None and read_batches([]) is None
+
+
+def test_document_windows_begin_a_document_and_stay_inside_it():
+    eod = 0
+    docs = [[5] * 3, [6] * 10, [7] * 4, [8] * 12, [9] * 9]  # token values name the document
+    tokens = torch.tensor([t for doc in docs for t in [*doc, eod]])
+    starts = document_window_starts(tokens, eod, 8, 16)  # windows of 9 tokens: documents of 8+ tokens
+    assert [tokens[s].item() for s in starts] == [6, 8, 9]
+    for s in starts.tolist():
+        window = tokens[s : s + 9]
+        assert (window[:-1] == window[0]).all() and window[-1].item() in (window[0].item(), eod)
+        assert s == 0 or tokens[s - 1].item() == eod
+    assert [tokens[s].item() for s in document_window_starts(tokens, eod, 8, 2)] == [6, 9]  # spread evenly
+    assert [tokens[s].item() for s in document_window_starts(tokens, eod, 12, 4)] == [8]  # its end token the last target
+    assert document_window_starts(tokens, eod, 13, 4).numel() == 0
+
+
+def test_loss_by_position_in_documents_matches_a_float64_reference(shards):
+    model = mmrec.build("tiny", ["model.vocab_size=257", "model.n_layers=2"]).eval()
+    data = open_shards(shards)
+    val = data.val
+    [row] = loss_by_position(model, val, SEQ_LEN, [2], 3, "cpu", eod_id=data.eod_id)
+    tokens = val.windows(torch.zeros(1, dtype=torch.long), val.numel())[0]
+    starts = document_window_starts(tokens, data.eod_id, 2 * SEQ_LEN, 3)
+    assert row["window_starts"] == "documents" and row["windows"] == starts.numel() > 0
+    windows = torch.stack([tokens[s : s + 2 * SEQ_LEN + 1] for s in starts.tolist()])
+    with torch.no_grad():
+        logits = model.double()(windows[:, :-1], return_state=False).logits
+    reference = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(0)
+    assert row["segment_loss"]["1-2x"] == pytest.approx(reference[SEQ_LEN:].mean().item(), abs=1e-4)
+    [none] = loss_by_position(model, val, SEQ_LEN, [val.numel()], 3, "cpu", eod_id=data.eod_id)
+    assert none["windows"] == 0 and "no validation document" in none["error"]
