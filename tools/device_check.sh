@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
-# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|recall|scale|seeds]...
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|recall|recall-long|scale|seeds]...
 # Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
@@ -66,6 +66,14 @@ for part in "${parts[@]}"; do
             docs/results/recipes/tiny-hybrid-first.json --seq-len 512 --pairs 64 --train-pairs 4 8 16 32 64 \
             --steps "${RECALL_STEPS:-2500}" --lrs 1e-3 3e-3 --jobs 8 --eval-every 500 \
             --out "$OUT/recall_hybrid.json" --plot "$OUT/recall_hybrid.png" 2>&1 | grep -v "^{" | tail -14 ;;
+    recall-long)
+        # the long-range form (every query at least 4 memory chunks after its pair, L 4096): only a
+        # memory that keeps associations can answer; compiled, one rate, five models side by side
+        timeout "${RECALL_TIMEOUT:-560}" python3 -m mmrec.bench recall --long-range --pairs 16 \
+            --recipes transformer-tiny docs/results/recipes/tiny-delta.json docs/results/recipes/tiny-delta-memory.json \
+            docs/results/recipes/tiny-delta-both.json docs/results/recipes/tiny-hybrid-last.json \
+            --steps "${RECALL_STEPS:-1000}" --batch 32 --lrs 1e-3 --jobs 5 --compile --eval-every 250 \
+            --out "$OUT/recall_long.json" --plot "$OUT/recall_long.png" 2>&1 | grep -v "^{" | tail -12 ;;
     scale|seeds)
         # quality at scale: shards of this machine's site-packages, then SCALE_RECIPES (default the
         # hybrid small against transformer-small) one after the other on the same batches
