@@ -76,20 +76,24 @@ for part in "${parts[@]}"; do
             --out "$OUT/recall_long.json" --plot "$OUT/recall_long.png" 2>&1 | grep -v "^{" | tail -12 ;;
     scale|seeds)
         # quality at scale: shards of this machine's site-packages, then SCALE_RECIPES (default the
-        # hybrid small against transformer-small) one after the other on the same batches
+        # hybrid small against transformer-small) one after the other on the same batches. Each
+        # small run takes about 4 minutes at 50M tokens: if two do not fit in a call, give one
+        # recipe a call (the shards are the same on every call: compare their fingerprints)
         site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
         [ -f /tmp/shards/index.json ] || python3 -m mmrec.data.prepare --input "$site" --glob '*.py' --glob '*.pyi' \
             --glob '*.md' --glob '*.rst' --glob '*.txt' --vocab-size 32000 --tokenizer-train-bytes 40000000 \
             --out /tmp/shards --quiet 2>&1 | tail -3
-        # seeds: the seeds' ablations (UBÖO off, exact, HEM off, the seeds' options) beside small, at 10M tokens
+        # seeds: the seeds' ablations beside small at 10M tokens, three a call: SEEDS_RECIPES="small
+        # docs/results/recipes/small-no-hem.json docs/results/recipes/small-seed-options.json" for the rest
         seeds="small docs/results/recipes/small-no-planning.json docs/results/recipes/small-exact.json"
-        seeds="$seeds docs/results/recipes/small-no-hem.json docs/results/recipes/small-seed-options.json"
-        recipes=${SCALE_RECIPES:-docs/results/recipes/small-hybrid.json transformer-small}; tokens=${SCALE_TOKENS:-50_000_000}; warmup=100
-        [ "$part" = seeds ] && { recipes=${SEEDS_RECIPES:-$seeds}; tokens=${SEEDS_TOKENS:-10_000_000}; warmup=20; }
-        rm -rf "/tmp/$part"  # what a run cut by an earlier call's limit left on a warm machine
-        timeout "${SCALE_TIMEOUT:-520}" python3 -m mmrec.bench scale --data /tmp/shards --tokens "$tokens" \
-            --recipes $recipes --sequential --runs "/tmp/$part" --set train.compile=true --set train.warmup_steps=$warmup \
+        recipes=${SCALE_RECIPES:-docs/results/recipes/small-hybrid.json transformer-small}
+        tokens=${SCALE_TOKENS:-50_000_000}; warmup=100; evals=${SCALE_EVALS:-10}
+        [ "$part" = seeds ] && { recipes=${SEEDS_RECIPES:-$seeds}; tokens=${SEEDS_TOKENS:-10_000_000}; warmup=20; evals=5; }
+        runs="/tmp/$part-$(date +%s)"  # a fresh folder: a run cut by an earlier call's limit stays where it was
+        timeout "${SCALE_TIMEOUT:-540}" python3 -m mmrec.bench scale --data /tmp/shards --tokens "$tokens" \
+            --recipes $recipes --sequential --runs "$runs" --evals "$evals" --eval-windows 8 \
+            --set train.compile=true --set train.warmup_steps=$warmup --set train.sample_tokens=0 \
             --out "$OUT/$part.json" --plot "$OUT/$part.png" 2>&1 | tail -20
-        cp /tmp/$part/*.log "$OUT/" 2>/dev/null ;;
+        cp "$runs"/*.log "$OUT/" 2>/dev/null ;;
     esac
 done

@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mmrec
+from mmrec.distributed import compile_blocks
 
 
 def main() -> None:
@@ -28,8 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = [f"model.n_layers={args.layers}", f"model.max_seq_len={max(args.length, 2048)}"]
     model = mmrec.build(args.recipe, overrides).to(torch.bfloat16).cuda()
-    for block in model.blocks:
-        block.compile()
+    compile_blocks(model)  # as training compiles them
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.length), device="cuda")
 

@@ -39,6 +39,8 @@ def shrunk(recipe: str, shrink: int, extra: tuple[str, ...] = (), layer: int = 0
     chunk size kept); in a hybrid stack (``layer_overrides``) the block is layer ``layer``'s."""
     loaded = mmrec.recipes.load(recipe)
     data, model = loaded.model_dump(mode="json"), loaded.model
+    if not 0 <= layer < model.n_layers:
+        raise ValueError(f"--layer {layer}: {recipe} has layers 0 to {model.n_layers - 1}")
     if getattr(model, "layer_overrides", None):
         model = model.for_layer(layer)
         data["model"] = model.model_dump(mode="json", exclude={"layer_overrides"})
@@ -87,11 +89,13 @@ def saved_bytes_table(args: argparse.Namespace, device: torch.device, dtype: tor
             model = shrunk(recipe, args.shrink, layer=args.layer).to(dtype)
         block = model.blocks[0].train()
         x = torch.randn(args.batch, args.length, model.config.d_model, device=device, dtype=dtype, requires_grad=True)
-        n_layers = mmrec.recipes.load(recipe).model.n_layers
+        config = mmrec.recipes.load(recipe).model
+        uniform = not getattr(config, "layer_overrides", None)  # else the layers save different amounts
         for mode, module in (("eager", block), ("compiled", partitioned(block))):
             per_token = saved_bytes_per_token(module, x)
             rows.append({"recipe": recipe, "layer": args.layer, "mode": mode, "shrink": args.shrink, "d_model": model.config.d_model,
-                         "saved_bytes_per_token": per_token, "layers": n_layers, "model_saved_bytes_per_token": per_token * n_layers})
+                         "saved_bytes_per_token": per_token, "layers": config.n_layers,
+                         "model_saved_bytes_per_token": per_token * config.n_layers if uniform else None})
         torch._dynamo.reset()
         del model, block, x
     return rows
@@ -144,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
     saved = saved_bytes_table(args, device, dtype)
     print(f"\nsaved for backward, one block, eager and min-cut partitioned (as compiled), {args.dtype}, batch {args.batch} x {args.length}, widths / {args.shrink}")
     for row in saved:
+        total = (f"x {row['layers']} blocks = {row['model_saved_bytes_per_token'] / 1024:8.1f} KiB/token"
+                 if row["model_saved_bytes_per_token"] is not None else f"(layer {row['layer']} of a hybrid stack)")
         print(f"    {row['recipe']:<16} {row['mode']:<8} d_model {row['d_model']:>5}: {row['saved_bytes_per_token'] / 1024:8.2f} KiB/token/block, "
-              f"x {row['layers']} blocks = {row['model_saved_bytes_per_token'] / 1024:8.1f} KiB/token")
+              + total)
     if args.saved_only:
         write_json(args.out, {**meta, "saved": saved})
         return 0

@@ -16,7 +16,9 @@ launch config and each ``--config`` (``KEY=VALUE,...``: ``BLOCK_V``, ``num_warps
 The baseline, when it is installed: flash-linear-attention's ``chunk_gated_delta_rule``
 (the same recurrence: ``g`` = log α, its ``q``, ``k``, ``v``, ``β`` in ``v``'s dtype, ``scale``
 1), timed and checked against the loop the same way; an fla that refuses the device (its
-gated delta rule needs Triton 3.7.1 on Hopper) is reported with its message.
+gated delta rule needs Triton 3.7.1 on Hopper) or fails to import is reported with its
+message. Its ``q`` and ``k`` are in ``v``'s dtype where the op's are float32, so with bf16
+``v`` its error against the loop includes their rounding (the row's ``qk_dtype``).
 """
 
 from __future__ import annotations
@@ -111,19 +113,37 @@ def _kernel_passes(config: dict | None, inputs, chunk: int):
 
 
 def fla_gated_delta_rule():
-    """fla's ``chunk_gated_delta_rule`` with this module's call signature, or ``None``
-    when fla is not installed."""
+    """fla's ``chunk_gated_delta_rule`` with this module's call signature (inputs as
+    :func:`fla_inputs` makes them), or ``None`` when fla is not installed. An fla that is
+    installed but fails to import gives a function that raises its error, so the error is
+    reported in the table rather than the baseline silently missing."""
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] == "fla":
+            return None
+        failure = error
+    except Exception as error:  # noqa: BLE001 - e.g. a Triton version fla does not accept
+        failure = error
+    else:
+        def call(q, k, v, beta, log_alpha, state):
+            return chunk_gated_delta_rule(q=q, k=k, v=v, g=log_alpha, beta=beta, scale=1.0, initial_state=state,
+                                          output_final_state=True)
 
-    def call(q, k, v, beta, log_alpha, state):
-        dtype = v.dtype
-        return chunk_gated_delta_rule(q=q.to(dtype), k=k.to(dtype), v=v, g=log_alpha.float(), beta=beta.to(dtype),
-                                      scale=1.0, initial_state=state, output_final_state=True)
+        return call
 
-    return call
+    def refuse(*args):
+        raise failure
+
+    return refuse
+
+
+def fla_inputs(inputs):
+    """fla's inputs, cast once outside the timed calls: ``q``, ``k`` and ``β`` in ``v``'s
+    dtype (its kernels take them so; some versions refuse float32 ``q``), log α and the
+    state in float32."""
+    q, k, v, beta, log_alpha, state = inputs
+    return q.to(v.dtype), k.to(v.dtype), v, beta.to(v.dtype), log_alpha, state
 
 
 def bench_once(args, length: int, head_dim: int, precision: str, device: torch.device, gen) -> list[dict]:
@@ -142,11 +162,14 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
         impls = {name: torch.compile(fn, fullgraph=True) for name, fn in impls.items()}
     if args.baselines and (fla := fla_gated_delta_rule()) is not None:
         impls["fla chunk_gated_delta_rule"] = fla
-    passes = {name: _passes(fn, inputs, probe) for name, fn in impls.items()}
+    passes = {name: _passes(fn, fla_inputs(inputs) if name.startswith("fla") else inputs, probe)
+              for name, fn in impls.items()}
     if args.kernels and device.type == "cuda":
         for text in [""] + args.config:
             passes[f"kernel[{text or 'default'}]"] = _kernel_passes(parse_config(text) or None, inputs, args.chunk)
     base = {"length": length, "batch": batch, "heads": args.heads, "head_dim": head_dim, "precision": precision}
+    qk_dtype = {name: str(inputs[2].dtype if name.startswith("fla") else inputs[0].dtype).removeprefix("torch.")
+                for name in passes}
     rows, results = [], {}
     for impl, calls in passes.items():
         for pass_, call in calls.items():
@@ -165,7 +188,7 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
                     results[impl, pass_] = call()
                 return {"ms": ms, "tokens_per_s": batch * length / ms * 1e3, "peak_gib": peak_memory_gib(device)}
 
-            record(rows, {**base, "impl": impl, "pass": pass_}, measure, device)
+            record(rows, {**base, "impl": impl, "pass": pass_, "qk_dtype": qk_dtype[impl]}, measure, device)
     for row in rows:
         mine, loop = results.get((row["impl"], row["pass"])), results.get(("loop", row["pass"]))
         compared = row["impl"] != "loop" and not row["impl"].startswith("kernel")
@@ -177,11 +200,18 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
         fla_row = next((r for r in rows if r["impl"].startswith("fla") and r["pass"] == row["pass"] and "tokens_per_s" in r), None)
         if row["impl"] == "op" and fla_row and "tokens_per_s" in row:
             row["over_fla"] = row["tokens_per_s"] / fla_row["tokens_per_s"]
-    torch.set_float32_matmul_precision("highest")
     return rows
 
 
 def run(args: argparse.Namespace) -> int:
+    precision = torch.get_float32_matmul_precision()
+    try:
+        return _run(args)
+    finally:
+        torch.set_float32_matmul_precision(precision)  # `bench all` runs the others in this process
+
+
+def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     meta = {**run_metadata(), "tokens": args.tokens, "heads": args.heads, "chunk": args.chunk, "dtype": args.dtype,
             "compile": args.compile, "configs": [parse_config(c) for c in args.config]}

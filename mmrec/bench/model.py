@@ -21,6 +21,7 @@ from mmrec.bench.common import (
     compare_to_baseline, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json,
 )
 from mmrec.bench.plot import plot
+from mmrec.distributed import compile_blocks
 from mmrec.throughput import matmul_tflops
 
 
@@ -46,8 +47,7 @@ def time_training_step(model: mmrec.LanguageModel, length: int, tokens_per_step:
     compiled when ``compile``. Returns batch, ms per step, tokens/s and peak memory."""
     model.train()
     if compile:
-        for block in model.blocks:
-            block.compile()
+        compile_blocks(model)  # as training compiles them
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batch = max(1, tokens_per_step // length)
     ids = torch.randint(0, model.config.vocab_size, (batch, length + 1), device=device)

@@ -23,7 +23,8 @@ decides it. Recipes that agree on ``seq_len``, ``batch_size``, ``grad_accum`` an
 therefore see the same tokens in the same order; recipes that do not are refused before
 any training. Each result records what its checkpoint says it trained on (the shards'
 fingerprint, the seed, the tokens seen) and ``read``, a digest of the CRC-32 of every
-update's input tokens that the trainer logged as it read them (``train_batch_crc``);
+update's input tokens that the trainer logged as it read them (``train_batch_crc``; under
+``torchrun``, the main process's share of each batch);
 ``same_batches`` says whether every run agrees (``null`` when a log lacks the CRCs).
 
 **Loss by position.** Each final checkpoint, in float32, scores ``--eval-windows``
@@ -147,7 +148,8 @@ def plan_runs(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict]:
 def read_batches(steps: list[dict]) -> str | None:
     """A digest of the batches a run read, from the CRC-32 the trainer logs for each update
     (``train_batch_crc``), in step order; ``None`` when its log lacks any of them."""
-    crcs = [r.get("train_batch_crc") for r in sorted(steps, key=lambda r: r["step"])]
+    by_step = {r["step"]: r for r in steps}  # a step logged twice (an older resumed log): its last record
+    crcs = [by_step[step].get("train_batch_crc") for step in sorted(by_step)]
     if not crcs or None in crcs:
         return None
     return hashlib.blake2b(" ".join(crcs).encode(), digest_size=8).hexdigest()
@@ -211,6 +213,10 @@ def document_window_starts(tokens: torch.Tensor, eod_id: int, length: int, count
     target) that each begin a document and stay inside it (its end-of-document token may be
     the last target), spread evenly over the documents long enough for one."""
     ends = (tokens == eod_id).nonzero().flatten()  # each document's end-of-document token
+    if tokens.numel() and tokens[-1] != eod_id:  # a last document without one ends with the split
+        ends = torch.cat([ends, ends.new_tensor([tokens.numel() - 1])])
+    if not ends.numel():
+        return ends
     starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
     long_enough = starts[ends - starts >= length]
     if long_enough.numel() <= count:
@@ -335,10 +341,10 @@ def print_table(payload: dict) -> None:
               f"{r['median_tokens_per_s'] or 0:>10.0f} {data_cols}")
     labels = list(dict.fromkeys(f"{a}-{b}x" for m in payload["lengths"] for a, b in segments(m)))
     print(f"\nmean validation loss by position, in multiples of the training length {payload['seq_len']}")
-    print(f"{'recipe':<24} {'window':>8} " + " ".join(f"{label:>9}" for label in labels))
+    print(f"{'recipe':<24} {'window/n':>8} " + " ".join(f"{label:>9}" for label in labels))
     for r in rows:
         for entry in r.get("loss_by_position", []):
-            window = f"{entry['multiple']}x"
+            window = f"{entry['multiple']}x/{entry['windows']}"
             if "error" in entry:
                 print(f"{r['recipe']:<24} {window:>8} not evaluable: {entry['error']}")
                 continue

@@ -119,10 +119,11 @@ class MMRecBlock(contracts.Block):
                     raise ValueError(f"{where} sets nothing for layers {group.layers}: give one of "
                                      f"{', '.join(self.per_layer_fields)}")
                 for name in sorted(fields - set(self.per_layer_fields)):
+                    allowed = f"a layer may set {', '.join(self.per_layer_fields)}"
+                    if name in type(self).model_fields:
+                        raise ValueError(f"{where}.{name}: the same for every layer; {allowed}")
                     hint = registry.closest(name, list(self.per_layer_fields))
-                    same = " (the same for every layer)" if name in type(self).model_fields else ""
-                    raise ValueError(f"{where}.{name}: not a field a layer may set{same}; "
-                                     + (f"did you mean {hint!r}?" if hint else f"one of {', '.join(self.per_layer_fields)}"))
+                    raise ValueError(f"{where}.{name}: unknown field; " + (f"did you mean {hint!r}?" if hint else allowed))
                 for layer in group.layers:
                     if layer >= self.n_layers:
                         raise ValueError(f"{where}.layers: layer {layer}, but the model has {self.n_layers} "

@@ -53,6 +53,11 @@ def test_fla_baseline_is_called_with_the_same_recurrence(tmp_path, monkeypatch):
         assert op["over_fla"] == op["tokens_per_s"] / fla["tokens_per_s"]
     assert main([*ARGS, "--no-baselines", "--out", str(out)]) == 0
     assert not any(r["impl"].startswith("fla") for r in json.loads(out.read_text())["results"])
+    # bf16 v: fla gets q, k and β in bf16 too (cast before timing), the op keeps them float32
+    assert main([*ARGS, "--dtype", "bf16", "--out", str(out)]) == 0
+    rows = {(r["impl"], r["pass"]): r for r in json.loads(out.read_text())["results"]}
+    assert rows["fla chunk_gated_delta_rule", "fwd"]["qk_dtype"] == "bfloat16" and rows["op", "fwd"]["qk_dtype"] == "float32"
+    assert 1e-4 < rows["fla chunk_gated_delta_rule", "fwd"]["rel_err_vs_loop"] < 0.05  # the bf16 rounding of q, k, β
 
 
 def test_an_fla_that_refuses_the_device_is_reported_not_fatal(tmp_path, monkeypatch):
@@ -64,3 +69,28 @@ def test_an_fla_that_refuses_the_device_is_reported_not_fatal(tmp_path, monkeypa
     assert main([*ARGS, "--out", str(out)]) == 0
     rows = [r for r in json.loads(out.read_text())["results"] if r["impl"].startswith("fla")]
     assert [r["error"] for r in rows] == ["RuntimeError: gated delta rule needs triton >= 3.7.1 on Hopper"] * 2
+
+
+def test_an_fla_that_fails_to_import_is_reported(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing(name, *args, **kwargs):
+        if name.startswith("fla"):
+            raise ImportError("fla needs triton >= 3.7")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing)
+    out = tmp_path / "delta.json"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["results"] if r["impl"].startswith("fla")]
+    assert [r["error"] for r in rows] == ["ImportError: fla needs triton >= 3.7"] * 2
+
+
+def test_the_callers_float32_matmul_precision_is_kept(tmp_path):
+    import torch
+
+    torch.set_float32_matmul_precision("medium")
+    assert main([*ARGS, "--precision", "high", "--no-baselines", "--out", str(tmp_path / "d.json")]) == 0
+    assert torch.get_float32_matmul_precision() == "medium"

@@ -162,6 +162,10 @@ def test_document_windows_begin_a_document_and_stay_inside_it():
     assert [tokens[s].item() for s in document_window_starts(tokens, eod, 8, 2)] == [6, 9]  # spread evenly
     assert [tokens[s].item() for s in document_window_starts(tokens, eod, 12, 4)] == [8]  # its end token the last target
     assert document_window_starts(tokens, eod, 13, 4).numel() == 0
+    # a split whose last document has no end-of-document token: it ends with the split
+    assert document_window_starts(torch.tensor([5, 5, 5, 5]), eod, 3, 4).tolist() == [0]
+    assert document_window_starts(torch.tensor([5, 5, 5, 5]), eod, 4, 4).numel() == 0
+    assert document_window_starts(torch.tensor([0, 7, 7, 7, 0]), eod, 3, 4).tolist() == [1]  # an empty first document
 
 
 def test_loss_by_position_in_documents_matches_a_float64_reference(shards):

@@ -167,8 +167,9 @@ def test_hybrid_stacks_pass_the_conformance_suite(group, kind, config, overrides
 
 @pytest.mark.parametrize("override,message", [
     ({"layers": [9], "recurrence": {"kind": "delta"}}, r"layer_overrides\[0\].layers: layer 9, but the model has 2"),
-    ({"layers": [0], "d_model": 8}, r"layer_overrides\[0\].d_model: not a field a layer may set \(the same for every layer\)"),
-    ({"layers": [0], "recurence": {"kind": "delta"}}, r"layer_overrides\[0\].recurence: not a field a layer may set; did you mean 'recurrence'"),
+    ({"layers": [0], "d_model": 8}, r"layer_overrides\[0\].d_model: the same for every layer; a layer may set recurrence"),
+    ({"layers": [0], "recurrence_dropout": 0.1}, r"recurrence_dropout: the same for every layer; a layer may set"),
+    ({"layers": [0], "recurence": {"kind": "delta"}}, r"layer_overrides\[0\].recurence: unknown field; did you mean 'recurrence'"),
     ({"layers": [0]}, "sets nothing for layers"),
     ({"layers": []}, "at least 1 item"),
     ({"layers": [1], "recurrence": {"kind": "deltaa"}}, r"layer_overrides\[0\].recurrence.kind: unknown recurrence 'deltaa'.*did you mean 'delta'"),

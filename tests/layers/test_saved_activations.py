@@ -1,5 +1,6 @@
 """The saved-activation counter of ``mmrec.bench block`` and the budget it sets the MM-Rec block."""
 
+import pytest
 import torch
 
 from mmrec.bench.block import partitioned, saved_bytes_per_token, shrunk
@@ -49,3 +50,5 @@ def test_the_one_block_of_a_hybrid_stack_is_the_named_layers():
     recipe = "docs/results/recipes/1b-hybrid.json"
     kinds = [type(shrunk(recipe, 16, layer=layer).blocks[0].recurrence).__name__ for layer in (0, 3)]
     assert kinds == ["ParallelRecurrence", "DeltaRecurrence"]
+    with pytest.raises(ValueError, match="--layer 20: .* has layers 0 to 19"):
+        shrunk(recipe, 16, layer=20)
