@@ -44,14 +44,14 @@ for part in "${parts[@]}"; do
     model)
         timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
     delta)
-        # the delta rule's speed: where a 1b-delta training step spends its time, the chunk-loop
-        # kernels alone, and 1b-delta against 1b and transformer-1b (docs/notes/delta-kernel.md)
+        # the delta rule's speed: where a 1b-delta training step spends its time (by kernel, then by
+        # operator and shape), and the op against the PyTorch loop, its kernels alone and fla
         timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json > "$OUT/profile_delta.txt" 2>&1
         tail -40 "$OUT/profile_delta.txt"
         timeout 150 python3 -m mmrec.bench delta --kernels --config PRECISION=bf16x3 --config BLOCK_V=64,num_warps=8 \
             --out "$OUT/delta.json" 2>&1 | tee "$OUT/delta.log" | grep -v "^{" | tail -30
-        timeout 240 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-delta.json transformer-1b \
-            --lengths 2048 --out "$OUT/model_delta.json" 2>&1 | tail -8 ;;
+        timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json --by-op --rows 40 \
+            > "$OUT/profile_delta_ops.txt" 2>&1; tail -44 "$OUT/profile_delta_ops.txt" | cut -c1-220 ;;
     hybrid)
         # what a hybrid stack costs: the delta recurrence in every fourth layer of 1b, beside
         # 1b, 1b-delta and the Transformer (fp32 chunk products on TF32, as training runs them)

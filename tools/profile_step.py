@@ -6,6 +6,10 @@ warm-up steps, then profiles two steps and prints torch.profiler's table sorted 
 time. From the repository root, on a GPU machine::
 
     python tools/profile_step.py docs/results/recipes/1b-delta.json [--layers 2] [--length 2048] [--batch 8]
+
+``--by-op`` lists PyTorch operators with their input shapes instead of kernels (which ops
+of which tensors the GPU time goes to: an ``aten::add`` of ``[8, 16, 32, 64, 256]`` is a
+different story from one of ``[8, 2048, 2048]``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=30, help="kernels to list")
+    parser.add_argument("--by-op", action="store_true", help="operators by input shape instead of kernels")
+    parser.add_argument("--precision", default="high", choices=["highest", "high", "medium"],
+                        help="torch.set_float32_matmul_precision, as training sets it (train.tf32: high)")
     args = parser.parse_args()
+    torch.set_float32_matmul_precision(args.precision)
     overrides = [f"model.n_layers={args.layers}", f"model.max_seq_len={max(args.length, 2048)}"]
     model = mmrec.build(args.recipe, overrides).to(torch.bfloat16).cuda()
     compile_blocks(model)  # as training compiles them
@@ -41,12 +49,15 @@ def main() -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if args.by_op else [ProfilerActivity.CUDA]
+    with profile(activities=activities, record_shapes=args.by_op) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
     print(f"{args.recipe}: {args.layers} layers, batch {args.batch} x {args.length}, two steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    events = prof.key_averages(group_by_input_shape=args.by_op)
+    print(events.table(sort_by="self_cuda_time_total" if args.by_op else "cuda_time_total", row_limit=args.rows,
+                       max_name_column_width=90, max_shapes_column_width=80))
 
 
 if __name__ == "__main__":
