@@ -71,7 +71,7 @@ for part in "${parts[@]}"; do
         # memory that keeps associations can answer; compiled, one rate, five models side by side
         timeout "${RECALL_TIMEOUT:-560}" python3 -m mmrec.bench recall --long-range --pairs 16 \
             --recipes transformer-tiny docs/results/recipes/tiny-delta.json docs/results/recipes/tiny-delta-memory.json \
-            docs/results/recipes/tiny-delta-both.json docs/results/recipes/tiny-hybrid-last.json \
+            docs/results/recipes/tiny-delta-both.json docs/results/recipes/tiny-hybrid-first.json \
             --steps "${RECALL_STEPS:-1000}" --batch 32 --lrs 1e-3 --jobs 5 --compile --eval-every 250 \
             --out "$OUT/recall_long.json" --plot "$OUT/recall_long.png" 2>&1 | grep -v "^{" | tail -12 ;;
     scale|seeds)
