@@ -108,13 +108,20 @@ def test_gated_integration_refused_for_a_recurrence_without_mdi(monkeypatch):
 
 
 # the conformance suite (mmrec.testing): causality, pieces equal one pass, save and load,
-# state size, gradients to every parameter, static decoding, for each option on
+# state size, gradients to every parameter, static decoding, for each option on and for
+# hybrid stacks
 OPTIONS = [
     pytest.param("recurrences", "parallel", None, {"gated_integration": True, "pe_dim": 5}, id="parallel-integration-pe"),
     pytest.param("recurrences", "exact", None, {"gated_integration": True}, id="exact-integration"),
     pytest.param("recurrences", "delta", {"chunk": 4}, {"gated_integration": True}, id="delta-integration"),  # γ per head
     pytest.param("memories", "hds", {"slots": 64, "banks": 2, "dim": 6, "levels": [0, 1, 2, 3], "own_value": 0.1}, None,
                  id="hds-level3-own-value"),
+    # hybrid stacks (layer_overrides): one layer of another recurrence or memory
+    pytest.param("recurrences", "delta", {"chunk": 4},
+                 {"layer_overrides": [{"layers": [0], "recurrence": {"kind": "parallel"}, "decay_init": 0.9}]},
+                 id="parallel-then-delta"),
+    pytest.param("memories", "delta", None, {"layer_overrides": [{"layers": [1], "memory": {"kind": "hds", "slots": 16, "banks": 2, "dim": 6}}]},
+                 id="delta-memory-then-hds"),
 ]
 
 
@@ -151,18 +158,6 @@ def test_layer_overrides_give_each_layer_its_own_variants_and_decay():
 def test_without_layer_overrides_every_layer_is_the_models():
     config = mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": 2}}).model
     assert config.layer_overrides == [] and config.for_layer(1) is config
-
-
-@pytest.mark.parametrize("group,kind,config,overrides", [
-    pytest.param("recurrences", "delta", {"chunk": 4},
-                 {"layer_overrides": [{"layers": [0], "recurrence": {"kind": "parallel"}, "decay_init": 0.9}]},
-                 id="parallel-then-delta"),
-    pytest.param("memories", "delta", None, {"layer_overrides": [{"layers": [1], "memory": {"kind": "hds", "slots": 16, "banks": 2, "dim": 6}}]},
-                 id="delta-memory-then-hds"),
-])
-def test_hybrid_stacks_pass_the_conformance_suite(group, kind, config, overrides):
-    report = check_variant(group, kind, config, model_overrides=overrides, slow=False)
-    assert report == {name: "ok" for name in CHECKS if name != "compile"}
 
 
 @pytest.mark.parametrize("override,message", [
