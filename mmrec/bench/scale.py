@@ -65,11 +65,22 @@ import torch
 import torch.nn.functional as F
 
 import mmrec
-from mmrec.bench.common import is_out_of_memory, reset_peak_memory, run_metadata, write_json
-from mmrec.bench.quality import load_trained, read_metrics, read_records, train_all, train_command
+from mmrec.bench.common import (
+    is_out_of_memory,
+    reset_peak_memory,
+    run_metadata,
+    write_json,
+)
+from mmrec.bench.quality import (
+    load_trained,
+    read_metrics,
+    read_records,
+    train_all,
+    train_command,
+)
 from mmrec.checkpoint import Checkpoint
 from mmrec.data import DataError, TokenSource, TokenStream
-from mmrec.data.shards import ShardSet, is_shard_folder, open_shards
+from mmrec.data.shards import is_shard_folder, open_shards
 from mmrec.recipes import RecipeError
 from mmrec.recipes.checkpointing import holds_a_run
 
@@ -155,7 +166,7 @@ def read_batches(steps: list[dict]) -> str | None:
     return hashlib.blake2b(" ".join(crcs).encode(), digest_size=8).hexdigest()
 
 
-def describe_run(run_dir: Path, checkpoint: Checkpoint, shards: ShardSet) -> dict:
+def describe_run(run_dir: Path, checkpoint: Checkpoint) -> dict:
     """What a finished run's log and final checkpoint say: its validation curve, speed,
     data time, and the batches it trained on."""
     records = read_records(run_dir)
@@ -299,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
         row = {"recipe": recipe, "exit_code": exit_code, "wall_s": wall_s}
         if exit_code == 0:
             checkpoint, model = load_trained(run_dir, args.device)
-            row.update(describe_run(run_dir, checkpoint, shards), parameters=model.num_parameters())
+            row.update(describe_run(run_dir, checkpoint), parameters=model.num_parameters())
             row["loss_by_position"] = loss_by_position(model, shards.val, shared["seq_len"], args.lengths,
                                                        args.eval_windows, args.device,
                                                        None if args.stream_windows else shards.eod_id)
