@@ -3,12 +3,25 @@ rate that MFU is measured against."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from mmrec.distributed import World
+
+
+@contextlib.contextmanager
+def keeping_matmul_precision() -> Iterator[None]:
+    """Put back the caller's ``torch.get_float32_matmul_precision()`` when the block ends:
+    training and the benchmarks set it for a run (``train.tf32``), and other code in the
+    process (``bench all``'s next benchmark, a test, a notebook) keeps its own."""
+    precision = torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def synchronize(device: torch.device) -> None:

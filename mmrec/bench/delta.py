@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from mmrec.bench.common import peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
 from mmrec.bench.gated_rnn import parse_config
+from mmrec.throughput import keeping_matmul_precision
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -204,11 +205,8 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
 
 
 def run(args: argparse.Namespace) -> int:
-    precision = torch.get_float32_matmul_precision()
-    try:
+    with keeping_matmul_precision():  # bench_once sets it for each --precision
         return _run(args)
-    finally:
-        torch.set_float32_matmul_precision(precision)  # `bench all` runs the others in this process
 
 
 def _run(args: argparse.Namespace) -> int:

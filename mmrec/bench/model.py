@@ -22,7 +22,7 @@ from mmrec.bench.common import (
 )
 from mmrec.bench.plot import plot
 from mmrec.distributed import compile_blocks
-from mmrec.throughput import matmul_tflops
+from mmrec.throughput import keeping_matmul_precision, matmul_tflops
 
 
 def add_subcommand(commands) -> None:
@@ -76,13 +76,9 @@ def train_step_once(recipe: str, length: int, args, device: torch.device, peak_t
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(args.precision)
-    try:
-        return _run(args, device)
-    finally:
-        torch.set_float32_matmul_precision(precision)  # `bench all` runs the others in this process
+    with keeping_matmul_precision():
+        torch.set_float32_matmul_precision(args.precision)
+        return _run(args, torch.device(args.device))
 
 
 def _run(args: argparse.Namespace, device: torch.device) -> int:

@@ -81,7 +81,7 @@ from mmrec.recipes.checkpointing import Checkpointer
 from mmrec.recipes.train_config import TrainError
 from mmrec.recipes.train_setup import prepare
 from mmrec.sizing import ModelTooLarge
-from mmrec.throughput import Throughput, matmul_tflops
+from mmrec.throughput import Throughput, keeping_matmul_precision, matmul_tflops
 from mmrec.tokenizer import Tokenizer, TokenizerError
 
 __all__ = ["Diverged", "TrainError", "Trainer", "main"]
@@ -473,15 +473,14 @@ def run(args: argparse.Namespace) -> int:
         world = distributed.join(args.device)  # torchrun's processes, or a world of one
     except RuntimeError as e:
         raise TrainError(str(e)) from None
-    precision = torch.get_float32_matmul_precision()  # the trainer sets it for the run (train.tf32)
     try:
-        code = Trainer(args, world).fit()
+        with keeping_matmul_precision():  # the trainer sets it for the run (train.tf32)
+            code = Trainer(args, world).fit()
         # every process done before any leaves the group: gloo aborts a process whose
         # group is torn down under it (a failed process skips this, lest the others wait)
         world.barrier()
         return code
     finally:
-        torch.set_float32_matmul_precision(precision)
         world.leave()
 
 
