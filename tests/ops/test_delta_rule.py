@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmrec.ops.delta_rule import chunk_delta_rule, delta_rule_step, naive_delta_rule
+from mmrec.ops.delta_rule.chunk import unit_lower_inverse
 from tests.helpers import rel_err
 
 
@@ -143,3 +144,18 @@ def test_autocast_does_not_lower_the_precision():
     assert cast.dtype == cast_state.dtype == torch.float32
     assert rel_err(cast, plain) < 1e-6 and rel_err(cast_state, plain_state) < 1e-6
     assert rel_err(step, want_step[:, 0]) < 1e-6 and rel_err(step_state, want_step_state) < 1e-6
+
+
+def test_unit_lower_inverse_and_its_gradient_float64():
+    """The inverse of ``I + tril(A, −1)`` on a matrix whose other entries are not read, and
+    its solve-free backward, against a dense inverse (odd size, batched)."""
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 13, 13, dtype=torch.float64, requires_grad=True)
+    inverse = unit_lower_inverse(a)
+    dense = torch.linalg.inv(torch.eye(13, dtype=torch.float64) + a.tril(-1))
+    torch.testing.assert_close(inverse, dense)
+    grad = torch.randn_like(inverse)
+    (ours,) = torch.autograd.grad(inverse, a, grad)
+    (theirs,) = torch.autograd.grad(dense, a, grad)
+    torch.testing.assert_close(ours, theirs)
+    assert torch.autograd.gradcheck(unit_lower_inverse, (a[:1, :1, :6, :6].detach().requires_grad_(),))

@@ -14,9 +14,9 @@ lower-triangular system for ``U`` (rows ``u_t``)::
 
 so ``U = W1 − W2 S_0`` with ``W1 = (I + A)⁻¹ diag(β) V`` and ``W2 = (I + A)⁻¹ diag(β e^{Λ}) K``
 (the WY / UT representation), which depend on the chunk's own tokens only: one batched
-triangular solve gives them for every chunk at once. What remains sequential is a short
-loop over chunks carrying ``S``, the custom op ``mmrec::delta_chunk_scan``
-(``chunk_scan.py``; a Triton kernel on CUDA)::
+inverse of ``I + A`` (``unit_lower_inverse``) gives them for every chunk at once. What
+remains sequential is a short loop over chunks carrying ``S``, the custom op
+``mmrec::delta_chunk_scan`` (``chunk_scan.py``; a Triton kernel on CUDA)::
 
     U = W1 − W2 S_0
     O = diag(e^{Λ}) Q S_0 + (M ⊙ Q Kᵀ) U,             M_ts = e^{Λ_t − Λ_s}  (s ≤ t)
@@ -42,6 +42,32 @@ from torch import Tensor
 
 from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan
 from mmrec.ops.linear_scan import accumulation_dtype
+
+
+class UnitLowerInverse(torch.autograd.Function):
+    """``(I + A)⁻¹`` for the strictly lower part of ``A`` ``[..., C, C]`` (the rest is not read).
+
+    The inverse and then matrix products cost less than solving for the ``K + V`` right-hand
+    sides: a batched triangular solve runs on ``C`` columns instead of ``K + V``, and the
+    backward needs no solve at all, since ``d(X⁻¹) = −X⁻¹ dX X⁻¹``."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> Tensor:
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+        inverse = torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
+        ctx.save_for_backward(inverse)
+        return inverse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (inverse,) = ctx.saved_tensors
+        transposed = inverse.transpose(-1, -2)
+        return -(transposed @ grad @ transposed).tril(-1)
+
+
+def unit_lower_inverse(a: Tensor) -> Tensor:
+    """``(I + tril(A, −1))⁻¹`` ``[..., C, C]``, unit lower-triangular, with a solve-free backward."""
+    return UnitLowerInverse.apply(a)
 
 
 def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
@@ -88,10 +114,9 @@ def _chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: 
     causal = (index[:, None] >= index[None, :]).expand_as(diff)  # s ≤ t
     decay = torch.where(causal, diff, ninf).exp()  # M_ts = e^{Λ_t − Λ_s} (s ≤ t), 0 above the diagonal
     A = beta[..., None] * decay * (k @ k.transpose(-1, -2))
-    rhs = torch.cat([beta[..., None] * v, (beta * cum.exp())[..., None] * k], -1)  # [diag(β) V | diag(β e^Λ) K]
-    # a unitriangular solve reads only the strictly lower part of A (s < t): (I + A) X = rhs
-    w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-    w1, w2 = w.split([value_dim, key_dim], -1)  # [B, H, N, C, V], [B, H, N, C, K]
+    inverse = unit_lower_inverse(A)  # (I + A)⁻¹ [B, H, N, C, C]
+    w1 = inverse @ (beta[..., None] * v)  # [B, H, N, C, V]
+    w2 = inverse @ ((beta * cum.exp())[..., None] * k)  # [B, H, N, C, K]
 
     attn = decay * (q @ k.transpose(-1, -2))  # M ⊙ Q Kᵀ [B, H, N, C, C]
     q_decayed = q * cum.exp()[..., None]  # diag(e^Λ) Q
