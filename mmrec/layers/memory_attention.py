@@ -51,15 +51,13 @@ class MemoryAttention(nn.Module):
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, dropout: float = 0.0) -> Tensor:
         """``q``: ``[N, L, n_heads * head_dim]``; ``keys``, ``values``: ``[N, banks, S, head_dim]``.
 
-        Each bank's keys and values are repeated for its group of query heads. The slots are
-        few, so the copy is small, and it lets PyTorch pick a fused kernel that supports no
-        ``enable_gqa`` (the grouped form ran on a generic memory-efficient backward). Returns
-        ``[N, L, n_heads * head_dim]``.
+        The banks are shared by their groups of query heads inside the attention
+        (``enable_gqa``), never repeated in memory. Returns ``[N, L, n_heads * head_dim]``.
         """
         queries = sdpa_ready(rearrange(q, "n l (h e) -> n h l e", h=self.n_heads))
-        group = self.n_heads // self.banks
-        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-        out = nn.functional.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout)
+        out = nn.functional.scaled_dot_product_attention(
+            queries, keys, values, dropout_p=dropout, enable_gqa=self.n_heads != self.banks
+        )
         return rearrange(out, "n h l e -> n l (h e)")
 
     def forward(self, q: Tensor, slots: Tensor, dropout: float = 0.0) -> Tensor:
