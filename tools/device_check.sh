@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
-# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|recall|recall-long|scale|seeds]...
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|memory-read|recall|recall-long|scale|seeds]...
 # Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
@@ -58,6 +58,9 @@ for part in "${parts[@]}"; do
         timeout 400 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-hybrid.json \
             docs/results/recipes/1b-delta.json transformer-1b --lengths 2048 \
             --out "$OUT/model_hybrid.json" 2>&1 | tail -10 ;;
+    memory-read)
+        # the memory read's attention alone at 1b's shapes: which kernel, eager and compiled
+        timeout 150 python3 tools/memory_read_probe.py --backends 2>&1 | tee "$OUT/memory_read.txt" | grep -v "^USDT" ;;
     recall)
         # MQAR L 512, 64 pairs, Zoology's pair mixture: the delta recurrence in both layers, in one
         # of them (either), and the Transformer

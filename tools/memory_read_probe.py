@@ -1,13 +1,16 @@
-"""The memory read's attention alone, at ``1b``'s shapes: which SDPA backend runs it and how fast.
+"""The memory read's attention alone, at ``1b``'s shapes: which SDPA kernel runs it and how fast.
 
 ``hds`` reads with one ``scaled_dot_product_attention`` per chunk: 512 queries of 16 heads
 over 336 slots (256 + 64 + 16, the three HDS levels) of 4 banks, head width 128, the banks
-shared by groups of query heads (``enable_gqa``). This times forward + backward of that
-call (grouped, and with the keys repeated per head) under each backend, eagerly, and
-lists the kernels of the default choice. Compare with the read's kernel in a compiled
-training step (``tools/profile_step.py 1b``). On a GPU machine, from the repository root::
+shared by groups of query heads (``enable_gqa``). In a compiled ``1b`` training step the
+read's backward runs PyTorch's memory-efficient kernel, while the same shapes run eagerly
+pick cuDNN at less than half the time. This times forward + backward of the read with the
+queries laid out two ways (heads of a contiguous ``[N, L, heads * e]`` tensor, or a slice
+of the block's fused projection, ``--projection-width`` wide, as the model passes them),
+grouped or with the keys repeated per head, eager and compiled, and names the kernel that
+takes the most time in each. On a GPU machine, from the repository root::
 
-    python tools/memory_read_probe.py [--chunks 32]
+    python tools/memory_read_probe.py [--chunks 32] [--backends]
 """
 
 from __future__ import annotations
@@ -21,8 +24,17 @@ from torch.nn.functional import scaled_dot_product_attention
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
-BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def top_kernel(fn) -> str:
+    """The name of the CUDA kernel with the most time in one call of ``fn``."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    return events[0].key[:70] if events else "-"
 
 
 def main() -> None:
@@ -33,32 +45,44 @@ def main() -> None:
     parser.add_argument("--banks", type=int, default=4)
     parser.add_argument("--slots", type=int, default=336)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--projection-width", type=int, default=10240, help="the block's fused projection (1b: 10240)")
+    parser.add_argument("--backends", action="store_true", help="also force each backend on the eager calls")
     args = parser.parse_args()
     torch.manual_seed(0)
-    group = args.heads // args.banks
-    q = torch.randn(args.chunks, args.queries, args.heads, args.head_dim, device="cuda", dtype=torch.bfloat16)
-    q = q.transpose(1, 2).requires_grad_()  # [N, heads, L, e], a view of [N, L, heads * e] as the model has it
-    kv = torch.randn(2, args.chunks, args.banks, args.slots, args.head_dim, device="cuda", dtype=torch.bfloat16,
-                     requires_grad=True)
-    grad = torch.randn(args.chunks, args.heads, args.queries, args.head_dim, device="cuda", dtype=torch.bfloat16)
-    calls = {
-        "grouped": lambda: scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True),
-        "repeated": lambda: scaled_dot_product_attention(q, kv[0].repeat_interleave(group, 1),
-                                                         kv[1].repeat_interleave(group, 1)),
-    }
-    for name, call in calls.items():
-        for label, backend in BACKENDS.items():
-            try:
-                with sdpa_kernel(backend) if backend else torch.enable_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ms = f"{do_bench(lambda call=call: call().backward(grad)):.3f} ms"
-            except RuntimeError as error:
-                ms = f"not available ({str(error).splitlines()[0][:60]})"
-            print(f"{name:9s} {label:9s} forward + backward {ms}")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        calls["grouped"]().backward(grad)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6, max_name_column_width=90))
+    n, length, heads, banks, e = args.chunks, args.queries, args.heads, args.banks, args.head_dim
+    dense = torch.randn(n, length, heads * e, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    wide = torch.randn(n, length, args.projection_width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layouts = {"dense q": lambda: dense, "projection q": lambda: wide[..., : heads * e]}
+    kv = torch.randn(2, n, banks, args.slots, e, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(n, heads, length, e, device="cuda", dtype=torch.bfloat16)
+
+    def grouped(q):
+        return scaled_dot_product_attention(q.unflatten(-1, (heads, e)).transpose(1, 2), kv[0], kv[1], enable_gqa=True)
+
+    def repeated(q):
+        group = heads // banks
+        keys, values = kv[0].repeat_interleave(group, 1), kv[1].repeat_interleave(group, 1)
+        return scaled_dot_product_attention(q.unflatten(-1, (heads, e)).transpose(1, 2), keys, values)
+
+    print(f"{'read':9s} {'queries':13s} {'mode':9s} {'fwd+bwd':>9s}  top kernel")
+    for read in (grouped, repeated):
+        for layout, q in layouts.items():
+            for mode in ("eager", "compiled"):
+                fn = torch.compile(read, dynamic=False) if mode == "compiled" else read
+
+                def step(fn=fn, q=q):
+                    fn(q()).backward(grad)
+
+                print(f"{read.__name__:9s} {layout:13s} {mode:9s} {do_bench(step):7.3f} ms  {top_kernel(step)}")
+                if args.backends and mode == "eager":
+                    for label, backend in BACKENDS.items():
+                        try:
+                            with sdpa_kernel(backend), warnings.catch_warnings():
+                                warnings.simplefilter("ignore")
+                                ms = f"{do_bench(step):7.3f} ms"
+                        except RuntimeError as error:
+                            ms = f"not available ({str(error).splitlines()[0][:50]})"
+                        print(f"{'':33s} {label:9s} {ms}")
 
 
 if __name__ == "__main__":
