@@ -149,13 +149,20 @@ class Memory(nn.Module):
     """The long-term memory of an MM-Rec block, read by every token, written per chunk.
 
     Built as ``cls(config, *, d_model, n_heads, init_std)``; sets ``key_dim``, the width of
-    the ``k`` and ``v`` the block projects for it. Causality is chunk-level for what the
+    the ``k`` and ``v`` the block projects for it (:meth:`projection_widths` says which of
+    ``q``, ``k``, ``v`` it asks for; MDI reads ``k`` too). Causality is chunk-level for what the
     memory writes: a token of chunk ``c`` may read what chunks ``< c`` wrote, and from its own
     chunk only tokens up to itself. The memory carries whatever it needs between calls
     in its state, including the chunk in progress (:class:`ChunkedMemory` does that part).
     """
 
     key_dim: int
+
+    def projection_widths(self, d_model: int) -> dict[str, int]:
+        """What the block projects for the memory, by name: ``q`` (``d_model``), ``k`` and
+        ``v`` (``key_dim``). ``k`` must be among them (MDI reads it); one left out is passed
+        as ``None``."""
+        return {"q": d_model, "k": self.key_dim, "v": self.key_dim}
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, state: dict | None = None,
                 dropout: float = 0.0) -> tuple[Tensor, dict]:

@@ -53,19 +53,20 @@ for part in "${parts[@]}"; do
         timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json --by-op --rows 40 \
             > "$OUT/profile_delta_ops.txt" 2>&1; tail -44 "$OUT/profile_delta_ops.txt" | cut -c1-220 ;;
     hybrid)
-        # what a hybrid stack costs: the delta recurrence in every fourth layer of 1b, beside
-        # 1b, 1b-delta and the Transformer (fp32 chunk products on TF32, as training runs them)
+        # what a hybrid stack costs: the delta recurrence in every fourth layer of 1b, with hds
+        # beside it and without (memory none), against 1b and the Transformer at 2K and 32K
+        # (float32 chunk products on TF32, as training runs them)
         timeout 400 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-hybrid.json \
-            docs/results/recipes/1b-delta.json transformer-1b --lengths 2048 \
-            --out "$OUT/model_hybrid.json" 2>&1 | tail -10 ;;
+            docs/results/recipes/1b-hybrid-nomem.json transformer-1b --lengths 2048 32768 \
+            --out "$OUT/model_hybrid.json" 2>&1 | tail -12 ;;
     memory-read)
         # the memory read's attention alone at 1b's shapes: which kernel, eager and compiled
         timeout 150 python3 tools/memory_read_probe.py --backends 2>&1 | tee "$OUT/memory_read.txt" | grep -v "^USDT" ;;
     recall)
-        # MQAR L 512, 64 pairs, Zoology's pair mixture: the delta recurrence in both layers, in one
-        # of them (either), and the Transformer
+        # MQAR L 512, 64 pairs, Zoology's pair mixture: the delta recurrence in both layers, in the
+        # first (with hds and without a memory), and the Transformer
         timeout "${RECALL_TIMEOUT:-560}" python3 -m mmrec.bench recall --recipes transformer-tiny \
-            docs/results/recipes/tiny-delta.json docs/results/recipes/tiny-hybrid-last.json \
+            docs/results/recipes/tiny-delta.json docs/results/recipes/tiny-hybrid-first-nomem.json \
             docs/results/recipes/tiny-hybrid-first.json --seq-len 512 --pairs 64 --train-pairs 4 8 16 32 64 \
             --steps "${RECALL_STEPS:-2500}" --lrs 1e-3 3e-3 --jobs 8 --eval-every 500 \
             --out "$OUT/recall_hybrid.json" --plot "$OUT/recall_hybrid.png" 2>&1 | grep -v "^{" | tail -14 ;;

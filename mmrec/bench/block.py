@@ -117,7 +117,7 @@ def block_parts(block, x):
         p = {k: v.detach().requires_grad_() for k, v in block.proj(u).items()}
         log_decay = block.log_decay(p["z"], p["k"]).detach()
         h, _ = block.recurrence(p["z"], log_decay, p.get("g"))
-        context, _ = block.memory(p["q"], p["k"], p["v"], block.chunk_size)
+        context, _ = block.memory(p.get("q"), p["k"], p.get("v"), block.chunk_size)
     h = h.to(x.dtype).detach().requires_grad_()
     context = context.detach().requires_grad_()
 
@@ -137,7 +137,7 @@ def block_parts(block, x):
     return {
         "projection (norm + HEM)": forward_backward(projection, (x,)),
         "recurrence (MDI + scan)": forward_backward(recurrence, (p["z"], p["k"], p.get("g"))),
-        "memory (write, update, read)": forward_backward(memory, (p["q"], p["k"], p["v"])),
+        "memory (write, update, read)": forward_backward(memory, (p.get("q"), p["k"], p.get("v"))),
         "output + FFN": forward_backward(output, (x, h, context)),
     }
 

@@ -191,7 +191,9 @@ class MMRecBlock(contracts.Block):
         self.recurrence = build_variant("recurrences", config.recurrence, **common)
         self.memory = build_variant("memories", config.memory, **common)
         key_dim = self.memory.key_dim
-        self.widths = {"q": d, "k": key_dim, "v": key_dim, "z": d}
+        self.widths = {**self.memory.projection_widths(d), "z": d}
+        if self.widths.get("k") != key_dim:
+            raise ValueError(f"memory {config.memory.kind!r} must ask for a k of its key_dim ({key_dim}): MDI reads it")
         if self.recurrence.needs_input_gate:
             self.widths["g"] = d
         # what the recurrence asks for beyond z, log γ and g (see the module docstring)
@@ -285,9 +287,9 @@ class MMRecBlock(contracts.Block):
         h, h_last = self.recurrence(self.recurrence_dropout(z), log_decay, p.get("g"), state.get("h"), **extra)
         dropout = self.dropout_p if self.training else 0.0
         if isinstance(position, Tensor):  # a static decode step (mmrec.decode): buffers updated in place
-            context, memory_state = self.memory.step(p["q"], p["k"], p["v"], self.chunk_size, state["memory"], position)
+            context, memory_state = self.memory.step(p.get("q"), p["k"], p.get("v"), self.chunk_size, state["memory"], position)
         else:
-            context, memory_state = self.memory(p["q"], p["k"], p["v"], self.chunk_size, state.get("memory"), dropout)
+            context, memory_state = self.memory(p.get("q"), p["k"], p.get("v"), self.chunk_size, state.get("memory"), dropout)
         if self.mdi is not None and self.mdi.integration is not None:
             h = self.mdi.integrate(h, z, log_decay)
         h = self.state_norm(h.to(x.dtype))

@@ -122,6 +122,9 @@ OPTIONS = [
                  id="parallel-then-delta"),
     pytest.param("memories", "delta", None, {"layer_overrides": [{"layers": [1], "memory": {"kind": "hds", "slots": 16, "banks": 2, "dim": 6}}]},
                  id="delta-memory-then-hds"),
+    pytest.param("recurrences", "delta", {"chunk": 4}, {"layer_overrides": [
+        {"layers": [0], "memory": {"kind": "none"}},
+        {"layers": [1], "recurrence": {"kind": "parallel"}, "decay_init": 0.9}]}, id="delta-without-memory-then-parallel"),
 ]
 
 

@@ -1,0 +1,49 @@
+"""The ``none`` memory: no context, no state, and the block projects only MDI's ``k`` for it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmrec
+from mmrec.layers.mmrec_block import MMRecBlock
+from mmrec.layers.no_memory import NoMemory
+
+RECIPES = Path(__file__).resolve().parents[2] / "docs" / "results" / "recipes"
+
+
+def config(**model):
+    base = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, ffn_dim=32, max_seq_len=64, chunk_size=4)
+    return MMRecBlock.Config(**{**base, **model})
+
+
+def test_the_block_projects_only_k_for_it_and_gets_a_zero_context():
+    block = MMRecBlock(config(memory={"kind": "none", "key_dim": 6}))
+    assert {"q", "v"}.isdisjoint(block.proj.widths) and block.proj.widths["k"] == 6
+    with_hds = MMRecBlock(config(memory={"kind": "hds", "slots": 16, "banks": 2, "dim": 4}))
+    assert sum(p.numel() for p in block.parameters()) < sum(p.numel() for p in with_hds.parameters())
+    k = torch.randn(3, 5, 6, dtype=torch.float64)
+    context, state = block.memory(None, k, None, chunk_size=4)
+    assert context.shape == (3, 5, 16) and context.dtype == torch.float64 and not context.any() and state == {}
+
+
+def test_a_memory_that_asks_for_no_k_is_refused(monkeypatch):
+    monkeypatch.setattr(NoMemory, "projection_widths", lambda self, d_model: {"q": d_model})
+    with pytest.raises(ValueError, match="must ask for a k of its key_dim"):
+        MMRecBlock(config(memory={"kind": "none"}))
+
+
+def test_a_hybrid_with_memoryless_delta_layers_trains_a_step():
+    """``tiny-hybrid-first-nomem``: layer 0 ``delta`` + ``none``, the rest ``parallel`` + ``hds``."""
+    torch.manual_seed(0)
+    model = mmrec.build(RECIPES / "tiny-hybrid-first-nomem.json", ["model.vocab_size=64", "model.d_model=32",
+                                                                    "model.n_heads=2", "model.ffn_dim=64"])
+    assert type(model.blocks[0].memory) is NoMemory and type(model.blocks[1].memory) is not NoMemory
+    ids = torch.randint(0, 64, (2, 40))
+    out = model(ids, targets=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    # every parameter of the memoryless layer but the planning head (its loss is not asked for here)
+    no_grad = [name for name, p in model.blocks[0].named_parameters()
+               if not name.startswith("planning.") and (p.grad is None or not p.grad.any())]
+    assert not no_grad
