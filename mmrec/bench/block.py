@@ -106,7 +106,8 @@ def forward_backward(fn, inputs):
     def step():
         outputs = fn(*inputs)
         outputs = [o for o in (outputs if isinstance(outputs, tuple) else (outputs,)) if torch.is_tensor(o) and o.requires_grad]
-        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+        if outputs:  # a part with nothing to learn (the `none` memory) runs its forward only
+            torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
     return step
 
 
@@ -116,7 +117,8 @@ def block_parts(block, x):
         u = block.norm(x)
         p = {k: v.detach().requires_grad_() for k, v in block.proj(u).items()}
         log_decay = block.log_decay(p["z"], p["k"]).detach()
-        h, _ = block.recurrence(p["z"], log_decay, p.get("g"))
+        extra = {name: p[name] for name in block.recurrence_inputs}  # e.g. the delta rule's q_r, k_r, beta
+        h, _ = block.recurrence(p["z"], log_decay, p.get("g"), **extra)
         context, _ = block.memory(p.get("q"), p["k"], p.get("v"), block.chunk_size)
     h = h.to(x.dtype).detach().requires_grad_()
     context = context.detach().requires_grad_()
@@ -124,8 +126,8 @@ def block_parts(block, x):
     def projection(x):
         return tuple(block.proj(block.norm(x)).values())
 
-    def recurrence(z, k, g):
-        return block.recurrence(z, block.log_decay(z, k), g)[0]
+    def recurrence(z, k, g, *extra_values):
+        return block.recurrence(z, block.log_decay(z, k), g, **dict(zip(extra, extra_values)))[0]
 
     def memory(q, k, v):
         return block.memory(q, k, v, block.chunk_size)[0]
@@ -136,7 +138,7 @@ def block_parts(block, x):
 
     return {
         "projection (norm + HEM)": forward_backward(projection, (x,)),
-        "recurrence (MDI + scan)": forward_backward(recurrence, (p["z"], p["k"], p.get("g"))),
+        "recurrence (MDI + scan)": forward_backward(recurrence, (p["z"], p["k"], p.get("g"), *extra.values())),
         "memory (write, update, read)": forward_backward(memory, (p.get("q"), p["k"], p.get("v"))),
         "output + FFN": forward_backward(output, (x, h, context)),
     }

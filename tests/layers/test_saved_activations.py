@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmrec.bench.block import partitioned, saved_bytes_per_token, shrunk
+from mmrec.bench.block import block_parts, partitioned, saved_bytes_per_token, shrunk
 
 
 class _Square(torch.nn.Module):
@@ -52,3 +52,13 @@ def test_the_one_block_of_a_hybrid_stack_is_the_named_layers():
     assert kinds == ["DeltaRecurrence", "ParallelRecurrence"]
     with pytest.raises(ValueError, match="--layer 20: .* has layers 0 to 19"):
         shrunk(recipe, 16, layer=20)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_the_parts_of_a_hybrid_layer_run(layer):
+    """Each part's closure runs on a ``delta`` layer without memory (its recurrence takes the
+    extra projections; the memory has nothing to backpropagate) and on a ``parallel`` one."""
+    model = shrunk("docs/results/recipes/1b-hybrid-nomem.json", 64, layer=layer)
+    x = torch.randn(1, 24, model.config.d_model)
+    for step in block_parts(model.blocks[0], x).values():
+        step()
