@@ -37,9 +37,11 @@ for part in "${parts[@]}"; do
                     16,4,64,4,reread=0 32,4,64,8,stages=3,reread=0 \
             --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | grep -v "^{" | tail -30 ;;
     quality)
-        # QUALITY_RECIPES: shipped names or recipe files, trained side by side (default: the shipped pair)
+        # QUALITY_RECIPES: shipped names or recipe files, trained side by side (default: the shipped
+        # pair); QUALITY_STEPS: fewer steps than the recipes' own
         timeout "${QUALITY_TIMEOUT:-560}" python3 -m mmrec.bench quality --data .data/tinyshakespeare.txt --runs /tmp/quality \
-            ${QUALITY_RECIPES:+--recipes $QUALITY_RECIPES} --set train.compile=true --out "$OUT/quality.json" 2>&1 | tail -12
+            ${QUALITY_RECIPES:+--recipes $QUALITY_RECIPES} --set train.compile=true \
+            ${QUALITY_STEPS:+--set train.steps=$QUALITY_STEPS} --out "$OUT/quality.json" 2>&1 | tail -12
         cp /tmp/quality/*.log "$OUT/" 2>/dev/null ;;
     model)
         timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
