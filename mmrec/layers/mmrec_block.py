@@ -233,7 +233,7 @@ class MMRecBlock(contracts.Block):
     # decoder calls ``complete_chunk`` after the step of each chunk's last token
 
     def supports_static(self) -> bool:
-        """Whether the memory has a static decode step (``hds`` and ``window`` do)."""
+        """Whether the memory has a static decode step (``hds``, ``window`` and ``none`` do)."""
         return self.memory.supports_static()
 
     def static_state(self, layer: dict, *, batch: int, position: int, **unused) -> dict:
