@@ -3,6 +3,7 @@ import torch
 
 import mmrec
 from mmrec import registry
+from mmrec.contracts import ChunkedMemory
 from mmrec.layers.projection import split_state_dict
 from tests.helpers import parameter_gradients
 
@@ -218,7 +219,8 @@ def test_mmrec_state_does_not_pin_activations(overrides):
     length = 5 * CHUNK + 3  # 3 tokens pending
     state = model(torch.randint(0, 50, (2, length))).state
     tensors = list(_state_tensors(state.layers))
-    assert any(t.dim() == 3 and t.shape[1] == 3 for t in tensors)
+    if isinstance(model.blocks[0].memory, ChunkedMemory):  # it carries the chunk in progress
+        assert any(t.dim() == 3 and t.shape[1] == 3 for t in tensors)
     for t in tensors:
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
