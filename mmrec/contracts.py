@@ -166,9 +166,10 @@ class Memory(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, state: dict | None = None,
                 dropout: float = 0.0) -> tuple[Tensor, dict]:
-        """``q`` ``[B, T, d]``; ``k``, ``v`` ``[B, T, key_dim]``; ``state``: the dict of tensors
+        """``q`` ``[B, T, d]``; ``k``, ``v`` ``[B, T, key_dim]`` (``None`` for one that
+        :meth:`projection_widths` leaves out); ``state``: the dict of tensors
         this returned last time, or ``None`` at the start; ``dropout``: the attention dropout
-        of the read (0 outside training). Returns the context ``[B, T, d]`` in ``q``'s dtype
+        of the read (0 outside training). Returns the context ``[B, T, d]`` in the activations' dtype
         (the block adds it to the normalised state before ``W_o``) and the next state, whose
         size does not depend on the length and whose tensors are not views of larger ones."""
         raise NotImplementedError(_missing(self, "forward"))

@@ -51,8 +51,11 @@ def main() -> None:
     torch.manual_seed(0)
     n, length, heads, banks, e = args.chunks, args.queries, args.heads, args.banks, args.head_dim
     dense = torch.randn(n, length, heads * e, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    wide = torch.randn(n, length, args.projection_width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layouts = {"dense q": lambda: dense, "projection q": lambda: wide[..., : heads * e]}
+    wide = torch.randn(n, length, args.projection_width, device="cuda", dtype=torch.bfloat16)
+    # the slice as a leaf of its own, with the projection's strides: its gradient is the
+    # slice's, not a zero-filled gradient of the whole projection on every step
+    sliced = wide[..., : heads * e].detach().requires_grad_()
+    layouts = {"dense q": lambda: dense, "projection q": lambda: sliced}
     kv = torch.randn(2, n, banks, args.slots, e, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(n, heads, length, e, device="cuda", dtype=torch.bfloat16)
 

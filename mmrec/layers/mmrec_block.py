@@ -191,9 +191,11 @@ class MMRecBlock(contracts.Block):
         self.recurrence = build_variant("recurrences", config.recurrence, **common)
         self.memory = build_variant("memories", config.memory, **common)
         key_dim = self.memory.key_dim
-        self.widths = {**self.memory.projection_widths(d), "z": d}
-        if self.widths.get("k") != key_dim:
-            raise ValueError(f"memory {config.memory.kind!r} must ask for a k of its key_dim ({key_dim}): MDI reads it")
+        memory_widths = self.memory.projection_widths(d)
+        if memory_widths.get("k") != key_dim or not set(memory_widths) <= {"q", "k", "v"}:
+            raise ValueError(f"memory {config.memory.kind!r} asks for projections {memory_widths}: it may ask for q, k "
+                             f"and v only, and must ask for a k of its key_dim ({key_dim}), which MDI reads")
+        self.widths = {**memory_widths, "z": d}
         if self.recurrence.needs_input_gate:
             self.widths["g"] = d
         # what the recurrence asks for beyond z, log γ and g (see the module docstring)
@@ -238,7 +240,9 @@ class MMRecBlock(contracts.Block):
 
     def static_state(self, layer: dict, *, batch: int, position: int, **unused) -> dict:
         """Buffers that continue the eager ``layer`` state."""
-        return {**_fixed_size_copy(layer), "memory": self.memory.static_state(layer["memory"], batch, self.chunk_size)}
+        # a memory whose state is empty (``none``) has no "memory" entry after a State round trip
+        memory = self.memory.static_state(layer.get("memory", {}), batch, self.chunk_size)
+        return {**_fixed_size_copy(layer), "memory": memory}
 
     @staticmethod
     def static_capacity(static: dict) -> int | None:

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import mmrec
+from mmrec.decode import StaticDecoder
 from mmrec.layers.mmrec_block import MMRecBlock
 from mmrec.layers.no_memory import NoMemory
+from mmrec.state import State
 
 RECIPES = Path(__file__).resolve().parents[2] / "docs" / "results" / "recipes"
 
@@ -27,10 +29,26 @@ def test_the_block_projects_only_k_for_it_and_gets_a_zero_context():
     assert context.shape == (3, 5, 16) and context.dtype == torch.float64 and not context.any() and state == {}
 
 
-def test_a_memory_that_asks_for_no_k_is_refused(monkeypatch):
-    monkeypatch.setattr(NoMemory, "projection_widths", lambda self, d_model: {"q": d_model})
-    with pytest.raises(ValueError, match="must ask for a k of its key_dim"):
-        MMRecBlock(config(memory={"kind": "none"}))
+@pytest.mark.parametrize("widths", [{"q": 16}, {"k": 6, "z": 16}])
+def test_a_memory_that_asks_for_no_k_or_other_names_is_refused(monkeypatch, widths):
+    monkeypatch.setattr(NoMemory, "projection_widths", lambda self, d_model: widths)
+    with pytest.raises(ValueError, match="may ask for q, k and v only, and must ask for a k of its key_dim"):
+        MMRecBlock(config(memory={"kind": "none", "key_dim": 6}))
+
+
+def test_a_saved_state_continues_in_static_decoding(tmp_path):
+    """The empty memory state of a ``none`` layer leaves nothing in a saved State; the
+    static decoder still starts from the loaded one and gives the eager logits."""
+    torch.manual_seed(0)
+    model = mmrec.build(RECIPES / "tiny-hybrid-first-nomem.json", ["model.vocab_size=64", "model.d_model=32",
+                                                                    "model.n_heads=2", "model.ffn_dim=64"]).eval()
+    ids = torch.randint(0, 64, (2, 19))
+    with torch.no_grad():
+        state = model(ids[:, :18]).state
+        state.save(tmp_path / "state")
+        loaded = State.load(tmp_path / "state", model)
+        decoder = StaticDecoder(model, loaded, cuda_graph=False)
+        torch.testing.assert_close(decoder.step(ids[:, 18:]), model(ids).logits[:, -1])
 
 
 def test_a_hybrid_with_memoryless_delta_layers_trains_a_step():

@@ -159,3 +159,16 @@ def test_unit_lower_inverse_and_its_gradient_float64():
     (theirs,) = torch.autograd.grad(dense, a, grad)
     torch.testing.assert_close(ours, theirs)
     assert torch.autograd.gradcheck(unit_lower_inverse, (a[:1, :1, :6, :6].detach().requires_grad_(),))
+
+
+def test_unit_lower_inverse_backward_ignores_autocast():
+    """Its products stay float32 when the backward runs under bf16 autocast."""
+    torch.manual_seed(0)
+    a = (0.3 * torch.randn(2, 64, 64)).requires_grad_()
+    grad = torch.randn(2, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (ours,) = torch.autograd.grad(unit_lower_inverse(a), a, grad)
+    a64 = a.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(unit_lower_inverse(a64), a64, grad.double())
+    assert ours.dtype == torch.float32
+    assert rel_err(ours.double(), want) < 1e-5

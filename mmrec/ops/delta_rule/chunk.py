@@ -62,7 +62,8 @@ class UnitLowerInverse(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         (inverse,) = ctx.saved_tensors
         transposed = inverse.transpose(-1, -2)
-        return -(transposed @ grad @ transposed).tril(-1)
+        with torch.autocast(grad.device.type, enabled=False):  # as around the forward (chunk_delta_rule)
+            return -(transposed @ grad.to(inverse.dtype) @ transposed).tril(-1)
 
 
 def unit_lower_inverse(a: Tensor) -> Tensor:
