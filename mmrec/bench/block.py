@@ -45,8 +45,9 @@ def shrunk(recipe: str, shrink: int, extra: tuple[str, ...] = (), layer: int = 0
         model = model.for_layer(layer)
         data["model"] = model.model_dump(mode="json", exclude={"layer_overrides"})
     overrides = ["model.n_layers=1", f"model.d_model={model.d_model // shrink}", f"model.ffn_dim={model.ffn_dim // shrink}"]
-    if model.arch == "mmrec" and getattr(model.memory, "dim", None):
-        overrides.append(f"model.memory.dim={model.memory.dim // shrink}")
+    for width in ("dim", "key_dim"):  # the memory's own widths (hds: dim; none: key_dim)
+        if model.arch == "mmrec" and getattr(model.memory, width, None):
+            overrides.append(f"model.memory.{width}={max(getattr(model.memory, width) // shrink, 1)}")
     return mmrec.build(data, overrides + list(extra))
 
 
