@@ -92,6 +92,10 @@ class State:
                 tensors[f"{i}.{key}"] = t
         metadata = {"format": "mmrec.State", "version": str(FORMAT_VERSION), "position": str(self.position),
                     "n_layers": str(len(self.layers)), "model_config": self.model_config}
+        # subtrees without tensors (a variant with nothing to carry, e.g. the `none` memory's
+        # {}) leave no entry among the tensors: their paths keep the layers' shape
+        if empty := [f"{i}.{key}" for i, layer in enumerate(self.layers) for key in _empty_subtrees(layer)]:
+            metadata["empty"] = json.dumps(empty)
         metadata["sha256"] = checksum(tensors, metadata)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # never a name the user has
         try:
@@ -143,7 +147,10 @@ class State:
             for key, tensor in tensors.items():
                 index, _, rest = key.partition(".")
                 _insert(layers[int(index)], rest.split("."), tensor.to(device))
-        except (KeyError, ValueError, IndexError) as error:
+            for key in json.loads(metadata.get("empty", "[]")):
+                index, _, rest = key.partition(".")
+                _insert(layers[int(index)], rest.split("."), {})
+        except (KeyError, ValueError, IndexError, TypeError) as error:
             raise StateError(f"{name!r} is corrupted: malformed state ({type(error).__name__}: {error})") from None
         state = cls(layers, position, model_config)
         if model is not None:
@@ -173,6 +180,8 @@ def checksum(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     them), in name order."""
     digest = hashlib.sha256(b"mmrec.State\n")
     fields = {k: metadata.get(k) for k in ("format", "version", "position", "n_layers", "model_config")}
+    if "empty" in metadata:  # only in files that have empty subtrees, so older checksums still match
+        fields["empty"] = metadata["empty"]
     digest.update(json.dumps(fields, sort_keys=True).encode() + b"\n")
     for key in sorted(tensors):
         t = tensors[key].detach().to("cpu").contiguous()
@@ -189,6 +198,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Tensor]:
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
+    return out
+
+
+def _empty_subtrees(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted paths of the dicts in ``tree`` that hold no tensor at any depth."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _empty_subtrees(value, f"{prefix}{key}.") if _flatten(value) else [f"{prefix}{key}"]
     return out
 
 

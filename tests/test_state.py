@@ -75,6 +75,19 @@ def test_save_and_load_round_trip(tmp_path):
     torch.testing.assert_close(continued, expected, rtol=0, atol=0)
 
 
+def test_empty_subtrees_survive_the_round_trip_and_the_checksum_covers_them(tmp_path):
+    """A variant with nothing to carry (the `none` memory's {}) keeps its place in the tree."""
+    layers = [{"h": torch.ones(2, 3), "memory": {}}, {"h": torch.zeros(2, 3), "memory": {"kv": {}, "m": torch.ones(1)}}]
+    path = tmp_path / "state.safetensors"
+    State(layers, 5, "{}").save(path)
+    loaded = State.load(path)
+    assert loaded.layers[0]["memory"] == {} and loaded.layers[1]["memory"]["kv"] == {}
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b'0.memory', b'1.memory', 1))  # same length, another layer's subtree
+    with pytest.raises(StateError, match="checksum mismatch"):
+        State.load(path)
+
+
 def test_state_from_another_recipe_is_refused(tmp_path):
     model, other = toy(), toy(d_model=32)
     with torch.no_grad():

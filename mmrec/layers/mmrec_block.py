@@ -240,9 +240,7 @@ class MMRecBlock(contracts.Block):
 
     def static_state(self, layer: dict, *, batch: int, position: int, **unused) -> dict:
         """Buffers that continue the eager ``layer`` state."""
-        # a memory whose state is empty (``none``) has no "memory" entry after a State round trip
-        memory = self.memory.static_state(layer.get("memory", {}), batch, self.chunk_size)
-        return {**_fixed_size_copy(layer), "memory": memory}
+        return {**_fixed_size_copy(layer), "memory": self.memory.static_state(layer["memory"], batch, self.chunk_size)}
 
     @staticmethod
     def static_capacity(static: dict) -> int | None:
