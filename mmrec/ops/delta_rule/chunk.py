@@ -115,12 +115,13 @@ def _chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: 
     causal = (index[:, None] >= index[None, :]).expand_as(diff)  # s ≤ t
     decay = torch.where(causal, diff, ninf).exp()  # M_ts = e^{Λ_t − Λ_s} (s ≤ t), 0 above the diagonal
     A = beta[..., None] * decay * (k @ k.transpose(-1, -2))
+    from_start = cum.exp()[..., None]  # e^Λ [B, H, N, C, 1]
     inverse = unit_lower_inverse(A)  # (I + A)⁻¹ [B, H, N, C, C]
     w1 = inverse @ (beta[..., None] * v)  # [B, H, N, C, V]
-    w2 = inverse @ ((beta * cum.exp())[..., None] * k)  # [B, H, N, C, K]
+    w2 = inverse @ (beta[..., None] * from_start * k)  # [B, H, N, C, K]
 
     attn = decay * (q @ k.transpose(-1, -2))  # M ⊙ Q Kᵀ [B, H, N, C, C]
-    q_decayed = q * cum.exp()[..., None]  # diag(e^Λ) Q
+    q_decayed = q * from_start  # diag(e^Λ) Q
     k_decayed = k * (cum[..., -1:] - cum).exp()[..., None]  # K ⊙ e^{Λ_C − Λ}
     chunk_decay = cum[..., -1].exp()  # e^{Λ_C} [B, H, N]
 
