@@ -63,8 +63,8 @@ for part in "${parts[@]}"; do
             docs/results/recipes/1b-hybrid-nomem.json transformer-1b --lengths 2048 32768 \
             --out "$OUT/model_hybrid.json" 2>&1 | tail -12 ;;
     memory-read)
-        # the memory read's attention alone at 1b's shapes: which kernel, eager and compiled
-        timeout 120 python3 tools/memory_read_probe.py --backends 2>&1 | tee "$OUT/memory_read.txt" | grep -v "^USDT" ;;
+        # the memory's attention alone at 1b's shapes (the read, then the write's pooling): which kernel, eager and compiled
+        timeout 120 python3 tools/memory_read_probe.py --backends --parts read write 2>&1 | tee "$OUT/memory_read.txt" | grep -v "^USDT" ;;
     recall)
         # MQAR L 512, 64 pairs, Zoology's pair mixture: the delta recurrence in both layers, in the
         # first (with hds and without a memory), and the Transformer

@@ -1,17 +1,21 @@
-"""The memory read's attention alone, at ``1b``'s shapes: which SDPA kernel runs it and how fast.
+"""The memory's attention alone, at ``1b``'s shapes: which kernel runs it and how fast.
 
 ``hds`` reads with one ``scaled_dot_product_attention`` per chunk: 512 queries of 16 heads
 over 336 slots (256 + 64 + 16, the three HDS levels) of 4 banks, head width 128, the banks
-shared by groups of query heads (``enable_gqa``). In a compiled ``1b`` training step the
-read's backward runs PyTorch's memory-efficient kernel, while the same shapes run eagerly
-pick cuDNN at less than half the time. This times forward + backward of the read with the
-queries laid out two ways (heads of a contiguous ``[N, L, heads * e]`` tensor, or a slice
-of the block's fused projection, ``--projection-width`` wide, as the model passes them),
-grouped, with the keys repeated per head, or as plain products and a softmax (which
+shared by groups of query heads (``enable_gqa``). This times forward + backward of the read
+with the queries laid out two ways (heads of a contiguous ``[N, L, heads * e]`` tensor, or
+a slice of the block's fused projection, ``--projection-width`` wide, as the model passes
+them), grouped, with the keys repeated per head, or as plain products and a softmax (which
 inductor fuses when compiled), eager and compiled, and names the kernel that takes the most
-time in each. On a GPU machine, from the repository root::
+time in each.
 
-    python tools/memory_read_probe.py [--chunks 32] [--backends]
+``--parts write`` times the write's pooling: ``--write-slots`` learned queries per bank
+over each chunk's keys, head width ``--slot-dim`` (512 in ``1b``, past what the flash and
+cuDNN kernels take), as SDPA and as the plain products ``hds`` uses.
+
+On a GPU machine, from the repository root::
+
+    python tools/memory_read_probe.py [--chunks 32] [--backends] [--parts read write]
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--projection-width", type=int, default=10240, help="the block's fused projection (1b: 10240)")
     parser.add_argument("--backends", action="store_true", help="also force each backend on the eager calls")
+    parser.add_argument("--parts", nargs="+", choices=("read", "write"), default=["read"])
+    parser.add_argument("--write-slots", type=int, default=256, help="level-0 slots per bank (1b: 256)")
+    parser.add_argument("--slot-dim", type=int, default=512, help="width of a slot (1b: 512)")
     args = parser.parse_args()
     torch.manual_seed(0)
     n, length, heads, banks, e = args.chunks, args.queries, args.heads, args.banks, args.head_dim
@@ -74,20 +81,15 @@ def main() -> None:
         scores = queries @ kv[0].unsqueeze(2).transpose(-1, -2) * e**-0.5
         return (scores.softmax(-1) @ kv[1].unsqueeze(2)).flatten(1, 2)
 
+    if "write" in args.parts:
+        probe_write(n, length, banks, args.write_slots, args.slot_dim)
+    if "read" not in args.parts:
+        return
     print(f"{'read':9s} {'queries':13s} {'mode':9s} {'fwd+bwd':>9s}  top kernel")
     for read in (grouped, repeated, unfused):
         for layout, q in layouts.items():
             for mode in ("eager", "compiled"):
-                fn = torch.compile(read, dynamic=False) if mode == "compiled" else read
-
-                def step(fn=fn, q=q):
-                    fn(q()).backward(grad)
-
-                try:
-                    timing = f"{do_bench(step):7.3f} ms  {top_kernel(step)}"
-                except Exception as error:  # noqa: BLE001 - a mode that fails is a result too
-                    timing = f"failed: {str(error).splitlines()[0][:80]}"
-                print(f"{read.__name__:9s} {layout:13s} {mode:9s} {timing}")
+                print(f"{read.__name__:9s} {layout:13s} {mode:9s} {timed(read, q, grad, mode)}")
                 if args.backends and mode == "eager" and read is not unfused:
                     for label, backend in BACKENDS.items():
                         try:
@@ -97,6 +99,40 @@ def main() -> None:
                         except RuntimeError as error:
                             ms = f"not available ({str(error).splitlines()[0][:50]})"
                         print(f"{'':33s} {label:9s} {ms}")
+
+
+def timed(fn, inputs, grad: torch.Tensor, mode: str) -> str:
+    """Forward + backward of ``fn(inputs())`` eager or compiled: time and top kernel."""
+    fn = torch.compile(fn, dynamic=False) if mode == "compiled" else fn
+
+    def step():
+        fn(inputs()).backward(grad)
+
+    try:
+        return f"{do_bench(step):7.3f} ms  {top_kernel(step)}"
+    except Exception as error:  # noqa: BLE001 - a mode that fails is a result too
+        return f"failed: {str(error).splitlines()[0][:80]}"
+
+
+def probe_write(n: int, length: int, banks: int, slots: int, dim: int) -> None:
+    """The write's pooling: ``slots`` learned queries per bank attend over each chunk's keys."""
+    queries = torch.randn(banks, slots, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(n, length, 2, banks, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(n, banks, slots, dim, device="cuda", dtype=torch.bfloat16)
+
+    def sdpa(kv):
+        keys, values = kv.permute(2, 0, 3, 1, 4)  # [N, banks, C, dim] each
+        return scaled_dot_product_attention(queries.expand(n, -1, -1, -1), keys, values)
+
+    def products(kv):
+        keys, values = kv.permute(2, 0, 3, 1, 4)
+        scores = torch.einsum("msd,bmcd->bmsc", queries, keys) * dim**-0.5
+        return scores.softmax(-1).to(values.dtype) @ values
+
+    print(f"{'write':9s} {'':13s} {'mode':9s} {'fwd+bwd':>9s}  top kernel")
+    for write in (sdpa, products):
+        for mode in ("eager", "compiled"):
+            print(f"{write.__name__:9s} {'':13s} {mode:9s} {timed(write, lambda: kv, grad, mode)}")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from mmrec.contracts import ChunkedMemory
-from mmrec.layers.memory_attention import MemoryAttention, sdpa_ready
+from mmrec.layers.memory_attention import MemoryAttention
 from mmrec.ops import accumulation_dtype, linear_scan
 
 LEVEL_POOL = {0: 1, 1: 4, 2: 16, 3: 64}  # slots pooled into one, per HDS level
@@ -103,8 +103,12 @@ class HDSMemory(ChunkedMemory):
         batch = k.shape[0]
         keys = rearrange(k, "b n c (m d) -> (b n) m c d", m=self.banks)
         values = rearrange(v, "b n c (m d) -> (b n) m c d", m=self.banks)
-        queries = repeat(self.slot_queries.to(k.dtype), "m s d -> bn m s d", bn=keys.shape[0])
-        pooled = nn.functional.scaled_dot_product_attention(queries, sdpa_ready(keys), sdpa_ready(values))
+        # Plain products and a softmax, not SDPA: the slot width is the head width here (512 in
+        # 1b), past what the flash and cuDNN kernels take, and the memory-efficient kernel's
+        # generic wide-head backward is several times slower than these GEMMs. The same
+        # queries serve every chunk, so their scores are one product per bank.
+        scores = torch.einsum("msd,bmcd->bmsc", self.slot_queries.to(k.dtype), keys) * self.dim**-0.5
+        pooled = scores.softmax(-1).to(values.dtype) @ values  # [(b n), banks, M, dim]
         pooled = rearrange(pooled, "(b n) m s d -> m b s n d", b=batch)  # a view
         acc = accumulation_dtype(k.dtype)
         # elementwise and a sum, not a matmul, so that a compiled backward recomputes the
