@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
-# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|memory-read|recall|recall-long|scale|seeds]...
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|candidate|memory-read|recall|recall-long|scale|seeds]...
 # Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
@@ -62,6 +62,14 @@ for part in "${parts[@]}"; do
         timeout 430 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-hybrid.json \
             docs/results/recipes/1b-hybrid-nomem.json transformer-1b --lengths 2048 32768 \
             --out "$OUT/model_hybrid.json" 2>&1 | tail -12 ;;
+    candidate)
+        # the default's candidate at the Transformer's size (1b-hybrid-matched): training at 2K and
+        # 32K beside 1b and the Transformer, then decode at 1K-32K context, batch 8, against both
+        timeout 330 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-hybrid-matched.json \
+            transformer-1b --lengths 2048 32768 --out "$OUT/model_candidate.json" 2>&1 | tail -9
+        timeout 220 python3 -m mmrec.bench decode --recipes 1b docs/results/recipes/1b-hybrid-matched.json transformer-1b \
+            --modes graph --compile both --kv-splits 0 --batches 8 --out "$OUT/decode_candidate.json" 2>&1 \
+            | grep -v "^{" | tail -24 ;;
     memory-read)
         # the memory's attention alone at 1b's shapes (the read, then the write's pooling): which kernel, eager and compiled
         timeout 120 python3 tools/memory_read_probe.py --backends --parts read write 2>&1 | tee "$OUT/memory_read.txt" | grep -v "^USDT" ;;
@@ -96,7 +104,7 @@ for part in "${parts[@]}"; do
         # seeds: the seeds' ablations beside small at 10M tokens, three a call: SEEDS_RECIPES="small
         # docs/results/recipes/small-no-hem.json docs/results/recipes/small-seed-options.json" for the rest
         seeds="small docs/results/recipes/small-no-planning.json docs/results/recipes/small-exact.json"
-        recipes=${SCALE_RECIPES:-docs/results/recipes/small-hybrid.json transformer-small}
+        recipes=${SCALE_RECIPES:-docs/results/recipes/small-hybrid-matched.json transformer-small}
         tokens=${SCALE_TOKENS:-50_000_000}; warmup=100; evals=${SCALE_EVALS:-10}
         [ "$part" = seeds ] && { recipes=${SEEDS_RECIPES:-$seeds}; tokens=${SEEDS_TOKENS:-10_000_000}; warmup=20; evals=5; }
         runs="/tmp/$part-$(date +%s)"  # a fresh folder: a run cut by an earlier call's limit stays where it was

@@ -176,3 +176,13 @@ def test_each_transformer_baseline_has_its_mmrec_recipes_size(mmrec_recipe):
 def test_a_transformer_with_odd_heads_is_refused_by_validation():
     """RoPE rotates pairs of channels: an odd head width failed at the first forward pass."""
     assert "must be even" in error_of(["model.d_model=66", "model.n_heads=2"], data=mmrec.recipes.load("transformer-tiny").model_dump(mode="json"))
+
+
+@pytest.mark.parametrize("size", ["small", "1b"])
+def test_size_matched_hybrid_candidates_have_their_transformers_size(size):
+    # the hybrids timed and scored against the Transformer for the default (docs/benchmarks.md)
+    path = Path(__file__).parents[2] / "docs" / "results" / "recipes" / f"{size}-hybrid-matched.json"
+    with torch.device("meta"):
+        ours = mmrec.build(str(path)).num_parameters()
+        baseline = mmrec.build(f"transformer-{size}").num_parameters()
+    assert abs(baseline - ours) / ours < 0.005, (ours, baseline)
