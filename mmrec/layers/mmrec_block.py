@@ -93,13 +93,14 @@ class MMRecBlock(contracts.Block):
         )
 
         layer_overrides: list[LayerOverride] = Field(
-            [], description="layers whose recurrence, memory, decay_init or short convolution differ from the "
+            [], description="layers whose recurrence, memory, decay_init, short convolution or recurrence dropout differ from the "
                             "model's: [{\"layers\": [1, 3], \"recurrence\": {\"kind\": \"delta\"}}] (a hybrid stack)",
         )
 
         variant_groups: ClassVar[dict[str, str]] = {"recurrence": "recurrences", "memory": "memories"}
         # what a layer override may set: the block's own mixing, not the model's shape
-        per_layer_fields: ClassVar[tuple[str, ...]] = ("recurrence", "memory", "decay_init", "short_conv", "short_conv_init")
+        per_layer_fields: ClassVar[tuple[str, ...]] = (
+            "recurrence", "memory", "decay_init", "short_conv", "short_conv_init", "recurrence_dropout")
 
         @field_validator("decay_init")
         @classmethod

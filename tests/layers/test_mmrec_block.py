@@ -158,6 +158,14 @@ def test_layer_overrides_give_each_layer_its_own_variants_and_decay():
     assert torch.allclose(other_decays, torch.full_like(other_decays, 0.99))
 
 
+def test_a_layer_override_sets_its_layers_recurrence_dropout_only():
+    # the dropout tuned for a per-channel recurrence need not suit a delta layer, whose write
+    # replaces what its state holds for a key with the (dropped) value
+    model = mmrec.build(mmrec.recipes.parse({"name": "t", "model": {
+        **BLOCK, "n_layers": 3, "recurrence_dropout": 0.4, "layer_overrides": [{"layers": [1], "recurrence_dropout": 0.0}]}}))
+    assert [b.recurrence_dropout.p for b in model.blocks] == [0.4, 0.0, 0.4]
+
+
 def test_without_layer_overrides_every_layer_is_the_models():
     config = mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": 2}}).model
     assert config.layer_overrides == [] and config.for_layer(1) is config
@@ -166,7 +174,8 @@ def test_without_layer_overrides_every_layer_is_the_models():
 @pytest.mark.parametrize("override,message", [
     ({"layers": [9], "recurrence": {"kind": "delta"}}, r"layer_overrides\[0\].layers: layer 9, but the model has 2"),
     ({"layers": [0], "d_model": 8}, r"layer_overrides\[0\].d_model: the same for every layer; a layer may set recurrence"),
-    ({"layers": [0], "recurrence_dropout": 0.1}, r"recurrence_dropout: the same for every layer; a layer may set"),
+    ({"layers": [0], "dropout": 0.1}, r"layer_overrides\[0\].dropout: the same for every layer; a layer may set"),
+    ({"layers": [0], "recurrence_dropout": 1.0}, r"layer_overrides\[0\].recurrence_dropout: "),
     ({"layers": [0], "recurence": {"kind": "delta"}}, r"layer_overrides\[0\].recurence: unknown field; did you mean 'recurrence'"),
     ({"layers": [0]}, "sets nothing for layers"),
     ({"layers": []}, "at least 1 item"),
