@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
-# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|candidate|memory-read|recall|recall-long|scale|seeds]...
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|candidate|memory-attention|recall|recall-long|scale|seeds]...
 # Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
@@ -70,9 +70,9 @@ for part in "${parts[@]}"; do
         timeout 220 python3 -m mmrec.bench decode --recipes 1b docs/results/recipes/1b-hybrid-matched.json transformer-1b \
             --modes graph --compile both --kv-splits 0 --batches 8 --out "$OUT/decode_candidate.json" 2>&1 \
             | grep -v "^{" | tail -24 ;;
-    memory-read)
+    memory-attention)
         # the memory's attention alone at 1b's shapes (the read, then the write's pooling): which kernel, eager and compiled
-        timeout 120 python3 tools/memory_read_probe.py --backends --parts read write 2>&1 | tee "$OUT/memory_read.txt" | grep -v "^USDT" ;;
+        timeout 120 python3 tools/memory_attention_probe.py --backends --parts read write 2>&1 | tee "$OUT/memory_read.txt" | grep -v "^USDT" ;;
     recall)
         # MQAR L 512, 64 pairs, Zoology's pair mixture: the delta recurrence in both layers, in the
         # first (with hds and without a memory), and the Transformer

@@ -15,7 +15,7 @@ cuDNN kernels take), as SDPA and as the plain products ``hds`` uses.
 
 On a GPU machine, from the repository root::
 
-    python tools/memory_read_probe.py [--chunks 32] [--backends] [--parts read write]
+    python tools/memory_attention_probe.py [--chunks 32] [--backends] [--parts read write]
 """
 
 from __future__ import annotations
