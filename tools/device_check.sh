@@ -72,7 +72,7 @@ for part in "${parts[@]}"; do
             | grep -v "^{" | tail -24 ;;
     memory-attention)
         # the memory's attention alone at 1b's shapes (the read, then the write's pooling): which kernel, eager and compiled
-        timeout 120 python3 tools/memory_attention_probe.py --backends --parts read write 2>&1 | tee "$OUT/memory_read.txt" | grep -v "^USDT" ;;
+        timeout 120 python3 tools/memory_attention_probe.py --backends --parts read write 2>&1 | tee "$OUT/memory_attention.txt" | grep -v "^USDT" ;;
     recall)
         # MQAR L 512, 64 pairs, Zoology's pair mixture: the delta recurrence in both layers, in the
         # first (with hds and without a memory), and the Transformer
