@@ -68,10 +68,10 @@ for part in "${parts[@]}"; do
         timeout 330 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-hybrid-matched.json \
             transformer-1b --lengths 2048 32768 --out "$OUT/model_candidate.json" 2>&1 | tail -9
         timeout 220 python3 -m mmrec.bench decode --recipes 1b docs/results/recipes/1b-hybrid-matched.json transformer-1b \
-            --modes graph --compile both --kv-splits 0 --batches 8 --out "$OUT/decode_candidate.json" 2>&1 \
+            --contexts 1024 32768 --modes graph --compile both --kv-splits 0 --batches 8 --out "$OUT/decode_candidate.json" 2>&1 \
             | grep -v "^{" | tail -24 ;;
     memory-attention)
-        # the memory's attention alone at 1b's shapes (the read, then the write's pooling): which kernel, eager and compiled
+        # the memory's attention alone at 1b's shapes (the write's pooling, then the read): which kernel, eager and compiled
         timeout 120 python3 tools/memory_attention_probe.py --backends --parts read write 2>&1 | tee "$OUT/memory_attention.txt" | grep -v "^USDT" ;;
     recall)
         # MQAR L 512, 64 pairs, Zoology's pair mixture: the delta recurrence in both layers, in the

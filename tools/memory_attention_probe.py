@@ -45,7 +45,7 @@ def top_kernel(fn) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=32, help="batch x chunks (1b at 8 x 2048: 32)")
-    parser.add_argument("--queries", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=512, help="tokens per chunk: the read's queries, the write's keys")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--banks", type=int, default=4)
     parser.add_argument("--slots", type=int, default=336)

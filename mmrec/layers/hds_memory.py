@@ -105,9 +105,11 @@ class HDSMemory(ChunkedMemory):
         values = rearrange(v, "b n c (m d) -> (b n) m c d", m=self.banks)
         # Plain products and a softmax, not SDPA: the slot width is the head width here (512 in
         # 1b), past what the flash and cuDNN kernels take, and the memory-efficient kernel left
-        # for it is about 2.5x slower than these products at 1b's shapes (docs/benchmarks.md,
-        # "The write's pooling as products"). The same queries serve every chunk.
-        scores = torch.einsum("msd,bmcd->bmsc", self.slot_queries.to(k.dtype), keys) * self.dim**-0.5
+        # for it takes 2-2.6x as long as these products at 1b's shapes (docs/benchmarks.md,
+        # "The write's pooling as products"). The same queries serve every chunk; the scale
+        # is folded into them before the cast, as SDPA scales before rounding.
+        queries = (self.slot_queries * self.dim**-0.5).to(k.dtype)
+        scores = torch.einsum("msd,bmcd->bmsc", queries, keys)
         pooled = scores.softmax(-1).to(values.dtype) @ values  # [(b n), banks, M, dim]
         pooled = rearrange(pooled, "(b n) m s d -> m b s n d", b=batch)  # a view
         acc = accumulation_dtype(k.dtype)
