@@ -11,7 +11,8 @@ time in each.
 
 ``--parts write`` times the write's pooling: ``--write-slots`` learned queries per bank
 over each chunk's keys, head width ``--slot-dim`` (512 in ``1b``, past what the flash and
-cuDNN kernels take), as SDPA and as the plain products ``hds`` uses.
+cuDNN kernels take), as SDPA, as plain products under autograd, and as ``hds`` runs it
+(the products with a backward that recomputes the weights).
 
 On a GPU machine, from the repository root::
 
@@ -129,10 +130,17 @@ def probe_write(n: int, length: int, banks: int, slots: int, dim: int) -> None:
         scores = torch.einsum("msd,bmcd->bmsc", queries, keys) * dim**-0.5
         return scores.softmax(-1).to(values.dtype) @ values
 
-    print(f"{'write':9s} {'':13s} {'mode':9s} {'fwd+bwd':>9s}  top kernel")
-    for write in (sdpa, products):
+    def recomputing(kv):
+        """As ``hds`` runs it: the products, with a backward that recomputes the weights."""
+        from mmrec.layers.hds_memory import _SlotPooling
+
+        keys, values = kv.permute(2, 0, 3, 1, 4)
+        return _SlotPooling.apply(queries * dim**-0.5, keys, values)
+
+    print(f"{'write':11s} {'':11s} {'mode':9s} {'fwd+bwd':>9s}  top kernel")
+    for write in (sdpa, products, recomputing):
         for mode in ("eager", "compiled"):
-            print(f"{write.__name__:9s} {'':13s} {mode:9s} {timed(write, lambda: kv, grad, mode)}")
+            print(f"{write.__name__:11s} {'':11s} {mode:9s} {timed(write, lambda: kv, grad, mode)}")
 
 
 if __name__ == "__main__":

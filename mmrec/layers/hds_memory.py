@@ -32,6 +32,40 @@ from mmrec.ops import accumulation_dtype, linear_scan
 LEVEL_POOL = {0: 1, 1: 4, 2: 16, 3: 64}  # slots pooled into one, per HDS level
 
 
+class _SlotPooling(torch.autograd.Function):
+    """``softmax(Q Kᵀ) V`` of the write: the same slot queries ``Q`` ``[banks, M, dim]`` over
+    each chunk's keys and values ``[N, banks, C, dim]``; ``Q`` comes scaled.
+
+    Plain products, not SDPA: the slot width is the head width here (512 in ``1b``), past
+    what the flash and cuDNN kernels take, and the memory-efficient kernel left for it
+    takes 2-2.6x as long at ``1b``'s shapes (docs/benchmarks.md, "The write's pooling as
+    products"). Like a fused kernel it keeps only each row's log-sum-exp for the backward,
+    which recomputes the weights: saved, ``[N, banks, M, C]`` weights would be the largest
+    thing the block keeps (``banks * M`` per token against ``d_model``)."""
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        acc = accumulation_dtype(keys.dtype)
+        scores = torch.einsum("msd,nmcd->nmsc", queries, keys).to(acc)
+        lse = scores.logsumexp(-1, keepdim=True)  # [N, banks, M, 1]
+        out = (scores - lse).exp().to(values.dtype) @ values  # [N, banks, M, dim]
+        ctx.save_for_backward(queries, keys, values, lse, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        queries, keys, values, lse, out = ctx.saved_tensors
+        weights = (torch.einsum("msd,nmcd->nmsc", queries, keys).to(lse.dtype) - lse).exp()
+        grad = grad.to(values.dtype)
+        grad_values = weights.to(values.dtype).transpose(-1, -2) @ grad
+        # softmax backward: w ⊙ (dL/dw − Σ_c w dL/dw), where Σ_c w dL/dw = Σ_d grad ⊙ out
+        row = (grad.to(lse.dtype) * out.to(lse.dtype)).sum(-1, keepdim=True)
+        grad_scores = (weights * ((grad @ values.transpose(-1, -2)).to(lse.dtype) - row)).to(keys.dtype)
+        grad_queries = torch.einsum("nmsc,nmcd->msd", grad_scores, keys)
+        grad_keys = torch.einsum("nmsc,msd->nmcd", grad_scores, queries)
+        return grad_queries, grad_keys, grad_values
+
+
 class HDSMemory(ChunkedMemory):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -103,14 +137,9 @@ class HDSMemory(ChunkedMemory):
         batch = k.shape[0]
         keys = rearrange(k, "b n c (m d) -> (b n) m c d", m=self.banks)
         values = rearrange(v, "b n c (m d) -> (b n) m c d", m=self.banks)
-        # Plain products and a softmax, not SDPA: the slot width is the head width here (512 in
-        # 1b), past what the flash and cuDNN kernels take, and the memory-efficient kernel left
-        # for it takes 2-2.6x as long as these products at 1b's shapes (docs/benchmarks.md,
-        # "The write's pooling as products"). The same queries serve every chunk; the scale
-        # is folded into them before the cast, as SDPA scales before rounding.
+        # the scale folded into the queries before the cast, as SDPA scales before rounding
         queries = (self.slot_queries * self.dim**-0.5).to(k.dtype)
-        scores = torch.einsum("msd,bmcd->bmsc", queries, keys)
-        pooled = scores.softmax(-1).to(values.dtype) @ values  # [(b n), banks, M, dim]
+        pooled = _SlotPooling.apply(queries, keys, values)  # [(b n), banks, M, dim]
         pooled = rearrange(pooled, "(b n) m s d -> m b s n d", b=batch)  # a view
         acc = accumulation_dtype(k.dtype)
         # elementwise and a sum, not a matmul, so that a compiled backward recomputes the

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mmrec.layers.hds_memory import HDSMemory
+from mmrec.layers.hds_memory import HDSMemory, _SlotPooling
 from tests.helpers import rel_err
 
 
@@ -145,3 +145,39 @@ def test_bfloat16_memories_are_read_narrow_but_carried_in_float32():
     second, last = memory(q[:, 13:], k[:, 13:], v[:, 13:], 6, mid)
     torch.testing.assert_close(torch.cat([first, second], 1), context)
     assert rel_err(last["memory"], state["memory"]) < 1e-6
+
+
+def test_slot_pooling_is_softmax_attention_float64_with_gradients():
+    """The write's pooling (its own backward, which recomputes the weights) against
+    softmax(Q Kᵀ) V in float64, with keys and values as strided views of one projection,
+    as the write passes them; odd sizes."""
+    banks, slots, dim, chunks, length = 3, 5, 7, 4, 9
+    queries = torch.randn(banks, slots, dim, dtype=torch.float64, requires_grad=True)
+    projection = torch.randn(chunks, length, 2 * banks * dim + 3, dtype=torch.float64, requires_grad=True)
+
+    def views(x):
+        kv = x[..., : 2 * banks * dim].unflatten(-1, (2, banks, dim))
+        return kv[..., 0, :, :].transpose(1, 2), kv[..., 1, :, :].transpose(1, 2)  # [N, banks, C, dim]
+
+    def reference(q, x):
+        keys, values = views(x)
+        return torch.einsum("msd,nmcd->nmsc", q, keys).softmax(-1) @ values
+
+    grad = torch.randn(chunks, banks, slots, dim, dtype=torch.float64)
+    got = _SlotPooling.apply(queries, *views(projection))
+    want = reference(queries, projection)
+    torch.testing.assert_close(got, want)
+    grads_got = torch.autograd.grad(got, (queries, projection), grad)
+    grads_want = torch.autograd.grad(want, (queries, projection), grad)
+    for g, w in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, w)
+    assert torch.autograd.gradcheck(lambda q, x: _SlotPooling.apply(q, *views(x)), (queries, projection))
+
+
+def test_slot_pooling_in_bfloat16_is_near_the_float64_result():
+    queries, keys, values = (torch.randn(shape, dtype=torch.float64) for shape in ((2, 16, 32), (3, 2, 24, 32), (3, 2, 24, 32)))
+    queries = queries * 32**-0.5
+    want = _SlotPooling.apply(queries, keys, values)
+    got = _SlotPooling.apply(*(x.to(torch.bfloat16) for x in (queries, keys, values)))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=3e-2)
