@@ -44,9 +44,13 @@ class _SlotPooling(torch.autograd.Function):
     thing the block keeps (``banks * M`` per token against ``d_model``)."""
 
     @staticmethod
+    def scores(queries: Tensor, keys: Tensor) -> Tensor:
+        """``Q Kᵀ`` per chunk and bank ``[N, banks, M, C]`` in the accumulation dtype."""
+        return torch.einsum("msd,nmcd->nmsc", queries, keys).to(accumulation_dtype(keys.dtype))
+
+    @staticmethod
     def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        acc = accumulation_dtype(keys.dtype)
-        scores = torch.einsum("msd,nmcd->nmsc", queries, keys).to(acc)
+        scores = _SlotPooling.scores(queries, keys)
         lse = scores.logsumexp(-1, keepdim=True)  # [N, banks, M, 1]
         out = (scores - lse).exp().to(values.dtype) @ values  # [N, banks, M, dim]
         ctx.save_for_backward(queries, keys, values, lse, out)
@@ -55,7 +59,7 @@ class _SlotPooling(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         queries, keys, values, lse, out = ctx.saved_tensors
-        weights = (torch.einsum("msd,nmcd->nmsc", queries, keys).to(lse.dtype) - lse).exp()
+        weights = (_SlotPooling.scores(queries, keys) - lse).exp()
         grad = grad.to(values.dtype)
         grad_values = weights.to(values.dtype).transpose(-1, -2) @ grad
         # softmax backward: w ⊙ (dL/dw − Σ_c w dL/dw), where Σ_c w dL/dw = Σ_d grad ⊙ out

@@ -116,9 +116,9 @@ def _chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: 
     decay = torch.where(causal, diff, ninf).exp()  # M_ts = e^{Λ_t − Λ_s} (s ≤ t), 0 above the diagonal
     A = beta[..., None] * decay * (k @ k.transpose(-1, -2))
     from_start = cum.exp()[..., None]  # e^Λ [B, H, N, C, 1]
-    inverse = unit_lower_inverse(A)  # (I + A)⁻¹ [B, H, N, C, C]
-    w1 = inverse @ (beta[..., None] * v)  # [B, H, N, C, V]
-    w2 = inverse @ (beta[..., None] * from_start * k)  # [B, H, N, C, K]
+    rhs = beta[..., None] * torch.cat([v, from_start * k], -1)  # [diag(β) V | diag(β e^Λ) K]
+    w = unit_lower_inverse(A) @ rhs  # (I + A)⁻¹ read once for both
+    w1, w2 = w.split([v.shape[-1], k.shape[-1]], -1)  # [B, H, N, C, V], [B, H, N, C, K]
 
     attn = decay * (q @ k.transpose(-1, -2))  # M ⊙ Q Kᵀ [B, H, N, C, C]
     q_decayed = q * from_start  # diag(e^Λ) Q
