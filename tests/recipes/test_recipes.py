@@ -178,7 +178,7 @@ def test_a_transformer_with_odd_heads_is_refused_by_validation():
     assert "must be even" in error_of(["model.d_model=66", "model.n_heads=2"], data=mmrec.recipes.load("transformer-tiny").model_dump(mode="json"))
 
 
-@pytest.mark.parametrize("size", ["small", "1b"])
+@pytest.mark.parametrize("size", ["shakespeare-char", "small", "1b"])
 def test_size_matched_hybrid_candidates_have_their_transformers_size(size):
     # the hybrids timed and scored against the Transformer for the default (docs/benchmarks.md)
     path = Path(__file__).parents[2] / "docs" / "results" / "recipes" / f"{size}-hybrid-matched.json"
