@@ -49,7 +49,9 @@ class DeltaRecurrence(Recurrence):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         kind: Literal["delta"] = "delta"
-        chunk: PositiveInt = Field(64, description="tokens per chunk of the chunked delta rule")
+        # the Triton chunk scan holds a chunk's [chunk, head_dim] operands on chip: at 128 x 128
+        # they need 272 KiB of shared memory, past an H100's or H200's 227 KiB
+        chunk: PositiveInt = Field(64, le=64, description="tokens per chunk of the chunked delta rule (at most 64)")
         conv: int | None = Field(4, ge=2, description="taps of the causal convolution on q and k; null: none")
 
     needs_input_gate = True  # g gates the output: h = σ(g) ⊙ o

@@ -178,3 +178,11 @@ def test_meta_device_build_is_fully_initialised():
     model.reset_parameters(seed=3)
     assert model.parameters_left_to_constructor() == []
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_chunk_past_the_kernels_shared_memory_is_refused_by_validation():
+    # 128-token chunks at head width 128 asked the Triton scan for 272 KiB of shared memory on
+    # an H200 and failed at the first step; the recipe refuses them up front
+    with pytest.raises(ValueError, match=r"recurrence\.chunk.*less than or equal to 64"):
+        mmrec.recipes.load("tiny", ["model.recurrence.kind=delta", "model.recurrence.chunk=128"])
+    assert mmrec.recipes.load("tiny", ["model.recurrence.kind=delta", "model.recurrence.chunk=32"]).model.recurrence.chunk == 32
