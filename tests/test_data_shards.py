@@ -89,7 +89,7 @@ def test_damaged_folders_are_clear_errors(tmp_path, shard_folder):
         open_shards(tmp_path)
 
 
-SMALL = ["model.n_layers=1", "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=3", "train.eval_batches=2",
+SMALL = ["model.n_layers=2", "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=3", "train.eval_batches=2",
          "train.sample_tokens=8", "model.vocab_size=320"]
 
 

@@ -5,6 +5,7 @@ import mmrec
 from mmrec import registry
 from mmrec.contracts import ChunkedMemory
 from mmrec.layers.projection import split_state_dict
+from mmrec.ops.delta_rule import chunk_delta_rule_flops
 from tests.helpers import parameter_gradients
 
 CHUNK = 8
@@ -228,13 +229,17 @@ def test_mmrec_state_does_not_pin_activations(overrides):
 def test_flops_per_token_counts_parameters_and_each_blocks_mixing():
     """MFU's numerator: 6 per parameter plus what each block's sequence mixing adds, which
     the blocks and their variants count themselves (no architecture named in the count)."""
+    plain = "docs/results/recipes/tiny-all-parallel.json"  # parallel + hds in every layer
     with torch.device("meta"):
-        mmrec_model, transformer = mmrec.build("tiny"), mmrec.build("transformer-tiny")
-        delta = mmrec.build("tiny", ["model.recurrence.kind=delta"])
-        window = mmrec.build("tiny", ['model.memory={"kind": "window"}'])
+        mmrec_model, transformer = mmrec.build(plain), mmrec.build("transformer-tiny")
+        delta = mmrec.build(plain, ["model.recurrence.kind=delta"])
+        window = mmrec.build(plain, ['model.memory={"kind": "window"}'])
+        hybrid = mmrec.build("tiny")  # layer 0: delta with no memory
     c = mmrec_model.config  # hds: 32 slots read over levels 0-2 (32 + 8 + 2), written from keys of 2 x 64
     hds = 12 * (32 + 8 + 2) * c.d_model + 12 * 32 * 128
     assert mmrec_model.flops_per_token(256) == 6 * mmrec_model.num_parameters() + c.n_layers * hds
+    delta_layer = chunk_delta_rule_flops(64, c.n_heads, c.d_model // c.n_heads)  # 64-token chunks
+    assert hybrid.flops_per_token(256) == 6 * hybrid.num_parameters() + (c.n_layers - 1) * hds + delta_layer
     t = transformer.config
     assert transformer.flops_per_token(256) == 6 * transformer.num_parameters() + 6 * t.n_layers * 256 * t.d_model
     assert transformer.flops_per_token(512) > transformer.flops_per_token(256)  # attention grows with length

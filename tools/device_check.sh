@@ -63,11 +63,11 @@ for part in "${parts[@]}"; do
             docs/results/recipes/1b-hybrid-nomem.json transformer-1b --lengths 2048 32768 \
             --out "$OUT/model_hybrid.json" 2>&1 | tail -12 ;;
     candidate)
-        # the default's candidate at the Transformer's size (1b-hybrid-matched): training at 2K and
-        # 32K beside 1b and the Transformer, then decode at 1K-32K context, batch 8, against both
-        timeout 330 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-hybrid-matched.json \
+        # the shipped 1b (the hybrid) beside the block before it and the Transformer: training at
+        # 2K and 32K, then decode at 1K and 32K context, batch 8
+        timeout 330 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-all-parallel.json \
             transformer-1b --lengths 2048 32768 --out "$OUT/model_candidate.json" 2>&1 | tail -9
-        timeout 220 python3 -m mmrec.bench decode --recipes 1b docs/results/recipes/1b-hybrid-matched.json transformer-1b \
+        timeout 220 python3 -m mmrec.bench decode --recipes 1b docs/results/recipes/1b-all-parallel.json transformer-1b \
             --contexts 1024 32768 --modes graph --compile both --kv-splits 0 --batches 8 --out "$OUT/decode_candidate.json" 2>&1 \
             | grep -v "^{" | tail -24 ;;
     memory-attention)
@@ -101,10 +101,10 @@ for part in "${parts[@]}"; do
         [ -f /tmp/shards/index.json ] || python3 -m mmrec.data.prepare --input "$site" --glob '*.py' --glob '*.pyi' \
             --glob '*.md' --glob '*.rst' --glob '*.txt' --vocab-size 32000 --tokenizer-train-bytes 40000000 \
             --out /tmp/shards --quiet 2>&1 | tail -3
-        # seeds: the seeds' ablations beside small at 10M tokens, three a call: SEEDS_RECIPES="small
+        # seeds: the seeds' ablations beside the block they ablate at 10M tokens, three a call: SEEDS_RECIPES="docs/results/recipes/small-all-parallel.json
         # docs/results/recipes/small-no-hem.json docs/results/recipes/small-seed-options.json" for the rest
-        seeds="small docs/results/recipes/small-no-planning.json docs/results/recipes/small-exact.json"
-        recipes=${SCALE_RECIPES:-docs/results/recipes/small-hybrid-matched.json transformer-small}
+        seeds="docs/results/recipes/small-all-parallel.json docs/results/recipes/small-no-planning.json docs/results/recipes/small-exact.json"
+        recipes=${SCALE_RECIPES:-small transformer-small}
         tokens=${SCALE_TOKENS:-50_000_000}; warmup=100; evals=${SCALE_EVALS:-10}
         [ "$part" = seeds ] && { recipes=${SEEDS_RECIPES:-$seeds}; tokens=${SEEDS_TOKENS:-10_000_000}; warmup=20; evals=5; }
         runs="/tmp/$part-$(date +%s)"  # a fresh folder: a run cut by an earlier call's limit stays where it was

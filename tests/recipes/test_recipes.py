@@ -7,7 +7,7 @@ import torch
 import mmrec
 from mmrec.recipes import RecipeError
 
-SEVEN_B_PARAMETERS = 7_359_696_896  # stated in README.md
+SEVEN_B_PARAMETERS = 7_063_546_176
 
 
 def meta_count(name):

@@ -53,7 +53,7 @@ def test_pieces_with_carried_state_equal_one_pass():
 def test_registered_and_selectable_from_a_recipe():
     assert registry.entries("recurrences")["complex"].package == "mmrec-complex-scan"
     model = mmrec.build("tiny", ["model.recurrence.kind=complex"])
-    assert type(model.blocks[0].recurrence).__name__ == "ComplexRecurrence"
+    assert type(model.blocks[-1].recurrence).__name__ == "ComplexRecurrence"  # tiny's layer 0 keeps its delta rule
     assert '"complex"' in json.dumps(mmrec.recipes.schema())
     with pytest.raises(mmrec.recipes.RecipeError, match="max_period"):
         mmrec.recipes.load("tiny", ["model.recurrence={\"kind\": \"complex\", \"max_period\": 0.5}"])
