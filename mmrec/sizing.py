@@ -25,28 +25,28 @@ def estimate_parameters(config) -> tuple[int, bool]:
     """The parameter count of the model ``config`` (a recipe's model section) describes,
     without building it: ``(count, exact)``. Models of one and two layers are built on
     the meta device (no memory, no time) and the count extrapolated to ``n_layers``:
-    exact when every layer has the same parameters, as in the built-in blocks. The layers
-    of a hybrid stack (``layer_overrides``) add what they differ by, from the first
-    ``m`` layers built with and without the overrides (``m``: one past the last layer
-    named). Where that cannot be done (a width so large that a weight's element count
-    overflows, or a block that cannot be built on the meta device) it is a lower bound:
-    the embedding and the head."""
+    exact when every layer has the same parameters, as in the built-in blocks. Each group
+    of a hybrid stack's ``layer_overrides`` adds, per layer it names, what a one-layer
+    model with the group's block has more than one with the model's. Where that cannot be
+    done (a width so large that a weight's element count overflows, or a block that
+    cannot be built on the meta device) it is a lower bound: the embedding and the head."""
     lower = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
     if max(config.d_model, config.ffn_dim, config.vocab_size) ** 2 > 2**60:
         return lower, False
-    overridden = [i for group in getattr(config, "layer_overrides", ()) for i in group.layers if i < config.n_layers]
-    plain = config.model_copy(update={"layer_overrides": []}) if overridden else config
 
-    def count(model_config, n_layers: int) -> int:
-        return LanguageModel(model_config.model_copy(update={"n_layers": n_layers})).num_parameters()
+    groups = getattr(config, "layer_overrides", None) or ()
+
+    def count(n_layers: int, overrides: list | None = None) -> int:
+        update = {"n_layers": n_layers, **({"layer_overrides": overrides or []} if groups else {})}
+        return LanguageModel(config.model_copy(update=update)).num_parameters()
 
     try:
         with torch.device("meta"):
-            one, two = count(plain, 1), count(plain, 2)
+            one, two = count(1), count(2)
             total = one + (two - one) * (config.n_layers - 1)
-            if overridden:
-                m = max(overridden) + 1
-                total += count(config, m) - count(plain, m)
+            for group in groups:  # validation names each layer once
+                named = sum(1 for i in group.layers if i < config.n_layers)
+                total += named * (count(1, [group.model_copy(update={"layers": [0]})]) - one)
     except Exception:  # noqa: BLE001 - a plugin's block that needs real tensors to be built
         return lower, False
     return total, True

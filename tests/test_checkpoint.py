@@ -22,7 +22,7 @@ class Tiny(torch.nn.Module):
 
 @pytest.fixture
 def recipe():
-    return mmrec.recipes.load("tiny", ["model.n_layers=1"])
+    return mmrec.recipes.load("tiny", ["model.n_layers=2"])  # both of tiny's kinds of block
 
 
 def _save(run, step, model, recipe, keep_last=None):

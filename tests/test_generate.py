@@ -8,7 +8,7 @@ from mmrec.generate import _filter_logits, generate
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return mmrec.build("tiny", ["model.n_layers=1"]).eval()
+    return mmrec.build("tiny", ["model.n_layers=2"]).eval()
 
 
 def test_shapes_and_prompt_kept(model):
@@ -30,8 +30,8 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng(model):
 @pytest.mark.parametrize("recipe", ["tiny", "transformer-tiny"])
 def test_stepwise_greedy_equals_greedy_by_full_passes(recipe):
     # float64, so that no near-tie flips between the two ways of computing the logits;
-    # 50 + 30 tokens cross the tiny recipe's 64-token chunk boundary
-    model = mmrec.build(recipe, ["model.n_layers=1"]).double().eval()
+    # 50 + 30 tokens cross the tiny recipe's 64-token chunk boundary (layer 1's hds memory)
+    model = mmrec.build(recipe, ["model.n_layers=2"]).double().eval()
     prompt = torch.randint(0, 256, (2, 50))
     out = generate(model, prompt, 30, temperature=0)
     ids = prompt

@@ -50,7 +50,7 @@ def test_scheduler_and_resume_agree():
 
 
 def test_weight_decay_only_on_linear_matrices():
-    model = mmrec.build("tiny", ["model.n_layers=1"])
+    model = mmrec.build("tiny", ["model.n_layers=2"])  # layer 1 has hds's non-linear matrices
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}

@@ -29,16 +29,26 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--baseline", default="transformer-1b", help="Transformer recipe for the saved-bytes count")
     parser.add_argument("--shrink", type=int, default=1, help="divide the widths by this for the saved-bytes count")
     parser.add_argument("--saved-only", action="store_true", help="only count saved bytes per token (no timing)")
-    parser.add_argument("--layer", type=int, default=0, help="in a hybrid stack (layer_overrides): the layer whose block is measured")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="in a hybrid stack (layer_overrides): the layer whose block is measured (default: the "
+                             "first that keeps the model's own block, e.g. 1 in the shipped hybrids)")
     parser.add_argument("--out", type=Path)
     parser.set_defaults(run=run)
 
 
-def shrunk(recipe: str, shrink: int, extra: tuple[str, ...] = (), layer: int = 0) -> "mmrec.LanguageModel":
+def first_plain_layer(model) -> int:
+    """The first layer that no ``layer_overrides`` group names (0 without overrides)."""
+    named = {i for group in getattr(model, "layer_overrides", None) or () for i in group.layers}
+    return next((i for i in range(model.n_layers) if i not in named), 0)
+
+
+def shrunk(recipe: str, shrink: int, extra: tuple[str, ...] = (), layer: int | None = None) -> "mmrec.LanguageModel":
     """A one-block model of ``recipe`` with its widths divided by ``shrink`` (heads, slots and
-    chunk size kept); in a hybrid stack (``layer_overrides``) the block is layer ``layer``'s."""
+    chunk size kept); in a hybrid stack (``layer_overrides``) the block is layer ``layer``'s,
+    by default the first that keeps the model's own block."""
     loaded = mmrec.recipes.load(recipe)
     data, model = loaded.model_dump(mode="json"), loaded.model
+    layer = first_plain_layer(model) if layer is None else layer
     if not 0 <= layer < model.n_layers:
         raise ValueError(f"--layer {layer}: {recipe} has layers 0 to {model.n_layers - 1}")
     if getattr(model, "layer_overrides", None):
@@ -92,9 +102,10 @@ def saved_bytes_table(args: argparse.Namespace, device: torch.device, dtype: tor
         x = torch.randn(args.batch, args.length, model.config.d_model, device=device, dtype=dtype, requires_grad=True)
         config = mmrec.recipes.load(recipe).model
         uniform = not getattr(config, "layer_overrides", None)  # else the layers save different amounts
+        layer = first_plain_layer(config) if args.layer is None else args.layer
         for mode, module in (("eager", block), ("compiled", partitioned(block))):
             per_token = saved_bytes_per_token(module, x)
-            rows.append({"recipe": recipe, "layer": args.layer, "mode": mode, "shrink": args.shrink, "d_model": model.config.d_model,
+            rows.append({"recipe": recipe, "layer": layer, "mode": mode, "shrink": args.shrink, "d_model": model.config.d_model,
                          "saved_bytes_per_token": per_token, "layers": config.n_layers,
                          "model_saved_bytes_per_token": per_token * config.n_layers if uniform else None})
         torch._dynamo.reset()

@@ -1,7 +1,9 @@
 """``python -m mmrec.bench recurrence``: training tokens/s of a recipe with the ``exact``
 recurrence (``mmrec::gated_rnn``) as a fraction of the same recipe with ``parallel``.
 
-Both variants are built from one recipe (``model.recurrence.kind`` overridden), timed in
+Both variants are built from one recipe (``model.recurrence.kind`` overridden in every
+layer: a hybrid recipe's ``layer_overrides`` are dropped, so that all layers run the kind
+timed), timed in
 the same run with the same step as ``python -m mmrec.bench model``: forward, backward and
 a fused AdamW update, bf16 parameters, each block compiled with ``torch.compile`` (the
 op is opaque to the compiler through its fake kernel), a fixed number of tokens per step.
@@ -36,7 +38,8 @@ def add_subcommand(commands) -> None:
 
 
 def train_step_once(kind: str, length: int, args, device: torch.device) -> dict:
-    overrides = [*args.set, f"model.recurrence.kind={kind}", f"model.max_seq_len={max(length, 2048)}"]
+    overrides = ["model.layer_overrides=[]", *args.set, f"model.recurrence.kind={kind}",
+                 f"model.max_seq_len={max(length, 2048)}"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
         model = mmrec.build(args.recipe, overrides).to(dtype)

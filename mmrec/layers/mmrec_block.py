@@ -67,7 +67,8 @@ class LayerOverride(BaseModel):
 
 class MMRecBlock(contracts.Block):
     class Config(ModelConfigBase):
-        """An MM-Rec language model: gated recurrence plus long-term memory in every block."""
+        """An MM-Rec language model: gated recurrence plus long-term memory in each block, or per
+        layer what ``layer_overrides`` sets (hybrid stacks)."""
 
         arch: Literal["mmrec"] = "mmrec"
         chunk_size: PositiveInt = Field(256, description="tokens per memory chunk")
@@ -128,7 +129,8 @@ class MMRecBlock(contracts.Block):
                 for layer in group.layers:
                     if layer >= self.n_layers:
                         raise ValueError(f"{where}.layers: layer {layer}, but the model has {self.n_layers} "
-                                         f"(0 to {self.n_layers - 1})")
+                                         f"(0 to {self.n_layers - 1}); with fewer layers, set model.layer_overrides "
+                                         "to name only those that exist (or to [] for none)")
                     if layer in seen:
                         raise ValueError(f"{where}.layers: layer {layer} is in layer_overrides[{seen[layer]}] too; "
                                          "name each layer once")

@@ -54,6 +54,8 @@ def test_the_one_block_of_a_hybrid_stack_is_the_named_layers():
     assert kinds == ["DeltaRecurrence", "ParallelRecurrence"]
     with pytest.raises(ValueError, match="--layer 20: .* has layers 0 to 19"):
         shrunk(recipe, 16, layer=20)
+    # without --layer: the first layer that keeps the model's own block (1b's layer 1)
+    assert type(shrunk("1b", 16).blocks[0].recurrence).__name__ == "ParallelRecurrence"
 
 
 @pytest.mark.parametrize("layer", [0, 1])

@@ -283,11 +283,19 @@ def test_size_estimate_is_the_built_models_count():
     planned = mmrec.recipes.load("tiny", ["model.short_conv=4", "model.n_layers=3", "model.tie_embeddings=true"])
     with torch.device("meta"):
         assert sizing.estimate_parameters(planned.model)[0] == mmrec.build(planned).num_parameters()
-    # a hybrid stack: the overridden layers (beyond the first two) have other parameters
-    hybrid = mmrec.recipes.load("docs/results/recipes/1b-hybrid.json")
-    with torch.device("meta"):
-        count = mmrec.build(hybrid).num_parameters()
-    assert count != mmrec.build("1b").num_parameters() and sizing.estimate_parameters(hybrid.model) == (count, True)
+    # hybrid stacks: the overridden layers (beyond the first two) have other parameters
+    groups = ('model.layer_overrides=[{"layers": [5], "recurrence": {"kind": "delta"}, "memory": {"kind": "none"}}, '
+              '{"layers": [2, 3], "recurrence": {"kind": "exact"}}]')
+    for hybrid in (mmrec.recipes.load("docs/results/recipes/1b-hybrid.json"),
+                   mmrec.recipes.load("tiny", ["model.n_layers=6", groups])):
+        with torch.device("meta"):
+            count = mmrec.build(hybrid).num_parameters()
+            plain = mmrec.build(hybrid, ["model.layer_overrides=[]"]).num_parameters()
+        assert count != plain and sizing.estimate_parameters(hybrid.model) == (count, True)
+    # counted per group, not by building the layers up to the last one named
+    deep = mmrec.recipes.load("tiny", ["model.n_layers=100000000", 'model.layer_overrides=[{"layers": [99999999], '
+                                       '"recurrence": {"kind": "delta"}}]'])
+    assert sizing.estimate_parameters(deep.model)[1]
 
 
 def test_7b_fits_eight_gpus_with_fsdp_but_not_one(monkeypatch):
