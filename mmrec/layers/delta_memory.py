@@ -37,7 +37,7 @@ from mmrec.contracts import Memory
 from mmrec.layers.delta_recurrence import conv_silu_heads
 from mmrec.layers.mdi import spread_decays
 from mmrec.layers.short_conv import ShortConv
-from mmrec.ops.delta_rule import chunk_delta_rule_flops, delta_rule
+from mmrec.ops.delta_rule import check_chunk, chunk_delta_rule_flops, delta_rule
 
 
 class DeltaMemory(Memory):
@@ -62,6 +62,7 @@ class DeltaMemory(Memory):
             heads = self.heads or model.n_heads
             if model.d_model % heads:
                 raise ValueError(f"memory.heads ({heads}) must divide d_model ({model.d_model})")
+            check_chunk(self.chunk, model.d_model // heads, "memory.chunk")
 
     def __init__(self, config: Config, *, d_model: int, n_heads: int, init_std: float = 0.02):
         super().__init__()

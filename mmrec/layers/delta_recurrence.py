@@ -42,17 +42,18 @@ from torch import Tensor
 from mmrec.contracts import Recurrence
 from mmrec.layers.short_conv import ShortConv
 from mmrec.ops import accumulation_dtype
-from mmrec.ops.delta_rule import chunk_delta_rule_flops, delta_rule
+from mmrec.ops.delta_rule import check_chunk, chunk_delta_rule_flops, delta_rule
 
 
 class DeltaRecurrence(Recurrence):
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         kind: Literal["delta"] = "delta"
-        # the Triton chunk scan holds a chunk's [chunk, head_dim] operands on chip: at 128 x 128
-        # they need 272 KiB of shared memory, past an H100's or H200's 227 KiB
-        chunk: PositiveInt = Field(64, le=64, description="tokens per chunk of the chunked delta rule (at most 64)")
+        chunk: PositiveInt = Field(64, description="tokens per chunk of the chunked delta rule (64 at head width 128)")
         conv: int | None = Field(4, ge=2, description="taps of the causal convolution on q and k; null: none")
+
+        def check_model(self, model) -> None:
+            check_chunk(self.chunk, model.d_model // model.n_heads, "recurrence.chunk")
 
     needs_input_gate = True  # g gates the output: h = σ(g) ⊙ o
 

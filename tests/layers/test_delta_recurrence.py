@@ -182,7 +182,12 @@ def test_meta_device_build_is_fully_initialised():
 
 def test_a_chunk_past_the_kernels_shared_memory_is_refused_by_validation():
     # 128-token chunks at head width 128 asked the Triton scan for 272 KiB of shared memory on
-    # an H200 and failed at the first step; the recipe refuses them up front
-    with pytest.raises(ValueError, match=r"recurrence\.chunk.*less than or equal to 64"):
-        mmrec.recipes.load("tiny", ["model.recurrence.kind=delta", "model.recurrence.chunk=128"])
-    assert mmrec.recipes.load("tiny", ["model.recurrence.kind=delta", "model.recurrence.chunk=32"]).model.recurrence.chunk == 32
+    # an H200 and failed at the first step; the recipe refuses such tiles up front, for the
+    # recurrence and the delta memory alike (same kernel)
+    wide_heads = ["model.n_heads=1", "model.memory.banks=1"]  # tiny's d_model 128 in one head
+    for field, variant in (("recurrence", "model.recurrence.kind=delta"), ("memory", 'model.memory={"kind": "delta"}')):
+        with pytest.raises(ValueError, match=rf"{field}\.chunk 128 at head width 128: .* at most 64"):
+            mmrec.recipes.load("tiny", [*wide_heads, variant, f"model.{field}.chunk=128"])
+        assert getattr(mmrec.recipes.load("tiny", [*wide_heads, variant, f"model.{field}.chunk=64"]).model, field).chunk == 64
+    # narrower heads leave room for longer chunks
+    assert mmrec.recipes.load("tiny", ["model.recurrence.kind=delta", "model.recurrence.chunk=128"]).model.recurrence.chunk == 128

@@ -12,7 +12,7 @@ from mmrec.ops.delta_rule.chunk import chunk_delta_rule
 from mmrec.ops.delta_rule.naive import delta_rule_step, naive_delta_rule
 from mmrec.ops.linear_scan import accumulation_dtype
 
-__all__ = ["chunk_delta_rule", "chunk_delta_rule_flops", "delta_rule", "delta_rule_step", "naive_delta_rule"]
+__all__ = ["check_chunk", "chunk_delta_rule", "chunk_delta_rule_flops", "delta_rule", "delta_rule_step", "naive_delta_rule"]
 
 
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, state: Tensor | None = None,
@@ -28,6 +28,24 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
     state = v.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=acc) if state is None else state.to(acc)
     o, state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], log_alpha[:, 0], state)
     return o[:, None].to(v.dtype), state
+
+
+# The Triton chunk scan holds a chunk's [chunk, head_dim] operands on chip, each side padded to a
+# power of two: 64 x 128 runs on an H200; 128 x 128 asked for 272 KiB of shared memory, past its 227
+MAX_CHUNK_TILE = 64 * 128
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def check_chunk(chunk: int, head_dim: int, field: str) -> None:
+    """Refuse, at recipe time, a chunk whose tile the Triton chunk scan cannot hold."""
+    if _next_power_of_2(chunk) * _next_power_of_2(head_dim) > MAX_CHUNK_TILE:
+        largest = max(16, MAX_CHUNK_TILE // _next_power_of_2(head_dim))
+        raise ValueError(f"{field} {chunk} at head width {head_dim}: the chunk scan kernel holds a "
+                         f"[chunk, head width] tile of at most {MAX_CHUNK_TILE} elements (64 x 128); "
+                         f"use a chunk of at most {largest}")
 
 
 def chunk_delta_rule_flops(chunk: int, heads: int, head_dim: int) -> float:
