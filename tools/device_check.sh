@@ -56,10 +56,10 @@ for part in "${parts[@]}"; do
             > "$OUT/profile_delta_ops.txt" 2>&1; tail -44 "$OUT/profile_delta_ops.txt" | cut -c1-220 ;;
     hybrid)
         # what a hybrid stack costs: the delta recurrence in every fourth layer of 1b, with hds
-        # beside it and without (memory none), against 1b and the Transformer at 2K and 32K
-        # (float32 chunk products on TF32, as training runs them); the JSON is written at the
-        # end, so the timeout leaves room for all eight rows
-        timeout 430 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-hybrid.json \
+        # beside it and without (memory none), against the plain block (1b-all-parallel) and the
+        # Transformer at 2K and 32K (float32 chunk products on TF32, as training runs them); the
+        # JSON is written at the end, so the timeout leaves room for all eight rows
+        timeout 430 python3 -m mmrec.bench model --recipes docs/results/recipes/1b-all-parallel.json docs/results/recipes/1b-hybrid.json \
             docs/results/recipes/1b-hybrid-nomem.json transformer-1b --lengths 2048 32768 \
             --out "$OUT/model_hybrid.json" 2>&1 | tail -12 ;;
     candidate)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The `7b` recipe (7.36B parameters) trained with FSDP2 on NPROC GPUs (issues #9, #24):
+# The `7b` recipe (7.06B parameters) trained with FSDP2 on NPROC GPUs (issues #9, #24):
 # throughput at sequence 4096 and 32768, a full-size distributed checkpoint saved and
 # resumed (on as many GPUs and on another number), and a run of 200 steps on token shards
 # of real text. From the repository root; the device-call plan is docs/notes/7b-runbook.md:
@@ -40,7 +40,7 @@
 #          compute alike; bfloat16: the recipe's mixed precision, see CKPT_RTOL_OTHER):
 #            B  from scratch, CKPT_STEPS (8) steps, no checkpoint: the uninterrupted run;
 #            A  from scratch, CKPT_AT (4) steps, saving the checkpoint of step CKPT_AT
-#               (88.3 GB: fp32 weights and AdamW moments) in CKPT_DIR (default: RUN_DIR's
+#               (84.8 GB: fp32 weights and AdamW moments) in CKPT_DIR (default: RUN_DIR's
 #               filesystem, else /dev/shm, whichever has the room; checked first);
 #            C  A's checkpoint resumed on NPROC processes to step CKPT_STEPS;
 #            D  A's checkpoint resumed on RESUME_NPROC (1) processes for RESUME_STEPS (2)
@@ -76,29 +76,30 @@
 # Byte tokens keep the recipe's 32000-token vocabulary (a BPE tokenizer trained on the
 # small default corpus would stop at about 9200 tokens and shrink the model).
 #
-# Expected memory per GPU (2 GPUs, 7,359,696,896 parameters, 2 x 4096 tokens per GPU):
-#   fp32 master weights, sharded         13.7 GiB
-#   fp32 gradients, sharded              13.7 GiB
-#   AdamW moments (fused), sharded       27.4 GiB   -> 54.8 GiB of state
+# Expected memory per GPU (2 GPUs, 7,063,546,176 parameters, 2 x 4096 tokens per GPU):
+#   fp32 master weights, sharded         13.2 GiB
+#   fp32 gradients, sharded              13.2 GiB
+#   AdamW moments (fused), sharded       26.3 GiB   -> 52.6 GiB of state
 #   bf16 gathered parameters: root (embedding + head, kept) 0.5, two blocks in flight
-#     (296M parameters each) 1.1, the last block kept for backward 0.55   ~2.2 GiB
+#     (296M parameters each; 237M for the delta layers) 1.1, the last block kept for backward 0.55   ~2.2 GiB
 #   gradient reduce-scatter (bf16 block gradient + its fp32 copy, two in flight) ~3.3 GiB
 #   activations with checkpointing: 24 block inputs (8192 x 4096 bf16) 1.5, one
 #     block recomputed for its backward ~4 (its saved tensors, counted on the meta
 #     device: 3.8 GiB, plus 4.2 GiB more if the memory read's SDPA fell back to its
 #     math kernel), the loss (chunked: no [tokens, 32000] logits)        ~6-8 GiB
-#   total ~66-70 GiB (measured on 2 x H100: 67.7 GiB max_memory_allocated).
+#   total ~64-68 GiB (the block before the hybrid, 7.36B parameters, measured 67.7 GiB
+#   max_memory_allocated on 2 x H100).
 # Without activation checkpointing the activations alone would be ~70 GiB: it stays on.
 # At 32768 tokens per GPU (phase long) the activations grow 4x: block inputs 6 GiB, one
 # block's recomputation ~15 GiB -> ~80-90 GiB of the H200's ~139 GiB (~105 if the memory
 # read's SDPA takes its math kernel: 4.2 GiB at 8192 tokens, 16.8 at 32768).
-# One process holding the whole model (ckpt's D): 16 bytes a parameter, 109.7 GiB (fp32
-# weights 27.4, gradients 27.4, AdamW 54.8), plus the activations of one 4096-token
+# One process holding the whole model (ckpt's D): 16 bytes a parameter, 105.3 GiB (fp32
+# weights 26.3, gradients 26.3, AdamW 52.6), plus the activations of one 4096-token
 # sequence at a time in fp32 (block inputs 1.5 GiB, one block's recomputation ~4, ~4
 # more if the memory read's SDPA takes its math kernel, the chunked loss ~0.5): ~116-120
 # GiB of the H200's ~140 GiB (not an H100's 80). The whole batch at once would add
-# ~20 GiB more, and bf16 autocast its cached bf16 copies of the weights (13.7 GiB).
-# The checkpoint: 12 bytes a parameter (fp32 weights, two AdamW moments) = 88.3 GB, one
+# ~20 GiB more, and bf16 autocast its cached bf16 copies of the weights (13.2 GiB).
+# The checkpoint: 12 bytes a parameter (fp32 weights, two AdamW moments) = 84.8 GB, one
 # .distcp file per saving process; it is hashed (SHA-256) when saved and again, by rank 0
 # alone, when resumed.
 #
