@@ -45,8 +45,8 @@ def estimate_parameters(config) -> tuple[int, bool]:
             one, two = count(1), count(2)
             total = one + (two - one) * (config.n_layers - 1)
             for group in groups:  # validation names each layer once
-                named = sum(1 for i in group.layers if i < config.n_layers)
-                total += named * (count(1, [group.model_copy(update={"layers": [0]})]) - one)
+                named = len(group.indices(config.n_layers))
+                total += named * (count(1, [group.model_copy(update={"layers": [0], "every": None})]) - one)
     except Exception:  # noqa: BLE001 - a plugin's block that needs real tensors to be built
         return lower, False
     return total, True

@@ -3,13 +3,6 @@
 import torch
 
 
-# the 1b block at two layers: its first layer the delta rule with no memory, as in the shipped
-# hybrid, its second the parallel recurrence with hds (1b's own layers 5, 10, 15 do not exist at
-# this depth, so the overrides name layer 0 alone)
-ONE_B_TWO_LAYERS = ["model.n_layers=2", 'model.layer_overrides=[{"layers": [0], "recurrence": {"kind": "delta"}, '
-                    '"decay_init": [0.9, 0.999], "memory": {"kind": "none"}}]']
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64."""
     actual, expected = actual.double(), expected.double()

@@ -7,7 +7,7 @@ import mmrec
 from mmrec.decode import StaticDecoder, supports_static
 from mmrec.decode import _block_step as plain_block_step
 from mmrec.state import State
-from tests.helpers import ONE_B_TWO_LAYERS, eager_steps, rel_err
+from tests.helpers import eager_steps, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -234,7 +234,7 @@ SEED_OPTIONS = ["model.gated_integration=true", "model.pe_dim=24", "model.memory
 @pytest.mark.parametrize("recipe,overrides", [("tiny", []), ("transformer-tiny", []), ("tiny", ["model.recurrence.kind=exact"]),
                                               ("tiny", ["model.recurrence.kind=delta"]), ("tiny", ['model.memory={"kind": "window"}']),
                                               ("tiny", ['model.memory={"kind": "delta"}']),
-                                              ("1b", ONE_B_TWO_LAYERS), ("tiny", SEED_OPTIONS)])
+                                              ("1b", ["model.n_layers=2"]), ("tiny", SEED_OPTIONS)])
 def test_cuda_graph_replays_equal_eager_steps(recipe, overrides):
     model = mmrec.build(recipe, overrides).cuda().eval()
     chunk = getattr(model.config, "chunk_size", 64)
@@ -256,7 +256,7 @@ def test_cuda_graph_replays_equal_eager_steps(recipe, overrides):
 
 
 @cuda
-@pytest.mark.parametrize("recipe,overrides", [("tiny", []), ("transformer-tiny", []), ("1b", ONE_B_TWO_LAYERS),
+@pytest.mark.parametrize("recipe,overrides", [("tiny", []), ("transformer-tiny", []), ("1b", ["model.n_layers=2"]),
                                               ("tiny", SEED_OPTIONS)])
 def test_cuda_graph_of_compiled_steps_equals_uncompiled(recipe, overrides):
     model = mmrec.build(recipe, overrides).cuda().eval()

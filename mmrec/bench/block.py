@@ -38,8 +38,8 @@ def add_subcommand(commands) -> None:
 
 def first_plain_layer(model) -> int:
     """The first layer that no ``layer_overrides`` group names (0 without overrides)."""
-    named = {i for group in getattr(model, "layer_overrides", None) or () for i in group.layers}
-    return next((i for i in range(model.n_layers) if i not in named), 0)
+    groups = getattr(model, "layer_overrides", None) or ()
+    return next((i for i in range(model.n_layers) if not any(group.names(i) for group in groups)), 0)
 
 
 def shrunk(recipe: str, shrink: int, extra: tuple[str, ...] = (), layer: int | None = None) -> "mmrec.LanguageModel":

@@ -25,9 +25,12 @@ What the block asks of its recurrence and memory is written down in :mod:`mmrec.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
+                      model_serializer, model_validator)
 from torch import Tensor, nn
 
 from mmrec import contracts, registry
@@ -53,16 +56,58 @@ def build_variant(group: str, config: Variant, **kwargs) -> nn.Module:
 
 
 class LayerOverride(BaseModel):
-    """Fields of the block that some layers set otherwise: ``layers`` (0-based indices) and
-    any of ``MMRecBlock.Config.per_layer_fields``, e.g. ``{"layers": [1, 3], "recurrence":
-    {"kind": "delta"}, "decay_init": [0.9, 0.999]}``. A hybrid stack, as fla's configs put
-    attention in a few layers of a linear-attention model. A variant of another kind than
-    the model's replaces it (its own defaults fill in the rest); without ``kind``, or with
-    the model's, only the fields given change (``{"memory": {"slots": 32}}``)."""
+    """Fields of the block that some layers set otherwise: the layers, as ``layers`` (0-based
+    indices) or as ``every`` with ``offset`` (layers ``offset``, ``offset + every``, ...: a
+    pattern that holds at any depth, as Jamba's attention period and offset), and any of
+    ``MMRecBlock.Config.per_layer_fields``, e.g. ``{"every": 4, "recurrence": {"kind":
+    "delta"}, "decay_init": [0.9, 0.999]}``. A hybrid stack, as fla's configs put attention
+    in a few layers of a linear-attention model. A variant of another kind than the model's
+    replaces it (its own defaults fill in the rest); without ``kind``, or with the model's,
+    only the fields given change (``{"memory": {"slots": 32}}``)."""
 
     model_config = ConfigDict(extra="allow")
 
-    layers: list[NonNegativeInt] = Field(min_length=1)
+    layers: list[NonNegativeInt] | None = Field(None, min_length=1, description="the layers, by index")
+    every: PositiveInt | None = Field(None, description="or: every this many layers, from offset")
+    offset: NonNegativeInt = Field(0, description="the first layer of every")
+
+    @model_validator(mode="after")
+    def _layers_named_one_way(self):
+        if (self.layers is None) == (self.every is None):
+            raise ValueError("name the layers by 'layers' (a list of indices) or by 'every' (and 'offset'), not both")
+        if self.layers is not None and self.offset:
+            raise ValueError("'offset' goes with 'every'; 'layers' lists the indices themselves")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_the_way_named(self, handler):
+        # only the fields of the way the layers are named, so that a group given as a list
+        # dumps (into checkpoints' recipe.json) as it did before 'every' existed
+        data = handler(self)
+        for name in ("layers",) if self.every is not None else ("every", "offset"):
+            data.pop(name, None)
+        return data
+
+    def indices(self, n_layers: int) -> Sequence[int]:
+        """The layers named, in a model of ``n_layers`` (``layers`` as given)."""
+        return self.layers if self.every is None else range(self.offset, n_layers, self.every)
+
+    def names(self, layer: int) -> bool:
+        if self.every is None:
+            return layer in self.layers
+        return layer >= self.offset and (layer - self.offset) % self.every == 0
+
+    def first_shared(self, other: "LayerOverride", n_layers: int) -> int | None:
+        """A layer below ``n_layers`` that both groups name, or None. Two ``every`` patterns
+        meet within one period of both (their least common multiple) if they meet at all."""
+        if self.every is not None and other.every is not None:
+            start = max(self.offset, other.offset)
+            first = self.offset + -(-(start - self.offset) // self.every) * self.every
+            candidates = range(first, min(n_layers, start + math.lcm(self.every, other.every)), self.every)
+        else:
+            mine, theirs = (self, other) if self.every is None else (other, self)
+            candidates, other = mine.layers, theirs
+        return next((layer for layer in candidates if layer < n_layers and other.names(layer)), None)
 
 
 class MMRecBlock(contracts.Block):
@@ -113,12 +158,11 @@ class MMRecBlock(contracts.Block):
 
         @model_validator(mode="after")
         def _layer_overrides_fit_the_model(self):
-            seen: dict[int, int] = {}
             for i, group in enumerate(self.layer_overrides):
                 where = f"layer_overrides[{i}]"
                 fields = set(group.model_extra or {})
                 if not fields:
-                    raise ValueError(f"{where} sets nothing for layers {group.layers}: give one of "
+                    raise ValueError(f"{where} sets nothing for its layers: give one of "
                                      f"{', '.join(self.per_layer_fields)}")
                 for name in sorted(fields - set(self.per_layer_fields)):
                     allowed = f"a layer may set {', '.join(self.per_layer_fields)}"
@@ -126,15 +170,20 @@ class MMRecBlock(contracts.Block):
                         raise ValueError(f"{where}.{name}: the same for every layer; {allowed}")
                     hint = registry.closest(name, list(self.per_layer_fields))
                     raise ValueError(f"{where}.{name}: unknown field; " + (f"did you mean {hint!r}?" if hint else allowed))
-                for layer in group.layers:
+                for layer in group.layers or ():
                     if layer >= self.n_layers:
                         raise ValueError(f"{where}.layers: layer {layer}, but the model has {self.n_layers} "
-                                         f"(0 to {self.n_layers - 1}); with fewer layers, set model.layer_overrides "
-                                         "to name only those that exist (or to [] for none)")
-                    if layer in seen:
-                        raise ValueError(f"{where}.layers: layer {layer} is in layer_overrides[{seen[layer]}] too; "
+                                         f"(0 to {self.n_layers - 1}); name only layers that exist, or give "
+                                         "'every' (and 'offset'), which holds at any depth")
+                if group.layers is not None and len(set(group.layers)) < len(group.layers):
+                    raise ValueError(f"{where}.layers: a layer is listed twice; name each layer once")
+                if group.every is not None and group.offset >= self.n_layers:
+                    raise ValueError(f"{where}.offset: {group.offset} names no layer of {self.n_layers}")
+                for j, earlier in enumerate(self.layer_overrides[:i]):
+                    shared = group.first_shared(earlier, self.n_layers)
+                    if shared is not None:
+                        raise ValueError(f"{where}: layer {shared} is in layer_overrides[{j}] too; "
                                          "name each layer once")
-                    seen[layer] = i
                 for slot, group_name in self.variant_groups.items():
                     variant = (group.model_extra or {}).get(slot)
                     if isinstance(variant, dict) and "kind" in variant:
@@ -143,7 +192,7 @@ class MMRecBlock(contracts.Block):
                         except registry.UnknownNameError as error:
                             raise ValueError(f"{where}.{slot}.kind: {error}") from None
                 try:
-                    self.for_layer(group.layers[0])
+                    self.for_layer(group.indices(self.n_layers)[0])
                 except ValidationError as error:
                     raise ValueError("; ".join(f"{where}.{self._override_path(e['loc'])}: {e['msg']}"
                                                for e in error.errors())) from None
@@ -162,7 +211,7 @@ class MMRecBlock(contracts.Block):
             class, so a variant's fields are checked as the model's are. A variant in the
             override without ``kind``, or with the model's, changes only the fields it gives;
             one of another kind replaces the model's (its own defaults fill in the rest)."""
-            group = next((g for g in self.layer_overrides if layer in g.layers), None)
+            group = next((g for g in self.layer_overrides if g.names(layer)), None)
             if group is None:
                 return self
             merged = self.model_dump(exclude={"layer_overrides"})

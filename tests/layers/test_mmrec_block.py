@@ -177,8 +177,14 @@ def test_without_layer_overrides_every_layer_is_the_models():
     ({"layers": [0], "dropout": 0.1}, r"layer_overrides\[0\].dropout: the same for every layer; a layer may set"),
     ({"layers": [0], "recurrence_dropout": 1.0}, r"layer_overrides\[0\].recurrence_dropout: "),
     ({"layers": [0], "recurence": {"kind": "delta"}}, r"layer_overrides\[0\].recurence: unknown field; did you mean 'recurrence'"),
-    ({"layers": [0]}, "sets nothing for layers"),
+    ({"layers": [0]}, "sets nothing for its layers"),
     ({"layers": []}, "at least 1 item"),
+    ({"layers": [1, 1], "decay_init": 0.9}, r"layer_overrides\[0\].layers: a layer is listed twice"),
+    ({"decay_init": 0.9}, "name the layers by 'layers' .* or by 'every'"),
+    ({"layers": [0], "every": 2, "decay_init": 0.9}, "not both"),
+    ({"layers": [0], "offset": 1, "decay_init": 0.9}, "'offset' goes with 'every'"),
+    ({"every": 2, "offset": 2, "decay_init": 0.9}, r"layer_overrides\[0\].offset: 2 names no layer of 2"),
+    ({"every": 0, "decay_init": 0.9}, "greater than 0"),
     ({"layers": [1], "recurrence": {"kind": "deltaa"}}, r"layer_overrides\[0\].recurrence.kind: unknown recurrence 'deltaa'.*did you mean 'delta'"),
     ({"layers": [1], "recurrence": {"kind": "delta", "chunkk": 4}}, r"layer_overrides\[0\].recurrence.chunkk: Extra inputs"),
     ({"layers": [1], "decay_init": 1.5}, r"layer_overrides\[0\].decay_init: "),
@@ -205,5 +211,34 @@ def test_a_variant_of_the_models_kind_changes_only_the_fields_given():
 
 def test_a_layer_named_twice_is_refused():
     twice = [{"layers": [0], "decay_init": 0.9}, {"layers": [1, 0], "decay_init": 0.95}]
-    with pytest.raises(mmrec.recipes.RecipeError, match=r"layer_overrides\[1\].layers: layer 0 is in layer_overrides\[0\] too"):
+    with pytest.raises(mmrec.recipes.RecipeError, match=r"layer_overrides\[1\]: layer 0 is in layer_overrides\[0\] too"):
         mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": 2, "layer_overrides": twice}})
+    # patterns meet where their offsets and periods do, within the model's depth
+    for groups, shared in ((({"every": 4}, {"every": 6, "offset": 2}), 8), (({"every": 3, "offset": 1}, {"layers": [2, 7]}), 7),
+                           (({"every": 2}, {"every": 2, "offset": 1}), None), (({"every": 5}, {"every": 7, "offset": 16}), None)):
+        recipe = {"name": "t", "model": {**BLOCK, "n_layers": 20, "layer_overrides": [
+            {**groups[0], "decay_init": 0.9}, {**groups[1], "decay_init": 0.95}]}}
+        if shared is None:  # every 5 and 7 from 16 meet at 30, past 20 layers
+            mmrec.recipes.parse(recipe)
+        else:
+            with pytest.raises(mmrec.recipes.RecipeError, match=rf"layer {shared} is in layer_overrides\[0\] too"):
+                mmrec.recipes.parse(recipe)
+
+
+def test_every_names_a_pattern_that_holds_at_any_depth():
+    group = {"every": 3, "offset": 1, "recurrence": {"kind": "delta"}, "memory": {"kind": "none"}}
+    for n_layers, delta_layers in ((8, [1, 4, 7]), (2, [1]), (4, [1])):
+        model = mmrec.build(mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": n_layers, "layer_overrides": [group]}}))
+        assert [i for i, block in enumerate(model.blocks) if type(block.recurrence).__name__ == "DeltaRecurrence"] == delta_layers
+        assert all(type(block.memory).__name__ == ("NoMemory" if i in delta_layers else "HDSMemory")
+                   for i, block in enumerate(model.blocks))
+
+
+def test_a_group_dumps_the_way_its_layers_were_named():
+    """Checkpoints keep the recipe as dumped: a list group dumps as it did before 'every'
+    existed (so older runs still resume), a pattern without 'layers'; both parse back."""
+    groups = [{"layers": [1], "decay_init": 0.9}, {"every": 3, "offset": 2, "decay_init": 0.95}]
+    recipe = mmrec.recipes.parse({"name": "t", "model": {**BLOCK, "n_layers": 6, "layer_overrides": groups}})
+    dumped = recipe.model_dump(mode="json")
+    assert dumped["model"]["layer_overrides"] == groups
+    assert mmrec.recipes.parse(dumped).model_dump(mode="json") == dumped

@@ -262,13 +262,15 @@ def test_continue_metrics_cleans_a_log_written_before_the_rule(tmp_path):
 # --------------------------------------------------------------------------- sizes
 
 
-@pytest.mark.parametrize("override, figure", [
-    ("model.d_model=1000000000", "at least"),  # a weight of 1e18 elements: the embedding is the bound
-    ("model.n_layers=100000000", "~"),  # counted on the meta device from 1 and 2 layers
+@pytest.mark.parametrize("overrides, figure", [
+    # a weight of 1e18 elements: the embedding is the bound (no delta layer: its heads would be
+    # refused first, too wide for the kernel)
+    (("model.d_model=1000000000", "model.layer_overrides=[]"), "at least"),
+    (("model.n_layers=100000000",), "~"),  # counted on the meta device from 1 and 2 layers
 ])
-def test_impossible_sizes_are_refused_up_front(tmp_path, capsys, override, figure):
+def test_impossible_sizes_are_refused_up_front(tmp_path, capsys, overrides, figure):
     run = tmp_path / "run"
-    msg = fail(capsys, ["--out", str(run), "--device", "cpu", *sets(override)])
+    msg = fail(capsys, ["--out", str(run), "--device", "cpu", *sets(*overrides)])
     assert f"needs {figure}" in msg and "for its weights, gradients and AdamW state" in msg
     assert "TiB" in msg and "this machine has" in msg and "make the model smaller" in msg
     assert not run.exists()

@@ -42,10 +42,11 @@ def _next_power_of_2(n: int) -> int:
 def check_chunk(chunk: int, head_dim: int, field: str) -> None:
     """Refuse, at recipe time, a chunk whose tile the Triton chunk scan cannot hold."""
     if _next_power_of_2(chunk) * _next_power_of_2(head_dim) > MAX_CHUNK_TILE:
-        largest = max(16, MAX_CHUNK_TILE // _next_power_of_2(head_dim))
+        largest = MAX_CHUNK_TILE // _next_power_of_2(head_dim)
+        fix = (f"use a chunk of at most {largest}" if largest >= 16 else
+               f"heads of width {head_dim} are too wide even for 16-token chunks: use more heads")
         raise ValueError(f"{field} {chunk} at head width {head_dim}: the chunk scan kernel holds a "
-                         f"[chunk, head width] tile of at most {MAX_CHUNK_TILE} elements (64 x 128); "
-                         f"use a chunk of at most {largest}")
+                         f"[chunk, head width] tile of at most {MAX_CHUNK_TILE} elements (64 x 128); {fix}")
 
 
 def chunk_delta_rule_flops(chunk: int, heads: int, head_dim: int) -> float:
