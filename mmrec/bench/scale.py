@@ -79,7 +79,7 @@ from mmrec.bench.quality import (
     train_command,
 )
 from mmrec.checkpoint import Checkpoint
-from mmrec.data import DataError, TokenSource, TokenStream
+from mmrec.data import DataError, TensorTokens, TokenSource, TokenStream
 from mmrec.data.shards import is_shard_folder, open_shards
 from mmrec.recipes import RecipeError
 from mmrec.recipes.checkpointing import holds_a_run
@@ -219,13 +219,25 @@ def mean_token_loss(model: mmrec.LanguageModel, windows: torch.Tensor, device: s
     return (total / windows.shape[0]).cpu()
 
 
-def document_window_starts(tokens: torch.Tensor, eod_id: int, length: int, count: int) -> torch.Tensor:
+def document_ends(tokens: TokenSource, eod_id: int, piece: int = 1 << 22) -> torch.Tensor:
+    """Positions of the end-of-document tokens, read ``piece`` tokens at a time, so that a
+    long validation split is never held whole."""
+    n = tokens.numel()
+    found = [tokens.windows(torch.tensor([start]), min(piece, n - start))[0].eq(eod_id).nonzero().flatten() + start
+             for start in range(0, n, piece)]
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
+
+
+def document_window_starts(tokens: torch.Tensor | TokenSource, eod_id: int, length: int, count: int,
+                           piece: int = 1 << 22) -> torch.Tensor:
     """Starts of up to ``count`` windows of ``length + 1`` tokens (inputs and the last
     target) that each begin a document and stay inside it (its end-of-document token may be
     the last target), spread evenly over the documents long enough for one."""
-    ends = (tokens == eod_id).nonzero().flatten()  # each document's end-of-document token
-    if tokens.numel() and tokens[-1] != eod_id:  # a last document without one ends with the split
-        ends = torch.cat([ends, ends.new_tensor([tokens.numel() - 1])])
+    tokens = TensorTokens(tokens) if isinstance(tokens, torch.Tensor) else tokens
+    n = tokens.numel()
+    ends = document_ends(tokens, eod_id, piece)  # each document's end-of-document token
+    if n and (not ends.numel() or ends[-1] != n - 1):  # a last document without one ends with the split
+        ends = torch.cat([ends, ends.new_tensor([n - 1])])
     if not ends.numel():
         return ends
     starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
@@ -244,21 +256,20 @@ def loss_by_position(model: mmrec.LanguageModel, val_tokens: TokenSource, seq_le
     is the context the document itself has given; without, windows are spread evenly over
     the validation stream and may span documents."""
     bucket = max(1, seq_len // 8)
-    tokens = val_tokens.windows(torch.zeros(1, dtype=torch.long), val_tokens.numel())[0] if eod_id is not None else None
     rows = []
     for multiple in multiples:
         length = multiple * seq_len
         row = {"multiple": multiple, "length": length, "windows": num_windows, "bucket_tokens": bucket,
                "window_starts": "documents" if eod_id is not None else "stream"}
         if eod_id is not None:
-            starts = document_window_starts(tokens, eod_id, length, num_windows)
+            starts = document_window_starts(val_tokens, eod_id, length, num_windows)
             row["windows"] = starts.numel()
             if not starts.numel():
                 row["error"] = (f"no validation document has the {length + 1:,} tokens of a window "
                                 "(--stream-windows scores windows that span documents)")
                 rows.append(row)
                 continue
-            windows = torch.stack([tokens[s : s + length + 1] for s in starts.tolist()])
+            windows = val_tokens.windows(starts, length + 1)
         elif val_tokens.numel() < length + 1:
             row["error"] = f"the validation split has {val_tokens.numel():,} tokens, fewer than a window's {length + 1:,}"
             rows.append(row)

@@ -166,6 +166,9 @@ def test_document_windows_begin_a_document_and_stay_inside_it():
     assert document_window_starts(torch.tensor([5, 5, 5, 5]), eod, 3, 4).tolist() == [0]
     assert document_window_starts(torch.tensor([5, 5, 5, 5]), eod, 4, 4).numel() == 0
     assert document_window_starts(torch.tensor([0, 7, 7, 7, 0]), eod, 3, 4).tolist() == [1]  # an empty first document
+    # the ends are found a piece of the split at a time (bounded memory); any piece gives the same
+    for piece in (1, 3, 7, tokens.numel()):
+        assert torch.equal(document_window_starts(tokens, eod, 8, 16, piece=piece), starts)
 
 
 def test_loss_by_position_in_documents_matches_a_float64_reference(shards):
