@@ -36,3 +36,8 @@ class ModelConfigBase(BaseModel):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def comparable_dump(self) -> dict:
+        """The section as JSON data in a form where two configs that build the same model
+        compare equal (resuming compares a checkpoint's recipe with the current one)."""
+        return self.model_dump(mode="json")

@@ -229,13 +229,14 @@ def document_ends(tokens: TokenSource, eod_id: int, piece: int = 1 << 22) -> tor
 
 
 def document_window_starts(tokens: torch.Tensor | TokenSource, eod_id: int, length: int, count: int,
-                           piece: int = 1 << 22) -> torch.Tensor:
+                           piece: int = 1 << 22, ends: torch.Tensor | None = None) -> torch.Tensor:
     """Starts of up to ``count`` windows of ``length + 1`` tokens (inputs and the last
     target) that each begin a document and stay inside it (its end-of-document token may be
-    the last target), spread evenly over the documents long enough for one."""
+    the last target), spread evenly over the documents long enough for one. ``ends``: the
+    split's :func:`document_ends`, when already found."""
     tokens = TensorTokens(tokens) if isinstance(tokens, torch.Tensor) else tokens
     n = tokens.numel()
-    ends = document_ends(tokens, eod_id, piece)  # each document's end-of-document token
+    ends = document_ends(tokens, eod_id, piece) if ends is None else ends  # each document's end-of-document token
     if n and (not ends.numel() or ends[-1] != n - 1):  # a last document without one ends with the split
         ends = torch.cat([ends, ends.new_tensor([n - 1])])
     if not ends.numel():
@@ -244,7 +245,7 @@ def document_window_starts(tokens: torch.Tensor | TokenSource, eod_id: int, leng
     long_enough = starts[ends - starts >= length]
     if long_enough.numel() <= count:
         return long_enough
-    return long_enough[torch.linspace(0, long_enough.numel() - 1, count).round().long()]
+    return long_enough[torch.linspace(0, long_enough.numel() - 1, count, dtype=torch.float64).round().long()]
 
 
 def loss_by_position(model: mmrec.LanguageModel, val_tokens: TokenSource, seq_len: int, multiples: list[int],
@@ -256,13 +257,14 @@ def loss_by_position(model: mmrec.LanguageModel, val_tokens: TokenSource, seq_le
     is the context the document itself has given; without, windows are spread evenly over
     the validation stream and may span documents."""
     bucket = max(1, seq_len // 8)
+    ends = document_ends(val_tokens, eod_id) if eod_id is not None else None  # read once, for every length
     rows = []
     for multiple in multiples:
         length = multiple * seq_len
         row = {"multiple": multiple, "length": length, "windows": num_windows, "bucket_tokens": bucket,
                "window_starts": "documents" if eod_id is not None else "stream"}
         if eod_id is not None:
-            starts = document_window_starts(val_tokens, eod_id, length, num_windows)
+            starts = document_window_starts(val_tokens, eod_id, length, num_windows, ends=ends)
             row["windows"] = starts.numel()
             if not starts.numel():
                 row["error"] = (f"no validation document has the {length + 1:,} tokens of a window "

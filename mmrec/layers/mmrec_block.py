@@ -98,16 +98,22 @@ class LayerOverride(BaseModel):
         return layer >= self.offset and (layer - self.offset) % self.every == 0
 
     def first_shared(self, other: "LayerOverride", n_layers: int) -> int | None:
-        """A layer below ``n_layers`` that both groups name, or None. Two ``every`` patterns
-        meet within one period of both (their least common multiple) if they meet at all."""
-        if self.every is not None and other.every is not None:
-            start = max(self.offset, other.offset)
-            first = self.offset + -(-(start - self.offset) // self.every) * self.every
-            candidates = range(first, min(n_layers, start + math.lcm(self.every, other.every)), self.every)
-        else:
-            mine, theirs = (self, other) if self.every is None else (other, self)
-            candidates, other = mine.layers, theirs
-        return next((layer for layer in candidates if layer < n_layers and other.names(layer)), None)
+        """The first layer below ``n_layers`` that both groups name, or None."""
+        if self.every is None or other.every is None:
+            listed, other = (self, other) if self.every is None else (other, self)
+            shared = (set(listed.layers) & set(other.layers) if other.every is None
+                      else {layer for layer in listed.layers if other.names(layer)})
+            return min((layer for layer in shared if layer < n_layers), default=None)
+        # two patterns: x = a (mod p) and x = b (mod q) with x >= max(a, b), by the Chinese
+        # remainder theorem (solvable only when gcd(p, q) divides b - a)
+        (p, a), (q, b) = (self.every, self.offset), (other.every, other.offset)
+        g = math.gcd(p, q)
+        if (b - a) % g:
+            return None
+        period = p // g * q
+        x = a + p * ((b - a) // g * pow(p // g, -1, q // g) % (q // g))
+        x += -(-(max(a, b) - x) // period) * period if x < max(a, b) else 0
+        return x if x < n_layers else None
 
 
 class MMRecBlock(contracts.Block):
@@ -197,6 +203,14 @@ class MMRecBlock(contracts.Block):
                     raise ValueError("; ".join(f"{where}.{self._override_path(e['loc'])}: {e['msg']}"
                                                for e in error.errors())) from None
             return self
+
+        def comparable_dump(self) -> dict:
+            """Each override group written as the sorted layers it names, however the recipe
+            wrote it (``every`` or a list, in any order)."""
+            data = super().comparable_dump()
+            data["layer_overrides"] = [{"layers": sorted(group.indices(self.n_layers)), **(group.model_extra or {})}
+                                       for group in self.layer_overrides]
+            return data
 
         def _override_path(self, loc: tuple) -> str:
             """A pydantic error location inside a layer's config as a recipe path (without

@@ -75,7 +75,7 @@ def prepare(args: argparse.Namespace, world: World) -> Setup:
     tokenizer = _tokenizer(corpus, train, resume)
     recipe = _fit_to_tokenizer(recipe, corpus, tokenizer)
     if resume is not None:
-        diffs = ckpt_io.model_differences(resume.recipe["model"], recipe.model.model_dump(mode="json"))
+        diffs = ckpt_io.model_differences(_comparable_model(resume.recipe), recipe.model.comparable_dump())
         if diffs:
             raise CheckpointError(f"{resume.path} holds a different model than recipe {recipe.name!r}: "
                                   + "; ".join(diffs))
@@ -95,6 +95,16 @@ def prepare(args: argparse.Namespace, world: World) -> Setup:
               "the run continues on the new data", file=sys.stderr)
     return Setup(recipe, corpus, tokenizer, TokenStream(train_tokens, train.seq_len, train.seed, "training"),
                  val_tokens, data_print, out, resume, resumed_state)
+
+
+def _comparable_model(stored_recipe: dict) -> dict:
+    """A checkpoint's model section in the form the current recipe's is compared in
+    (``comparable_dump``: override groups as the layers they name), or as stored when it
+    no longer parses (the text comparison then names what differs)."""
+    try:
+        return mmrec.recipes.parse(stored_recipe).model.comparable_dump()
+    except ValueError:  # mmrec.recipes.RecipeError among them
+        return stored_recipe["model"]
 
 
 def _tokenizer(corpus: Corpus | ShardSet, train, resume: Checkpoint | None) -> Tokenizer:
