@@ -46,7 +46,7 @@ def estimate_parameters(config) -> tuple[int, bool]:
             total = one + (two - one) * (config.n_layers - 1)
             for group in groups:  # validation names each layer once
                 named = len(group.indices(config.n_layers))
-                total += named * (count(1, [group.model_copy(update={"layers": [0], "every": None})]) - one)
+                total += named * (count(1, [group.model_copy(update={"layers": [0], "every": None, "offset": 0})]) - one)
     except Exception:  # noqa: BLE001 - a plugin's block that needs real tensors to be built
         return lower, False
     return total, True

@@ -191,3 +191,15 @@ def test_a_chunk_past_the_kernels_shared_memory_is_refused_by_validation():
         assert getattr(mmrec.recipes.load("tiny", [*wide_heads, variant, f"model.{field}.chunk=64"]).model, field).chunk == 64
     # narrower heads leave room for longer chunks
     assert mmrec.recipes.load("tiny", ["model.recurrence.kind=delta", "model.recurrence.chunk=128"]).model.recurrence.chunk == 128
+
+
+def test_the_chunk_check_pads_as_the_kernel_does():
+    from mmrec.ops.delta_rule import check_chunk
+
+    check_chunk(64, 128, "recurrence.chunk")
+    check_chunk(48, 100, "recurrence.chunk")  # padded to 64 x 128
+    with pytest.raises(ValueError, match="use a chunk of at most 16"):
+        check_chunk(32, 512, "recurrence.chunk")
+    # an 8-token chunk still takes a 16-row tile (tl.dot's smallest), so width 1024 does not fit
+    with pytest.raises(ValueError, match="too wide even for 16-token chunks"):
+        check_chunk(8, 1024, "recurrence.chunk")

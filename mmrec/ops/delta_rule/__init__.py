@@ -30,19 +30,21 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
     return o[:, None].to(v.dtype), state
 
 
-# The Triton chunk scan holds a chunk's [chunk, head_dim] operands on chip, each side padded to a
-# power of two: 64 x 128 runs on an H200; 128 x 128 asked for 272 KiB of shared memory, past its 227
+# The Triton chunk scan holds a chunk's [chunk, head_dim] operands on chip, each side padded as
+# its pick_config pads them: 64 x 128 runs on an H200; 128 x 128 asked for 272 KiB of shared
+# memory, past its 227
 MAX_CHUNK_TILE = 64 * 128
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+def _tile_side(n: int) -> int:
+    """A power of two of at least 16 (tl.dot's smallest tile), as pick_config's BLOCK_C and BLOCK_K."""
+    return max(16, 1 << max(n - 1, 0).bit_length())
 
 
 def check_chunk(chunk: int, head_dim: int, field: str) -> None:
     """Refuse, at recipe time, a chunk whose tile the Triton chunk scan cannot hold."""
-    if _next_power_of_2(chunk) * _next_power_of_2(head_dim) > MAX_CHUNK_TILE:
-        largest = MAX_CHUNK_TILE // _next_power_of_2(head_dim)
+    if _tile_side(chunk) * _tile_side(head_dim) > MAX_CHUNK_TILE:
+        largest = MAX_CHUNK_TILE // _tile_side(head_dim)
         fix = (f"use a chunk of at most {largest}" if largest >= 16 else
                f"heads of width {head_dim} are too wide even for 16-token chunks: use more heads")
         raise ValueError(f"{field} {chunk} at head width {head_dim}: the chunk scan kernel holds a "
