@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
-# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|hybrid|candidate|memory-attention|recall|recall-long|scale|seeds]...
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|host|fla|hybrid|candidate|memory-attention|recall|recall-long|scale|seeds]...
 # Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
@@ -54,6 +54,13 @@ for part in "${parts[@]}"; do
             --out "$OUT/delta.json" 2>&1 | tee "$OUT/delta.log" | grep -v "^{" | tail -30
         timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json --by-op --rows 40 \
             > "$OUT/profile_delta_ops.txt" 2>&1; tail -44 "$OUT/profile_delta_ops.txt" | cut -c1-220 ;;
+    host)
+        # host time per call of every op the model calls, against its GPU time (the recall issue's 0.1 ms)
+        timeout 150 python3 -m mmrec.bench host --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -16 ;;
+    fla)
+        # the delta rule's op against fla 0.6 at the 1b delta layer's heads (16 x 128), T 2K and 32K
+        timeout 200 python3 -m mmrec.bench delta --tokens 32768 --lengths 2048 32768 --head-dims 128 \
+            --out "$OUT/delta_fla.json" 2>&1 | tee "$OUT/delta_fla.log" | grep -v "^{" | tail -26 ;;
     hybrid)
         # what a hybrid stack costs: the delta recurrence in every fourth layer of 1b, with hds
         # beside it and without (memory none), against the plain block (1b-all-parallel) and the
@@ -65,10 +72,12 @@ for part in "${parts[@]}"; do
     candidate)
         # the shipped 1b (the hybrid) beside the block before it and the Transformer: training at
         # 2K and 32K, then decode at 1K and 32K context, batch 8
-        timeout 330 python3 -m mmrec.bench model --recipes 1b docs/results/recipes/1b-all-parallel.json \
-            transformer-1b --lengths 2048 32768 --out "$OUT/model_candidate.json" 2>&1 | tail -9
-        timeout 220 python3 -m mmrec.bench decode --recipes 1b docs/results/recipes/1b-all-parallel.json transformer-1b \
-            --contexts 1024 32768 --modes graph --compile both --kv-splits 0 --batches 8 --out "$OUT/decode_candidate.json" 2>&1 \
+        # (CANDIDATE_RECIPES and DECODE_CONTEXTS change what is run)
+        recipes=${CANDIDATE_RECIPES:-1b docs/results/recipes/1b-all-parallel.json transformer-1b}
+        timeout 330 python3 -m mmrec.bench model --recipes $recipes --lengths 2048 32768 \
+            --out "$OUT/model_candidate.json" 2>&1 | tail -9
+        timeout 220 python3 -m mmrec.bench decode --recipes $recipes --contexts ${DECODE_CONTEXTS:-1024 32768} --modes graph \
+            --compile ${DECODE_COMPILE:-both} --kv-splits 0 --batches 8 --out "$OUT/decode_candidate.json" 2>&1 \
             | grep -v "^{" | tail -24 ;;
     memory-attention)
         # the memory's attention alone at 1b's shapes (the write's pooling, then the read): which kernel, eager and compiled

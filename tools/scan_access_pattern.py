@@ -17,7 +17,8 @@ docs/notes/scan-kernel.md.
 import torch
 import triton
 import triton.language as tl
-from mmrec.bench.scan import _bench as ms, copy_bandwidth
+from mmrec.bench.common import do_bench_ms as ms
+from mmrec.bench.scan import copy_bandwidth
 from mmrec.ops.linear_scan_triton import _pick_config, scan_backward, scan_forward
 
 

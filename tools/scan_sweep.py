@@ -51,7 +51,7 @@ def tile_config(tile: tuple) -> dict:
 
 
 def _time_tile(kernels, a, b, dh, dtype, cfg, log_space) -> tuple[float, float, torch.Tensor]:
-    from mmrec.bench.scan import _bench
+    from mmrec.bench.common import do_bench_ms as _bench
 
     h, _ = kernels.scan_forward(a, b, log_space=log_space, config=cfg)
     fwd = _bench(lambda: kernels.scan_forward(a, b, log_space=log_space, config=cfg))

@@ -7,13 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmrec.bench import block, decode, delta, gated_rnn, model, plot, quality, recall, recurrence, scale, scan
+from mmrec.bench import block, decode, delta, gated_rnn, host, model, plot, quality, recall, recurrence, scale, scan
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mmrec.bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (scan, block, model, decode, gated_rnn, delta, recurrence, quality, scale, recall, plot):  # each registers its subcommand
+    for module in (scan, block, model, decode, gated_rnn, delta, host, recurrence, quality, scale, recall, plot):  # each registers its subcommand
         module.add_subcommand(commands)
     everything = commands.add_parser("all", help="scan, block, model, decode and gated-rnn with their defaults")
     everything.add_argument("--out-dir", type=Path, help="write each benchmark's JSON here")

@@ -7,6 +7,7 @@ import gc
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +46,49 @@ def reset_peak_memory(device: torch.device) -> None:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def do_bench_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` on the GPU (``triton.testing.do_bench``: CUDA events,
+    the L2 cache flushed between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def host_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    """Median host milliseconds to issue one call of ``fn``: each call starts on an idle
+    GPU and is timed until it returns, without waiting for its kernels. On a CPU device the
+    work itself is synchronous, so this is the whole call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    times = []
+    for _ in range(calls):
+        sync()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    sync()
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def graph_ms(fn: Callable[[], object]) -> float | None:
+    """``fn`` captured once as a CUDA graph and replayed: its GPU time without host
+    overhead; None (with the reason on stderr) when it cannot be captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up outside the capture (compiles, allocator)
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return do_bench_ms(graph.replay)
+    except Exception as error:  # noqa: BLE001 - report, don't stop the run
+        print(f"CUDA graph capture failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -13,12 +13,14 @@ launchers alone (the forward scan, and the adjoint scan of the backward) with th
 launch config and each ``--config`` (``KEY=VALUE,...``: ``BLOCK_V``, ``num_warps``,
 ``STAGES``, ``PRECISION``), for tuning in one GPU run.
 
-The baseline, when it is installed: flash-linear-attention's ``chunk_gated_delta_rule``
-(the same recurrence: ``g`` = log α, its ``q``, ``k``, ``v``, ``β`` in ``v``'s dtype, ``scale``
-1), timed and checked against the loop the same way; an fla that refuses the device (its
-gated delta rule needs Triton 3.7.1 on Hopper) or fails to import is reported with its
-message. Its ``q`` and ``k`` are in ``v``'s dtype where the op's are float32, so with bf16
-``v`` its error against the loop includes their rounding (the row's ``qk_dtype``).
+The baselines, when installed: flash-linear-attention's ``chunk_gated_delta_rule`` (the
+same recurrence: ``g`` = log α, its ``q``, ``k``, ``v``, ``β`` in ``v``'s dtype, ``scale`` 1),
+timed and checked against the loop the same way, and its ``chunk_delta_rule``, the same
+recurrence without the decay (less work), timed only: fla 0.6's gated backward refuses
+Hopper with Triton < 3.7.1, its ungated one does not. A baseline that refuses the device or
+fails to import is reported with its message. fla's ``q`` and ``k`` are in ``v``'s dtype
+where the op's are float32, so with bf16 ``v`` its error against the loop includes their
+rounding (the row's ``qk_dtype``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from mmrec.bench.gated_rnn import parse_config
 from mmrec.throughput import keeping_matmul_precision
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+FLA_GATED = "fla chunk_gated_delta_rule"
+FLA_UNGATED = "fla chunk_delta_rule (α = 1)"
+SAME_RECURRENCE = ("op", FLA_GATED)  # compared with the loop's outputs
 
 
 def add_subcommand(commands) -> None:
@@ -88,7 +93,8 @@ def _passes(fn, inputs, probe):
 
     def forward_backward():
         o, state = fn(*leaves)
-        return torch.autograd.grad([o, state], leaves, [probe[0], probe[1]])
+        # allow_unused: fla's ungated baseline takes no log α
+        return torch.autograd.grad([o, state], leaves, [probe[0], probe[1]], allow_unused=True, materialize_grads=True)
 
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
@@ -113,13 +119,13 @@ def _kernel_passes(config: dict | None, inputs, chunk: int):
             "bwd": lambda: kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)}
 
 
-def fla_gated_delta_rule():
-    """fla's ``chunk_gated_delta_rule`` with this module's call signature (inputs as
-    :func:`fla_inputs` makes them), or ``None`` when fla is not installed. An fla that is
-    installed but fails to import gives a function that raises its error, so the error is
-    reported in the table rather than the baseline silently missing."""
+def _fla_function(module: str, name: str, adapt):
+    """fla's ``module.name`` called through ``adapt(function, q, k, v, beta, log_alpha,
+    state)``, or ``None`` when fla is not installed. An fla that is installed but fails to
+    import gives a function that raises its error, so the error is reported in the table
+    rather than the baseline silently missing."""
     try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        function = getattr(__import__(module, fromlist=[name]), name)
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] == "fla":
             return None
@@ -127,16 +133,29 @@ def fla_gated_delta_rule():
     except Exception as error:  # noqa: BLE001 - e.g. a Triton version fla does not accept
         failure = error
     else:
-        def call(q, k, v, beta, log_alpha, state):
-            return chunk_gated_delta_rule(q=q, k=k, v=v, g=log_alpha, beta=beta, scale=1.0, initial_state=state,
-                                          output_final_state=True)
-
-        return call
+        return functools.partial(adapt, function)
 
     def refuse(*args):
         raise failure
 
     return refuse
+
+
+def fla_baselines() -> dict:
+    """fla's kernels with this module's call signature (inputs as :func:`fla_inputs` makes
+    them), each ``None`` when fla is not installed:
+    - ``chunk_gated_delta_rule``, the same recurrence (``g`` = log α, ``scale`` 1);
+    - ``chunk_delta_rule``, the recurrence without the decay (α = 1): less work than ours,
+      timed because fla's gated backward refuses Hopper with Triton < 3.7.1 where its
+      ungated one runs; its outputs differ from the loop's, so no error is reported."""
+    def gated(function, q, k, v, beta, log_alpha, state):
+        return function(q=q, k=k, v=v, g=log_alpha, beta=beta, scale=1.0, initial_state=state, output_final_state=True)
+
+    def ungated(function, q, k, v, beta, log_alpha, state):
+        return function(q=q, k=k, v=v, beta=beta, scale=1.0, initial_state=state, output_final_state=True)
+
+    return {FLA_GATED: _fla_function("fla.ops.gated_delta_rule", "chunk_gated_delta_rule", gated),
+            FLA_UNGATED: _fla_function("fla.ops.delta_rule", "chunk_delta_rule", ungated)}
 
 
 def fla_inputs(inputs):
@@ -161,8 +180,8 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
              "loop": functools.partial(_chunk_delta_rule, chunk_size=args.chunk, scale=1.0, scan=delta_chunk_scan_reference)}
     if args.compile:
         impls = {name: torch.compile(fn, fullgraph=True) for name, fn in impls.items()}
-    if args.baselines and (fla := fla_gated_delta_rule()) is not None:
-        impls["fla chunk_gated_delta_rule"] = fla
+    if args.baselines:
+        impls.update({name: fn for name, fn in fla_baselines().items() if fn is not None})
     passes = {name: _passes(fn, fla_inputs(inputs) if name.startswith("fla") else inputs, probe)
               for name, fn in impls.items()}
     if args.kernels and device.type == "cuda":
@@ -192,15 +211,14 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
             record(rows, {**base, "impl": impl, "pass": pass_, "qk_dtype": qk_dtype[impl]}, measure, device)
     for row in rows:
         mine, loop = results.get((row["impl"], row["pass"])), results.get(("loop", row["pass"]))
-        compared = row["impl"] != "loop" and not row["impl"].startswith("kernel")
-        if compared and mine is not None and loop is not None:
+        if row["impl"] in SAME_RECURRENCE and mine is not None and loop is not None:
             row["rel_err_vs_loop"] = max(_rel_err(a, b) for a, b in zip(mine, loop))
-        loop_row = next((r for r in rows if r["impl"] == "loop" and r["pass"] == row["pass"] and "tokens_per_s" in r), None)
-        if compared and loop_row and "tokens_per_s" in row:
-            row["over_loop"] = row["tokens_per_s"] / loop_row["tokens_per_s"]
-        fla_row = next((r for r in rows if r["impl"].startswith("fla") and r["pass"] == row["pass"] and "tokens_per_s" in r), None)
-        if row["impl"] == "op" and fla_row and "tokens_per_s" in row:
-            row["over_fla"] = row["tokens_per_s"] / fla_row["tokens_per_s"]
+        if row["impl"] != "op" or "tokens_per_s" not in row:
+            continue
+        for other, key in (("loop", "over_loop"), (FLA_GATED, "over_fla"), (FLA_UNGATED, "over_fla_ungated")):
+            other_row = next((r for r in rows if r["impl"] == other and r["pass"] == row["pass"] and "tokens_per_s" in r), None)
+            if other_row:
+                row[key] = row["tokens_per_s"] / other_row["tokens_per_s"]
     return rows
 
 
@@ -225,16 +243,17 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\n{meta['device']}, chunk_delta_rule, {args.tokens} tokens x {args.heads} heads, chunk {args.chunk}, "
           f"v in {args.dtype}, compile={args.compile}")
     print(f"{'T':>6} {'batch':>5} {'K=V':>4} {'precision':<8} {'impl':<28} {'pass':<8} {'tok/s':>11} {'ms':>9} "
-          f"{'x loop':>7} {'x fla':>6} {'err vs loop':>11} {'peak GiB':>8}")
+          f"{'x loop':>7} {'x fla':>6} {'x fla α=1':>9} {'err vs loop':>11} {'peak GiB':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['length']:>6} {r['batch']:>5} {r['head_dim']:>4} {r['precision']:<8} {r['impl']:<28} {r['pass']:<8} {r['error']}")
             continue
         ratio = f"{r['over_loop']:.2f}x" if "over_loop" in r else "-"
         over_fla = f"{r['over_fla']:.2f}x" if "over_fla" in r else "-"
+        over_ungated = f"{r['over_fla_ungated']:.2f}x" if "over_fla_ungated" in r else "-"
         error = f"{r['rel_err_vs_loop']:.1e}" if "rel_err_vs_loop" in r else "-"
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
         print(f"{r['length']:>6} {r['batch']:>5} {r['head_dim']:>4} {r['precision']:<8} {r['impl']:<28} {r['pass']:<8} "
-              f"{r['tokens_per_s']:>11.4g} {r['ms']:>9.3f} {ratio:>7} {over_fla:>6} {error:>11} {peak:>8}")
+              f"{r['tokens_per_s']:>11.4g} {r['ms']:>9.3f} {ratio:>7} {over_fla:>6} {over_ungated:>9} {error:>11} {peak:>8}")
     write_json(args.out, {**meta, "results": rows})
     return 0

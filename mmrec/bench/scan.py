@@ -26,13 +26,11 @@ import argparse
 import datetime
 import shlex
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from mmrec.bench.common import write_json
+from mmrec.bench.common import do_bench_ms, graph_ms, host_ms, write_json
 from mmrec.bench.plot import plot
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -54,17 +52,10 @@ def add_subcommand(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def _bench(fn: Callable[[], object]) -> float:
-    """Median milliseconds of ``fn`` (CUDA events, L2 flushed between runs)."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-
-
 def copy_bandwidth(nbytes: int = 2**30) -> dict:
     src = torch.randn(nbytes // 2, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src))
+    ms = do_bench_ms(lambda: dst.copy_(src))
     assert torch.equal(dst, src)
     moved = 2 * src.numel() * src.element_size()
     return {"ms": ms, "bytes": moved, "GBps": moved / ms / 1e6}
@@ -194,57 +185,26 @@ def _time_length(args, dtype, length, gen, baselines, record) -> None:
     dh = torch.randn(shape, device="cuda", generator=gen).to(dtype)
     ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
     check = _rel_err(linear_scan(a, b)[0], linear_scan_composite(a, b)[0])
-    record("mmrec linear_scan", "fwd", length, _bench(lambda: linear_scan(a, b)), rel_err_vs_composite=check)
+    record("mmrec linear_scan", "fwd", length, do_bench_ms(lambda: linear_scan(a, b)), rel_err_vs_composite=check)
 
     def fwd_bwd():
         return torch.autograd.grad(linear_scan(ar, br)[0], (ar, br), dh)
 
-    record("mmrec linear_scan", "fwd+bwd", length, _bench(fwd_bwd), **_overhead(a, b, dh, fwd_bwd))
+    record("mmrec linear_scan", "fwd+bwd", length, do_bench_ms(fwd_bwd), **_overhead(a, b, dh, fwd_bwd))
     # log-space gates: same bytes (log a instead of a), exp in registers
     log_a = a.float().log().to(dtype)
     lr = log_a.clone().requires_grad_()
-    record("mmrec linear_scan log", "fwd", length, _bench(lambda: linear_scan(log_a, b, log_space=True)))
+    record("mmrec linear_scan log", "fwd", length, do_bench_ms(lambda: linear_scan(log_a, b, log_space=True)))
     record("mmrec linear_scan log", "fwd+bwd", length,
-           _bench(lambda: torch.autograd.grad(linear_scan(lr, br, log_space=True)[0], (lr, br), dh)))
+           do_bench_ms(lambda: torch.autograd.grad(linear_scan(lr, br, log_space=True)[0], (lr, br), dh)))
     for name, prepare in baselines:
         try:
             fwd, fwd_bwd = prepare(a, b, dh)
-            record(name, "fwd", length, _bench(fwd))
-            record(name, "fwd+bwd", length, _bench(fwd_bwd))
+            record(name, "fwd", length, do_bench_ms(fwd))
+            record(name, "fwd+bwd", length, do_bench_ms(fwd_bwd))
         except Exception as error:  # noqa: BLE001 - a baseline failing must not stop the run
             print(f"{name} at T={length} failed: {type(error).__name__}: {error}", file=sys.stderr)
         torch.cuda.empty_cache()
-
-
-def _host_ms(fn: Callable[[], object], calls: int = 50) -> float:
-    """Host milliseconds to issue one call, not waiting for the GPU (its queue holds
-    thousands of launches, so the loop never blocks)."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e3 * elapsed / calls
-
-
-def _graph_ms(fn: Callable[[], object]) -> float | None:
-    """``fn`` captured once as a CUDA graph and replayed: GPU time without host overhead."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up outside the capture (compiles, allocator)
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return _bench(graph.replay)
-    except Exception as error:  # noqa: BLE001 - report, don't stop the run
-        print(f"CUDA graph capture failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return None
 
 
 def _overhead(a, b, dh, fwd_bwd) -> dict:
@@ -253,9 +213,9 @@ def _overhead(a, b, dh, fwd_bwd) -> dict:
 
     h, _ = kernels.scan_forward(a, b)
     return {
-        "host_ms": _host_ms(fwd_bwd),
-        "graph_ms": _graph_ms(fwd_bwd),
-        "fwd_kernel_ms": _bench(lambda: kernels.scan_forward(a, b)),
-        "bwd_kernel_ms": _bench(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
-        "bwd_launch_host_ms": _host_ms(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
+        "host_ms": host_ms(fwd_bwd),
+        "graph_ms": graph_ms(fwd_bwd),
+        "fwd_kernel_ms": do_bench_ms(lambda: kernels.scan_forward(a, b)),
+        "bwd_kernel_ms": do_bench_ms(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
+        "bwd_launch_host_ms": host_ms(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
     }

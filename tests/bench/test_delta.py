@@ -3,6 +3,8 @@ something only on a GPU; this keeps the command working)."""
 
 import json
 
+import torch
+
 from mmrec.bench.__main__ import main
 
 
@@ -18,13 +20,17 @@ def test_delta_benchmark_compares_the_op_with_the_loop(tmp_path):
         assert op["rel_err_vs_loop"] < 1e-5  # outputs, then every input's gradient
 
 
-def _fake_fla(monkeypatch, chunk_gated_delta_rule):
-    """Install ``fla.ops.gated_delta_rule`` holding ``chunk_gated_delta_rule``."""
+def _fake_fla(monkeypatch, chunk_gated_delta_rule, chunk_delta_rule=None):
+    """Install ``fla.ops.gated_delta_rule`` holding ``chunk_gated_delta_rule`` (and
+    ``fla.ops.delta_rule`` holding ``chunk_delta_rule``, when given)."""
     import sys
     import types
 
-    modules = {name: types.ModuleType(name) for name in ("fla", "fla.ops", "fla.ops.gated_delta_rule")}
+    names = ("fla", "fla.ops", "fla.ops.gated_delta_rule") + (("fla.ops.delta_rule",) if chunk_delta_rule else ())
+    modules = {name: types.ModuleType(name) for name in names}
     modules["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = chunk_gated_delta_rule
+    if chunk_delta_rule:
+        modules["fla.ops.delta_rule"].chunk_delta_rule = chunk_delta_rule
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
 
@@ -85,12 +91,32 @@ def test_an_fla_that_fails_to_import_is_reported(tmp_path, monkeypatch):
     out = tmp_path / "delta.json"
     assert main([*ARGS, "--out", str(out)]) == 0
     rows = [r for r in json.loads(out.read_text())["results"] if r["impl"].startswith("fla")]
-    assert [r["error"] for r in rows] == ["ImportError: fla needs triton >= 3.7"] * 2
+    assert [r["error"] for r in rows] == ["ImportError: fla needs triton >= 3.7"] * 4  # two baselines, two passes
+
+
+def test_the_ungated_fla_baseline_is_timed_not_checked(tmp_path, monkeypatch):
+    """fla's delta rule without the decay: a different recurrence, so its speed is reported
+    against the op and its outputs are not compared with the loop's."""
+    from mmrec.ops.delta_rule import naive_delta_rule
+
+    def refuses(**kwargs):
+        raise RuntimeError("gated backward needs triton >= 3.7.1 on Hopper")
+
+    def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False):
+        o, state = naive_delta_rule(q, k, v, beta, torch.zeros_like(beta), initial_state, scale=scale)
+        return o, state if output_final_state else None
+
+    _fake_fla(monkeypatch, refuses, chunk_delta_rule)
+    out = tmp_path / "delta.json"
+    assert main([*ARGS, "--dtype", "fp32", "--out", str(out)]) == 0
+    rows = {(r["impl"], r["pass"]): r for r in json.loads(out.read_text())["results"]}
+    for pass_ in ("fwd", "fwd+bwd"):
+        op, ungated = rows["op", pass_], rows["fla chunk_delta_rule (α = 1)", pass_]
+        assert "rel_err_vs_loop" not in ungated and "error" in rows["fla chunk_gated_delta_rule", pass_]
+        assert op["over_fla_ungated"] == op["tokens_per_s"] / ungated["tokens_per_s"] and "over_fla" not in op
 
 
 def test_the_callers_float32_matmul_precision_is_kept(tmp_path):
-    import torch
-
     torch.set_float32_matmul_precision("medium")
     assert main([*ARGS, "--precision", "high", "--no-baselines", "--out", str(tmp_path / "d.json")]) == 0
     assert torch.get_float32_matmul_precision() == "medium"

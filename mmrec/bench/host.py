@@ -1,0 +1,190 @@
+"""``python -m mmrec.bench host``: the host (CPU) time of one call of each op the model
+calls, against the GPU time of the same call, in one run.
+
+A call's host time is what Python, autograd, the dispatcher and the kernel launches cost
+before control returns: measured from an idle GPU until the call returns, without waiting
+for its kernels (``common.host_ms``). Its GPU time is the same call captured once as a CUDA
+graph and replayed (``common.graph_ms``). A call whose host time exceeds its GPU time
+leaves the GPU idle in eager mode; under ``torch.compile`` with CUDA graphs, or when the
+GPU queue is already full, the host time is hidden.
+
+Each op is timed as the layers call it, at ``--batch`` x ``--length`` tokens:
+- ``linear_scan``: the ``parallel`` recurrence's call (``log γ`` and inputs in bf16,
+  a float32 ``h0``, ``log_space``, bf16 ``h``), ``[B, T, --dim]``;
+- ``gated_rnn``: the ``exact`` recurrence's call, ``--dim`` channels in heads of 64;
+- ``delta_chunk_scan``: the chunk loop of the ``delta`` rule (its inputs as
+  ``chunk_delta_rule`` prepares them), ``--heads`` heads of 128, chunks of 64;
+- ``chunk_delta_rule``: the whole ``delta`` rule function (the chunk-local products in
+  PyTorch around the op), for comparison.
+
+Rows: the op through its public function (``op``) and its Triton launchers called directly
+(``launch``: what the kernels' own launch costs, without the custom-op dispatch and
+autograd), forward (no gradient) and forward + backward (``torch.autograd.grad``). The
+baseline row is ``torch.cumsum`` on the scan's input, a built-in op of the same shape with
+its own autograd formula, timed in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmrec.bench.common import graph_ms, host_ms, run_metadata, write_json
+
+GOAL_MS = 0.1  # host time per call the recall issue asks of every op
+
+
+def add_subcommand(commands) -> None:
+    parser = commands.add_parser("host", help="host time per call of each op vs its GPU time",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=4096, help="channels of linear_scan and gated_rnn")
+    parser.add_argument("--heads", type=int, default=16, help="heads of the delta rule (width 128)")
+    parser.add_argument("--calls", type=int, default=50, help="calls per median")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    parser.set_defaults(run=run)
+
+
+Passes = dict[str, Callable[[], object]]  # pass name -> one call
+
+
+def _passes(fn: Callable[..., tuple], inputs: list, differentiable: list[int], grad_outputs: Callable[[tuple], list]) -> Passes:
+    """``fwd`` without gradients, and ``fwd+bwd``: the call, then ``autograd.grad`` of its
+    outputs (``grad_outputs(outputs)``) with respect to the inputs at ``differentiable``."""
+    leaves = [x.detach().requires_grad_() if i in differentiable else x for i, x in enumerate(inputs)]
+
+    def forward():
+        with torch.no_grad():
+            return fn(*inputs)
+
+    def forward_backward():
+        outputs = fn(*leaves)
+        used = [o for o in outputs if o.requires_grad]
+        return torch.autograd.grad(used, [leaves[i] for i in differentiable], grad_outputs(used))
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def _ones_like(outputs):
+    return [torch.ones_like(o) for o in outputs]
+
+
+def _linear_scan(args, device, gen) -> dict[str, Passes]:
+    from mmrec.ops.linear_scan import linear_scan
+
+    shape = (args.batch, args.length, args.dim)
+    log_a = (-torch.rand(shape, device=device, generator=gen) * 0.1).bfloat16()
+    b = torch.randn(shape, device=device, generator=gen).bfloat16()
+    h0 = torch.randn(args.batch, args.dim, device=device, generator=gen)
+    call = lambda a, b, h0: linear_scan(a, b, h0, log_space=True, out_dtype=torch.bfloat16)  # noqa: E731
+    found = {"op": _passes(call, [log_a, b, h0], [0, 1, 2], _ones_like),
+             "torch.cumsum (baseline)": _passes(lambda b: (torch.cumsum(b, 1),), [b], [0], _ones_like)}
+    if device.type == "cuda":
+        from mmrec.ops import linear_scan_triton as kernels
+
+        h, _ = kernels.scan_forward(log_a, b, h0, log_space=True, out_dtype=torch.bfloat16)
+        grad_h = torch.ones_like(h)
+        found["launch"] = {
+            "fwd": lambda: kernels.scan_forward(log_a, b, h0, log_space=True, out_dtype=torch.bfloat16),
+            "bwd": lambda: kernels.scan_backward(log_a, h, grad_h, None, h0, False, b.dtype, log_space=True)}
+    return found
+
+
+def _gated_rnn(args, device, gen) -> dict[str, Passes]:
+    from mmrec.ops.gated_rnn import gated_rnn
+
+    head_dim = 64
+    shape = (args.batch, args.length, args.dim)
+    z = torch.randn(shape, device=device, generator=gen).bfloat16()
+    log_decay = -torch.rand(shape, device=device, generator=gen) * 0.1
+    weight = torch.randn(args.dim // head_dim, head_dim, head_dim, device=device, generator=gen) / head_dim**0.5
+    h0 = torch.randn(args.batch, args.dim, device=device, generator=gen)
+    found = {"op": _passes(gated_rnn, [z, log_decay, weight, h0], [0, 1, 2, 3], _ones_like)}
+    if device.type == "cuda":
+        from mmrec.ops import gated_rnn_triton as kernels
+
+        h, _ = kernels.gated_rnn_forward(z, log_decay, weight, h0)
+        grad_h = torch.ones_like(h)
+        found["launch"] = {"fwd": lambda: kernels.gated_rnn_forward(z, log_decay, weight, h0),
+                           "bwd": lambda: kernels.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, None)}
+    return found
+
+
+def _delta_inputs(args, device, gen) -> list[torch.Tensor]:
+    shape = (args.batch, args.length, args.heads, 128)
+    q = F.normalize(torch.randn(shape, device=device, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(shape, device=device, generator=gen), dim=-1)
+    v = torch.randn(shape, device=device, generator=gen).bfloat16()
+    beta = torch.rand(shape[:3], device=device, generator=gen)
+    log_alpha = -0.05 * torch.rand(shape[:3], device=device, generator=gen)
+    state = torch.randn(args.batch, args.heads, 128, 128, device=device, generator=gen)
+    return [q, k, v, beta, log_alpha, state]
+
+
+def _delta_rule(args, device, gen) -> dict[str, Passes]:
+    from mmrec.ops.delta_rule import chunk_delta_rule
+
+    inputs = _delta_inputs(args, device, gen)
+    return {"op": _passes(chunk_delta_rule, inputs, list(range(6)), _ones_like)}
+
+
+def _delta_chunk_scan(args, device, gen) -> dict[str, Passes]:
+    from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
+    from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan
+
+    captured = []
+
+    def capture(*op_inputs):
+        captured.append(op_inputs)
+        return delta_chunk_scan(*op_inputs)
+
+    with torch.no_grad():
+        _chunk_delta_rule(*_delta_inputs(args, device, gen), 64, 1.0, scan=capture)
+    op_inputs = list(captured[0])
+    found = {"op": _passes(delta_chunk_scan, op_inputs, list(range(7)), _ones_like)}
+    if device.type == "cuda":
+        from mmrec.ops.delta_rule import chunk_scan_triton as kernels
+
+        o, final, _ = kernels.chunk_scan_forward(*op_inputs)
+        grad_o, grad_final = torch.ones_like(o), torch.ones_like(final)
+        found["launch"] = {"fwd": lambda: kernels.chunk_scan_forward(*op_inputs),
+                           "bwd": lambda: kernels.chunk_scan_adjoint(*op_inputs[1:6], grad_o, grad_final)}
+    return found
+
+
+OPS = {"linear_scan": _linear_scan, "gated_rnn": _gated_rnn, "delta_chunk_scan": _delta_chunk_scan,
+       "chunk_delta_rule": _delta_rule}
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        print("no CUDA device: every call runs synchronously on the CPU, so 'host' is the whole call "
+              "(a smoke test of the benchmark, not a measurement)", file=sys.stderr)
+    gen = torch.Generator(device=device).manual_seed(0)
+    meta = {**run_metadata(), "batch": args.batch, "length": args.length}
+    rows = []
+    print(f"{meta['device']}: host and GPU milliseconds per call, batch {args.batch}, T {args.length}")
+    print(f"{'op':<18} {'impl':<24} {'pass':<8} {'host ms':>8} {'GPU ms':>8}")
+    for op, prepare in OPS.items():
+        for impl, passes in prepare(args, device, gen).items():
+            for pass_, call in passes.items():
+                row = {"op": op, "impl": impl, "pass": pass_, "host_ms": host_ms(call, args.calls),
+                       "gpu_ms": graph_ms(call) if device.type == "cuda" else None}
+                rows.append(row)
+                gpu = "-" if row["gpu_ms"] is None else f"{row['gpu_ms']:.3f}"
+                print(f"{op:<18} {impl:<24} {pass_:<8} {row['host_ms']:>8.3f} {gpu:>8}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ops = [r for r in rows if r["impl"] == "op"]
+    over = [f"{r['op']} {r['pass']}" for r in ops if r["host_ms"] > GOAL_MS]
+    print(f"\nhost time per op call under {GOAL_MS} ms: " + ("every op" if not over else "not " + ", ".join(over)))
+    write_json(args.out, {**meta, "goal_host_ms": GOAL_MS, "results": rows})
+    return 0
