@@ -59,7 +59,8 @@ for part in "${parts[@]}"; do
         timeout 150 python3 -m mmrec.bench host --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -16 ;;
     fla)
         # the delta rule's op against fla 0.6 at the 1b delta layer's heads (16 x 128), T 2K and 32K
-        timeout 200 python3 -m mmrec.bench delta --tokens 32768 --lengths 2048 32768 --head-dims 128 \
+        # (TF32, as training runs it; fla autotunes each kernel on its first call, which took minutes)
+        timeout 420 python3 -m mmrec.bench delta --tokens 32768 --lengths 2048 32768 --head-dims 128 --precision high \
             --out "$OUT/delta_fla.json" 2>&1 | tee "$OUT/delta_fla.log" | grep -v "^{" | tail -26 ;;
     hybrid)
         # what a hybrid stack costs: the delta recurrence in every fourth layer of 1b, with hds
@@ -102,24 +103,31 @@ for part in "${parts[@]}"; do
             --steps "${RECALL_STEPS:-1000}" --batch "${RECALL_BATCH:-32}" --lrs 1e-3 --jobs ${#recipes[@]} --compile --eval-every 250 \
             --out "$OUT/recall_long.json" --plot "$OUT/recall_long.png" 2>&1 | grep -v "^{" | tail -12 ;;
     scale|seeds)
-        # quality at scale: shards of this machine's site-packages, then SCALE_RECIPES (default the
-        # hybrid small against transformer-small) one after the other on the same batches. Each
-        # small run takes about 4 minutes at 50M tokens: if two do not fit in a call, give one
-        # recipe a call (the shards are the same on every call: compare their fingerprints)
+        # quality at scale: shards of this machine's site-packages (about 45 s), then SCALE_RECIPES
+        # (default the hybrid small against transformer-small) side by side on the same batches:
+        # two at 50M tokens took 476 s with the shards prepared (2026-12-01), so a call without
+        # them is tight; SCALE_TOKENS makes it shorter
         site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
         [ -f /tmp/shards/index.json ] || python3 -m mmrec.data.prepare --input "$site" --glob '*.py' --glob '*.pyi' \
             --glob '*.md' --glob '*.rst' --glob '*.txt' --vocab-size 32000 --tokenizer-train-bytes 40000000 \
             --out /tmp/shards --quiet 2>&1 | tail -3
-        # seeds: the seeds' ablations beside the block they ablate at 10M tokens, three a call: SEEDS_RECIPES="docs/results/recipes/small-all-parallel.json
-        # docs/results/recipes/small-no-hem.json docs/results/recipes/small-seed-options.json" for the rest
-        seeds="docs/results/recipes/small-all-parallel.json docs/results/recipes/small-no-planning.json docs/results/recipes/small-exact.json"
+        # seeds: the seeds' ablations of the shipped small, side by side on the same batches at 8M tokens
+        # (about 340 s for five; half batches with two accumulation steps, so five fit beside the
+        # CUDA tests). Default: small and one seed option a run at small's size; the first set
+        # (2026-12-01) was SEEDS_RECIPES="small docs/results/recipes/small-no-planning.json
+        # docs/results/recipes/small-no-hem.json docs/results/recipes/small-seed-options.json docs/results/recipes/small-exact.json"
+        seeds="small docs/results/recipes/small-gated-integration.json docs/results/recipes/small-pe.json \
+            docs/results/recipes/small-own-value.json docs/results/recipes/small-level3.json"
         recipes=${SCALE_RECIPES:-small transformer-small}
-        tokens=${SCALE_TOKENS:-50_000_000}; warmup=100; evals=${SCALE_EVALS:-10}
-        [ "$part" = seeds ] && { recipes=${SEEDS_RECIPES:-$seeds}; tokens=${SEEDS_TOKENS:-10_000_000}; warmup=20; evals=5; }
+        tokens=${SCALE_TOKENS:-50_000_000}; warmup=100; evals=${SCALE_EVALS:-6}; windows=8; batch=()
+        if [ "$part" = seeds ]; then
+            recipes=${SEEDS_RECIPES:-$seeds}; tokens=${SEEDS_TOKENS:-8_000_000}; warmup=20; evals=5; windows=4
+            batch=(--set train.batch_size=16 --set train.grad_accum=2)
+        fi
         runs="/tmp/$part-$(date +%s)"  # a fresh folder: a run cut by an earlier call's limit stays where it was
         timeout "${SCALE_TIMEOUT:-540}" python3 -m mmrec.bench scale --data /tmp/shards --tokens "$tokens" \
-            --recipes $recipes --sequential --runs "$runs" --evals "$evals" --eval-windows 8 \
-            --set train.compile=true --set train.warmup_steps=$warmup --set train.sample_tokens=0 \
+            --recipes $recipes --runs "$runs" --evals "$evals" --eval-windows $windows \
+            --set train.compile=true --set train.warmup_steps=$warmup --set train.sample_tokens=0 "${batch[@]}" \
             --out "$OUT/$part.json" --plot "$OUT/$part.png" 2>&1 | tail -20
         cp "$runs"/*.log "$OUT/" 2>/dev/null ;;
     esac
