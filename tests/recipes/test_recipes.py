@@ -186,3 +186,27 @@ def test_size_matched_hybrid_candidates_have_their_transformers_size(size):
         ours = mmrec.build(str(path)).num_parameters()
         baseline = mmrec.build(f"transformer-{size}").num_parameters()
     assert abs(baseline - ours) / ours < 0.005, (ours, baseline)
+
+
+BENCHMARK_RECIPES = sorted((Path(__file__).parents[2] / "docs" / "results" / "recipes").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", BENCHMARK_RECIPES, ids=lambda p: p.stem)
+def test_benchmark_recipes_still_validate(path):
+    """The recipes docs/benchmarks.md names, with its commands: a schema change must not
+    leave them unloadable (their size is counted without building)."""
+    from mmrec.sizing import estimate_parameters
+
+    recipe = mmrec.recipes.load(str(path))
+    assert recipe.name == path.stem
+    assert estimate_parameters(recipe.model)[0] > 0
+
+
+@pytest.mark.parametrize("option", ["gated-integration", "pe", "own-value", "level3"])
+def test_single_seed_option_ablations_keep_smalls_size(option):
+    from mmrec.sizing import estimate_parameters
+
+    path = Path(__file__).parents[2] / "docs" / "results" / "recipes" / f"small-{option}.json"
+    ours = estimate_parameters(mmrec.recipes.load(str(path)).model)[0]
+    small = estimate_parameters(mmrec.recipes.load("small").model)[0]
+    assert abs(ours - small) / small < 0.001, (ours, small)
