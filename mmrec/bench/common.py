@@ -72,6 +72,21 @@ def host_ms(fn: Callable[[], object], calls: int = 50) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
+def host_loop_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    """Mean host milliseconds per call of ``fn`` issued back to back, as a training loop
+    issues them (the GPU's queue holds thousands of launches, so the loop does not wait for
+    it). Lower than ``host_ms`` where a call from an idle GPU pays for cold caches."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    sync()
+    return 1e3 * elapsed / calls
+
+
 def graph_ms(fn: Callable[[], object]) -> float | None:
     """``fn`` captured once as a CUDA graph and replayed: its GPU time without host
     overhead; None (with the reason on stderr) when it cannot be captured."""

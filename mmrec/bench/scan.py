@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from mmrec.bench.common import do_bench_ms, graph_ms, host_ms, write_json
+from mmrec.bench.common import do_bench_ms, graph_ms, host_loop_ms, write_json
 from mmrec.bench.plot import plot
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -213,9 +213,9 @@ def _overhead(a, b, dh, fwd_bwd) -> dict:
 
     h, _ = kernels.scan_forward(a, b)
     return {
-        "host_ms": host_ms(fwd_bwd),
+        "host_ms": host_loop_ms(fwd_bwd),
         "graph_ms": graph_ms(fwd_bwd),
         "fwd_kernel_ms": do_bench_ms(lambda: kernels.scan_forward(a, b)),
         "bwd_kernel_ms": do_bench_ms(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
-        "bwd_launch_host_ms": host_ms(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
+        "bwd_launch_host_ms": host_loop_ms(lambda: kernels.scan_backward(a, h, dh, None, None, False, b.dtype)),
     }
