@@ -48,6 +48,9 @@ limit, no document that long) is recorded with the reason instead.
 its batch, beside ``train_step_s``: the result gives the median of each and the share of
 the training time spent reading.
 
+**Loss noise.** ``train_loss_noise`` is the training loss's spread from step to step
+(:func:`loss_noise`): what the seeds ask of the planning loss besides its validation loss.
+
 ``--plot PNG`` draws the validation curves and the loss by position; ``python -m
 mmrec.bench plot scale.json`` draws them from the JSON.
 """
@@ -166,6 +169,21 @@ def read_batches(steps: list[dict]) -> str | None:
     return hashlib.blake2b(" ".join(crcs).encode(), digest_size=8).hexdigest()
 
 
+def loss_noise(losses: list[float], window: int = 11) -> float | None:
+    """The training loss's spread from step to step: the standard deviation of each step's
+    loss around the mean of the ``window`` steps centred on it, over the second half of the
+    run (past the steep start, so the trend the mean removes is nearly straight). ``None``
+    for runs too short to have a full window there."""
+    half = len(losses) // 2
+    if len(losses) - half < window:
+        return None
+    t = torch.tensor(losses, dtype=torch.float64)
+    trend = t.unfold(0, window, 1).mean(1)  # trend[i]: mean of steps i .. i + window - 1
+    centre = window // 2
+    residual = t[centre : centre + trend.numel()] - trend
+    return float(residual[max(0, half - centre):].std())
+
+
 def describe_run(run_dir: Path, checkpoint: Checkpoint) -> dict:
     """What a finished run's log and final checkpoint say: its validation curve, speed,
     data time, and the batches it trained on."""
@@ -183,6 +201,8 @@ def describe_run(run_dir: Path, checkpoint: Checkpoint) -> dict:
                     **{f: getattr(train, f) for f in BATCH_FIELDS},
                     "read": read_batches(steps)},
     }
+    by_step = {r["step"]: r["train_loss"] for r in steps}  # a step logged twice (resumed): its last record
+    row["train_loss_noise"] = loss_noise([by_step[step] for step in sorted(by_step)])
     timed = steps[len(steps) // 10 :]  # past the compile and warm-up steps
     if timed and all("train_data_s" in r for r in timed):
         data_s = sorted(r["train_data_s"] for r in timed)
@@ -353,7 +373,8 @@ def print_table(payload: dict) -> None:
     print(f"\n{payload['device']}; data {payload['data']}; {payload['tokens']:,} training tokens, "
           f"{payload['steps']} steps of {payload['batch_size']} x {payload['seq_len']}; "
           f"overrides {payload['overrides'] or 'none'}; same batches: {payload['same_batches']}")
-    print(f"{'recipe':<24} {'params':>12} {'val loss':>9} {'tokens/s':>10} {'data s/step':>12} {'data share':>11}")
+    print(f"{'recipe':<24} {'params':>12} {'val loss':>9} {'loss noise':>10} {'tokens/s':>10} {'data s/step':>12} "
+          f"{'data share':>11}")
     for r in rows:
         if r["exit_code"] != 0:
             print(f"{r['recipe']:<24} failed")
@@ -361,8 +382,9 @@ def print_table(payload: dict) -> None:
         data = r["data_time"]
         data_cols = (f"{data['median_data_s']:>12.2e} {data['data_share']:>11.1%}" if data
                      else f"{'not logged':>12} {'-':>11}")
+        noise = r.get("train_loss_noise")
         print(f"{r['recipe']:<24} {r['parameters']:>12,} {r['last_val_loss'] or float('nan'):>9.4f} "
-              f"{r['median_tokens_per_s'] or 0:>10.0f} {data_cols}")
+              f"{noise if noise is not None else float('nan'):>10.4f} {r['median_tokens_per_s'] or 0:>10.0f} {data_cols}")
     labels = list(dict.fromkeys(f"{a}-{b}x" for m in payload["lengths"] for a, b in segments(m)))
     print(f"\nmean validation loss by position, in multiples of the training length {payload['seq_len']}")
     print(f"{'recipe':<24} {'window/n':>8} " + " ".join(f"{label:>9}" for label in labels))

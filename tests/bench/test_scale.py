@@ -186,3 +186,17 @@ def test_loss_by_position_in_documents_matches_a_float64_reference(shards):
     assert row["segment_loss"]["1-2x"] == pytest.approx(reference[SEQ_LEN:].mean().item(), abs=1e-4)
     [none] = loss_by_position(model, val, SEQ_LEN, [val.numel()], 3, "cpu", eod_id=data.eod_id)
     assert none["windows"] == 0 and "no validation document" in none["error"]
+
+
+def test_loss_noise_is_the_spread_around_the_local_trend():
+    """A straight trend has no noise; steps alternating +-e around it leave residuals of
+    e (1 + 1/11), since each 11-step mean keeps e/11 of the wiggle, of the other sign."""
+    import math
+
+    from mmrec.bench.scale import loss_noise
+
+    trend = [5.0 - 0.01 * i for i in range(60)]
+    assert loss_noise(trend) < 1e-12
+    wiggle = [x + (0.1 if i % 2 else -0.1) for i, x in enumerate(trend)]
+    assert math.isclose(loss_noise(wiggle), 0.1 * 12 / 11, rel_tol=0.02)
+    assert loss_noise(trend[:20]) is None  # the second half is shorter than a window
