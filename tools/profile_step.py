@@ -20,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mmrec
+from mmrec.bench.common import add_matmul_precision_argument
 from mmrec.distributed import compile_blocks
 
 
@@ -31,8 +32,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=30, help="kernels to list")
     parser.add_argument("--by-op", action="store_true", help="operators by input shape instead of kernels")
-    parser.add_argument("--precision", default="high", choices=["highest", "high", "medium"],
-                        help="torch.set_float32_matmul_precision, as training sets it (train.tf32: high)")
+    add_matmul_precision_argument(parser)
     args = parser.parse_args()
     torch.set_float32_matmul_precision(args.precision)
     overrides = [f"model.n_layers={args.layers}", f"model.max_seq_len={max(args.length, 2048)}"]

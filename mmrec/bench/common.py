@@ -48,6 +48,13 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def add_matmul_precision_argument(parser) -> None:
+    """``--precision``: the float32 matrix-product precision a benchmark runs at, training's
+    by default (``train.tf32`` sets ``high``)."""
+    parser.add_argument("--precision", default="high", choices=["highest", "high", "medium"],
+                        help="torch.set_float32_matmul_precision, as training sets it (train.tf32: high)")
+
+
 def do_bench_ms(fn: Callable[[], object]) -> float:
     """Median milliseconds of ``fn`` on the GPU (``triton.testing.do_bench``: CUDA events,
     the L2 cache flushed between runs)."""

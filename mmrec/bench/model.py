@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import mmrec
 from mmrec.bench.common import (
-    compare_to_baseline, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json,
+    add_matmul_precision_argument, compare_to_baseline, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json,
 )
 from mmrec.bench.plot import plot
 from mmrec.distributed import compile_blocks
@@ -32,8 +32,7 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--checkpoint-from", type=int, default=32768, help="activation checkpointing at and above this length")
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--precision", default="high", choices=["highest", "high", "medium"],
-                        help="torch.set_float32_matmul_precision, as training sets it (train.tf32: high)")
+    add_matmul_precision_argument(parser)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
