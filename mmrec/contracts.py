@@ -165,13 +165,14 @@ class Memory(nn.Module):
         return {"q": d_model, "k": self.key_dim, "v": self.key_dim}
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, state: dict | None = None,
-                dropout: float = 0.0) -> tuple[Tensor, dict]:
+                dropout: float = 0.0) -> tuple[Tensor | None, dict]:
         """``q`` ``[B, T, d]``; ``k``, ``v`` ``[B, T, key_dim]`` (``None`` for one that
         :meth:`projection_widths` leaves out); ``state``: the dict of tensors
         this returned last time, or ``None`` at the start; ``dropout``: the attention dropout
         of the read (0 outside training). Returns the context ``[B, T, d]`` in the activations' dtype
-        (the block adds it to the normalised state before ``W_o``) and the next state, whose
-        size does not depend on the length and whose tensors are not views of larger ones."""
+        (the block adds it to the normalised state before ``W_o``), or ``None`` for a memory
+        that gives none (nothing is added), and the next state, whose size does not depend
+        on the length and whose tensors are not views of larger ones."""
         raise NotImplementedError(_missing(self, "forward"))
 
     def flops_per_token(self, length: int, chunk_size: int) -> float:
@@ -189,10 +190,11 @@ class Memory(nn.Module):
         """Fixed-size buffers that continue the eager ``state``; ``dtype``: the activations'."""
         raise NotImplementedError(f"{type(self).__name__} has no static decode step")
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, static: dict, position: Tensor) -> tuple[Tensor, dict]:
+    def step(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, static: dict,
+             position: Tensor) -> tuple[Tensor | None, dict]:
         """One token (``T = 1``) at ``position``, a 0-dim int64 tensor: update ``static`` in
         place, with no host synchronisation (it is captured in a CUDA graph), and return the
-        context ``[B, 1, d]`` and ``static``."""
+        context ``[B, 1, d]`` (or ``None``, as :meth:`forward`) and ``static``."""
         raise NotImplementedError(f"{type(self).__name__} has no static decode step")
 
     def complete_chunk(self, static: dict) -> None:

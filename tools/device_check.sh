@@ -127,7 +127,7 @@ for part in "${parts[@]}"; do
         runs="/tmp/$part-$(date +%s)"  # a fresh folder: a run cut by an earlier call's limit stays where it was
         timeout "${SCALE_TIMEOUT:-540}" python3 -m mmrec.bench scale --data /tmp/shards --tokens "$tokens" \
             --recipes $recipes --runs "$runs" --evals "$evals" --eval-windows $windows \
-            --set train.compile=true --set train.warmup_steps=$warmup --set train.sample_tokens=0 "${batch[@]}" \
+            --set train.compile=true --set train.warmup_steps=$warmup --set train.sample_tokens=0 ${batch[@]+"${batch[@]}"} \
             --out "$OUT/$part.json" --plot "$OUT/$part.png" 2>&1 | tail -20
         cp "$runs"/*.log "$OUT/" 2>/dev/null ;;
     esac

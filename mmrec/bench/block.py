@@ -133,7 +133,7 @@ def block_parts(block, x):
         h, _ = block.recurrence(p["z"], log_decay, p.get("g"), **extra)
         context, _ = block.memory(p.get("q"), p["k"], p.get("v"), block.chunk_size)
     h = h.to(x.dtype).detach().requires_grad_()
-    context = context.detach().requires_grad_()
+    contexts = () if context is None else (context.detach().requires_grad_(),)  # none for the `none` memory
 
     def projection(x):
         return tuple(block.proj(block.norm(x)).values())
@@ -144,15 +144,16 @@ def block_parts(block, x):
     def memory(q, k, v):
         return block.memory(q, k, v, block.chunk_size)[0]
 
-    def output(x, h, context):
-        y = x + block.out(block.state_norm(h) + context)
+    def output(x, h, *context):
+        state = block.state_norm(h)
+        y = x + block.out(state + context[0] if context else state)
         return y + block.ffn(block.ffn_norm(y))
 
     return {
         "projection (norm + HEM)": forward_backward(projection, (x,)),
         "recurrence (MDI + scan)": forward_backward(recurrence, (p["z"], p["k"], p.get("g"), *extra.values())),
         "memory (write, update, read)": forward_backward(memory, (p.get("q"), p["k"], p.get("v"))),
-        "output + FFN": forward_backward(output, (x, h, context)),
+        "output + FFN": forward_backward(output, (x, h, *contexts)),
     }
 
 

@@ -54,7 +54,7 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--precision", nargs="+", choices=["highest", "high"], default=["highest", "high"])
     parser.add_argument("--compile", action="store_true", help="torch.compile both versions (as training compiles blocks)")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
-                        help="leave out fla's chunk_gated_delta_rule (timed when installed)")
+                        help="leave out fla's chunk_gated_delta_rule and chunk_delta_rule (timed when installed)")
     parser.add_argument("--kernels", action="store_true", help="also time the Triton launchers alone")
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
                         help="with --kernels: also time them with this launch config (repeatable)")

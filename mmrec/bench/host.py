@@ -18,9 +18,12 @@ Each op is timed as the layers call it, at ``--batch`` x ``--length`` tokens:
 - ``chunk_delta_rule``: the whole ``delta`` rule function (the chunk-local products in
   PyTorch around the op), for comparison.
 
-Rows: the op through its public function (``op``) and its Triton launchers called directly
-(``launch``: what the kernels' own launch costs, without the custom-op dispatch and
-autograd), forward (no gradient) and forward + backward (``torch.autograd.grad``). The
+Rows: the op through its public function (``op``: its input checks, the custom-op dispatch,
+autograd) and its Triton launchers called directly (``launch``: what the kernels' own
+launch costs), forward (no gradient) and forward + backward (``torch.autograd.grad`` of
+every differentiable output, with ones as their gradients; the ``launch`` backward gets no
+gradient of the final state). The ``op`` calls pass an initial state, as a layer fed in
+pieces does. The
 baseline row is ``torch.cumsum`` on the scan's input, a built-in op of the same shape with
 its own autograd formula, timed in the same run.
 """
@@ -170,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         print("no CUDA device: every call runs synchronously on the CPU, so 'host' is the whole call "
               "(a smoke test of the benchmark, not a measurement)", file=sys.stderr)
     gen = torch.Generator(device=device).manual_seed(0)
-    meta = {**run_metadata(), "batch": args.batch, "length": args.length}
+    meta = {**run_metadata(), "batch": args.batch, "length": args.length, "dim": args.dim, "heads": args.heads,
+            "calls": args.calls}
     rows = []
     print(f"{meta['device']}: host and GPU milliseconds per call, batch {args.batch}, T {args.length}")
     print(f"{'op':<18} {'impl':<24} {'pass':<8} {'host ms':>8} {'loop ms':>8} {'GPU ms':>8}")

@@ -362,8 +362,9 @@ class MMRecBlock(contracts.Block):
             h = self.mdi.integrate(h, z, log_decay)
         h = self.state_norm(h.to(x.dtype))
         if self.pe_out is not None:
-            context = context + self.pe_out(p["p"])
-        x = x + self.dropout(self.out(h + context))
+            e = self.pe_out(p["p"])
+            context = e if context is None else context + e
+        x = x + self.dropout(self.out(h if context is None else h + context))
         x = x + self.ffn(self.ffn_norm(x))
         aux = self.planning(h, u) if (return_aux_loss and self.planning is not None) else None
         return x, {"h": h_last, "memory": memory_state, **new_state}, aux

@@ -4,8 +4,8 @@ their recurrence.
 A ``delta`` recurrence already keeps associations in its matrix state; reading an ``hds``
 memory beside it costs that layer its largest part (the write, the update over chunks and
 the read's attention) and the ``q`` and ``v`` projections. With ``none`` the block projects
-only the ``k`` that MDI reads for its context gate (``key_dim`` wide), adds no context to
-the state, and carries no memory state. Pick it per layer with ``model.layer_overrides``,
+only the ``k`` that MDI reads for its context gate (``key_dim`` wide), returns no context
+(the block adds nothing to the state), and carries no memory state. Pick it per layer with ``model.layer_overrides``,
 e.g. ``{"layers": [0, 4], "recurrence": {"kind": "delta"}, "memory": {"kind": "none"}}``.
 """
 
@@ -36,12 +36,9 @@ class NoMemory(Memory):
         return {"k": self.key_dim}
 
     def forward(self, q: Tensor | None, k: Tensor, v: Tensor | None, chunk_size: int, state: dict | None = None,
-                dropout: float = 0.0) -> tuple[Tensor, dict]:
-        """A zero context ``[B, T, d_model]`` in ``k``'s dtype and an empty state."""
-        return self._zero_context(k), {}
-
-    def _zero_context(self, k: Tensor) -> Tensor:
-        return k.new_zeros(*k.shape[:-1], self.d_model)
+                dropout: float = 0.0) -> tuple[None, dict]:
+        """No context and an empty state."""
+        return None, {}
 
     # static decoding: nothing to keep
 
@@ -49,8 +46,8 @@ class NoMemory(Memory):
         return {}
 
     def step(self, q: Tensor | None, k: Tensor, v: Tensor | None, chunk_size: int, static: dict,
-             position: Tensor) -> tuple[Tensor, dict]:
-        return self._zero_context(k), static
+             position: Tensor) -> tuple[None, dict]:
+        return None, static
 
     def complete_chunk(self, static: dict) -> None:
         pass

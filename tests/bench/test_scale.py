@@ -59,6 +59,7 @@ def test_the_tiny_pair_trains_on_the_same_batches_and_is_scored_by_position(shar
         batches = r["batches"]
         assert batches["fingerprint"] == payload["data_fingerprint"] and batches["tokens_seen"] == payload["tokens"]
         assert 0 < r["data_time"]["median_data_s"] < r["data_time"]["median_step_s"]
+        assert "train_loss_noise" in r and r["train_loss_noise"] is None  # 5 steps: no full 11-step window
         assert [e["multiple"] for e in r["loss_by_position"]] == [1, 2, 4]
         for entry in r["loss_by_position"]:
             assert "error" not in entry and entry["window_starts"] == "documents" and entry["windows"] > 0

@@ -111,9 +111,9 @@ def _chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: 
 
     index = torch.arange(size, device=k.device)
     diff = cum[..., :, None] - cum[..., None, :]  # Λ_t − Λ_s [B, H, N, C, C]
-    ninf = diff.new_tensor(float("-inf"))
-    causal = (index[:, None] >= index[None, :]).expand_as(diff)  # s ≤ t
-    decay = torch.where(causal, diff, ninf).exp()  # M_ts = e^{Λ_t − Λ_s} (s ≤ t), 0 above the diagonal
+    causal = index[:, None] >= index[None, :]  # s ≤ t
+    # a Python -inf, not a tensor made from it: that would be a blocking host-to-device copy
+    decay = diff.masked_fill(~causal, float("-inf")).exp()  # M_ts = e^{Λ_t − Λ_s} (s ≤ t), 0 above the diagonal
     A = beta[..., None] * decay * (k @ k.transpose(-1, -2))
     from_start = cum.exp()[..., None]  # e^Λ [B, H, N, C, 1]
     rhs = beta[..., None] * torch.cat([v, from_start * k], -1)  # [diag(β) V | diag(β e^Λ) K]
