@@ -55,3 +55,23 @@ def eager_steps(model: torch.nn.Module, state, ids: torch.Tensor):
         logits.append(out.logits[:, -1])
         state = out.state
     return torch.stack(logits, 1), state
+
+
+def ops_called(fn) -> list[str]:
+    """The ``mmrec::`` ops that ``fn()`` runs (forward and backward), seen through a
+    dispatch mode, in call order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "mmrec":
+                self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn()
+    return record.names

@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import Tensor
 
 from mmrec.ops.linear_scan import accumulation_dtype
+from mmrec.ops.registration import Op, requires_grad
 
 MAX_TRITON_HEAD_DIM = 128  # a head's W_g block [E, E] is kept in registers up to this size
 
@@ -148,70 +149,76 @@ def _use_triton(weight: Tensor):
     return kernels if kernels is not None and weight.shape[-1] <= MAX_TRITON_HEAD_DIM else None
 
 
-@torch.library.custom_op("mmrec::gated_rnn", mutates_args=())
-def _gated_rnn_op(z: Tensor, log_decay: Tensor, weight: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _forward_composite_no_grad(z, log_decay, weight, h0=None):
     with torch.no_grad():
         return _forward_composite(z, log_decay, weight, h0)
 
 
-@_gated_rnn_op.register_fake
-def _(z, log_decay, weight, h0=None):
+def _forward_cuda(z, log_decay, weight, h0=None):
+    kernels = _use_triton(weight)
+    if kernels is None:
+        return _forward_composite_no_grad(z, log_decay, weight, h0)
+    return kernels.gated_rnn_forward(z, log_decay, weight, h0)
+
+
+def _forward_fake(z, log_decay, weight, h0=None):
     batch, _, dim = log_decay.shape
     return log_decay.new_empty(log_decay.shape), log_decay.new_empty((batch, dim))
 
 
-@_gated_rnn_op.register_kernel("cuda")
-def _(z, log_decay, weight, h0=None):
-    kernels = _use_triton(weight)
-    if kernels is None:
-        with torch.no_grad():
-            return _forward_composite(z, log_decay, weight, h0)
-    return kernels.gated_rnn_forward(z, log_decay, weight, h0)
+_forward_op = Op("gated_rnn(Tensor z, Tensor log_decay, Tensor weight, Tensor? h0=None) -> (Tensor, Tensor)",
+                 composite=_forward_composite_no_grad, cuda=_forward_cuda, fake=_forward_fake)
 
 
-@torch.library.custom_op("mmrec::gated_rnn_backward", mutates_args=())
-def _gated_rnn_backward_op(
-    z: Tensor, log_decay: Tensor, weight: Tensor, h0: Tensor | None, h: Tensor, grad_h: Tensor | None, grad_h_last: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward_composite_no_grad(z, log_decay, weight, h0, h, grad_h, grad_h_last):
     """Gradients ``(z, log_decay, weight, h0)`` of ``mmrec::gated_rnn``; the last is empty without ``h0``."""
     with torch.no_grad():
         return _backward_composite(z, log_decay, weight, h0, h, grad_h, grad_h_last)
 
 
-@_gated_rnn_backward_op.register_fake
-def _(z, log_decay, weight, h0, h, grad_h, grad_h_last):
+def _backward_cuda(z, log_decay, weight, h0, h, grad_h, grad_h_last):
+    kernels = _use_triton(weight)
+    if kernels is None:
+        return _backward_composite_no_grad(z, log_decay, weight, h0, h, grad_h, grad_h_last)
+    return kernels.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, grad_h_last)
+
+
+def _backward_fake(z, log_decay, weight, h0, h, grad_h, grad_h_last):
     grad_h0 = h.new_empty(0) if h0 is None else h0.new_empty(h0.shape)
     return z.new_empty(h.shape), log_decay.new_empty(h.shape), weight.new_empty(weight.shape), grad_h0
 
 
-@_gated_rnn_backward_op.register_kernel("cuda")
-def _(z, log_decay, weight, h0, h, grad_h, grad_h_last):
-    kernels = _use_triton(weight)
-    if kernels is None:
-        with torch.no_grad():
-            return _backward_composite(z, log_decay, weight, h0, h, grad_h, grad_h_last)
-    return kernels.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, grad_h_last)
+_backward_op = Op("gated_rnn_backward(Tensor z, Tensor log_decay, Tensor weight, Tensor? h0, Tensor h, Tensor? grad_h, "
+                  "Tensor? grad_h_last) -> (Tensor, Tensor, Tensor, Tensor)",
+                  composite=_backward_composite_no_grad, cuda=_backward_cuda, fake=_backward_fake)
 
 
-def _setup_context(ctx, inputs, output):
-    z, log_decay, weight, h0 = inputs
-    h, _ = output
-    ctx.save_for_backward(z, log_decay, weight, h0, h)
+class _GatedRNN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, log_decay, weight, h0):
+        h, h_last = _forward_op.below_autograd(z, log_decay, weight, h0)
+        ctx.save_for_backward(z, log_decay, weight, h0, h)
+        return h, h_last
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor | None, grad_h_last: Tensor | None):
+        z, log_decay, weight, h0, h = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # Double backward: the same loop through differentiable ops.
+            grads = _backward_composite(z, log_decay, weight, h0, h, grad_h, grad_h_last)
+        else:
+            # One fused reverse pass (a Triton kernel on CUDA).
+            grads = _backward_op.below_autograd(z, log_decay, weight, h0, h, grad_h, grad_h_last)
+        grad_z, grad_ld, grad_w, grad_h0 = grads
+        return grad_z, grad_ld, grad_w, (grad_h0 if h0 is not None else None)
 
 
-def _backward(ctx, grad_h: Tensor | None, grad_h_last: Tensor | None):
-    z, log_decay, weight, h0, h = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        # Double backward: the same loop through differentiable ops.
-        grads = _backward_composite(z, log_decay, weight, h0, h, grad_h, grad_h_last)
-    else:
-        # One fused reverse pass (a Triton kernel on CUDA).
-        grads = torch.ops.mmrec.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, grad_h_last)
-    grad_z, grad_ld, grad_w, grad_h0 = grads
-    return grad_z, grad_ld, grad_w, (grad_h0 if h0 is not None else None)
+def _forward_autograd(z, log_decay, weight, h0=None):
+    args = (z, log_decay, weight, h0)
+    return _GatedRNN.apply(*args) if requires_grad(args) else _forward_op.below_autograd(*args)
 
 
-_gated_rnn_op.register_autograd(_backward, setup_context=_setup_context)
+_forward_op.differentiate(_forward_autograd)
 
 
 def gated_rnn(z: Tensor, log_decay: Tensor, weight: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -228,4 +235,4 @@ def gated_rnn(z: Tensor, log_decay: Tensor, weight: Tensor, h0: Tensor | None = 
         raise ValueError(f"gated_rnn expects weight of shape [heads, head_dim, head_dim] with heads * head_dim = {z.shape[2]}, got {tuple(weight.shape)}")
     if h0 is not None and h0.shape != (z.shape[0], z.shape[2]):
         raise ValueError(f"gated_rnn expects h0 of shape {(z.shape[0], z.shape[2])}, got {tuple(h0.shape)}")
-    return torch.ops.mmrec.gated_rnn(z, log_decay, weight, h0)
+    return _forward_op(z, log_decay, weight, h0)

@@ -33,6 +33,8 @@ import functools
 import torch
 from torch import Tensor
 
+from mmrec.ops.registration import Op, requires_grad
+
 CHUNK = 64
 
 
@@ -124,26 +126,6 @@ def linear_scan_composite(
     return h, h_last.to(last_dtype)
 
 
-@torch.library.custom_op("mmrec::linear_scan", mutates_args=())
-def _linear_scan_op(
-    a: Tensor,
-    b: Tensor,
-    h0: Tensor | None = None,
-    reverse: bool = False,
-    log_space: bool = False,
-    accumulate_fp64: bool = False,
-    out_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
-    return linear_scan_composite(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
-
-
-@_linear_scan_op.register_fake
-def _(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False, out_dtype=None):
-    h_dtype, last_dtype, _ = _output_dtypes(a.dtype, b.dtype, accumulate_fp64, out_dtype)
-    shape = torch.broadcast_shapes(a.shape, b.shape)
-    return a.new_empty(shape, dtype=h_dtype), a.new_empty((shape[0], shape[2]), dtype=last_dtype)
-
-
 @functools.cache
 def _triton_kernels():
     """The Triton launchers, imported on first use on a GPU; None where Triton is missing."""
@@ -154,12 +136,22 @@ def _triton_kernels():
     return linear_scan_triton
 
 
-@_linear_scan_op.register_kernel("cuda")
-def _(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False, out_dtype=None):
+def _forward_cuda(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False, out_dtype=None):
     kernels = _triton_kernels()
     if kernels is None:
         return linear_scan_composite(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
     return kernels.scan_forward(a, b, h0, reverse, log_space=log_space, accumulate_fp64=accumulate_fp64, out_dtype=out_dtype)
+
+
+def _forward_fake(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False, out_dtype=None):
+    h_dtype, last_dtype, _ = _output_dtypes(a.dtype, b.dtype, accumulate_fp64, out_dtype)
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    return a.new_empty(shape, dtype=h_dtype), a.new_empty((shape[0], shape[2]), dtype=last_dtype)
+
+
+_forward_op = Op("linear_scan(Tensor a, Tensor b, Tensor? h0=None, bool reverse=False, bool log_space=False, "
+                 "bool accumulate_fp64=False, ScalarType? out_dtype=None) -> (Tensor, Tensor)",
+                 composite=linear_scan_composite, cuda=_forward_cuda, fake=_forward_fake)
 
 
 def _initial(h0: Tensor | None, h: Tensor) -> Tensor:
@@ -191,7 +183,9 @@ def _adjoint(scan, a, h, grad_h, grad_h_last, h0, reverse, log_space):
 
 
 def linear_scan_backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
-    """``mmrec::linear_scan_backward`` in PyTorch ops (its CPU implementation), on any device."""
+    """``mmrec::linear_scan_backward`` in PyTorch ops (its CPU implementation), on any device:
+    the gradients ``(a, b, h0)`` of ``mmrec::linear_scan`` (of ``log a`` with ``log_space``);
+    the third is empty without ``h0``."""
     # Everything runs in the accumulation dtype of the inputs (h may be stored narrower,
     # with out_dtype).
     acc = accumulation_dtype(torch.promote_types(a.dtype, b_dtype), accumulate_fp64)
@@ -201,63 +195,53 @@ def linear_scan_backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dty
     return grad_a.to(a.dtype), g.to(b_dtype), h.new_empty(0) if h0 is None else grad_h0.to(h0.dtype)
 
 
-@torch.library.custom_op("mmrec::linear_scan_backward", mutates_args=())
-def _linear_scan_backward_op(
-    a: Tensor,
-    h: Tensor,
-    grad_h: Tensor | None,
-    grad_h_last: Tensor | None,
-    h0: Tensor | None,
-    reverse: bool,
-    b_dtype: torch.dtype,
-    log_space: bool = False,
-    accumulate_fp64: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(a, b, h0)`` of ``mmrec::linear_scan`` (of ``log a`` with ``log_space``);
-    the third is empty without ``h0``."""
-    return linear_scan_backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space, accumulate_fp64)
-
-
-@_linear_scan_backward_op.register_fake
-def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
-    grad_h0 = h.new_empty(0) if h0 is None else h0.new_empty(h0.shape)
-    return h.new_empty(h.shape, dtype=a.dtype), h.new_empty(h.shape, dtype=b_dtype), grad_h0
-
-
-@_linear_scan_backward_op.register_kernel("cuda")
-def _(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
+def _backward_cuda(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
     kernels = _triton_kernels()
     if kernels is None:
         return linear_scan_backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space, accumulate_fp64)
     return kernels.scan_backward(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=log_space, accumulate_fp64=accumulate_fp64)
 
 
-def _setup_context(ctx, inputs, output):
-    a, b, h0, reverse, log_space, accumulate_fp64, _ = inputs
-    h, _ = output
-    ctx.save_for_backward(a, h, h0)
-    ctx.reverse = reverse
-    ctx.log_space = log_space
-    ctx.accumulate_fp64 = accumulate_fp64
-    ctx.b_dtype = b.dtype
+def _backward_fake(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
+    grad_h0 = h.new_empty(0) if h0 is None else h0.new_empty(h0.shape)
+    return h.new_empty(h.shape, dtype=a.dtype), h.new_empty(h.shape, dtype=b_dtype), grad_h0
 
 
-def _backward(ctx, grad_h: Tensor | None, grad_h_last: Tensor | None):
-    a, h, h0 = ctx.saved_tensors
-    reverse, log_space, fp64 = ctx.reverse, ctx.log_space, ctx.accumulate_fp64
-    if not torch.is_grad_enabled():
-        # One fused pass (a Triton kernel on CUDA).
-        grad_a, grad_b, grad_h0 = torch.ops.mmrec.linear_scan_backward(
-            a, h, grad_h, grad_h_last, h0, reverse, ctx.b_dtype, log_space, fp64
-        )
-        return grad_a, grad_b, (grad_h0 if h0 is not None else None), None, None, None, None
-    # Double backward: the same formula through differentiable ops.
-    scan = lambda *args: linear_scan(*args, accumulate_fp64=fp64)[0]
-    grad_a, g, grad_h0 = _adjoint(scan, a, h, grad_h, grad_h_last, h0, reverse, log_space)
-    return grad_a.to(a.dtype), g.to(ctx.b_dtype), None if h0 is None else grad_h0.to(h0.dtype), None, None, None, None
+_backward_op = Op("linear_scan_backward(Tensor a, Tensor h, Tensor? grad_h, Tensor? grad_h_last, Tensor? h0, "
+                  "bool reverse, ScalarType b_dtype, bool log_space=False, bool accumulate_fp64=False) "
+                  "-> (Tensor, Tensor, Tensor)",
+                  composite=linear_scan_backward_composite, cuda=_backward_cuda, fake=_backward_fake)
 
 
-_linear_scan_op.register_autograd(_backward, setup_context=_setup_context)
+class _LinearScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0, reverse, log_space, accumulate_fp64, out_dtype):
+        h, h_last = _forward_op.below_autograd(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
+        ctx.save_for_backward(a, h, h0)
+        ctx.reverse, ctx.log_space, ctx.accumulate_fp64, ctx.b_dtype = reverse, log_space, accumulate_fp64, b.dtype
+        return h, h_last
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor | None, grad_h_last: Tensor | None):
+        a, h, h0 = ctx.saved_tensors
+        reverse, log_space, fp64 = ctx.reverse, ctx.log_space, ctx.accumulate_fp64
+        if not torch.is_grad_enabled():
+            # One fused pass (a Triton kernel on CUDA).
+            grad_a, grad_b, grad_h0 = _backward_op.below_autograd(
+                a, h, grad_h, grad_h_last, h0, reverse, ctx.b_dtype, log_space, fp64)
+            return grad_a, grad_b, (grad_h0 if h0 is not None else None), None, None, None, None
+        # Double backward: the same formula through differentiable ops.
+        scan = lambda *args: linear_scan(*args, accumulate_fp64=fp64)[0]
+        grad_a, g, grad_h0 = _adjoint(scan, a, h, grad_h, grad_h_last, h0, reverse, log_space)
+        return grad_a.to(a.dtype), g.to(ctx.b_dtype), None if h0 is None else grad_h0.to(h0.dtype), None, None, None, None
+
+
+def _forward_autograd(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False, out_dtype=None):
+    args = (a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
+    return _LinearScan.apply(*args) if requires_grad(args) else _forward_op.below_autograd(*args)
+
+
+_forward_op.differentiate(_forward_autograd)
 
 
 def linear_scan(
@@ -285,4 +269,4 @@ def linear_scan(
         raise ValueError(f"linear_scan expects a and b of the same [batch, time, dim] shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if h0 is not None and h0.shape != (a.shape[0], a.shape[2]):
         raise ValueError(f"linear_scan expects h0 of shape {(a.shape[0], a.shape[2])}, got {tuple(h0.shape)}")
-    return torch.ops.mmrec.linear_scan(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
+    return _forward_op(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)

@@ -35,6 +35,8 @@ import functools
 import torch
 from torch import Tensor
 
+from mmrec.ops.registration import Op, requires_grad
+
 
 def delta_chunk_scan_reference(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor,
                                chunk_decay: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,82 +119,93 @@ def _use_triton(x: Tensor):
     return _triton_kernels() if x.dtype == torch.float32 else None
 
 
-@torch.library.custom_op("mmrec::delta_chunk_scan", mutates_args=())
-def _scan_op(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
-             initial_state: Tensor, keep_states: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def _forward_composite_no_grad(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
     with torch.no_grad():
         return _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)
 
 
-@_scan_op.register_fake
-def _(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
+def _forward_cuda(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
+    kernels = _use_triton(w1)
+    if kernels is None:
+        return _forward_composite_no_grad(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)
+    return kernels.chunk_scan_forward(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state,
+                                      keep_states=keep_states)
+
+
+def _forward_fake(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
     batch, heads, chunks, _, value_dim = w1.shape
     return (w1.new_empty(w1.shape), w1.new_empty(initial_state.shape),
             w1.new_empty(batch, heads, chunks if keep_states else 0, w2.shape[-1], value_dim))
 
 
-@_scan_op.register_kernel("cuda")
-def _(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
-    kernels = _use_triton(w1)
-    if kernels is None:
-        with torch.no_grad():
-            return _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)
-    return kernels.chunk_scan_forward(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state,
-                                      keep_states=keep_states)
+_forward_op = Op("delta_chunk_scan(Tensor w1, Tensor w2, Tensor q_decayed, Tensor k_decayed, Tensor attn, "
+                 "Tensor chunk_decay, Tensor initial_state, bool keep_states=True) -> (Tensor, Tensor, Tensor)",
+                 composite=_forward_composite_no_grad, cuda=_forward_cuda, fake=_forward_fake)
 
 
-@torch.library.custom_op("mmrec::delta_chunk_scan_backward", mutates_args=())
-def _adjoint_op(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
-                grad_o: Tensor | None, grad_final: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _adjoint_composite_no_grad(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
     """The reverse loop of ``mmrec::delta_chunk_scan``'s backward: ``(dU, dS_{n+1} for
     every n, dS_0)``, from the gradients of ``O`` and of the final state (not both None)."""
     with torch.no_grad():
         return _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
 
 
-@_adjoint_op.register_fake
-def _(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
+def _adjoint_cuda(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
+    kernels = _use_triton(w2)
+    if kernels is None:
+        return _adjoint_composite_no_grad(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
+    return kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
+
+
+def _adjoint_fake(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
     batch, heads, chunks, size, key_dim = w2.shape
     value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
     return (w2.new_empty(batch, heads, chunks, size, value_dim), w2.new_empty(batch, heads, chunks, key_dim, value_dim),
             w2.new_empty(batch, heads, key_dim, value_dim))
 
 
-@_adjoint_op.register_kernel("cuda")
-def _(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
-    kernels = _use_triton(w2)
-    if kernels is None:
-        with torch.no_grad():
-            return _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
-    return kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
+_adjoint_op = Op("delta_chunk_scan_backward(Tensor w2, Tensor q_decayed, Tensor k_decayed, Tensor attn, "
+                 "Tensor chunk_decay, Tensor? grad_o, Tensor? grad_final) -> (Tensor, Tensor, Tensor)",
+                 composite=_adjoint_composite_no_grad, cuda=_adjoint_cuda, fake=_adjoint_fake)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(*inputs[:7], output[2])
+class _DeltaChunkScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states):
+        o, final, states = _forward_op.below_autograd(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state,
+                                                      keep_states)
+        ctx.mark_non_differentiable(states)
+        ctx.save_for_backward(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, states)
+        return o, final, states
+
+    @staticmethod
+    def backward(ctx, grad_o: Tensor | None, grad_final: Tensor | None, _grad_states):
+        *inputs, states = ctx.saved_tensors
+        w1, w2, q_decayed, k_decayed, attn, chunk_decay, _initial_state = inputs
+        if grad_o is None and grad_final is None:
+            return (None,) * 8
+        if states.shape[2] != w1.shape[2] and not torch.is_grad_enabled():
+            raise RuntimeError("mmrec::delta_chunk_scan ran with keep_states=False, so it has no states to differentiate "
+                               "with: call it through delta_chunk_scan, which keeps them when a gradient is needed")
+        if torch.is_grad_enabled():
+            # Double backward: the stored states are constants to autograd, so recompute them
+            # (the forward loop, differentiable here), then the reverse loop the same way.
+            states = _forward_composite(*inputs, keep_states=True)[2]
+            grad_u, grad_next, grad_initial = _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o,
+                                                                 grad_final)
+        else:
+            # One reverse pass (a Triton kernel on CUDA).
+            grad_u, grad_next, grad_initial = _adjoint_op.below_autograd(w2, q_decayed, k_decayed, attn, chunk_decay,
+                                                                         grad_o, grad_final)
+        return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial, None)
 
 
-def _backward(ctx, grad_o: Tensor | None, grad_final: Tensor | None, _grad_states):
-    *inputs, states = ctx.saved_tensors
-    w1, w2, q_decayed, k_decayed, attn, chunk_decay, _initial_state = inputs
-    if grad_o is None and grad_final is None:
-        return (None,) * 8
-    if states.shape[2] != w1.shape[2] and not torch.is_grad_enabled():
-        raise RuntimeError("mmrec::delta_chunk_scan ran with keep_states=False, so it has no states to differentiate "
-                           "with: call it through delta_chunk_scan, which keeps them when a gradient is needed")
-    if torch.is_grad_enabled():
-        # Double backward: the stored states are constants to autograd, so recompute them
-        # (the forward loop, differentiable here), then the reverse loop the same way.
-        states = _forward_composite(*inputs, keep_states=True)[2]
-        grad_u, grad_next, grad_initial = _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
-    else:
-        # One reverse pass (a Triton kernel on CUDA).
-        grad_u, grad_next, grad_initial = torch.ops.mmrec.delta_chunk_scan_backward(
-            w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
-    return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial, None)
+def _forward_autograd(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
+    args = (w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)
+    return _DeltaChunkScan.apply(*args) if requires_grad(args) else _forward_op.below_autograd(*args)
 
 
-_scan_op.register_autograd(_backward, setup_context=_setup_context)
+_forward_op.differentiate(_forward_autograd)
 
 
 def delta_chunk_scan(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
@@ -225,4 +238,4 @@ def delta_chunk_scan(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tenso
     if w1.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"delta_chunk_scan runs in float32 or float64, got {w1.dtype}: cast to the accumulation dtype first")
     keep_states = torch.is_grad_enabled() and any(x.requires_grad for x in (w1, *given.values()))
-    return torch.ops.mmrec.delta_chunk_scan(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)
+    return _forward_op(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)

@@ -1,0 +1,70 @@
+"""How mmrec's kernels become ``torch.library`` ops (namespace ``mmrec``).
+
+Each op is defined from its schema with a PyTorch composite (its CPU implementation, which
+also serves any device without its own), a CUDA one (the Triton launcher) and a fake one, so ``torch.compile`` traces it as one node and ``torch.library.opcheck`` tests it.
+Its gradient comes from an ``autograd.Function`` registered at the op's ``Autograd`` key.
+
+This does what ``torch.library.custom_op`` with ``register_autograd`` does, with less
+Python on every call: that path fills in default arguments and binds the ``setup_context``
+signature on each call, which costs about as much as launching a kernel. Here the
+``Autograd`` kernel and the ``Function`` call the device implementation directly when the
+inputs are plain tensors outside any dispatch mode or ``torch.func`` transform (eager
+calls, and a compiled graph when it runs); otherwise (tracing with fake or functional
+tensors, tensor subclasses, dispatch modes) they re-enter the dispatcher below autograd,
+so every tool still sees the op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+LIBRARY = torch.library.Library("mmrec", "FRAGMENT")
+
+
+def _plain(args) -> bool:
+    """Whether ``args`` may skip the dispatcher: ordinary tensors (fake, functional and
+    distributed tensors are subclasses), no dispatch mode, no ``torch.func`` transform."""
+    return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+            and all(type(a) is Tensor for a in args if isinstance(a, Tensor)))
+
+
+def requires_grad(args) -> bool:
+    """Whether autograd must record a call with ``args``."""
+    return torch.is_grad_enabled() and any(a.requires_grad for a in args if isinstance(a, Tensor))
+
+
+class Op:
+    """One op: ``Op(schema, composite=..., cuda=..., fake=...)``. Every function registered
+    for it must take the schema's arguments with the schema's defaults (the dispatcher
+    leaves out arguments equal to their default)."""
+
+    def __init__(self, schema: str, *, composite: Callable, cuda: Callable, fake: Callable):
+        self.name = schema.split("(", 1)[0]
+        LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+        LIBRARY.impl(self.name, composite, "CompositeExplicitAutograd")
+        LIBRARY.impl(self.name, cuda, "CUDA")
+        torch.library.register_fake(f"mmrec::{self.name}", fake, lib=LIBRARY)
+        self.kernels = {"cpu": composite, "cuda": cuda}
+        self.overload = getattr(torch.ops.mmrec, self.name).default
+
+    def __call__(self, *args):
+        """The op through the dispatcher (autograd included)."""
+        return self.overload(*args)
+
+    def below_autograd(self, *args):
+        """The op's device implementation, without recording anything for autograd."""
+        first = next(a for a in args if isinstance(a, Tensor))
+        kernel = self.kernels.get(first.device.type) if _plain(args) else None
+        if kernel is not None:
+            return kernel(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return self.overload(*args)
+
+    def differentiate(self, autograd_kernel: Callable) -> None:
+        """Register ``autograd_kernel`` (the schema's arguments with their defaults) at the
+        ``Autograd`` key: it applies the op's ``autograd.Function`` when :func:`requires_grad`,
+        and calls :meth:`below_autograd` otherwise."""
+        LIBRARY.impl(self.name, autograd_kernel, "Autograd")
