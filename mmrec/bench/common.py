@@ -48,11 +48,35 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def forward_passes(fn: Callable[..., tuple], inputs: list, grad_outputs: Callable[[list], list],
+                   differentiable: list[int] | None = None) -> dict[str, Callable[[], object]]:
+    """Two calls to time: ``fwd``, ``fn(*inputs)`` without gradients, and ``fwd+bwd``, the
+    call and then ``autograd.grad`` of its outputs that need one (with gradients
+    ``grad_outputs(those outputs)``) with respect to the inputs at ``differentiable`` (all
+    by default; one the call does not use gets zeros)."""
+    differentiable = range(len(inputs)) if differentiable is None else differentiable
+    leaves = [x.detach().requires_grad_() if i in differentiable else x for i, x in enumerate(inputs)]
+
+    def forward():
+        with torch.no_grad():
+            return fn(*inputs)
+
+    def forward_backward():
+        used = [o for o in fn(*leaves) if o.requires_grad]
+        return torch.autograd.grad(used, [leaves[i] for i in differentiable], grad_outputs(used),
+                                   allow_unused=True, materialize_grads=True)
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
 def add_matmul_precision_argument(parser) -> None:
     """``--precision``: the float32 matrix-product precision a benchmark runs at, training's
     by default (``train.tf32`` sets ``high``)."""
     parser.add_argument("--precision", default="high", choices=["highest", "high", "medium"],
                         help="torch.set_float32_matmul_precision, as training sets it (train.tf32: high)")
+
+
+_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what the host-time measures wait for
 
 
 def do_bench_ms(fn: Callable[[], object]) -> float:
@@ -67,15 +91,14 @@ def host_ms(fn: Callable[[], object], calls: int = 50) -> float:
     """Median host milliseconds to issue one call of ``fn``: each call starts on an idle
     GPU and is timed until it returns, without waiting for its kernels. On a CPU device the
     work itself is synchronous, so this is the whole call."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
     times = []
     for _ in range(calls):
-        sync()
+        synchronize(_DEVICE)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    sync()
+    synchronize(_DEVICE)
     return 1e3 * sorted(times)[len(times) // 2]
 
 
@@ -83,14 +106,13 @@ def host_loop_ms(fn: Callable[[], object], calls: int = 50) -> float:
     """Mean host milliseconds per call of ``fn`` issued back to back, as a training loop
     issues them (the GPU's queue holds thousands of launches, so the loop does not wait for
     it). Lower than ``host_ms`` where a call from an idle GPU pays for cold caches."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
-    sync()
+    synchronize(_DEVICE)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     elapsed = time.perf_counter() - start
-    sync()
+    synchronize(_DEVICE)
     return 1e3 * elapsed / calls
 
 

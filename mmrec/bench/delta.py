@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmrec.bench.common import peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
+from mmrec.bench.common import forward_passes, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
 from mmrec.bench.gated_rnn import parse_config
 from mmrec.throughput import keeping_matmul_precision
 
@@ -83,36 +83,28 @@ def _rel_err(x, ref) -> float:
     return float((x - ref).norm() / ref.norm())
 
 
-def _passes(fn, inputs, probe):
-    """(forward, forward+backward) of ``fn``; forward+backward returns every input's gradient."""
-    leaves = [x.detach().requires_grad_() for x in inputs]
-
-    def forward():
-        with torch.no_grad():
-            return fn(*inputs)
-
-    def forward_backward():
-        o, state = fn(*leaves)
-        # allow_unused: fla's ungated baseline takes no log α
-        return torch.autograd.grad([o, state], leaves, [probe[0], probe[1]], allow_unused=True, materialize_grads=True)
-
-    return {"fwd": forward, "fwd+bwd": forward_backward}
-
-
-def _kernel_passes(config: dict | None, inputs, chunk: int):
-    """The two Triton launchers alone, on the op inputs ``chunk_delta_rule`` would give them."""
-    from mmrec.ops.delta_rule import chunk_scan_triton as kernels
+def chunk_scan_inputs(inputs, chunk: int) -> tuple:
+    """The inputs ``chunk_delta_rule`` gives ``mmrec::delta_chunk_scan`` for ``inputs``
+    (``q, k, v, beta, log_alpha, state``), prepared once."""
     from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
+    from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan
 
     captured = []
 
     def capture(*args):
         captured.append(args)
-        return kernels.chunk_scan_forward(*args)
+        return delta_chunk_scan(*args)
 
     with torch.no_grad():
         _chunk_delta_rule(*inputs, chunk, 1.0, scan=capture)
-    args = captured[0]
+    return captured[0]
+
+
+def _kernel_passes(config: dict | None, inputs, chunk: int):
+    """The two Triton launchers alone, on the op inputs ``chunk_delta_rule`` would give them."""
+    from mmrec.ops.delta_rule import chunk_scan_triton as kernels
+
+    args = chunk_scan_inputs(inputs, chunk)
     o, final, _ = kernels.chunk_scan_forward(*args, config=config)
     grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
     return {"fwd": lambda: kernels.chunk_scan_forward(*args, config=config),
@@ -182,7 +174,8 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
         impls = {name: torch.compile(fn, fullgraph=True) for name, fn in impls.items()}
     if args.baselines:
         impls.update({name: fn for name, fn in fla_baselines().items() if fn is not None})
-    passes = {name: _passes(fn, fla_inputs(inputs) if name.startswith("fla") else inputs, probe)
+    # every input's gradient; fla's ungated baseline takes no log α (zeros)
+    passes = {name: forward_passes(fn, list(fla_inputs(inputs) if name.startswith("fla") else inputs), lambda _: list(probe))
               for name, fn in impls.items()}
     if args.kernels and device.type == "cuda":
         for text in [""] + args.config:

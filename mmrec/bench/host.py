@@ -36,9 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from mmrec.bench.common import graph_ms, host_loop_ms, host_ms, run_metadata, write_json
+from mmrec.bench.common import forward_passes, graph_ms, host_loop_ms, host_ms, run_metadata, write_json
+from mmrec.bench.delta import chunk_scan_inputs, make_inputs
 
 GOAL_MS = 0.1  # host time per call the recall issue asks of every op
 
@@ -59,23 +59,6 @@ def add_subcommand(commands) -> None:
 Passes = dict[str, Callable[[], object]]  # pass name -> one call
 
 
-def _passes(fn: Callable[..., tuple], inputs: list, differentiable: list[int], grad_outputs: Callable[[tuple], list]) -> Passes:
-    """``fwd`` without gradients, and ``fwd+bwd``: the call, then ``autograd.grad`` of its
-    outputs (``grad_outputs(outputs)``) with respect to the inputs at ``differentiable``."""
-    leaves = [x.detach().requires_grad_() if i in differentiable else x for i, x in enumerate(inputs)]
-
-    def forward():
-        with torch.no_grad():
-            return fn(*inputs)
-
-    def forward_backward():
-        outputs = fn(*leaves)
-        used = [o for o in outputs if o.requires_grad]
-        return torch.autograd.grad(used, [leaves[i] for i in differentiable], grad_outputs(used))
-
-    return {"fwd": forward, "fwd+bwd": forward_backward}
-
-
 def _ones_like(outputs):
     return [torch.ones_like(o) for o in outputs]
 
@@ -88,8 +71,8 @@ def _linear_scan(args, device, gen) -> dict[str, Passes]:
     b = torch.randn(shape, device=device, generator=gen).bfloat16()
     h0 = torch.randn(args.batch, args.dim, device=device, generator=gen)
     call = lambda a, b, h0: linear_scan(a, b, h0, log_space=True, out_dtype=torch.bfloat16)  # noqa: E731
-    found = {"op": _passes(call, [log_a, b, h0], [0, 1, 2], _ones_like),
-             "torch.cumsum (baseline)": _passes(lambda b: (torch.cumsum(b, 1),), [b], [0], _ones_like)}
+    found = {"op": forward_passes(call, [log_a, b, h0], _ones_like),
+             "torch.cumsum (baseline)": forward_passes(lambda b: (torch.cumsum(b, 1),), [b], _ones_like)}
     if device.type == "cuda":
         from mmrec.ops import linear_scan_triton as kernels
 
@@ -110,7 +93,7 @@ def _gated_rnn(args, device, gen) -> dict[str, Passes]:
     log_decay = -torch.rand(shape, device=device, generator=gen) * 0.1
     weight = torch.randn(args.dim // head_dim, head_dim, head_dim, device=device, generator=gen) / head_dim**0.5
     h0 = torch.randn(args.batch, args.dim, device=device, generator=gen)
-    found = {"op": _passes(gated_rnn, [z, log_decay, weight, h0], [0, 1, 2, 3], _ones_like)}
+    found = {"op": forward_passes(gated_rnn, [z, log_decay, weight, h0], _ones_like)}
     if device.type == "cuda":
         from mmrec.ops import gated_rnn_triton as kernels
 
@@ -122,37 +105,22 @@ def _gated_rnn(args, device, gen) -> dict[str, Passes]:
 
 
 def _delta_inputs(args, device, gen) -> list[torch.Tensor]:
-    shape = (args.batch, args.length, args.heads, 128)
-    q = F.normalize(torch.randn(shape, device=device, generator=gen), dim=-1)
-    k = F.normalize(torch.randn(shape, device=device, generator=gen), dim=-1)
-    v = torch.randn(shape, device=device, generator=gen).bfloat16()
-    beta = torch.rand(shape[:3], device=device, generator=gen)
-    log_alpha = -0.05 * torch.rand(shape[:3], device=device, generator=gen)
-    state = torch.randn(args.batch, args.heads, 128, 128, device=device, generator=gen)
-    return [q, k, v, beta, log_alpha, state]
+    """``q, k, v, beta, log_alpha, state`` as the ``delta`` layer gives them, heads of 128."""
+    return list(make_inputs(args.batch, args.length, args.heads, 128, torch.bfloat16, device, gen))
 
 
 def _delta_rule(args, device, gen) -> dict[str, Passes]:
     from mmrec.ops.delta_rule import chunk_delta_rule
 
     inputs = _delta_inputs(args, device, gen)
-    return {"op": _passes(chunk_delta_rule, inputs, list(range(6)), _ones_like)}
+    return {"op": forward_passes(chunk_delta_rule, inputs, _ones_like)}
 
 
 def _delta_chunk_scan(args, device, gen) -> dict[str, Passes]:
-    from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
     from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan
 
-    captured = []
-
-    def capture(*op_inputs):
-        captured.append(op_inputs)
-        return delta_chunk_scan(*op_inputs)
-
-    with torch.no_grad():
-        _chunk_delta_rule(*_delta_inputs(args, device, gen), 64, 1.0, scan=capture)
-    op_inputs = list(captured[0])
-    found = {"op": _passes(delta_chunk_scan, op_inputs, list(range(7)), _ones_like)}
+    op_inputs = list(chunk_scan_inputs(_delta_inputs(args, device, gen), 64))
+    found = {"op": forward_passes(delta_chunk_scan, op_inputs, _ones_like)}
     if device.type == "cuda":
         from mmrec.ops.delta_rule import chunk_scan_triton as kernels
 
