@@ -161,6 +161,7 @@ def fla_inputs(inputs):
 def bench_once(args, length: int, head_dim: int, precision: str, device: torch.device, gen) -> list[dict]:
     from mmrec.ops.delta_rule import chunk_delta_rule
     from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
+    from mmrec.ops.delta_rule.chunk_prepare import chunk_prepare_reference
     from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan_reference
 
     torch.set_float32_matmul_precision(precision)
@@ -169,7 +170,8 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
     probe = (torch.randn(inputs[2].shape, generator=gen, device=device).to(inputs[2].dtype),
              torch.randn(inputs[5].shape, generator=gen, device=device))
     impls = {"op": functools.partial(chunk_delta_rule, chunk_size=args.chunk),
-             "loop": functools.partial(_chunk_delta_rule, chunk_size=args.chunk, scale=1.0, scan=delta_chunk_scan_reference)}
+             "loop": functools.partial(_chunk_delta_rule, chunk_size=args.chunk, scale=1.0,
+                                       prepare=chunk_prepare_reference, scan=delta_chunk_scan_reference)}
     if args.compile:
         impls = {name: torch.compile(fn, fullgraph=True) for name, fn in impls.items()}
     if args.baselines:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmrec.ops.delta_rule import chunk_delta_rule, delta_rule_step, naive_delta_rule
-from mmrec.ops.delta_rule.chunk import unit_lower_inverse
+from mmrec.ops.delta_rule.chunk_prepare import unit_lower_inverse
 from tests.helpers import rel_err
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mmrec.ops.delta_rule import chunk_delta_rule, naive_delta_rule
 from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
+from mmrec.ops.delta_rule.chunk_prepare import chunk_prepare_reference
 from mmrec.ops.delta_rule.chunk_scan import (
     _chunk_gradients,
     delta_chunk_scan,
@@ -28,7 +29,7 @@ from tests.helpers import ops_called, run_under_triton_interpreter
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and HAS_TRITON
 NAMES = ("w1", "w2", "q_decayed", "k_decayed", "attn", "chunk_decay", "initial_state")
-loop_delta_rule = functools.partial(_chunk_delta_rule, scan=delta_chunk_scan_reference)
+loop_delta_rule = functools.partial(_chunk_delta_rule, prepare=chunk_prepare_reference, scan=delta_chunk_scan_reference)
 
 
 def err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -165,7 +166,8 @@ def test_delta_rule_op_equals_loop_and_naive_float64(length, chunk, with_h0):
 def test_delta_rule_runs_the_op():
     inputs = delta_inputs(length=20)
     called = ops_called(lambda: chunk_delta_rule(*[x.requires_grad_() for x in inputs], chunk_size=8)[1].sum().backward())
-    assert called == ["mmrec::delta_chunk_scan", "mmrec::delta_chunk_scan_backward"]
+    assert called == ["mmrec::delta_chunk_prepare", "mmrec::delta_chunk_scan", "mmrec::delta_chunk_scan_backward",
+                      "mmrec::delta_chunk_prepare_backward"]
 
 
 def test_bad_inputs_are_refused():

@@ -1,0 +1,296 @@
+"""Triton kernels for ``mmrec::delta_chunk_prepare`` and its backward: one program per
+(batch·head, chunk), everything of the chunk on chip.
+
+The forward reads the chunk's ``q``, ``k`` ``[C, K]``, ``v`` ``[C, V]``, ``β`` and ``log α``
+straight from the layer's ``[B, T, H, D]`` layout (any strides, the time axis padded on
+chip) and writes what the chunk loop reads (``W1``, ``W2``, ``Qd``, ``Kd``, ``P``, ``g``;
+``chunk_prepare.py`` defines them) plus ``X = (I + A)⁻¹``, which the backward reuses.
+``X`` comes from forward substitution on chip, one row of ``X`` per step (the kernel
+keeps ``Xᵀ``, so each step is a column update with no layout change)::
+
+    X[t, :] = e_t − Σ_{s<t} A[t, s] X[s, :]
+
+The backward recomputes the chunk's decays and products from the same inputs, takes the
+chunk loop's gradients of those six outputs, and writes the gradients of ``q``, ``k``,
+``v``, ``β`` and ``log α`` in the layer's layout; ``A``'s gradient is ``−Xᵀ dX Xᵀ`` (strictly
+lower), so no solve runs in either direction. ``log α`` enters through ``Λ``, the cumulative
+sum inside the chunk, so its gradient is the reverse cumulative sum of ``Λ``'s, and no
+chunk needs another's.
+
+Products take fp32 operands at ``PRECISION`` (``chunk_scan_triton._dot``; from
+``torch.get_float32_matmul_precision()`` by default) and accumulate in fp32. Under
+``TRITON_INTERPRET=1`` the launchers run on CPU tensors (float32 or float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mmrec.ops.delta_rule.chunk_scan_triton import _dot, default_precision
+
+
+@triton.jit
+def _load_block(ptr, b, h, t, valid, s_b, s_t, s_h, s_d, d0, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                ACC: tl.constexpr):
+    """Columns ``d0 .. d0 + BLOCK_D`` of the chunk's rows ``t`` of a ``[B, T, H, D]`` tensor, in
+    ``ACC``, zero past the sequence's end and past ``D``."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    mask = valid[:, None] & (cols < D)[None, :]
+    return tl.load(ptr + b * s_b + h * s_h + t[:, None] * s_t + cols[None, :] * s_d, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah, BLOCK_C: tl.constexpr,
+            ACC: tl.constexpr):
+    """``β`` (0 past the sequence's end), ``Λ`` (the cumulative ``log α`` from the chunk start;
+    ``log α`` = 0 past the end, so padding leaves the state as it is), ``Λ_C`` and the decays
+    ``M_ts = e^{Λ_t − Λ_s}`` (s ≤ t, 0 above the diagonal)."""
+    rows = tl.arange(0, BLOCK_C)
+    beta = tl.load(beta_ptr + b * s_bb + h * s_bh + t * s_bt, mask=valid, other=0.0).to(ACC)
+    la = tl.load(la_ptr + b * s_ab + h * s_ah + t * s_at, mask=valid, other=0.0).to(ACC)
+    lam = tl.cumsum(la, 0)
+    lower = rows[:, None] >= rows[None, :]
+    decay = tl.exp(tl.where(lower, lam[:, None] - lam[None, :], float("-inf")))
+    return beta, lam, tl.sum(la, 0), decay
+
+
+@triton.jit
+def _unit_lower_inverse_t(a, BLOCK_C: tl.constexpr):
+    """``((I + A)⁻¹)ᵀ`` for ``A`` ``[BLOCK_C, BLOCK_C]`` zero on and above the diagonal, by
+    forward substitution: column ``t`` of ``Y = Xᵀ`` is ``e_t − Σ_{s<t} A[t, s] Y[:, s]``."""
+    rows = tl.arange(0, BLOCK_C)
+    y = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0).to(a.dtype)
+    for t in range(1, BLOCK_C):
+        a_t = tl.sum(tl.where(rows[:, None] == t, a, 0.0), 0)  # A[t, :]
+        y_t = tl.sum(y * a_t[None, :], 1)  # Σ_s Y[:, s] A[t, s]
+        y = tl.where(rows[None, :] == t, y - y_t[:, None], y)
+    return y
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, v_ptr, beta_ptr, la_ptr, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, x_ptr,
+    T, H, N, C, K, V,
+    s_qb, s_qt, s_qh, s_qk, s_kb, s_kt, s_kh, s_kk, s_vb, s_vt, s_vh, s_vv,
+    s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
+    PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    acc: tl.constexpr = w1_ptr.dtype.element_ty
+    rows = tl.arange(0, BLOCK_C)
+    keys = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_V)
+    t = n * C + rows
+    valid = (rows < C) & (t < T)
+    q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, 0, K, BLOCK_C, BLOCK_K, acc)
+    k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, 0, K, BLOCK_C, BLOCK_K, acc)
+    v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, 0, V, BLOCK_C, BLOCK_V, acc)
+    beta, lam, lam_last, decay = _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
+                                         BLOCK_C, acc)
+    strict = rows[:, None] > rows[None, :]
+
+    a = tl.where(strict, beta[:, None] * decay * _dot(k, tl.trans(k), PRECISION), 0.0)  # A = diag(β) M ⊙ K Kᵀ
+    x = tl.trans(_unit_lower_inverse_t(a, BLOCK_C))  # (I + A)⁻¹
+    from_start = tl.exp(lam)  # e^Λ
+    w1 = _dot(x, beta[:, None] * v, PRECISION)  # (I + A)⁻¹ diag(β) V
+    w2 = _dot(x, (beta * from_start)[:, None] * k, PRECISION)  # (I + A)⁻¹ diag(β e^Λ) K
+    p = decay * _dot(q, tl.trans(k), PRECISION)  # M ⊙ Q Kᵀ
+    qd = q * from_start[:, None]
+    kd = k * tl.exp(lam_last - lam)[:, None]
+
+    chunk = bh * N + n  # outputs [B, H, N, C, ...], contiguous
+    in_c = rows < C
+    mask_k = in_c[:, None] & (keys < K)[None, :]
+    mask_v = in_c[:, None] & (cols < V)[None, :]
+    mask_c = in_c[:, None] & in_c[None, :]
+    off_k = chunk * C * K + rows[:, None] * K + keys[None, :]
+    off_c = chunk * C * C + rows[:, None] * C + rows[None, :]
+    tl.store(w1_ptr + chunk * C * V + rows[:, None] * V + cols[None, :], w1, mask=mask_v)
+    tl.store(w2_ptr + off_k, w2, mask=mask_k)
+    tl.store(qd_ptr + off_k, qd, mask=mask_k)
+    tl.store(kd_ptr + off_k, kd, mask=mask_k)
+    tl.store(p_ptr + off_c, p, mask=mask_c)
+    tl.store(x_ptr + off_c, x, mask=mask_c)
+    tl.store(g_ptr + chunk, tl.exp(lam_last))
+
+
+@triton.jit
+def _load_chunk_block(ptr, chunk, rows, in_c, d0, C, D, BLOCK_D: tl.constexpr):
+    """Columns ``d0 .. d0 + BLOCK_D`` of chunk ``chunk`` of a contiguous ``[B, H, N, C, D]`` tensor."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    mask = in_c[:, None] & (cols < D)[None, :]
+    return tl.load(ptr + chunk * C * D + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_block(ptr, value, b, h, t, valid, o_b, o_t, o_h, d0, D, BLOCK_D: tl.constexpr):
+    """Columns ``d0 .. d0 + BLOCK_D`` of the chunk's rows of a contiguous ``[B, T, H, D]`` tensor."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    mask = valid[:, None] & (cols < D)[None, :]
+    tl.store(ptr + b * o_b + h * o_h + t[:, None] * o_t + cols[None, :], value, mask=mask)
+
+
+@triton.jit
+def _backward_kernel(
+    q_ptr, k_ptr, v_ptr, beta_ptr, la_ptr, x_ptr, dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dla_ptr,
+    T, H, N, C, K, V,
+    s_qb, s_qt, s_qh, s_qk, s_kb, s_kt, s_kh, s_kk, s_vb, s_vt, s_vh, s_vv,
+    s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
+    o_qb, o_qt, o_qh, o_vb, o_vt, o_vh, o_bb, o_bt, o_bh,
+    PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Three passes over blocks of ``BLOCK_D`` feature columns (so that no ``[C, K]`` or
+    ``[C, V]`` operand is whole on chip): the values, whose gradient is final at once; the
+    keys and queries, summing ``dX``, ``K Kᵀ`` and ``Q Kᵀ``; then, with ``dA`` known, the
+    keys and queries again for their products with the ``[C, C]`` gradients."""
+    n = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    acc: tl.constexpr = x_ptr.dtype.element_ty
+    rows = tl.arange(0, BLOCK_C)
+    t = n * C + rows
+    in_c = rows < C
+    valid = in_c & (t < T)
+    beta, lam, lam_last, decay = _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
+                                         BLOCK_C, acc)
+    from_start = tl.exp(lam)  # e^Λ
+    to_end = tl.exp(lam_last - lam)  # e^{Λ_C − Λ}
+    chunk = bh * N + n  # the saved inverse and the incoming gradients: [B, H, N, C, ...], contiguous
+    mask_c = in_c[:, None] & in_c[None, :]
+    off_c = chunk * C * C + rows[:, None] * C + rows[None, :]
+    x_t = tl.trans(tl.load(x_ptr + off_c, mask=mask_c, other=0.0))  # Xᵀ
+
+    # W1 = X diag(β) V: dX += dW1 (diag(β) V)ᵀ, d(diag(β) V) = Xᵀ dW1
+    grad_x = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
+    grad_beta = tl.zeros((BLOCK_C,), dtype=acc)
+    for d0 in range(0, BLOCK_V, BLOCK_D):
+        v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, d0, V, BLOCK_C, BLOCK_D, acc)
+        dw1 = _load_chunk_block(dw1_ptr, chunk, rows, in_c, d0, C, V, BLOCK_D)
+        grad_x += _dot(dw1, tl.trans(beta[:, None] * v), PRECISION)
+        grad_r1 = _dot(x_t, dw1, PRECISION)
+        grad_beta += tl.sum(grad_r1 * v, 1)
+        _store_block(dv_ptr, beta[:, None] * grad_r1, b, h, t, valid, o_vb, o_vt, o_vh, d0, V, BLOCK_D)
+
+    # W2 = X diag(β e^Λ) K, K Kᵀ, Q Kᵀ, Qd = diag(e^Λ) Q, Kd = diag(e^{Λ_C − Λ}) K: the sums over K
+    kk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
+    qk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
+    through_r2 = tl.zeros((BLOCK_C,), dtype=acc)  # d(β e^Λ)
+    through_qd = tl.zeros((BLOCK_C,), dtype=acc)
+    through_kd = tl.zeros((BLOCK_C,), dtype=acc)
+    for d0 in range(0, BLOCK_K, BLOCK_D):
+        k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_C, BLOCK_D, acc)
+        q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_C, BLOCK_D, acc)
+        dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
+        grad_x += _dot(dw2, tl.trans((beta * from_start)[:, None] * k), PRECISION)
+        through_r2 += tl.sum(_dot(x_t, dw2, PRECISION) * k, 1)
+        kk += _dot(k, tl.trans(k), PRECISION)
+        qk += _dot(q, tl.trans(k), PRECISION)
+        through_qd += tl.sum(_load_chunk_block(dqd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D) * q, 1)
+        through_kd += tl.sum(_load_chunk_block(dkd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D) * k, 1)
+
+    # the [C, C] part: A = diag(β) M ⊙ K Kᵀ through X = (I + A)⁻¹ (dA = −Xᵀ dX Xᵀ), P = M ⊙ Q Kᵀ
+    strict = rows[:, None] > rows[None, :]
+    grad_a = tl.where(strict, -_dot(_dot(x_t, grad_x, PRECISION), x_t, PRECISION), 0.0)
+    grad_kk = grad_a * beta[:, None] * decay
+    grad_kk += tl.trans(grad_kk)  # K Kᵀ is symmetric in K
+    grad_qk = tl.load(dp_ptr + off_c, mask=mask_c, other=0.0) * decay
+    grad_exponent = grad_a * beta[:, None] * kk * decay + grad_qk * qk  # through M_ts = e^{Λ_t − Λ_s}
+    grad_beta += through_r2 * from_start + tl.sum(grad_a * decay * kk, 1)
+    grad_lam = (through_r2 * beta + through_qd) * from_start - through_kd * to_end
+    grad_lam += tl.sum(grad_exponent, 1) - tl.sum(grad_exponent, 0)
+    grad_lam_last = tl.sum(through_kd * to_end, 0) + tl.load(dg_ptr + chunk) * tl.exp(lam_last)
+
+    # the gradients of K and Q, block by block
+    for d0 in range(0, BLOCK_K, BLOCK_D):
+        k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_C, BLOCK_D, acc)
+        q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_C, BLOCK_D, acc)
+        dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
+        dqd = _load_chunk_block(dqd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
+        dkd = _load_chunk_block(dkd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
+        grad_q = _dot(grad_qk, k, PRECISION) + dqd * from_start[:, None]
+        grad_k = (_dot(grad_kk, k, PRECISION) + _dot(tl.trans(grad_qk), q, PRECISION)
+                  + (beta * from_start)[:, None] * _dot(x_t, dw2, PRECISION) + dkd * to_end[:, None])
+        _store_block(dq_ptr, grad_q, b, h, t, valid, o_qb, o_qt, o_qh, d0, K, BLOCK_D)
+        _store_block(dk_ptr, grad_k, b, h, t, valid, o_qb, o_qt, o_qh, d0, K, BLOCK_D)
+
+    # Λ_t = Σ_{j≤t} log α_j and Λ_C = Σ_j log α_j
+    grad_la = tl.sum(grad_lam, 0) - tl.cumsum(grad_lam, 0) + grad_lam + grad_lam_last
+    tl.store(dbeta_ptr + b * o_bb + h * o_bh + t * o_bt, grad_beta, mask=valid)
+    tl.store(dla_ptr + b * o_bb + h * o_bh + t * o_bt, grad_la, mask=valid)
+
+
+def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = False, config: dict | None = None) -> dict:
+    """Launch config of both kernels (``config`` overrides any entry): a whole chunk per
+    program, padded to powers of two of at least 16 (``tl.dot``'s smallest tile)."""
+    block_k, block_v = max(16, triton.next_power_of_2(key_dim)), max(16, triton.next_power_of_2(value_dim))
+    cfg = {
+        "BLOCK_C": max(16, triton.next_power_of_2(size)),
+        "BLOCK_K": block_k,
+        "BLOCK_V": block_v,
+        # the backward's feature columns per pass: with whole [64, 128] operands its products
+        # asked for 352 KB of shared memory (sm_90 has 227); 64 columns 208 KB, 32 columns 128 KB
+        # (8 warps, 32 bytes spilled)
+        "BLOCK_D": min(32, max(block_k, block_v)),
+        "num_warps": 4 if max(key_dim, value_dim) <= 64 else 8,
+        "PRECISION": "ieee" if interpret else default_precision(),
+    }
+    cfg.update(config or {})
+    return cfg
+
+
+def _input_strides(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor) -> tuple[int, ...]:
+    return (*q.stride(), *k.stride(), *v.stride(), *beta.stride(), *log_alpha.stride())
+
+
+def prepare_forward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, chunk_size: int,
+                    acc: torch.dtype, *, out: tuple[Tensor, ...] | None = None,
+                    config: dict | None = None) -> tuple[Tensor, ...]:
+    """``(W1, W2, Qd, Kd, P, g, X)`` as ``mmrec::delta_chunk_prepare``, one launch; ``out``
+    takes preallocated contiguous outputs, ``config`` overrides the launch config."""
+    batch, length, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    size = min(chunk_size, length)
+    chunks = -(-length // size)
+    lead = (batch, heads, chunks, size)
+    if out is None:
+        kw = {"dtype": acc, "device": v.device}
+        out = (torch.empty(*lead, value_dim, **kw), *(torch.empty(*lead, key_dim, **kw) for _ in range(3)),
+               torch.empty(*lead, size, **kw), torch.empty(*lead[:3], **kw), torch.empty(*lead, size, **kw))
+    w1, w2, qd, kd, p, g, x = out
+    if g.numel() == 0:
+        return w1, w2, qd, kd, p, g, x
+    cfg = pick_config(size, key_dim, value_dim, interpret=not v.is_cuda, config=config)
+    _forward_kernel[(chunks, batch * heads)](
+        q, k, v, beta, log_alpha, w1, w2, qd, kd, p, g, x, length, heads, chunks, size, key_dim, value_dim,
+        *_input_strides(q, k, v, beta, log_alpha), **cfg)
+    return w1, w2, qd, kd, p, g, x
+
+
+def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, inverse: Tensor,
+                     grads: tuple[Tensor, ...], *, out: tuple[Tensor, ...] | None = None,
+                     config: dict | None = None) -> tuple[Tensor, ...]:
+    """``(dq, dk, dv, dβ, d log α)``, contiguous, in the inputs' dtypes, from the gradients of
+    ``(W1, W2, Qd, Kd, P, g)`` and the forward's ``X``, one launch; ``out`` and ``config`` as
+    in the forward."""
+    batch, length, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    size = inverse.shape[-1]
+    chunks = inverse.shape[2]
+    outs = out or tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v, beta, log_alpha))
+    if inverse.numel() == 0:
+        return tuple(o.zero_() for o in outs)
+    grads = tuple(g.to(inverse.dtype).contiguous() for g in grads)
+    cfg = pick_config(size, key_dim, value_dim, interpret=not v.is_cuda, config=config)
+    _backward_kernel[(chunks, batch * heads)](
+        q, k, v, beta, log_alpha, inverse.contiguous(), *grads, *outs,
+        length, heads, chunks, size, key_dim, value_dim, *_input_strides(q, k, v, beta, log_alpha),
+        *outs[0].stride()[:3], *outs[2].stride()[:3], *outs[3].stride(), **cfg)
+    return outs
