@@ -129,33 +129,39 @@ def _interpreter_checks() -> None:
 
     gen = torch.Generator().manual_seed(0)
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
-    cases = [  # dtype, v dtype, B, T, H, K, V, chunk, strided, tolerance
-        (f64, f64, 2, 37, 2, 24, 40, 16, False, 1e-12),  # the last chunk ends mid-way
-        (f64, f64, 1, 9, 3, 5, 3, 4, True, 1e-12),  # sizes under tl.dot's 16, padded on chip
-        (f64, f64, 2, 20, 1, 16, 16, 64, True, 1e-12),  # one chunk shorter than the chunk size
-        (f32, f32, 2, 50, 2, 32, 24, 20, True, 1e-5),
-        (f32, bf16, 1, 33, 2, 16, 32, 16, False, 1e-5),  # bf16 values, fp32 products
+    blocks = {"INVERSE": "blocks"}
+    cases = [  # dtype, v dtype, B, T, H, K, V, chunk, strided, launch config, tolerance
+        (f64, f64, 2, 37, 2, 24, 40, 16, False, {}, 1e-12),  # the last chunk ends mid-way
+        (f64, f64, 1, 9, 3, 5, 3, 4, True, {}, 1e-12),  # sizes under tl.dot's 16, padded on chip
+        (f64, f64, 2, 20, 1, 16, 16, 64, True, {}, 1e-12),  # one chunk shorter than the chunk size
+        (f32, f32, 2, 50, 2, 32, 24, 20, True, {}, 1e-5),
+        (f32, bf16, 1, 33, 2, 16, 32, 16, False, {}, 1e-5),  # bf16 values, fp32 products
+        (f64, f64, 2, 150, 2, 24, 40, 64, True, blocks, 1e-12),  # four 16-row blocks
+        (f64, f64, 1, 50, 2, 8, 8, 40, False, blocks, 1e-12),  # 40 rows padded to 64
+        (f32, f32, 2, 45, 1, 32, 32, 20, True, {**blocks, "BLOCK_D": 16}, 1e-5),
     ]
-    for dtype, v_dtype, batch, length, heads, key_dim, value_dim, chunk, strided, tol in cases:
-        inputs = make_inputs(batch, length, heads, key_dim, value_dim, dtype, v_dtype, strided, generator=gen)
+    for dtype, v_dtype, batch, length, heads, key_dim, value_dim, chunk, strided, config, tol in cases:
+        # slow decays (log α in (-0.1, 0)), so the whole chunk, not only its diagonal blocks, shapes (I + A)⁻¹
+        inputs = make_inputs(batch, length, heads, key_dim, value_dim, dtype, v_dtype, strided, 0.1, generator=gen)
         acc = torch.float64 if dtype == f64 else f32
         size = min(chunk, length)
         chunks = -(-length // size)
         lead, nan = (batch, heads, chunks, size), float("nan")
         out = tuple(torch.full(shape, nan, dtype=acc) for shape in (
             (*lead, value_dim), (*lead, key_dim), (*lead, key_dim), (*lead, key_dim), (*lead, size), lead[:3], (*lead, size)))
-        outputs = kernels.prepare_forward(*inputs, chunk, acc, out=out)
+        outputs = kernels.prepare_forward(*inputs, chunk, acc, out=out, config=config)
         probes = probes_for(outputs, gen)
         want, want_grads = reference(inputs, chunk, probes)
         errs = {name: err(got, expected) for name, got, expected in zip(OUTPUTS, outputs, want)}
         grad_out = tuple(torch.full(x.shape, nan, dtype=x.dtype) for x in inputs)
-        grads = kernels.prepare_backward(*inputs, outputs[-1], tuple(probes), out=grad_out)
+        grads = kernels.prepare_backward(*inputs, outputs[-1], tuple(probes), out=grad_out, config=config)
         tols = dict.fromkeys(errs, tol)
         for name, x, got, expected in zip(INPUTS, inputs, grads, want_grads):
             assert got.dtype == x.dtype and got.shape == x.shape, name
             errs["d" + name] = err(got, expected)
             tols["d" + name] = 1e-2 if x.dtype == bf16 else tol  # a gradient rounded to bf16
-        label = f"{dtype} v {v_dtype} B={batch} T={length} H={heads} K={key_dim} V={value_dim} C={chunk} strided={strided}"
+        label = (f"{dtype} v {v_dtype} B={batch} T={length} H={heads} K={key_dim} V={value_dim} C={chunk} "
+                 f"strided={strided} {config}")
         bad = {k: v for k, v in errs.items() if not v < tols[k]}
         assert not bad, f"{label}: {bad}"
         print(f"ok {label}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
@@ -173,7 +179,7 @@ def _interpreter_checks() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 6, out
+    assert out.count("ok ") == 9, out
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -182,9 +188,10 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and triton"
 
 
 @cuda_only
+@pytest.mark.parametrize("inverse", ["rows", "blocks"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("precision,tol", [("highest", 1e-5), ("high", 1e-2)])
-def test_cuda_kernels_against_float64(head_dim, precision, tol):
+def test_cuda_kernels_against_float64(head_dim, precision, tol, inverse):
     """The launchers, compiled, at a training size (bf16 values as the layer gives them),
     poisoned outputs, against autograd through the reference in float64. ``high`` runs
     the products on tf32 (about 1e-3 relative per product)."""
@@ -195,7 +202,7 @@ def test_cuda_kernels_against_float64(head_dim, precision, tol):
                                             strided=True, decay=0.05, generator=gen)]
     torch.set_float32_matmul_precision(precision)
     try:
-        outputs = kernels.prepare_forward(*inputs, 64, torch.float32)
+        outputs = kernels.prepare_forward(*inputs, 64, torch.float32, config={"INVERSE": inverse})
         probes = probes_for(outputs, gen)
         grads = kernels.prepare_backward(*inputs, outputs[-1], tuple(probes))
     finally:
