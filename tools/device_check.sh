@@ -50,8 +50,12 @@ for part in "${parts[@]}"; do
         # operator and shape), and the op against the PyTorch loop, its kernels alone and fla
         timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json > "$OUT/profile_delta.txt" 2>&1
         tail -40 "$OUT/profile_delta.txt"
-        timeout 150 python3 -m mmrec.bench delta --kernels --config PRECISION=bf16x3 --config BLOCK_V=64,num_warps=8 \
-            --out "$OUT/delta.json" 2>&1 | tee "$OUT/delta.log" | grep -v "^{" | tail -30
+        # (TF32 as training runs it; fla is the separate part `fla`, whose autotuning takes minutes)
+        timeout 200 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 64 128 \
+            --config PRECISION=bf16x3 --config BLOCK_V=64,num_warps=8 \
+            --prepare-config INVERSE=blocks --prepare-config BLOCK_D=16 --prepare-config INVERSE=blocks,BLOCK_D=16 \
+            --prepare-config BLOCK_D=64 --prepare-config num_warps=4 \
+            --out "$OUT/delta.json" 2>&1 | tee "$OUT/delta.log" | grep -v "^{" | tail -40
         timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json --by-op --rows 40 \
             > "$OUT/profile_delta_ops.txt" 2>&1; tail -44 "$OUT/profile_delta_ops.txt" | cut -c1-220 ;;
     host)

@@ -11,7 +11,9 @@ op/loop and the op's error against the loop (outputs and gradients). Both run un
 (0, 1), log α in (-0.05, 0), a random initial state. ``--kernels`` adds the two Triton
 launchers alone (the forward scan, and the adjoint scan of the backward) with their default
 launch config and each ``--config`` (``KEY=VALUE,...``: ``BLOCK_V``, ``num_warps``,
-``STAGES``, ``PRECISION``), for tuning in one GPU run.
+``STAGES``, ``PRECISION``), and the chunk preparation's two launchers (forward, backward)
+with theirs and each ``--prepare-config`` (``BLOCK_D``, ``num_warps``, ``INVERSE``), for
+tuning in one GPU run.
 
 The baselines, when installed: flash-linear-attention's ``chunk_gated_delta_rule`` (the
 same recurrence: ``g`` = log α, its ``q``, ``k``, ``v``, ``β`` in ``v``'s dtype, ``scale`` 1),
@@ -57,7 +59,10 @@ def add_subcommand(commands) -> None:
                         help="leave out fla's chunk_gated_delta_rule and chunk_delta_rule (timed when installed)")
     parser.add_argument("--kernels", action="store_true", help="also time the Triton launchers alone")
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
-                        help="with --kernels: also time them with this launch config (repeatable)")
+                        help="with --kernels: also time the chunk scan's launchers with this launch config (repeatable)")
+    parser.add_argument("--prepare-config", action="append", default=[], metavar="KEY=VALUE,...",
+                        help="with --kernels: also time the chunk preparation's launchers with this launch config "
+                             "(BLOCK_D, num_warps, INVERSE=rows|blocks, PRECISION; repeatable)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10)
@@ -109,6 +114,18 @@ def _kernel_passes(config: dict | None, inputs, chunk: int):
     grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
     return {"fwd": lambda: kernels.chunk_scan_forward(*args, config=config),
             "bwd": lambda: kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)}
+
+
+def _prepare_passes(config: dict | None, inputs, chunk: int):
+    """The chunk preparation's two Triton launchers alone (``mmrec::delta_chunk_prepare``
+    and its backward), on ``chunk_delta_rule``'s inputs."""
+    from mmrec.ops.delta_rule import chunk_prepare_triton as kernels
+
+    q, k, v, beta, log_alpha, _ = inputs
+    outputs = kernels.prepare_forward(q, k, v, beta, log_alpha, chunk, torch.float32, config=config)
+    grads = tuple(torch.randn_like(x) for x in outputs[:6])
+    return {"fwd": lambda: kernels.prepare_forward(q, k, v, beta, log_alpha, chunk, torch.float32, config=config),
+            "bwd": lambda: kernels.prepare_backward(q, k, v, beta, log_alpha, outputs[-1], grads, config=config)}
 
 
 def _fla_function(module: str, name: str, adapt):
@@ -182,6 +199,8 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
     if args.kernels and device.type == "cuda":
         for text in [""] + args.config:
             passes[f"kernel[{text or 'default'}]"] = _kernel_passes(parse_config(text) or None, inputs, args.chunk)
+        for text in [""] + args.prepare_config:
+            passes[f"prepare[{text or 'default'}]"] = _prepare_passes(parse_config(text) or None, inputs, args.chunk)
     base = {"length": length, "batch": batch, "heads": args.heads, "head_dim": head_dim, "precision": precision}
     qk_dtype = {name: str(inputs[2].dtype if name.startswith("fla") else inputs[0].dtype).removeprefix("torch.")
                 for name in passes}
@@ -225,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     meta = {**run_metadata(), "tokens": args.tokens, "heads": args.heads, "chunk": args.chunk, "dtype": args.dtype,
-            "compile": args.compile, "configs": [parse_config(c) for c in args.config]}
+            "compile": args.compile, "configs": [parse_config(c) for c in args.config],
+            "prepare_configs": [parse_config(c) for c in args.prepare_config]}
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for length in args.lengths:
