@@ -9,6 +9,17 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
+def checked_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 on CPU (1 in place of a zero norm), after
+    checking the shapes agree and every value of ``actual`` is finite (an unwritten output
+    poisoned with NaN fails here)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), "non-finite values (unwritten output?)"
+    scale = expected.norm().item()
+    return (actual - expected).norm().item() / (scale if scale > 0 else 1.0)
+
+
 def run_under_triton_interpreter(script: str) -> str:
     """Run a test module as a script with ``TRITON_INTERPRET=1`` (which Triton reads at import,
     hence a fresh process) and return what it printed; fails the test if the script fails."""

@@ -16,20 +16,11 @@ import torch.nn.functional as F
 from mmrec.ops.delta_rule import naive_delta_rule
 from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
 from mmrec.ops.delta_rule.chunk_prepare import OUTPUTS, chunk_prepare_reference, delta_chunk_prepare
-from tests.helpers import run_under_triton_interpreter
+from tests.helpers import checked_rel_err as err, run_under_triton_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and HAS_TRITON
 INPUTS = ("q", "k", "v", "beta", "log_alpha")
-
-
-def err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖actual − expected‖ / ‖expected‖ in float64 on CPU; every value must be finite."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values (unwritten output?)"
-    scale = expected.norm().item()
-    return (actual - expected).norm().item() / (scale if scale > 0 else 1.0)
 
 
 def make_inputs(batch=2, length=37, heads=2, key_dim=24, value_dim=40, dtype=torch.float64, v_dtype=None,

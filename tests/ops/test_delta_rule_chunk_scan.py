@@ -24,21 +24,12 @@ from mmrec.ops.delta_rule.chunk_scan import (
     delta_chunk_scan,
     delta_chunk_scan_reference,
 )
-from tests.helpers import ops_called, run_under_triton_interpreter
+from tests.helpers import checked_rel_err as err, ops_called, run_under_triton_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and HAS_TRITON
 NAMES = ("w1", "w2", "q_decayed", "k_decayed", "attn", "chunk_decay", "initial_state")
 loop_delta_rule = functools.partial(_chunk_delta_rule, prepare=chunk_prepare_reference, scan=delta_chunk_scan_reference)
-
-
-def err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖actual − expected‖ / ‖expected‖ in float64 on CPU; every value must be finite."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values (unwritten output?)"
-    scale = expected.norm().item()
-    return (actual - expected).norm().item() / (scale if scale > 0 else 1.0)
 
 
 def scan_inputs(batch=3, heads=2, chunks=3, size=5, key_dim=24, value_dim=40, dtype=torch.float64, device="cpu",

@@ -61,6 +61,16 @@ def unit_lower_inverse(a: Tensor) -> Tensor:
     return UnitLowerInverse.apply(a)
 
 
+def to_chunks(x: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]`` in ``dtype``, zero-padded in time to ``N · C``."""
+    batch, length, heads = x.shape[:3]
+    chunks = -(-length // size)
+    x = x.to(dtype)
+    if chunks * size != length:
+        x = F.pad(x, [0, 0] * (x.dim() - 2) + [0, chunks * size - length])
+    return x.reshape(batch, chunks, size, heads, *x.shape[3:]).movedim(3, 1)
+
+
 def chunk_prepare_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
                             chunk_size: int) -> tuple[Tensor, ...]:
     """``(W1, W2, Qd, Kd, P, g, X)`` (module docstring) in PyTorch, differentiable by autograd.
@@ -69,21 +79,10 @@ def chunk_prepare_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_a
     Outputs ``[B, H, N, C, V | K | C]`` (``g`` ``[B, H, N]``) in ``v``'s accumulation dtype;
     the time axis is padded to ``N · C`` with tokens that leave the state as it is (``β = 0``,
     ``α = 1``). ``C`` is ``chunk_size``, or the length if shorter."""
-    batch, length, heads, _ = k.shape
     acc = accumulation_dtype(v.dtype)
-    size = min(chunk_size, length)
-    chunks = -(-length // size)
-    pad = chunks * size - length
-
-    def to_chunks(x: Tensor) -> Tensor:
-        """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]`` in ``acc``, zero-padded in time."""
-        x = x.to(acc)
-        if pad:
-            x = F.pad(x, [0, 0] * (x.dim() - 2) + [0, pad])
-        return x.reshape(batch, chunks, size, heads, *x.shape[3:]).movedim(3, 1)
-
-    q, k, v = to_chunks(q), to_chunks(k), to_chunks(v)  # [B, H, N, C, K|V]
-    beta, log_alpha = to_chunks(beta), to_chunks(log_alpha)  # [B, H, N, C]
+    size = min(chunk_size, k.shape[1])
+    q, k, v = to_chunks(q, size, acc), to_chunks(k, size, acc), to_chunks(v, size, acc)  # [B, H, N, C, K|V]
+    beta, log_alpha = to_chunks(beta, size, acc), to_chunks(log_alpha, size, acc)  # [B, H, N, C]
     cum = log_alpha.cumsum(-1)  # Λ
     index = torch.arange(size, device=k.device)
     causal = index[:, None] >= index[None, :]  # s ≤ t
@@ -150,20 +149,13 @@ def _backward_composite(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, gra
     ``(dq, dk, dv, dβ, d log α)`` in the inputs' dtypes and shapes."""
     batch, length, heads, _ = k.shape
     acc, size, chunks = inverse.dtype, inverse.shape[-1], inverse.shape[2]
-    pad = chunks * size - length
-
-    def to_chunks(x: Tensor) -> Tensor:
-        x = x.to(acc)
-        if pad:
-            x = F.pad(x, [0, 0] * (x.dim() - 2) + [0, pad])
-        return x.reshape(batch, chunks, size, heads, *x.shape[3:]).movedim(3, 1)
 
     def from_chunks(x: Tensor, like: Tensor) -> Tensor:
         x = x.movedim(1, 3).reshape(batch, chunks * size, heads, *x.shape[4:])[:, :length]
         return x.to(like.dtype).contiguous()
 
-    q_c, k_c, v_c, beta_c = to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(beta)  # [B, H, N, C, ...]
-    cum = to_chunks(log_alpha).cumsum(-1)  # Λ
+    q_c, k_c, v_c, beta_c = (to_chunks(x, size, acc) for x in (q, k, v, beta))  # [B, H, N, C, ...]
+    cum = to_chunks(log_alpha, size, acc).cumsum(-1)  # Λ
     index = torch.arange(size, device=k.device)
     causal = index[:, None] >= index[None, :]
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # M
