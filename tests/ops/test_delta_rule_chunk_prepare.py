@@ -15,8 +15,13 @@ import torch.nn.functional as F
 
 from mmrec.ops.delta_rule import naive_delta_rule
 from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
-from mmrec.ops.delta_rule.chunk_prepare import OUTPUTS, chunk_prepare_reference, delta_chunk_prepare
-from tests.helpers import checked_rel_err as err, run_under_triton_interpreter
+from mmrec.ops.delta_rule.chunk_prepare import (
+    OUTPUTS,
+    chunk_prepare_reference,
+    delta_chunk_prepare,
+)
+from tests.helpers import checked_rel_err as err
+from tests.helpers import run_under_triton_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and HAS_TRITON
@@ -58,6 +63,8 @@ def probes_for(outputs, generator=None):
 
 @pytest.mark.parametrize("length,chunk,strided", [(37, 16, False), (37, 16, True), (9, 64, False), (64, 8, True)])
 def test_op_matches_reference_float64_with_gradients(length, chunk, strided):
+    # on CPU the op's forward is the reference itself (its outputs checked for dtype, layout
+    # and contiguity); its backward is written out, and that is what this checks
     gen = torch.Generator().manual_seed(length + chunk)
     inputs = make_inputs(length=length, strided=strided, generator=gen)
     leaves = [x.clone().requires_grad_() for x in inputs]
@@ -80,6 +87,23 @@ def test_op_through_the_chunked_form_equals_the_token_loop():
     o, state = _chunk_delta_rule(*inputs, h0, 16, 0.5)
     want_o, want_state = naive_delta_rule(*inputs, h0, scale=0.5)
     assert err(o, want_o) < 1e-12 and err(state, want_state) < 1e-12
+
+
+def test_double_backward_with_some_inputs_frozen():
+    """The double-backward path differentiates only what needs a gradient (``β`` and
+    ``log α`` frozen here, as a layer with fixed gates would have them)."""
+    q, k, v, beta, log_alpha = make_inputs(batch=1, length=9, heads=1, key_dim=3, value_dim=2,
+                                           generator=torch.Generator().manual_seed(6))
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    outputs = delta_chunk_prepare(*leaves, beta, log_alpha, 4)
+    grads = torch.autograd.grad(sum((o * o).sum() for o in outputs[:6]), leaves, create_graph=True)
+    second = torch.autograd.grad(sum(g.sum() for g in grads), leaves)
+    ref_leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ref_outputs = chunk_prepare_reference(*ref_leaves, beta, log_alpha, 4)
+    ref_grads = torch.autograd.grad(sum((o * o).sum() for o in ref_outputs[:6]), ref_leaves, create_graph=True)
+    ref_second = torch.autograd.grad(sum(g.sum() for g in ref_grads), ref_leaves)
+    for got, want in zip((*grads, *second), (*ref_grads, *ref_second)):
+        assert err(got, want) < 1e-12
 
 
 def test_gradcheck_and_gradgradcheck():
@@ -127,6 +151,7 @@ def _interpreter_checks() -> None:
         (f64, f64, 2, 20, 1, 16, 16, 64, True, {}, 1e-12),  # one chunk shorter than the chunk size
         (f32, f32, 2, 50, 2, 32, 24, 20, True, {}, 1e-5),
         (f32, bf16, 1, 33, 2, 16, 32, 16, False, {}, 1e-5),  # bf16 values, fp32 products
+        (bf16, bf16, 2, 30, 2, 16, 16, 16, True, {}, 1e-5),  # all in bf16: fp32 inside, bf16 gradients
         (f64, f64, 2, 150, 2, 24, 40, 64, True, blocks, 1e-12),  # four 16-row blocks
         (f64, f64, 1, 50, 2, 8, 8, 40, False, blocks, 1e-12),  # 40 rows padded to 64
         (f32, f32, 2, 45, 1, 32, 32, 20, True, {**blocks, "BLOCK_D": 16}, 1e-5),
@@ -170,7 +195,7 @@ def _interpreter_checks() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 9, out
+    assert out.count("ok ") == 10, out
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -191,13 +216,14 @@ def test_cuda_kernels_against_float64(head_dim, precision, tol, inverse):
     gen = torch.Generator().manual_seed(head_dim)
     inputs = [x.cuda() for x in make_inputs(2, 2048 - 7, 8, head_dim, head_dim, torch.float32, torch.bfloat16,
                                             strided=True, decay=0.05, generator=gen)]
+    before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
         outputs = kernels.prepare_forward(*inputs, 64, torch.float32, config={"INVERSE": inverse})
         probes = probes_for(outputs, gen)
         grads = kernels.prepare_backward(*inputs, outputs[-1], tuple(probes))
     finally:
-        torch.set_float32_matmul_precision("highest")
+        torch.set_float32_matmul_precision(before)
     want, want_grads = reference(inputs, 64, probes)
     for name, got, expected in zip(OUTPUTS, outputs, want):
         assert err(got, expected) < tol, name
@@ -221,6 +247,10 @@ def test_cuda_matches_cpu_op_opcheck_and_compiles():
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_prepare_backward.default, args)
     compiled = torch.compile(lambda *a: delta_chunk_prepare(*a, 16)[0] * 2, fullgraph=True)
     assert err(compiled(*detached), 2 * cpu[0]) < 1e-5
+    # chunks longer than the kernels' 64 run the PyTorch products on the GPU too
+    long_chunks = delta_chunk_prepare(*detached, 128)
+    for name, got, want in zip(OUTPUTS, long_chunks, delta_chunk_prepare(*inputs, 128)):
+        assert err(got, want) < 1e-5, name
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from mmrec.ops.delta_rule.chunk_scan import (
     delta_chunk_scan,
     delta_chunk_scan_reference,
 )
-from tests.helpers import checked_rel_err as err, ops_called, run_under_triton_interpreter
+from tests.helpers import checked_rel_err as err
+from tests.helpers import ops_called, run_under_triton_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and HAS_TRITON

@@ -110,9 +110,16 @@ def _triton_kernels():
     return chunk_prepare_triton
 
 
-def _use_triton(v: Tensor):
-    """The launchers for float32 accumulation; float64 (tests) runs the PyTorch products."""
-    return _triton_kernels() if accumulation_dtype(v.dtype) == torch.float32 else None
+# the kernels hold a chunk's [C, C] tiles on chip and invert by C - 1 serial steps: built,
+# tested and measured up to 64; longer chunks (narrow heads allow them) run the PyTorch products
+MAX_KERNEL_CHUNK = 64
+
+
+def _use_triton(v: Tensor, chunk_size: int):
+    """The launchers for float32 accumulation and chunks of at most ``MAX_KERNEL_CHUNK``;
+    otherwise (float64 in tests, long chunks) the PyTorch products."""
+    usable = accumulation_dtype(v.dtype) == torch.float32 and min(chunk_size, v.shape[1]) <= MAX_KERNEL_CHUNK
+    return _triton_kernels() if usable else None
 
 
 def _forward_composite(q, k, v, beta, log_alpha, chunk_size):
@@ -121,7 +128,7 @@ def _forward_composite(q, k, v, beta, log_alpha, chunk_size):
 
 
 def _forward_cuda(q, k, v, beta, log_alpha, chunk_size):
-    kernels = _use_triton(v)
+    kernels = _use_triton(v, chunk_size)
     if kernels is None:
         return _forward_composite(q, k, v, beta, log_alpha, chunk_size)
     return kernels.prepare_forward(q, k, v, beta, log_alpha, chunk_size, accumulation_dtype(v.dtype))
@@ -187,7 +194,7 @@ def _backward_composite(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, gra
 
 def _backward_cuda(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
                    grad_attn, grad_chunk_decay, chunk_size):
-    kernels = _use_triton(v)
+    kernels = _use_triton(v, chunk_size)
     grads = (grad_w1, grad_w2, grad_q_decayed, grad_k_decayed, grad_attn, grad_chunk_decay)
     if kernels is None:
         return _backward_composite(q, k, v, beta, log_alpha, inverse, *grads, chunk_size)
@@ -220,8 +227,12 @@ class _DeltaChunkPrepare(torch.autograd.Function):
         q, k, v, beta, log_alpha, inverse = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: autograd through the PyTorch products
             inputs = (q, k, v, beta, log_alpha)
-            outputs = chunk_prepare_reference(*inputs, ctx.chunk_size)[:6]
-            return (*torch.autograd.grad(outputs, inputs, grads[:6], create_graph=True, materialize_grads=True), None)
+            wanted = [x for x, needed in zip(inputs, ctx.needs_input_grad) if needed]
+            pairs = [(out, g) for out, g in zip(chunk_prepare_reference(*inputs, ctx.chunk_size)[:6], grads)
+                     if out.requires_grad]
+            found = iter(torch.autograd.grad([out for out, _ in pairs], wanted, [g for _, g in pairs],
+                                             create_graph=True, allow_unused=True, materialize_grads=True))
+            return (*(next(found) if needed else None for needed in ctx.needs_input_grad[:5]), None)
         return (*_backward_op.below_autograd(q, k, v, beta, log_alpha, inverse, *grads[:6], ctx.chunk_size), None)
 
 
@@ -237,6 +248,9 @@ def delta_chunk_prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha
                         chunk_size: int) -> tuple[Tensor, ...]:
     """``(W1, W2, Qd, Kd, P, g, X)`` for every chunk (module docstring); arguments and shapes
     as :func:`chunk_prepare_reference`. ``X`` is not differentiable (the backward reads it)."""
+    if k.dim() != 4:
+        raise ValueError(f"delta_chunk_prepare expects k of shape [batch, length, heads, key_dim], "
+                         f"got {tuple(k.shape)}")
     batch, length, heads, key_dim = k.shape
     expected = {"q": (batch, length, heads, key_dim), "v": (batch, length, heads, v.shape[-1]),
                 "beta": (batch, length, heads), "log_alpha": (batch, length, heads)}
@@ -245,5 +259,6 @@ def delta_chunk_prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha
             raise ValueError(f"delta_chunk_prepare expects {name} of shape {expected[name]} (from k "
                              f"{tuple(k.shape)}), got {tuple(x.shape)}")
     if chunk_size < 1 or length < 1:
-        raise ValueError(f"delta_chunk_prepare needs a chunk size and a length of at least 1, got {chunk_size} and {length}")
+        raise ValueError(f"delta_chunk_prepare needs a chunk size and a length of at least 1, "
+                         f"got {chunk_size} and {length}")
     return _forward_op(q, k, v, beta, log_alpha, chunk_size)

@@ -1,5 +1,5 @@
 """Triton kernels for ``mmrec::delta_chunk_prepare`` and its backward: one program per
-(batch·head, chunk), everything of the chunk on chip.
+(batch, head, chunk) on a one-dimensional grid, everything of the chunk on chip.
 
 The forward reads the chunk's ``q``, ``k`` ``[C, K]``, ``v`` ``[C, V]``, ``β`` and ``log α``
 straight from the layer's ``[B, T, H, D]`` layout (any strides, the time axis padded on
@@ -10,10 +10,13 @@ keeps ``Xᵀ``, so each step is a column update with no layout change)::
 
     X[t, :] = e_t − Σ_{s<t} A[t, s] X[s, :]
 
+or, with ``INVERSE="blocks"``, from the same inside 16-row blocks as products, then the
+blocks combined by a short series of products (``_unit_lower_inverse_blocks``).
+
 The backward recomputes the chunk's decays and products from the same inputs, takes the
 chunk loop's gradients of those six outputs, and writes the gradients of ``q``, ``k``,
 ``v``, ``β`` and ``log α`` in the layer's layout; ``A``'s gradient is ``−Xᵀ dX Xᵀ`` (strictly
-lower), so no solve runs in either direction. ``log α`` enters through ``Λ``, the cumulative
+lower), so the backward needs no solve. ``log α`` enters through ``Λ``, the cumulative
 sum inside the chunk, so its gradient is the reverse cumulative sum of ``Λ``'s, and no
 chunk needs another's.
 
@@ -33,8 +36,7 @@ from mmrec.ops.delta_rule.chunk_scan_triton import _dot, default_precision
 
 
 @triton.jit
-def _load_block(ptr, b, h, t, valid, s_b, s_t, s_h, s_d, d0, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                ACC: tl.constexpr):
+def _load_block(ptr, b, h, t, valid, s_b, s_t, s_h, s_d, d0, D, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """Columns ``d0 .. d0 + BLOCK_D`` of the chunk's rows ``t`` of a ``[B, T, H, D]`` tensor, in
     ``ACC``, zero past the sequence's end and past ``D``."""
     cols = d0 + tl.arange(0, BLOCK_D)
@@ -95,16 +97,16 @@ def _unit_lower_inverse_blocks(a, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr
 
 
 @triton.jit
-def _forward_kernel(
+def _prepare_forward_kernel(
     q_ptr, k_ptr, v_ptr, beta_ptr, la_ptr, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, x_ptr,
     T, H, N, C, K, V,
     s_qb, s_qt, s_qh, s_qk, s_kb, s_kt, s_kh, s_kk, s_vb, s_vt, s_vh, s_vv,
     s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
     PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, INVERSE: tl.constexpr,
+    INVERSE: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(0).to(tl.int64)  # outputs [B, H, N, C, ...], contiguous: chunk = (b H + h) N + n
+    n, bh = chunk % N, chunk // N
     b, h = bh // H, bh % H
     acc: tl.constexpr = w1_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_C)
@@ -112,9 +114,9 @@ def _forward_kernel(
     cols = tl.arange(0, BLOCK_V)
     t = n * C + rows
     valid = (rows < C) & (t < T)
-    q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, 0, K, BLOCK_C, BLOCK_K, acc)
-    k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, 0, K, BLOCK_C, BLOCK_K, acc)
-    v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, 0, V, BLOCK_C, BLOCK_V, acc)
+    q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, 0, K, BLOCK_K, acc)
+    k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, 0, K, BLOCK_K, acc)
+    v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, 0, V, BLOCK_V, acc)
     beta, lam, lam_last, decay = _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
                                          BLOCK_C, acc)
     strict = rows[:, None] > rows[None, :]
@@ -131,7 +133,6 @@ def _forward_kernel(
     qd = q * from_start[:, None]
     kd = k * tl.exp(lam_last - lam)[:, None]
 
-    chunk = bh * N + n  # outputs [B, H, N, C, ...], contiguous
     in_c = rows < C
     mask_k = in_c[:, None] & (keys < K)[None, :]
     mask_v = in_c[:, None] & (cols < V)[None, :]
@@ -164,7 +165,7 @@ def _store_block(ptr, value, b, h, t, valid, o_b, o_t, o_h, d0, D, BLOCK_D: tl.c
 
 
 @triton.jit
-def _backward_kernel(
+def _prepare_backward_kernel(
     q_ptr, k_ptr, v_ptr, beta_ptr, la_ptr, x_ptr, dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr,
     dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dla_ptr,
     T, H, N, C, K, V,
@@ -172,14 +173,14 @@ def _backward_kernel(
     s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
     o_qb, o_qt, o_qh, o_vb, o_vt, o_vh, o_bb, o_bt, o_bh,
     PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, INVERSE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Three passes over blocks of ``BLOCK_D`` feature columns (so that no ``[C, K]`` or
     ``[C, V]`` operand is whole on chip): the values, whose gradient is final at once; the
     keys and queries, summing ``dX``, ``K Kᵀ`` and ``Q Kᵀ``; then, with ``dA`` known, the
     keys and queries again for their products with the ``[C, C]`` gradients."""
-    n = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(0).to(tl.int64)  # X and the incoming gradients [B, H, N, C, ...], contiguous
+    n, bh = chunk % N, chunk // N
     b, h = bh // H, bh % H
     acc: tl.constexpr = x_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_C)
@@ -190,7 +191,6 @@ def _backward_kernel(
                                          BLOCK_C, acc)
     from_start = tl.exp(lam)  # e^Λ
     to_end = tl.exp(lam_last - lam)  # e^{Λ_C − Λ}
-    chunk = bh * N + n  # the saved inverse and the incoming gradients: [B, H, N, C, ...], contiguous
     mask_c = in_c[:, None] & in_c[None, :]
     off_c = chunk * C * C + rows[:, None] * C + rows[None, :]
     x_t = tl.trans(tl.load(x_ptr + off_c, mask=mask_c, other=0.0))  # Xᵀ
@@ -199,7 +199,7 @@ def _backward_kernel(
     grad_x = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
     grad_beta = tl.zeros((BLOCK_C,), dtype=acc)
     for d0 in range(0, BLOCK_V, BLOCK_D):
-        v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, d0, V, BLOCK_C, BLOCK_D, acc)
+        v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, d0, V, BLOCK_D, acc)
         dw1 = _load_chunk_block(dw1_ptr, chunk, rows, in_c, d0, C, V, BLOCK_D)
         grad_x += _dot(dw1, tl.trans(beta[:, None] * v), PRECISION)
         grad_r1 = _dot(x_t, dw1, PRECISION)
@@ -213,8 +213,8 @@ def _backward_kernel(
     through_qd = tl.zeros((BLOCK_C,), dtype=acc)
     through_kd = tl.zeros((BLOCK_C,), dtype=acc)
     for d0 in range(0, BLOCK_K, BLOCK_D):
-        k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_C, BLOCK_D, acc)
-        q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_C, BLOCK_D, acc)
+        k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
+        q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
         dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
         grad_x += _dot(dw2, tl.trans((beta * from_start)[:, None] * k), PRECISION)
         through_r2 += tl.sum(_dot(x_t, dw2, PRECISION) * k, 1)
@@ -237,8 +237,8 @@ def _backward_kernel(
 
     # the gradients of K and Q, block by block
     for d0 in range(0, BLOCK_K, BLOCK_D):
-        k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_C, BLOCK_D, acc)
-        q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_C, BLOCK_D, acc)
+        k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
+        q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
         dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
         dqd = _load_chunk_block(dqd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
         dkd = _load_chunk_block(dkd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
@@ -249,7 +249,7 @@ def _backward_kernel(
         _store_block(dk_ptr, grad_k, b, h, t, valid, o_qb, o_qt, o_qh, d0, K, BLOCK_D)
 
     # Λ_t = Σ_{j≤t} log α_j and Λ_C = Σ_j log α_j
-    grad_la = tl.sum(grad_lam, 0) - tl.cumsum(grad_lam, 0) + grad_lam + grad_lam_last
+    grad_la = tl.cumsum(grad_lam, 0, reverse=True) + grad_lam_last
     tl.store(dbeta_ptr + b * o_bb + h * o_bh + t * o_bt, grad_beta, mask=valid)
     tl.store(dla_ptr + b * o_bb + h * o_bh + t * o_bt, grad_la, mask=valid)
 
@@ -262,15 +262,13 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
         "BLOCK_C": max(16, triton.next_power_of_2(size)),
         "BLOCK_K": block_k,
         "BLOCK_V": block_v,
-        # the backward's feature columns per pass: with whole [64, 128] operands its products
-        # asked for 352 KB of shared memory (sm_90 has 227); 64 columns 208 KB, 32 columns 128 KB
-        # (8 warps, 32 bytes spilled)
+        # the backward's feature columns per pass: whole [C, 128] operands do not fit sm_90's
+        # shared memory (docs/notes/delta-kernel.md)
         "BLOCK_D": min(32, max(block_k, block_v)),
         "num_warps": 4 if max(key_dim, value_dim) <= 64 else 8,
         "PRECISION": "ieee" if interpret else default_precision(),
-        # how the forward inverts I + A: "rows", forward substitution one row at a time (63
-        # steps of reductions across the tile at C = 64), or "blocks", 16-row blocks on the
-        # tensor cores (19 products at C = 64)
+        # how the forward inverts I + A: "rows" (forward substitution, C - 1 serial steps) or
+        # "blocks" (16-row blocks on the tensor cores, 19 products at C = 64)
         "INVERSE": "rows",
     }
     cfg.update(config or {})
@@ -299,7 +297,8 @@ def prepare_forward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Te
     if g.numel() == 0:
         return w1, w2, qd, kd, p, g, x
     cfg = pick_config(size, key_dim, value_dim, interpret=not v.is_cuda, config=config)
-    _forward_kernel[(chunks, batch * heads)](
+    del cfg["BLOCK_D"]  # the backward's
+    _prepare_forward_kernel[(batch * heads * chunks,)](
         q, k, v, beta, log_alpha, w1, w2, qd, kd, p, g, x, length, heads, chunks, size, key_dim, value_dim,
         *_input_strides(q, k, v, beta, log_alpha), **cfg)
     return w1, w2, qd, kd, p, g, x
@@ -309,18 +308,21 @@ def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: T
                      grads: tuple[Tensor, ...], *, out: tuple[Tensor, ...] | None = None,
                      config: dict | None = None) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dβ, d log α)``, contiguous, in the inputs' dtypes, from the gradients of
-    ``(W1, W2, Qd, Kd, P, g)`` and the forward's ``X``, one launch; ``out`` and ``config`` as
-    in the forward."""
+    ``(W1, W2, Qd, Kd, P, g)`` and the forward's ``X``, one launch; ``out`` takes preallocated
+    contiguous outputs, ``config`` as in the forward."""
     batch, length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     size = inverse.shape[-1]
     chunks = inverse.shape[2]
     outs = out or tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v, beta, log_alpha))
+    if not all(o.is_contiguous() for o in outs):
+        raise ValueError("prepare_backward writes contiguous gradients: pass contiguous out tensors")
     if inverse.numel() == 0:
         return tuple(o.zero_() for o in outs)
     grads = tuple(g.to(inverse.dtype).contiguous() for g in grads)
     cfg = pick_config(size, key_dim, value_dim, interpret=not v.is_cuda, config=config)
-    _backward_kernel[(chunks, batch * heads)](
+    del cfg["INVERSE"]  # the forward's
+    _prepare_backward_kernel[(batch * heads * chunks,)](
         q, k, v, beta, log_alpha, inverse.contiguous(), *grads, *outs,
         length, heads, chunks, size, key_dim, value_dim, *_input_strides(q, k, v, beta, log_alpha),
         *outs[0].stride()[:3], *outs[2].stride()[:3], *outs[3].stride(), **cfg)
