@@ -33,11 +33,12 @@ def test_options_are_off_by_default():
     assert default.memory.levels == [0, 1, 2] and default.memory.own_value == 0.0
     plain = block()
     assert plain.pe_out is None and plain.mdi.integration is None and "p" not in plain.widths
-    # every shipped recipe builds the same parameters as before the options existed
+    # the shipped recipes turn on only what a measurement chose: MDI's gated integration in
+    # small (docs/benchmarks.md, "Quality at scale, 50M tokens, with MDI's gated integration")
     for name in mmrec.recipes.names():
         recipe = mmrec.recipes.load(name)
         if recipe.model.arch == "mmrec":
-            assert not recipe.model.gated_integration and recipe.model.pe_dim is None, name
+            assert recipe.model.gated_integration == (name == "small") and recipe.model.pe_dim is None, name
             assert recipe.model.memory.kind != "hds" or recipe.model.memory.own_value == 0.0, name
 
 
