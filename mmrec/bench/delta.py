@@ -34,15 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmrec.bench.common import (
-    forward_passes,
-    peak_memory_gib,
-    record,
-    reset_peak_memory,
-    run_metadata,
-    time_ms,
-    write_json,
-)
+from mmrec.bench.common import forward_passes, peak_memory_gib, record, reset_peak_memory, run_metadata, time_ms, write_json
 from mmrec.bench.gated_rnn import parse_config
 from mmrec.throughput import keeping_matmul_precision
 
