@@ -15,8 +15,8 @@ Each op is timed as the layers call it, at ``--batch`` x ``--length`` tokens:
 - ``gated_rnn``: the ``exact`` recurrence's call, ``--dim`` channels in heads of 64;
 - ``delta_chunk_scan``: the chunk loop of the ``delta`` rule (its inputs as
   ``chunk_delta_rule`` prepares them), ``--heads`` heads of 128, chunks of 64;
-- ``chunk_delta_rule``: the whole ``delta`` rule function (the chunk-local products in
-  PyTorch around the op), for comparison.
+- ``chunk_delta_rule``: the whole ``delta`` rule function (its two ops,
+  ``delta_chunk_prepare`` and ``delta_chunk_scan``), for comparison.
 
 Rows: the op through its public function (``op``: its input checks, the custom-op dispatch,
 autograd) and its Triton launchers called directly (``launch``: what the kernels' own

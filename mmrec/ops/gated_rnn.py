@@ -157,7 +157,7 @@ def _forward_composite_no_grad(z, log_decay, weight, h0=None):
 def _forward_cuda(z, log_decay, weight, h0=None):
     kernels = _use_triton(weight)
     if kernels is None:
-        return _forward_composite_no_grad(z, log_decay, weight, h0)
+        return NotImplemented
     return kernels.gated_rnn_forward(z, log_decay, weight, h0)
 
 
@@ -179,7 +179,7 @@ def _backward_composite_no_grad(z, log_decay, weight, h0, h, grad_h, grad_h_last
 def _backward_cuda(z, log_decay, weight, h0, h, grad_h, grad_h_last):
     kernels = _use_triton(weight)
     if kernels is None:
-        return _backward_composite_no_grad(z, log_decay, weight, h0, h, grad_h, grad_h_last)
+        return NotImplemented
     return kernels.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, grad_h_last)
 
 

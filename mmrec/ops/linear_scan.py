@@ -139,7 +139,7 @@ def _triton_kernels():
 def _forward_cuda(a, b, h0=None, reverse=False, log_space=False, accumulate_fp64=False, out_dtype=None):
     kernels = _triton_kernels()
     if kernels is None:
-        return linear_scan_composite(a, b, h0, reverse, log_space, accumulate_fp64, out_dtype)
+        return NotImplemented
     return kernels.scan_forward(a, b, h0, reverse, log_space=log_space, accumulate_fp64=accumulate_fp64, out_dtype=out_dtype)
 
 
@@ -198,7 +198,7 @@ def linear_scan_backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dty
 def _backward_cuda(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=False, accumulate_fp64=False):
     kernels = _triton_kernels()
     if kernels is None:
-        return linear_scan_backward_composite(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space, accumulate_fp64)
+        return NotImplemented
     return kernels.scan_backward(a, h, grad_h, grad_h_last, h0, reverse, b_dtype, log_space=log_space, accumulate_fp64=accumulate_fp64)
 
 

@@ -36,13 +36,23 @@ def requires_grad(args) -> bool:
     return torch.is_grad_enabled() and any(a.requires_grad for a in args if isinstance(a, Tensor))
 
 
+def _or_composite(cuda: Callable, composite: Callable) -> Callable:
+    """``cuda``, or ``composite`` where ``cuda`` returns ``NotImplemented``."""
+    def run(*args):
+        out = cuda(*args)
+        return composite(*args) if out is NotImplemented else out
+    return run
+
+
 class Op:
     """One op: ``Op(schema, composite=..., cuda=..., fake=...)``. Every function registered
     for it must take the schema's arguments with the schema's defaults (the dispatcher
-    leaves out arguments equal to their default)."""
+    leaves out arguments equal to their default). ``cuda`` returns ``NotImplemented`` for
+    inputs its kernels do not take (no Triton, float64, ...), and the composite runs them."""
 
     def __init__(self, schema: str, *, composite: Callable, cuda: Callable, fake: Callable):
         self.name = schema.split("(", 1)[0]
+        cuda = _or_composite(cuda, composite)
         LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
         LIBRARY.impl(self.name, composite, "CompositeExplicitAutograd")
         LIBRARY.impl(self.name, cuda, "CUDA")

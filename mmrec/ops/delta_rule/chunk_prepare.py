@@ -130,7 +130,7 @@ def _forward_composite(q, k, v, beta, log_alpha, chunk_size):
 def _forward_cuda(q, k, v, beta, log_alpha, chunk_size):
     kernels = _use_triton(v, chunk_size)
     if kernels is None:
-        return _forward_composite(q, k, v, beta, log_alpha, chunk_size)
+        return NotImplemented
     return kernels.prepare_forward(q, k, v, beta, log_alpha, chunk_size, accumulation_dtype(v.dtype))
 
 
@@ -195,9 +195,9 @@ def _backward_composite(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, gra
 def _backward_cuda(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
                    grad_attn, grad_chunk_decay, chunk_size):
     kernels = _use_triton(v, chunk_size)
-    grads = (grad_w1, grad_w2, grad_q_decayed, grad_k_decayed, grad_attn, grad_chunk_decay)
     if kernels is None:
-        return _backward_composite(q, k, v, beta, log_alpha, inverse, *grads, chunk_size)
+        return NotImplemented
+    grads = (grad_w1, grad_w2, grad_q_decayed, grad_k_decayed, grad_attn, grad_chunk_decay)
     return kernels.prepare_backward(q, k, v, beta, log_alpha, inverse, grads)
 
 

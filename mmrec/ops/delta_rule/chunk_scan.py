@@ -127,7 +127,7 @@ def _forward_composite_no_grad(w1, w2, q_decayed, k_decayed, attn, chunk_decay, 
 def _forward_cuda(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
     kernels = _use_triton(w1)
     if kernels is None:
-        return _forward_composite_no_grad(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)
+        return NotImplemented
     return kernels.chunk_scan_forward(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state,
                                       keep_states=keep_states)
 
@@ -153,7 +153,7 @@ def _adjoint_composite_no_grad(w2, q_decayed, k_decayed, attn, chunk_decay, grad
 def _adjoint_cuda(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
     kernels = _use_triton(w2)
     if kernels is None:
-        return _adjoint_composite_no_grad(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
+        return NotImplemented
     return kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
 
 
