@@ -17,6 +17,13 @@ variant's own attributes win and the missing ones are the base's defaults. Its p
 names, and so checkpoints, are unchanged.
 
 Shapes: ``B`` batch, ``T`` new tokens, ``C`` the block's ``chunk_size``, ``d`` ``d_model``.
+Document resets: a packed training sequence holds several documents. ``resets`` ``[B, T]``
+bool is ``True`` at the first token of each document, and a variant that takes it
+(``supports_resets``) lets nothing from before that token reach it or any later token of
+its sequence: the short-term state starts again, a memory forgets. A variant without it
+gets a clear error when resets are asked for, never silently ignored resets.
+:mod:`mmrec.documents` has the helpers (document ids, the same-document mask).
+
 Dtypes: under autocast (bf16 training) every tensor handed to a variant is in the
 activations' dtype; a variant accumulates in :func:`mmrec.ops.accumulation_dtype` (float32
 for 16-bit inputs, float64 for float64, which the conformance suite uses) and returns its
@@ -55,15 +62,21 @@ class Block(nn.Module):
     (the decoder counts them on the host); ``None``: never."""
 
     def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False,
-                position: int | Tensor = 0) -> tuple[Tensor, dict, Tensor | None]:
+                position: int | Tensor = 0, *, resets: Tensor | None = None) -> tuple[Tensor, dict, Tensor | None]:
         """``x`` ``[B, T, d]`` -> ``(x [B, T, d], next_state, aux_loss or None)``.
 
         ``state`` is what the previous call returned (``None`` at the start), ``position`` the
         number of tokens before ``x``. Feeding a sequence in pieces with the state carried
         must give what one pass gives, and the output at ``t`` may depend on tokens ``<= t``
         only. A ``position`` tensor (0-dim int64) marks a static decode step: ``T = 1``,
-        ``state`` is the block's static buffers, updated in place (no host synchronisation)."""
+        ``state`` is the block's static buffers, updated in place (no host synchronisation).
+        ``resets`` ``[B, T]`` bool (only passed to a block whose :meth:`supports_resets` is
+        true): document starts, as the module docstring says."""
         raise NotImplementedError(_missing(self, "forward"))
+
+    def supports_resets(self) -> bool:
+        """Whether :meth:`forward` takes ``resets`` (document starts in a packed sequence)."""
+        return False
 
     def residual_projections(self) -> list[nn.Linear]:
         """The linears that write into the residual stream: initialised with the std scaled
@@ -114,6 +127,10 @@ class Recurrence(nn.Module):
     """The block's MDI computes ``log γ`` for it. ``False`` for a recurrence with a decay of
     its own: no MDI is built (its parameters would get no gradient) and ``log_decay`` is ``None``."""
 
+    supports_resets: ClassVar[bool] = False
+    """``forward`` takes ``resets`` ``[B, T]`` bool: the state before a document's first token
+    does not reach it (see the module docstring)."""
+
     narrow_decay: ClassVar[bool] = False
     """``log_decay`` in the activations' dtype (e.g. bf16) rather than the accumulation
     dtype: for a recurrence that exponentiates in float32 itself."""
@@ -138,7 +155,9 @@ class Recurrence(nn.Module):
         ``gate`` ``[B, T, d]`` or ``None``; ``h0``: the state this returned last time, or
         ``None`` at the start. Returns ``h`` ``[B, T, d]`` (in ``z``'s dtype; the block
         normalises it) and the state to carry: a tensor or a dict of tensors whose size does
-        not depend on ``T``. Causal per token; pieces with ``h0`` carried equal one pass."""
+        not depend on ``T``. Causal per token; pieces with ``h0`` carried equal one pass.
+        With :attr:`supports_resets`, the keyword ``resets`` ``[B, T]`` bool is passed when
+        the model has document starts (never ``None``)."""
         raise NotImplementedError(_missing(self, "forward"))
 
 
@@ -158,6 +177,10 @@ class Memory(nn.Module):
 
     key_dim: int
 
+    supports_resets: ClassVar[bool] = False
+    """``forward`` takes ``resets`` ``[B, T]`` bool: nothing written before a document's first
+    token is read by it or by a later token (see the module docstring)."""
+
     def projection_widths(self, d_model: int) -> dict[str, int]:
         """What the block projects for the memory, by name: ``q`` (``d_model``), ``k`` and
         ``v`` (``key_dim``). ``k`` must be among them (MDI reads it); one left out is passed
@@ -172,7 +195,9 @@ class Memory(nn.Module):
         of the read (0 outside training). Returns the context ``[B, T, d]`` in the activations' dtype
         (the block adds it to the normalised state before ``W_o``), or ``None`` for a memory
         that gives none (nothing is added), and the next state, whose size does not depend
-        on the length and whose tensors are not views of larger ones."""
+        on the length and whose tensors are not views of larger ones. With
+        :attr:`supports_resets`, the keyword ``resets`` ``[B, T]`` bool is passed when the
+        model has document starts (never ``None``)."""
         raise NotImplementedError(_missing(self, "forward"))
 
     def flops_per_token(self, length: int, chunk_size: int) -> float:
