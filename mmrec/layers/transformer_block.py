@@ -67,15 +67,24 @@ class TransformerBlock(Block):
     @staticmethod
     def eager_state(static: dict, length: int) -> dict:
         """The eager cache equal to ``static`` after ``length`` tokens (a copy)."""
-        return {name: static[name][:, :, :length].clone() for name in ("k", "v")}
+        eager = {name: static[name][:, :, :length].clone() for name in ("k", "v")}
+        if "doc" in static:
+            eager["doc"] = static["doc"][:, :length].clone()
+        return eager
 
     def mixing_flops(self, length: int) -> float:
         """Causal attention's q·k and p·v per token, forward and backward: 12 x (length / 2) x d."""
         return 6 * length * self.d_model
 
-    def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int = 0) -> tuple[Tensor, dict, None]:
-        """``x``: ``[B, T, d_model]``; ``state`` is the KV cache of the ``position`` earlier tokens."""
-        attended, cache = self.attn(self.attn_norm(x), state, position)
+    def supports_resets(self) -> bool:
+        """Attention masked to each token's document (see :class:`CausalSelfAttention`)."""
+        return True
+
+    def forward(self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int | Tensor = 0,
+                *, resets: Tensor | None = None) -> tuple[Tensor, dict, None]:
+        """``x``: ``[B, T, d_model]``; ``state`` is the KV cache of the ``position`` earlier
+        tokens; ``resets`` ``[B, T]`` bool: document starts."""
+        attended, cache = self.attn(self.attn_norm(x), state, position, resets)
         x = x + self.dropout(attended)
         x = x + self.ffn(self.ffn_norm(x))
         return x, cache, None
