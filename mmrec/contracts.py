@@ -245,6 +245,11 @@ class ChunkedMemory(Memory):
     :meth:`static_memory`, :meth:`read_step`, :meth:`complete_chunk` and :meth:`eager_memory`
     (the chunk in progress is then kept at full size in ``static["pending_k"]`` and
     ``static["pending_v"]`` ``[B, C, key_dim]``, each step writing its token's entry).
+
+    Document starts: a subclass that sets ``supports_resets`` gets ``resets`` in
+    :meth:`attend`, aligned with ``k`` and ``v``. The state then also carries the chunk in
+    progress's ``pending_resets`` ``[B, < C]`` bool (missing: no starts there), so that a
+    start inside a chunk still counts when a later call completes the chunk.
     """
 
     def initial_memory(self, batch: int, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Tensor]:
@@ -252,11 +257,15 @@ class ChunkedMemory(Memory):
         raise NotImplementedError(_missing(self, "initial_memory"))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, memory: dict[str, Tensor], chunk_size: int, pending: int,
-               dropout: float) -> tuple[Tensor, dict[str, Tensor]]:
+               dropout: float, *, resets: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Read and write: ``q`` ``[B, T, d]``, the new tokens; ``k``, ``v`` ``[B, pending + T,
         key_dim]``, the chunk in progress from its first token on (its ``pending`` earlier
         tokens, then the new ones); ``memory``: after the last complete chunk. Returns the
-        context ``[B, T, d]`` and the memory after the ``(pending + T) // C`` complete chunks."""
+        context ``[B, T, d]`` and the memory after the ``(pending + T) // C`` complete chunks.
+        ``resets`` ``[B, pending + T]`` bool, aligned with ``k`` and ``v`` (passed only to a
+        memory with ``supports_resets``, and only when there are document starts): ``True``
+        at each document's first token; nothing written before it may reach it or a later
+        token, neither through the context nor through the returned memory."""
         raise NotImplementedError(_missing(self, "attend"))
 
     def initial_state(self, batch: int, dtype: torch.dtype, device: torch.device | None = None) -> dict[str, Tensor]:
@@ -268,20 +277,35 @@ class ChunkedMemory(Memory):
         return {**memory, "pending_k": empty, "pending_v": empty}
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, chunk_size: int, state: dict[str, Tensor] | None = None,
-                dropout: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`Memory.forward`: the chunk in progress put in front of ``k``, ``v``, then
-        :meth:`attend`; the tokens after the last complete chunk carried on."""
+                dropout: float = 0.0, resets: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`Memory.forward`: the chunk in progress put in front of ``k``, ``v`` (and of
+        ``resets``), then :meth:`attend`; the tokens after the last complete chunk carried on."""
         batch, length, _ = q.shape
         state = self.initial_state(batch, k.dtype, k.device) if state is None else state
         pending = state["pending_k"].shape[1]
+        if resets is not None and (resets.shape != (batch, length) or resets.dtype != torch.bool):
+            raise ValueError(f"resets must be a bool tensor [B, T] = {[batch, length]} like the tokens, "
+                             f"got {resets.dtype} {list(resets.shape)}")
+        if resets is None and "pending_resets" in state:  # the chunk in progress may hold a start
+            resets = torch.zeros(batch, length, dtype=torch.bool, device=q.device)
         if pending:
             k = torch.cat([state["pending_k"].to(k.dtype), k], dim=1)
             v = torch.cat([state["pending_v"].to(v.dtype), v], dim=1)
-        memory = {name: value for name, value in state.items() if name not in PENDING}
-        context, memory = self.attend(q, k, v, memory, chunk_size, pending, dropout)
+            if resets is not None:
+                earlier = state.get("pending_resets")
+                earlier = resets.new_zeros(batch, pending) if earlier is None else earlier.to(resets.device)
+                resets = torch.cat([earlier, resets], dim=1)
+        memory = {name: value for name, value in state.items() if name not in PENDING and name != "pending_resets"}
+        if resets is None:
+            context, memory = self.attend(q, k, v, memory, chunk_size, pending, dropout)
+        else:
+            context, memory = self.attend(q, k, v, memory, chunk_size, pending, dropout, resets=resets)
         done = (pending + length) // chunk_size * chunk_size
         # copies (under one chunk): a view would keep the whole projection's storage alive
-        return context, {**memory, "pending_k": k[:, done:].clone(), "pending_v": v[:, done:].clone()}
+        state = {**memory, "pending_k": k[:, done:].clone(), "pending_v": v[:, done:].clone()}
+        if resets is not None:
+            state["pending_resets"] = resets[:, done:].clone()
+        return context, state
 
     # helpers for a memory that every token of a chunk reads alike (the memory before it)
 
@@ -339,7 +363,11 @@ class ChunkedMemory(Memory):
     def static_state(self, state: dict[str, Tensor], batch: int, chunk_size: int,
                      dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         dtype = dtype or state["pending_k"].dtype
-        memory = {name: value for name, value in state.items() if name not in PENDING}
+        if "pending_resets" in state and state["pending_resets"].any():
+            raise ValueError(f"{type(self).__name__}'s static decoding takes no document starts, and the chunk in "
+                             "progress holds one (state['pending_resets']): decode with eager steps, or start "
+                             "static decoding after that chunk completes")
+        memory = {name: value for name, value in state.items() if name not in PENDING and name != "pending_resets"}
         static = self.static_memory(memory, batch, chunk_size, dtype)
         pending = state["pending_k"].shape[1]
         for name in PENDING:

@@ -195,6 +195,40 @@ def test_chunked_memory_carries_the_chunk_in_progress():
     assert state.keys() == {"sum", "count", "pending_k", "pending_v"}
 
 
+def test_chunked_memory_hands_document_starts_aligned_with_the_chunk_in_progress():
+    class Recording(ChunkedMemory):
+        key_dim = 2
+        supports_resets = True
+
+        def initial_memory(self, batch, dtype, device=None):
+            return {}
+
+        def attend(self, q, k, v, memory, chunk_size, pending, dropout, *, resets=None):
+            seen.append((pending, k, resets))
+            return q, {}
+
+    seen, memory, chunk = [], Recording(), 4
+    k = torch.randn(2, 14, 2)
+    resets = torch.rand(2, 14) < 0.3
+    state, start = None, 0
+    for size, given in ((3, False), (2, True), (6, True), (3, False)):  # starts carried into a call without them
+        piece = slice(start, start + size)
+        _, state = memory(k[:, piece], k[:, piece], k[:, piece], chunk, state, resets=resets[:, piece] if given else None)
+        pending, seen_k, seen_resets = seen[-1]
+        assert torch.equal(seen_k, k[:, start - pending : start + size])
+        if start == 0:  # no starts given, none carried: attend is called as without resets
+            assert seen_resets is None and "pending_resets" not in state
+        else:  # the chunk in progress's starts (none for the first piece's tokens), then the new ones
+            want = resets[:, start - pending : start + size].clone()
+            want[:, : max(0, 3 - (start - pending))] = False
+            if not given:
+                want[:, pending:] = False
+            assert torch.equal(seen_resets, want)
+            done = (start + size) // chunk * chunk
+            assert torch.equal(state["pending_resets"], want[:, done - (start - pending):])
+        start += size
+
+
 # --- the memory example of docs/plugins.md ---------------------------------------------------
 
 

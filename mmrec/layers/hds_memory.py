@@ -14,6 +14,17 @@ The sequence is cut into chunks of ``C`` tokens. Per bank, ``M`` slots of width 
 
 The state is ``memory`` ``[B, banks, M, dim]`` (float32) after the last complete chunk and,
 carried by :class:`mmrec.contracts.ChunkedMemory`, the chunk in progress.
+
+Document resets (``resets`` ``[B, T]``, True at a document's first token): the memory
+forgets at a document start. A chunk that contains a start writes nothing: its update is a
+reset, ``keep = 0`` and ``written = initial`` (the learned initial memory), so the memory
+after it is ``initial`` and later chunks write onto that. Tokens at or after a start in
+their chunk read ``initial`` in place of the memory before their chunk; the tokens before
+the start read as without resets. The new document's tokens in the chunk of its start are
+therefore never written: a document loses up to one chunk at its start (all of it when it
+starts on a chunk's first token). The reset is one more ``(keep, written)`` pair of the scan
+over chunks, and the initial memory's read one more read of every token, taken where
+needed. ``own_value`` is per token and needs nothing.
 """
 
 from __future__ import annotations
@@ -71,6 +82,8 @@ class _SlotPooling(torch.autograd.Function):
 
 
 class HDSMemory(ChunkedMemory):
+    supports_resets = True  # a document start resets the memory (module docstring)
+
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         kind: Literal["hds"] = "hds"
@@ -166,16 +179,23 @@ class HDSMemory(ChunkedMemory):
         return {"memory": self.initial.to(device=device, dtype=accumulation_dtype(dtype)).expand(batch, -1, -1, -1)}
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, memory: dict[str, Tensor], chunk_size: int, pending: int,
-               dropout: float) -> tuple[Tensor, dict[str, Tensor]]:
+               dropout: float, *, resets: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``q``: ``[B, T, d_model]``; ``k``, ``v``: ``[B, pending + T, banks*dim]``, from the
         chunk in progress's first token; ``memory``: ``[B, banks, M, dim]`` after the last
-        complete chunk. Returns the read context ``[B, T, d_model]`` and the memory after
-        the chunks these tokens complete."""
+        complete chunk; ``resets``: ``[B, pending + T]`` bool, document starts. Returns the
+        read context ``[B, T, d_model]`` and the memory after the chunks these tokens complete."""
         batch, length, _ = q.shape
         total = pending + length  # positions counted from the start of the pending chunk
         n_full = total // chunk_size
         banks, slots, dim = self.banks, self.slots, self.dim
         mem = memory["memory"].to(accumulation_dtype(k.dtype))  # [B, banks, M, dim]
+        if resets is not None:
+            # started[:, c, i]: a document starts at or before place i of chunk c, in that chunk
+            n_chunks = -(-total // chunk_size)
+            marks = nn.functional.pad(resets.long(), (0, n_chunks * chunk_size - total))
+            started = marks.unflatten(1, (n_chunks, chunk_size)).cumsum(-1) > 0  # [B, n_chunks, C]
+            reads_initial = started.flatten(1)[:, pending:total]  # [B, T]
+            chunk_resets = started[:, :n_full, -1]  # [B, n_full]: a document starts in the chunk
 
         # memories[:, :, :, c]: the memory chunk c reads, [banks, B, M, n_full + 1, dim].
         # Every complete chunk is written and the update over chunks is one scan, one row
@@ -184,6 +204,10 @@ class HDSMemory(ChunkedMemory):
         memories = mem.transpose(0, 1).unsqueeze(3)
         if n_full:
             keep, written = self.write(self.complete_chunks(k, chunk_size), self.complete_chunks(v, chunk_size))
+            if resets is not None:  # a chunk with a document start leaves the initial memory
+                chunk_resets = chunk_resets[None, :, None, :]  # [1, B, 1, n_full], as keep
+                keep = keep.masked_fill(chunk_resets, 0)
+                written = torch.where(chunk_resets[..., None], self.initial[:, None, :, None].to(written.dtype), written)
             keep = torch.cat([keep.new_zeros(banks, batch, slots, 1), keep], dim=-1)
             written = torch.cat([memories, written], dim=3)
             rows = banks * batch * slots
@@ -206,9 +230,17 @@ class HDSMemory(ChunkedMemory):
         )
         context = self.read.attend(queries.flatten(0, 1), keys, values, dropout).unflatten(0, (batch, n_read))
         context = self.unchunked(context, pending, length)
+        if resets is not None:  # tokens at or after a document start in their chunk read the initial memory
+            context = torch.where(reads_initial[..., None], self.read_initial(q, dropout), context)
         if self.own_value:
             context = context + self.own_value * self.read.head_values(v[:, pending:])
         return context, {"memory": mem}  # the memory in float32
+
+    def read_initial(self, q: Tensor, dropout: float = 0.0) -> Tensor:
+        """The context ``[B, T, d_model]`` of reading the learned initial memory, for ``q``
+        ``[B, T, d_model]``: every sequence reads the same slots, so the tokens form one batch."""
+        keys, values = (self.hierarchy(x)[None] for x in self.read.project(self.initial.to(q.dtype)))  # [1, banks, S, e]
+        return self.read.attend(q.reshape(1, -1, q.shape[-1]), keys, values, dropout).reshape(q.shape)
 
     # Static decoding (mmrec.decode): one token per step, fixed shapes, buffers updated in
     # place, so that the step can be captured in a CUDA graph. The memory changes only when

@@ -7,25 +7,40 @@ from mmrec.layers.hds_memory import HDSMemory, _SlotPooling
 from tests.helpers import rel_err
 
 
-def reference(memory_module, q, k, v, chunk_size, memory):
-    """The memory as a plain loop over chunks: read the memory as it is, then write the chunk."""
+def reference(memory_module, q, k, v, chunk_size, memory, resets=None):
+    """The memory as a plain loop over chunks: read the memory as it is, then write the chunk.
+    With ``resets``, per sequence: a token at or after a document start in its chunk reads
+    the initial memory, and a chunk holding a start leaves the initial memory."""
     m = memory_module
     batch, length, _ = q.shape
     contexts = []
     for start in range(0, length, chunk_size):
         stop = min(start + chunk_size, length)
-        levels = [memory] if 0 in m.levels else []
-        for level, pool in ((1, 4), (2, 16), (3, 64)):
-            if level in m.levels:
-                levels.append(memory.reshape(batch, m.banks, m.slots // pool, pool, m.dim).mean(3))
-        contexts.append(m.read(q[:, start:stop], torch.cat(levels, dim=2)) + m.own_value * own_values(m, v[:, start:stop]))
+        context = read(m, q[:, start:stop], memory)
+        if resets is not None:
+            initial = read(m, q[:, start:stop], m.initial.expand(batch, -1, -1, -1))
+            after_start = resets[:, start:stop].cumsum(1)[..., None] > 0
+            context = torch.where(after_start, initial, context)
+        contexts.append(context + m.own_value * own_values(m, v[:, start:stop]))
         keys = k[:, start:stop].reshape(batch, stop - start, m.banks, m.dim).transpose(1, 2)
         values = v[:, start:stop].reshape(batch, stop - start, m.banks, m.dim).transpose(1, 2)
         weights = (m.slot_queries @ keys.transpose(-1, -2) / math.sqrt(m.dim)).softmax(-1)  # [B, banks, M, c]
         pooled = weights @ values
         beta = torch.sigmoid((pooled * m.write_gate[:, None, :]).sum(-1) + m.write_gate_bias)[..., None]
         memory = (1 - beta) * memory + beta * pooled
+        if resets is not None and stop - start == chunk_size:
+            memory = torch.where(resets[:, start:stop].any(1)[:, None, None, None], m.initial, memory)
     return torch.cat(contexts, dim=1), memory
+
+
+def read(m, q, memory):
+    """Queries ``[B, L, d]`` over ``memory`` ``[B, banks, M, dim]`` and its HDS levels."""
+    batch = memory.shape[0]
+    levels = [memory] if 0 in m.levels else []
+    for level, pool in ((1, 4), (2, 16), (3, 64)):
+        if level in m.levels:
+            levels.append(memory.reshape(batch, m.banks, m.slots // pool, pool, m.dim).mean(3))
+    return m.read(q, torch.cat(levels, dim=2))
 
 
 def own_values(m, v):
@@ -181,3 +196,162 @@ def test_slot_pooling_in_bfloat16_is_near_the_float64_result():
     got = _SlotPooling.apply(*(x.to(torch.bfloat16) for x in (queries, keys, values)))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=3e-2)
+
+
+# --- document resets: the memory forgets at a document start ---------------------------------
+
+CHUNK = 4
+
+
+def small_memory(own_value=0.0, levels=(0, 1)):
+    """Odd sizes: 4 slots, 2 banks of width 3, 2 query heads; every parameter random."""
+    config = HDSMemory.Config(slots=4, banks=2, dim=3, levels=list(levels), own_value=own_value)
+    memory = HDSMemory(config, d_model=8, n_heads=2).double()
+    for p in memory.parameters():
+        torch.nn.init.normal_(p)
+    return memory
+
+
+def inputs(length, starts=(6, 13)):
+    """q, k, v ``[2, length, .]`` and resets: ``starts`` in the first sequence, none in the second."""
+    q, k, v = (torch.randn(2, length, w, dtype=torch.float64) for w in (8, 6, 6))
+    resets = torch.zeros(2, length, dtype=torch.bool)
+    resets[0, list(starts)] = True
+    return q, k, v, resets
+
+
+@pytest.mark.parametrize("own_value", [0.0, 0.4])
+@pytest.mark.parametrize("starts", [(6, 13), (8, 13), (0, 5, 7)])  # inside chunks; on a chunk border; the first token
+def test_resets_match_chunk_loop_float64_with_gradients(starts, own_value):
+    memory = small_memory(own_value)
+    q, k, v, resets = inputs(19, starts)
+    for x in (q, k, v):
+        x.requires_grad_()
+    context, state = memory(q, k, v, CHUNK, resets=resets)
+    start = memory.initial.expand(2, -1, -1, -1)
+    ref_context, _ = reference(memory, q, k, v, CHUNK, start, resets)
+    _, ref_memory = reference(memory, q[:, :16], k[:, :16], v[:, :16], CHUNK, start, resets[:, :16])
+    assert rel_err(context, ref_context) < 1e-10
+    assert rel_err(state["memory"], ref_memory) < 1e-10
+    assert torch.equal(state["pending_resets"], resets[:, 16:])
+    probe = torch.randn_like(context)
+    wrt = [q, k, v, *memory.parameters()]
+    got = torch.autograd.grad((context * probe).sum(), wrt, allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad((ref_context * probe).sum(), wrt, allow_unused=True, materialize_grads=True)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-9
+
+
+@pytest.mark.parametrize("starts", [(6, 13), (8, 13), (12,)])  # inside chunks; on a chunk border
+def test_a_document_reads_nothing_of_earlier_ones(starts):
+    memory = small_memory(own_value=0.3)
+    length = 21  # the chunk after the last start is complete: the memory carried on is written
+    q, k, v, resets = inputs(length, starts)
+    context, state = memory(q, k, v, CHUNK, resets=resets)
+    for start in starts:
+        other = [x.clone() for x in (q, k, v)]
+        for x in other:
+            x[0, :start] = torch.randn_like(x[0, :start])
+        changed, changed_state = memory(*other, CHUNK, resets=resets)
+        torch.testing.assert_close(changed[0, start:], context[0, start:], rtol=0, atol=1e-12)
+        assert (changed[0, :start] - context[0, :start]).abs().max() > 1e-6  # what was changed is read
+        torch.testing.assert_close(changed[1], context[1], rtol=0, atol=0)  # the other sequence
+        if start == starts[-1]:  # the state carried on holds the last document only
+            for name in state:
+                torch.testing.assert_close(changed_state[name][0], state[name][0], rtol=0, atol=1e-12)
+    # gradients: exactly zero from the later document's context to the earlier tokens
+    last = starts[-1]
+    probe = torch.randn(length - last, 8, dtype=torch.float64)
+    for given in (resets, None):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        later, _ = memory(*xs, CHUNK, resets=given)
+        grads = torch.autograd.grad((later[0, last:] * probe).sum(), xs)
+        if given is None:  # without resets the earlier tokens do reach it: the check below could fail
+            assert all(g[0, :last].abs().max() > 0 for g in grads[1:])
+        else:
+            assert all(torch.equal(g[0, :last], torch.zeros_like(g[0, :last])) for g in grads)
+            assert grads[0][0, last:].abs().max() > 0 and grads[2][0, last:].abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "split",
+    [[6, 13], [5, 14], [7, 12], [13, 6], [14, 5], [2, 3, 3, 11], [10, 1, 1, 1, 6], [1] * 19, [19]],
+    ids=lambda split: "-".join(map(str, split)),
+)
+def test_pieces_with_resets_equal_one_pass(split):
+    """Splits before, on and after a start, and inside a chunk whose start was in an
+    earlier piece (the chunk in progress carries its starts until it completes)."""
+    memory = small_memory(own_value=0.2)
+    q, k, v, resets = inputs(19)
+    whole, whole_state = memory(q, k, v, CHUNK, resets=resets)
+    pieces, state, start = [], None, 0
+    for size in split:
+        piece = slice(start, start + size)
+        context, state = memory(q[:, piece], k[:, piece], v[:, piece], CHUNK, state, resets=resets[:, piece])
+        assert state["pending_resets"].shape == state["pending_k"].shape[:2]
+        pieces.append(context)
+        start += size
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-12, atol=1e-12)
+    assert state.keys() == whole_state.keys()
+    for name in whole_state:
+        torch.testing.assert_close(state[name], whole_state[name], rtol=1e-12, atol=1e-12)
+
+
+def test_pieces_with_and_without_resets_continue_each_other():
+    """A state from a call without resets has no starts in its chunk in progress; a call
+    without resets after one with them keeps the carried starts."""
+    memory = small_memory()
+    q, k, v, resets = inputs(19, starts=(6,))
+    whole, whole_state = memory(q, k, v, CHUNK, resets=resets)
+    first, state = memory(q[:, :5], k[:, :5], v[:, :5], CHUNK)  # no starts among these tokens
+    assert "pending_resets" not in state
+    second, state = memory(q[:, 5:7], k[:, 5:7], v[:, 5:7], CHUNK, state, resets=resets[:, 5:7])
+    assert state["pending_resets"].any()  # the start at 6, in the chunk in progress
+    third, state = memory(q[:, 7:], k[:, 7:], v[:, 7:], CHUNK, state)  # resets=None: no more starts
+    torch.testing.assert_close(torch.cat([first, second, third], 1), whole, rtol=1e-12, atol=1e-12)
+    for name in whole_state:
+        torch.testing.assert_close(state[name], whole_state[name], rtol=1e-12, atol=1e-12)
+
+
+def test_no_resets_is_the_plain_path_and_no_starts_change_nothing():
+    memory = small_memory(own_value=0.3)
+    q, k, v, _ = inputs(19)
+    plain, plain_state = memory(q, k, v, CHUNK)
+    given_none, none_state = memory(q, k, v, CHUNK, resets=None)
+    assert torch.equal(plain, given_none) and none_state.keys() == {"memory", "pending_k", "pending_v"}
+    for name in plain_state:
+        assert torch.equal(none_state[name], plain_state[name])
+    no_starts, state = memory(q, k, v, CHUNK, resets=torch.zeros(2, 19, dtype=torch.bool))
+    torch.testing.assert_close(no_starts, plain, rtol=1e-12, atol=1e-12)
+    for name in plain_state:
+        torch.testing.assert_close(state[name], plain_state[name], rtol=1e-12, atol=1e-12)
+    assert not state["pending_resets"].any()
+
+
+@pytest.mark.parametrize("t", [3, 6, 8, 11, 13, 14, 18])
+def test_resets_keep_causality(t):
+    """Changing tokens (and document starts) from ``t`` on never changes an earlier context."""
+    memory = small_memory(own_value=0.3)
+    q, k, v, resets = inputs(19)
+    context, _ = memory(q, k, v, CHUNK, resets=resets)
+    future = [x.clone() for x in (q, k, v, resets)]
+    for x in future[:3]:
+        x[:, t:] = torch.randn_like(x[:, t:])
+    future[3][:, t:] = torch.rand(2, 19 - t) < 0.3
+    changed, _ = memory(*future[:3], CHUNK, resets=future[3])
+    torch.testing.assert_close(changed[:, :t], context[:, :t], rtol=0, atol=0)
+    assert (changed[:, t:] - context[:, t:]).abs().max() > 1e-6
+
+
+def test_bad_resets_are_refused_and_static_decoding_refuses_a_pending_start():
+    memory = small_memory()
+    q, k, v, resets = inputs(7, starts=(6,))
+    with pytest.raises(ValueError, match=r"resets must be a bool tensor \[B, T\]"):
+        memory(q, k, v, CHUNK, resets=resets[:, 1:])
+    with pytest.raises(ValueError, match="bool"):
+        memory(q, k, v, CHUNK, resets=resets.long())
+    _, state = memory(q, k, v, CHUNK, resets=resets)  # the start at 6 is in the chunk in progress
+    with pytest.raises(ValueError, match="static decoding takes no document starts"):
+        memory.static_state(state, 2, CHUNK)
+    _, state = memory(q[:, :5], k[:, :5], v[:, :5], CHUNK, resets=resets[:, :5])  # none pending: fine
+    assert memory.static_state(state, 2, CHUNK)["pending_k"].shape == (2, CHUNK, 6)
