@@ -133,9 +133,34 @@ class LanguageModel(nn.Module):
         checkpointing's recomputation is not counted, as MFU conventionally leaves it out."""
         return 6 * self.num_parameters() + sum(block.mixing_flops(length) for block in self.blocks)
 
+    def supports_resets(self) -> bool:
+        """Whether every block takes document resets (``forward(..., resets=...)``)."""
+        return not self.unsupported_resets()
+
+    def unsupported_resets(self) -> str:
+        """The layers that cannot take document resets, and which part of each, for an
+        error message (empty when all can)."""
+        described = []
+        for i, block in enumerate(self.blocks):
+            if block.supports_resets():
+                continue
+            parts = [f"its {name} {type(getattr(block, name)).__name__}" for name in ("recurrence", "memory")
+                     if not getattr(getattr(block, name, None), "supports_resets", True)]
+            described.append(f"layer {i}" + (f" ({' and '.join(parts)})" if parts else ""))
+        return "; ".join(described)
+
+    def check_resets(self, resets: Tensor, input_ids: Tensor) -> None:
+        """Refuse ``resets`` of the wrong shape or type, or for a model that cannot take them."""
+        if resets.dtype != torch.bool or resets.shape != input_ids.shape:
+            raise ValueError(f"resets must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, got "
+                             f"{resets.dtype} {tuple(resets.shape)}; mmrec.documents.document_starts(input_ids, eod_id) makes one")
+        if unsupported := self.unsupported_resets():
+            raise ValueError(f"document resets are not supported by {unsupported}: use variants that take "
+                             "them (contracts' supports_resets), or train without train.reset_at_documents")
+
     def forward(
         self, input_ids: Tensor, state: State | None = None, return_aux_loss: bool = False, return_state: bool = True,
-        targets: Tensor | None = None, logits_at: Tensor | None = None,
+        targets: Tensor | None = None, logits_at: Tensor | None = None, resets: Tensor | None = None,
     ) -> ModelOutput:
         """``input_ids``: ``[B, T]`` token ids, continuing ``state`` when given.
 
@@ -155,9 +180,16 @@ class LanguageModel(nn.Module):
         With ``logits_at`` (``[B, P]`` positions) the logits are ``[B, P, vocab]``, those of
         the positions named (the head runs on them only): what a task scored at a few
         positions per sequence needs.
+
+        With ``resets`` (``[B, T]`` bool, ``True`` at the first token of each document of a
+        packed sequence: :func:`mmrec.documents.document_starts`) nothing before a document's
+        start reaches it or its later tokens: every layer resets its state there
+        (:mod:`mmrec.contracts`, "Document resets"). Every block must support it.
         """
         if targets is not None and logits_at is not None:
             raise ValueError("give targets (for the loss) or logits_at (for logits at some positions), not both")
+        if resets is not None:
+            self.check_resets(resets, input_ids)
         if state is not None:
             state.check_compatible(self.config_json)
             if state.batch_size != input_ids.shape[0]:
@@ -168,7 +200,8 @@ class LanguageModel(nn.Module):
             for start in range(0, length, self.stream_piece):
                 piece = slice(start, start + self.stream_piece)
                 out = self(input_ids[:, piece], state, return_aux_loss,
-                           targets=None if targets is None else targets[:, piece])
+                           targets=None if targets is None else targets[:, piece],
+                           resets=None if resets is None else resets[:, piece])
                 if targets is None:
                     logits.append(out.logits)
                 else:  # the mean over all valid tokens, from each piece's mean
@@ -185,11 +218,13 @@ class LanguageModel(nn.Module):
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
         position = state.position if state is not None else 0
         next_states, aux_losses = [], []
+        reset = {} if resets is None else {"resets": resets}  # passed only when given
         for block, layer_state in zip(self.blocks, layer_states):
             if self.activation_checkpointing and self.training:
-                x, layer_state, aux = checkpoint(block, x, layer_state, return_aux_loss, position, use_reentrant=False)
+                x, layer_state, aux = checkpoint(block, x, layer_state, return_aux_loss, position, use_reentrant=False,
+                                                 **reset)
             else:
-                x, layer_state, aux = block(x, layer_state, return_aux_loss, position)
+                x, layer_state, aux = block(x, layer_state, return_aux_loss, position, **reset)
             if return_state:
                 next_states.append(layer_state)
             if aux is not None:

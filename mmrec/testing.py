@@ -15,6 +15,10 @@ sequences of three chunks and a few tokens) and checked for what the rest of mmr
                    after ``n + kC`` tokens), and its tensors pin no larger storage
 ``gradients``      every parameter (the block's, MDI's, the variant's) gets a finite,
                    nonzero gradient of the training loss
+``resets``         with document starts (``resets``, inside a chunk and at a border), changing
+                   the earlier documents' tokens never changes a later document's logits, and
+                   pieces with the carried ``State`` give the one-pass logits; a model whose
+                   variants do not take resets refuses them with a ``ValueError`` (noted)
 ``static_decode``  ``mmrec.decode.StaticDecoder`` steps (no CUDA graph) equal eager steps, or,
                    for a model without a static step, ``mmrec.generate`` decodes eagerly (the
                    documented fallback, reported as such)
@@ -72,7 +76,7 @@ BASE_MODEL = {
 }
 SLOTS = {"recurrences": "recurrence", "memories": "memory"}
 
-CHECKS = ("causality", "pieces", "save_load", "state_size", "gradients", "static_decode", "compile")
+CHECKS = ("causality", "pieces", "resets", "save_load", "state_size", "gradients", "static_decode", "compile")
 SLOW_CHECKS = frozenset({"compile"})
 
 
@@ -281,6 +285,55 @@ def _check_pieces(model) -> None:
             _assert_states(state, whole.state, what + ", the final state against one pass's")
 
 
+def _document_starts(chunk: int, length: int) -> Tensor:
+    """``[BATCH, length]``: in the first sequence documents start inside a chunk and at a
+    chunk border, in the second once, late."""
+    resets = torch.zeros(BATCH, length, dtype=torch.bool)
+    resets[0, [chunk + 2, 2 * chunk]] = True
+    resets[-1, 2 * chunk + 1] = True
+    return resets
+
+
+def _check_resets(model) -> str | None:
+    chunk, length, vocab = _sizes(model)
+    ids = _tokens(vocab, BATCH, length, seed=11)
+    resets = _document_starts(chunk, length)
+    if not model.supports_resets():
+        try:
+            model(ids, resets=resets)
+        except ValueError as error:
+            return f"takes no document resets, and says so: {error}"
+        _fail("the model takes no document resets (supports_resets() is false) but did not refuse them with a ValueError")
+    with torch.no_grad():
+        whole = model(ids, resets=resets)
+        for row in range(BATCH):
+            for start in resets[row].nonzero().flatten().tolist():
+                changed = ids.clone()
+                changed[row, :start] = (ids[row, :start] + _tokens(vocab, start, seed=12 + start) % (vocab - 1) + 1) % vocab
+                after = model(changed, resets=resets).logits
+                _assert_logits(after[row : row + 1, start:], whole.logits[row : row + 1, start:],
+                               f"with a document starting at position {start}, changing the tokens before it "
+                               "(earlier documents) changed its logits: nothing may cross a document start",
+                               offset=start)
+                if (after[row, :start] - whole.logits[row, :start]).abs().max() <= 1e-9:
+                    _fail(f"changing the tokens before position {start} changed none of their own logits")
+        # pieces that end one token after a start: what a later piece carries must be that document's only
+        cuts = sorted({start + 1 for start in resets.nonzero()[:, 1].tolist()} - {length})
+        after_starts = [b - a for a, b in zip([0, *cuts], [*cuts, length])]
+        splits = {**_splits(torch.Generator().manual_seed(13), chunk, length), "ending after document starts": after_starts}
+        for name, sizes in splits.items():
+            state, logits, begin = None, [], 0
+            for size in sizes:
+                piece = slice(begin, begin + size)
+                out = model(ids[:, piece], state=state, resets=resets[:, piece])
+                logits.append(out.logits)
+                state, begin = out.state, begin + size
+            what = f"with document starts, fed in pieces {sizes} ({name}) with the carried State"
+            _assert_logits(torch.cat(logits, 1), whole.logits, what + ", against one pass")
+            _assert_states(state, whole.state, what + ", the final state against one pass's")
+    return None
+
+
 def _check_save_load(model) -> None:
     from mmrec.state import State
 
@@ -401,7 +454,7 @@ def _check_compile(model, backend: str = "inductor") -> None:
 
 
 _RUNNERS: dict[str, Callable] = {
-    "causality": _check_causality, "pieces": _check_pieces, "save_load": _check_save_load,
+    "causality": _check_causality, "pieces": _check_pieces, "resets": _check_resets, "save_load": _check_save_load,
     "state_size": _check_state_size, "gradients": _check_gradients, "static_decode": _check_static_decode,
     "compile": _check_compile,
 }

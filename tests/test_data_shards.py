@@ -142,3 +142,40 @@ def test_a_vocabulary_smaller_than_the_shards_is_refused(tmp_path, shard_folder,
     err = capsys.readouterr().err
     assert "model.vocab_size is 256, but the tokenizer of" in err and "has 300 tokens" in err
     assert "--set model.vocab_size=300" in err and not (tmp_path / "run").exists()
+
+
+def test_training_resets_at_document_starts(tmp_path, shard_folder, monkeypatch):
+    eod = open_shards(shard_folder).eod_id
+    real, seen = train_mod.document_resets, []
+
+    def spy(input_ids, end_of_document):
+        keyword = real(input_ids, end_of_document)
+        seen.append((input_ids.clone(), keyword["resets"]))
+        return keyword
+
+    monkeypatch.setattr(train_mod, "document_resets", spy)
+    run = tmp_path / "run"
+    argv = ["--out", str(run), "--data", str(shard_folder),
+            *sets("train.steps=6", "train.eval_every=3", "train.reset_at_documents=true", "train.save=false",
+                  "train.seq_len=256", "train.batch_size=8")]
+    assert train_mod.main(argv) == 0
+    assert len(seen) == 6 + 2 * 2  # every training batch and every validation batch
+    for ids, resets in seen:
+        assert torch.equal(resets[:, 1:], ids[:, :-1] == eod) and not resets[:, 0].any()
+    assert any(resets.any() for _, resets in seen)  # the windows do cross documents
+    assert losses(run)[-1] < losses(run)[0]
+
+
+def test_resets_need_shards_and_variants_that_take_them(tmp_path, shard_folder, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("a small corpus of plain text " * 200)
+    argv = ["--out", str(tmp_path / "a"), "--data", str(text), *sets("train.steps=2", "train.reset_at_documents=true")]
+    assert train_mod.main(argv) == 2
+    assert "train.reset_at_documents needs token shards" in capsys.readouterr().err
+    argv = ["--out", str(tmp_path / "b"), "--data", str(shard_folder),
+            *sets("train.steps=2", "train.reset_at_documents=true", "model.recurrence.kind=exact",
+                  "model.layer_overrides=[]")]
+    assert train_mod.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot reset at a document start" in err and "ExactRecurrence" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

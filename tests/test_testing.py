@@ -35,13 +35,21 @@ BUILT_INS = [
     pytest.param("memories", "window", None, None, id="window"),
     pytest.param("memories", "delta", {"chunk": 4}, None, id="delta-memory"),
     pytest.param("recurrences", "delta", {"chunk": 4}, {"memory": {"kind": "window"}}, id="delta-window"),
+    # the shipped hybrid's delta layer, with convolutions that mix from the start (so a
+    # document reset that missed them would show)
+    pytest.param("memories", "none", None, {"recurrence": {"kind": "delta", "chunk": 4}, "short_conv": 3,
+                                            "short_conv_init": "random"}, id="delta-none-conv"),
 ]
+WITHOUT_RESETS = {"exact", "window", "delta-memory", "delta-window"}  # refuse document resets, and say so
 
 
 @pytest.mark.parametrize("group,kind,config,overrides", BUILT_INS)
-def test_built_in_variants_pass(group, kind, config, overrides):
+def test_built_in_variants_pass(group, kind, config, overrides, request):
     report = check_variant(group, kind, config, model_overrides=overrides, slow=False)
-    assert report == {name: "ok" for name in CHECKS if name != "compile"}
+    if request.node.callspec.id in WITHOUT_RESETS:
+        assert report.pop("resets").startswith("takes no document resets, and says so: document resets are not supported by")
+    assert report == {name: "ok" for name in CHECKS if name != "compile" and name in report}
+    assert len(report) == len(CHECKS) - 1 - (request.node.callspec.id in WITHOUT_RESETS)
 
 
 @pytest.mark.slow
@@ -68,6 +76,7 @@ class Forgetful(ParallelRecurrence):
     """Ignores the state it is handed: every call starts from zero."""
 
     Config = _config("forgetful")
+    supports_resets = False
 
     def forward(self, z, log_decay, gate, h0=None):
         return super().forward(z, log_decay, gate, None)
@@ -78,6 +87,7 @@ class Peeking(HDSMemory):
     tokens of their own chunk."""
 
     Config = _config("peeking", HDSMemory.Config)
+    supports_resets = False
 
     def forward(self, q, k, v, chunk_size, state=None, dropout=0.0):
         context, next_state = super().forward(q, k, v, chunk_size, state, dropout)
@@ -118,9 +128,19 @@ class Breaking(ParallelRecurrence):
     """Breaks the compiled graph."""
 
     Config = _config("breaking")
+    supports_resets = False
 
     def forward(self, z, log_decay, gate, h0=None):
         torch._dynamo.graph_break()
+        return super().forward(z, log_decay, gate, h0)
+
+
+class Leaky(ParallelRecurrence):
+    """Says it takes document resets, and ignores them."""
+
+    Config = _config("leaky")
+
+    def forward(self, z, log_decay, gate, h0=None, resets=None):
         return super().forward(z, log_decay, gate, h0)
 
 
@@ -132,13 +152,14 @@ MEMORY = {"slots": 16, "banks": 2, "dim": 6}
     pytest.param("memories", Peeking, MEMORY, {"causality", "pieces", "save_load", "static_decode"}, "gradients", id="reads-its-own-chunk"),
     pytest.param("memories", Hoarding, None, {"state_size"}, "pieces", id="state-grows"),
     pytest.param("memories", Stale, MEMORY, {"static_decode"}, "pieces", id="static-step-differs"),
+    pytest.param("recurrences", Leaky, None, {"resets"}, "pieces", id="ignores-document-starts"),
 ])
 def test_a_broken_variant_fails_the_right_checks(group, cls, config, failing, passing):
     with pytest.raises(VariantFailed) as caught:
         check_variant(group, cls, config, slow=False)
     assert set(caught.value.failed) == failing, str(caught.value)
     name = cls.Config.model_fields["kind"].default
-    assert str(caught.value).startswith(f"{group} {name!r} fails {len(failing)} of 6 checks")
+    assert str(caught.value).startswith(f"{group} {name!r} fails {len(failing)} of 7 checks")
     check = {c.name: c for c in variant_checks(group, cls, config)}
     first = min(failing)
     with pytest.raises(CheckFailed, match=rf"^{group} '{name}' fails check '{first}': "):
@@ -157,6 +178,8 @@ def test_the_messages_say_what_is_wrong():
     assert re.search(r"holds \d+ bytes after 22 tokens and \d+ after 46 .*'memory\.k' \[2, 22, 24\] -> \[2, 46, 24\]", detail(Hoarding, "state_size"))
     assert "StaticDecoder steps (cuda_graph=False), against eager steps" in detail(Stale, "static_decode", MEMORY)
     assert "fed in pieces [1, 1, 1" in detail(Forgetful, "pieces", group="recurrences")
+    assert re.match(r"with a document starting at position 8, changing the tokens before it .* changed its logits",
+                    detail(Leaky, "resets", group="recurrences"))
 
 
 def test_a_graph_break_fails_the_compile_check():
@@ -184,7 +207,9 @@ def retention(monkeypatch):
 
 
 def test_the_docs_retention_example_passes_every_check(retention):
-    assert set(check_variant("recurrences", retention, slow=False).values()) == {"ok"}
+    report = check_variant("recurrences", retention, slow=False)
+    assert report.pop("resets").startswith("takes no document resets, and says so")  # the example leaves them out
+    assert set(report.values()) == {"ok"}
 
 
 def test_a_recurrence_that_ignores_log_decay_but_keeps_mdi_fails_the_gradient_check(retention):

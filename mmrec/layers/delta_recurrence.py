@@ -28,6 +28,12 @@ Training and prompts run :func:`mmrec.ops.delta_rule.chunk_delta_rule` (chunks o
 dict: ``matrix`` ``[B, H, d_h, d_h]`` in the accumulation dtype (float32 for bf16) and,
 with the convolution, ``conv``, its last ``conv - 1`` inputs ``[B, conv-1, 2 d_model]``; so a
 sequence fed in pieces gives what one pass gives.
+
+A document start (``resets``) sets ``log α = RESET_LOG_DECAY`` there (``α ≈ 1.8e-35``), so
+the state before it is gone, and the convolution reads nothing across it. Not ``−∞``: the
+chunked form takes differences of cumulative log decays, which ``−∞`` would make NaN, and
+every exponent it forms is such a difference or a cumulative sum (never above 0), so a
+large finite value cannot overflow.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from mmrec.layers.short_conv import ShortConv
 from mmrec.ops import accumulation_dtype
 from mmrec.ops.delta_rule import check_chunk, chunk_delta_rule_flops, delta_rule
 
+RESET_LOG_DECAY = -80.0  # log α at a document start: e^-80 ≈ 1.8e-35, below float32's resolution of any state
 
 class DeltaRecurrence(Recurrence):
     class Config(BaseModel):
@@ -56,6 +63,7 @@ class DeltaRecurrence(Recurrence):
             check_chunk(self.chunk, model.d_model // model.n_heads, "recurrence.chunk")
 
     needs_input_gate = True  # g gates the output: h = σ(g) ⊙ o
+    supports_resets = True
 
     @staticmethod
     def projection_widths(d_model: int, n_heads: int) -> dict[str, int]:
@@ -76,15 +84,18 @@ class DeltaRecurrence(Recurrence):
     def flops_per_token(self, length: int, chunk_size: int) -> float:
         return chunk_delta_rule_flops(min(self.chunk, length), self.n_heads, self.head_dim)
 
-    def forward(self, z: Tensor, log_decay: Tensor, gate: Tensor, h0: dict | None = None, *,
-                q_r: Tensor, k_r: Tensor, beta: Tensor) -> tuple[Tensor, dict]:
+    def forward(self, z: Tensor, log_decay: Tensor, gate: Tensor, h0: dict | None = None, resets: Tensor | None = None,
+                *, q_r: Tensor, k_r: Tensor, beta: Tensor) -> tuple[Tensor, dict]:
         """``z``, ``gate``, ``q_r``, ``k_r``: ``[B, T, D]``; ``log_decay`` (``log α``) and ``beta``
-        (logits): ``[B, T, H]``; ``h0``: the dict this returned last time, or ``None``.
+        (logits): ``[B, T, H]``; ``h0``: the dict this returned last time, or ``None``;
+        ``resets``: ``[B, T]`` bool, document starts.
 
         Returns ``h`` ``[B, T, D]`` in ``z``'s dtype and the next state dict."""
         batch, length, _ = z.shape
         h0 = h0 or {}
-        q, k, next_state = conv_silu_heads(self.conv, q_r, k_r, self.n_heads, h0)
+        q, k, next_state = conv_silu_heads(self.conv, q_r, k_r, self.n_heads, h0, resets)
+        if resets is not None:
+            log_decay = log_decay.masked_fill(resets.unsqueeze(-1), RESET_LOG_DECAY)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         v = z.view(batch, length, self.n_heads, self.head_dim)
         beta = torch.sigmoid(beta.to(q.dtype))  # [B, T, H]
@@ -93,7 +104,8 @@ class DeltaRecurrence(Recurrence):
         return h, {"matrix": matrix, **next_state}
 
 
-def conv_silu_heads(conv: ShortConv | None, q: Tensor, k: Tensor, heads: int, state: dict) -> tuple[Tensor, Tensor, dict]:
+def conv_silu_heads(conv: ShortConv | None, q: Tensor, k: Tensor, heads: int, state: dict,
+                    resets: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
     """The delta rule's queries and keys before normalisation, as DeltaNet forms them: ``q``,
     ``k`` ``[B, T, D]`` through one causal convolution over ``[q | k]`` (continuing
     ``state["conv"]``) and SiLU, in the accumulation dtype, split into heads ``[B, T, H, D/H]``.
@@ -101,6 +113,6 @@ def conv_silu_heads(conv: ShortConv | None, q: Tensor, k: Tensor, heads: int, st
     batch, length, width = q.shape
     qk, next_state = torch.cat([q, k], -1), {}  # [B, T, 2D]
     if conv is not None:
-        qk, next_state["conv"] = conv(qk, state.get("conv"))
+        qk, next_state["conv"] = conv(qk, state.get("conv"), resets)
     q, k = F.silu(qk).to(accumulation_dtype(q.dtype)).view(batch, length, 2, heads, width // heads).unbind(2)
     return q, k, next_state

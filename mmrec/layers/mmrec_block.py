@@ -332,8 +332,14 @@ class MMRecBlock(contracts.Block):
             return None
         return self.mdi(z, k, None if self.recurrence.narrow_decay else accumulation_dtype(z.dtype))
 
+    def supports_resets(self) -> bool:
+        """Whether both variants take document resets (the convolution, MDI and the rest
+        of the block do)."""
+        return self.recurrence.supports_resets and self.memory.supports_resets
+
     def forward(
-        self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int | Tensor = 0
+        self, x: Tensor, state: dict | None = None, return_aux_loss: bool = False, position: int | Tensor = 0,
+        *, resets: Tensor | None = None,
     ) -> tuple[Tensor, dict, Tensor | None]:
         """``x``: ``[B, T, d_model]`` -> ``(x, state, aux_loss)``.
 
@@ -342,22 +348,26 @@ class MMRecBlock(contracts.Block):
         memory's state and, with ``short_conv``, the convolution's last inputs
         (``conv``, ``[B, K-1, d]``), so a sequence fed in pieces gives what one pass gives.
         A ``position`` tensor marks a static decode step (one token, ``state`` from
-        ``mmrec.decode``): the memory's buffers are then updated in place.
+        ``mmrec.decode``): the memory's buffers are then updated in place. ``resets``
+        ``[B, T]`` bool: document starts, which nothing before them crosses (the model
+        checks :meth:`supports_resets` first).
         """
         state = state or {}
+        reset = {} if resets is None else {"resets": resets}  # passed only when given: a variant without it is untouched
         u = self.norm(x)
         p = self.proj(u)
         z, new_state = p["z"], {}
         if self.short_conv is not None:
-            z, new_state["conv"] = self.short_conv(z, state.get("conv"))
+            z, new_state["conv"] = self.short_conv(z, state.get("conv"), resets)
         log_decay = self.log_decay(z, p["k"])
         extra = {name: p[name] for name in self.recurrence_inputs}
-        h, h_last = self.recurrence(self.recurrence_dropout(z), log_decay, p.get("g"), state.get("h"), **extra)
+        h, h_last = self.recurrence(self.recurrence_dropout(z), log_decay, p.get("g"), state.get("h"), **reset, **extra)
         dropout = self.dropout_p if self.training else 0.0
         if isinstance(position, Tensor):  # a static decode step (mmrec.decode): buffers updated in place
             context, memory_state = self.memory.step(p.get("q"), p["k"], p.get("v"), self.chunk_size, state["memory"], position)
         else:
-            context, memory_state = self.memory(p.get("q"), p["k"], p.get("v"), self.chunk_size, state.get("memory"), dropout)
+            context, memory_state = self.memory(p.get("q"), p["k"], p.get("v"), self.chunk_size, state.get("memory"), dropout,
+                                                **reset)
         if self.mdi is not None and self.mdi.integration is not None:
             h = self.mdi.integrate(h, z, log_decay)
         h = self.state_norm(h.to(x.dtype))

@@ -26,6 +26,8 @@ class NoMemory(Memory):
         kind: Literal["none"] = "none"
         key_dim: PositiveInt = Field(64, description="width of the k the block projects for MDI's context gate")
 
+    supports_resets = True  # nothing kept, so nothing to forget
+
     def __init__(self, config: Config, *, d_model: int, n_heads: int, init_std: float = 0.02):
         super().__init__()
         self.d_model = d_model
@@ -36,7 +38,7 @@ class NoMemory(Memory):
         return {"k": self.key_dim}
 
     def forward(self, q: Tensor | None, k: Tensor, v: Tensor | None, chunk_size: int, state: dict | None = None,
-                dropout: float = 0.0) -> tuple[None, dict]:
+                dropout: float = 0.0, resets: Tensor | None = None) -> tuple[None, dict]:
         """No context and an empty state."""
         return None, {}
 

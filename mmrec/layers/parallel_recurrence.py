@@ -7,6 +7,9 @@ to it anyway; the last state, carried to the next call, stays float32). The gate
 ``σ(g) ⊙ z`` is in the activations' dtype too, and the decay enters the scan as ``log γ``
 in that dtype (MDI says why that is precise enough): the scan forms ``γ`` in float32
 itself, so nothing float32 is stored for backward.
+
+A document start (``resets``) sets ``γ = 0`` there (``log γ = −∞``): the state begins
+again from that token's input, exactly.
 """
 
 from __future__ import annotations
@@ -28,14 +31,19 @@ class ParallelRecurrence(Recurrence):
 
     needs_input_gate = True  # the block projects g from its input for this variant
     narrow_decay = True  # takes log γ in the activations' dtype (the scan exponentiates in float32)
+    supports_resets = True
 
     def __init__(self, config: Config, *, d_model: int, n_heads: int, init_std: float = 0.02):
         super().__init__()
 
-    def forward(self, z: Tensor, log_decay: Tensor, gate: Tensor | None, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``z``, ``gate``: ``[B, T, D]``; ``log_decay``: ``log γ`` ``[B, T, D]``; ``h0``: ``[B, D]``.
+    def forward(self, z: Tensor, log_decay: Tensor, gate: Tensor | None, h0: Tensor | None = None,
+                resets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``z``, ``gate``: ``[B, T, D]``; ``log_decay``: ``log γ`` ``[B, T, D]``; ``h0``: ``[B, D]``;
+        ``resets``: ``[B, T]`` bool, document starts.
 
         Returns ``h`` ``[B, T, D]`` in ``z``'s dtype and the last state ``[B, D]`` in the
         accumulation dtype (float32 for bf16)."""
         inputs = torch.sigmoid(gate) * z
+        if resets is not None:
+            log_decay = log_decay.masked_fill(resets.unsqueeze(-1), float("-inf"))
         return linear_scan(log_decay, inputs, h0, log_space=True, out_dtype=z.dtype)

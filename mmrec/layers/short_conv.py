@@ -17,7 +17,8 @@ CUDA gradients against the eager CPU model.
 convolution); ``"random"`` as ``nn.Conv1d`` does, mixing from the first step.
 
 The last ``K - 1`` inputs are the state a later call continues from, so a sequence fed
-in pieces gives what one pass gives.
+in pieces gives what one pass gives. With document ``resets`` a tap that would reach back
+across a document start reads zero, as at the start of a sequence.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from mmrec.documents import document_ids
 
 
 class ShortConv(nn.Module):
@@ -49,14 +52,24 @@ class ShortConv(nn.Module):
             nn.init.zeros_(self.weight)
             self.weight[-1] = 1.0
 
-    def forward(self, x: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cache: Tensor | None = None, resets: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x``: ``[B, T, D]``; ``cache``: the previous call's last ``K - 1`` inputs
-        ``[B, K-1, D]`` (zeros before the start). Returns ``y`` ``[B, T, D]`` and the next cache."""
-        length = x.shape[1]
+        ``[B, K-1, D]`` (zeros before the start); ``resets``: ``[B, T]`` bool, document starts.
+        Returns ``y`` ``[B, T, D]`` and the next cache."""
+        batch, length, _ = x.shape
         if cache is None:
-            cache = x.new_zeros(x.shape[0], self.kernel_size - 1, x.shape[2])
+            cache = x.new_zeros(batch, self.kernel_size - 1, x.shape[2])
         padded = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, K-1+T, D]
         weight = self.weight.to(x.dtype)
-        y = sum(weight[j] * padded[:, j : j + length] for j in range(self.kernel_size))
-        # a copy: a view would keep the whole input alive in the state
-        return y, padded[:, length:].clone()
+        if resets is None:
+            y = sum(weight[j] * padded[:, j : j + length] for j in range(self.kernel_size))
+            return y, padded[:, length:].clone()  # a copy: a view would keep the whole input alive
+        # each input's document (the cache's: 0, the document the call continues); a tap
+        # reads an input only from its own token's document
+        ids = document_ids(resets)  # [B, T]
+        padded_ids = torch.cat([ids.new_zeros(batch, self.kernel_size - 1), ids], dim=1)
+        same = [(padded_ids[:, j : j + length] == ids).unsqueeze(-1) for j in range(self.kernel_size)]
+        y = sum(weight[j] * padded[:, j : j + length] * same[j] for j in range(self.kernel_size))
+        # the next call continues the last document: inputs of earlier ones leave the cache
+        carried = (padded_ids[:, length:] == ids[:, -1:]).unsqueeze(-1)
+        return y, (padded[:, length:] * carried).clone()

@@ -73,6 +73,7 @@ from mmrec import distributed
 from mmrec.checkpoint import CheckpointError
 from mmrec.data import DataError, TokenStream, sample_prompt
 from mmrec.distributed import World
+from mmrec.documents import document_starts
 from mmrec.generate import generate
 from mmrec.metrics import MetricsLog, WandbRun, open_run_log
 from mmrec.optim import build_optimizer, build_scheduler
@@ -140,17 +141,24 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, autocast) -> float:
+def evaluate(model, batches, device, autocast, end_of_document: int | None = None) -> float:
+    """The mean loss over ``batches``; with ``end_of_document``, each layer resets at the
+    documents' starts, as training does."""
     was_training = model.training
     model.eval()
     total = 0.0
     for x, y in batches:
-        y = y.to(device)
+        x, y = x.to(device), y.to(device)
         with autocast():
-            output = model(x.to(device), return_state=False, targets=y)
+            output = model(x, return_state=False, targets=y, **document_resets(x, end_of_document))
         total += lm_loss(output, y).item()
     model.train(was_training)
     return total / len(batches)
+
+
+def document_resets(input_ids: torch.Tensor, end_of_document: int | None) -> dict:
+    """The forward's ``resets`` keyword for ``input_ids`` (``{}`` without document resets)."""
+    return {} if end_of_document is None else {"resets": document_starts(input_ids, end_of_document)}
 
 
 class StopSignal:
@@ -250,6 +258,15 @@ class Trainer:
         if train.batch_size % world.size:
             raise TrainError(f"train.batch_size is {train.batch_size}, which {world.size} processes cannot share "
                              f"equally: make it a multiple of {world.size} (--set train.batch_size=N)")
+        # the model (on the meta device, no memory yet), so that one the run cannot use is refused before the run folder exists
+        random.seed(train.seed)
+        torch.manual_seed(train.seed)
+        model = self.model = build_model(recipe)
+        self.end_of_document = setup.end_of_document if train.reset_at_documents else None
+        if train.reset_at_documents and not model.supports_resets():
+            raise TrainError(f"train.reset_at_documents: recipe {recipe.name!r} has layers that cannot reset at a "
+                             f"document start ({model.unsupported_resets()}); use variants that take resets, or "
+                             "--set train.reset_at_documents=false")
         if len(set(world.gather((setup.data_print, str(setup.out))))) > 1:
             raise TrainError("the processes read different data or chose different run folders; "
                              "give every process the same --data and --out")
@@ -270,9 +287,7 @@ class Trainer:
             torch.cuda.empty_cache()
 
         # Model, optimizer, schedule; a checkpoint's states replace the fresh ones.
-        random.seed(train.seed)
-        torch.manual_seed(train.seed)
-        model = self.model = build_model(recipe)
+        model = self.model
         self.n_params, flops_per_token = model.num_parameters(), model.flops_per_token(train.seq_len)
         self.forward = initialise(model, world, train)
         self.optimizer = build_optimizer(model, train)
@@ -307,7 +322,8 @@ class Trainer:
             crc = zlib.crc32(x.contiguous().numpy(), crc)  # the buffer itself, no bytes copy
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with self.autocast():
-                result = self.forward(x, return_aux_loss=self.use_aux, return_state=False, targets=y)
+                result = self.forward(x, return_aux_loss=self.use_aux, return_state=False, targets=y,
+                                      **document_resets(x, self.end_of_document))
             loss = lm_loss(result, y)
             total = loss + result.aux_loss if self.use_aux else loss
             (total / train.grad_accum).backward()
@@ -346,7 +362,8 @@ class Trainer:
     def validate(self, say: Callable[[str], None]) -> float:
         """The validation loss, logged and said; a new lowest one is kept in ``best/``
         (``train.save_best``)."""
-        [loss] = self.world.mean_floats([evaluate(self.forward, self.val_batches, self.world.device, self.autocast)])
+        [loss] = self.world.mean_floats([evaluate(self.forward, self.val_batches, self.world.device, self.autocast,
+                                                        self.end_of_document)])
         step = self.step
         self.log.write({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         say(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")

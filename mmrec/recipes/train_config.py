@@ -59,6 +59,10 @@ class TrainConfig(BaseModel):
     tokenizer: Literal["byte", "bpe"] = "byte"
     bpe_vocab_size: int = Field(4096, ge=256, description="at least the 256 bytes of the byte-level alphabet")
     sample_tokens: int = Field(200, ge=0, description="tokens generated as a sample at the end")
+    reset_at_documents: bool = Field(
+        False, description="start every layer's state again at each document of the packed windows (the token after "
+                           "the shards' end-of-document token; mmrec.documents): needs --data of token shards and "
+                           "variants that take resets")
 
     @model_validator(mode="after")
     def _decay_keeps_the_sign(self):

@@ -53,6 +53,7 @@ class Setup:
     out: Path  # the run folder
     resume: Checkpoint | None
     resumed_state: dict | None  # the resumed checkpoint's trainer state
+    end_of_document: int | None = None  # the shards' end-of-document id (text corpora have none)
 
 
 def prepare(args: argparse.Namespace, world: World) -> Setup:
@@ -84,6 +85,10 @@ def prepare(args: argparse.Namespace, world: World) -> Setup:
                              f"left to train; raise it to continue, e.g. --resume {args.resume} "
                              f"--set train.steps={resume.step + train.steps}")
 
+    if train.reset_at_documents and not isinstance(corpus, ShardSet):
+        raise TrainError("train.reset_at_documents needs token shards, whose documents end in an end-of-document "
+                         "token: prepare them with python -m mmrec.data.prepare and pass --data SHARD_FOLDER (a text "
+                         "corpus is joined with blank lines and has no document boundaries to reset at)")
     if isinstance(corpus, ShardSet):  # split when prepared; train.val_fraction does not apply
         train_tokens, val_tokens, data_print = corpus.train, corpus.val, corpus.fingerprint
     else:
@@ -94,7 +99,8 @@ def prepare(args: argparse.Namespace, world: World) -> Setup:
         print(f"warning: the data differs from the data {resume.path} was trained on; "
               "the run continues on the new data", file=sys.stderr)
     return Setup(recipe, corpus, tokenizer, TokenStream(train_tokens, train.seq_len, train.seed, "training"),
-                 val_tokens, data_print, out, resume, resumed_state)
+                 val_tokens, data_print, out, resume, resumed_state,
+                 corpus.eod_id if isinstance(corpus, ShardSet) else None)
 
 
 def _comparable_model(stored_recipe: dict) -> dict:

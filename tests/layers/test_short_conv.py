@@ -76,3 +76,28 @@ def test_equals_a_depthwise_conv1d():
     padded = torch.nn.functional.pad(x.transpose(1, 2), (3, 0))
     want = torch.nn.functional.conv1d(padded, conv.weight.t().unsqueeze(1), groups=9).transpose(1, 2)
     assert rel_err(conv(x)[0], want) < 1e-14
+
+
+def test_document_resets_start_the_convolution_again():
+    """With resets, each document's output is the convolution of that document alone (fresh
+    zeros before it), whether the sequence comes in one pass or in pieces."""
+    torch.manual_seed(0)
+    conv = ShortConv(5, 4, init="random").double()
+    x = torch.randn(2, 13, 5, dtype=torch.float64)
+    resets = torch.zeros(2, 13, dtype=torch.bool)
+    resets[0, [4, 6]] = True  # a document of two tokens, shorter than the kernel
+    resets[1, 12] = True  # the last token
+    y, cache = conv(x, resets=resets)
+    for row, bounds in ((0, (0, 4, 6, 13)), (1, (0, 12, 13))):
+        for start, stop in zip(bounds, bounds[1:]):
+            alone, _ = conv(x[row : row + 1, start:stop])
+            torch.testing.assert_close(y[row : row + 1, start:stop], alone, rtol=0, atol=1e-14)
+    # the cache holds the last document's inputs only: one token in row 1
+    assert torch.equal(cache[1, :2], torch.zeros(2, 5, dtype=torch.float64)) and torch.equal(cache[1, 2], x[1, 12])
+    for cut in (3, 5, 7, 12):
+        first, carried = conv(x[:, :cut], resets=resets[:, :cut])
+        second, last = conv(x[:, cut:], carried, resets=resets[:, cut:])
+        torch.testing.assert_close(torch.cat([first, second], 1), y, rtol=0, atol=1e-14)
+        torch.testing.assert_close(last, cache, rtol=0, atol=0)
+    unreset, _ = conv(x)
+    torch.testing.assert_close(conv(x, resets=torch.zeros_like(resets))[0], unreset, rtol=0, atol=1e-14)

@@ -172,3 +172,28 @@ def test_unit_lower_inverse_backward_ignores_autocast():
     (want,) = torch.autograd.grad(unit_lower_inverse(a64), a64, grad.double())
     assert ours.dtype == torch.float32
     assert rel_err(ours.double(), want) < 1e-5
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_document_resets_cut_the_state(device, dtype):
+    """The delta layer's document reset (log α = RESET_LOG_DECAY, several in one chunk, one
+    on a chunk's first token): each document's output is that of the document alone from a
+    zero state, and every gradient is finite (on CUDA: the Triton kernels)."""
+    from mmrec.layers.delta_recurrence import RESET_LOG_DECAY
+
+    if dtype == torch.float64 and device == "cuda":
+        pytest.skip("the kernels take 16- and 32-bit inputs; float64 runs the PyTorch form")
+    torch.manual_seed(0)
+    q, k, v, beta, log_a, state = inputs(length=150, key_dim=16, value_dim=16, log_alpha=(-0.1, 0.0), dtype=dtype)
+    starts = [0, 20, 23, 25, 64, 100]  # three documents start inside one 64-token chunk, one at a chunk border
+    log_a[:, starts[1:]] = RESET_LOG_DECAY
+    args = [x.to(device).requires_grad_() for x in (q, k, v, beta, log_a, state)]
+    o, _ = chunk_delta_rule(*args, chunk_size=64)
+    o.square().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in args)
+    tol = 1e-12 if dtype == torch.float64 else 2e-4
+    for start, stop in zip(starts[1:], [*starts[2:], 150]):
+        alone, _ = naive_delta_rule(*(x[:, start:stop].double() for x in (q, k, v, beta, log_a)), None)
+        assert rel_err(o[:, start:stop].cpu(), alone) < tol, (start, stop)
