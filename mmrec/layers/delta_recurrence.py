@@ -14,7 +14,10 @@ its value instead of piling up. What the block provides, and where:
   short causal convolution (``conv`` taps, random start as ``nn.Conv1d``; ``null``: none)
   and SiLU, as DeltaNet does, then L2-normalised per head, which keeps ``I − β k kᵀ`` a
   contraction;
-- ``β_t = σ(beta)``: an extra projection of width ``n_heads``;
+- ``β_t = σ(beta)``: an extra projection of width ``n_heads``; with ``beta_conv``, through a
+  causal convolution of its own first, so that how strongly a token writes depends on the
+  tokens before it (what a write is worth depends on its context: a key-value pair, or
+  filler), as Mamba computes its input-dependent parameters from its convolution's output;
 - ``α_t``: MDI's decay with one output per head (``decay_width``), so ``decay_init`` sets
   the heads' initial time constants (a range spreads them over the heads);
 - ``g``: an output gate, ``h_t = σ(g_t) ⊙ o_t`` (Gated DeltaNet gates its output the same way).
@@ -58,6 +61,9 @@ class DeltaRecurrence(Recurrence):
         kind: Literal["delta"] = "delta"
         chunk: PositiveInt = Field(64, description="tokens per chunk of the chunked delta rule (64 at head width 128)")
         conv: int | None = Field(4, ge=2, description="taps of the causal convolution on q and k; null: none")
+        beta_conv: int | None = Field(
+            None, ge=2, description="taps of a causal convolution on the write strength β's logits (per head, starting as "
+                                    "the identity): β from the tokens before each one too; null: none")
 
         def check_model(self, model) -> None:
             check_chunk(self.chunk, model.d_model // model.n_heads, "recurrence.chunk")
@@ -80,6 +86,7 @@ class DeltaRecurrence(Recurrence):
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.chunk = config.chunk
         self.conv = ShortConv(2 * d_model, config.conv, init="random") if config.conv is not None else None
+        self.beta_conv = ShortConv(n_heads, config.beta_conv) if config.beta_conv is not None else None
 
     def flops_per_token(self, length: int, chunk_size: int) -> float:
         return chunk_delta_rule_flops(min(self.chunk, length), self.n_heads, self.head_dim)
@@ -94,6 +101,8 @@ class DeltaRecurrence(Recurrence):
         batch, length, _ = z.shape
         h0 = h0 or {}
         q, k, next_state = conv_silu_heads(self.conv, q_r, k_r, self.n_heads, h0, resets)
+        if self.beta_conv is not None:
+            beta, next_state["beta_conv"] = self.beta_conv(beta, h0.get("beta_conv"), resets)
         if resets is not None:
             log_decay = log_decay.masked_fill(resets.unsqueeze(-1), RESET_LOG_DECAY)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)

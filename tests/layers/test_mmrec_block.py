@@ -115,6 +115,7 @@ OPTIONS = [
     pytest.param("recurrences", "parallel", None, {"gated_integration": True, "pe_dim": 5}, id="parallel-integration-pe"),
     pytest.param("recurrences", "exact", None, {"gated_integration": True}, id="exact-integration"),
     pytest.param("recurrences", "delta", {"chunk": 4}, {"gated_integration": True}, id="delta-integration"),  # γ per head
+    pytest.param("recurrences", "delta", {"chunk": 4, "beta_conv": 3}, {"memory": {"kind": "none"}}, id="delta-beta-conv"),
     pytest.param("memories", "hds", {"slots": 64, "banks": 2, "dim": 6, "levels": [0, 1, 2, 3], "own_value": 0.1}, None,
                  id="hds-level3-own-value"),
     # hybrid stacks (layer_overrides): one layer of another recurrence or memory

@@ -417,3 +417,25 @@ def test_cuda_matches_cpu_op_and_compiles():
 
 if __name__ == "__main__":
     _interpreter_checks()
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_log_space_takes_minus_infinity(dtype):
+    """A document reset of the parallel recurrence: ``log a = −∞`` at some steps (and at the
+    first) gives ``a = 0`` there, the state starts again from that step's input, and every
+    gradient stays finite (the decay's is 0 where it is −∞)."""
+    gen = torch.Generator().manual_seed(5)
+    batch, length, dim = 2, 3000, 200
+    a, b = make_inputs(batch, length, dim, torch.float64, "cpu", gen, log_space=True)
+    a[:, [0, 1, 700, 701, 2048]] = float("-inf")
+    a, b = a.to(dtype).cuda().requires_grad_(), b.to(dtype).cuda().requires_grad_()
+    h0 = torch.randn(batch, dim, generator=gen).to(dtype).cuda().requires_grad_()
+    h, h_last = linear_scan(a, b, h0, log_space=True)
+    ref_h, ref_last = linear_scan_reference(a.detach().cpu().double(), b.detach().cpu().double(),
+                                            h0.detach().cpu().double(), log_space=True)
+    assert rel_err(h, ref_h) < TOL[dtype] and rel_err(h_last, ref_last) < TOL[dtype]
+    assert torch.equal(h[:, 700], b[:, 700].detach())  # nothing of the state before the reset
+    grads = torch.autograd.grad([h, h_last], [a, b, h0], [torch.randn_like(h), torch.randn_like(h_last)])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert grads[0][:, [0, 700, 2048]].abs().max() == 0 and grads[2].abs().max() == 0  # h0 is reset at once
