@@ -2,7 +2,7 @@
 
 The ``parallel`` recurrence keeps one number per channel, which cannot hold key→value
 associations (multi-query associative recall stays at chance). Here each head ``h`` keeps
-``S ∈ R^{d_h×d_h}`` (``d_h = d_model / n_heads``) and, per token (Gated DeltaNet)::
+``S ∈ R^{d_h×d_h}`` (``d_h = d_model / n_heads``, or its own ``head_dim``) and, per token (Gated DeltaNet)::
 
     S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,      o_t = S_tᵀ q_t
 
@@ -21,6 +21,12 @@ its value instead of piling up. What the block provides, and where:
 - ``α_t``: MDI's decay with one output per head (``decay_width``), so ``decay_init`` sets
   the heads' initial time constants (a range spreads them over the heads);
 - ``g``: an output gate, ``h_t = σ(g_t) ⊙ o_t`` (Gated DeltaNet gates its output the same way).
+
+How many associations the state keeps apart grows with ``d_h``: each write with a random
+key erases about ``β / d_h`` of what the others stored, so behind ``n`` unrelated tokens a
+pair keeps about ``e^{−nβ/d_h}``. ``head_dim`` sets the layer's own heads, wider than the
+model's (fewer heads of ``head_dim``: the state, ``d_model · head_dim`` numbers, grows with
+it), for a hybrid whose attention-free layers would otherwise have narrow heads.
 
 ``o`` is not scaled by ``d_h^-1/2``: ``q`` has unit norm, so ``o`` already has ``v``'s
 scale, and the block normalises ``h`` (``state_norm``) before ``W_o``, which would undo a
@@ -61,32 +67,37 @@ class DeltaRecurrence(Recurrence):
         kind: Literal["delta"] = "delta"
         chunk: PositiveInt = Field(64, description="tokens per chunk of the chunked delta rule (64 at head width 128)")
         conv: int | None = Field(4, ge=2, description="taps of the causal convolution on q and k; null: none")
+        head_dim: PositiveInt | None = Field(
+            None, description="width of the delta rule's heads, whose state is head_dim x head_dim each (d_model / "
+                              "head_dim heads); null: the model's d_model / n_heads")
         beta_conv: int | None = Field(
             None, ge=2, description="taps of a causal convolution on the write strength β's logits (per head, starting as "
                                     "the identity): β from the tokens before each one too; null: none")
 
         def check_model(self, model) -> None:
-            check_chunk(self.chunk, model.d_model // model.n_heads, "recurrence.chunk")
+            head_dim = self.head_dim or model.d_model // model.n_heads
+            if model.d_model % head_dim:
+                raise ValueError(f"recurrence.head_dim {head_dim} must divide d_model ({model.d_model})")
+            check_chunk(self.chunk, head_dim, "recurrence.chunk")
 
     needs_input_gate = True  # g gates the output: h = σ(g) ⊙ o
     supports_resets = True
 
-    @staticmethod
-    def projection_widths(d_model: int, n_heads: int) -> dict[str, int]:
-        """The block's extra projections, passed to ``forward`` by name."""
-        return {"q_r": d_model, "k_r": d_model, "beta": n_heads}
+    def projection_widths(self, d_model: int, n_heads: int) -> dict[str, int]:
+        """The block's extra projections, passed to ``forward`` by name (``β``: one per head of this layer)."""
+        return {"q_r": d_model, "k_r": d_model, "beta": self.n_heads}
 
-    @staticmethod
-    def decay_width(d_model: int, n_heads: int) -> int:
-        """One decay ``α`` per head."""
-        return n_heads
+    def decay_width(self, d_model: int, n_heads: int) -> int:
+        """One decay ``α`` per head of this layer."""
+        return self.n_heads
 
     def __init__(self, config: Config, *, d_model: int, n_heads: int, init_std: float = 0.02):
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.head_dim = config.head_dim or d_model // n_heads
+        self.n_heads = d_model // self.head_dim
         self.chunk = config.chunk
         self.conv = ShortConv(2 * d_model, config.conv, init="random") if config.conv is not None else None
-        self.beta_conv = ShortConv(n_heads, config.beta_conv) if config.beta_conv is not None else None
+        self.beta_conv = ShortConv(self.n_heads, config.beta_conv) if config.beta_conv is not None else None
 
     def flops_per_token(self, length: int, chunk_size: int) -> float:
         return chunk_delta_rule_flops(min(self.chunk, length), self.n_heads, self.head_dim)

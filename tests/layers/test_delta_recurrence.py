@@ -64,6 +64,24 @@ def test_block_contract_adds_projections_and_per_head_decays():
     assert list(MMRecBlock(toy(recurrence={"kind": "exact"}).config).widths) == ["q", "k", "v", "z"]
 
 
+def test_head_dim_sets_the_layers_own_heads():
+    """``head_dim`` 12 in a model of 4 heads of 6: the layer runs 2 heads of 12 (β and α per
+    head of its own), and equals a layer built with the model's heads at that width."""
+    block = MMRecBlock(toy(recurrence={"kind": "delta", "chunk": 5, "head_dim": 12}).config)
+    assert block.widths["beta"] == 2 and block.mdi.decay.weight.shape == (2, 24)
+    torch.manual_seed(0)
+    wide = DeltaRecurrence(DeltaRecurrence.Config(chunk=4, head_dim=12), d_model=24, n_heads=4).double()
+    same = DeltaRecurrence(DeltaRecurrence.Config(chunk=4), d_model=24, n_heads=2).double()
+    same.load_state_dict(wide.state_dict())
+    z, gate, q_r, k_r = (torch.randn(2, 11, 24, dtype=torch.float64) for _ in range(4))
+    beta, log_decay = torch.randn(2, 11, 2, dtype=torch.float64), -torch.rand(2, 11, 2, dtype=torch.float64)
+    h, state = wide(z, log_decay, gate, None, q_r=q_r, k_r=k_r, beta=beta)
+    want, want_state = same(z, log_decay, gate, None, q_r=q_r, k_r=k_r, beta=beta)
+    assert state["matrix"].shape == (2, 2, 12, 12) and torch.equal(h, want) and torch.equal(state["matrix"], want_state["matrix"])
+    with pytest.raises(ValueError, match="recurrence.head_dim 7 must divide d_model"):
+        toy(recurrence={"kind": "delta", "head_dim": 7})
+
+
 def test_mdi_width_spreads_a_decay_range_over_its_outputs():
     mdi = MDI(16, 8, decay_init=(0.9, 0.999), width=3).double()
     log_decay = mdi(torch.zeros(1, 1, 16, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64))

@@ -116,6 +116,9 @@ OPTIONS = [
     pytest.param("recurrences", "exact", None, {"gated_integration": True}, id="exact-integration"),
     pytest.param("recurrences", "delta", {"chunk": 4}, {"gated_integration": True}, id="delta-integration"),  # γ per head
     pytest.param("recurrences", "delta", {"chunk": 4, "beta_conv": 3}, {"memory": {"kind": "none"}}, id="delta-beta-conv"),
+    pytest.param("recurrences", "delta", {"chunk": 4, "head_dim": 12}, {"layer_overrides": [
+        {"layers": [1], "recurrence": {"kind": "parallel"}, "memory": {"kind": "hds", "slots": 16, "banks": 2, "dim": 6}}],
+        "memory": {"kind": "none"}}, id="delta-wide-heads-then-parallel"),
     pytest.param("memories", "hds", {"slots": 64, "banks": 2, "dim": 6, "levels": [0, 1, 2, 3], "own_value": 0.1}, None,
                  id="hds-level3-own-value"),
     # hybrid stacks (layer_overrides): one layer of another recurrence or memory
