@@ -101,7 +101,8 @@ for part in "${parts[@]}"; do
         # recalled 99% on the toy of this form, and the Transformer; compiled, one rate, side
         # by side. Five at 1,000 steps of 32 did not fit a call: RECALL_RECIPES, RECALL_STEPS
         # and RECALL_BATCH make it smaller
-        recipes=(${RECALL_RECIPES:-transformer-tiny tiny docs/results/recipes/tiny-delta-h128.json})
+        recipes=(${RECALL_RECIPES:-transformer-tiny tiny docs/results/recipes/tiny-delta-h128.json \
+            docs/results/recipes/tiny-delta-h128-beta-conv.json})
         timeout "${RECALL_TIMEOUT:-560}" python3 -m mmrec.bench recall --long-range --pairs 16 --recipes "${recipes[@]}" \
             --steps "${RECALL_STEPS:-1000}" --batch "${RECALL_BATCH:-32}" --lrs 1e-3 --jobs ${#recipes[@]} --compile --eval-every 250 \
             --out "$OUT/recall_long.json" --plot "$OUT/recall_long.png" 2>&1 | grep -v "^{" | tail -12 ;;
