@@ -22,7 +22,7 @@ bool is ``True`` at the first token of each document, and a variant that takes i
 (``supports_resets``) lets nothing from before that token reach it or any later token of
 its sequence: the short-term state starts again, a memory forgets. A variant without it
 gets a clear error when resets are asked for, never silently ignored resets.
-:mod:`mmrec.documents` has the helpers (document ids, the same-document mask).
+:mod:`mmrec.documents` has the helpers (document starts from token ids, document ids).
 
 Dtypes: under autocast (bf16 training) every tensor handed to a variant is in the
 activations' dtype; a variant accumulates in :func:`mmrec.ops.accumulation_dtype` (float32

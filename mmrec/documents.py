@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["document_ids", "document_starts", "same_document"]
+__all__ = ["document_ids", "document_starts"]
 
 
 def document_starts(input_ids: Tensor, end_of_document: int) -> Tensor:
@@ -28,10 +28,3 @@ def document_ids(resets: Tensor) -> Tensor:
     """``[B, T]`` int64: the number of document starts at or before each token, so the tokens
     of one document share an id (0: the document the call's state continues)."""
     return resets.long().cumsum(1)
-
-
-def same_document(resets: Tensor) -> Tensor:
-    """``[B, T, T]`` bool: whether tokens ``t`` (rows) and ``s`` (columns) are in one
-    document; with causality, the attention mask of a packed sequence."""
-    ids = document_ids(resets)
-    return ids[:, :, None] == ids[:, None, :]

@@ -23,7 +23,8 @@ sequences of three chunks and a few tokens) and checked for what the rest of mmr
                    for a model without a static step, ``mmrec.generate`` decodes eagerly (the
                    documented fallback, reported as such)
 ``compile``        ``torch.compile(model, fullgraph=True)`` of the float32 forward runs and
-                   matches eager (slow: seconds on a CPU)
+                   matches eager, with document resets too for a model that takes them
+                   (slow: seconds on a CPU)
 =================  ==========================================================================
 
 One call runs them all and raises an ``AssertionError`` naming the variant and every
@@ -295,9 +296,15 @@ def _document_starts(chunk: int, length: int) -> Tensor:
 
 
 def _check_resets(model) -> str | None:
+    from mmrec.layers.short_conv import ShortConv
+
     chunk, length, vocab = _sizes(model)
     ids = _tokens(vocab, BATCH, length, seed=11)
     resets = _document_starts(chunk, length)
+    generator = torch.Generator().manual_seed(14)
+    with torch.no_grad():  # convolutions that start as the identity mix no tokens: a tap across a start would not show
+        for conv in (m for m in model.modules() if isinstance(m, ShortConv)):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator, dtype=conv.weight.dtype) * 0.5)
     if not model.supports_resets():
         try:
             model(ids, resets=resets)
@@ -442,15 +449,21 @@ def _check_compile(model, backend: str = "inductor") -> None:
     ids = _tokens(vocab, BATCH, length, seed=9)
     torch._dynamo.reset()  # a fresh cache: earlier models' recompilations must not count against this one
     compiled = torch.compile(model, fullgraph=True, backend=backend)
-    with torch.no_grad():
-        expected = model(ids, return_state=False).logits
-        try:
-            got = compiled(ids, return_state=False).logits
-        except Exception as error:  # a graph break is an error under fullgraph=True
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise _Failure(f"torch.compile(model, fullgraph=True, backend={backend!r}) failed: {type(error).__name__}: {first}") from error
+    # with document starts too, for a model that takes them (training passes them compiled)
+    inputs = {"": {}} | ({" with document resets": {"resets": _document_starts(_sizes(model)[0], length)}}
+                         if model.supports_resets() else {})
+    for what, extra in inputs.items():
+        with torch.no_grad():
+            expected = model(ids, return_state=False, **extra).logits
+            try:
+                got = compiled(ids, return_state=False, **extra).logits
+            except Exception as error:  # a graph break is an error under fullgraph=True
+                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise _Failure(f"torch.compile(model, fullgraph=True, backend={backend!r}){what} failed: "
+                               f"{type(error).__name__}: {first}") from error
+        _assert_logits(got, expected, f"the compiled float32 forward{what} (backend {backend!r}), against eager",
+                       COMPILE_TOLERANCE)
     torch._dynamo.reset()
-    _assert_logits(got, expected, f"the compiled float32 forward (backend {backend!r}), against eager", COMPILE_TOLERANCE)
 
 
 _RUNNERS: dict[str, Callable] = {

@@ -246,3 +246,69 @@ def test_flops_per_token_counts_parameters_and_each_blocks_mixing():
     assert mmrec_model.flops_per_token(512) == mmrec_model.flops_per_token(256)  # the state does not
     assert delta.flops_per_token(256) - 6 * delta.num_parameters() > c.n_layers * hds  # the matrix state's work
     assert window.flops_per_token(256) - 6 * window.num_parameters() == c.n_layers * 12 * 1.5 * c.chunk_size * c.d_model
+
+
+RESET_CASES = [
+    pytest.param({"short_conv": 3, "short_conv_init": "random"}, id="parallel-hds-conv"),
+    pytest.param({"recurrence": {"kind": "delta", "chunk": 5, "beta_conv": 3}, "memory": {"kind": "none"}}, id="delta"),
+    pytest.param({"arch": "transformer", "chunk_size": None}, id="transformer"),
+]
+
+
+def _reset_model(overrides):
+    """The model, its convolutions given random taps (those that start as the identity mix
+    no tokens, so a tap across a start would not show)."""
+    from mmrec.layers.short_conv import ShortConv
+
+    model = build_variant(overrides)
+    with torch.no_grad():
+        for conv in (m for m in model.modules() if isinstance(m, ShortConv)):
+            conv.weight.normal_(0, 0.5)
+    return model
+
+
+def _with_starts(length: int) -> torch.Tensor:
+    resets = torch.zeros(2, length, dtype=torch.bool)
+    resets[0, [5, 13, 14]] = True
+    resets[1, 20] = True
+    return resets
+
+
+@pytest.mark.parametrize("overrides", RESET_CASES)
+def test_document_resets_hold_when_streamed_in_pieces(overrides):
+    """The no-gradient path that runs long inputs in pieces hands each piece its resets."""
+    model = _reset_model(overrides).eval()
+    ids, resets = torch.randint(0, 50, (2, 29)), _with_starts(29)
+    with torch.no_grad():
+        whole = model(ids, resets=resets).logits
+        model.stream_piece = 6
+        torch.testing.assert_close(model(ids, resets=resets).logits, whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("overrides", RESET_CASES)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_nothing_flows_back_across_a_document_start(overrides, checkpointing):
+    """In training (dropout off), with and without activation checkpointing: the loss of a
+    document's tokens has no gradient with respect to the embeddings of earlier documents."""
+    model = _reset_model(overrides).train()
+    model.set_activation_checkpointing(checkpointing)
+    ids, resets = torch.randint(0, 50, (2, 29)), _with_starts(29)
+    embedded = []
+    handle = model.embed.register_forward_hook(lambda module, args, out: embedded.append(out) or out.retain_grad())
+    model(ids, resets=resets).logits[0, 14:].square().sum().backward()  # the third document of row 0
+    handle.remove()
+    grad = embedded[0].grad
+    assert grad[0, :14].abs().max() < 1e-12 and grad[0, 14:].abs().max() > 0 and grad[1].abs().max() == 0
+
+
+def test_resets_are_checked():
+    model = build_variant({}).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    with pytest.raises(ValueError, match=r"resets must be a bool tensor shaped like input_ids \(2, 9\), got torch.int64"):
+        model(ids, resets=torch.zeros(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shaped like input_ids \(2, 9\), got torch.bool \(2, 8\)"):
+        model(ids, resets=torch.zeros(2, 8, dtype=torch.bool))
+    exact = build_variant({"recurrence": {"kind": "exact"}}).eval()
+    assert not exact.supports_resets() and exact.unsupported_resets().startswith("layer 0 (its recurrence ExactRecurrence)")
+    with pytest.raises(ValueError, match="document resets are not supported by layer 0 .*; layer 1"):
+        exact(ids, resets=torch.zeros(2, 9, dtype=torch.bool))

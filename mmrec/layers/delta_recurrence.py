@@ -38,7 +38,7 @@ dict: ``matrix`` ``[B, H, d_h, d_h]`` in the accumulation dtype (float32 for bf1
 with the convolution, ``conv``, its last ``conv - 1`` inputs ``[B, conv-1, 2 d_model]``; so a
 sequence fed in pieces gives what one pass gives.
 
-A document start (``resets``) sets ``log α = RESET_LOG_DECAY`` there (``α ≈ 1.8e-35``), so
+A document start (``resets``) sets ``log α = RESET_LOG_DECAY`` there (``α ≈ 4e-18``), so
 the state before it is gone, and the convolution reads nothing across it. Not ``−∞``: the
 chunked form takes differences of cumulative log decays, which ``−∞`` would make NaN, and
 every exponent it forms is such a difference or a cumulative sum (never above 0), so a
@@ -59,7 +59,11 @@ from mmrec.layers.short_conv import ShortConv
 from mmrec.ops import accumulation_dtype
 from mmrec.ops.delta_rule import check_chunk, chunk_delta_rule_flops, delta_rule
 
-RESET_LOG_DECAY = -80.0  # log α at a document start: e^-80 ≈ 1.8e-35, below float32's resolution of any state
+# log α at a document start: e^-40 ≈ 4e-18 of the state is left, far below float32's resolution
+# of it; a larger magnitude would cost the chunk's other decays precision (each start adds it
+# to the chunk's cumulative log decay, whose differences the chunked form takes)
+RESET_LOG_DECAY = -40.0
+
 
 class DeltaRecurrence(Recurrence):
     class Config(BaseModel):

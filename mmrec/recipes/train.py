@@ -286,8 +286,11 @@ class Trainer:
             self.peak_tflops = matmul_tflops(device)
             torch.cuda.empty_cache()
 
-        # Model, optimizer, schedule; a checkpoint's states replace the fresh ones.
+        # Model, optimizer, schedule; a checkpoint's states replace the fresh ones. Seeded again:
+        # the measurement above draws random numbers, and dropout's stream starts here.
         model = self.model
+        random.seed(train.seed)
+        torch.manual_seed(train.seed)
         self.n_params, flops_per_token = model.num_parameters(), model.flops_per_token(train.seq_len)
         self.forward = initialise(model, world, train)
         self.optimizer = build_optimizer(model, train)

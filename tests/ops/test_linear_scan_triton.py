@@ -415,10 +415,6 @@ def test_cuda_matches_cpu_op_and_compiles():
     assert rel_err(gpu_h, 2 * cpu_h) < 1e-5
 
 
-if __name__ == "__main__":
-    _interpreter_checks()
-
-
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_log_space_takes_minus_infinity(dtype):
@@ -439,3 +435,7 @@ def test_cuda_log_space_takes_minus_infinity(dtype):
     grads = torch.autograd.grad([h, h_last], [a, b, h0], [torch.randn_like(h), torch.randn_like(h_last)])
     assert all(torch.isfinite(g).all() for g in grads)
     assert grads[0][:, [0, 700, 2048]].abs().max() == 0 and grads[2].abs().max() == 0  # h0 is reset at once
+
+
+if __name__ == "__main__":
+    _interpreter_checks()

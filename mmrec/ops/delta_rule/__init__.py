@@ -47,7 +47,8 @@ def check_chunk(chunk: int, head_dim: int, field: str) -> None:
     if _tile_side(chunk) * _tile_side(head_dim) > MAX_CHUNK_TILE:
         largest = MAX_CHUNK_TILE // _tile_side(head_dim)
         fix = (f"use a chunk of at most {largest}" if largest >= 16 else
-               f"heads of width {head_dim} are too wide even for 16-token chunks: use more heads")
+               f"heads of width {head_dim} are too wide even for 16-token chunks: use more heads (or a "
+               "smaller recurrence.head_dim)")
         raise ValueError(f"{field} {chunk} at head width {head_dim}: the chunk scan kernel holds a "
                          f"[chunk, head width] tile of at most {MAX_CHUNK_TILE} elements (64 x 128); {fix}")
 
