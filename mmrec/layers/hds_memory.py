@@ -16,15 +16,15 @@ The state is ``memory`` ``[B, banks, M, dim]`` (float32) after the last complete
 carried by :class:`mmrec.contracts.ChunkedMemory`, the chunk in progress.
 
 Document resets (``resets`` ``[B, T]``, True at a document's first token): the memory
-forgets at a document start. A chunk that contains a start writes nothing: its update is a
-reset, ``keep = 0`` and ``written = initial`` (the learned initial memory), so the memory
-after it is ``initial`` and later chunks write onto that. Tokens at or after a start in
+forgets at a document start. A chunk that contains a start is written onto the learned
+initial memory, not onto the memory before it (``keep = 0``, ``written = (1 - β) ⊙ initial
++ β ⊙ w``), and its slots pool only its tokens from its last start on; so a document that
+starts on a chunk's first token gets the memory a fresh sequence gets, and one that
+starts inside a chunk has that chunk's part of it written. Tokens at or after a start in
 their chunk read ``initial`` in place of the memory before their chunk; the tokens before
-the start read as without resets. The new document's tokens in the chunk of its start are
-therefore never written: a document loses up to one chunk at its start (all of it when it
-starts on a chunk's first token). The reset is one more ``(keep, written)`` pair of the scan
-over chunks, and the initial memory's read one more read of every token, taken where
-needed. ``own_value`` is per token and needs nothing.
+the start read as without resets. The reset stays inside the scan over chunks, and the
+initial memory's read is one more read of every token, taken where needed. ``own_value``
+is per token and needs nothing.
 """
 
 from __future__ import annotations
@@ -60,17 +60,23 @@ class _SlotPooling(torch.autograd.Function):
         return torch.einsum("msd,nmcd->nmsc", queries, keys).to(accumulation_dtype(keys.dtype))
 
     @staticmethod
-    def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    def masked_scores(queries: Tensor, keys: Tensor, pooled: Tensor | None) -> Tensor:
+        """:meth:`scores`, ``−∞`` for the keys that ``pooled`` ``[N, C]`` leaves out."""
         scores = _SlotPooling.scores(queries, keys)
+        return scores if pooled is None else scores.masked_fill(~pooled[:, None, None, :], float("-inf"))
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor, pooled: Tensor | None = None) -> Tensor:
+        scores = _SlotPooling.masked_scores(queries, keys, pooled)
         lse = scores.logsumexp(-1, keepdim=True)  # [N, banks, M, 1]
         out = (scores - lse).exp().to(values.dtype) @ values  # [N, banks, M, dim]
-        ctx.save_for_backward(queries, keys, values, lse, out)
+        ctx.save_for_backward(queries, keys, values, lse, out, pooled)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        queries, keys, values, lse, out = ctx.saved_tensors
-        weights = (_SlotPooling.scores(queries, keys) - lse).exp()
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        queries, keys, values, lse, out, pooled = ctx.saved_tensors
+        weights = (_SlotPooling.masked_scores(queries, keys, pooled) - lse).exp()
         grad = grad.to(values.dtype)
         grad_values = weights.to(values.dtype).transpose(-1, -2) @ grad
         # softmax backward: w ⊙ (dL/dw − Σ_c w dL/dw), where Σ_c w dL/dw = Σ_d grad ⊙ out
@@ -78,7 +84,7 @@ class _SlotPooling(torch.autograd.Function):
         grad_scores = (weights * ((grad @ values.transpose(-1, -2)).to(lse.dtype) - row)).to(keys.dtype)
         grad_queries = torch.einsum("nmsc,nmcd->msd", grad_scores, keys)
         grad_keys = torch.einsum("nmsc,msd->nmcd", grad_scores, queries)
-        return grad_queries, grad_keys, grad_values
+        return grad_queries, grad_keys, grad_values, None
 
 
 class HDSMemory(ChunkedMemory):
@@ -144,8 +150,9 @@ class HDSMemory(ChunkedMemory):
         nn.init.normal_(self.write_gate, std=self.init_std)
         nn.init.zeros_(self.write_gate_bias)
 
-    def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Pool each complete chunk into the slots. ``k``, ``v``: ``[B, n, C, banks*dim]``.
+    def write(self, k: Tensor, v: Tensor, pooled: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Pool each complete chunk into the slots. ``k``, ``v``: ``[B, n, C, banks*dim]``;
+        ``pooled``: ``[B, n, C]`` bool, the tokens each chunk pools (default all).
 
         Returns the update's ``keep = 1 - β`` ``[banks, B, M, n]`` and ``written = β ⊙ w``
         ``[banks, B, M, n, dim]`` (a strided view), in float32 (float64 for float64 inputs):
@@ -156,7 +163,7 @@ class HDSMemory(ChunkedMemory):
         values = rearrange(v, "b n c (m d) -> (b n) m c d", m=self.banks)
         # the scale folded into the queries before the cast, as SDPA scales before rounding
         queries = (self.slot_queries * self.dim**-0.5).to(k.dtype)
-        pooled = _SlotPooling.apply(queries, keys, values)  # [(b n), banks, M, dim]
+        pooled = _SlotPooling.apply(queries, keys, values, None if pooled is None else pooled.flatten(0, 1))  # [(b n), banks, M, dim]
         pooled = rearrange(pooled, "(b n) m s d -> m b s n d", b=batch)  # a view
         acc = accumulation_dtype(k.dtype)
         # elementwise and a sum, not a matmul, so that a compiled backward recomputes the
@@ -196,6 +203,10 @@ class HDSMemory(ChunkedMemory):
             started = marks.unflatten(1, (n_chunks, chunk_size)).cumsum(-1) > 0  # [B, n_chunks, C]
             reads_initial = started.flatten(1)[:, pending:total]  # [B, T]
             chunk_resets = started[:, :n_full, -1]  # [B, n_full]: a document starts in the chunk
+            # what each complete chunk pools: its tokens from its last start on (all, without one)
+            by_chunk = marks.unflatten(1, (n_chunks, chunk_size))  # [B, n_chunks, C]
+            later_starts = by_chunk.flip(-1).cumsum(-1).flip(-1) - by_chunk  # starts after each place, in its chunk
+            pooled = (later_starts == 0)[:, :n_full]  # [B, n_full, C]
 
         # memories[:, :, :, c]: the memory chunk c reads, [banks, B, M, n_full + 1, dim].
         # Every complete chunk is written and the update over chunks is one scan, one row
@@ -203,11 +214,13 @@ class HDSMemory(ChunkedMemory):
         # place, so the scan's output is every memory read, with no copy after it.
         memories = mem.transpose(0, 1).unsqueeze(3)
         if n_full:
-            keep, written = self.write(self.complete_chunks(k, chunk_size), self.complete_chunks(v, chunk_size))
-            if resets is not None:  # a chunk with a document start leaves the initial memory
+            keep, written = self.write(self.complete_chunks(k, chunk_size), self.complete_chunks(v, chunk_size),
+                                       None if resets is None else pooled)
+            if resets is not None:  # a chunk with a document start is written onto the initial memory
                 chunk_resets = chunk_resets[None, :, None, :]  # [1, B, 1, n_full], as keep
+                onto_initial = keep.unsqueeze(-1) * self.initial[:, None, :, None].to(keep.dtype) + written
+                written = torch.where(chunk_resets[..., None], onto_initial.to(written.dtype), written)
                 keep = keep.masked_fill(chunk_resets, 0)
-                written = torch.where(chunk_resets[..., None], self.initial[:, None, :, None].to(written.dtype), written)
             keep = torch.cat([keep.new_zeros(banks, batch, slots, 1), keep], dim=-1)
             written = torch.cat([memories, written], dim=3)
             rows = banks * batch * slots

@@ -10,7 +10,8 @@ from tests.helpers import rel_err
 def reference(memory_module, q, k, v, chunk_size, memory, resets=None):
     """The memory as a plain loop over chunks: read the memory as it is, then write the chunk.
     With ``resets``, per sequence: a token at or after a document start in its chunk reads
-    the initial memory, and a chunk holding a start leaves the initial memory."""
+    the initial memory, and a chunk holding a start is written, from its last start on,
+    onto the initial memory."""
     m = memory_module
     batch, length, _ = q.shape
     contexts = []
@@ -24,12 +25,17 @@ def reference(memory_module, q, k, v, chunk_size, memory, resets=None):
         contexts.append(context + m.own_value * own_values(m, v[:, start:stop]))
         keys = k[:, start:stop].reshape(batch, stop - start, m.banks, m.dim).transpose(1, 2)
         values = v[:, start:stop].reshape(batch, stop - start, m.banks, m.dim).transpose(1, 2)
-        weights = (m.slot_queries @ keys.transpose(-1, -2) / math.sqrt(m.dim)).softmax(-1)  # [B, banks, M, c]
-        pooled = weights @ values
+        scores = m.slot_queries @ keys.transpose(-1, -2) / math.sqrt(m.dim)  # [B, banks, M, c]
+        restart = torch.zeros(batch, dtype=torch.bool)
+        if resets is not None:  # pool from the chunk's last start on, onto the initial memory
+            chunk = resets[:, start:stop]
+            restart = chunk.any(1)
+            later = chunk.flip(1).cumsum(1).flip(1) - chunk.long()  # starts after each place
+            scores = scores.masked_fill((later > 0)[:, None, None, :], float("-inf"))
+        pooled = scores.softmax(-1) @ values
         beta = torch.sigmoid((pooled * m.write_gate[:, None, :]).sum(-1) + m.write_gate_bias)[..., None]
-        memory = (1 - beta) * memory + beta * pooled
-        if resets is not None and stop - start == chunk_size:
-            memory = torch.where(resets[:, start:stop].any(1)[:, None, None, None], m.initial, memory)
+        before = torch.where(restart[:, None, None, None], m.initial, memory)
+        memory = (1 - beta) * before + beta * pooled
     return torch.cat(contexts, dim=1), memory
 
 
@@ -355,3 +361,14 @@ def test_bad_resets_are_refused_and_static_decoding_refuses_a_pending_start():
         memory.static_state(state, 2, CHUNK)
     _, state = memory(q[:, :5], k[:, :5], v[:, :5], CHUNK, resets=resets[:, :5])  # none pending: fine
     assert memory.static_state(state, 2, CHUNK)["pending_k"].shape == (2, CHUNK, 6)
+
+
+def test_a_document_starting_on_a_chunk_border_is_a_fresh_sequence():
+    """Written onto the initial memory from the start on: a document whose first token is
+    a chunk's first token gets the context and memory of the same tokens fed alone."""
+    memory = small_memory(own_value=0.2)
+    q, k, v, resets = inputs(19, starts=(2 * CHUNK,))
+    context, state = memory(q, k, v, CHUNK, resets=resets)
+    alone, alone_state = memory(q[:1, 2 * CHUNK :], k[:1, 2 * CHUNK :], v[:1, 2 * CHUNK :], CHUNK)
+    torch.testing.assert_close(context[:1, 2 * CHUNK :], alone, rtol=0, atol=1e-12)
+    torch.testing.assert_close(state["memory"][:1], alone_state["memory"], rtol=0, atol=1e-12)
