@@ -233,6 +233,7 @@ class Memory(nn.Module):
 
 
 PENDING = ("pending_k", "pending_v")
+CHUNK_IN_PROGRESS = (*PENDING, "pending_resets")  # what the base carries besides the subclass's memory
 
 
 class ChunkedMemory(Memory):
@@ -295,7 +296,7 @@ class ChunkedMemory(Memory):
                 earlier = state.get("pending_resets")
                 earlier = resets.new_zeros(batch, pending) if earlier is None else earlier.to(resets.device)
                 resets = torch.cat([earlier, resets], dim=1)
-        memory = {name: value for name, value in state.items() if name not in PENDING and name != "pending_resets"}
+        memory = {name: value for name, value in state.items() if name not in CHUNK_IN_PROGRESS}
         if resets is None:
             context, memory = self.attend(q, k, v, memory, chunk_size, pending, dropout)
         else:
@@ -367,7 +368,7 @@ class ChunkedMemory(Memory):
             raise ValueError(f"{type(self).__name__}'s static decoding takes no document starts, and the chunk in "
                              "progress holds one (state['pending_resets']): decode with eager steps, or start "
                              "static decoding after that chunk completes")
-        memory = {name: value for name, value in state.items() if name not in PENDING and name != "pending_resets"}
+        memory = {name: value for name, value in state.items() if name not in CHUNK_IN_PROGRESS}
         static = self.static_memory(memory, batch, chunk_size, dtype)
         pending = state["pending_k"].shape[1]
         for name in PENDING:
