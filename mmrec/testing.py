@@ -295,16 +295,23 @@ def _document_starts(chunk: int, length: int) -> Tensor:
     return resets
 
 
-def _check_resets(model) -> str | None:
+def random_convolution_taps(model, seed: int = 0) -> None:
+    """Give every short convolution (:class:`mmrec.layers.short_conv.ShortConv`) of ``model``
+    random taps, in place: one that starts as the identity mixes no tokens, so a tap reaching
+    across a document start would not show."""
     from mmrec.layers.short_conv import ShortConv
 
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in (m for m in model.modules() if isinstance(m, ShortConv)):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator, dtype=conv.weight.dtype) * 0.5)
+
+
+def _check_resets(model) -> str | None:
     chunk, length, vocab = _sizes(model)
     ids = _tokens(vocab, BATCH, length, seed=11)
     resets = _document_starts(chunk, length)
-    generator = torch.Generator().manual_seed(14)
-    with torch.no_grad():  # convolutions that start as the identity mix no tokens: a tap across a start would not show
-        for conv in (m for m in model.modules() if isinstance(m, ShortConv)):
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator, dtype=conv.weight.dtype) * 0.5)
+    random_convolution_taps(model, seed=14)
     if not model.supports_resets():
         try:
             model(ids, resets=resets)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import mmrec
+import mmrec.testing
 from mmrec import registry
 from mmrec.contracts import ChunkedMemory
 from mmrec.layers.projection import split_state_dict
@@ -258,12 +259,8 @@ RESET_CASES = [
 def _reset_model(overrides):
     """The model, its convolutions given random taps (those that start as the identity mix
     no tokens, so a tap across a start would not show)."""
-    from mmrec.layers.short_conv import ShortConv
-
     model = build_variant(overrides)
-    with torch.no_grad():
-        for conv in (m for m in model.modules() if isinstance(m, ShortConv)):
-            conv.weight.normal_(0, 0.5)
+    mmrec.testing.random_convolution_taps(model)
     return model
 
 
