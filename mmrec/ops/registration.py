@@ -11,7 +11,9 @@ signature on each call, which costs about as much as launching a kernel. Here th
 inputs are plain tensors outside any dispatch mode or ``torch.func`` transform (eager
 calls, and a compiled graph when it runs); otherwise (tracing with fake or functional
 tensors, tensor subclasses, dispatch modes) they re-enter the dispatcher below autograd,
-so every tool still sees the op.
+so every tool still sees the op. For the same reason an eager call of an op skips the
+dispatcher altogether (:meth:`Op.__call__`) unless something is watching: ``torch.compile``
+tracing, the profiler, a ``__torch_function__`` or dispatch mode, a transform.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ def _plain(args) -> bool:
     distributed tensors are subclasses), no dispatch mode, no ``torch.func`` transform."""
     return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
             and all(type(a) is Tensor for a in args if isinstance(a, Tensor)))
+
+
+def _unwatched(args) -> bool:
+    """Whether an op call with ``args`` may run its ``Autograd`` kernel without the
+    dispatcher: :func:`_plain` tensors (the first argument one), and no ``torch.compile``
+    tracing, profiler or ``__torch_function__`` mode that should see the op."""
+    return (type(args[0]) is Tensor and not torch.compiler.is_compiling() and not torch._C._autograd._profiler_enabled()
+            and not torch._C._is_torch_function_mode_enabled() and _plain(args))
 
 
 def requires_grad(args) -> bool:
@@ -59,9 +69,14 @@ class Op:
         torch.library.register_fake(f"mmrec::{self.name}", fake, lib=LIBRARY)
         self.kernels = {"cpu": composite, "cuda": cuda}
         self.overload = getattr(torch.ops.mmrec, self.name).default
+        self.autograd_kernel: Callable | None = None
 
     def __call__(self, *args):
-        """The op through the dispatcher (autograd included)."""
+        """The op, autograd included: its ``Autograd`` kernel directly when the call is
+        :func:`_unwatched` (what the dispatcher would run, less its cost), otherwise
+        through the dispatcher. ``args``: every schema argument, positionally."""
+        if self.autograd_kernel is not None and _unwatched(args):
+            return self.autograd_kernel(*args)
         return self.overload(*args)
 
     def below_autograd(self, *args):
@@ -78,3 +93,4 @@ class Op:
         ``Autograd`` key: it applies the op's ``autograd.Function`` when :func:`requires_grad`,
         and calls :meth:`below_autograd` otherwise."""
         LIBRARY.impl(self.name, autograd_kernel, "Autograd")
+        self.autograd_kernel = autograd_kernel

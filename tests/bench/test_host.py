@@ -4,7 +4,7 @@ synchronous, so its figures mean something only on a GPU; this keeps the command
 import json
 
 from mmrec.bench.__main__ import main
-from mmrec.bench.host import OPS
+from mmrec.bench.host import GOAL_OPS, OPS
 
 
 def test_host_benchmark_times_every_op_and_the_baseline(tmp_path):
@@ -17,5 +17,7 @@ def test_host_benchmark_times_every_op_and_the_baseline(tmp_path):
         for pass_ in ("fwd", "fwd+bwd"):
             row = rows[op, "op", pass_]
             assert row["host_ms"] > 0 and row["host_loop_ms"] > 0 and row["gpu_ms"] is None
+    for op in GOAL_OPS:  # the backward op alone, as autograd calls it
+        assert rows[op, "op", "bwd"]["host_ms"] > 0
     assert ("linear_scan", "torch.cumsum (baseline)", "fwd+bwd") in rows
     assert payload["goal_host_ms"] == 0.1 and payload["length"] == 40

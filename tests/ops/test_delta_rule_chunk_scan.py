@@ -211,7 +211,8 @@ def kernel_grads(kernels, inputs, states, grad_o, grad_final, config=None):
     unwritten element shows) and the batched products."""
     w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state = inputs
     nan = float("nan")
-    adjoints = (torch.full_like(w1, nan), torch.full_like(states, nan), torch.full_like(initial_state, nan))
+    full = lambda x: torch.full(x.shape, nan, dtype=x.dtype, device=x.device)  # noqa: E731 (contiguous)
+    adjoints = (full(w1), full(states), full(initial_state))
     kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final, out=adjoints, config=config)
     grad_u, grad_next, grad_initial = adjoints
     return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial)
@@ -238,10 +239,12 @@ def _interpreter_checks() -> None:
         if layout == "strided":
             inputs = strided(inputs)
         nan = float("nan")
-        out = (torch.full_like(inputs[0], nan), torch.full_like(inputs[6], nan),
+        out = (torch.full(inputs[0].shape, nan, dtype=dtype), torch.full(inputs[6].shape, nan, dtype=dtype),
                torch.full((batch, heads, chunks, key_dim, value_dim), nan, dtype=dtype))
         o, final, states = kernels.chunk_scan_forward(*inputs, out=out, config=config)
         grad_o = torch.randn(o.shape, generator=gen, dtype=dtype) if with_go else None
+        if layout == "strided" and with_go:  # dO as autograd hands it over from a view: read in place
+            grad_o = grad_o.transpose(1, 3).contiguous().transpose(1, 3)
         grad_final = torch.randn(final.shape, generator=gen, dtype=dtype) if with_gf else None
         (ref_o, ref_final), refs = reference_grads(inputs, grad_o, grad_final)
         ref_states = torch.stack([inputs[6]] + [delta_chunk_scan_reference(*[x[:, :, :n] for x in inputs[:6]], inputs[6])[1]
@@ -289,6 +292,19 @@ def _delta_rule_layouts_check(kernels) -> None:
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
     assert out.count("ok ") == 7, out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_launchers_refuse_strided_outputs():
+    from mmrec.ops.delta_rule import chunk_scan_triton as kernels
+
+    inputs = scan_inputs(1, 2, 2, 16, 16, 16, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    column_major = inputs[6].transpose(-1, -2).contiguous().transpose(-1, -2)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.chunk_scan_forward(*inputs, out=(torch.empty_like(inputs[0]), column_major, torch.empty(1, 2, 2, 16, 16)))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.chunk_scan_adjoint(*inputs[1:6], torch.ones_like(inputs[0]), None,
+                                   out=(torch.empty_like(inputs[0]), torch.empty(1, 2, 2, 16, 16), column_major))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -9,3 +9,39 @@ def test_cuda_implementation_falls_back_to_the_composite_on_notimplemented():
     cuda = _or_composite(lambda x, y=2: NotImplemented if x < 0 else ("cuda", x, y), composite)
     assert cuda(1) == ("cuda", 1, 2)
     assert cuda(-1, 3) == ("composite", -1, 3)
+
+
+def test_eager_calls_skip_the_dispatcher_unless_something_watches(monkeypatch):
+    import importlib
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    scan = importlib.import_module("mmrec.ops.linear_scan")
+    a, b = torch.rand(2, 5, 3), torch.randn(2, 5, 3, requires_grad=True)
+    want = scan.linear_scan_composite(a, b)[0]
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:  # a dispatch mode sees the op itself
+        assert torch.allclose(scan.linear_scan(a, b)[0], want)
+    assert "mmrec.linear_scan.default" in seen.ops
+    with torch.profiler.profile() as profile:  # and so does the profiler
+        scan.linear_scan(a, b)
+    assert any(event.name == "mmrec::linear_scan" for event in profile.events())
+
+    def dispatched(*args):
+        raise AssertionError("an unwatched eager call went through the dispatcher")
+
+    monkeypatch.setattr(scan._forward_op, "overload", dispatched)
+    h = scan.linear_scan(a, b)[0]  # plain eager: the Autograd kernel directly, gradient included
+    assert torch.allclose(h, want) and h.grad_fn is not None
+    h.sum().backward()
+    assert b.grad is not None
