@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mmrec.ops.launch import cached_config
 from mmrec.ops.linear_scan import accumulation_dtype
 
 
@@ -415,6 +416,9 @@ def pick_config(batch: int, n_heads: int, head_dim: int, *, device: torch.device
     return cfg
 
 
+launch_config = cached_config(pick_config)
+
+
 def _launch_args(cfg: dict) -> tuple[int, dict]:
     """``(BLOCK_B, the kernel's keyword arguments)``: the per-sequence kernels take no ``PRECISION``."""
     cfg = dict(cfg)
@@ -453,7 +457,7 @@ def gated_rnn_forward(
     if batch * dim == 0:
         return h, h_last
     fp64 = accumulation_dtype(log_decay.dtype) == torch.float64
-    block_b, cfg = _launch_args(pick_config(batch, n_heads, head_dim, device=z.device, weight_dtype=weight.dtype, fp64=fp64, config=config))
+    block_b, cfg = _launch_args(launch_config(batch, n_heads, head_dim, device=z.device, weight_dtype=weight.dtype, fp64=fp64, config=config))
     strides = (*z.stride(), *log_decay.stride(), *weight.stride(), *_strides(h0, 2), *h.stride(), *h_last.stride())
     if block_b == 1:
         _gated_rnn_fwd_kernel[(n_heads, batch)](
@@ -500,7 +504,7 @@ def gated_rnn_backward(
             grad_h0.zero_()
         return grad_z, grad_ld, torch.zeros_like(weight), grad_h0
     fp64 = acc == torch.float64
-    cfg = pick_config(batch, n_heads, head_dim, device=h.device, weight_dtype=weight.dtype, fp64=fp64, backward=True,
+    cfg = launch_config(batch, n_heads, head_dim, device=h.device, weight_dtype=weight.dtype, fp64=fp64, backward=True,
                       config=config)
     block_b, cfg = _launch_args(cfg)
     programs = triton.cdiv(batch, block_b)

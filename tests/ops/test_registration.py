@@ -45,3 +45,28 @@ def test_eager_calls_skip_the_dispatcher_unless_something_watches(monkeypatch):
     assert torch.allclose(h, want) and h.grad_fn is not None
     h.sum().backward()
     assert b.grad is not None
+
+
+def test_cached_launch_config_follows_the_matmul_precision_and_overrides():
+    import torch
+
+    from mmrec.ops.launch import cached_config
+
+    calls = []
+
+    def pick_config(size, *, interpret=False, config=None):
+        calls.append(size)
+        return {"BLOCK": size, "PRECISION": torch.get_float32_matmul_precision(), **(config or {})}
+
+    launch_config = cached_config(pick_config)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        first = launch_config(16, interpret=True)
+        first["BLOCK"] = 0  # a launcher's edit stays in its copy
+        assert launch_config(16, interpret=True) == {"BLOCK": 16, "PRECISION": "highest"} and calls == [16]
+        torch.set_float32_matmul_precision("high")
+        assert launch_config(16, interpret=True)["PRECISION"] == "high" and calls == [16, 16]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert launch_config(16, interpret=True, config={"BLOCK": 32})["BLOCK"] == 32 and calls == [16, 16, 16]

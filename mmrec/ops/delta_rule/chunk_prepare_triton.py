@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mmrec.ops.delta_rule.chunk_scan_triton import _dot, default_precision
+from mmrec.ops.launch import cached_config
 
 
 @triton.jit
@@ -275,6 +276,9 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
     return cfg
 
 
+launch_config = cached_config(pick_config)
+
+
 def _input_strides(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor) -> tuple[int, ...]:
     return (*q.stride(), *k.stride(), *v.stride(), *beta.stride(), *log_alpha.stride())
 
@@ -296,7 +300,7 @@ def prepare_forward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Te
     w1, w2, qd, kd, p, g, x = out
     if g.numel() == 0:
         return w1, w2, qd, kd, p, g, x
-    cfg = pick_config(size, key_dim, value_dim, interpret=not v.is_cuda, config=config)
+    cfg = launch_config(size, key_dim, value_dim, interpret=not v.is_cuda, config=config)
     del cfg["BLOCK_D"]  # the backward's
     _prepare_forward_kernel[(batch * heads * chunks,)](
         q, k, v, beta, log_alpha, w1, w2, qd, kd, p, g, x, length, heads, chunks, size, key_dim, value_dim,
@@ -320,7 +324,7 @@ def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: T
     if inverse.numel() == 0:
         return tuple(o.zero_() for o in outs)
     grads = tuple(g.to(inverse.dtype).contiguous() for g in grads)
-    cfg = pick_config(size, key_dim, value_dim, interpret=not v.is_cuda, config=config)
+    cfg = launch_config(size, key_dim, value_dim, interpret=not v.is_cuda, config=config)
     del cfg["INVERSE"]  # the forward's
     _prepare_backward_kernel[(batch * heads * chunks,)](
         q, k, v, beta, log_alpha, inverse.contiguous(), *grads, *outs,

@@ -34,12 +34,12 @@ run on CPU tensors, which is how the CPU tests check them.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from mmrec.ops.launch import cached_config
 
 
 @triton.jit
@@ -237,17 +237,7 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
     return cfg
 
 
-@functools.lru_cache(maxsize=64)
-def _default_config(size: int, key_dim: int, value_dim: int, interpret: bool, precision: str) -> dict:
-    return pick_config(size, key_dim, value_dim, interpret=interpret)
-
-
-def _launch_config(size: int, key_dim: int, value_dim: int, interpret: bool, config: dict | None) -> dict:
-    """:func:`pick_config`, cached per shape and matmul precision when nothing is overridden
-    (it runs on every launch)."""
-    if config:
-        return pick_config(size, key_dim, value_dim, interpret=interpret, config=config)
-    return _default_config(size, key_dim, value_dim, interpret, torch.get_float32_matmul_precision())
+launch_config = cached_config(pick_config)
 
 
 def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
@@ -272,7 +262,7 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
     if batch * heads * value_dim == 0:
         final.copy_(initial_state)
         return o, final, states
-    cfg = _launch_config(size, key_dim, value_dim, not w1.is_cuda, config)
+    cfg = launch_config(size, key_dim, value_dim, interpret=not w1.is_cuda, config=config)
     _forward_kernel[(triton.cdiv(value_dim, cfg["BLOCK_V"]), batch * heads)](
         *inputs, o, final, states, chunks, size, key_dim, value_dim, KEEP_STATES=keep_states, **cfg)
     return o, final, states
@@ -296,7 +286,7 @@ def chunk_scan_adjoint(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: T
         grad_u, grad_next, grad_initial = _contiguous_outputs(out)
     if batch * heads * value_dim == 0:
         return grad_u, grad_next, grad_initial
-    cfg = _launch_config(size, key_dim, value_dim, not w2.is_cuda, config)
+    cfg = launch_config(size, key_dim, value_dim, interpret=not w2.is_cuda, config=config)
     _adjoint_kernel[(triton.cdiv(value_dim, cfg["BLOCK_V"]), batch * heads)](
         *inputs, grad_o, None if grad_final is None else grad_final.contiguous(), grad_u, grad_next, grad_initial,
         heads, chunks, size, key_dim, value_dim, *((0,) * 5 if grad_o is None else grad_o.stride()),

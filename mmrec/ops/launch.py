@@ -1,0 +1,32 @@
+"""What the Triton launchers share: their launch config, cached.
+
+A launcher picks its config (tiles, warps, ``tl.dot`` precision) on every call, and that
+Python runs in the call's host time. :func:`cached_config` wraps a ``pick_config`` so the
+config of a shape is worked out once: per arguments and per
+``torch.get_float32_matmul_precision()``, which decides the precision of fp32 products.
+A ``config`` that overrides entries is not cached (tuning and tests pass one).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+
+def cached_config(pick_config: Callable[..., dict]) -> Callable[..., dict]:
+    """``pick_config(*args, config=None, **kwargs)``, cached when ``config`` is empty; every
+    call returns a fresh dict, so a launcher may edit its copy."""
+
+    @functools.lru_cache(maxsize=256)
+    def picked(args: tuple, kwargs: tuple, precision: str) -> dict:
+        return pick_config(*args, **dict(kwargs))
+
+    @functools.wraps(pick_config)
+    def launch_config(*args, config: dict | None = None, **kwargs) -> dict:
+        if config:
+            return pick_config(*args, config=config, **kwargs)
+        return dict(picked(args, tuple(kwargs.items()), torch.get_float32_matmul_precision()))
+
+    return launch_config
