@@ -13,7 +13,9 @@ given: only a memory that outlives several chunks can answer.
 Every recipe is fitted to the task (``vocab_size``, ``d_model``, ``n_layers``,
 ``max_seq_len`` overridden) and trained at each rate of ``--lrs`` on the same stream of
 fresh examples (with ``--train-pairs``, a mixture of pair counts, as Zoology trains:
-easier examples start the lookup mechanism sooner; held-out examples keep ``--pairs``): AdamW with weight decay 0.1 on linear weights, warmup over 5% of the
+easier examples start the lookup mechanism sooner; with ``--train-min-gaps``, a mixture of
+minimum gaps, so that near pairs can start it for far ones; held-out examples keep
+``--pairs`` and ``--min-gap``): AdamW with weight decay 0.1 on linear weights, warmup over 5% of the
 steps then a cosine to zero, bf16 autocast on CUDA, and MM-Rec's planning loss added as
 its recipe trains it. The loss counts query positions only. Accuracy is over every query
 of a held-out set (another seed), also split by how far back the key was given: under one
@@ -94,6 +96,9 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--train-pairs", type=int, nargs="+", metavar="N",
                         help="train on a mixture: each batch's pairs drawn from these (Zoology trains on such a mixture); "
                              "held-out examples keep --pairs (default: train on --pairs only)")
+    parser.add_argument("--train-min-gaps", type=int, nargs="+", metavar="G",
+                        help="train on a mixture: each batch's minimum gap drawn from these; held-out examples keep "
+                             "--min-gap (or --long-range's)")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--power-a", type=float, default=0.01, help="power law of the query slots (1: uniform)")
     gaps = parser.add_mutually_exclusive_group()
@@ -131,15 +136,17 @@ def memory_chunk(args: argparse.Namespace) -> int:
     return next((chunk for chunk in chunks if chunk is not None), DEFAULT_CHUNK)
 
 
-def examples(args: argparse.Namespace, seed: int, device: torch.device, mixture: list[int] | None = None):
+def examples(args: argparse.Namespace, seed: int, device: torch.device, mixture: list[int] | None = None,
+             gaps: list[int] | None = None):
     """The endless stream of ``(inputs, targets, pairs)`` batches of ``seed``, the same on
-    every run of the same device: ``args.pairs`` per example, or with ``mixture`` a count
-    drawn from it for each batch."""
+    every run of the same device: ``args.pairs`` per example and ``args.min_gap``, or with
+    ``mixture`` a count and with ``gaps`` a minimum gap drawn from it for each batch."""
     generator = torch.Generator(device).manual_seed(seed)
     choice = torch.Generator().manual_seed(seed)  # on the CPU: drawing a count needs no device sync
     while True:
         pairs = args.pairs if not mixture else mixture[torch.randint(len(mixture), (), generator=choice)]
-        yield *mqar_batch(args.batch, args.seq_len, pairs, args.vocab, args.power_a, args.min_gap, generator), pairs
+        min_gap = args.min_gap if not gaps else gaps[torch.randint(len(gaps), (), generator=choice)]
+        yield *mqar_batch(args.batch, args.seq_len, pairs, args.vocab, args.power_a, min_gap, generator), pairs
 
 
 @torch.no_grad()
@@ -185,7 +192,7 @@ def train_and_evaluate(recipe_name: str, lr: float, args: argparse.Namespace) ->
     scheduler = build_scheduler(optimizer, train)
     forward = torch.compile(model) if args.compile else model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    stream = examples(args, args.seed, device, args.train_pairs)
+    stream = examples(args, args.seed, device, args.train_pairs, args.train_min_gaps)
     history, loss_sum, diverged = [], torch.zeros((), device=device), False
     warmup = min(10, train.steps // 5)  # steps left out of tokens/s: compilation, allocator warm-up
     started, evaluating = time.perf_counter(), 0.0  # seconds of held-out scoring, left out of tokens/s
@@ -269,9 +276,11 @@ def run(args: argparse.Namespace) -> int:
     if args.long_range:
         args.min_gap = 4 * args.chunk
     for pairs in {args.pairs, *(args.train_pairs or ())}:  # refuse a task that does not fit now
-        mqar_batch(1, args.seq_len, pairs, args.vocab, args.power_a, args.min_gap)
+        for min_gap in {args.min_gap, *(args.train_min_gaps or ())}:
+            mqar_batch(1, args.seq_len, pairs, args.vocab, args.power_a, min_gap)
     meta = {**run_metadata(), "task": "mqar", "seq_len": args.seq_len, "pairs": args.pairs,
-            "train_pairs": args.train_pairs or [args.pairs], "vocab_size": args.vocab,
+            "train_pairs": args.train_pairs or [args.pairs], "train_min_gaps": args.train_min_gaps or [args.min_gap],
+            "vocab_size": args.vocab,
             "power_a": args.power_a, "min_gap": args.min_gap, "chunk": args.chunk, "d_model": args.d_model,
             "n_layers": args.layers, "steps": args.steps, "batch": args.batch, "lrs": args.lrs,
             "eval_examples": math.ceil(args.eval_examples / args.batch) * args.batch, "seed": args.seed,

@@ -75,6 +75,13 @@ def test_a_training_mixture_draws_each_batch_s_pairs_from_it():
     assert {example[2] for example, _ in zip(examples(args, 0, torch.device("cpu")), range(5))} == {PAIRS}
 
 
+def test_a_gap_mixture_draws_each_batch_s_minimum_gap_from_it():
+    args = SimpleNamespace(batch=8, seq_len=LENGTH, pairs=4, vocab=VOCAB, power_a=0.01, min_gap=0)
+    drawn = [example for example, _ in zip(examples(args, 0, torch.device("cpu"), gaps=[0, 60]), range(40))]
+    nearest = {query_gaps(inputs, targets, pairs)[1].min().item() >= 60 for inputs, targets, pairs in drawn}
+    assert nearest == {True, False}  # some batches keep every query 60 tokens away, some do not
+
+
 def test_targets_align_with_next_token_logits():
     """An oracle whose logits at t name the value of the key at t scores 100%, in every
     gap bucket; shifted by one token it scores nothing."""
@@ -118,5 +125,5 @@ def test_long_range_puts_every_query_four_chunks_after_its_key(tmp_path):
                  "--d-model", "32", "--layers", "1", "--steps", "1", "--batch", "2", "--lrs", "1e-3",
                  "--eval-examples", "4", "--set", "model.chunk_size=8", "--device", "cpu", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
-    assert payload["min_gap"] == 32
+    assert payload["min_gap"] == 32 and payload["train_min_gaps"] == [32]
     assert payload["results"][0]["queries_by_gap"] == {"short": 0, "medium": 0, "long": 8}
