@@ -233,6 +233,8 @@ def _interpreter_checks() -> None:
         (f32, 3, 1, 2, 20, 24, 40, True, True, "contiguous", {"BLOCK_V": 64, "STAGES": 2}, 1e-5),  # one block
         # fp32 operands as two bf16 parts each, three products: about 16 bits of mantissa
         (f32, 2, 2, 3, 20, 24, 40, True, True, "strided", {"PRECISION": "bf16x3"}, 5e-4),
+        # one product of bf16-rounded operands (8 bits of mantissa)
+        (f32, 2, 2, 3, 20, 24, 40, True, True, "contiguous", {"PRECISION": "bf16"}, 3e-2),
     ]
     for dtype, batch, heads, chunks, size, key_dim, value_dim, with_go, with_gf, layout, config, tol in cases:
         inputs = scan_inputs(batch, heads, chunks, size, key_dim, value_dim, dtype=dtype, generator=gen)
@@ -291,7 +293,7 @@ def _delta_rule_layouts_check(kernels) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 7, out
+    assert out.count("ok ") == 8, out
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

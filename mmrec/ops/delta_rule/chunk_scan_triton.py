@@ -19,9 +19,11 @@ Products take fp32 operands at ``PRECISION`` (``tl.dot``'s ``input_precision``),
 default from ``torch.get_float32_matmul_precision()`` (``default_precision``):
 ``"tf32x3"``, about fp32 accuracy from three tf32 products on the tensor cores, or
 ``"tf32"``, one product (relative error about 1e-3 per product), which needs far fewer
-registers. Two more for tuning: ``"bf16x3"``, each fp32 operand split into two bf16 parts
-and three bf16 products (about 16 bits of mantissa: errors near 1e-4 in tests, with half
-tf32x3's registers for the split operands), and ``"ieee"``, exact fp32 on the CUDA cores. The state and every sum stay fp32
+registers. Three more for tuning: ``"bf16"``, one product of operands rounded to bf16
+(8 bits of mantissa, as fla's kernels multiply; twice tf32's rate), ``"bf16x3"``, each fp32
+operand split into two bf16 parts and three bf16 products (about 16 bits of mantissa:
+errors near 1e-4 in tests, with half tf32x3's registers for the split operands), and
+``"ieee"``, exact fp32 on the CUDA cores. The state and every sum stay fp32
 (float64 for float64 inputs, which run under the interpreter in tests; on CUDA the op runs
 those through cuBLAS). Sizes that are not
 powers of two (or below ``tl.dot``'s 16) are padded on chip with masked loads and stores.
@@ -58,6 +60,10 @@ def _dot(a, b, PRECISION: tl.constexpr):
     """``a @ b`` with fp32 accumulation; fp32 operands at ``PRECISION`` (module docstring)."""
     if a.dtype != tl.float32:
         return tl.dot(a, b)
+    elif PRECISION == "bf16":  # one bf16 product: half tf32's operand bytes, twice its rate
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PRECISION == "bf16-interpret":  # the same rounding, multiplied exactly (see _split_bf16)
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32))
     elif PRECISION == "bf16x3" or PRECISION == "bf16x3-interpret":
         a_hi, a_lo = _split_bf16(a, PRECISION == "bf16x3-interpret")
         b_hi, b_lo = _split_bf16(b, PRECISION == "bf16x3-interpret")
@@ -227,8 +233,8 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
         "PRECISION": "ieee" if interpret else default_precision(),
     }
     cfg.update(config or {})
-    if interpret and cfg["PRECISION"] == "bf16x3":
-        cfg["PRECISION"] = "bf16x3-interpret"
+    if interpret and cfg["PRECISION"] in ("bf16", "bf16x3"):
+        cfg["PRECISION"] += "-interpret"
     for name in ("BLOCK_C", "BLOCK_K", "BLOCK_V"):
         if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's smallest tile), got {cfg[name]}")
