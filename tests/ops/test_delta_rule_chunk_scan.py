@@ -235,6 +235,8 @@ def _interpreter_checks() -> None:
         (f32, 2, 2, 3, 20, 24, 40, True, True, "strided", {"PRECISION": "bf16x3"}, 5e-4),
         # one product of bf16-rounded operands (8 bits of mantissa)
         (f32, 2, 2, 3, 20, 24, 40, True, True, "contiguous", {"PRECISION": "bf16"}, 3e-2),
+        # the outputs after the loop, by a kernel parallel over chunks
+        (f64, 2, 2, 3, 5, 24, 40, True, True, "strided", {"OUTPUT": "after", "BLOCK_V": 16}, 1e-12),
     ]
     for dtype, batch, heads, chunks, size, key_dim, value_dim, with_go, with_gf, layout, config, tol in cases:
         inputs = scan_inputs(batch, heads, chunks, size, key_dim, value_dim, dtype=dtype, generator=gen)
@@ -282,9 +284,12 @@ def _delta_rule_layouts_check(kernels) -> None:
     grads = kernel_grads(kernels, args, states, grad_o, grad_final)
     errs = {"o": err(o, want_o), "final": err(state, want_state)}
     errs.update({"d" + name: err(got, want) for name, got, want in zip(NAMES, grads, refs)})
-    inference = kernels.chunk_scan_forward(*args, keep_states=False)  # no states written
-    training = kernels.chunk_scan_forward(*args)
-    assert inference[2].shape[2] == 0 and torch.equal(inference[0], training[0]) and torch.equal(inference[1], training[1])
+    in_loop = kernels.chunk_scan_forward(*args)[0]
+    for config in ({}, {"OUTPUT": "after"}):
+        inference = kernels.chunk_scan_forward(*args, keep_states=False, config=config)  # no states written
+        training = kernels.chunk_scan_forward(*args, config=config)
+        assert inference[2].shape[2] == 0 and torch.equal(inference[0], training[0]) and torch.equal(inference[1], training[1])
+        assert err(training[0], in_loop) < 1e-12, config
     bad = {k: v for k, v in errs.items() if not v < 1e-12}
     assert not bad, f"chunk_delta_rule layouts: {bad}"
     print("ok chunk_delta_rule layouts: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
@@ -293,7 +298,7 @@ def _delta_rule_layouts_check(kernels) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 8, out
+    assert out.count("ok ") == 9, out
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -327,6 +332,9 @@ def test_launch_config_choice():
         pick_config(64, 64, 64, config={"BLOCK_V": 24})
     with pytest.raises(ValueError, match="cover"):
         pick_config(64, 64, 64, config={"BLOCK_C": 32})
+    assert pick_config(64, 64, 64)["OUTPUT"] == "loop"
+    with pytest.raises(ValueError, match="OUTPUT"):
+        pick_config(64, 64, 64, config={"OUTPUT": "later"})
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -372,6 +380,8 @@ def test_cuda_delta_rule_matches_float64_loop(head_dim, dtype, tol):
     ({"PRECISION": "tf32"}, 2e-2),
     ({"PRECISION": "bf16x3"}, 5e-4),
     ({"STAGES": 2}, 1e-5),
+    ({"OUTPUT": "after"}, 1e-5),
+    ({"OUTPUT": "after", "PRECISION": "bf16"}, 3e-2),
     ({"BLOCK_V": 16, "num_warps": 4}, 1e-5),
     ({"BLOCK_V": 128, "num_warps": 8}, 1e-5),
 ], ids=str)

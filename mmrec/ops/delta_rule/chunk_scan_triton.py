@@ -9,6 +9,11 @@ chunks, doing each chunk's four products with ``tl.dot``. Per chunk the forward 
 ``W1``, ``W2``, ``Qd``, ``Kd``, ``P`` and ``g`` and writes ``O`` and, when a backward will
 follow (``KEEP_STATES``), the chunk's starting state; one launch covers a layer.
 
+With ``OUTPUT="after"`` (a launch option) the loop carries only the state (two products
+per chunk, ``W2 S`` and ``Kdᵀ U``) and stores every chunk's starting state; a second
+kernel, parallel over chunks, then writes ``O``. The sequential part is shorter; the
+output kernel recomputes ``U`` and reads the states back.
+
 The backward kernel runs the adjoint recurrence the other way, ``dU_n = P_nᵀ dO_n +
 Kd_n dS``, ``dS ← Qd_nᵀ dO_n + g_n dS − W2_nᵀ dU_n``, with ``dS`` ``[K, BLOCK_V]`` on chip:
 per column like the forward (it needs no state). It writes ``dU_n`` and each ``dS_{n+1}``;
@@ -77,30 +82,33 @@ def _dot(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
                    off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
-                   KEEP_STATES: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk: store ``S_n`` (with ``KEEP_STATES``), write ``O_n``, return ``S_{n+1}``."""
+                   KEEP_STATES: tl.constexpr, WRITE_O: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk: store ``S_n`` (with ``KEEP_STATES``), write ``O_n`` (with ``WRITE_O``),
+    return ``S_{n+1}``."""
     n = tl.full((), 0, tl.int64) + n  # 64-bit offsets
     if KEEP_STATES:
         tl.store(st_ptr + n * K * V + off_kv, s.to(st_ptr.dtype.element_ty), mask=mask_kv)
     w1 = tl.load(w1_ptr + n * C * V + off_cv, mask=mask_cv, other=0.0)  # [C, BV]
     w2 = tl.load(w2_ptr + n * C * K + off_ck, mask=mask_ck, other=0.0)  # [C, K]
-    qd = tl.load(qd_ptr + n * C * K + off_ck, mask=mask_ck, other=0.0)  # [C, K]
     kd = tl.load(kd_ptr + n * C * K + off_ck, mask=mask_ck, other=0.0)  # [C, K]
-    p = tl.load(p_ptr + n * C * C + off_cc, mask=mask_cc, other=0.0)  # [C, C]
     g = tl.load(g_ptr + n)
     u = w1 - _dot(w2, s, PRECISION)  # U = W1 − W2 S
-    o = _dot(qd, s, PRECISION) + _dot(p, u, PRECISION)  # O = Qd S + P U
-    tl.store(o_ptr + n * C * V + off_cv, o.to(o_ptr.dtype.element_ty), mask=mask_cv)
+    if WRITE_O:
+        qd = tl.load(qd_ptr + n * C * K + off_ck, mask=mask_ck, other=0.0)  # [C, K]
+        p = tl.load(p_ptr + n * C * C + off_cc, mask=mask_cc, other=0.0)  # [C, C]
+        o = _dot(qd, s, PRECISION) + _dot(p, u, PRECISION)  # O = Qd S + P U
+        tl.store(o_ptr + n * C * V + off_cv, o.to(o_ptr.dtype.element_ty), mask=mask_cv)
     return g * s + _dot(tl.trans(kd), u, PRECISION)  # S ← g S + Kdᵀ U
 
 
 @triton.jit
-def _tile_offsets(C, K, V, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+def _tile_offsets(v_block, C, K, V, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """Offsets and masks of one program's tiles in a chunk of the contiguous layouts
-    ``[.., C, V]`` (its ``BLOCK_V`` columns), ``[.., C, K]``, ``[.., C, C]`` and ``[.., K, V]``."""
+    ``[.., C, V]`` (its block ``v_block`` of ``BLOCK_V`` columns), ``[.., C, K]``, ``[.., C, C]``
+    and ``[.., K, V]``."""
     rows = tl.arange(0, BLOCK_C)  # positions in the chunk
     keys = tl.arange(0, BLOCK_K)
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)  # this program's value columns
+    cols = v_block * BLOCK_V + tl.arange(0, BLOCK_V)  # this program's value columns
     mask_c, mask_k, mask_v = rows < C, keys < K, cols < V
     off_cv, mask_cv = rows[:, None] * V + cols[None, :], mask_c[:, None] & mask_v[None, :]
     off_ck, mask_ck = rows[:, None] * K + keys[None, :], mask_c[:, None] & mask_k[None, :]
@@ -112,11 +120,11 @@ def _tile_offsets(C, K, V, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V
 @triton.jit
 def _forward_kernel(
     w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, s0_ptr, o_ptr, sl_ptr, st_ptr, N, C, K, V,
-    KEEP_STATES: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    KEEP_STATES: tl.constexpr, WRITE_O: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)  # batch element · heads + head: every tensor is contiguous [B, H, ...]
-    off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv = _tile_offsets(C, K, V, BLOCK_C, BLOCK_K, BLOCK_V)
+    off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv = _tile_offsets(tl.program_id(0), C, K, V, BLOCK_C, BLOCK_K, BLOCK_V)
     w1_ptr += bh * N * C * V
     w2_ptr += bh * N * C * K
     qd_ptr += bh * N * C * K
@@ -131,15 +139,34 @@ def _forward_kernel(
         for n in tl.range(0, N, num_stages=STAGES):
             s = _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
                                off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
-                               KEEP_STATES, PRECISION)
+                               KEEP_STATES, WRITE_O, PRECISION)
     else:
         n = 0
         while n < N:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
             s = _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
                                off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
-                               KEEP_STATES, PRECISION)
+                               KEEP_STATES, WRITE_O, PRECISION)
             n += 1
     tl.store(sl_ptr + bh * K * V + off_kv, s.to(sl_ptr.dtype.element_ty), mask=mask_kv)
+
+
+@triton.jit
+def _output_kernel(
+    w1_ptr, w2_ptr, qd_ptr, p_ptr, st_ptr, o_ptr, C, K, V,
+    PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """``O_n = Qd_n S_n + P_n (W1_n − W2_n S_n)`` for every chunk at once, from the states
+    the forward kernel stored (``OUTPUT="after"``): one program per (chunk, column block)."""
+    chunk = tl.program_id(0).to(tl.int64)  # (b·H + h)·N + n: every tensor is contiguous [B, H, N, ...]
+    off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv = _tile_offsets(tl.program_id(1), C, K, V, BLOCK_C, BLOCK_K, BLOCK_V)
+    s = tl.load(st_ptr + chunk * K * V + off_kv, mask=mask_kv, other=0.0)  # S_n [K, BV]
+    w1 = tl.load(w1_ptr + chunk * C * V + off_cv, mask=mask_cv, other=0.0)
+    w2 = tl.load(w2_ptr + chunk * C * K + off_ck, mask=mask_ck, other=0.0)
+    qd = tl.load(qd_ptr + chunk * C * K + off_ck, mask=mask_ck, other=0.0)
+    p = tl.load(p_ptr + chunk * C * C + off_cc, mask=mask_cc, other=0.0)
+    u = w1 - _dot(w2, s, PRECISION)
+    o = _dot(qd, s, PRECISION) + _dot(p, u, PRECISION)
+    tl.store(o_ptr + chunk * C * V + off_cv, o.to(o_ptr.dtype.element_ty), mask=mask_cv)
 
 
 @triton.jit
@@ -172,7 +199,7 @@ def _adjoint_kernel(
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)  # batch element · heads + head: every other tensor is contiguous [B, H, ...]
-    off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv = _tile_offsets(C, K, V, BLOCK_C, BLOCK_K, BLOCK_V)
+    off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv = _tile_offsets(tl.program_id(0), C, K, V, BLOCK_C, BLOCK_K, BLOCK_V)
     w2_ptr += bh * N * C * K
     qd_ptr += bh * N * C * K
     kd_ptr += bh * N * C * K
@@ -218,7 +245,7 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
     """Launch config of either kernel; ``config`` overrides any entry. ``BLOCK_V``: value
     columns per program; ``num_warps``; ``STAGES``: software-pipelining depth of the chunk
     loop (0: none); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact fp32
-    under the interpreter, which ignores it)."""
+    under the interpreter, which ignores it); ``OUTPUT``: where the forward computes ``O``."""
     block_k = max(16, triton.next_power_of_2(key_dim))
     # A program holds the chunk's [C, K] operands and a [K, BLOCK_V] fp32 state (or its
     # adjoint). 32 columns, and 8 warps past K = 64: with C = 64 on sm_90, neither kernel
@@ -231,8 +258,13 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
         "num_warps": 4 if block_k <= 64 else 8,
         "STAGES": 0,
         "PRECISION": "ieee" if interpret else default_precision(),
+        # the forward's outputs: "loop", inside the sequential loop over chunks, or "after",
+        # the loop carrying only the state and a kernel parallel over chunks writing them
+        "OUTPUT": "loop",
     }
     cfg.update(config or {})
+    if cfg["OUTPUT"] not in ("loop", "after"):
+        raise ValueError(f"OUTPUT must be 'loop' or 'after', got {cfg['OUTPUT']!r}")
     if interpret and cfg["PRECISION"] in ("bf16", "bf16x3"):
         cfg["PRECISION"] += "-interpret"
     for name in ("BLOCK_C", "BLOCK_K", "BLOCK_V"):
@@ -269,8 +301,19 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
         final.copy_(initial_state)
         return o, final, states
     cfg = launch_config(size, key_dim, value_dim, interpret=not w1.is_cuda, config=config)
-    _forward_kernel[(triton.cdiv(value_dim, cfg["BLOCK_V"]), batch * heads)](
-        *inputs, o, final, states, chunks, size, key_dim, value_dim, KEEP_STATES=keep_states, **cfg)
+    output_after = cfg.pop("OUTPUT") == "after"
+    stored = states  # the states the output kernel reads: kept even for inference
+    if output_after and not keep_states:
+        stored = torch.empty((batch, heads, chunks, key_dim, value_dim), dtype=w1.dtype, device=w1.device)
+    v_blocks = triton.cdiv(value_dim, cfg["BLOCK_V"])
+    _forward_kernel[(v_blocks, batch * heads)](
+        *inputs, o, final, stored, chunks, size, key_dim, value_dim, KEEP_STATES=keep_states or output_after,
+        WRITE_O=not output_after, **cfg)
+    if output_after and chunks:
+        w1, w2, q_decayed, _, attn = inputs[:5]
+        _output_kernel[(batch * heads * chunks, v_blocks)](
+            w1, w2, q_decayed, attn, stored, o, size, key_dim, value_dim,
+            **{k: v for k, v in cfg.items() if k != "STAGES"})
     return o, final, states
 
 
@@ -293,6 +336,7 @@ def chunk_scan_adjoint(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: T
     if batch * heads * value_dim == 0:
         return grad_u, grad_next, grad_initial
     cfg = launch_config(size, key_dim, value_dim, interpret=not w2.is_cuda, config=config)
+    del cfg["OUTPUT"]  # the forward's
     _adjoint_kernel[(triton.cdiv(value_dim, cfg["BLOCK_V"]), batch * heads)](
         *inputs, grad_o, None if grad_final is None else grad_final.contiguous(), grad_u, grad_next, grad_initial,
         heads, chunks, size, key_dim, value_dim, *((0,) * 5 if grad_o is None else grad_o.stride()),
