@@ -71,7 +71,7 @@ def _ones_like(outputs):
 
 
 def _linear_scan(args, device, gen) -> dict[str, Passes]:
-    ops = importlib.import_module("mmrec.ops.linear_scan")
+    ops = importlib.import_module("mmrec.ops.linear_scan")  # the module: mmrec.ops exports a function of its name
     linear_scan = ops.linear_scan
 
     shape = (args.batch, args.length, args.dim)
@@ -94,7 +94,7 @@ def _linear_scan(args, device, gen) -> dict[str, Passes]:
 
 
 def _gated_rnn(args, device, gen) -> dict[str, Passes]:
-    ops = importlib.import_module("mmrec.ops.gated_rnn")
+    ops = importlib.import_module("mmrec.ops.gated_rnn")  # the module, as above
     gated_rnn = ops.gated_rnn
 
     head_dim = 64

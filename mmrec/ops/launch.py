@@ -3,7 +3,8 @@
 A launcher picks its config (tiles, warps, ``tl.dot`` precision) on every call, and that
 Python runs in the call's host time. :func:`cached_config` wraps a ``pick_config`` so the
 config of a shape is worked out once: per arguments and per
-``torch.get_float32_matmul_precision()``, which decides the precision of fp32 products.
+float32 matmul precision (:func:`float32_matmul_precision`), which decides the precision
+of fp32 products.
 A ``config`` that overrides entries is not cached (tuning and tests pass one).
 """
 
@@ -13,6 +14,16 @@ import functools
 from collections.abc import Callable
 
 import torch
+
+
+def float32_matmul_precision() -> str:
+    """``torch.get_float32_matmul_precision()``; where the per-backend switches
+    (``torch.backends.cuda.matmul.fp32_precision``) are in use and it refuses to answer,
+    their equivalent: ``"high"`` for ``"tf32"``, ``"highest"`` otherwise."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "high" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "highest"
 
 
 def cached_config(pick_config: Callable[..., dict]) -> Callable[..., dict]:
@@ -27,6 +38,6 @@ def cached_config(pick_config: Callable[..., dict]) -> Callable[..., dict]:
     def launch_config(*args, config: dict | None = None, **kwargs) -> dict:
         if config:
             return pick_config(*args, config=config, **kwargs)
-        return dict(picked(args, tuple(kwargs.items()), torch.get_float32_matmul_precision()))
+        return dict(picked(args, tuple(kwargs.items()), float32_matmul_precision()))
 
     return launch_config

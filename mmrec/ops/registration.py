@@ -13,7 +13,9 @@ calls, and a compiled graph when it runs); otherwise (tracing with fake or funct
 tensors, tensor subclasses, dispatch modes) they re-enter the dispatcher below autograd,
 so every tool still sees the op. For the same reason an eager call of an op skips the
 dispatcher altogether (:meth:`Op.__call__`) unless something is watching: ``torch.compile``
-tracing, the profiler, a ``__torch_function__`` or dispatch mode, a transform.
+tracing, ``torch.jit.trace``, the profiler, a ``__torch_function__`` or dispatch mode, a
+transform. (A standalone ``ExecutionTraceObserver``, without the profiler, does not see
+such a call.)
 """
 
 from __future__ import annotations
@@ -26,19 +28,25 @@ from torch import Tensor
 LIBRARY = torch.library.Library("mmrec", "FRAGMENT")
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)  # a Parameter of a tensor subclass keeps the subclass's type
+
+
 def _plain(args) -> bool:
-    """Whether ``args`` may skip the dispatcher: ordinary tensors (fake, functional and
-    distributed tensors are subclasses), no dispatch mode, no ``torch.func`` transform."""
+    """Whether ``args`` may skip the dispatcher: ordinary tensors or parameters (fake,
+    functional and distributed tensors are subclasses), no dispatch mode, no ``torch.func``
+    transform."""
     return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
-            and all(type(a) is Tensor for a in args if isinstance(a, Tensor)))
+            and all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, Tensor)))
 
 
 def _unwatched(args) -> bool:
     """Whether an op call with ``args`` may run its ``Autograd`` kernel without the
     dispatcher: :func:`_plain` tensors (the first argument one), and no ``torch.compile``
-    tracing, profiler or ``__torch_function__`` mode that should see the op."""
-    return (type(args[0]) is Tensor and not torch.compiler.is_compiling() and not torch._C._autograd._profiler_enabled()
-            and not torch._C._is_torch_function_mode_enabled() and _plain(args))
+    tracing, ``torch.jit.trace``, profiler or ``__torch_function__`` mode that should see
+    the op."""
+    return (type(args[0]) in _PLAIN_TYPES and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
+            and not torch._C._autograd._profiler_enabled() and not torch._C._is_torch_function_mode_enabled()
+            and _plain(args))
 
 
 def requires_grad(args) -> bool:

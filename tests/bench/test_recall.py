@@ -126,4 +126,10 @@ def test_long_range_puts_every_query_four_chunks_after_its_key(tmp_path):
                  "--eval-examples", "4", "--set", "model.chunk_size=8", "--device", "cpu", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert payload["min_gap"] == 32 and payload["train_min_gaps"] == [32]
+    assert main(["recall", "--recipes", "tiny", "--long-range", "--train-min-gaps", "0", "32", "--seq-len", "96",
+                 "--pairs", "2", "--vocab", "32", "--d-model", "32", "--layers", "1", "--steps", "2", "--batch", "2",
+                 "--lrs", "1e-3", "--eval-examples", "4", "--set", "model.chunk_size=8", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())  # trained on near and far pairs, scored on far ones only
+    assert payload["train_min_gaps"] == [0, 32] and payload["results"][0]["queries_by_gap"]["long"] == 8
     assert payload["results"][0]["queries_by_gap"] == {"short": 0, "medium": 0, "long": 8}

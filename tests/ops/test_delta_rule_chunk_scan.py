@@ -302,7 +302,7 @@ def test_kernels_under_triton_interpreter():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_launchers_refuse_strided_outputs():
+def test_launchers_refuse_outputs_they_cannot_write():
     from mmrec.ops.delta_rule import chunk_scan_triton as kernels
 
     inputs = scan_inputs(1, 2, 2, 16, 16, 16, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
@@ -312,6 +312,12 @@ def test_launchers_refuse_strided_outputs():
     with pytest.raises(ValueError, match="contiguous"):
         kernels.chunk_scan_adjoint(*inputs[1:6], torch.ones_like(inputs[0]), None,
                                    out=(torch.empty_like(inputs[0]), torch.empty(1, 2, 2, 16, 16), column_major))
+    many = scan_inputs(65536, 1, 1, 1, 1, 1, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="65535"):  # more than CUDA's grid takes
+        kernels.chunk_scan_forward(*many)
+    with pytest.raises(ValueError, match="shapes"):  # no chunk states where a backward needs them
+        kernels.chunk_scan_forward(*inputs, out=(torch.empty_like(inputs[0]), torch.empty_like(inputs[6]),
+                                                 torch.empty(1, 2, 0, 16, 16)))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -36,6 +36,8 @@ def test_eager_calls_skip_the_dispatcher_unless_something_watches(monkeypatch):
     with torch.profiler.profile() as profile:  # and so does the profiler
         scan.linear_scan(a, b)
     assert any(event.name == "mmrec::linear_scan" for event in profile.events())
+    traced = torch.jit.trace(lambda a, b: scan.linear_scan(a, b)[0], (a, b.detach()))  # and torch.jit.trace
+    assert "mmrec::linear_scan" in str(traced.graph)
 
     def dispatched(*args):
         raise AssertionError("an unwatched eager call went through the dispatcher")
@@ -45,6 +47,23 @@ def test_eager_calls_skip_the_dispatcher_unless_something_watches(monkeypatch):
     assert torch.allclose(h, want) and h.grad_fn is not None
     h.sum().backward()
     assert b.grad is not None
+    weight = torch.nn.Parameter(b.detach().clone())  # parameters are plain tensors too (layers pass them)
+    scan.linear_scan(a, weight)[0].sum().backward()
+    assert torch.equal(weight.grad, b.grad)
+
+
+def test_matmul_precision_is_read_from_either_of_torch_s_switches():
+    import torch
+
+    from mmrec.ops.launch import float32_matmul_precision
+
+    assert float32_matmul_precision() == torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # the per-backend switch: the global getter refuses
+    try:
+        assert float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+    assert float32_matmul_precision() == torch.get_float32_matmul_precision()
 
 
 def test_cached_launch_config_follows_the_matmul_precision_and_overrides():

@@ -33,7 +33,7 @@ errors near 1e-4 in tests, with half tf32x3's registers for the split operands),
 those through cuBLAS). Sizes that are not
 powers of two (or below ``tl.dot``'s 16) are padded on chip with masked loads and stores.
 The kernels read and write the contiguous layouts, which ``mmrec::delta_chunk_prepare``
-produces, and derive every stride from the shapes: a launch then passes 15 arguments (20
+produces, and derive every stride from the shapes: a launch then passes 14 arguments (20
 backwards, where ``dO`` keeps its strides) instead of 61, which is most of the launch's host
 time. The launchers copy an input in another layout first. With ``TRITON_INTERPRET=1`` they
 run on CPU tensors, which is how the CPU tests check them.
@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmrec.ops.launch import cached_config
+from mmrec.ops.launch import cached_config, float32_matmul_precision
 
 
 @triton.jit
@@ -198,7 +198,7 @@ def _adjoint_kernel(
     HAS_DO: tl.constexpr, HAS_DSL: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    bh = tl.program_id(1).to(tl.int64)  # batch element · heads + head: every other tensor is contiguous [B, H, ...]
+    bh = tl.program_id(1).to(tl.int64)  # batch element · heads + head: every tensor but dO is contiguous [B, H, ...]
     off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv = _tile_offsets(tl.program_id(0), C, K, V, BLOCK_C, BLOCK_K, BLOCK_V)
     w2_ptr += bh * N * C * K
     qd_ptr += bh * N * C * K
@@ -238,14 +238,15 @@ def default_precision() -> str:
     them (``torch.set_float32_matmul_precision``, which also governs cuBLAS in the rest of
     the chunked form): ``"highest"`` (PyTorch's default) gives ``"tf32x3"``, about fp32
     accuracy; ``"high"`` and ``"medium"`` give ``"tf32"``."""
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32x3" if float32_matmul_precision() == "highest" else "tf32"
 
 
 def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = False, config: dict | None = None) -> dict:
     """Launch config of either kernel; ``config`` overrides any entry. ``BLOCK_V``: value
     columns per program; ``num_warps``; ``STAGES``: software-pipelining depth of the chunk
     loop (0: none); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact fp32
-    under the interpreter, which ignores it); ``OUTPUT``: where the forward computes ``O``."""
+    under the interpreter, which ignores it, except ``"bf16"`` and ``"bf16x3"``, emulated
+    there); ``OUTPUT``: where the forward computes ``O``."""
     block_k = max(16, triton.next_power_of_2(key_dim))
     # A program holds the chunk's [C, K] operands and a [K, BLOCK_V] fp32 state (or its
     # adjoint). 32 columns, and 8 warps past K = 64: with C = 64 on sm_90, neither kernel
@@ -281,8 +282,9 @@ launch_config = cached_config(pick_config)
 def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
                        initial_state: Tensor, *, keep_states: bool = True, out: tuple[Tensor, Tensor, Tensor] | None = None,
                        config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(O, final state, states)`` as ``mmrec::delta_chunk_scan``, one launch; without
-    ``keep_states`` no chunk's state is written (``states`` has 0 chunks).
+    """``(O, final state, states)`` as ``mmrec::delta_chunk_scan``, one launch (two with
+    ``OUTPUT="after"``); without ``keep_states`` no chunk's state is returned (``states``
+    has 0 chunks).
 
     The kernel reads every tensor as contiguous (fewer launch arguments: the strides follow
     from the shapes), so an input in another layout is copied first; ``out`` takes
@@ -296,7 +298,8 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
         states = torch.empty((batch, heads, chunks if keep_states else 0, key_dim, value_dim), dtype=w1.dtype,
                              device=w1.device)
     else:
-        o, final, states = _contiguous_outputs(out)
+        o, final, states = _checked_outputs(out, (tuple(w1.shape), tuple(initial_state.shape), (
+            batch, heads, chunks if keep_states else 0, key_dim, value_dim)), w1)
     if batch * heads * value_dim == 0:
         final.copy_(initial_state)
         return o, final, states
@@ -306,6 +309,7 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
     if output_after and not keep_states:
         stored = torch.empty((batch, heads, chunks, key_dim, value_dim), dtype=w1.dtype, device=w1.device)
     v_blocks = triton.cdiv(value_dim, cfg["BLOCK_V"])
+    _check_grid(batch * heads)
     _forward_kernel[(v_blocks, batch * heads)](
         *inputs, o, final, stored, chunks, size, key_dim, value_dim, KEEP_STATES=keep_states or output_after,
         WRITE_O=not output_after, **cfg)
@@ -332,11 +336,14 @@ def chunk_scan_adjoint(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: T
         grad_next = torch.empty((batch, heads, chunks, key_dim, value_dim), dtype=w2.dtype, device=w2.device)
         grad_initial = torch.empty((batch, heads, key_dim, value_dim), dtype=w2.dtype, device=w2.device)
     else:
-        grad_u, grad_next, grad_initial = _contiguous_outputs(out)
+        grad_u, grad_next, grad_initial = _checked_outputs(out, (
+            (batch, heads, chunks, size, value_dim), (batch, heads, chunks, key_dim, value_dim),
+            (batch, heads, key_dim, value_dim)), w2)
     if batch * heads * value_dim == 0:
         return grad_u, grad_next, grad_initial
     cfg = launch_config(size, key_dim, value_dim, interpret=not w2.is_cuda, config=config)
     del cfg["OUTPUT"]  # the forward's
+    _check_grid(batch * heads)
     _adjoint_kernel[(triton.cdiv(value_dim, cfg["BLOCK_V"]), batch * heads)](
         *inputs, grad_o, None if grad_final is None else grad_final.contiguous(), grad_u, grad_next, grad_initial,
         heads, chunks, size, key_dim, value_dim, *((0,) * 5 if grad_o is None else grad_o.stride()),
@@ -344,7 +351,18 @@ def chunk_scan_adjoint(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: T
     return grad_u, grad_next, grad_initial
 
 
-def _contiguous_outputs(out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    if not all(x.is_contiguous() for x in out):
-        raise ValueError("out must hold contiguous tensors: the kernels write the contiguous layout")
+def _check_grid(sequences: int) -> None:
+    if sequences > 65535:  # CUDA's limit on a grid's second dimension, where the kernels put batch x heads
+        raise ValueError(f"delta_chunk_scan's kernels take at most 65535 batch elements x heads, got {sequences}: "
+                         "split the batch")
+
+
+def _checked_outputs(out: tuple[Tensor, ...], shapes: tuple[tuple[int, ...], ...], like: Tensor) -> tuple[Tensor, ...]:
+    """``out`` if each tensor is contiguous, of its shape in ``shapes`` and of ``like``'s
+    dtype and device: the kernels write exactly that, and nothing checks it on the GPU."""
+    for x, shape in zip(out, shapes, strict=True):
+        if not x.is_contiguous() or tuple(x.shape) != shape or x.dtype != like.dtype or x.device != like.device:
+            raise ValueError(f"out must hold contiguous {like.dtype} tensors on {like.device} of shapes {list(shapes)}, "
+                             f"got {[(tuple(x.shape), x.dtype, str(x.device), x.is_contiguous()) for x in out]}: "
+                             "the kernels write the contiguous layout")
     return out
