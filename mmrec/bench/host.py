@@ -4,8 +4,9 @@ calls, against the GPU time of the same call, in one run.
 A call's host time is what Python, autograd, the dispatcher and the kernel launches cost
 before control returns, without waiting for its kernels: measured for one call from an
 idle GPU (``host ms``, ``common.host_ms``) and per call of calls issued back to back, as a
-training loop issues them (``loop ms``, ``common.host_loop_ms``). Its GPU time is the same call captured once as a CUDA
-graph and replayed (``common.graph_ms``). A call whose host time exceeds its GPU time
+training loop issues them (``loop ms``, ``common.host_loop_ms``), each the median of
+``--rounds`` timings (their range is in the JSON). Its GPU time is the same call
+captured once as a CUDA graph and replayed (``common.graph_ms``). A call whose host time exceeds its GPU time
 leaves the GPU idle in eager mode; under ``torch.compile`` with CUDA graphs, or when the
 GPU queue is already full, the host time is hidden.
 
@@ -58,6 +59,8 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--dim", type=int, default=4096, help="channels of linear_scan and gated_rnn")
     parser.add_argument("--heads", type=int, default=16, help="heads of the delta rule (width 128)")
     parser.add_argument("--calls", type=int, default=50, help="calls per median")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="time each row this many times and report the median (the host's own noise is large)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     parser.set_defaults(run=run)
@@ -165,15 +168,18 @@ def run(args: argparse.Namespace) -> int:
               "(a smoke test of the benchmark, not a measurement)", file=sys.stderr)
     gen = torch.Generator(device=device).manual_seed(0)
     meta = {**run_metadata(), "batch": args.batch, "length": args.length, "dim": args.dim, "heads": args.heads,
-            "calls": args.calls}
+            "calls": args.calls, "rounds": args.rounds}
     rows = []
     print(f"{meta['device']}: host and GPU milliseconds per call, batch {args.batch}, T {args.length}")
     print(f"{'op':<20} {'impl':<24} {'pass':<8} {'host ms':>8} {'loop ms':>8} {'GPU ms':>8}")
     for op, prepare in OPS.items():
         for impl, passes in prepare(args, device, gen).items():
             for pass_, call in passes.items():
-                row = {"op": op, "impl": impl, "pass": pass_, "host_ms": host_ms(call, args.calls),
-                       "host_loop_ms": host_loop_ms(call, args.calls), "gpu_ms": graph_ms(call) if device.type == "cuda" else None}
+                host = sorted(host_ms(call, args.calls) for _ in range(args.rounds))
+                loop = sorted(host_loop_ms(call, args.calls) for _ in range(args.rounds))
+                row = {"op": op, "impl": impl, "pass": pass_, "host_ms": host[len(host) // 2],
+                       "host_loop_ms": loop[len(loop) // 2], "host_ms_range": [host[0], host[-1]],
+                       "host_loop_ms_range": [loop[0], loop[-1]], "gpu_ms": graph_ms(call) if device.type == "cuda" else None}
                 rows.append(row)
                 gpu = "-" if row["gpu_ms"] is None else f"{row['gpu_ms']:.3f}"
                 print(f"{op:<20} {impl:<24} {pass_:<8} {row['host_ms']:>8.3f} {row['host_loop_ms']:>8.3f} {gpu:>8}", flush=True)
