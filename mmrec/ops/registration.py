@@ -62,6 +62,18 @@ def _or_composite(cuda: Callable, composite: Callable) -> Callable:
     return run
 
 
+def _outside_autocast(composite: Callable) -> Callable:
+    """``composite`` with autocast off: an op computes in its inputs' dtypes on every device,
+    as its Triton kernels do (the caller casts), not in whatever autocast picks for the
+    PyTorch operations inside it."""
+    def run(*args):
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return composite(*args)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return composite(*args)
+    return run
+
+
 class Op:
     """One op: ``Op(schema, composite=..., cuda=..., fake=...)``. Every function registered
     for it must take the schema's arguments with the schema's defaults (the dispatcher
@@ -70,6 +82,7 @@ class Op:
 
     def __init__(self, schema: str, *, composite: Callable, cuda: Callable, fake: Callable):
         self.name = schema.split("(", 1)[0]
+        composite = _outside_autocast(composite)
         cuda = _or_composite(cuda, composite)
         LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
         LIBRARY.impl(self.name, composite, "CompositeExplicitAutograd")

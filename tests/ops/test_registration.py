@@ -89,3 +89,17 @@ def test_cached_launch_config_follows_the_matmul_precision_and_overrides():
     finally:
         torch.set_float32_matmul_precision(before)
     assert launch_config(16, interpret=True, config={"BLOCK": 32})["BLOCK"] == 32 and calls == [16, 16, 16]
+
+
+def test_ops_compute_in_their_inputs_dtypes_under_autocast():
+    """The CPU implementations, like the Triton kernels, ignore autocast: the caller casts."""
+    import torch
+
+    from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan
+    from tests.ops.test_delta_rule_chunk_scan import scan_inputs
+
+    inputs = scan_inputs(2, 2, 3, 8, 16, 16, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    want = delta_chunk_scan(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = delta_chunk_scan(*inputs)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
