@@ -46,18 +46,19 @@ for part in "${parts[@]}"; do
     model)
         timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
     delta)
-        # the delta rule's speed: where a 1b-delta training step spends its time (by kernel, then by
-        # operator and shape), and the op against the PyTorch loop, its kernels alone and fla
-        timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json > "$OUT/profile_delta.txt" 2>&1
-        tail -40 "$OUT/profile_delta.txt"
-        # (TF32 as training runs it; fla is the separate part `fla`, whose autotuning takes minutes)
-        timeout 200 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 64 128 \
-            --config PRECISION=bf16x3 --config BLOCK_V=64,num_warps=8 \
-            --prepare-config INVERSE=blocks --prepare-config BLOCK_D=16 --prepare-config INVERSE=blocks,BLOCK_D=16 \
-            --prepare-config BLOCK_D=64 --prepare-config num_warps=4 \
+        # the delta rule's kernels: their CUDA tests (the launch options PRECISION=bf16 and
+        # OUTPUT=after among them), then the op against the PyTorch loop and each launcher alone
+        # with those options and the prepare kernel's blocked inverse (TF32 as training runs it;
+        # fla is the separate part `fla`, whose autotuning takes minutes), then where a 1b-delta
+        # training step spends its time
+        timeout 200 python3 -m pytest -q -p no:cacheprovider -k cuda tests/ops/test_delta_rule_chunk_scan.py \
+            tests/ops/test_delta_rule_chunk_prepare.py 2>&1 | tee "$OUT/gpu_tests_delta.log" | tail -5
+        timeout 200 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
+            --config PRECISION=bf16 --config OUTPUT=after --config OUTPUT=after,PRECISION=bf16 \
+            --config PRECISION=bf16,BLOCK_V=64 --prepare-config INVERSE=blocks \
             --out "$OUT/delta.json" 2>&1 | tee "$OUT/delta.log" | grep -v "^{" | tail -40
-        timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json --by-op --rows 40 \
-            > "$OUT/profile_delta_ops.txt" 2>&1; tail -44 "$OUT/profile_delta_ops.txt" | cut -c1-220 ;;
+        timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json > "$OUT/profile_delta.txt" 2>&1
+        tail -40 "$OUT/profile_delta.txt" ;;
     host)
         # host time per call of every op the model calls, against its GPU time (the recall issue's 0.1 ms)
         timeout 150 python3 -m mmrec.bench host --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -16 ;;
