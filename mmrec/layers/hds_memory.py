@@ -199,12 +199,12 @@ class HDSMemory(ChunkedMemory):
         if resets is not None:
             # started[:, c, i]: a document starts at or before place i of chunk c, in that chunk
             n_chunks = -(-total // chunk_size)
-            marks = nn.functional.pad(resets.long(), (0, n_chunks * chunk_size - total))
-            started = marks.unflatten(1, (n_chunks, chunk_size)).cumsum(-1) > 0  # [B, n_chunks, C]
+            by_chunk = nn.functional.pad(resets.long(), (0, n_chunks * chunk_size - total)).unflatten(
+                1, (n_chunks, chunk_size))  # [B, n_chunks, C]
+            started = by_chunk.cumsum(-1) > 0  # [B, n_chunks, C]
             reads_initial = started.flatten(1)[:, pending:total]  # [B, T]
             chunk_resets = started[:, :n_full, -1]  # [B, n_full]: a document starts in the chunk
             # what each complete chunk pools: its tokens from its last start on (all, without one)
-            by_chunk = marks.unflatten(1, (n_chunks, chunk_size))  # [B, n_chunks, C]
             later_starts = by_chunk.flip(-1).cumsum(-1).flip(-1) - by_chunk  # starts after each place, in its chunk
             pooled = (later_starts == 0)[:, :n_full]  # [B, n_full, C]
 
