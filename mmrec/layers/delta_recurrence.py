@@ -2,7 +2,8 @@
 
 The ``parallel`` recurrence keeps one number per channel, which cannot hold key→value
 associations (multi-query associative recall stays at chance). Here each head ``h`` keeps
-``S ∈ R^{d_h×d_h}`` (``d_h = d_model / n_heads``, or its own ``head_dim``) and, per token (Gated DeltaNet)::
+``S ∈ R^{d_k×d_h}`` (``d_h = d_model / n_heads``, or its own ``head_dim``; ``d_k = d_h``, or
+its own ``key_dim``) and, per token (Gated DeltaNet)::
 
     S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,      o_t = S_tᵀ q_t
 
@@ -10,7 +11,7 @@ The write first removes what the state returns for ``k_t``, so a repeated key ov
 its value instead of piling up. What the block provides, and where:
 
 - ``v_t``: the block's candidate ``z`` (after its optional ``short_conv``), split into heads;
-- ``q_t``, ``k_t``: two extra projections ``q_r``, ``k_r`` (width ``d_model`` each), through a
+- ``q_t``, ``k_t``: two extra projections ``q_r``, ``k_r`` (width ``heads · d_k`` each), through a
   short causal convolution (``conv`` taps, random start as ``nn.Conv1d``; ``null``: none)
   and SiLU, as DeltaNet does, then L2-normalised per head, which keeps ``I − β k kᵀ`` a
   contraction;
@@ -22,11 +23,13 @@ its value instead of piling up. What the block provides, and where:
   the heads' initial time constants (a range spreads them over the heads);
 - ``g``: an output gate, ``h_t = σ(g_t) ⊙ o_t`` (Gated DeltaNet gates its output the same way).
 
-How many associations the state keeps apart grows with ``d_h``: each write with a random
-key erases about ``β / d_h`` of what the others stored, so behind ``n`` unrelated tokens a
-pair keeps about ``e^{−nβ/d_h}``. ``head_dim`` sets the layer's own heads, wider than the
-model's (fewer heads of ``head_dim``: the state, ``d_model · head_dim`` numbers, grows with
-it), for a hybrid whose attention-free layers would otherwise have narrow heads.
+How many associations the state keeps apart grows with the key width ``d_k``: each write
+with a random key erases about ``β / d_k`` of what the others stored, so behind ``n``
+unrelated tokens a pair keeps about ``e^{−nβ/d_k}``. ``head_dim`` sets the layer's own
+heads, wider than the model's (fewer heads of ``head_dim``: the state, ``d_model · head_dim``
+numbers, grows with it), for a hybrid whose attention-free layers would otherwise have
+narrow heads. ``key_dim`` widens the keys and queries alone (state expansion, as HGRN2 and
+GLA expand theirs): each head's state is ``key_dim × head_dim``, the values keep their width.
 
 ``o`` is not scaled by ``d_h^-1/2``: ``q`` has unit norm, so ``o`` already has ``v``'s
 scale, and the block normalises ``h`` (``state_norm``) before ``W_o``, which would undo a
@@ -34,8 +37,8 @@ constant factor anyway.
 
 Training and prompts run :func:`mmrec.ops.delta_rule.chunk_delta_rule` (chunks of
 ``chunk`` tokens); a single token runs one recurrent step. The carried state ``h`` is a
-dict: ``matrix`` ``[B, H, d_h, d_h]`` in the accumulation dtype (float32 for bf16) and,
-with the convolution, ``conv``, its last ``conv - 1`` inputs ``[B, conv-1, 2 d_model]``; so a
+dict: ``matrix`` ``[B, H, d_k, d_h]`` in the accumulation dtype (float32 for bf16) and,
+with the convolution, ``conv``, its last ``conv - 1`` inputs ``[B, conv-1, 2 heads d_k]``; so a
 sequence fed in pieces gives what one pass gives.
 
 A document start (``resets``) sets ``log α = RESET_LOG_DECAY`` there (``α ≈ 4e-18``), so
@@ -74,6 +77,9 @@ class DeltaRecurrence(Recurrence):
         head_dim: PositiveInt | None = Field(
             None, description="width of the delta rule's heads, whose state is head_dim x head_dim each (d_model / "
                               "head_dim heads); null: the model's d_model / n_heads")
+        key_dim: PositiveInt | None = Field(
+            None, description="width of each head's keys and queries, so each head's state is key_dim x head_dim: wider "
+                              "keys keep more associations apart (state expansion); null: head_dim")
         beta_conv: int | None = Field(
             None, ge=2, description="taps of a causal convolution on the write strength β's logits (per head, starting as "
                                     "the identity): β from the tokens before each one too; null: none")
@@ -82,14 +88,14 @@ class DeltaRecurrence(Recurrence):
             head_dim = self.head_dim or model.d_model // model.n_heads
             if model.d_model % head_dim:
                 raise ValueError(f"recurrence.head_dim {head_dim} must divide d_model ({model.d_model})")
-            check_chunk(self.chunk, head_dim, "recurrence.chunk")
+            check_chunk(self.chunk, max(head_dim, self.key_dim or head_dim), "recurrence.chunk")
 
     needs_input_gate = True  # g gates the output: h = σ(g) ⊙ o
     supports_resets = True
 
     def projection_widths(self, d_model: int, n_heads: int) -> dict[str, int]:
         """The block's extra projections, passed to ``forward`` by name (``β``: one per head of this layer)."""
-        return {"q_r": d_model, "k_r": d_model, "beta": self.n_heads}
+        return {"q_r": self.n_heads * self.key_dim, "k_r": self.n_heads * self.key_dim, "beta": self.n_heads}
 
     def decay_width(self, d_model: int, n_heads: int) -> int:
         """One decay ``α`` per head of this layer."""
@@ -99,16 +105,17 @@ class DeltaRecurrence(Recurrence):
         super().__init__()
         self.head_dim = config.head_dim or d_model // n_heads
         self.n_heads = d_model // self.head_dim
+        self.key_dim = config.key_dim or self.head_dim
         self.chunk = config.chunk
-        self.conv = ShortConv(2 * d_model, config.conv, init="random") if config.conv is not None else None
+        self.conv = ShortConv(2 * self.n_heads * self.key_dim, config.conv, init="random") if config.conv is not None else None
         self.beta_conv = ShortConv(self.n_heads, config.beta_conv) if config.beta_conv is not None else None
 
     def flops_per_token(self, length: int, chunk_size: int) -> float:
-        return chunk_delta_rule_flops(min(self.chunk, length), self.n_heads, self.head_dim)
+        return chunk_delta_rule_flops(min(self.chunk, length), self.n_heads, self.key_dim, self.head_dim)
 
     def forward(self, z: Tensor, log_decay: Tensor, gate: Tensor, h0: dict | None = None, resets: Tensor | None = None,
                 *, q_r: Tensor, k_r: Tensor, beta: Tensor) -> tuple[Tensor, dict]:
-        """``z``, ``gate``, ``q_r``, ``k_r``: ``[B, T, D]``; ``log_decay`` (``log α``) and ``beta``
+        """``z``, ``gate``: ``[B, T, D]``; ``q_r``, ``k_r``: ``[B, T, H d_k]``; ``log_decay`` (``log α``) and ``beta``
         (logits): ``[B, T, H]``; ``h0``: the dict this returned last time, or ``None``;
         ``resets``: ``[B, T]`` bool, document starts.
 

@@ -32,21 +32,25 @@ def random_split(length, rng):
     return sizes
 
 
-def test_layer_equals_the_reference_on_its_inputs():
+@pytest.mark.parametrize("key_dim", [None, 7, 3])  # the heads' width (5), wider keys, narrower
+def test_layer_equals_the_reference_on_its_inputs(key_dim):
     """conv → SiLU → L2 norm per head → delta rule with v = z, β = σ(beta), α from log_decay
-    → σ(g) ⊙ o, against the float64 token loop."""
-    layer = DeltaRecurrence(DeltaRecurrence.Config(chunk=4, conv=3), d_model=10, n_heads=2).double()
-    batch, length = 2, 13
-    z, gate, q_r, k_r = (torch.randn(batch, length, 10, dtype=torch.float64) for _ in range(4))
+    → σ(g) ⊙ o, against the float64 token loop; with ``key_dim`` the state is key_dim x 5."""
+    layer = DeltaRecurrence(DeltaRecurrence.Config(chunk=4, conv=3, key_dim=key_dim), d_model=10, n_heads=2).double()
+    batch, length, keys = 2, 13, key_dim or 5
+    assert layer.projection_widths(10, 2) == {"q_r": 2 * keys, "k_r": 2 * keys, "beta": 2}
+    z, gate = (torch.randn(batch, length, 10, dtype=torch.float64) for _ in range(2))
+    q_r, k_r = (torch.randn(batch, length, 2 * keys, dtype=torch.float64) for _ in range(2))
     beta, log_decay = torch.randn(batch, length, 2, dtype=torch.float64), -torch.rand(batch, length, 2, dtype=torch.float64)
     h, state = layer(z, log_decay, gate, None, q_r=q_r, k_r=k_r, beta=beta)
     w = layer.conv.weight
     qk = torch.cat([q_r, k_r], -1)
     padded = F.pad(qk, [0, 0, 2, 0])
     conv = sum(w[j] * padded[:, j : j + length] for j in range(3))
-    q, k = F.silu(conv).view(batch, length, 2, 2, 5).unbind(2)
+    q, k = F.silu(conv).view(batch, length, 2, 2, keys).unbind(2)
     o, matrix = naive_delta_rule(F.normalize(q, dim=-1), F.normalize(k, dim=-1), z.view(batch, length, 2, 5),
                                  torch.sigmoid(beta), log_decay)
+    assert state["matrix"].shape == (batch, 2, keys, 5)
     assert rel_err(h, torch.sigmoid(gate) * o.reshape(batch, length, 10)) < 1e-12
     assert rel_err(state["matrix"], matrix) < 1e-12
     assert torch.equal(state["conv"], qk[:, -2:])
@@ -109,6 +113,26 @@ def test_pieces_with_carried_state_equal_one_pass(trial, conv):
     assert rel_err(torch.cat(pieces, 1), whole) < 1e-12
     assert state.layers[0]["h"]["matrix"].shape == (2, 4, 6, 6)
     assert ("conv" in state.layers[0]["h"]) == (conv is not None)
+
+
+def test_key_dim_widens_the_state_and_a_model_streams_and_decodes_as_one_pass():
+    """Keys of 9 on heads of 6: the state is 9 x 6 per head; pieces, a static decode and a
+    future token behave as in the plain layer; a key width past the kernel's tile is refused."""
+    model = toy(recurrence={"kind": "delta", "chunk": 5, "key_dim": 9})
+    assert MMRecBlock(model.config).widths["q_r"] == 36
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        whole = model(ids).logits
+        first = model(ids[:, :11])
+        rest = model(ids[:, 11:], state=first.state).logits
+        decoder = StaticDecoder(model, first.state, cuda_graph=False)
+        steps = torch.stack([decoder.step(ids[:, t : t + 1]).clone() for t in range(11, 17)], 1)
+    assert first.state.layers[0]["h"]["matrix"].shape == (2, 4, 9, 6)
+    assert rel_err(torch.cat([first.logits, rest], 1), whole) < 1e-12
+    assert rel_err(steps, whole[:, 11:17]) < 1e-12
+    assert_causal(model, ids, 7, vocab=50)
+    with pytest.raises(ValueError, match="recurrence.chunk 32 at head width 512"):
+        mmrec.recipes.load("tiny", ["model.recurrence.kind=delta", "model.recurrence.key_dim=512", "model.recurrence.chunk=32"])
 
 
 def test_gradient_reaches_every_parameter_of_the_block():

@@ -48,14 +48,15 @@ def check_chunk(chunk: int, head_dim: int, field: str) -> None:
         largest = MAX_CHUNK_TILE // _tile_side(head_dim)
         fix = (f"use a chunk of at most {largest}" if largest >= 16 else
                f"heads of width {head_dim} are too wide even for 16-token chunks: use more heads (or a "
-               "smaller recurrence.head_dim)")
+               "smaller recurrence.head_dim or key_dim)")
         raise ValueError(f"{field} {chunk} at head width {head_dim}: the chunk scan kernel holds a "
                          f"[chunk, head width] tile of at most {MAX_CHUNK_TILE} elements (64 x 128); {fix}")
 
 
-def chunk_delta_rule_flops(chunk: int, heads: int, head_dim: int) -> float:
+def chunk_delta_rule_flops(chunk: int, heads: int, key_dim: int, value_dim: int | None = None) -> float:
     """Training FLOPs per token of :func:`chunk_delta_rule` (forward and backward, 3 x the
     forward's 2 per multiply-add): per head, within a chunk of ``chunk`` tokens, K Kᵀ, Q Kᵀ,
-    (I + A)⁻¹ applied to [V | K] and the product with U (about 5 C d_h multiply-adds),
-    and against the carried state W2 S, Q S and the state update (about 3 d_h²)."""
-    return 3 * heads * (10 * chunk * head_dim + 6 * head_dim * head_dim)
+    (I + A)⁻¹ applied to [V | K] and the product with U (about 5 C (K + V) / 2 multiply-adds),
+    and against the carried state W2 S, Q S and the state update (about 3 K V)."""
+    value_dim = value_dim or key_dim
+    return 3 * heads * (5 * chunk * (key_dim + value_dim) + 6 * key_dim * value_dim)
