@@ -144,7 +144,7 @@ def _interpreter_checks() -> None:
 
     gen = torch.Generator().manual_seed(0)
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
-    blocks = {"INVERSE": "blocks"}
+    rows = {"INVERSE": "rows"}  # the default is "blocks"
     cases = [  # dtype, v dtype, B, T, H, K, V, chunk, strided, launch config, tolerance
         (f64, f64, 2, 37, 2, 24, 40, 16, False, {}, 1e-12),  # the last chunk ends mid-way
         (f64, f64, 1, 9, 3, 5, 3, 4, True, {}, 1e-12),  # sizes under tl.dot's 16, padded on chip
@@ -152,9 +152,10 @@ def _interpreter_checks() -> None:
         (f32, f32, 2, 50, 2, 32, 24, 20, True, {}, 1e-5),
         (f32, bf16, 1, 33, 2, 16, 32, 16, False, {}, 1e-5),  # bf16 values, fp32 products
         (bf16, bf16, 2, 30, 2, 16, 16, 16, True, {}, 1e-5),  # all in bf16: fp32 inside, bf16 gradients
-        (f64, f64, 2, 150, 2, 24, 40, 64, True, blocks, 1e-12),  # four 16-row blocks
-        (f64, f64, 1, 50, 2, 8, 8, 40, False, blocks, 1e-12),  # 40 rows padded to 64
-        (f32, f32, 2, 45, 1, 32, 32, 20, True, {**blocks, "BLOCK_D": 16}, 1e-5),
+        (f64, f64, 2, 150, 2, 24, 40, 64, True, {}, 1e-12),  # four 16-row blocks
+        (f64, f64, 1, 50, 2, 8, 8, 40, False, {}, 1e-12),  # 40 rows padded to 64
+        (f64, f64, 2, 150, 2, 24, 40, 64, True, rows, 1e-12),  # forward substitution over all 64 rows
+        (f32, f32, 2, 45, 1, 32, 32, 20, True, {**rows, "BLOCK_D": 16}, 1e-5),
     ]
     for dtype, v_dtype, batch, length, heads, key_dim, value_dim, chunk, strided, config, tol in cases:
         # slow decays (log α in (-0.1, 0)), so the whole chunk, not only its diagonal blocks, shapes (I + A)⁻¹
@@ -195,7 +196,7 @@ def _interpreter_checks() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 10, out
+    assert out.count("ok ") == 11, out
 
 
 # ----------------------------------------------------------------------------- CUDA

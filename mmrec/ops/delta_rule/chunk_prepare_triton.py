@@ -5,13 +5,13 @@ The forward reads the chunk's ``q``, ``k`` ``[C, K]``, ``v`` ``[C, V]``, ``β`` 
 straight from the layer's ``[B, T, H, D]`` layout (any strides, the time axis padded on
 chip) and writes what the chunk loop reads (``W1``, ``W2``, ``Qd``, ``Kd``, ``P``, ``g``;
 ``chunk_prepare.py`` defines them) plus ``X = (I + A)⁻¹``, which the backward reuses.
-``X`` comes from forward substitution on chip, one row of ``X`` per step (the kernel
-keeps ``Xᵀ``, so each step is a column update with no layout change)::
+``X`` comes from forward substitution on chip inside 16-row blocks, as products on the
+tensor cores, then the blocks combined by a short series of products
+(``_unit_lower_inverse_blocks``); or, with ``INVERSE="rows"``, from forward substitution
+over the whole chunk, one row of ``X`` per step (the kernel keeps ``Xᵀ``, so each step is
+a column update with no layout change)::
 
     X[t, :] = e_t − Σ_{s<t} A[t, s] X[s, :]
-
-or, with ``INVERSE="blocks"``, from the same inside 16-row blocks as products, then the
-blocks combined by a short series of products (``_unit_lower_inverse_blocks``).
 
 The backward recomputes the chunk's decays and products from the same inputs, takes the
 chunk loop's gradients of those six outputs, and writes the gradients of ``q``, ``k``,
@@ -268,9 +268,10 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
         "BLOCK_D": min(32, max(block_k, block_v)),
         "num_warps": 4 if max(key_dim, value_dim) <= 64 else 8,
         "PRECISION": "ieee" if interpret else default_precision(),
-        # how the forward inverts I + A: "rows" (forward substitution, C - 1 serial steps) or
-        # "blocks" (16-row blocks on the tensor cores, 19 products at C = 64)
-        "INVERSE": "rows",
+        # how the forward inverts I + A: "blocks" (16-row blocks on the tensor cores, 19
+        # products at C = 64; 1.6x faster than "rows" at 16 heads of 128, docs/benchmarks.md)
+        # or "rows" (forward substitution, C - 1 serial steps on the CUDA cores)
+        "INVERSE": "blocks",
     }
     cfg.update(config or {})
     return cfg
