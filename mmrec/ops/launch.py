@@ -26,6 +26,15 @@ def float32_matmul_precision() -> str:
         return "high" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "highest"
 
 
+@functools.cache
+def device_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (0 for any other), which launch configs
+    size their grids by."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def cached_config(pick_config: Callable[..., dict]) -> Callable[..., dict]:
     """``pick_config(*args, config=None, **kwargs)``, cached when ``config`` is empty; every
     call returns a fresh dict, so a launcher may edit its copy."""

@@ -389,6 +389,7 @@ def test_cuda_delta_rule_matches_float64_loop(head_dim, dtype, tol):
     ({"OUTPUT": "after"}, 1e-5),
     ({"OUTPUT": "after", "PRECISION": "bf16"}, 3e-2),
     ({"BLOCK_V": 16, "num_warps": 4}, 1e-5),
+    ({"BLOCK_V": 64}, 1e-5),  # the default with programs enough to fill the device
     ({"BLOCK_V": 128, "num_warps": 8}, 1e-5),
 ], ids=str)
 @pytest.mark.parametrize("shape", [(2, 3, 33, 64, 128, 128), (3, 2, 17, 20, 24, 40)], ids=["K=V=128", "odd"])
@@ -407,6 +408,19 @@ def test_cuda_kernel_configs_against_float64(config, tol, shape):
     grads = kernel_grads(kernels, inputs, states, grad_o, grad_final, config)
     for name, got, want in zip(NAMES, grads, refs):
         assert err(got, want) < tol, name
+
+
+def test_value_columns_per_program_widen_only_when_the_programs_fill_the_device():
+    from mmrec.ops.delta_rule.chunk_scan_triton import pick_config
+
+    def block_v(sequences, value_dim=128, sm_count=132):
+        return pick_config(64, 128, value_dim, sequences=sequences, sm_count=sm_count)["BLOCK_V"]
+
+    assert block_v(16 * 16) == 64  # batch 16 x 16 heads: 512 programs of 64 columns on 132 SMs
+    assert block_v(1 * 16) == 32  # batch 1: 32 programs of 64 would leave most SMs idle
+    assert block_v(16 * 16, sm_count=0) == 32  # not a CUDA device
+    assert block_v(16 * 16, value_dim=40) == 32  # narrower values than 64 columns
+    assert pick_config(64, 128, 128, sequences=256, sm_count=132, config={"BLOCK_V": 16})["BLOCK_V"] == 16
 
 
 @cuda_only
