@@ -101,14 +101,15 @@ for part in "${parts[@]}"; do
         # held-out query 256 tokens or more after its pair), trained 3,000 steps on a mixture
         # of minimum gaps (0, 64, 256): the layout that recalled it (docs/benchmarks.md, "The
         # long-range form learned"), tiny's four heads with keys of 128, and the Transformer.
-        # Whether a run learns the lookup depends on the seed: RECALL_SEED, and RECALL_RECIPES,
-        # RECALL_STEPS, RECALL_BATCH change it
+        # Whether a run learns the lookup depends on the seed, so each runs with two seeds;
+        # RECALL_SEEDS, RECALL_RECIPES, RECALL_STEPS and RECALL_BATCH change it
         recipes=(${RECALL_RECIPES:-transformer-tiny docs/results/recipes/tiny-delta-h128-d999.json docs/results/recipes/tiny-delta-k128.json})
+        seeds=(${RECALL_SEEDS:-0 1})
         timeout "${RECALL_TIMEOUT:-560}" python3 -m mmrec.bench recall --seq-len 4096 --pairs 16 --vocab 8192 \
             --min-gap 256 --train-min-gaps 0 64 256 --recipes "${recipes[@]}" --steps "${RECALL_STEPS:-3000}" \
-            --batch "${RECALL_BATCH:-32}" --lrs 1e-3 --jobs ${#recipes[@]} --compile --eval-every 1000 \
-            --eval-examples 512 --seed "${RECALL_SEED:-0}" \
-            --out "$OUT/recall_long.json" --plot "$OUT/recall_long.png" 2>&1 | grep -v "^{" | grep -v " step " | tail -12 ;;
+            --batch "${RECALL_BATCH:-32}" --lrs 1e-3 --jobs $((${#recipes[@]} * ${#seeds[@]})) --compile \
+            --eval-every 1000 --eval-examples 512 --seeds "${seeds[@]}" \
+            --out "$OUT/recall_long.json" --plot "$OUT/recall_long.png" 2>&1 | grep -v "^{" | grep -v " step " | tail -16 ;;
     scale|seeds)
         # quality at scale: shards of this machine's site-packages (about 45 s), then SCALE_RECIPES
         # (default the hybrid small against transformer-small) side by side on the same batches:

@@ -4,8 +4,8 @@
 - ``decode``: decode tokens/s and peak memory against context length, one line per
   recipe, batch and mode;
 - ``scan``: GB/s against sequence length, one line per implementation and pass;
-- ``recall``: held-out accuracy against learning rate, one line per recipe, and each
-  recipe's best run's accuracy by gap bucket;
+- ``recall``: held-out accuracy against learning rate, one line per recipe (and seed), and
+  each recipe's best runs' accuracy by gap bucket;
 - ``scale``: validation loss against training tokens, one line per recipe, and each
   recipe's loss by position over its longest scored window.
 
@@ -117,7 +117,9 @@ def _draw_recall(path: Path, title: str, payload: dict) -> Path:
         raise ValueError(f"nothing measured to plot in {path.stem}")
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     by_lr, by_gap = fig.subplots(1, 2)
-    for name, points in _lines(rows, lambda r: r["recipe"], "lr", "accuracy").items():
+    seeded = len({r.get("seed") for r in rows}) > 1  # one line per (recipe, seed)
+    label = lambda r: f"{r['recipe']} seed {r['seed']}" if seeded else r["recipe"]  # noqa: E731
+    for name, points in _lines(rows, label, "lr", "accuracy").items():
         by_lr.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     by_lr.set(xscale="log", xlabel="learning rate", ylabel="held-out accuracy", ylim=(0, 1.02))
     chunk, buckets = payload["chunk"], ["overall", "short", "medium", "long"]
@@ -125,7 +127,7 @@ def _draw_recall(path: Path, title: str, payload: dict) -> Path:
     width = 0.8 / len(best)
     for i, r in enumerate(best):
         heights = [r["accuracy"] if b == "overall" else r["accuracy_by_gap"].get(b, float("nan")) for b in buckets]
-        by_gap.bar([j + i * width for j in range(len(buckets))], heights, width, label=f"{r['recipe']} (lr {r['lr']:g})")
+        by_gap.bar([j + i * width for j in range(len(buckets))], heights, width, label=f"{label(r)} (lr {r['lr']:g})")
     by_gap.set_xticks([j + width * (len(best) - 1) / 2 for j in range(len(buckets))], labels, fontsize="small")
     by_gap.set(ylabel="held-out accuracy, best lr", ylim=(0, 1.02))
     for axis in (by_lr, by_gap):

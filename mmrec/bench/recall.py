@@ -21,7 +21,9 @@ its recipe trains it. The loss counts query positions only. Accuracy is over eve
 of a held-out set (another seed), also split by how far back the key was given: under one
 chunk, one to four chunks, four chunks or more (``short``, ``medium``, ``long``; the chunk
 of the first recipe that has a memory). Each recipe's best rate is the one of highest
-accuracy. With ``--jobs N`` the runs train side by side, one process each: small models
+accuracy, averaged over ``--seeds`` (each seed draws its own training examples, initial
+weights and held-out set): whether a small model learns the lookup within a budget can
+depend on the seed, so several seeds say how often it does. With ``--jobs N`` the runs train side by side, one process each: small models
 leave a GPU idle between kernel launches; tokens/s are then per process.
 """
 
@@ -44,6 +46,7 @@ from mmrec.bench.common import record, run_metadata, synchronize, write_json
 from mmrec.optim import build_optimizer, build_scheduler
 
 IGNORE = -100  # the target of every position that is not a query
+RECALLED = 0.9  # the accuracy the multi-seed summary counts runs against
 BUCKETS = ("short", "medium", "long")  # gap < chunk, chunk <= gap < 4 chunks, gap >= 4 chunks
 DEFAULT_CHUNK = 64  # buckets and --long-range when no recipe has a memory chunk
 
@@ -112,7 +115,9 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--eval-examples", type=int, default=2048, help="held-out examples (rounded up to whole batches)")
     parser.add_argument("--eval-every", type=int, default=0, help="also score the held-out set every N steps (0: at the end only)")
     parser.add_argument("--log-every", type=int, default=100, help="print the training loss every N steps")
-    parser.add_argument("--seed", type=int, default=0, help="training examples and initial weights; held-out: seed + 1")
+    parser.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0], metavar="S",
+                        help="train every (recipe, lr) once per seed: training examples and initial weights from S, "
+                             "held-out examples from S + 1")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--jobs", type=int, default=1, help="train this many (recipe, lr) runs side by side, one process each")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -181,8 +186,10 @@ def state_bytes(recipe, args: argparse.Namespace) -> int:
     return mmrec.build(recipe).eval()(inputs, return_state=True).state.nbytes()
 
 
-def train_and_evaluate(recipe_name: str, lr: float, args: argparse.Namespace) -> dict:
-    """Train one recipe at one learning rate on the task, then score it on the held-out set."""
+def train_and_evaluate(recipe_name: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
+    """Train one recipe at one learning rate from one seed on the task, then score it on
+    that seed's held-out set."""
+    args = argparse.Namespace(**{**vars(args), "seed": seed})  # what examples() and evaluate() read
     device = torch.device(args.device)
     recipe = mmrec.recipes.load(recipe_name, task_overrides(args, lr))
     train = recipe.train
@@ -238,35 +245,52 @@ def train_and_evaluate(recipe_name: str, lr: float, args: argparse.Namespace) ->
     return row
 
 
-def run_one(recipe: str, lr: float, args: argparse.Namespace) -> dict:
-    """One (recipe, lr) row; running out of memory is recorded, not raised."""
-    return record([], {"recipe": recipe, "lr": lr}, lambda: train_and_evaluate(recipe, lr, args), torch.device(args.device))
+def run_one(recipe: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
+    """One (recipe, lr, seed) row; running out of memory is recorded, not raised."""
+    return record([], {"recipe": recipe, "lr": lr, "seed": seed}, lambda: train_and_evaluate(recipe, lr, seed, args),
+                  torch.device(args.device))
 
 
 def mark_best(rows: list[dict]) -> None:
-    """``best: true`` on each recipe's row of highest held-out accuracy, then lowest held-out
-    loss (a diverged run never)."""
+    """``best: true`` on the rows of each recipe's best rate: highest held-out accuracy, then
+    lowest held-out loss, each averaged over the rate's seeds (a rate with a diverged or
+    failed run never)."""
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
-        scored = [r for r in rows if r["recipe"] == recipe and "accuracy" in r and not r["diverged"]]
+        by_lr: dict[float, list[dict]] = {}
         for r in rows:
             if r["recipe"] == recipe:
-                r["best"] = bool(scored) and r is max(scored, key=lambda s: (s["accuracy"], -s["eval_loss"]))
+                by_lr.setdefault(r["lr"], []).append(r)
+        scored = {lr: runs for lr, runs in by_lr.items() if all("accuracy" in r and not r["diverged"] for r in runs)}
+        mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+        best = max(scored, key=lambda lr: (mean(scored[lr], "accuracy"), -mean(scored[lr], "eval_loss")), default=None)
+        for lr, runs in by_lr.items():
+            for r in runs:
+                r["best"] = lr == best
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
     print(f"\n{meta['device']}; MQAR: {meta['seq_len']} tokens, {meta['pairs']} pairs, vocabulary {meta['vocab_size']}, "
           f"min gap {meta['min_gap']}, {meta['steps']} steps of {meta['batch']}; gap buckets by chunk {meta['chunk']}")
-    print(f"{'recipe':<24} {'params':>10} {'state B/seq':>12} {'lr':>8} {'accuracy':>9} "
+    print(f"{'recipe':<24} {'params':>10} {'state B/seq':>12} {'lr':>8} {'seed':>5} {'accuracy':>9} "
           + " ".join(f"{b:>7}" for b in BUCKETS) + f" {'loss':>7} {'tokens/s':>10}")
     for r in rows:
         if "accuracy" not in r:
-            print(f"  {r['recipe']:<22} {r['lr']:>33g} {r.get('error', 'failed')}")
+            print(f"  {r['recipe']:<22} {r['lr']:>33g} {r['seed']:>5} {r.get('error', 'failed')}")
             continue
         buckets = " ".join(f"{r['accuracy_by_gap'][b]:>7.3f}" if b in r["accuracy_by_gap"] else f"{'-':>7}" for b in BUCKETS)
         speed = f"{r['tokens_per_s']:>10.0f}" if r["tokens_per_s"] else f"{'-':>10}"
         print(f"{'*' if r['best'] else ' '} {r['recipe']:<22} {r['parameters']:>10,} {r['state_bytes']:>12,} {r['lr']:>8g} "
-              f"{r['accuracy']:>9.3f} {buckets} {r['eval_loss']:>7.3f} {speed}" + ("  diverged" if r["diverged"] else ""))
-    print("* best learning rate of the recipe")
+              f"{r['seed']:>5} {r['accuracy']:>9.3f} {buckets} {r['eval_loss']:>7.3f} {speed}"
+              + ("  diverged" if r["diverged"] else ""))
+    print("* best learning rate of the recipe (mean over its seeds)")
+    if len(meta["seeds"]) > 1:
+        for recipe in dict.fromkeys(r["recipe"] for r in rows):
+            best = [r for r in rows if r["recipe"] == recipe and r["best"]]
+            if best:
+                accuracies = " / ".join(f"{r['accuracy']:.3f}" for r in best)
+                passed = sum(r["accuracy"] >= RECALLED for r in best)
+                print(f"{recipe} at lr {best[0]['lr']:g}: {accuracies} over seeds "
+                      f"{', '.join(str(r['seed']) for r in best)}; {passed} of {len(best)} at {RECALLED:.0%} or more")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,20 +307,20 @@ def run(args: argparse.Namespace) -> int:
             "vocab_size": args.vocab,
             "power_a": args.power_a, "min_gap": args.min_gap, "chunk": args.chunk, "d_model": args.d_model,
             "n_layers": args.layers, "steps": args.steps, "batch": args.batch, "lrs": args.lrs,
-            "eval_examples": math.ceil(args.eval_examples / args.batch) * args.batch, "seed": args.seed,
+            "eval_examples": math.ceil(args.eval_examples / args.batch) * args.batch, "seeds": args.seeds,
             "overrides": args.overrides, "compile": args.compile, "jobs": args.jobs,
             "autocast": "bfloat16" if torch.device(args.device).type == "cuda" else None}
-    runs = [(recipe, lr) for recipe in args.recipes for lr in args.lrs]
+    runs = [(recipe, lr, seed) for recipe in args.recipes for lr in args.lrs for seed in args.seeds]
     done = {}
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_one, recipe, lr, args): (recipe, lr) for recipe, lr in runs}
+            futures = {pool.submit(run_one, *key, args): key for key in runs}
             for future in as_completed(futures):
                 done[futures[future]] = future.result()
                 write_json(args.out, {**meta, "complete": False, "results": list(done.values())})
     else:
-        for recipe, lr in runs:
-            done[recipe, lr] = run_one(recipe, lr, args)
+        for key in runs:
+            done[key] = run_one(*key, args)
             write_json(args.out, {**meta, "complete": False, "results": list(done.values())})
     rows = [done[key] for key in runs]
     mark_best(rows)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmrec.bench.__main__ import main
-from mmrec.bench.recall import BUCKETS, evaluate, examples, mqar_batch, query_gaps
+from mmrec.bench.recall import BUCKETS, evaluate, examples, mark_best, mqar_batch, query_gaps
 
 VOCAB, LENGTH, PAIRS = 256, 128, 8
 
@@ -112,11 +112,34 @@ def test_benchmark_trains_every_recipe_at_every_rate_and_writes_its_json(tmp_pat
     assert payload["complete"] and payload["device"] == "cpu" and payload["command"].startswith("python -m mmrec.bench")
     assert (payload["seq_len"], payload["pairs"], payload["chunk"], payload["eval_examples"]) == (48, 4, 64, 8)
     rows = payload["results"]
-    assert [(r["recipe"], r["lr"]) for r in rows] == [(m, lr) for m in ("tiny", "transformer-tiny") for lr in (1e-3, 3e-3)]
+    assert [(r["recipe"], r["lr"], r["seed"]) for r in rows] == [(m, lr, 0) for m in ("tiny", "transformer-tiny") for lr in (1e-3, 3e-3)]
     for r in rows:
         assert r["steps"] == 3 and 0 <= r["accuracy"] <= 1 and r["parameters"] > 0 and r["state_bytes"] > 0
         assert r["tokens_per_s"] > 0 and sum(r["queries_by_gap"].values()) == 8 * 4
     assert [sum(r["best"] for r in rows if r["recipe"] == m) for m in ("tiny", "transformer-tiny")] == [1, 1]
+
+
+def test_seeds_train_each_rate_once_per_seed_and_the_best_rate_is_their_mean(tmp_path, capsys):
+    out, chart = tmp_path / "recall.json", tmp_path / "recall.png"
+    assert main(["recall", "--recipes", "transformer-tiny", "--lrs", "1e-3", "--seeds", "0", "1", "--seq-len", "48",
+                 "--pairs", "4", "--vocab", "64", "--d-model", "32", "--layers", "1", "--steps", "2", "--batch", "4",
+                 "--eval-examples", "4", "--device", "cpu", "--out", str(out), "--plot", str(chart)]) == 0
+    payload = json.loads(out.read_text())
+    rows = payload["results"]
+    assert payload["seeds"] == [0, 1] and [r["seed"] for r in rows] == [0, 1] and all(r["best"] for r in rows)
+    assert rows[0]["train_loss"] != rows[1]["train_loss"]  # other examples, other initial weights
+    assert "over seeds 0, 1;" in capsys.readouterr().out and chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_best_rate_is_the_one_of_highest_mean_accuracy_over_its_seeds():
+    def row(lr, seed, accuracy, diverged=False):
+        return {"recipe": "m", "lr": lr, "seed": seed, "accuracy": accuracy, "eval_loss": 1.0, "diverged": diverged}
+
+    # 1e-3 has the single best run, 3e-4 the best mean; a rate with a diverged seed never wins
+    rows = [row(1e-3, 0, 0.99), row(1e-3, 1, 0.0), row(3e-4, 0, 0.6), row(3e-4, 1, 0.6),
+            row(3e-3, 0, 1.0), row(3e-3, 1, 1.0, diverged=True)]
+    mark_best(rows)
+    assert [r["lr"] for r in rows if r["best"]] == [3e-4, 3e-4]
 
 
 def test_long_range_puts_every_query_four_chunks_after_its_key(tmp_path):
