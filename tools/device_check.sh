@@ -46,17 +46,19 @@ for part in "${parts[@]}"; do
     model)
         timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
     delta)
-        # the delta rule's kernels: their CUDA tests (the launch options PRECISION=bf16 and
-        # OUTPUT=after among them), then the op against the PyTorch loop and each launcher alone
-        # with those options and the prepare kernel's blocked inverse (TF32 as training runs it;
-        # fla is the separate part `fla`, whose autotuning takes minutes), then where a 1b-delta
-        # training step spends its time
-        timeout 200 python3 -m pytest -q -p no:cacheprovider -k cuda tests/ops/test_delta_rule_chunk_scan.py \
+        # the delta rule's kernels: their CUDA tests (every launch option among them), then the
+        # op against the PyTorch loop and each launcher alone at batch 4, 8 and 16 x 2048 with
+        # 32 and 64 value columns a scan program (the default picks by batch x heads) and the
+        # prepare kernel's row-by-row inverse (TF32 as training runs it; fla is the separate
+        # part `fla`, whose autotuning takes minutes), then where a 1b-delta training step
+        # spends its time
+        timeout 250 python3 -m pytest -q -p no:cacheprovider -k cuda tests/ops/test_delta_rule_chunk_scan.py \
             tests/ops/test_delta_rule_chunk_prepare.py 2>&1 | tee "$OUT/gpu_tests_delta.log" | tail -5
-        timeout 200 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
-            --config PRECISION=bf16 --config OUTPUT=after --config OUTPUT=after,PRECISION=bf16 \
-            --config PRECISION=bf16,BLOCK_V=64 --prepare-config INVERSE=blocks \
-            --out "$OUT/delta.json" 2>&1 | tee "$OUT/delta.log" | grep -v "^{" | tail -40
+        for tokens in 8192 16384 32768; do
+            timeout 100 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
+                --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --config PRECISION=bf16 \
+                --prepare-config INVERSE=rows --out "$OUT/delta_$tokens.json" 2>&1 | grep -v "^{" | tail -20
+        done
         timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json > "$OUT/profile_delta.txt" 2>&1
         tail -40 "$OUT/profile_delta.txt" ;;
     host)

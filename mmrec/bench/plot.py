@@ -110,15 +110,18 @@ def _draw_recall(path: Path, title: str, payload: dict) -> Path:
 
     from mmrec.bench.recall import mark_best
 
+    mark_best(payload["results"])  # also for the partial JSON of a run still going
     rows = [r for r in payload["results"] if "accuracy" in r]
-    mark_best(rows)  # also for the partial JSON of a run still going
     best = [r for r in rows if r["best"]]
     if not best:
         raise ValueError(f"nothing measured to plot in {path.stem}")
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     by_lr, by_gap = fig.subplots(1, 2)
     seeded = len({r.get("seed") for r in rows}) > 1  # one line per (recipe, seed)
-    label = lambda r: f"{r['recipe']} seed {r['seed']}" if seeded else r["recipe"]  # noqa: E731
+
+    def label(r: dict) -> str:
+        return f"{r['recipe']} seed {r['seed']}" if seeded else r["recipe"]
+
     for name, points in _lines(rows, label, "lr", "accuracy").items():
         by_lr.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     by_lr.set(xscale="log", xlabel="learning rate", ylabel="held-out accuracy", ylim=(0, 1.02))

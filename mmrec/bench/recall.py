@@ -21,10 +21,11 @@ its recipe trains it. The loss counts query positions only. Accuracy is over eve
 of a held-out set (another seed), also split by how far back the key was given: under one
 chunk, one to four chunks, four chunks or more (``short``, ``medium``, ``long``; the chunk
 of the first recipe that has a memory). Each recipe's best rate is the one of highest
-accuracy, averaged over ``--seeds`` (each seed draws its own training examples, initial
-weights and held-out set): whether a small model learns the lookup within a budget can
-depend on the seed, so several seeds say how often it does. With ``--jobs N`` the runs train side by side, one process each: small models
-leave a GPU idle between kernel launches; tokens/s are then per process.
+accuracy, averaged over ``--seeds`` (seed ``S`` draws the training examples and initial
+weights, the held-out examples come from ``S + 1``): whether a small model learns the
+lookup within a budget can depend on the seed, so several seeds say how often it does.
+With ``--jobs N`` the runs train side by side, one process each: small models leave a GPU
+idle between kernel launches; tokens/s are then per process.
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def train_and_evaluate(recipe_name: str, lr: float, seed: int, args: argparse.Na
         if (step + 1) % args.log_every == 0 or step + 1 == train.steps:
             mean_loss = loss_sum.item() / ((step % args.log_every) + 1)
             loss_sum.zero_()
-            print(f"{recipe_name} lr {lr:g} step {step + 1}: loss {mean_loss:.4f}", flush=True)
+            print(f"{recipe_name} lr {lr:g} seed {args.seed} step {step + 1}: loss {mean_loss:.4f}", flush=True)
             if not math.isfinite(mean_loss):
                 diverged = True
                 break
@@ -261,8 +262,12 @@ def mark_best(rows: list[dict]) -> None:
             if r["recipe"] == recipe:
                 by_lr.setdefault(r["lr"], []).append(r)
         scored = {lr: runs for lr, runs in by_lr.items() if all("accuracy" in r and not r["diverged"] for r in runs)}
-        mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
-        best = max(scored, key=lambda lr: (mean(scored[lr], "accuracy"), -mean(scored[lr], "eval_loss")), default=None)
+
+        def mean_score(lr: float) -> tuple[float, float]:
+            runs = scored[lr]
+            return sum(r["accuracy"] for r in runs) / len(runs), -sum(r["eval_loss"] for r in runs) / len(runs)
+
+        best = max(scored, key=mean_score, default=None)
         for lr, runs in by_lr.items():
             for r in runs:
                 r["best"] = lr == best
@@ -310,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
             "eval_examples": math.ceil(args.eval_examples / args.batch) * args.batch, "seeds": args.seeds,
             "overrides": args.overrides, "compile": args.compile, "jobs": args.jobs,
             "autocast": "bfloat16" if torch.device(args.device).type == "cuda" else None}
-    runs = [(recipe, lr, seed) for recipe in args.recipes for lr in args.lrs for seed in args.seeds]
+    runs = [(recipe, lr, seed) for recipe in args.recipes for lr in args.lrs for seed in dict.fromkeys(args.seeds)]
     done = {}
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -26,7 +26,7 @@ its value instead of piling up. What the block provides, and where:
 How many associations the state keeps apart grows with the key width ``d_k``: each write
 with a random key erases about ``β / d_k`` of what the others stored, so behind ``n``
 unrelated tokens a pair keeps about ``e^{−nβ/d_k}``. ``head_dim`` sets the layer's own
-heads, wider than the model's (fewer heads of ``head_dim``: the state, ``d_model · head_dim``
+heads, wider than the model's (fewer heads of ``head_dim``: the state, ``d_model · d_k``
 numbers, grows with it), for a hybrid whose attention-free layers would otherwise have
 narrow heads. ``key_dim`` widens the keys and queries alone (state expansion, as HGRN2 and
 GLA expand theirs): each head's state is ``key_dim × head_dim``, the values keep their width.
@@ -75,8 +75,8 @@ class DeltaRecurrence(Recurrence):
         chunk: PositiveInt = Field(64, description="tokens per chunk of the chunked delta rule (64 at head width 128)")
         conv: int | None = Field(4, ge=2, description="taps of the causal convolution on q and k; null: none")
         head_dim: PositiveInt | None = Field(
-            None, description="width of the delta rule's heads, whose state is head_dim x head_dim each (d_model / "
-                              "head_dim heads); null: the model's d_model / n_heads")
+            None, description="width of the delta rule's heads (their values; d_model / head_dim heads), whose state "
+                              "is key_dim x head_dim each; null: the model's d_model / n_heads")
         key_dim: PositiveInt | None = Field(
             None, description="width of each head's keys and queries, so each head's state is key_dim x head_dim: wider "
                               "keys keep more associations apart (state expansion); null: head_dim")
@@ -88,7 +88,9 @@ class DeltaRecurrence(Recurrence):
             head_dim = self.head_dim or model.d_model // model.n_heads
             if model.d_model % head_dim:
                 raise ValueError(f"recurrence.head_dim {head_dim} must divide d_model ({model.d_model})")
-            check_chunk(self.chunk, max(head_dim, self.key_dim or head_dim), "recurrence.chunk")
+            if self.key_dim is not None and self.key_dim > head_dim:
+                check_chunk(self.chunk, self.key_dim, "recurrence.chunk", "recurrence.key_dim")
+            check_chunk(self.chunk, head_dim, "recurrence.chunk")
 
     needs_input_gate = True  # g gates the output: h = σ(g) ⊙ o
     supports_resets = True
@@ -138,8 +140,8 @@ class DeltaRecurrence(Recurrence):
 def conv_silu_heads(conv: ShortConv | None, q: Tensor, k: Tensor, heads: int, state: dict,
                     resets: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
     """The delta rule's queries and keys before normalisation, as DeltaNet forms them: ``q``,
-    ``k`` ``[B, T, D]`` through one causal convolution over ``[q | k]`` (continuing
-    ``state["conv"]``) and SiLU, in the accumulation dtype, split into heads ``[B, T, H, D/H]``.
+    ``k`` ``[B, T, H d_k]`` through one causal convolution over ``[q | k]`` (continuing
+    ``state["conv"]``) and SiLU, in the accumulation dtype, split into heads ``[B, T, H, d_k]``.
     Returns them and ``{"conv": ...}``, the convolution's state to carry (empty without one)."""
     batch, length, width = q.shape
     qk, next_state = torch.cat([q, k], -1), {}  # [B, T, 2D]

@@ -131,7 +131,7 @@ def test_key_dim_widens_the_state_and_a_model_streams_and_decodes_as_one_pass():
     assert rel_err(torch.cat([first.logits, rest], 1), whole) < 1e-12
     assert rel_err(steps, whole[:, 11:17]) < 1e-12
     assert_causal(model, ids, 7, vocab=50)
-    with pytest.raises(ValueError, match="recurrence.chunk 32 at head width 512"):
+    with pytest.raises(ValueError, match="recurrence.chunk 32 at recurrence.key_dim 512: .* at most 16"):
         mmrec.recipes.load("tiny", ["model.recurrence.kind=delta", "model.recurrence.key_dim=512", "model.recurrence.chunk=32"])
 
 

@@ -410,17 +410,21 @@ def test_cuda_kernel_configs_against_float64(config, tol, shape):
         assert err(got, want) < tol, name
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_value_columns_per_program_widen_only_when_the_programs_fill_the_device():
     from mmrec.ops.delta_rule.chunk_scan_triton import pick_config
 
-    def block_v(sequences, value_dim=128, sm_count=132):
-        return pick_config(64, 128, value_dim, sequences=sequences, sm_count=sm_count)["BLOCK_V"]
+    def block_v(sequences, value_dim=128, key_dim=128, sm_count=132, precision="tf32"):
+        config = {"PRECISION": precision}
+        return pick_config(64, key_dim, value_dim, sequences=sequences, sm_count=sm_count, config=config)["BLOCK_V"]
 
-    assert block_v(16 * 16) == 64  # batch 16 x 16 heads: 512 programs of 64 columns on 132 SMs
+    assert block_v(8 * 16) == 64 and block_v(4 * 16) == 32  # two 64-column programs a head: 256 and 128 for 132 SMs
     assert block_v(1 * 16) == 32  # batch 1: 32 programs of 64 would leave most SMs idle
     assert block_v(16 * 16, sm_count=0) == 32  # not a CUDA device
-    assert block_v(16 * 16, value_dim=40) == 32  # narrower values than 64 columns
-    assert pick_config(64, 128, 128, sequences=256, sm_count=132, config={"BLOCK_V": 16})["BLOCK_V"] == 16
+    assert block_v(1024, value_dim=40) == 32  # values narrower than 64 columns
+    assert block_v(1024, key_dim=256) == 32  # wider keys: not measured, a [256, 64] state would spill
+    assert block_v(1024, precision="tf32x3") == 32 and block_v(1024, precision="bf16") == 64
+    assert pick_config(64, 128, 128, sequences=1024, sm_count=132, config={"BLOCK_V": 16})["BLOCK_V"] == 16
 
 
 @cuda_only

@@ -42,21 +42,21 @@ def _tile_side(n: int) -> int:
     return max(16, 1 << max(n - 1, 0).bit_length())
 
 
-def check_chunk(chunk: int, head_dim: int, field: str) -> None:
-    """Refuse, at recipe time, a chunk whose tile the Triton chunk scan cannot hold."""
+def check_chunk(chunk: int, head_dim: int, field: str, width: str = "head width") -> None:
+    """Refuse, at recipe time, a chunk whose tile the Triton chunk scan cannot hold
+    (``head_dim``: the wider of a head's keys and values, named by ``width``)."""
     if _tile_side(chunk) * _tile_side(head_dim) > MAX_CHUNK_TILE:
         largest = MAX_CHUNK_TILE // _tile_side(head_dim)
         fix = (f"use a chunk of at most {largest}" if largest >= 16 else
-               f"heads of width {head_dim} are too wide even for 16-token chunks: use more heads (or a "
-               "smaller recurrence.head_dim or key_dim)")
-        raise ValueError(f"{field} {chunk} at head width {head_dim}: the chunk scan kernel holds a "
+               f"a {width} of {head_dim} is too wide even for 16-token chunks: use narrower heads")
+        raise ValueError(f"{field} {chunk} at {width} {head_dim}: the chunk scan kernel holds a "
                          f"[chunk, head width] tile of at most {MAX_CHUNK_TILE} elements (64 x 128); {fix}")
 
 
 def chunk_delta_rule_flops(chunk: int, heads: int, key_dim: int, value_dim: int | None = None) -> float:
     """Training FLOPs per token of :func:`chunk_delta_rule` (forward and backward, 3 x the
-    forward's 2 per multiply-add): per head, within a chunk of ``chunk`` tokens, K Kᵀ, Q Kᵀ,
-    (I + A)⁻¹ applied to [V | K] and the product with U (about 5 C (K + V) / 2 multiply-adds),
-    and against the carried state W2 S, Q S and the state update (about 3 K V)."""
+    forward's 2 per multiply-add): per head, within a chunk of ``C`` tokens, K Kᵀ, Q Kᵀ,
+    (I + A)⁻¹ applied to K and to V, and P U (``C (3 K + 2 V)`` multiply-adds), and against
+    the carried state W2 S, Q S and the state update (``3 K V``)."""
     value_dim = value_dim or key_dim
-    return 3 * heads * (5 * chunk * (key_dim + value_dim) + 6 * key_dim * value_dim)
+    return 3 * heads * (2 * chunk * (3 * key_dim + 2 * value_dim) + 6 * key_dim * value_dim)

@@ -269,8 +269,8 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
         "num_warps": 4 if max(key_dim, value_dim) <= 64 else 8,
         "PRECISION": "ieee" if interpret else default_precision(),
         # how the forward inverts I + A: "blocks" (16-row blocks on the tensor cores, 19
-        # products at C = 64; 1.6x faster than "rows" at 16 heads of 128, docs/benchmarks.md)
-        # or "rows" (forward substitution, C - 1 serial steps on the CUDA cores)
+        # products at C = 64; faster at every size measured, docs/benchmarks.md) or "rows"
+        # (forward substitution, C - 1 serial steps on the CUDA cores)
         "INVERSE": "blocks",
     }
     cfg.update(config or {})

@@ -241,36 +241,40 @@ def default_precision() -> str:
     return "tf32x3" if float32_matmul_precision() == "highest" else "tf32"
 
 
-# value columns per program when there are programs enough to fill the device with them:
-# 64 against 32 ran the forward and backward 1.6x faster at batch 16 x 16 heads of 128
-# (512 programs on an H200's 132 SMs), 1.2x slower at batch 1 (32 programs)
+# value columns per program when the programs fill the device even at that width (at
+# least one per SM) and the products are one tf32 or bf16 product each: wider tiles then
+# run faster, narrower ones when the device would sit half idle (docs/benchmarks.md, "The
+# `delta` op against fla"); measured at keys of 128 only, so not taken for wider keys
 WIDE_BLOCK_V = 64
-PROGRAMS_PER_SM_FOR_WIDE = 2
+PROGRAMS_PER_SM_FOR_WIDE = 1
+
+
+def _value_columns(value_dim: int, block_k: int, precision: str, sequences: int, sm_count: int) -> int:
+    """``BLOCK_V``: 32 columns (fewer for narrower values), or ``WIDE_BLOCK_V`` (see the comment above)."""
+    wide_programs = sequences * triton.cdiv(value_dim, WIDE_BLOCK_V)
+    if (value_dim >= WIDE_BLOCK_V and block_k <= 128 and precision in ("tf32", "bf16") and sm_count
+            and wide_programs >= PROGRAMS_PER_SM_FOR_WIDE * sm_count):
+        return WIDE_BLOCK_V
+    return max(16, min(32, triton.next_power_of_2(value_dim)))
 
 
 def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, sm_count: int = 0,
                 interpret: bool = False, config: dict | None = None) -> dict:
     """Launch config of either kernel; ``config`` overrides any entry. ``BLOCK_V``: value
-    columns per program (wider when ``sequences``, batch x heads, give at least
-    ``PROGRAMS_PER_SM_FOR_WIDE`` programs per SM of ``sm_count`` with them); ``num_warps``;
-    ``STAGES``: software-pipelining depth of the chunk loop (0: none); ``PRECISION``:
-    ``tl.dot``'s ``input_precision`` for fp32 (exact fp32 under the interpreter, which
-    ignores it, except ``"bf16"`` and ``"bf16x3"``, emulated there); ``OUTPUT``: where the
-    forward computes ``O``."""
+    columns per program (``_value_columns``, from ``sequences``, batch x heads, and the
+    device's ``sm_count``); ``num_warps``; ``STAGES``: software-pipelining depth of the
+    chunk loop (0: none); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact
+    fp32 under the interpreter, which ignores it, except ``"bf16"`` and ``"bf16x3"``,
+    emulated there); ``OUTPUT``: where the forward computes ``O``."""
     block_k = max(16, triton.next_power_of_2(key_dim))
     # A program holds the chunk's [C, K] operands and a [K, BLOCK_V] fp32 state (or its
     # adjoint). 32 columns, and 8 warps past K = 64: with C = 64 on sm_90, neither kernel
     # spills with tf32 products (tf32x3, which splits every operand in registers, spills
     # a little at K = 64 and 1-2 KB a thread at K = 128); 64 columns spill more but, with
     # the device full, run faster.
-    block_v = max(16, min(32, triton.next_power_of_2(value_dim)))
-    wide_programs = sequences * triton.cdiv(value_dim, WIDE_BLOCK_V)
-    if value_dim >= WIDE_BLOCK_V and sm_count and wide_programs >= PROGRAMS_PER_SM_FOR_WIDE * sm_count:
-        block_v = WIDE_BLOCK_V
     cfg = {
         "BLOCK_C": max(16, triton.next_power_of_2(size)),
         "BLOCK_K": block_k,
-        "BLOCK_V": block_v,
         "num_warps": 4 if block_k <= 64 else 8,
         "STAGES": 0,
         "PRECISION": "ieee" if interpret else default_precision(),
@@ -279,6 +283,7 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, 
         "OUTPUT": "loop",
     }
     cfg.update(config or {})
+    cfg.setdefault("BLOCK_V", _value_columns(value_dim, cfg["BLOCK_K"], cfg["PRECISION"], sequences, sm_count))
     if cfg["OUTPUT"] not in ("loop", "after"):
         raise ValueError(f"OUTPUT must be 'loop' or 'after', got {cfg['OUTPUT']!r}")
     if interpret and cfg["PRECISION"] in ("bf16", "bf16x3"):
