@@ -156,9 +156,10 @@ def examples(args: argparse.Namespace, seed: int, device: torch.device, mixture:
 
 
 @torch.no_grad()
-def evaluate(forward, args: argparse.Namespace, device: torch.device, autocast) -> dict:
-    """Accuracy and loss over every query of the held-out set, and accuracy per gap bucket."""
-    stream = examples(args, args.seed + 1, device)
+def evaluate(forward, args: argparse.Namespace, seed: int, device: torch.device, autocast) -> dict:
+    """Accuracy and loss over every query of ``seed``'s held-out set (drawn from ``seed + 1``),
+    and accuracy per gap bucket."""
+    stream = examples(args, seed + 1, device)
     correct, counts = torch.zeros(len(BUCKETS), device=device), torch.zeros(len(BUCKETS), device=device)
     loss = torch.zeros((), device=device)
     batches = math.ceil(args.eval_examples / args.batch)
@@ -190,17 +191,16 @@ def state_bytes(recipe, args: argparse.Namespace) -> int:
 def train_and_evaluate(recipe_name: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
     """Train one recipe at one learning rate from one seed on the task, then score it on
     that seed's held-out set."""
-    args = argparse.Namespace(**{**vars(args), "seed": seed})  # what examples() and evaluate() read
     device = torch.device(args.device)
     recipe = mmrec.recipes.load(recipe_name, task_overrides(args, lr))
     train = recipe.train
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = mmrec.build(recipe).to(device)
     optimizer, use_aux = build_optimizer(model, train), getattr(recipe.model, "planning", None) is not None
     scheduler = build_scheduler(optimizer, train)
     forward = torch.compile(model) if args.compile else model
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    stream = examples(args, args.seed, device, args.train_pairs, args.train_min_gaps)
+    stream = examples(args, seed, device, args.train_pairs, args.train_min_gaps)
     history, loss_sum, diverged = [], torch.zeros((), device=device), False
     warmup = min(10, train.steps // 5)  # steps left out of tokens/s: compilation, allocator warm-up
     started, evaluating = time.perf_counter(), 0.0  # seconds of held-out scoring, left out of tokens/s
@@ -223,7 +223,7 @@ def train_and_evaluate(recipe_name: str, lr: float, seed: int, args: argparse.Na
         if (step + 1) % args.log_every == 0 or step + 1 == train.steps:
             mean_loss = loss_sum.item() / ((step % args.log_every) + 1)
             loss_sum.zero_()
-            print(f"{recipe_name} lr {lr:g} seed {args.seed} step {step + 1}: loss {mean_loss:.4f}", flush=True)
+            print(f"{recipe_name} lr {lr:g} seed {seed} step {step + 1}: loss {mean_loss:.4f}", flush=True)
             if not math.isfinite(mean_loss):
                 diverged = True
                 break
@@ -231,7 +231,7 @@ def train_and_evaluate(recipe_name: str, lr: float, seed: int, args: argparse.Na
             synchronize(device)
             paused = time.perf_counter()
             model.eval()
-            scored = evaluate(forward, args, device, autocast)
+            scored = evaluate(forward, args, seed, device, autocast)
             history.append({"step": step + 1, **{k: v for k, v in scored.items() if k != "queries_by_gap"}})
             model.train()
             evaluating += time.perf_counter() - paused
@@ -240,7 +240,7 @@ def train_and_evaluate(recipe_name: str, lr: float, seed: int, args: argparse.Na
     row = {"parameters": model.num_parameters(), "steps": step + 1, "train_loss": mean_loss, "diverged": diverged,
            "tokens_per_s": timed * args.batch * args.seq_len / seconds if timed > 0 else None}
     model.eval()
-    row.update(evaluate(forward, args, device, autocast), state_bytes=state_bytes(recipe, args))
+    row.update(evaluate(forward, args, seed, device, autocast), state_bytes=state_bytes(recipe, args))
     if history:
         row["history"] = history
     return row

@@ -88,9 +88,10 @@ class DeltaRecurrence(Recurrence):
             head_dim = self.head_dim or model.d_model // model.n_heads
             if model.d_model % head_dim:
                 raise ValueError(f"recurrence.head_dim {head_dim} must divide d_model ({model.d_model})")
-            if self.key_dim is not None and self.key_dim > head_dim:
+            if self.key_dim is not None and self.key_dim > head_dim:  # the tile holds the wider of the two
                 check_chunk(self.chunk, self.key_dim, "recurrence.chunk", "recurrence.key_dim")
-            check_chunk(self.chunk, head_dim, "recurrence.chunk")
+            else:
+                check_chunk(self.chunk, head_dim, "recurrence.chunk")
 
     needs_input_gate = True  # g gates the output: h = σ(g) ⊙ o
     supports_resets = True

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmrec.ops.launch import cached_config
+from mmrec.ops.launch import cached_config, device_sm_count
 from mmrec.ops.linear_scan import accumulation_dtype
 
 
@@ -375,7 +375,7 @@ SMALL_BATCH = 8  # below this many sequences, one program per sequence (more pro
 
 
 def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return device_sm_count(device) or 132  # an H200's count for the interpreter's CPU tensors
 
 
 def pick_config(batch: int, n_heads: int, head_dim: int, *, device: torch.device, weight_dtype: torch.dtype,

@@ -86,7 +86,7 @@ def test_targets_align_with_next_token_logits():
     """An oracle whose logits at t name the value of the key at t scores 100%, in every
     gap bucket; shifted by one token it scores nothing."""
     args = SimpleNamespace(batch=16, seq_len=LENGTH, pairs=PAIRS, vocab=VOCAB, power_a=0.01, min_gap=0,
-                           seed=0, eval_examples=64, chunk=8)
+                           eval_examples=64, chunk=8)
 
     def oracle(shift):
         def forward(inputs, return_state, logits_at):
@@ -94,11 +94,11 @@ def test_targets_align_with_next_token_logits():
             return SimpleNamespace(logits=torch.nn.functional.one_hot(answer.clamp(min=0), VOCAB).float())
         return forward
 
-    scored = evaluate(oracle(0), args, torch.device("cpu"), contextlib.nullcontext)
+    scored = evaluate(oracle(0), args, 0, torch.device("cpu"), contextlib.nullcontext)
     assert scored["accuracy"] == 1.0
     assert set(scored["accuracy_by_gap"]) == set(BUCKETS) and all(a == 1.0 for a in scored["accuracy_by_gap"].values())
     assert sum(scored["queries_by_gap"].values()) == 64 * PAIRS
-    assert evaluate(oracle(1), args, torch.device("cpu"), contextlib.nullcontext)["accuracy"] < 0.05
+    assert evaluate(oracle(1), args, 0, torch.device("cpu"), contextlib.nullcontext)["accuracy"] < 0.05
 
 
 def test_benchmark_trains_every_recipe_at_every_rate_and_writes_its_json(tmp_path):
