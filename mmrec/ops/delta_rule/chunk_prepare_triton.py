@@ -3,7 +3,7 @@
 
 The forward reads the chunk's ``q``, ``k`` ``[C, K]``, ``v`` ``[C, V]``, ``β`` and ``log α``
 straight from the layer's ``[B, T, H, D]`` layout (any strides, the time axis padded on
-chip) and writes what the chunk loop reads (``W1``, ``W2``, ``Qd``, ``Kd``, ``P``, ``g``;
+chip), ``BLOCK_D`` feature columns at a time, and writes what the chunk loop reads (``W1``, ``W2``, ``Qd``, ``Kd``, ``P``, ``g``;
 ``chunk_prepare.py`` defines them) plus ``X = (I + A)⁻¹``, which the backward reuses.
 ``X`` comes from forward substitution on chip inside 16-row blocks, as products on the
 tensor cores, then the blocks combined by a short series of products
@@ -104,49 +104,62 @@ def _prepare_forward_kernel(
     s_qb, s_qt, s_qh, s_qk, s_kb, s_kt, s_kh, s_kk, s_vb, s_vt, s_vh, s_vv,
     s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
     PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    INVERSE: tl.constexpr,
+    BLOCK_D: tl.constexpr, INVERSE: tl.constexpr,
 ):
+    """Passes over blocks of ``BLOCK_D`` feature columns, so that only ``[C, C]`` tiles and one
+    ``[C, BLOCK_D]`` block are live (fewer registers: more programs per SM): the keys and
+    queries, summing ``K Kᵀ`` and ``Q Kᵀ`` and writing ``Qd``, ``Kd``; then, with ``X`` known,
+    the keys again for ``W2`` and the values for ``W1``."""
     chunk = tl.program_id(0).to(tl.int64)  # outputs [B, H, N, C, ...], contiguous: chunk = (b H + h) N + n
     n, bh = chunk % N, chunk // N
     b, h = bh // H, bh % H
     acc: tl.constexpr = w1_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_C)
-    keys = tl.arange(0, BLOCK_K)
-    cols = tl.arange(0, BLOCK_V)
     t = n * C + rows
-    valid = (rows < C) & (t < T)
-    q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, 0, K, BLOCK_K, acc)
-    k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, 0, K, BLOCK_K, acc)
-    v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, 0, V, BLOCK_V, acc)
+    in_c = rows < C
+    valid = in_c & (t < T)
     beta, lam, lam_last, decay = _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
                                          BLOCK_C, acc)
-    strict = rows[:, None] > rows[None, :]
+    from_start = tl.exp(lam)  # e^Λ
+    to_end = tl.exp(lam_last - lam)  # e^{Λ_C − Λ}
+    row_k = chunk * C * K + rows * K  # the chunk's rows of the contiguous [B, H, N, C, K] outputs
 
-    a = tl.where(strict, beta[:, None] * decay * _dot(k, tl.trans(k), PRECISION), 0.0)  # A = diag(β) M ⊙ K Kᵀ
+    kk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
+    qk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
+    for d0 in range(0, BLOCK_K, BLOCK_D):
+        k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
+        q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
+        kk += _dot(k, tl.trans(k), PRECISION)
+        qk += _dot(q, tl.trans(k), PRECISION)
+        _store_rows(qd_ptr, q * from_start[:, None], row_k, in_c, d0, K, BLOCK_D)  # Qd = diag(e^Λ) Q
+        _store_rows(kd_ptr, k * to_end[:, None], row_k, in_c, d0, K, BLOCK_D)  # Kd = diag(e^{Λ_C − Λ}) K
+
+    strict = rows[:, None] > rows[None, :]
+    a = tl.where(strict, beta[:, None] * decay * kk, 0.0)  # A = diag(β) M ⊙ K Kᵀ
     if INVERSE == "blocks":
         x = _unit_lower_inverse_blocks(a, BLOCK_C, PRECISION)  # (I + A)⁻¹
     else:
         x = tl.trans(_unit_lower_inverse_t(a, BLOCK_C))
-    from_start = tl.exp(lam)  # e^Λ
-    w1 = _dot(x, beta[:, None] * v, PRECISION)  # (I + A)⁻¹ diag(β) V
-    w2 = _dot(x, (beta * from_start)[:, None] * k, PRECISION)  # (I + A)⁻¹ diag(β e^Λ) K
-    p = decay * _dot(q, tl.trans(k), PRECISION)  # M ⊙ Q Kᵀ
-    qd = q * from_start[:, None]
-    kd = k * tl.exp(lam_last - lam)[:, None]
-
-    in_c = rows < C
-    mask_k = in_c[:, None] & (keys < K)[None, :]
-    mask_v = in_c[:, None] & (cols < V)[None, :]
     mask_c = in_c[:, None] & in_c[None, :]
-    off_k = chunk * C * K + rows[:, None] * K + keys[None, :]
     off_c = chunk * C * C + rows[:, None] * C + rows[None, :]
-    tl.store(w1_ptr + chunk * C * V + rows[:, None] * V + cols[None, :], w1, mask=mask_v)
-    tl.store(w2_ptr + off_k, w2, mask=mask_k)
-    tl.store(qd_ptr + off_k, qd, mask=mask_k)
-    tl.store(kd_ptr + off_k, kd, mask=mask_k)
-    tl.store(p_ptr + off_c, p, mask=mask_c)
+    tl.store(p_ptr + off_c, decay * qk, mask=mask_c)  # P = M ⊙ Q Kᵀ
     tl.store(x_ptr + off_c, x, mask=mask_c)
     tl.store(g_ptr + chunk, tl.exp(lam_last))
+
+    for d0 in range(0, BLOCK_K, BLOCK_D):  # W2 = (I + A)⁻¹ diag(β e^Λ) K
+        k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
+        _store_rows(w2_ptr, _dot(x, (beta * from_start)[:, None] * k, PRECISION), row_k, in_c, d0, K, BLOCK_D)
+    row_v = chunk * C * V + rows * V
+    for d0 in range(0, BLOCK_V, BLOCK_D):  # W1 = (I + A)⁻¹ diag(β) V
+        v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, d0, V, BLOCK_D, acc)
+        _store_rows(w1_ptr, _dot(x, beta[:, None] * v, PRECISION), row_v, in_c, d0, V, BLOCK_D)
+
+
+@triton.jit
+def _store_rows(ptr, value, row_offsets, in_c, d0, D, BLOCK_D: tl.constexpr):
+    """Columns ``d0 .. d0 + BLOCK_D`` of the rows at ``row_offsets`` of a contiguous ``[.., D]`` tensor."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    tl.store(ptr + row_offsets[:, None] + cols[None, :], value, mask=in_c[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
@@ -263,8 +276,9 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = Fa
         "BLOCK_C": max(16, triton.next_power_of_2(size)),
         "BLOCK_K": block_k,
         "BLOCK_V": block_v,
-        # the backward's feature columns per pass: whole [C, 128] operands do not fit sm_90's
-        # shared memory (docs/notes/delta-kernel.md)
+        # feature columns per pass of both kernels: whole [C, 128] operands do not fit the
+        # backward in sm_90's shared memory, and in the forward they cost registers
+        # (docs/notes/delta-kernel.md)
         "BLOCK_D": min(32, max(block_k, block_v)),
         "num_warps": 4 if max(key_dim, value_dim) <= 64 else 8,
         "PRECISION": "ieee" if interpret else default_precision(),
@@ -302,7 +316,6 @@ def prepare_forward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Te
     if g.numel() == 0:
         return w1, w2, qd, kd, p, g, x
     cfg = launch_config(size, key_dim, value_dim, interpret=not v.is_cuda, config=config)
-    del cfg["BLOCK_D"]  # the backward's
     _prepare_forward_kernel[(batch * heads * chunks,)](
         q, k, v, beta, log_alpha, w1, w2, qd, kd, p, g, x, length, heads, chunks, size, key_dim, value_dim,
         *_input_strides(q, k, v, beta, log_alpha), **cfg)
