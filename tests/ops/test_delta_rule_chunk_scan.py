@@ -402,6 +402,8 @@ def test_cuda_kernel_configs_against_float64(config, tol, shape):
     o, final, states = (torch.full_like(inputs[0], float("nan")), torch.full_like(inputs[6], float("nan")),
                         torch.full((*shape[:3], shape[4], shape[5]), float("nan"), device="cuda"))
     kernels.chunk_scan_forward(*inputs, out=(o, final, states), config=config)
+    again = kernels.chunk_scan_forward(*inputs, config=config)
+    assert torch.equal(o, again[0]) and torch.equal(states, again[2]), "two identical launches differ"
     grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
     (ref_o, ref_final), refs = reference_grads(inputs, grad_o, grad_final)
     assert err(o, ref_o) < tol and err(final, ref_final) < tol

@@ -126,7 +126,7 @@ def _prepare_forward_kernel(
 
     kk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
     qk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
-    for d0 in range(0, BLOCK_K, BLOCK_D):
+    for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):
         k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
         q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
         kk += _dot(k, tl.trans(k), PRECISION)
@@ -146,11 +146,11 @@ def _prepare_forward_kernel(
     tl.store(x_ptr + off_c, x, mask=mask_c)
     tl.store(g_ptr + chunk, tl.exp(lam_last))
 
-    for d0 in range(0, BLOCK_K, BLOCK_D):  # W2 = (I + A)⁻¹ diag(β e^Λ) K
+    for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):  # W2 = (I + A)⁻¹ diag(β e^Λ) K
         k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
         _store_rows(w2_ptr, _dot(x, (beta * from_start)[:, None] * k, PRECISION), row_k, in_c, d0, K, BLOCK_D)
     row_v = chunk * C * V + rows * V
-    for d0 in range(0, BLOCK_V, BLOCK_D):  # W1 = (I + A)⁻¹ diag(β) V
+    for d0 in tl.static_range(0, BLOCK_V, BLOCK_D):  # W1 = (I + A)⁻¹ diag(β) V
         v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, d0, V, BLOCK_D, acc)
         _store_rows(w1_ptr, _dot(x, beta[:, None] * v, PRECISION), row_v, in_c, d0, V, BLOCK_D)
 
@@ -226,7 +226,7 @@ def _prepare_backward_kernel(
     through_r2 = tl.zeros((BLOCK_C,), dtype=acc)  # d(β e^Λ)
     through_qd = tl.zeros((BLOCK_C,), dtype=acc)
     through_kd = tl.zeros((BLOCK_C,), dtype=acc)
-    for d0 in range(0, BLOCK_K, BLOCK_D):
+    for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):
         k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
         q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
         dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
@@ -268,26 +268,32 @@ def _prepare_backward_kernel(
     tl.store(dla_ptr + b * o_bb + h * o_bh + t * o_bt, grad_la, mask=valid)
 
 
-def pick_config(size: int, key_dim: int, value_dim: int, *, interpret: bool = False, config: dict | None = None) -> dict:
-    """Launch config of both kernels (``config`` overrides any entry): a whole chunk per
-    program, padded to powers of two of at least 16 (``tl.dot``'s smallest tile)."""
+def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = False, interpret: bool = False,
+                config: dict | None = None) -> dict:
+    """Launch config of the forward kernel, or with ``backward`` the backward's (``config``
+    overrides any entry of either): a whole chunk per program, padded to powers of two of
+    at least 16 (``tl.dot``'s smallest tile)."""
     block_k, block_v = max(16, triton.next_power_of_2(key_dim)), max(16, triton.next_power_of_2(value_dim))
     cfg = {
         "BLOCK_C": max(16, triton.next_power_of_2(size)),
         "BLOCK_K": block_k,
         "BLOCK_V": block_v,
-        # feature columns per pass of both kernels: whole [C, 128] operands do not fit the
-        # backward in sm_90's shared memory, and in the forward they cost registers
-        # (docs/notes/delta-kernel.md)
+        # feature columns per pass: whole [C, 128] operands do not fit the backward in sm_90's
+        # shared memory, and cost the forward registers (docs/notes/delta-kernel.md)
         "BLOCK_D": min(32, max(block_k, block_v)),
-        "num_warps": 4 if max(key_dim, value_dim) <= 64 else 8,
+        # the forward with only [C, C] tiles whole fits 4 warps, two programs an SM; the
+        # backward keeps more tiles (docs/benchmarks.md, "The `delta` op against fla")
+        "num_warps": 8 if backward and max(key_dim, value_dim) > 64 else 4,
         "PRECISION": "ieee" if interpret else default_precision(),
-        # how the forward inverts I + A: "blocks" (16-row blocks on the tensor cores, 19
-        # products at C = 64; faster at every size measured, docs/benchmarks.md) or "rows"
-        # (forward substitution, C - 1 serial steps on the CUDA cores)
-        "INVERSE": "blocks",
     }
+    if not backward:
+        # how the forward inverts I + A: "blocks" (16-row blocks on the tensor cores, 19
+        # products at C = 64; faster at every size measured) or "rows" (forward substitution,
+        # C - 1 serial steps on the CUDA cores)
+        cfg["INVERSE"] = "blocks"
     cfg.update(config or {})
+    if backward:
+        cfg.pop("INVERSE", None)  # a benchmark's override of both kernels: the forward's alone
     return cfg
 
 
@@ -338,8 +344,7 @@ def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: T
     if inverse.numel() == 0:
         return tuple(o.zero_() for o in outs)
     grads = tuple(g.to(inverse.dtype).contiguous() for g in grads)
-    cfg = launch_config(size, key_dim, value_dim, interpret=not v.is_cuda, config=config)
-    del cfg["INVERSE"]  # the forward's
+    cfg = launch_config(size, key_dim, value_dim, backward=True, interpret=not v.is_cuda, config=config)
     _prepare_backward_kernel[(batch * heads * chunks,)](
         q, k, v, beta, log_alpha, inverse.contiguous(), *grads, *outs,
         length, heads, chunks, size, key_dim, value_dim, *_input_strides(q, k, v, beta, log_alpha),
