@@ -49,15 +49,15 @@ for part in "${parts[@]}"; do
         # the delta rule's kernels: their CUDA tests (every launch option among them), then the
         # op against the PyTorch loop and each launcher alone at batch 4, 8 and 16 x 2048 with
         # 32 and 64 value columns a scan program (the default picks by batch x heads) and the
-        # prepare kernel's row-by-row inverse (TF32 as training runs it; fla is the separate
-        # part `fla`, whose autotuning takes minutes), then where a 1b-delta training step
-        # spends its time
-        timeout 250 python3 -m pytest -q -p no:cacheprovider -k cuda tests/ops/test_delta_rule_chunk_scan.py \
+        # preparation in 16-column passes on 4 warps (TF32 as training runs it; fla is the
+        # separate part `fla`, whose autotuning takes minutes), then where a 1b-delta training
+        # step spends its time. The 46 CUDA tests took about 6 minutes (2026-12-02)
+        timeout 420 python3 -m pytest -q -p no:cacheprovider -k cuda tests/ops/test_delta_rule_chunk_scan.py \
             tests/ops/test_delta_rule_chunk_prepare.py 2>&1 | tee "$OUT/gpu_tests_delta.log" | tail -5
         for tokens in 8192 16384 32768; do
             timeout 100 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
                 --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --config PRECISION=bf16 \
-                --prepare-config INVERSE=rows --out "$OUT/delta_$tokens.json" 2>&1 | grep -v "^{" | tail -20
+                --prepare-config BLOCK_D=16,num_warps=4 --out "$OUT/delta_$tokens.json" 2>&1 | grep -v "^{" | tail -20
         done
         timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json > "$OUT/profile_delta.txt" 2>&1
         tail -40 "$OUT/profile_delta.txt" ;;
@@ -66,7 +66,8 @@ for part in "${parts[@]}"; do
         timeout 150 python3 -m mmrec.bench host --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -16 ;;
     fla)
         # the delta rule's op against fla 0.6 at the 1b delta layer's heads (16 x 128), T 2K and 32K
-        # (TF32, as training runs it; fla autotunes each kernel on its first call, which took minutes)
+        # (TF32, as training runs it; fla autotunes each kernel on its first call: about 4 minutes
+        # for both lengths). The device has no fla: carry fla-core 0.6.0's wheel in .whl/
         timeout 420 python3 -m mmrec.bench delta --tokens 32768 --lengths 2048 32768 --head-dims 128 --precision high \
             --out "$OUT/delta_fla.json" 2>&1 | tee "$OUT/delta_fla.log" | grep -v "^{" | tail -26 ;;
     hybrid)
