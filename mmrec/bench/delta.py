@@ -8,8 +8,9 @@ op/loop and the op's error against the loop (outputs and gradients). Both run un
 ``--precision`` (``torch.set_float32_matmul_precision``: ``highest`` keeps fp32 products,
 ``tf32x3`` in the kernels; ``high`` allows tf32 in cuBLAS and the kernels). Inputs as the
 ``delta`` layer gives them: unit-norm ``q``, ``k`` in float32, ``v`` in ``--dtype``, β in
-(0, 1), log α in (-0.05, 0), a random initial state. ``--kernels`` adds the two Triton
-launchers alone (the forward scan, and the adjoint scan of the backward) with their default
+(0, 1), log α in (-0.05, 0), a random initial state. ``--kernels`` adds the chunk scan's Triton
+launchers alone (the forward scan, the adjoint scan of the backward and the gradients kernel,
+``chunk_gradients``, against the PyTorch products the op's backward runs) with their default
 launch config and each ``--config`` (``KEY=VALUE,...``: ``BLOCK_V``, ``num_warps``,
 ``STAGES``, ``PRECISION``), and the chunk preparation's two launchers (forward, backward)
 with theirs and each ``--prepare-config`` (``BLOCK_D``, ``num_warps``, ``INVERSE``), for
@@ -106,14 +107,25 @@ def chunk_scan_inputs(inputs, chunk: int) -> tuple:
 
 
 def _kernel_passes(config: dict | None, inputs, chunk: int):
-    """The two Triton launchers alone, on the op inputs ``chunk_delta_rule`` would give them."""
+    """The chunk scan's Triton launchers alone, on the op inputs ``chunk_delta_rule`` would
+    give them: the forward, the adjoint scan of the backward, and the gradients that sum
+    over ``V`` by the gradients kernel (``grads``; with the default config also by the
+    PyTorch batched products the op's backward runs, ``grads (products)``)."""
     from mmrec.ops.delta_rule import chunk_scan_triton as kernels
+    from mmrec.ops.delta_rule.chunk_scan import _chunk_gradients
 
     args = chunk_scan_inputs(inputs, chunk)
-    o, final, _ = kernels.chunk_scan_forward(*args, config=config)
+    o, final, states = kernels.chunk_scan_forward(*args, config=config)
     grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
-    return {"fwd": lambda: kernels.chunk_scan_forward(*args, config=config),
-            "bwd": lambda: kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)}
+    grad_u, grad_next, _ = kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)
+    w1, w2, q_decayed, _, attn = args[:5]
+    scan_only = {k: v for k, v in (config or {}).items() if k not in ("STAGES", "OUTPUT")}
+    passes = {"fwd": lambda: kernels.chunk_scan_forward(*args, config=config),
+              "bwd": lambda: kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config),
+              "grads": lambda: kernels.chunk_gradients(w1, w2, states, grad_o, grad_u, grad_next, config=scan_only)}
+    if config is None:
+        passes["grads (products)"] = lambda: _chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next)
+    return passes
 
 
 def _prepare_passes(config: dict | None, inputs, chunk: int):
