@@ -218,7 +218,9 @@ def kernel_grads(kernels, inputs, states, grad_o, grad_final, config=None, gradi
     grad_u, grad_next, grad_initial = adjoints
     if gradients_kernel:
         config = {k: v for k, v in (config or {}).items() if k not in ("STAGES", "OUTPUT")}
-        return (*kernels.chunk_gradients(w1, w2, states, grad_o, grad_u, grad_next, config=config), grad_initial)
+        out = tuple(full(x) for x in (w2, q_decayed, k_decayed, attn, chunk_decay))  # dW2, dQd, dKd, dP, dg
+        return (*kernels.chunk_gradients(w1, w2, states, grad_o, grad_u, grad_next, out=out, config=config),
+                grad_initial)
     return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial)
 
 
@@ -325,6 +327,10 @@ def test_launchers_refuse_outputs_they_cannot_write():
     with pytest.raises(ValueError, match="shapes"):  # no chunk states where a backward needs them
         kernels.chunk_scan_forward(*inputs, out=(torch.empty_like(inputs[0]), torch.empty_like(inputs[6]),
                                                  torch.empty(1, 2, 0, 16, 16)))
+    w1, w2 = inputs[:2]
+    with pytest.raises(ValueError, match="states of shape"):  # states of an inference forward: none kept
+        kernels.chunk_gradients(w1, w2, torch.empty(1, 2, 0, 16, 16), None, torch.empty_like(w1),
+                                torch.empty(1, 2, 2, 16, 16))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -410,12 +416,14 @@ def test_cuda_kernel_configs_against_float64(config, tol, shape):
                         torch.full((*shape[:3], shape[4], shape[5]), float("nan"), device="cuda"))
     kernels.chunk_scan_forward(*inputs, out=(o, final, states), config=config)
     again = kernels.chunk_scan_forward(*inputs, config=config)
-    assert torch.equal(o, again[0]) and torch.equal(states, again[2]), "two identical launches differ"
+    assert all(torch.equal(a, b) for a, b in zip((o, final, states), again)), "two identical launches differ"
     grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
     (ref_o, ref_final), refs = reference_grads(inputs, grad_o, grad_final)
     assert err(o, ref_o) < tol and err(final, ref_final) < tol
     grads = kernel_grads(kernels, inputs, states, grad_o, grad_final, config)
-    for name, got, want in zip(NAMES, grads, refs):
+    grads_again = kernel_grads(kernels, inputs, states, grad_o, grad_final, config)
+    for name, got, second, want in zip(NAMES, grads, grads_again, refs):
+        assert torch.equal(got, second), f"{name} differs between two identical launches"
         assert err(got, want) < tol, name
 
 

@@ -3,8 +3,15 @@
 
 The forward reads the chunk's ``q``, ``k`` ``[C, K]``, ``v`` ``[C, V]``, ``β`` and ``log α``
 straight from the layer's ``[B, T, H, D]`` layout (any strides, the time axis padded on
-chip), ``BLOCK_D`` feature columns at a time, and writes what the chunk loop reads (``W1``, ``W2``, ``Qd``, ``Kd``, ``P``, ``g``;
-``chunk_prepare.py`` defines them) plus ``X = (I + A)⁻¹``, which the backward reuses.
+chip), ``BLOCK_D`` feature columns at a time, and writes what the chunk loop reads
+(``W1``, ``W2``, ``Qd``, ``Kd``, ``P``, ``g``; ``chunk_prepare.py`` defines them) plus
+``X = (I + A)⁻¹``, which the backward reuses.
+
+The passes that sum ``K Kᵀ`` and ``Q Kᵀ`` over feature blocks are unrolled
+(``tl.static_range``), not loops: as a loop, Triton 3.6 on sm_90 miscompiled them in some
+launch configs (``Q Kᵀ`` wrong, and not the same twice; docs/notes/delta-kernel.md, "A
+miscompiled loop"). Keep them unrolled unless the CUDA tests, which try every benchmarked
+config twice, pass with a loop.
 ``X`` comes from forward substitution on chip inside 16-row blocks, as products on the
 tensor cores, then the blocks combined by a short series of products
 (``_unit_lower_inverse_blocks``); or, with ``INVERSE="rows"``, from forward substitution
@@ -126,7 +133,7 @@ def _prepare_forward_kernel(
 
     kk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
     qk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
-    for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):
+    for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):  # unrolled: see the module docstring
         k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
         q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
         kk += _dot(k, tl.trans(k), PRECISION)
@@ -226,7 +233,7 @@ def _prepare_backward_kernel(
     through_r2 = tl.zeros((BLOCK_C,), dtype=acc)  # d(β e^Λ)
     through_qd = tl.zeros((BLOCK_C,), dtype=acc)
     through_kd = tl.zeros((BLOCK_C,), dtype=acc)
-    for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):
+    for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):  # unrolled: see the module docstring
         k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
         q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
         dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)

@@ -41,8 +41,6 @@ run on CPU tensors, which is how the CPU tests check them.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -429,25 +427,37 @@ def chunk_scan_adjoint(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: T
 
 
 def chunk_gradients(w1: Tensor, w2: Tensor, states: Tensor, grad_o: Tensor | None, grad_u: Tensor,
-                    grad_next: Tensor, *, config: dict | None = None) -> tuple[Tensor, ...]:
+                    grad_next: Tensor, *, out: tuple[Tensor, ...] | None = None,
+                    config: dict | None = None) -> tuple[Tensor, ...]:
     """The gradients of ``(W1, W2, Qd, Kd, P, g)`` from the adjoints, as
     ``chunk_scan._chunk_gradients`` computes them with batched products: one launch, a
     program per chunk, reading each chunk's state and adjoint once. ``grad_o`` (None: no
-    gradient of ``O``) is read in any layout; ``config`` overrides ``BLOCK_V``,
-    ``num_warps`` and ``PRECISION`` of the launch config."""
+    gradient of ``O``) is read in any layout; ``out`` takes preallocated contiguous
+    ``(dW2, dQd, dKd, dP, dg)``; ``config`` overrides ``BLOCK_V``, ``num_warps`` and
+    ``PRECISION`` of the launch config. ``dW1`` is ``grad_u`` itself."""
     batch, heads, chunks, size, key_dim = w2.shape
     value_dim = w1.shape[-1]
+    expected = {"w1": (batch, heads, chunks, size, value_dim), "states": (batch, heads, chunks, key_dim, value_dim),
+                "grad_u": (batch, heads, chunks, size, value_dim), "grad_next": (batch, heads, chunks, key_dim, value_dim)}
+    given = {"w1": w1, "states": states, "grad_u": grad_u, "grad_next": grad_next}
+    if grad_o is not None:
+        expected["grad_o"], given["grad_o"] = expected["w1"], grad_o
+    for name, x in given.items():
+        if tuple(x.shape) != expected[name] or x.dtype != w2.dtype:
+            raise ValueError(f"chunk_gradients expects {name} of shape {expected[name]} in {w2.dtype} (from w2 "
+                             f"{tuple(w2.shape)} and w1), got {tuple(x.shape)} in {x.dtype}")
     w1, w2, states, grad_u, grad_next = (x.contiguous() for x in (w1, w2, states, grad_u, grad_next))
-    empty = functools.partial(torch.empty, dtype=w2.dtype, device=w2.device)
-    grad_w2, grad_qd, grad_kd = empty(w2.shape), empty(w2.shape), empty(w2.shape)
-    grad_p, grad_g = empty(batch, heads, chunks, size, size), empty(batch, heads, chunks)
-    if grad_w2.numel() == 0 or value_dim == 0:
-        return grad_u, grad_w2.zero_(), grad_qd.zero_(), grad_kd.zero_(), grad_p.zero_(), grad_g.zero_()
+    shapes = (tuple(w2.shape),) * 3 + ((batch, heads, chunks, size, size), (batch, heads, chunks))
+    if out is None:
+        out = tuple(torch.empty(shape, dtype=w2.dtype, device=w2.device) for shape in shapes)
+    grad_w2, grad_qd, grad_kd, grad_p, grad_g = _checked_outputs(out, shapes, w2)
+    if grad_g.numel() == 0 or value_dim == 0:
+        return grad_u, *(x.zero_() for x in out)
+    # 32 value columns at most (``_value_columns`` without a device): three [C, K]
+    # accumulators, and a [K, BLOCK_V] state and adjoint, a program
     cfg = launch_config(size, key_dim, value_dim, interpret=not w2.is_cuda, config=config)
     for name in ("OUTPUT", "STAGES"):  # the scans'
         del cfg[name]
-    if "BLOCK_V" not in (config or {}):  # three [C, K] accumulators, and a [K, BLOCK_V] state and adjoint a program
-        cfg["BLOCK_V"] = min(cfg["BLOCK_V"], 32)
     _gradients_kernel[(batch * heads * chunks,)](
         w1, w2, states, grad_o, grad_u, grad_next, grad_w2, grad_qd, grad_kd, grad_p, grad_g,
         heads, chunks, size, key_dim, value_dim, *((0,) * 5 if grad_o is None else grad_o.stride()),
