@@ -195,7 +195,7 @@ def test_generate_stops_at_eos(loaded):
     stopped = loaded.generate(prompt[None], max_new_tokens=16, do_sample=False, eos_token_id=eos)[0, 9:]
     assert stopped.tolist() == free[: first + 1].tolist()
     # in a batch, a finished row is padded while the other goes on as it would alone
-    other = random_rows([9], seed=5)[0]
+    other = random_rows([9], seed=2)[0]
     alone = loaded.generate(other[None], max_new_tokens=16, do_sample=False, eos_token_id=eos)[0, 9:]
     assert eos not in alone.tolist()  # the seed is chosen so that this row never emits it
     both = loaded.generate(torch.stack([prompt, other]), max_new_tokens=16, do_sample=False, eos_token_id=eos,
@@ -213,7 +213,9 @@ def test_left_padded_batch_equals_each_row_alone(loaded):
     for i, row in enumerate(rows):
         with torch.no_grad():
             alone = loaded(row[None]).logits[0]
-        assert torch.equal(logits[i, ids.shape[1] - len(row):], alone)
+        # to float rounding: a padded row runs the delta layer's products at other sizes, whose
+        # sums the CPU's BLAS may order otherwise (wrong masking would be off by O(1))
+        torch.testing.assert_close(logits[i, ids.shape[1] - len(row):], alone, rtol=0, atol=1e-5)
         assert not logits[i, : ids.shape[1] - len(row)].any()  # zeros where the padding is
         expected = loaded.generate(row[None], max_new_tokens=14, do_sample=False)[0, len(row):]
         assert torch.equal(out[i, ids.shape[1]:], expected)

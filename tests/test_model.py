@@ -239,7 +239,7 @@ def test_flops_per_token_counts_parameters_and_each_blocks_mixing():
     c = mmrec_model.config  # hds: 32 slots read over levels 0-2 (32 + 8 + 2), written from keys of 2 x 64
     hds = 12 * (32 + 8 + 2) * c.d_model + 12 * 32 * 128
     assert mmrec_model.flops_per_token(256) == 6 * mmrec_model.num_parameters() + c.n_layers * hds
-    delta_layer = chunk_delta_rule_flops(64, c.n_heads, c.d_model // c.n_heads)  # 64-token chunks
+    delta_layer = chunk_delta_rule_flops(64, 1, c.d_model)  # one head as wide as the model, 64-token chunks
     assert hybrid.flops_per_token(256) == 6 * hybrid.num_parameters() + (c.n_layers - 1) * hds + delta_layer
     t = transformer.config
     assert transformer.flops_per_token(256) == 6 * transformer.num_parameters() + 6 * t.n_layers * 256 * t.d_model

@@ -28,7 +28,8 @@ with a random key erases about ``β / d_k`` of what the others stored, so behind
 unrelated tokens a pair keeps about ``e^{−nβ/d_k}``. ``head_dim`` sets the layer's own
 heads, wider than the model's (fewer heads of ``head_dim``: the state, ``d_model · d_k``
 numbers, grows with it), for a hybrid whose attention-free layers would otherwise have
-narrow heads. ``key_dim`` widens the keys and queries alone (state expansion, as HGRN2 and
+narrow heads; ``heads`` sets their count instead (``tiny``'s one head, ``d_model`` wide,
+stays one head when a test or benchmark narrows the model). ``key_dim`` widens the keys and queries alone (state expansion, as HGRN2 and
 GLA expand theirs): each head's state is ``key_dim × head_dim``, the values keep their width.
 
 ``o`` is not scaled by ``d_h^-1/2``: ``q`` has unit norm, so ``o`` already has ``v``'s
@@ -54,7 +55,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor
 
 from mmrec.contracts import Recurrence
@@ -76,7 +77,10 @@ class DeltaRecurrence(Recurrence):
         conv: int | None = Field(4, ge=2, description="taps of the causal convolution on q and k; null: none")
         head_dim: PositiveInt | None = Field(
             None, description="width of the delta rule's heads (their values; d_model / head_dim heads), whose state "
-                              "is key_dim x head_dim each; null: the model's d_model / n_heads")
+                              "is key_dim x head_dim each; null: d_model / heads")
+        heads: PositiveInt | None = Field(
+            None, description="or: how many heads the delta rule has, each d_model / heads wide (a count that holds "
+                              "at any d_model); null, with no head_dim: the model's n_heads")
         key_dim: PositiveInt | None = Field(
             None, description="width of each head's keys and queries, so each head's state is key_dim x head_dim: wider "
                               "keys keep more associations apart (state expansion); null: head_dim")
@@ -84,8 +88,20 @@ class DeltaRecurrence(Recurrence):
             None, ge=2, description="taps of a causal convolution on the write strength β's logits (per head, starting as "
                                     "the identity): β from the tokens before each one too; null: none")
 
+        @model_validator(mode="after")
+        def _heads_named_one_way(self):
+            if self.head_dim is not None and self.heads is not None:
+                raise ValueError("set the delta rule's heads by head_dim (their width) or by heads (their count), not both")
+            return self
+
+        def head_width(self, d_model: int, n_heads: int) -> int:
+            """The width of this layer's heads: ``head_dim``, or ``d_model`` over ``heads`` or the model's ``n_heads``."""
+            return self.head_dim or d_model // (self.heads or n_heads)
+
         def check_model(self, model) -> None:
-            head_dim = self.head_dim or model.d_model // model.n_heads
+            if self.heads is not None and model.d_model % self.heads:
+                raise ValueError(f"recurrence.heads {self.heads} must divide d_model ({model.d_model})")
+            head_dim = self.head_width(model.d_model, model.n_heads)
             if model.d_model % head_dim:
                 raise ValueError(f"recurrence.head_dim {head_dim} must divide d_model ({model.d_model})")
             if self.key_dim is not None and self.key_dim > head_dim:  # the tile holds the wider of the two
@@ -106,7 +122,7 @@ class DeltaRecurrence(Recurrence):
 
     def __init__(self, config: Config, *, d_model: int, n_heads: int, init_std: float = 0.02):
         super().__init__()
-        self.head_dim = config.head_dim or d_model // n_heads
+        self.head_dim = config.head_width(d_model, n_heads)
         self.n_heads = d_model // self.head_dim
         self.key_dim = config.key_dim or self.head_dim
         self.chunk = config.chunk

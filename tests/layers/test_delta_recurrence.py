@@ -86,6 +86,19 @@ def test_head_dim_sets_the_layers_own_heads():
         toy(recurrence={"kind": "delta", "head_dim": 7})
 
 
+def test_heads_sets_their_count_at_any_width():
+    """``heads`` 1 is one head as wide as the model, whatever ``d_model`` is; it and
+    ``head_dim`` name the same thing, so not both."""
+    assert MMRecBlock(toy(recurrence={"kind": "delta", "chunk": 5, "heads": 1}).config).widths["beta"] == 1
+    for d_model in (24, 48):
+        layer = DeltaRecurrence(DeltaRecurrence.Config(heads=2), d_model=d_model, n_heads=4)
+        assert (layer.n_heads, layer.head_dim) == (2, d_model // 2)
+    with pytest.raises(ValueError, match="not both"):
+        DeltaRecurrence.Config(heads=2, head_dim=12)
+    with pytest.raises(ValueError, match="recurrence.heads 5 must divide d_model"):
+        toy(recurrence={"kind": "delta", "heads": 5})
+
+
 def test_mdi_width_spreads_a_decay_range_over_its_outputs():
     mdi = MDI(16, 8, decay_init=(0.9, 0.999), width=3).double()
     log_decay = mdi(torch.zeros(1, 1, 16, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64))
@@ -231,8 +244,9 @@ def test_a_chunk_past_the_kernels_shared_memory_is_refused_by_validation():
         with pytest.raises(ValueError, match=rf"{field}\.chunk 128 at head width 128: .* at most 64"):
             mmrec.recipes.load("tiny", [*wide_heads, variant, f"model.{field}.chunk=128"])
         assert getattr(mmrec.recipes.load("tiny", [*wide_heads, variant, f"model.{field}.chunk=64"]).model, field).chunk == 64
-    # narrower heads leave room for longer chunks
-    assert mmrec.recipes.load("tiny", ["model.recurrence.kind=delta", "model.recurrence.chunk=128"]).model.recurrence.chunk == 128
+    # narrower heads leave room for longer chunks (tiny's own layer 0 is one head of 128: left out)
+    narrow = ["model.layer_overrides=[]", "model.recurrence.kind=delta", "model.recurrence.chunk=128"]
+    assert mmrec.recipes.load("tiny", narrow).model.recurrence.chunk == 128
 
 
 def test_the_chunk_check_pads_as_the_kernel_does():

@@ -171,7 +171,7 @@ def test_resume_with_the_recipe_named_accepts_the_same_layers_written_otherwise(
     # tiny names its delta layers as a pattern (every 4); a run whose recipe listed them holds
     # the same model, so --recipe tiny resumes it; other layers are a different model
     run = tmp_path / "run"
-    listed = 'model.layer_overrides=[{"layers": [0], "recurrence": {"kind": "delta"}, "decay_init": [0.9, 0.999], "memory": {"kind": "none"}}]'
+    listed = 'model.layer_overrides=[{"layers": [0], "recurrence": {"kind": "delta", "heads": 1}, "decay_init": 0.999, "memory": {"kind": "none"}}]'
     assert train_mod.main(["--out", str(run), "--data", str(text_file), *sets("train.steps=2", listed)]) == 0
     assert train_mod.main(["--recipe", "tiny", "--resume", str(run), *sets("train.steps=3")]) == 0
     msg = fail(capsys, ["--recipe", "tiny", "--resume", str(run), *sets("train.steps=4", "model.n_layers=2")])
