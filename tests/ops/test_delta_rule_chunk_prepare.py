@@ -218,10 +218,13 @@ def test_cuda_kernels_against_float64(head_dim, precision, tol, inverse):
     _check_cuda_launch(head_dim, precision, tol, {"INVERSE": inverse})
 
 
+LAUNCH_CONFIGS = [{"num_warps": 4, "INVERSE": "rows"}, {"num_warps": 8}, {"BLOCK_D": 16}, {"BLOCK_D": 64},
+                  {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 4}]
+
+
 @cuda_only
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("config", [{"num_warps": 4}, {"num_warps": 8}, {"BLOCK_D": 16}, {"BLOCK_D": 64},
-                                    {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 4}], ids=str)
+@pytest.mark.parametrize("config", LAUNCH_CONFIGS, ids=str)
 def test_cuda_launch_configs_against_float64_and_repeatable(head_dim, config):
     """Every launch config the benchmarks try gives tf32's accuracy, and the same bits twice."""
     _check_cuda_launch(head_dim, "high", 3e-3, config, repeat=True)
