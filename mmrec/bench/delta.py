@@ -121,17 +121,16 @@ def _kernel_passes(config: dict | None, inputs, chunk: int):
     scan_only = {k: v for k, v in (config or {}).items() if k not in ("STAGES", "OUTPUT")}
 
     @functools.cache
-    def adjoints():  # states and adjoints for the gradients, on the first timed call (a config
-        # too large for the chip then fails inside the timing, which reports it)
+    def adjoints():  # (S_n, dO, dU, dS_{n+1}) for the gradients, on the first timed call (a
+        # config too large for the chip then fails inside the timing, which reports it)
         states = kernels.chunk_scan_forward(*args, config=config)[2]
-        return (states, *kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)[:2])
+        return (states, grad_o, *kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)[:2])
 
     passes = {"fwd": lambda: kernels.chunk_scan_forward(*args, config=config),
               "bwd": lambda: kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config),
-              "grads": lambda: kernels.chunk_gradients(w1, w2, adjoints()[0], grad_o, *adjoints()[1:], config=scan_only)}
+              "grads": lambda: kernels.chunk_gradients(w1, w2, *adjoints(), config=scan_only)}
     if config is None:
-        passes["grads (products)"] = lambda: _chunk_gradients(w1, w2, q_decayed, attn, adjoints()[0], grad_o,
-                                                              *adjoints()[1:])
+        passes["grads (products)"] = lambda: _chunk_gradients(w1, w2, q_decayed, attn, *adjoints())
     return passes
 
 

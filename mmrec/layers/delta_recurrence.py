@@ -29,8 +29,9 @@ unrelated tokens a pair keeps about ``e^{−nβ/d_k}``. ``head_dim`` sets the la
 heads, wider than the model's (fewer heads of ``head_dim``: the state, ``d_model · d_k``
 numbers, grows with it), for a hybrid whose attention-free layers would otherwise have
 narrow heads; ``heads`` sets their count instead (``tiny``'s one head, ``d_model`` wide,
-stays one head when a test or benchmark narrows the model). ``key_dim`` widens the keys and queries alone (state expansion, as HGRN2 and
-GLA expand theirs): each head's state is ``key_dim × head_dim``, the values keep their width.
+stays one head when a test or benchmark narrows the model). ``key_dim`` widens the keys
+and queries alone (state expansion, as HGRN2 and GLA expand theirs): each head's state is
+``key_dim × head_dim``, the values keep their width.
 
 ``o`` is not scaled by ``d_h^-1/2``: ``q`` has unit norm, so ``o`` already has ``v``'s
 scale, and the block normalises ``h`` (``state_norm``) before ``W_o``, which would undo a

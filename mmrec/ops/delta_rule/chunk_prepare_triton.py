@@ -7,11 +7,6 @@ chip), ``BLOCK_D`` feature columns at a time, and writes what the chunk loop rea
 (``W1``, ``W2``, ``Qd``, ``Kd``, ``P``, ``g``; ``chunk_prepare.py`` defines them) plus
 ``X = (I + A)⁻¹``, which the backward reuses.
 
-The passes that sum ``K Kᵀ`` and ``Q Kᵀ`` over feature blocks are unrolled
-(``tl.static_range``), not loops: as a loop, Triton 3.6 on sm_90 miscompiled them in some
-launch configs (``Q Kᵀ`` wrong, and not the same twice; docs/notes/delta-kernel.md, "A
-miscompiled loop"). Keep them unrolled unless the CUDA tests, which try every benchmarked
-config twice, pass with a loop.
 ``X`` comes from forward substitution on chip inside 16-row blocks, as products on the
 tensor cores, then the blocks combined by a short series of products
 (``_unit_lower_inverse_blocks``); or, with ``INVERSE="rows"``, from forward substitution
@@ -26,6 +21,12 @@ chunk loop's gradients of those six outputs, and writes the gradients of ``q``, 
 lower), so the backward needs no solve. ``log α`` enters through ``Λ``, the cumulative
 sum inside the chunk, so its gradient is the reverse cumulative sum of ``Λ``'s, and no
 chunk needs another's.
+
+The passes that sum ``K Kᵀ`` and ``Q Kᵀ`` over feature blocks are unrolled
+(``tl.static_range``), not loops: as a loop, Triton 3.6 on sm_90 miscompiled them in some
+launch configs (``Q Kᵀ`` wrong, and not the same twice; docs/notes/delta-kernel.md, "A
+miscompiled loop"). Keep them unrolled unless the CUDA tests, which try every benchmarked
+config twice, pass with a loop.
 
 Products take fp32 operands at ``PRECISION`` (``chunk_scan_triton._dot``; from
 ``torch.get_float32_matmul_precision()`` by default) and accumulate in fp32. Under
@@ -129,7 +130,6 @@ def _prepare_forward_kernel(
                                          BLOCK_C, acc)
     from_start = tl.exp(lam)  # e^Λ
     to_end = tl.exp(lam_last - lam)  # e^{Λ_C − Λ}
-    row_k = chunk * C * K + rows * K  # the chunk's rows of the contiguous [B, H, N, C, K] outputs
 
     kk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
     qk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
@@ -138,8 +138,8 @@ def _prepare_forward_kernel(
         q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
         kk += _dot(k, tl.trans(k), PRECISION)
         qk += _dot(q, tl.trans(k), PRECISION)
-        _store_rows(qd_ptr, q * from_start[:, None], row_k, in_c, d0, K, BLOCK_D)  # Qd = diag(e^Λ) Q
-        _store_rows(kd_ptr, k * to_end[:, None], row_k, in_c, d0, K, BLOCK_D)  # Kd = diag(e^{Λ_C − Λ}) K
+        _store_chunk_block(qd_ptr, q * from_start[:, None], chunk, rows, in_c, d0, C, K, BLOCK_D)  # Qd = diag(e^Λ) Q
+        _store_chunk_block(kd_ptr, k * to_end[:, None], chunk, rows, in_c, d0, C, K, BLOCK_D)  # Kd = diag(e^{Λ_C − Λ}) K
 
     strict = rows[:, None] > rows[None, :]
     a = tl.where(strict, beta[:, None] * decay * kk, 0.0)  # A = diag(β) M ⊙ K Kᵀ
@@ -155,18 +155,11 @@ def _prepare_forward_kernel(
 
     for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):  # W2 = (I + A)⁻¹ diag(β e^Λ) K
         k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
-        _store_rows(w2_ptr, _dot(x, (beta * from_start)[:, None] * k, PRECISION), row_k, in_c, d0, K, BLOCK_D)
-    row_v = chunk * C * V + rows * V
+        w2 = _dot(x, (beta * from_start)[:, None] * k, PRECISION)
+        _store_chunk_block(w2_ptr, w2, chunk, rows, in_c, d0, C, K, BLOCK_D)
     for d0 in tl.static_range(0, BLOCK_V, BLOCK_D):  # W1 = (I + A)⁻¹ diag(β) V
         v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, d0, V, BLOCK_D, acc)
-        _store_rows(w1_ptr, _dot(x, beta[:, None] * v, PRECISION), row_v, in_c, d0, V, BLOCK_D)
-
-
-@triton.jit
-def _store_rows(ptr, value, row_offsets, in_c, d0, D, BLOCK_D: tl.constexpr):
-    """Columns ``d0 .. d0 + BLOCK_D`` of the rows at ``row_offsets`` of a contiguous ``[.., D]`` tensor."""
-    cols = d0 + tl.arange(0, BLOCK_D)
-    tl.store(ptr + row_offsets[:, None] + cols[None, :], value, mask=in_c[:, None] & (cols < D)[None, :])
+        _store_chunk_block(w1_ptr, _dot(x, beta[:, None] * v, PRECISION), chunk, rows, in_c, d0, C, V, BLOCK_D)
 
 
 @triton.jit
@@ -175,6 +168,13 @@ def _load_chunk_block(ptr, chunk, rows, in_c, d0, C, D, BLOCK_D: tl.constexpr):
     cols = d0 + tl.arange(0, BLOCK_D)
     mask = in_c[:, None] & (cols < D)[None, :]
     return tl.load(ptr + chunk * C * D + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_chunk_block(ptr, value, chunk, rows, in_c, d0, C, D, BLOCK_D: tl.constexpr):
+    """``value`` into the block ``_load_chunk_block`` reads."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    tl.store(ptr + chunk * C * D + rows[:, None] * D + cols[None, :], value, mask=in_c[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
