@@ -9,8 +9,8 @@ op/loop and the op's error against the loop (outputs and gradients). Both run un
 ``tf32x3`` in the kernels; ``high`` allows tf32 in cuBLAS and the kernels). Inputs as the
 ``delta`` layer gives them: unit-norm ``q``, ``k`` in float32, ``v`` in ``--dtype``, β in
 (0, 1), log α in (-0.05, 0), a random initial state. ``--kernels`` adds the chunk scan's Triton
-launchers alone (the forward scan, the adjoint scan of the backward and the gradients kernel,
-``chunk_gradients``, against the PyTorch products the op's backward runs) with their default
+launchers alone (the forward scan, the adjoint scan of the backward; with the default config
+also the PyTorch products of the gradients that sum over ``V``, the rest of the op's backward) with their default
 launch config and each ``--config`` (``KEY=VALUE,...``: ``BLOCK_V``, ``num_warps``,
 ``STAGES``, ``PRECISION``), and the chunk preparation's two launchers (forward, backward)
 with theirs and each ``--prepare-config`` (``BLOCK_D``, ``num_warps``, ``INVERSE``), for
@@ -109,28 +109,25 @@ def chunk_scan_inputs(inputs, chunk: int) -> tuple:
 
 def _kernel_passes(config: dict | None, inputs, chunk: int):
     """The chunk scan's Triton launchers alone, on the op inputs ``chunk_delta_rule`` would
-    give them: the forward, the adjoint scan of the backward, and the gradients that sum
-    over ``V`` by the gradients kernel (``grads``; with the default config also by the
-    PyTorch batched products the op's backward runs, ``grads (products)``)."""
+    give them: the forward, the adjoint scan of the backward and, with the default config,
+    the PyTorch batched products of the gradients that sum over ``V`` (``grads``), the rest
+    of the op's backward."""
     from mmrec.ops.delta_rule import chunk_scan_triton as kernels
     from mmrec.ops.delta_rule.chunk_scan import _chunk_gradients
 
     args = chunk_scan_inputs(inputs, chunk)
     w1, w2, q_decayed, _, attn = args[:5]
     grad_o, grad_final = torch.randn_like(w1), torch.randn_like(args[6])
-    scan_only = {k: v for k, v in (config or {}).items() if k not in ("STAGES", "OUTPUT")}
 
     @functools.cache
-    def adjoints():  # (S_n, dO, dU, dS_{n+1}) for the gradients, on the first timed call (a
-        # config too large for the chip then fails inside the timing, which reports it)
+    def adjoints():  # (S_n, dO, dU, dS_{n+1}) for the gradients, on the first timed call
         states = kernels.chunk_scan_forward(*args, config=config)[2]
         return (states, grad_o, *kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)[:2])
 
     passes = {"fwd": lambda: kernels.chunk_scan_forward(*args, config=config),
-              "bwd": lambda: kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config),
-              "grads": lambda: kernels.chunk_gradients(w1, w2, *adjoints(), config=scan_only)}
+              "bwd": lambda: kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)}
     if config is None:
-        passes["grads (products)"] = lambda: _chunk_gradients(w1, w2, q_decayed, attn, *adjoints())
+        passes["grads"] = lambda: _chunk_gradients(w1, w2, q_decayed, attn, *adjoints())
     return passes
 
 

@@ -206,21 +206,15 @@ def strided(inputs):
     return out
 
 
-def kernel_grads(kernels, inputs, states, grad_o, grad_final, config=None, gradients_kernel=False):
+def kernel_grads(kernels, inputs, states, grad_o, grad_final, config=None):
     """Every input's gradient from the adjoint kernel (into NaN-filled outputs, so an
-    unwritten element shows) and the batched products, or with ``gradients_kernel`` the
-    gradients kernel (``chunk_gradients``)."""
+    unwritten element shows) and the batched products."""
     w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state = inputs
     nan = float("nan")
     full = lambda x: torch.full(x.shape, nan, dtype=x.dtype, device=x.device)  # noqa: E731 (contiguous)
     adjoints = (full(w1), full(states), full(initial_state))
     kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final, out=adjoints, config=config)
     grad_u, grad_next, grad_initial = adjoints
-    if gradients_kernel:
-        config = {k: v for k, v in (config or {}).items() if k not in ("STAGES", "OUTPUT")}
-        out = tuple(full(x) for x in (w2, q_decayed, k_decayed, attn, chunk_decay))  # dW2, dQd, dKd, dP, dg
-        return (*kernels.chunk_gradients(w1, w2, states, grad_o, grad_u, grad_next, out=out, config=config),
-                grad_initial)
     return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial)
 
 
@@ -261,12 +255,9 @@ def _interpreter_checks() -> None:
                                                 for n in range(1, chunks)], 2)
         errs = {"o": err(o, ref_o), "final": err(final, ref_final), "states": err(states, ref_states)}
         grads = kernel_grads(kernels, inputs, states, grad_o, grad_final, config)
-        fused = kernel_grads(kernels, inputs, states, grad_o, grad_final, config, gradients_kernel=True)
-        for name, arg, got, got_fused, want in zip(NAMES, inputs, grads, fused, refs):
+        for name, arg, got, want in zip(NAMES, inputs, grads, refs):
             assert got.dtype == arg.dtype and got.shape == arg.shape, name
-            assert got_fused.dtype == arg.dtype and got_fused.shape == arg.shape, name
             errs["d" + name] = err(got, want)
-            errs["d" + name + "*"] = err(got_fused, want)  # * the gradients kernel
         bad = {k: v for k, v in errs.items() if not v < tol}
         label = f"{dtype} B={batch} H={heads} N={chunks} C={size} K={key_dim} V={value_dim} dO={with_go} dS={with_gf} {layout} {config}"
         assert not bad, f"{label}: {bad}"
@@ -327,10 +318,6 @@ def test_launchers_refuse_outputs_they_cannot_write():
     with pytest.raises(ValueError, match="shapes"):  # no chunk states where a backward needs them
         kernels.chunk_scan_forward(*inputs, out=(torch.empty_like(inputs[0]), torch.empty_like(inputs[6]),
                                                  torch.empty(1, 2, 0, 16, 16)))
-    w1, w2 = inputs[:2]
-    with pytest.raises(ValueError, match="states of shape"):  # states of an inference forward: none kept
-        kernels.chunk_gradients(w1, w2, torch.empty(1, 2, 0, 16, 16), None, torch.empty_like(w1),
-                                torch.empty(1, 2, 2, 16, 16))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -423,30 +410,6 @@ def test_cuda_kernel_configs_against_float64(config, tol, shape):
     grads = kernel_grads(kernels, inputs, states, grad_o, grad_final, config)
     grads_again = kernel_grads(kernels, inputs, states, grad_o, grad_final, config)
     for name, got, second, want in zip(NAMES, grads, grads_again, refs):
-        assert torch.equal(got, second), f"{name} differs between two identical launches"
-        assert err(got, want) < tol, name
-
-
-@cuda_only
-@pytest.mark.parametrize("config,tol", [({}, 1e-5), ({"PRECISION": "tf32"}, 2e-2), ({"BLOCK_V": 16, "num_warps": 4}, 1e-5),
-                                        ({"BLOCK_V": 64}, 1e-5)], ids=str)
-@pytest.mark.parametrize("shape", [(2, 3, 33, 64, 128, 128), (3, 2, 17, 20, 24, 40)], ids=["K=V=128", "odd"])
-@pytest.mark.parametrize("with_grad_o", [True, False])
-def test_cuda_gradients_kernel_against_float64(config, tol, shape, with_grad_o):
-    """``chunk_gradients`` (the gradients that sum over V, one program per chunk), compiled,
-    against autograd through the loop in float64, and the same bits on a second launch."""
-    from mmrec.ops.delta_rule import chunk_scan_triton as kernels
-
-    gen = torch.Generator().manual_seed(5)
-    inputs = [x.cuda() for x in scan_inputs(*shape, dtype=torch.float32, generator=gen)]
-    _, final, states = kernels.chunk_scan_forward(*inputs)
-    grad_o = torch.randn(*shape[:4], shape[5], device="cuda").transpose(1, 2).contiguous().transpose(1, 2)
-    grad_o = grad_o if with_grad_o else None
-    grad_final = torch.randn_like(final)
-    _, refs = reference_grads(inputs, grad_o, grad_final)
-    grads = kernel_grads(kernels, inputs, states, grad_o, grad_final, config, gradients_kernel=True)
-    again = kernel_grads(kernels, inputs, states, grad_o, grad_final, config, gradients_kernel=True)
-    for name, got, second, want in zip(NAMES, grads, again, refs):
         assert torch.equal(got, second), f"{name} differs between two identical launches"
         assert err(got, want) < tol, name
 

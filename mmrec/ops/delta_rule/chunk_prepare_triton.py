@@ -286,11 +286,11 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
         "BLOCK_K": block_k,
         "BLOCK_V": block_v,
         # feature columns per pass: whole [C, 128] operands do not fit the backward in sm_90's
-        # shared memory, and cost the forward registers (docs/notes/delta-kernel.md)
-        "BLOCK_D": min(32, max(block_k, block_v)),
-        # the forward with only [C, C] tiles whole fits 4 warps, two programs an SM; the
-        # backward keeps more tiles (docs/benchmarks.md, "The `delta` op against fla")
-        "num_warps": 8 if backward and max(key_dim, value_dim) > 64 else 4,
+        # shared memory, and cost the forward registers; the backward past 64 columns in
+        # passes of 16 spills least (docs/notes/delta-kernel.md)
+        "BLOCK_D": min(16 if backward and max(key_dim, value_dim) > 64 else 32, max(block_k, block_v)),
+        # 4 warps, two programs an SM (docs/benchmarks.md, "The `delta` op against fla")
+        "num_warps": 4,
         "PRECISION": "ieee" if interpret else default_precision(),
     }
     if not backward:

@@ -233,59 +233,6 @@ def _adjoint_kernel(
     tl.store(ds0_ptr + bh * K * V + off_kv, ds.to(ds0_ptr.dtype.element_ty), mask=mask_kv)
 
 
-@triton.jit
-def _gradients_kernel(
-    w1_ptr, w2_ptr, st_ptr, do_ptr, du_ptr, dsn_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr, H, N, C, K, V,
-    s_dob, s_doh, s_don, s_doc, s_dov,
-    HAS_DO: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_V: tl.constexpr, V_BLOCKS: tl.constexpr,
-):
-    """The gradients that sum over ``V``, one program per chunk (``chunk_scan.py``)::
-
-        U = W1 − W2 S    dW2 = −dU Sᵀ    dQd = dO Sᵀ    dKd = U dS_{n+1}ᵀ    dP = dO Uᵀ    dg = Σ S ⊙ dS_{n+1}
-
-    in passes over ``BLOCK_V`` value columns, unrolled (a loop carrying products that share
-    an operand was miscompiled on Hopper: ``chunk_prepare_triton``)."""
-    chunk = tl.program_id(0).to(tl.int64)  # (b·H + h)·N + n: every tensor but dO is contiguous [B, H, N, ...]
-    rows = tl.arange(0, BLOCK_C)
-    keys = tl.arange(0, BLOCK_K)
-    mask_c, mask_k = rows < C, keys < K
-    mask_ck = mask_c[:, None] & mask_k[None, :]
-    off_ck = chunk * C * K + rows[:, None] * K + keys[None, :]
-    w2 = tl.load(w2_ptr + off_ck, mask=mask_ck, other=0.0)  # [C, K]
-    acc = w2.dtype
-    grad_w2 = tl.zeros((BLOCK_C, BLOCK_K), dtype=acc)
-    grad_qd = tl.zeros((BLOCK_C, BLOCK_K), dtype=acc)
-    grad_kd = tl.zeros((BLOCK_C, BLOCK_K), dtype=acc)
-    grad_p = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
-    grad_g = tl.zeros((BLOCK_K,), dtype=acc)
-    if HAS_DO:
-        bh, n = chunk // N, chunk % N
-        do_ptr += (bh // H) * s_dob + (bh % H) * s_doh + n * s_don
-    for i in tl.static_range(V_BLOCKS):
-        cols = i * BLOCK_V + tl.arange(0, BLOCK_V)
-        mask_v = cols < V
-        mask_cv, mask_kv = mask_c[:, None] & mask_v[None, :], mask_k[:, None] & mask_v[None, :]
-        off_cv = chunk * C * V + rows[:, None] * V + cols[None, :]
-        off_kv = chunk * K * V + keys[:, None] * V + cols[None, :]
-        s = tl.load(st_ptr + off_kv, mask=mask_kv, other=0.0)  # S_n [K, BV]
-        dsn = tl.load(dsn_ptr + off_kv, mask=mask_kv, other=0.0)  # dS_{n+1} [K, BV]
-        u = tl.load(w1_ptr + off_cv, mask=mask_cv, other=0.0) - _dot(w2, s, PRECISION)  # U [C, BV]
-        du = tl.load(du_ptr + off_cv, mask=mask_cv, other=0.0)
-        grad_w2 -= _dot(du, tl.trans(s), PRECISION)
-        grad_kd += _dot(u, tl.trans(dsn), PRECISION)
-        grad_g += tl.sum(s * dsn, 1)
-        if HAS_DO:
-            do = tl.load(do_ptr + rows[:, None] * s_doc + cols[None, :] * s_dov, mask=mask_cv, other=0.0).to(acc)
-            grad_qd += _dot(do, tl.trans(s), PRECISION)
-            grad_p += _dot(do, tl.trans(u), PRECISION)
-    tl.store(dw2_ptr + off_ck, grad_w2, mask=mask_ck)
-    tl.store(dqd_ptr + off_ck, grad_qd, mask=mask_ck)
-    tl.store(dkd_ptr + off_ck, grad_kd, mask=mask_ck)
-    tl.store(dp_ptr + chunk * C * C + rows[:, None] * C + rows[None, :], grad_p, mask=mask_c[:, None] & mask_c[None, :])
-    tl.store(dg_ptr + chunk, tl.sum(grad_g, 0))
-
-
 def default_precision() -> str:
     """``tl.dot``'s ``input_precision`` for fp32 products, from PyTorch's own switch for
     them (``torch.set_float32_matmul_precision``, which also governs cuBLAS in the rest of
@@ -424,45 +371,6 @@ def chunk_scan_adjoint(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: T
         heads, chunks, size, key_dim, value_dim, *((0,) * 5 if grad_o is None else grad_o.stride()),
         HAS_DO=grad_o is not None, HAS_DSL=grad_final is not None, **cfg)
     return grad_u, grad_next, grad_initial
-
-
-def chunk_gradients(w1: Tensor, w2: Tensor, states: Tensor, grad_o: Tensor | None, grad_u: Tensor,
-                    grad_next: Tensor, *, out: tuple[Tensor, ...] | None = None,
-                    config: dict | None = None) -> tuple[Tensor, ...]:
-    """The gradients of ``(W1, W2, Qd, Kd, P, g)`` from the adjoints, as
-    ``chunk_scan._chunk_gradients`` computes them with batched products: one launch, a
-    program per chunk, reading each chunk's state and adjoint once. ``grad_o`` (None: no
-    gradient of ``O``) is read in any layout; ``out`` takes preallocated contiguous
-    ``(dW2, dQd, dKd, dP, dg)``; ``config`` overrides ``BLOCK_V``, ``num_warps`` and
-    ``PRECISION`` of the launch config. ``dW1`` is ``grad_u`` itself."""
-    batch, heads, chunks, size, key_dim = w2.shape
-    value_dim = w1.shape[-1]
-    expected = {"w1": (batch, heads, chunks, size, value_dim), "states": (batch, heads, chunks, key_dim, value_dim),
-                "grad_u": (batch, heads, chunks, size, value_dim), "grad_next": (batch, heads, chunks, key_dim, value_dim)}
-    given = {"w1": w1, "states": states, "grad_u": grad_u, "grad_next": grad_next}
-    if grad_o is not None:
-        expected["grad_o"], given["grad_o"] = expected["w1"], grad_o
-    for name, x in given.items():
-        if tuple(x.shape) != expected[name] or x.dtype != w2.dtype:
-            raise ValueError(f"chunk_gradients expects {name} of shape {expected[name]} in {w2.dtype} (from w2 "
-                             f"{tuple(w2.shape)} and w1), got {tuple(x.shape)} in {x.dtype}")
-    w1, w2, states, grad_u, grad_next = (x.contiguous() for x in (w1, w2, states, grad_u, grad_next))
-    shapes = (tuple(w2.shape),) * 3 + ((batch, heads, chunks, size, size), (batch, heads, chunks))
-    if out is None:
-        out = tuple(torch.empty(shape, dtype=w2.dtype, device=w2.device) for shape in shapes)
-    grad_w2, grad_qd, grad_kd, grad_p, grad_g = _checked_outputs(out, shapes, w2)
-    if grad_g.numel() == 0 or value_dim == 0:
-        return grad_u, *(x.zero_() for x in out)
-    # 32 value columns at most (``_value_columns`` without a device): three [C, K]
-    # accumulators, and a [K, BLOCK_V] state and adjoint, a program
-    cfg = launch_config(size, key_dim, value_dim, interpret=not w2.is_cuda, config=config)
-    for name in ("OUTPUT", "STAGES"):  # the scans'
-        del cfg[name]
-    _gradients_kernel[(batch * heads * chunks,)](
-        w1, w2, states, grad_o, grad_u, grad_next, grad_w2, grad_qd, grad_kd, grad_p, grad_g,
-        heads, chunks, size, key_dim, value_dim, *((0,) * 5 if grad_o is None else grad_o.stride()),
-        HAS_DO=grad_o is not None, V_BLOCKS=triton.cdiv(value_dim, cfg["BLOCK_V"]), **cfg)
-    return grad_u, grad_w2, grad_qd, grad_kd, grad_p, grad_g
 
 
 def _check_grid(sequences: int) -> None:
