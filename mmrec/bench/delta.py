@@ -14,7 +14,10 @@ also the PyTorch products of the gradients that sum over ``V``, the rest of the 
 launch config and each ``--config`` (``KEY=VALUE,...``: ``BLOCK_V``, ``num_warps``,
 ``STAGES``, ``PRECISION``), and the chunk preparation's two launchers (forward, backward)
 with theirs and each ``--prepare-config`` (``BLOCK_D``, ``num_warps``, ``INVERSE``), for
-tuning in one GPU run.
+tuning in one GPU run. The op runs twice, as ``chunk_delta_rule`` defaults to and with
+``intermediates=torch.bfloat16`` (the chunk's matrices, outputs and stored states in bf16
+between the ops, as fla keeps them; ``--no-bf16-intermediates`` leaves that out), and so
+do the launchers (rows marked ``bf16``).
 
 The baselines, when installed: flash-linear-attention's ``chunk_gated_delta_rule`` (the
 same recurrence: ``g`` = log α, its ``q``, ``k``, ``v``, ``β`` in ``v``'s dtype, ``scale`` 1),
@@ -42,7 +45,8 @@ from mmrec.throughput import keeping_matmul_precision
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 FLA_GATED = "fla chunk_gated_delta_rule"
 FLA_UNGATED = "fla chunk_delta_rule (α = 1)"
-SAME_RECURRENCE = ("op", FLA_GATED)  # compared with the loop's outputs
+OP_BF16 = "op, bf16 intermediates"
+SAME_RECURRENCE = ("op", OP_BF16, FLA_GATED)  # compared with the loop's outputs
 
 
 def add_subcommand(commands) -> None:
@@ -59,6 +63,8 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="leave out fla's chunk_gated_delta_rule and chunk_delta_rule (timed when installed)")
     parser.add_argument("--kernels", action="store_true", help="also time the Triton launchers alone")
+    parser.add_argument("--no-bf16-intermediates", dest="bf16_intermediates", action="store_false",
+                        help="leave out the op (and launchers) with the chunk's matrices stored in bf16")
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
                         help="with --kernels: also time the chunk scan's launchers with this launch config (repeatable)")
     parser.add_argument("--prepare-config", action="append", default=[], metavar="KEY=VALUE,...",
@@ -90,7 +96,7 @@ def _rel_err(x, ref) -> float:
     return float((x - ref).norm() / ref.norm())
 
 
-def chunk_scan_inputs(inputs, chunk: int) -> tuple:
+def chunk_scan_inputs(inputs, chunk: int, intermediates: torch.dtype | None = None) -> tuple:
     """The inputs ``chunk_delta_rule`` gives ``mmrec::delta_chunk_scan`` for ``inputs``
     (``q, k, v, beta, log_alpha, state``), prepared once."""
     from mmrec.ops.delta_rule.chunk import _chunk_delta_rule
@@ -103,11 +109,11 @@ def chunk_scan_inputs(inputs, chunk: int) -> tuple:
         return delta_chunk_scan(*args)
 
     with torch.no_grad():
-        _chunk_delta_rule(*inputs, chunk, 1.0, scan=capture)
+        _chunk_delta_rule(*inputs, chunk, 1.0, intermediates, scan=capture)
     return captured[0]
 
 
-def _kernel_passes(config: dict | None, inputs, chunk: int):
+def _kernel_passes(config: dict | None, inputs, chunk: int, intermediates: torch.dtype | None = None):
     """The chunk scan's Triton launchers alone, on the op inputs ``chunk_delta_rule`` would
     give them: the forward, the adjoint scan of the backward and, with the default config,
     the PyTorch batched products of the gradients that sum over ``V`` (``grads``), the rest
@@ -115,7 +121,7 @@ def _kernel_passes(config: dict | None, inputs, chunk: int):
     from mmrec.ops.delta_rule import chunk_scan_triton as kernels
     from mmrec.ops.delta_rule.chunk_scan import _chunk_gradients
 
-    args = chunk_scan_inputs(inputs, chunk)
+    args = chunk_scan_inputs(inputs, chunk, intermediates)
     w1, w2, q_decayed, _, attn = args[:5]
     grad_o, grad_final = torch.randn_like(w1), torch.randn_like(args[6])
 
@@ -131,15 +137,17 @@ def _kernel_passes(config: dict | None, inputs, chunk: int):
     return passes
 
 
-def _prepare_passes(config: dict | None, inputs, chunk: int):
+def _prepare_passes(config: dict | None, inputs, chunk: int, intermediates: torch.dtype | None = None):
     """The chunk preparation's two Triton launchers alone (``mmrec::delta_chunk_prepare``
     and its backward), on ``chunk_delta_rule``'s inputs."""
     from mmrec.ops.delta_rule import chunk_prepare_triton as kernels
 
     q, k, v, beta, log_alpha, _ = inputs
-    outputs = kernels.prepare_forward(q, k, v, beta, log_alpha, chunk, torch.float32, config=config)
+    forward = functools.partial(kernels.prepare_forward, q, k, v, beta, log_alpha, chunk, torch.float32, intermediates,
+                                config=config)
+    outputs = forward()
     grads = tuple(torch.randn_like(x) for x in outputs[:6])
-    return {"fwd": lambda: kernels.prepare_forward(q, k, v, beta, log_alpha, chunk, torch.float32, config=config),
+    return {"fwd": forward,
             "bwd": lambda: kernels.prepare_backward(q, k, v, beta, log_alpha, outputs[-1], grads, config=config)}
 
 
@@ -202,8 +210,11 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
     probe = (torch.randn(inputs[2].shape, generator=gen, device=device).to(inputs[2].dtype),
              torch.randn(inputs[5].shape, generator=gen, device=device))
     impls = {"op": functools.partial(chunk_delta_rule, chunk_size=args.chunk),
+             OP_BF16: functools.partial(chunk_delta_rule, chunk_size=args.chunk, intermediates=torch.bfloat16),
              "loop": functools.partial(_chunk_delta_rule, chunk_size=args.chunk, scale=1.0,
                                        prepare=chunk_prepare_reference, scan=delta_chunk_scan_reference)}
+    if not args.bf16_intermediates:
+        del impls[OP_BF16]
     if args.compile:
         impls = {name: torch.compile(fn, fullgraph=True) for name, fn in impls.items()}
     if args.baselines:
@@ -212,10 +223,14 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
     passes = {name: forward_passes(fn, list(fla_inputs(inputs) if name.startswith("fla") else inputs), lambda _: list(probe))
               for name, fn in impls.items()}
     if args.kernels and device.type == "cuda":
-        for text in [""] + args.config:
-            passes[f"kernel[{text or 'default'}]"] = _kernel_passes(parse_config(text) or None, inputs, args.chunk)
-        for text in [""] + args.prepare_config:
-            passes[f"prepare[{text or 'default'}]"] = _prepare_passes(parse_config(text) or None, inputs, args.chunk)
+        for intermediates in (None, torch.bfloat16) if args.bf16_intermediates else (None,):
+            suffix = ", bf16" if intermediates else ""
+            for text in [""] + args.config:
+                passes[f"kernel[{text or 'default'}{suffix}]"] = _kernel_passes(parse_config(text) or None, inputs,
+                                                                               args.chunk, intermediates)
+            for text in [""] + args.prepare_config:
+                passes[f"prepare[{text or 'default'}{suffix}]"] = _prepare_passes(parse_config(text) or None, inputs,
+                                                                                 args.chunk, intermediates)
     base = {"length": length, "batch": batch, "heads": args.heads, "head_dim": head_dim, "precision": precision}
     qk_dtype = {name: str(inputs[2].dtype if name.startswith("fla") else inputs[0].dtype).removeprefix("torch.")
                 for name in passes}
@@ -242,7 +257,7 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
         mine, loop = results.get((row["impl"], row["pass"])), results.get(("loop", row["pass"]))
         if row["impl"] in SAME_RECURRENCE and mine is not None and loop is not None:
             row["rel_err_vs_loop"] = max(_rel_err(a, b) for a, b in zip(mine, loop))
-        if row["impl"] != "op" or "tokens_per_s" not in row:
+        if row["impl"] not in ("op", OP_BF16) or "tokens_per_s" not in row:
             continue
         for other, key in (("loop", "over_loop"), (FLA_GATED, "over_fla"), (FLA_UNGATED, "over_fla_ungated")):
             other_row = next((r for r in rows if r["impl"] == other and r["pass"] == row["pass"] and "tokens_per_s" in r), None)

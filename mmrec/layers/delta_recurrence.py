@@ -85,6 +85,10 @@ class DeltaRecurrence(Recurrence):
         key_dim: PositiveInt | None = Field(
             None, description="width of each head's keys and queries, so each head's state is key_dim x head_dim: wider "
                               "keys keep more associations apart (state expansion); null: head_dim")
+        intermediates: Literal["float32", "bfloat16"] = Field(
+            "float32", description="dtype of the chunked form's stored intermediates (the chunk's matrices, its outputs "
+                                   "and states between the two ops): bfloat16 halves their bytes and multiplies them "
+                                   "in bf16, as fla's kernels do; the carried state and every sum stay float32")
         beta_conv: int | None = Field(
             None, ge=2, description="taps of a causal convolution on the write strength β's logits (per head, starting as "
                                     "the identity): β from the tokens before each one too; null: none")
@@ -127,6 +131,7 @@ class DeltaRecurrence(Recurrence):
         self.n_heads = d_model // self.head_dim
         self.key_dim = config.key_dim or self.head_dim
         self.chunk = config.chunk
+        self.intermediates = None if config.intermediates == "float32" else torch.bfloat16
         self.conv = ShortConv(2 * self.n_heads * self.key_dim, config.conv, init="random") if config.conv is not None else None
         self.beta_conv = ShortConv(self.n_heads, config.beta_conv) if config.beta_conv is not None else None
 
@@ -150,7 +155,8 @@ class DeltaRecurrence(Recurrence):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         v = z.view(batch, length, self.n_heads, self.head_dim)
         beta = torch.sigmoid(beta.to(q.dtype))  # [B, T, H]
-        o, matrix = delta_rule(q, k, v, beta, log_decay, h0.get("matrix"), chunk_size=self.chunk)
+        o, matrix = delta_rule(q, k, v, beta, log_decay, h0.get("matrix"), chunk_size=self.chunk,
+                               intermediates=self.intermediates)
         h = torch.sigmoid(gate) * o.reshape(batch, length, -1)
         return h, {"matrix": matrix, **next_state}
 

@@ -132,6 +132,18 @@ def test_bad_inputs_are_refused():
         delta_chunk_prepare(q, k, v[:, :, :1], beta, log_alpha, 4)
     with pytest.raises(ValueError, match="chunk size"):
         delta_chunk_prepare(q, k, v, beta, log_alpha, 0)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        delta_chunk_prepare(q, k, v, beta, log_alpha, 4, torch.int8)
+
+
+def test_bf16_intermediates_round_the_float32_ones():
+    inputs = make_inputs(batch=2, length=11, heads=2, key_dim=5, value_dim=3, dtype=torch.float32, v_dtype=torch.float32)
+    full = delta_chunk_prepare(*inputs, 4)
+    half = delta_chunk_prepare(*inputs, 4, torch.bfloat16)
+    assert [x.dtype for x in half] == [torch.bfloat16] * 5 + [torch.float32] * 2
+    for a, b in zip(full, half):
+        assert torch.equal(a.to(b.dtype), b)
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_prepare.default, (*inputs, 4, torch.bfloat16))
 
 
 # -------------------------------------------------- Triton kernels under the interpreter
@@ -183,10 +195,25 @@ def _interpreter_checks() -> None:
         assert not bad, f"{label}: {bad}"
         print(f"ok {label}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
 
+    # the chunk loop's matrices stored in bf16: the same values rounded, and their bf16
+    # gradients read as they are
+    inputs = make_inputs(2, 37, 2, 24, 40, f32, bf16, True, 0.1, generator=gen)
+    outputs = kernels.prepare_forward(*inputs, 16, f32, bf16)
+    assert [x.dtype for x in outputs] == [bf16] * 5 + [f32] * 2
+    probes = [p.to(x.dtype) for p, x in zip(probes_for(outputs, gen), outputs)]
+    want, want_grads = reference(inputs, 16, probes)
+    errs = {name: err(got, expected) for name, got, expected in zip(OUTPUTS, outputs, want)}
+    grads = kernels.prepare_backward(*inputs, outputs[-1], tuple(probes))
+    errs.update({"d" + name: err(got, expected) for name, got, expected in zip(INPUTS, grads, want_grads)})
+    tols = {name: 5e-3 if name in OUTPUTS[:5] else 1e-2 if name == "dv" else 1e-5 for name in errs}
+    bad = {k: v for k, v in errs.items() if not v < tols[k]}
+    assert not bad, f"bf16 intermediates: {bad}"
+    print("ok bf16 intermediates: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+
     # both kernels of the chunked form (this one and the chunk loop's) against the token loop
     inputs = make_inputs(2, 21, 2, 24, 40, f64, strided=True, generator=gen)
     h0 = torch.randn(2, 2, 24, 40, dtype=f64, generator=gen)
-    prepare = lambda *a: kernels.prepare_forward(*a, f64)
+    prepare = lambda *a: kernels.prepare_forward(*a[:6], f64, a[6])  # noqa: E731 (a[6]: the intermediates' dtype)
     o, state = _chunk_delta_rule(*inputs, h0, 8, 0.7, prepare=prepare, scan=chunk_scan_triton.chunk_scan_forward)
     want_o, want_state = naive_delta_rule(*inputs, h0, scale=0.7)
     assert err(o, want_o) < 1e-12 and err(state, want_state) < 1e-12
@@ -196,7 +223,7 @@ def _interpreter_checks() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 11, out
+    assert out.count("ok ") == 12, out
 
 
 # ----------------------------------------------------------------------------- CUDA

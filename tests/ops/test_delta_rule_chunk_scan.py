@@ -170,8 +170,52 @@ def test_bad_inputs_are_refused():
         delta_chunk_scan(*inputs[:6], inputs[6][..., :4])
     with pytest.raises(ValueError, match="dtype"):
         delta_chunk_scan(*inputs[:6], inputs[6].float())
-    with pytest.raises(ValueError, match="float32 or float64"):
+    with pytest.raises(ValueError, match="accumulation dtype"):  # bf16 matrices, but a bf16 state too
         delta_chunk_scan(*[x.bfloat16() for x in inputs])
+    with pytest.raises(ValueError, match="float32, float64, bfloat16 or float16"):
+        delta_chunk_scan(*[x.int() for x in inputs])
+
+
+def bf16_matrices(inputs):
+    """The op's inputs with the chunk's five matrices stored in bf16, the decays and state in float32."""
+    return [x.bfloat16() for x in inputs[:5]] + [x.float() for x in inputs[5:]]
+
+
+def test_op_with_bf16_matrices_against_float64():
+    """The chunk's matrices in bf16 (``chunk_delta_rule(intermediates=torch.bfloat16)``): ``O``,
+    the states and the gradients of the matrices in bf16, the final state and the decays'
+    and initial state's gradients in float32, each near the float64 loop on the same values."""
+    inputs = bf16_matrices(scan_inputs(chunks=4, size=8))
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    o, final, states = delta_chunk_scan(*leaves)
+    assert (o.dtype, final.dtype, states.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
+    (ref_o, ref_final), refs = reference_grads(inputs, grad_o, grad_final)
+    assert err(o, ref_o) < 1e-2 and err(final, ref_final) < 1e-3
+    grads = torch.autograd.grad([o, final], leaves, [grad_o, grad_final])
+    for name, leaf, got, want in zip(NAMES, leaves, grads, refs):
+        assert got.dtype == leaf.dtype, name
+        assert err(got, want) < 2e-2, name
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(leaves))
+    args = (*inputs[1:6], grad_o, grad_final)
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args)
+
+
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_delta_rule_with_bf16_intermediates_near_naive_float64(with_h0):
+    gen = torch.Generator().manual_seed(3)
+    inputs = delta_inputs(length=45, h0=with_h0, generator=gen)
+    probe_o = torch.randn(*inputs[2].shape, generator=gen, dtype=torch.float64)
+    want_leaves = [None if x is None else x.clone().requires_grad_() for x in inputs]
+    want_o, want_state = naive_delta_rule(*want_leaves, scale=0.7)
+    want = torch.autograd.grad((want_o * probe_o).sum() + want_state.sum(), [x for x in want_leaves if x is not None])
+    leaves = [None if x is None else x.float().requires_grad_() for x in inputs]
+    o, state = chunk_delta_rule(*leaves, chunk_size=16, scale=0.7, intermediates=torch.bfloat16)
+    assert o.dtype == state.dtype == torch.float32
+    assert err(o, want_o) < 2e-2 and err(state, want_state) < 2e-2
+    got = torch.autograd.grad((o * probe_o.float()).sum() + state.sum(), [x for x in leaves if x is not None])
+    for name, g, w in zip(("q", "k", "v", "beta", "log_alpha", "h0"), got, want):
+        assert err(g, w) < 3e-2, name
 
 
 @pytest.mark.slow
@@ -223,8 +267,9 @@ def _interpreter_checks() -> None:
     from mmrec.ops.delta_rule import chunk_scan_triton as kernels
 
     gen = torch.Generator().manual_seed(0)
-    f32, f64 = torch.float32, torch.float64
-    cases = [  # dtype, B, H, N, C, K, V, grad_o, grad_final, layout, launch config, tolerance
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
+    cases = [  # dtype (bf16: the chunk's matrices stored in bf16, the state float32), B, H, N, C, K, V, grad_o,
+        # grad_final, layout, launch config, tolerance
         # odd sizes, padded on chip: C=5 -> 16 rows, K=24 -> 32; V=40 in three 16-column blocks
         (f32, 2, 2, 3, 5, 24, 40, True, True, "contiguous", {"BLOCK_V": 16}, 1e-5),
         (f64, 2, 2, 3, 5, 24, 40, True, True, "contiguous", {"BLOCK_V": 16}, 1e-12),
@@ -237,19 +282,24 @@ def _interpreter_checks() -> None:
         (f32, 2, 2, 3, 20, 24, 40, True, True, "contiguous", {"PRECISION": "bf16"}, 3e-2),
         # the outputs after the loop, by a kernel parallel over chunks
         (f64, 2, 2, 3, 5, 24, 40, True, True, "strided", {"OUTPUT": "after", "BLOCK_V": 16}, 1e-12),
+        # stored in bf16: every product a bf16 product (the state and adjoint rounded for it)
+        (bf16, 2, 2, 3, 20, 24, 40, True, True, "strided", {"BLOCK_V": 16}, 3e-2),
+        (bf16, 2, 2, 3, 20, 24, 40, True, False, "contiguous", {"OUTPUT": "after"}, 3e-2),
     ]
     for dtype, batch, heads, chunks, size, key_dim, value_dim, with_go, with_gf, layout, config, tol in cases:
-        inputs = scan_inputs(batch, heads, chunks, size, key_dim, value_dim, dtype=dtype, generator=gen)
+        acc = f32 if dtype == bf16 else dtype
+        inputs = scan_inputs(batch, heads, chunks, size, key_dim, value_dim, dtype=acc, generator=gen)
+        inputs = [x.to(dtype) for x in inputs[:5]] + inputs[5:]
         if layout == "strided":
             inputs = strided(inputs)
         nan = float("nan")
-        out = (torch.full(inputs[0].shape, nan, dtype=dtype), torch.full(inputs[6].shape, nan, dtype=dtype),
+        out = (torch.full(inputs[0].shape, nan, dtype=dtype), torch.full(inputs[6].shape, nan, dtype=acc),
                torch.full((batch, heads, chunks, key_dim, value_dim), nan, dtype=dtype))
         o, final, states = kernels.chunk_scan_forward(*inputs, out=out, config=config)
         grad_o = torch.randn(o.shape, generator=gen, dtype=dtype) if with_go else None
         if layout == "strided" and with_go:  # dO as autograd hands it over from a view: read in place
             grad_o = grad_o.transpose(1, 3).contiguous().transpose(1, 3)
-        grad_final = torch.randn(final.shape, generator=gen, dtype=dtype) if with_gf else None
+        grad_final = torch.randn(final.shape, generator=gen, dtype=acc) if with_gf else None
         (ref_o, ref_final), refs = reference_grads(inputs, grad_o, grad_final)
         ref_states = torch.stack([inputs[6]] + [delta_chunk_scan_reference(*[x[:, :, :n] for x in inputs[:6]], inputs[6])[1]
                                                 for n in range(1, chunks)], 2)
@@ -298,7 +348,7 @@ def _delta_rule_layouts_check(kernels) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 9, out
+    assert out.count("ok ") == 11, out
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -350,8 +400,9 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and triton"
 
 @cuda_only
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
-def test_cuda_delta_rule_matches_float64_loop(head_dim, dtype, tol):
+@pytest.mark.parametrize("dtype,intermediates,tol", [(torch.float32, None, 1e-4), (torch.bfloat16, None, 1e-2),
+                                                     (torch.bfloat16, torch.bfloat16, 3e-2)], ids=str)
+def test_cuda_delta_rule_matches_float64_loop(head_dim, dtype, intermediates, tol):
     """``chunk_delta_rule`` on CUDA (the Triton kernels) at a training size, outputs and
     every input's gradient, against the PyTorch loop in float64 on the same (rounded)
     inputs. Slow decays (log α in (-0.05, 0)) carry the state across many chunks."""
@@ -363,7 +414,8 @@ def test_cuda_delta_rule_matches_float64_loop(head_dim, dtype, tol):
     probe_o = torch.randn(batch, length, heads, head_dim, generator=gen).cuda()
     probe_state = torch.randn(batch, heads, head_dim, head_dim, generator=gen).cuda()
     results = {}
-    for name, fn, cast in (("op", chunk_delta_rule, lambda x: x), ("ref", loop_delta_rule, lambda x: x.double())):
+    op = functools.partial(chunk_delta_rule, intermediates=intermediates)
+    for name, fn, cast in (("op", op, lambda x: x), ("ref", loop_delta_rule, lambda x: x.double())):
         leaves = [cast(x).detach().requires_grad_() for x in inputs]
         o, state = fn(*leaves, 64, 1.0)
         loss = (o.double() * probe_o.double()).sum() + (state.double() * probe_state.double()).sum()
@@ -414,6 +466,31 @@ def test_cuda_kernel_configs_against_float64(config, tol, shape):
         assert err(got, want) < tol, name
 
 
+@cuda_only
+@pytest.mark.parametrize("config", [{}, {"BLOCK_V": 32}, {"OUTPUT": "after"}], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 33, 64, 128, 128), (3, 2, 17, 20, 24, 40)], ids=["K=V=128", "odd"])
+def test_cuda_kernels_with_bf16_matrices_against_float64(config, shape):
+    """The launchers on the chunk's matrices stored in bf16 (every product a bf16 product, the
+    state float32), against the float64 loop on the same values, and repeatable."""
+    from mmrec.ops.delta_rule import chunk_scan_triton as kernels
+
+    gen = torch.Generator().manual_seed(6)
+    inputs = [x.cuda() for x in bf16_matrices(scan_inputs(*shape, dtype=torch.float32, generator=gen))]
+    o, final, states = kernels.chunk_scan_forward(*inputs, config=config)
+    again = kernels.chunk_scan_forward(*inputs, config=config)
+    assert all(torch.equal(a, b) for a, b in zip((o, final, states), again)), "two identical launches differ"
+    assert (o.dtype, final.dtype, states.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
+    (ref_o, ref_final), refs = reference_grads(inputs, grad_o, grad_final)
+    assert err(o, ref_o) < 3e-2 and err(final, ref_final) < 3e-2
+    grads = kernel_grads(kernels, inputs, states, grad_o, grad_final, config)
+    grads_again = kernel_grads(kernels, inputs, states, grad_o, grad_final, config)
+    for name, arg, got, second, want in zip(NAMES, inputs, grads, grads_again, refs):
+        assert got.dtype == arg.dtype, name
+        assert torch.equal(got, second), f"{name} differs between two identical launches"
+        assert err(got, want) < 3e-2, name
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_value_columns_per_program_widen_only_when_the_programs_fill_the_device():
     from mmrec.ops.delta_rule.chunk_scan_triton import pick_config
@@ -428,6 +505,9 @@ def test_value_columns_per_program_widen_only_when_the_programs_fill_the_device(
     assert block_v(1024, value_dim=40) == 32  # values narrower than 64 columns
     assert block_v(1024, key_dim=256) == 32  # wider keys: not measured, a [256, 64] state would spill
     assert block_v(1024, precision="tf32x3") == 32 and block_v(1024, precision="bf16") == 64
+    wide_16_bit = pick_config(64, 128, 128, sequences=1024, sm_count=132, operands_16_bit=True,
+                              config={"PRECISION": "tf32x3"})
+    assert wide_16_bit["BLOCK_V"] == 64  # bf16 matrices: one bf16 product each, whatever the fp32 precision
     assert pick_config(64, 128, 128, sequences=1024, sm_count=132, config={"BLOCK_V": 16})["BLOCK_V"] == 16
 
 
@@ -444,6 +524,7 @@ def test_cuda_matches_cpu_op_opcheck_and_compiles():
     bwd_args = (*detached[1:6], torch.randn_like(o), torch.randn_like(final))
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, bwd_args)
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, bwd_args[:5] + (None, bwd_args[6]))
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(bf16_matrices(detached)))
     q, k, v, beta, log_alpha, h0 = [x.cuda() for x in delta_inputs(length=100, dtype=torch.float32, generator=gen)]
     fn = torch.compile(lambda *a: chunk_delta_rule(*a, chunk_size=32)[0] * 2, fullgraph=True)
     want, _ = loop_delta_rule(*[x.double() for x in (q, k, v, beta, log_alpha, h0)], 32, 1.0)

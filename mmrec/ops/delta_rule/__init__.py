@@ -7,6 +7,7 @@ Triton kernel on CUDA);
 Layout ``[B, T, H, D]`` throughout, the state ``[B, H, K, V]``.
 """
 
+import torch
 from torch import Tensor
 
 from mmrec.ops.delta_rule.chunk import chunk_delta_rule
@@ -17,13 +18,13 @@ __all__ = ["check_chunk", "chunk_delta_rule", "chunk_delta_rule_flops", "delta_r
 
 
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, state: Tensor | None = None,
-               chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+               chunk_size: int = 64, intermediates: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """The gated delta rule over any number of tokens, as layers call it: one token (a decode
     step) runs the recurrence itself, longer inputs the chunked form. Arguments as
-    :func:`chunk_delta_rule`; returns ``o`` in ``v``'s dtype and the state in the
-    accumulation dtype."""
+    :func:`chunk_delta_rule` (``intermediates`` applies to the chunked form); returns ``o``
+    in ``v``'s dtype and the state in the accumulation dtype."""
     if q.shape[1] > 1:
-        return chunk_delta_rule(q, k, v, beta, log_alpha, state, chunk_size=chunk_size)
+        return chunk_delta_rule(q, k, v, beta, log_alpha, state, chunk_size=chunk_size, intermediates=intermediates)
     batch, _, heads, key_dim = k.shape
     acc = accumulation_dtype(v.dtype)
     state = v.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=acc) if state is None else state.to(acc)

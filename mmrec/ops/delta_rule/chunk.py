@@ -25,7 +25,11 @@ is a short loop over chunks carrying ``S``, the op ``mmrec::delta_chunk_scan``
 
 Every decay factor is ``e^{Λ_t − Λ_s}`` with ``s ≤ t`` (or ``e^{Λ_t}``), at most 1, however
 strong the decay. Both ops compute in the accumulation dtype (float32 for bf16/fp16,
-float64 for float64), the carried state included; outputs return in ``v``'s dtype. The
+float64 for float64), the carried state included; outputs return in ``v``'s dtype. With
+``intermediates=torch.bfloat16`` the chunk's matrices ``W1 … P``, the outputs and the
+stored chunk states travel between the ops in bf16, as fla's kernels keep them: half the
+bytes, and the chunk loop's products bf16 products with float32 sums (about 1e-2 relative
+error against float64, where float32 with TF32 products gives about 3e-3). The
 time axis is padded to a multiple of ``C`` with tokens that leave the state unchanged
 (``β = 0``, ``α = 1``). Each op has its own backward; ``torch.compile`` sees each as one node.
 """
@@ -41,20 +45,24 @@ from mmrec.ops.delta_rule.chunk_scan import delta_chunk_scan
 
 def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
                      initial_state: Tensor | None = None, chunk_size: int = 64,
-                     scale: float = 1.0) -> tuple[Tensor, Tensor]:
+                     scale: float = 1.0, intermediates: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``q``, ``k`` ``[B, T, H, K]``; ``v`` ``[B, T, H, V]``; ``beta`` (in (0, 1)) and
-    ``log_alpha`` (``log α``, ≤ 0) ``[B, T, H]``; ``initial_state`` ``[B, H, K, V]``.
+    ``log_alpha`` (``log α``, ≤ 0) ``[B, T, H]``; ``initial_state`` ``[B, H, K, V]``;
+    ``intermediates``: the dtype the chunk's matrices travel in between the ops (None: the
+    accumulation dtype; ``torch.bfloat16`` or ``torch.float16``: half the bytes, module
+    docstring).
 
     Returns ``o = scale · S_tᵀ q_t`` ``[B, T, H, V]`` in ``v``'s dtype and the final state
     ``[B, H, K, V]`` in the accumulation dtype. Equals :func:`naive_delta_rule`.
 
     Autocast is off inside: it would run the products (the carried state's included) in bf16."""
     with torch.autocast(q.device.type, enabled=False):
-        return _chunk_delta_rule(q, k, v, beta, log_alpha, initial_state, chunk_size, scale)
+        return _chunk_delta_rule(q, k, v, beta, log_alpha, initial_state, chunk_size, scale, intermediates)
 
 
 def _chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
                       initial_state: Tensor | None, chunk_size: int, scale: float,
+                      intermediates: torch.dtype | None = None,
                       prepare=delta_chunk_prepare, scan=delta_chunk_scan) -> tuple[Tensor, Tensor]:
     """``prepare`` and ``scan``: the two ops, or (tests, benchmarks) their PyTorch references
     ``chunk_prepare.chunk_prepare_reference`` and ``chunk_scan.delta_chunk_scan_reference``."""
@@ -62,10 +70,11 @@ def _chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: 
     value_dim, out_dtype = v.shape[-1], v.dtype
     if scale != 1.0:
         q = q * scale
-    w1, w2, q_decayed, k_decayed, attn, chunk_decay, _ = prepare(q, k, v, beta, log_alpha, chunk_size)
+    w1, w2, q_decayed, k_decayed, attn, chunk_decay, _ = prepare(q, k, v, beta, log_alpha, chunk_size, intermediates)
     chunks, size = w1.shape[2:4]
-    state = (w1.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None
-             else initial_state.to(w1.dtype))  # [B, H, K, V]
+    acc = chunk_decay.dtype
+    state = (w1.new_zeros(batch, heads, key_dim, value_dim, dtype=acc) if initial_state is None
+             else initial_state.to(acc))  # [B, H, K, V]
     o, state = scan(w1, w2, q_decayed, k_decayed, attn, chunk_decay, state)[:2]  # [B, H, N, C, V], [B, H, K, V]
     o = o.movedim(1, 3).reshape(batch, chunks * size, heads, value_dim)[:, :length]
     return o.to(out_dtype), state

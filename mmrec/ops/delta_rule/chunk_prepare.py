@@ -72,12 +72,14 @@ def to_chunks(x: Tensor, size: int, dtype: torch.dtype) -> Tensor:
 
 
 def chunk_prepare_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
-                            chunk_size: int) -> tuple[Tensor, ...]:
+                            chunk_size: int, intermediates: torch.dtype | None = None) -> tuple[Tensor, ...]:
     """``(W1, W2, Qd, Kd, P, g, X)`` (module docstring) in PyTorch, differentiable by autograd.
 
     ``q``, ``k`` ``[B, T, H, K]``; ``v`` ``[B, T, H, V]``; ``beta``, ``log_alpha`` ``[B, T, H]``.
-    Outputs ``[B, H, N, C, V | K | C]`` (``g`` ``[B, H, N]``) in ``v``'s accumulation dtype;
-    the time axis is padded to ``N · C`` with tokens that leave the state as it is (``β = 0``,
+    Outputs ``[B, H, N, C, V | K | C]`` (``g`` ``[B, H, N]``), computed in ``v``'s accumulation
+    dtype; ``W1``, ``W2``, ``Qd``, ``Kd``, ``P`` stored in ``intermediates`` (None: that
+    dtype; bf16 or fp16 halve what the chunk loop reads), ``g`` and ``X`` in it; the time
+    axis is padded to ``N · C`` with tokens that leave the state as it is (``β = 0``,
     ``α = 1``). ``C`` is ``chunk_size``, or the length if shorter."""
     acc = accumulation_dtype(v.dtype)
     size = min(chunk_size, k.shape[1])
@@ -94,7 +96,8 @@ def chunk_prepare_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_a
     w2 = inverse @ ((beta[..., None] * from_start) * k)  # X diag(β e^Λ) K
     attn = decay * (q @ k.transpose(-1, -2))  # P
     k_decayed = k * (cum[..., -1:] - cum).exp()[..., None]
-    return w1, w2, q * from_start, k_decayed, attn, cum[..., -1].exp(), inverse
+    stored = (x.to(intermediates or acc) for x in (w1, w2, q * from_start, k_decayed, attn))
+    return *stored, cum[..., -1].exp(), inverse
 
 
 # ---------------------------------------------------------------------------- the ops
@@ -122,30 +125,32 @@ def _use_triton(v: Tensor, chunk_size: int):
     return _triton_kernels() if usable else None
 
 
-def _forward_composite(q, k, v, beta, log_alpha, chunk_size):
+def _forward_composite(q, k, v, beta, log_alpha, chunk_size, intermediates=None):
     with torch.no_grad():
-        return tuple(x.contiguous() for x in chunk_prepare_reference(q, k, v, beta, log_alpha, chunk_size))
+        return tuple(x.contiguous() for x in chunk_prepare_reference(q, k, v, beta, log_alpha, chunk_size, intermediates))
 
 
-def _forward_cuda(q, k, v, beta, log_alpha, chunk_size):
+def _forward_cuda(q, k, v, beta, log_alpha, chunk_size, intermediates=None):
     kernels = _use_triton(v, chunk_size)
     if kernels is None:
         return NotImplemented
-    return kernels.prepare_forward(q, k, v, beta, log_alpha, chunk_size, accumulation_dtype(v.dtype))
+    acc = accumulation_dtype(v.dtype)
+    return kernels.prepare_forward(q, k, v, beta, log_alpha, chunk_size, acc, intermediates or acc)
 
 
-def _forward_fake(q, k, v, beta, log_alpha, chunk_size):
+def _forward_fake(q, k, v, beta, log_alpha, chunk_size, intermediates=None):
     batch, length, heads, key_dim = k.shape
     size = min(chunk_size, length)
     lead = (batch, heads, -(-length // size), size)
     acc = accumulation_dtype(v.dtype)
     empty = functools.partial(v.new_empty, dtype=acc)
-    return (empty(*lead, v.shape[-1]), empty(*lead, key_dim), empty(*lead, key_dim), empty(*lead, key_dim),
-            empty(*lead, size), empty(*lead[:3]), empty(*lead, size))
+    stored = functools.partial(v.new_empty, dtype=intermediates or acc)
+    return (stored(*lead, v.shape[-1]), stored(*lead, key_dim), stored(*lead, key_dim), stored(*lead, key_dim),
+            stored(*lead, size), empty(*lead[:3]), empty(*lead, size))
 
 
-_forward_op = Op("delta_chunk_prepare(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor log_alpha, int chunk_size) "
-                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+_forward_op = Op("delta_chunk_prepare(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor log_alpha, int chunk_size, "
+                 "ScalarType? intermediates=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
                  composite=_forward_composite, cuda=_forward_cuda, fake=_forward_fake)
 
 
@@ -215,11 +220,11 @@ _backward_op = Op("delta_chunk_prepare_backward(Tensor q, Tensor k, Tensor v, Te
 
 class _DeltaChunkPrepare(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, log_alpha, chunk_size):
-        outputs = _forward_op.below_autograd(q, k, v, beta, log_alpha, chunk_size)
+    def forward(ctx, q, k, v, beta, log_alpha, chunk_size, intermediates):
+        outputs = _forward_op.below_autograd(q, k, v, beta, log_alpha, chunk_size, intermediates)
         ctx.mark_non_differentiable(outputs[-1])
         ctx.save_for_backward(q, k, v, beta, log_alpha, outputs[-1])
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.intermediates = chunk_size, intermediates
         return outputs
 
     @staticmethod
@@ -228,16 +233,16 @@ class _DeltaChunkPrepare(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: autograd through the PyTorch products
             inputs = (q, k, v, beta, log_alpha)
             wanted = [x for x, needed in zip(inputs, ctx.needs_input_grad) if needed]
-            pairs = [(out, g) for out, g in zip(chunk_prepare_reference(*inputs, ctx.chunk_size)[:6], grads)
-                     if out.requires_grad]
+            pairs = [(out, g) for out, g in zip(chunk_prepare_reference(*inputs, ctx.chunk_size, ctx.intermediates)[:6],
+                                                grads) if out.requires_grad]
             found = iter(torch.autograd.grad([out for out, _ in pairs], wanted, [g for _, g in pairs],
                                              create_graph=True, allow_unused=True, materialize_grads=True))
-            return (*(next(found) if needed else None for needed in ctx.needs_input_grad[:5]), None)
-        return (*_backward_op.below_autograd(q, k, v, beta, log_alpha, inverse, *grads[:6], ctx.chunk_size), None)
+            return (*(next(found) if needed else None for needed in ctx.needs_input_grad[:5]), None, None)
+        return (*_backward_op.below_autograd(q, k, v, beta, log_alpha, inverse, *grads[:6], ctx.chunk_size), None, None)
 
 
-def _forward_autograd(q, k, v, beta, log_alpha, chunk_size):
-    args = (q, k, v, beta, log_alpha, chunk_size)
+def _forward_autograd(q, k, v, beta, log_alpha, chunk_size, intermediates=None):
+    args = (q, k, v, beta, log_alpha, chunk_size, intermediates)
     return _DeltaChunkPrepare.apply(*args) if requires_grad(args) else _forward_op.below_autograd(*args)
 
 
@@ -245,9 +250,9 @@ _forward_op.differentiate(_forward_autograd)
 
 
 def delta_chunk_prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
-                        chunk_size: int) -> tuple[Tensor, ...]:
-    """``(W1, W2, Qd, Kd, P, g, X)`` for every chunk (module docstring); arguments and shapes
-    as :func:`chunk_prepare_reference`. ``X`` is not differentiable (the backward reads it)."""
+                        chunk_size: int, intermediates: torch.dtype | None = None) -> tuple[Tensor, ...]:
+    """``(W1, W2, Qd, Kd, P, g, X)`` for every chunk (module docstring); arguments, shapes and
+    dtypes as :func:`chunk_prepare_reference`. ``X`` is not differentiable (the backward reads it)."""
     if k.dim() != 4:
         raise ValueError(f"delta_chunk_prepare expects k of shape [batch, length, heads, key_dim], "
                          f"got {tuple(k.shape)}")
@@ -261,4 +266,8 @@ def delta_chunk_prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha
     if chunk_size < 1 or length < 1:
         raise ValueError(f"delta_chunk_prepare needs a chunk size and a length of at least 1, "
                          f"got {chunk_size} and {length}")
-    return _forward_op(q, k, v, beta, log_alpha, chunk_size)
+    acc = accumulation_dtype(v.dtype)
+    if intermediates not in (None, acc, torch.bfloat16, torch.float16):
+        raise ValueError(f"delta_chunk_prepare stores its intermediates in the accumulation dtype ({acc}), bfloat16 "
+                         f"or float16, got {intermediates}")
+    return _forward_op(q, k, v, beta, log_alpha, chunk_size, intermediates)

@@ -121,7 +121,7 @@ def _prepare_forward_kernel(
     chunk = tl.program_id(0).to(tl.int64)  # outputs [B, H, N, C, ...], contiguous: chunk = (b H + h) N + n
     n, bh = chunk % N, chunk // N
     b, h = bh // H, bh % H
-    acc: tl.constexpr = w1_ptr.dtype.element_ty
+    acc: tl.constexpr = x_ptr.dtype.element_ty  # W1 ... P may be stored in 16 bits, X is not
     rows = tl.arange(0, BLOCK_C)
     t = n * C + rows
     in_c = rows < C
@@ -163,11 +163,11 @@ def _prepare_forward_kernel(
 
 
 @triton.jit
-def _load_chunk_block(ptr, chunk, rows, in_c, d0, C, D, BLOCK_D: tl.constexpr):
-    """Columns ``d0 .. d0 + BLOCK_D`` of chunk ``chunk`` of a contiguous ``[B, H, N, C, D]`` tensor."""
+def _load_chunk_block(ptr, chunk, rows, in_c, d0, C, D, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Columns ``d0 .. d0 + BLOCK_D`` of chunk ``chunk`` of a contiguous ``[B, H, N, C, D]`` tensor, in ``ACC``."""
     cols = d0 + tl.arange(0, BLOCK_D)
     mask = in_c[:, None] & (cols < D)[None, :]
-    return tl.load(ptr + chunk * C * D + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
+    return tl.load(ptr + chunk * C * D + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -221,7 +221,7 @@ def _prepare_backward_kernel(
     grad_beta = tl.zeros((BLOCK_C,), dtype=acc)
     for d0 in range(0, BLOCK_V, BLOCK_D):
         v = _load_block(v_ptr, b, h, t, valid, s_vb, s_vt, s_vh, s_vv, d0, V, BLOCK_D, acc)
-        dw1 = _load_chunk_block(dw1_ptr, chunk, rows, in_c, d0, C, V, BLOCK_D)
+        dw1 = _load_chunk_block(dw1_ptr, chunk, rows, in_c, d0, C, V, BLOCK_D, acc)
         grad_x += _dot(dw1, tl.trans(beta[:, None] * v), PRECISION)
         grad_r1 = _dot(x_t, dw1, PRECISION)
         grad_beta += tl.sum(grad_r1 * v, 1)
@@ -236,33 +236,33 @@ def _prepare_backward_kernel(
     for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):  # unrolled: see the module docstring
         k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
         q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
-        dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
+        dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
         grad_x += _dot(dw2, tl.trans((beta * from_start)[:, None] * k), PRECISION)
         through_r2 += tl.sum(_dot(x_t, dw2, PRECISION) * k, 1)
         kk += _dot(k, tl.trans(k), PRECISION)
         qk += _dot(q, tl.trans(k), PRECISION)
-        through_qd += tl.sum(_load_chunk_block(dqd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D) * q, 1)
-        through_kd += tl.sum(_load_chunk_block(dkd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D) * k, 1)
+        through_qd += tl.sum(_load_chunk_block(dqd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc) * q, 1)
+        through_kd += tl.sum(_load_chunk_block(dkd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc) * k, 1)
 
     # the [C, C] part: A = diag(β) M ⊙ K Kᵀ through X = (I + A)⁻¹ (dA = −Xᵀ dX Xᵀ), P = M ⊙ Q Kᵀ
     strict = rows[:, None] > rows[None, :]
     grad_a = tl.where(strict, -_dot(_dot(x_t, grad_x, PRECISION), x_t, PRECISION), 0.0)
     grad_kk = grad_a * beta[:, None] * decay
     grad_kk += tl.trans(grad_kk)  # K Kᵀ is symmetric in K
-    grad_qk = tl.load(dp_ptr + off_c, mask=mask_c, other=0.0) * decay
+    grad_qk = tl.load(dp_ptr + off_c, mask=mask_c, other=0.0).to(acc) * decay
     grad_exponent = grad_a * beta[:, None] * kk * decay + grad_qk * qk  # through M_ts = e^{Λ_t − Λ_s}
     grad_beta += through_r2 * from_start + tl.sum(grad_a * decay * kk, 1)
     grad_lam = (through_r2 * beta + through_qd) * from_start - through_kd * to_end
     grad_lam += tl.sum(grad_exponent, 1) - tl.sum(grad_exponent, 0)
-    grad_lam_last = tl.sum(through_kd * to_end, 0) + tl.load(dg_ptr + chunk) * tl.exp(lam_last)
+    grad_lam_last = tl.sum(through_kd * to_end, 0) + tl.load(dg_ptr + chunk).to(acc) * tl.exp(lam_last)
 
     # the gradients of K and Q, block by block
     for d0 in range(0, BLOCK_K, BLOCK_D):
         k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
         q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
-        dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
-        dqd = _load_chunk_block(dqd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
-        dkd = _load_chunk_block(dkd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D)
+        dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
+        dqd = _load_chunk_block(dqd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
+        dkd = _load_chunk_block(dkd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
         grad_q = _dot(grad_qk, k, PRECISION) + dqd * from_start[:, None]
         grad_k = (_dot(grad_kk, k, PRECISION) + _dot(tl.trans(grad_qk), q, PRECISION)
                   + (beta * from_start)[:, None] * _dot(x_t, dw2, PRECISION) + dkd * to_end[:, None])
@@ -312,19 +312,20 @@ def _input_strides(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Ten
 
 
 def prepare_forward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, chunk_size: int,
-                    acc: torch.dtype, *, out: tuple[Tensor, ...] | None = None,
+                    acc: torch.dtype, intermediates: torch.dtype | None = None, *, out: tuple[Tensor, ...] | None = None,
                     config: dict | None = None) -> tuple[Tensor, ...]:
-    """``(W1, W2, Qd, Kd, P, g, X)`` as ``mmrec::delta_chunk_prepare``, one launch; ``out``
-    takes preallocated contiguous outputs, ``config`` overrides the launch config."""
+    """``(W1, W2, Qd, Kd, P, g, X)`` as ``mmrec::delta_chunk_prepare``, one launch: computed in
+    ``acc``, the first five stored in ``intermediates`` (None: ``acc``); ``out`` takes
+    preallocated contiguous outputs, ``config`` overrides the launch config."""
     batch, length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     size = min(chunk_size, length)
     chunks = -(-length // size)
     lead = (batch, heads, chunks, size)
     if out is None:
-        kw = {"dtype": acc, "device": v.device}
-        out = (torch.empty(*lead, value_dim, **kw), *(torch.empty(*lead, key_dim, **kw) for _ in range(3)),
-               torch.empty(*lead, size, **kw), torch.empty(*lead[:3], **kw), torch.empty(*lead, size, **kw))
+        kw, stored = {"dtype": acc, "device": v.device}, {"dtype": intermediates or acc, "device": v.device}
+        out = (torch.empty(*lead, value_dim, **stored), *(torch.empty(*lead, key_dim, **stored) for _ in range(3)),
+               torch.empty(*lead, size, **stored), torch.empty(*lead[:3], **kw), torch.empty(*lead, size, **kw))
     w1, w2, qd, kd, p, g, x = out
     if g.numel() == 0:
         return w1, w2, qd, kd, p, g, x
@@ -339,8 +340,9 @@ def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: T
                      grads: tuple[Tensor, ...], *, out: tuple[Tensor, ...] | None = None,
                      config: dict | None = None) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dβ, d log α)``, contiguous, in the inputs' dtypes, from the gradients of
-    ``(W1, W2, Qd, Kd, P, g)`` and the forward's ``X``, one launch; ``out`` takes preallocated
-    contiguous outputs, ``config`` as in the forward."""
+    ``(W1, W2, Qd, Kd, P, g)`` (read in their dtypes, 16-bit ones too, and summed in ``X``'s)
+    and the forward's ``X``, one launch; ``out`` takes preallocated contiguous outputs,
+    ``config`` as in the forward."""
     batch, length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     size = inverse.shape[-1]
@@ -350,7 +352,7 @@ def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: T
         raise ValueError("prepare_backward writes contiguous gradients: pass contiguous out tensors")
     if inverse.numel() == 0:
         return tuple(o.zero_() for o in outs)
-    grads = tuple(g.to(inverse.dtype).contiguous() for g in grads)
+    grads = tuple(g.contiguous() for g in grads)
     cfg = launch_config(size, key_dim, value_dim, backward=True, interpret=not v.is_cuda, config=config)
     _prepare_backward_kernel[(batch * heads * chunks,)](
         q, k, v, beta, log_alpha, inverse.contiguous(), *grads, *outs,

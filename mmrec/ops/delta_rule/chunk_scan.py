@@ -24,8 +24,10 @@ recomputed from the stored ``S_n``)::
 On CPU both loops are PyTorch (one batched matmul per product, over all batch elements and
 heads); on CUDA Triton kernels (``chunk_scan_triton.py``) run each loop in one launch with
 the state on chip. ``delta_chunk_scan_reference`` is the same forward loop through autograd, which
-tests and benchmarks compare against. Everything runs in the inputs' dtype (float32 or
-float64: the caller casts to the accumulation dtype).
+tests and benchmarks compare against. The state, ``g`` and every sum are in the
+accumulation dtype (float32, or float64 in tests); the chunk's matrices ``W1`` ... ``P``
+may be stored in bf16 or fp16 instead (half the bytes: ``chunk.py``), and ``O``, the kept
+states and their gradients then are too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import functools
 import torch
 from torch import Tensor
 
+from mmrec.ops.linear_scan import accumulation_dtype
 from mmrec.ops.registration import Op, requires_grad
 
 
@@ -48,47 +51,56 @@ def delta_chunk_scan_reference(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_deca
 def _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state,
                        keep_states: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The forward loop into preallocated outputs: ``(O, final state, S_n for every n)``
-    (no chunk's state without ``keep_states``)."""
+    (no chunk's state without ``keep_states``). 16-bit matrices are multiplied in the
+    accumulation dtype."""
     batch, heads, chunks, _, value_dim = w1.shape
     key_dim = w2.shape[-1]
+    acc = initial_state.dtype
     o = w1.new_empty(w1.shape)
     states = w1.new_empty(batch, heads, chunks if keep_states else 0, key_dim, value_dim)
     state = initial_state
     for n in range(chunks):
         if keep_states:
             states[:, :, n] = state
-        u = w1[:, :, n] - w2[:, :, n] @ state
-        o[:, :, n] = q_decayed[:, :, n] @ state + attn[:, :, n] @ u
-        state = chunk_decay[:, :, n, None, None] * state + k_decayed[:, :, n].transpose(-1, -2) @ u
+        w1_n, w2_n, qd_n, kd_n, p_n = (x[:, :, n].to(acc) for x in (w1, w2, q_decayed, k_decayed, attn))
+        u = w1_n - w2_n @ state
+        o[:, :, n] = qd_n @ state + p_n @ u
+        state = chunk_decay[:, :, n, None, None] * state + kd_n.transpose(-1, -2) @ u
     return o, state.contiguous() if chunks else state.clone(memory_format=torch.contiguous_format), states
 
 
 def _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o: Tensor | None,
                        grad_final: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """The sequential part of the backward: ``(dU [B, H, N, C, V], dS_{n+1} for every n
-    [B, H, N, K, V], dS_0)`` by the reverse loop (module docstring). It needs no state."""
+    [B, H, N, K, V], dS_0)`` by the reverse loop (module docstring). It needs no state.
+    ``dU`` and ``dS_{n+1}`` in ``w2``'s dtype, ``dS_0`` in the accumulation dtype."""
     batch, heads, chunks, size, key_dim = w2.shape
     value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
-    grad_state = w2.new_zeros(batch, heads, key_dim, value_dim) if grad_final is None else grad_final  # dS
+    acc = chunk_decay.dtype
+    grad_state = (w2.new_zeros(batch, heads, key_dim, value_dim, dtype=acc) if grad_final is None
+                  else grad_final.to(acc))  # dS
     grad_u, grad_next = [], []
     for n in range(chunks - 1, -1, -1):
         grad_next.append(grad_state)
-        du = k_decayed[:, :, n] @ grad_state  # [B, H, C, V]
+        w2_n, qd_n, kd_n, p_n = (x[:, :, n].to(acc) for x in (w2, q_decayed, k_decayed, attn))
+        du = kd_n @ grad_state  # [B, H, C, V]
         if grad_o is not None:
-            du = du + attn[:, :, n].transpose(-1, -2) @ grad_o[:, :, n]
-        grad_state = chunk_decay[:, :, n, None, None] * grad_state - w2[:, :, n].transpose(-1, -2) @ du
+            du = du + p_n.transpose(-1, -2) @ grad_o[:, :, n].to(acc)
+        grad_state = chunk_decay[:, :, n, None, None] * grad_state - w2_n.transpose(-1, -2) @ du
         if grad_o is not None:
-            grad_state = grad_state + q_decayed[:, :, n].transpose(-1, -2) @ grad_o[:, :, n]
+            grad_state = grad_state + qd_n.transpose(-1, -2) @ grad_o[:, :, n].to(acc)
         grad_u.append(du)
     if not chunks:
         return (w2.new_zeros(batch, heads, 0, size, value_dim), w2.new_zeros(batch, heads, 0, key_dim, value_dim),
                 grad_state.clone(memory_format=torch.contiguous_format))
-    return torch.stack(grad_u[::-1], 2), torch.stack(grad_next[::-1], 2), grad_state.contiguous()
+    return (torch.stack(grad_u[::-1], 2).to(w2.dtype), torch.stack(grad_next[::-1], 2).to(w2.dtype),
+            grad_state.contiguous())
 
 
 def _chunk_gradients(w1, w2, q_decayed, attn, states, grad_o: Tensor | None, grad_u, grad_next) -> tuple[Tensor, ...]:
     """Gradients ``(w1, w2, q_decayed, k_decayed, attn, chunk_decay)`` from the adjoints,
-    every chunk at once (batched products that sum over ``V``)."""
+    every chunk at once (batched products that sum over ``V``), in the dtype of the stored
+    matrices (``dg`` summed in float32 at least: autograd casts it to ``g``'s dtype)."""
     states_t = states.transpose(-1, -2)  # S_nᵀ [B, H, N, V, K]
     u = w1 - w2 @ states  # U_n, recomputed
     if grad_o is None:
@@ -96,7 +108,7 @@ def _chunk_gradients(w1, w2, q_decayed, attn, states, grad_o: Tensor | None, gra
     else:
         grad_qd, grad_attn = grad_o @ states_t, grad_o @ u.transpose(-1, -2)
     grad_kd = u @ grad_next.transpose(-1, -2)
-    grad_decay = (states * grad_next).sum((-2, -1))
+    grad_decay = (states * grad_next).sum((-2, -1), dtype=torch.promote_types(states.dtype, torch.float32))
     return grad_u, -(grad_u @ states_t), grad_qd, grad_kd, grad_attn, grad_decay
 
 
@@ -116,7 +128,7 @@ def _triton_kernels():
 def _use_triton(x: Tensor):
     """The Triton launchers for ``x``'s dtype, or None: float64 (tests only) runs the loop,
     whose matmuls cuBLAS does in float64."""
-    return _triton_kernels() if x.dtype == torch.float32 else None
+    return _triton_kernels() if x.dtype != torch.float64 else None
 
 
 def _forward_composite_no_grad(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
@@ -134,7 +146,7 @@ def _forward_cuda(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state
 
 def _forward_fake(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):
     batch, heads, chunks, _, value_dim = w1.shape
-    return (w1.new_empty(w1.shape), w1.new_empty(initial_state.shape),
+    return (w1.new_empty(w1.shape), initial_state.new_empty(initial_state.shape),
             w1.new_empty(batch, heads, chunks if keep_states else 0, w2.shape[-1], value_dim))
 
 
@@ -161,7 +173,7 @@ def _adjoint_fake(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_fina
     batch, heads, chunks, size, key_dim = w2.shape
     value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
     return (w2.new_empty(batch, heads, chunks, size, value_dim), w2.new_empty(batch, heads, chunks, key_dim, value_dim),
-            w2.new_empty(batch, heads, key_dim, value_dim))
+            chunk_decay.new_empty(batch, heads, key_dim, value_dim))
 
 
 _adjoint_op = Op("delta_chunk_scan_backward(Tensor w2, Tensor q_decayed, Tensor k_decayed, Tensor attn, "
@@ -213,12 +225,14 @@ def delta_chunk_scan(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tenso
     """Run the chunk recurrence (module docstring) for every batch element and head.
 
     ``w1`` ``[B, H, N, C, V]``; ``w2``, ``q_decayed``, ``k_decayed`` ``[B, H, N, C, K]``;
-    ``attn`` ``[B, H, N, C, C]``; ``chunk_decay`` ``[B, H, N]``; ``initial_state``
-    ``[B, H, K, V]``; all of one dtype, float32 or float64. Any strides.
+    ``attn`` ``[B, H, N, C, C]``, these five of one dtype (float32 or float64, or bf16 or
+    fp16 stored intermediates); ``chunk_decay`` ``[B, H, N]`` and ``initial_state``
+    ``[B, H, K, V]`` in the accumulation dtype (float64 for float64, else float32). Any strides.
 
-    Returns ``O`` ``[B, H, N, C, V]``, the final state ``[B, H, K, V]`` and the state
-    entering each chunk ``[B, H, N, K, V]`` (not differentiable), which the backward reads:
-    kept only when a gradient will be needed (``[B, H, 0, K, V]`` otherwise)."""
+    Returns ``O`` ``[B, H, N, C, V]`` in ``w1``'s dtype, the final state ``[B, H, K, V]`` in
+    the accumulation dtype and the state entering each chunk ``[B, H, N, K, V]`` in ``w1``'s
+    dtype (not differentiable), which the backward reads: kept only when a gradient will be
+    needed (``[B, H, 0, K, V]`` otherwise)."""
     if w1.dim() != 5:
         raise ValueError(f"delta_chunk_scan expects w1 of shape [batch, heads, chunks, chunk, value_dim], got {tuple(w1.shape)}")
     batch, heads, chunks, size, value_dim = w1.shape
@@ -228,14 +242,16 @@ def delta_chunk_scan(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tenso
                 "chunk_decay": (batch, heads, chunks), "initial_state": (batch, heads, key_dim, value_dim)}
     given = {"w2": w2, "q_decayed": q_decayed, "k_decayed": k_decayed, "attn": attn, "chunk_decay": chunk_decay,
              "initial_state": initial_state}
+    if w1.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise ValueError(f"delta_chunk_scan takes w1 in float32, float64, bfloat16 or float16, got {w1.dtype}")
+    acc = accumulation_dtype(w1.dtype)
     for name, x in given.items():
         if tuple(x.shape) != expected[name]:
             raise ValueError(f"delta_chunk_scan expects {name} of shape {expected[name]} (from w1 {tuple(w1.shape)} "
                              f"and w2), got {tuple(x.shape)}")
-        if x.dtype != w1.dtype:
-            raise ValueError(f"delta_chunk_scan expects every input in w1's dtype {w1.dtype}; {name} is {x.dtype}: "
-                             "cast to the accumulation dtype first")
-    if w1.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"delta_chunk_scan runs in float32 or float64, got {w1.dtype}: cast to the accumulation dtype first")
+        dtype = acc if name in ("chunk_decay", "initial_state") else w1.dtype
+        if x.dtype != dtype:
+            raise ValueError(f"delta_chunk_scan expects {name} in {dtype} (w1 is {w1.dtype}), got {x.dtype}: the "
+                             "chunk's matrices share w1's dtype, chunk_decay and initial_state are in its accumulation dtype")
     keep_states = torch.is_grad_enabled() and any(x.requires_grad for x in (w1, *given.values()))
     return _forward_op(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states)

@@ -28,7 +28,10 @@ registers. Three more for tuning: ``"bf16"``, one product of operands rounded to
 (8 bits of mantissa, as fla's kernels multiply; twice tf32's rate), ``"bf16x3"``, each fp32
 operand split into two bf16 parts and three bf16 products (about 16 bits of mantissa:
 errors near 1e-4 in tests, with half tf32x3's registers for the split operands), and
-``"ieee"``, exact fp32 on the CUDA cores. The state and every sum stay fp32
+``"ieee"``, exact fp32 on the CUDA cores. The stored intermediates (``W1``, ``W2``,
+``Qd``, ``Kd``, ``P``, and the outputs ``O``, ``S_n``, ``dU``, ``dS_{n+1}``) may instead be
+bf16 or fp16, as fla stores them: half the bytes, and every product one 16-bit product
+(the state or adjoint rounded for it). The state and every sum stay fp32
 (float64 for float64 inputs, which run under the interpreter in tests; on CUDA the op runs
 those through cuBLAS). Sizes that are not
 powers of two (or below ``tl.dot``'s 16) are padded on chip with masked loads and stores.
@@ -62,8 +65,19 @@ def _split_bf16(x, UPCAST: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; fp32 operands at ``PRECISION`` (module docstring)."""
-    if a.dtype != tl.float32:
+    """``a @ b`` with fp32 accumulation. A 16-bit operand makes it a 16-bit product, the other
+    operand rounded to that dtype (stored intermediates in bf16: module docstring; under
+    ``"ieee"``, the interpreter's setting, the rounded operands are multiplied exactly);
+    fp32 operands at ``PRECISION``. (The dtype tests are inline: they must stay compile-time.)"""
+    if a.dtype == tl.bfloat16 or a.dtype == tl.float16:
+        b = b.to(a.dtype)
+    elif b.dtype == tl.bfloat16 or b.dtype == tl.float16:
+        a = a.to(b.dtype)
+    if a.dtype == tl.bfloat16 or a.dtype == tl.float16:
+        if PRECISION == "ieee":
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+    elif a.dtype != tl.float32:  # float64, under the interpreter
         return tl.dot(a, b)
     elif PRECISION == "bf16":  # one bf16 product: half tf32's operand bytes, twice its rate
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
@@ -80,9 +94,26 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _load_transposed(ptr, C, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, FROM_MEMORY: tl.constexpr):
+    """A chunk's ``[C, D]`` block of a contiguous layout (``ptr`` at its start) as its
+    transpose ``[BLOCK_D, BLOCK_C]``: read in that order from memory with ``FROM_MEMORY``,
+    else loaded and transposed on chip (``tl.trans``). 16-bit blocks take the first way: a
+    bf16 ``tl.trans`` operand of ``tl.dot`` gave wrong products and illegal memory accesses
+    on sm_90 with Triton 3.6 (docs/notes/delta-kernel.md)."""
+    rows = tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, BLOCK_D)
+    if FROM_MEMORY:
+        mask = (cols < D)[:, None] & (rows < C)[None, :]
+        return tl.load(ptr + cols[:, None] + rows[None, :] * D, mask=mask, other=0.0)
+    mask = (rows < C)[:, None] & (cols < D)[None, :]
+    return tl.trans(tl.load(ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0))
+
+
+@triton.jit
 def _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
                    off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
-                   KEEP_STATES: tl.constexpr, WRITE_O: tl.constexpr, PRECISION: tl.constexpr):
+                   KEEP_STATES: tl.constexpr, WRITE_O: tl.constexpr, PRECISION: tl.constexpr,
+                   TRANSPOSED_LOADS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """One chunk: store ``S_n`` (with ``KEEP_STATES``), write ``O_n`` (with ``WRITE_O``),
     return ``S_{n+1}``."""
     n = tl.full((), 0, tl.int64) + n  # 64-bit offsets
@@ -90,7 +121,7 @@ def _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st
         tl.store(st_ptr + n * K * V + off_kv, s.to(st_ptr.dtype.element_ty), mask=mask_kv)
     w1 = tl.load(w1_ptr + n * C * V + off_cv, mask=mask_cv, other=0.0)  # [C, BV]
     w2 = tl.load(w2_ptr + n * C * K + off_ck, mask=mask_ck, other=0.0)  # [C, K]
-    kd = tl.load(kd_ptr + n * C * K + off_ck, mask=mask_ck, other=0.0)  # [C, K]
+    kd_t = _load_transposed(kd_ptr + n * C * K, C, K, BLOCK_C, BLOCK_K, TRANSPOSED_LOADS)  # [K, C]
     g = tl.load(g_ptr + n)
     u = w1 - _dot(w2, s, PRECISION)  # U = W1 − W2 S
     if WRITE_O:
@@ -98,7 +129,7 @@ def _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st
         p = tl.load(p_ptr + n * C * C + off_cc, mask=mask_cc, other=0.0)  # [C, C]
         o = _dot(qd, s, PRECISION) + _dot(p, u, PRECISION)  # O = Qd S + P U
         tl.store(o_ptr + n * C * V + off_cv, o.to(o_ptr.dtype.element_ty), mask=mask_cv)
-    return g * s + _dot(tl.trans(kd), u, PRECISION)  # S ← g S + Kdᵀ U
+    return g * s + _dot(kd_t, u, PRECISION)  # S ← g S + Kdᵀ U
 
 
 @triton.jit
@@ -121,7 +152,7 @@ def _tile_offsets(v_block, C, K, V, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr
 def _forward_kernel(
     w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, s0_ptr, o_ptr, sl_ptr, st_ptr, N, C, K, V,
     KEEP_STATES: tl.constexpr, WRITE_O: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    TRANSPOSED_LOADS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)  # batch element · heads + head: every tensor is contiguous [B, H, ...]
     off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv = _tile_offsets(tl.program_id(0), C, K, V, BLOCK_C, BLOCK_K, BLOCK_V)
@@ -139,13 +170,13 @@ def _forward_kernel(
         for n in tl.range(0, N, num_stages=STAGES):
             s = _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
                                off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
-                               KEEP_STATES, WRITE_O, PRECISION)
+                               KEEP_STATES, WRITE_O, PRECISION, TRANSPOSED_LOADS, BLOCK_C, BLOCK_K)
     else:
         n = 0
         while n < N:  # not range(): Triton's interpreter can't take it a scalar under NumPy >= 2.4
             s = _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
                                off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
-                               KEEP_STATES, WRITE_O, PRECISION)
+                               KEEP_STATES, WRITE_O, PRECISION, TRANSPOSED_LOADS, BLOCK_C, BLOCK_K)
             n += 1
     tl.store(sl_ptr + bh * K * V + off_kv, s.to(sl_ptr.dtype.element_ty), mask=mask_kv)
 
@@ -172,23 +203,24 @@ def _output_kernel(
 @triton.jit
 def _adjoint_chunk(n, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, du_ptr, dsn_ptr, s_don, off_do,
                    off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
-                   HAS_DO: tl.constexpr, PRECISION: tl.constexpr):
+                   HAS_DO: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSED_LOADS: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """One chunk backwards: store ``dS_{n+1}`` (``ds``) and ``dU_n``, return ``dS_n``."""
     n = tl.full((), 0, tl.int64) + n  # 64-bit offsets
     tl.store(dsn_ptr + n * K * V + off_kv, ds.to(dsn_ptr.dtype.element_ty), mask=mask_kv)
-    w2 = tl.load(w2_ptr + n * C * K + off_ck, mask=mask_ck, other=0.0)  # [C, K]
+    w2_t = _load_transposed(w2_ptr + n * C * K, C, K, BLOCK_C, BLOCK_K, TRANSPOSED_LOADS)  # [K, C]
     kd = tl.load(kd_ptr + n * C * K + off_ck, mask=mask_ck, other=0.0)  # [C, K]
     g = tl.load(g_ptr + n)
     du = _dot(kd, ds, PRECISION)  # dU = Kd dS (+ Pᵀ dO)
     ds = g * ds
     if HAS_DO:
         do = tl.load(do_ptr + n * s_don + off_do, mask=mask_cv, other=0.0)  # dO_n [C, BV]
-        qd = tl.load(qd_ptr + n * C * K + off_ck, mask=mask_ck, other=0.0)  # [C, K]
-        p = tl.load(p_ptr + n * C * C + off_cc, mask=mask_cc, other=0.0)  # [C, C]
-        du += _dot(tl.trans(p), do, PRECISION)
-        ds += _dot(tl.trans(qd), do, PRECISION)
+        qd_t = _load_transposed(qd_ptr + n * C * K, C, K, BLOCK_C, BLOCK_K, TRANSPOSED_LOADS)  # [K, C]
+        p_t = _load_transposed(p_ptr + n * C * C, C, C, BLOCK_C, BLOCK_C, TRANSPOSED_LOADS)  # [C, C]
+        du += _dot(p_t, do, PRECISION)
+        ds += _dot(qd_t, do, PRECISION)
     tl.store(du_ptr + n * C * V + off_cv, du.to(du_ptr.dtype.element_ty), mask=mask_cv)
-    return ds - _dot(tl.trans(w2), du, PRECISION)  # dS_n = Qdᵀ dO + g dS − W2ᵀ dU
+    return ds - _dot(w2_t, du, PRECISION)  # dS_n = Qdᵀ dO + g dS − W2ᵀ dU
 
 
 @triton.jit
@@ -196,7 +228,7 @@ def _adjoint_kernel(
     w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, dsl_ptr, du_ptr, dsn_ptr, ds0_ptr, H, N, C, K, V,
     s_dob, s_doh, s_don, s_doc, s_dov,  # dO keeps its strides: autograd often hands it over as a view
     HAS_DO: tl.constexpr, HAS_DSL: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    TRANSPOSED_LOADS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)  # batch element · heads + head: every tensor but dO is contiguous [B, H, ...]
     off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv = _tile_offsets(tl.program_id(0), C, K, V, BLOCK_C, BLOCK_K, BLOCK_V)
@@ -214,21 +246,22 @@ def _adjoint_kernel(
     du_ptr += bh * N * C * V
     dsn_ptr += bh * N * K * V
 
+    acc: tl.constexpr = ds0_ptr.dtype.element_ty  # the adjoint's dtype, the state's
     if HAS_DSL:
-        ds = tl.load(dsl_ptr + bh * K * V + off_kv, mask=mask_kv, other=0.0).to(w2_ptr.dtype.element_ty)
+        ds = tl.load(dsl_ptr + bh * K * V + off_kv, mask=mask_kv, other=0.0).to(acc)
     else:
-        ds = tl.zeros((BLOCK_K, BLOCK_V), dtype=w2_ptr.dtype.element_ty)
+        ds = tl.zeros((BLOCK_K, BLOCK_V), dtype=acc)
     if STAGES > 0:
         for i in tl.range(0, N, num_stages=STAGES):
             ds = _adjoint_chunk(N - 1 - i, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, du_ptr, dsn_ptr, s_don, off_do,
                                 off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
-                                HAS_DO, PRECISION)
+                                HAS_DO, PRECISION, TRANSPOSED_LOADS, BLOCK_C, BLOCK_K)
     else:
         n = N - 1
         while n >= 0:  # not range(), as in the forward
             ds = _adjoint_chunk(n, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, du_ptr, dsn_ptr, s_don, off_do,
                                 off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
-                                HAS_DO, PRECISION)
+                                HAS_DO, PRECISION, TRANSPOSED_LOADS, BLOCK_C, BLOCK_K)
             n -= 1
     tl.store(ds0_ptr + bh * K * V + off_kv, ds.to(ds0_ptr.dtype.element_ty), mask=mask_kv)
 
@@ -259,10 +292,11 @@ def _value_columns(value_dim: int, block_k: int, precision: str, sequences: int,
 
 
 def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, sm_count: int = 0,
-                interpret: bool = False, config: dict | None = None) -> dict:
+                operands_16_bit: bool = False, interpret: bool = False, config: dict | None = None) -> dict:
     """Launch config of either kernel; ``config`` overrides any entry. ``BLOCK_V``: value
-    columns per program (``_value_columns``, from ``sequences``, batch x heads, and the
-    device's ``sm_count``); ``num_warps``; ``STAGES``: software-pipelining depth of the
+    columns per program (``_value_columns``, from ``sequences``, batch x heads, the
+    device's ``sm_count`` and whether the stored operands are 16-bit, which makes every
+    product one bf16 product); ``num_warps``; ``STAGES``: software-pipelining depth of the
     chunk loop (0: none); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact
     fp32 under the interpreter, which ignores it, except ``"bf16"`` and ``"bf16x3"``,
     emulated there); ``OUTPUT``: where the forward computes ``O``."""
@@ -281,9 +315,13 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, 
         # the forward's outputs: "loop", inside the sequential loop over chunks, or "after",
         # the loop carrying only the state and a kernel parallel over chunks writing them
         "OUTPUT": "loop",
+        # the transposed operands (Kdᵀ; W2ᵀ, Qdᵀ, Pᵀ) read transposed from memory rather than
+        # transposed on chip: needed for 16-bit ones (_load_transposed)
+        "TRANSPOSED_LOADS": operands_16_bit,
     }
     cfg.update(config or {})
-    cfg.setdefault("BLOCK_V", _value_columns(value_dim, cfg["BLOCK_K"], cfg["PRECISION"], sequences, sm_count))
+    product = "bf16" if operands_16_bit else cfg["PRECISION"]
+    cfg.setdefault("BLOCK_V", _value_columns(value_dim, cfg["BLOCK_K"], product, sequences, sm_count))
     if cfg["OUTPUT"] not in ("loop", "after"):
         raise ValueError(f"OUTPUT must be 'loop' or 'after', got {cfg['OUTPUT']!r}")
     if interpret and cfg["PRECISION"] in ("bf16", "bf16x3"):
@@ -304,7 +342,8 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
                        config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(O, final state, states)`` as ``mmrec::delta_chunk_scan``, one launch (two with
     ``OUTPUT="after"``); without ``keep_states`` no chunk's state is returned (``states``
-    has 0 chunks).
+    has 0 chunks). ``O`` and the states in ``w1``'s dtype (the stored intermediates'), the
+    final state in ``initial_state``'s (the accumulation dtype).
 
     The kernel reads every tensor as contiguous (fewer launch arguments: the strides follow
     from the shapes), so an input in another layout is copied first; ``out`` takes
@@ -314,17 +353,17 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
     inputs = [x.contiguous() for x in (w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state)]
     if out is None:
         o = torch.empty(w1.shape, dtype=w1.dtype, device=w1.device)
-        final = torch.empty(initial_state.shape, dtype=w1.dtype, device=w1.device)
+        final = torch.empty(initial_state.shape, dtype=initial_state.dtype, device=w1.device)
         states = torch.empty((batch, heads, chunks if keep_states else 0, key_dim, value_dim), dtype=w1.dtype,
                              device=w1.device)
     else:
         o, final, states = _checked_outputs(out, (tuple(w1.shape), tuple(initial_state.shape), (
-            batch, heads, chunks if keep_states else 0, key_dim, value_dim)), w1)
+            batch, heads, chunks if keep_states else 0, key_dim, value_dim)), (w1, initial_state, w1))
     if batch * heads * value_dim == 0:
         final.copy_(initial_state)
         return o, final, states
     cfg = launch_config(size, key_dim, value_dim, sequences=batch * heads, sm_count=device_sm_count(w1.device),
-                        interpret=not w1.is_cuda, config=config)
+                        operands_16_bit=w1.element_size() == 2, interpret=not w1.is_cuda, config=config)
     output_after = cfg.pop("OUTPUT") == "after"
     stored = states  # the states the output kernel reads: kept even for inference
     if output_after and not keep_states:
@@ -338,7 +377,7 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
         w1, w2, q_decayed, _, attn = inputs[:5]
         _output_kernel[(batch * heads * chunks, v_blocks)](
             w1, w2, q_decayed, attn, stored, o, size, key_dim, value_dim,
-            **{k: v for k, v in cfg.items() if k != "STAGES"})
+            **{k: v for k, v in cfg.items() if k not in ("STAGES", "TRANSPOSED_LOADS")})
     return o, final, states
 
 
@@ -348,22 +387,23 @@ def chunk_scan_adjoint(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: T
                        config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(dU, dS_{n+1} for every n, dS_0)`` as ``mmrec::delta_chunk_scan_backward``, one
     launch. ``grad_o`` or ``grad_final`` may be None (not both); ``grad_o`` is read in any
-    layout, the rest as in the forward."""
+    layout, the rest as in the forward. ``dU`` and ``dS_{n+1}`` in ``w2``'s dtype, ``dS_0``
+    in ``chunk_decay``'s (the accumulation dtype)."""
     batch, heads, chunks, size, key_dim = w2.shape
     value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
     inputs = [x.contiguous() for x in (w2, q_decayed, k_decayed, attn, chunk_decay)]
     if out is None:
         grad_u = torch.empty((batch, heads, chunks, size, value_dim), dtype=w2.dtype, device=w2.device)
         grad_next = torch.empty((batch, heads, chunks, key_dim, value_dim), dtype=w2.dtype, device=w2.device)
-        grad_initial = torch.empty((batch, heads, key_dim, value_dim), dtype=w2.dtype, device=w2.device)
+        grad_initial = torch.empty((batch, heads, key_dim, value_dim), dtype=chunk_decay.dtype, device=w2.device)
     else:
         grad_u, grad_next, grad_initial = _checked_outputs(out, (
             (batch, heads, chunks, size, value_dim), (batch, heads, chunks, key_dim, value_dim),
-            (batch, heads, key_dim, value_dim)), w2)
+            (batch, heads, key_dim, value_dim)), (w2, w2, chunk_decay))
     if batch * heads * value_dim == 0:
         return grad_u, grad_next, grad_initial
     cfg = launch_config(size, key_dim, value_dim, sequences=batch * heads, sm_count=device_sm_count(w2.device),
-                        interpret=not w2.is_cuda, config=config)
+                        operands_16_bit=w2.element_size() == 2, interpret=not w2.is_cuda, config=config)
     del cfg["OUTPUT"]  # the forward's
     _check_grid(batch * heads)
     _adjoint_kernel[(triton.cdiv(value_dim, cfg["BLOCK_V"]), batch * heads)](
@@ -379,12 +419,14 @@ def _check_grid(sequences: int) -> None:
                          "split the batch")
 
 
-def _checked_outputs(out: tuple[Tensor, ...], shapes: tuple[tuple[int, ...], ...], like: Tensor) -> tuple[Tensor, ...]:
-    """``out`` if each tensor is contiguous, of its shape in ``shapes`` and of ``like``'s
-    dtype and device: the kernels write exactly that, and nothing checks it on the GPU."""
-    for x, shape in zip(out, shapes, strict=True):
-        if not x.is_contiguous() or tuple(x.shape) != shape or x.dtype != like.dtype or x.device != like.device:
-            raise ValueError(f"out must hold contiguous {like.dtype} tensors on {like.device} of shapes {list(shapes)}, "
-                             f"got {[(tuple(x.shape), x.dtype, str(x.device), x.is_contiguous()) for x in out]}: "
+def _checked_outputs(out: tuple[Tensor, ...], shapes: tuple[tuple[int, ...], ...],
+                     like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``out`` if each tensor is contiguous, of its shape in ``shapes`` and of the dtype and
+    device of its tensor in ``like``: the kernels write exactly that, and nothing checks it
+    on the GPU."""
+    for x, shape, model in zip(out, shapes, like, strict=True):
+        if not x.is_contiguous() or tuple(x.shape) != shape or x.dtype != model.dtype or x.device != model.device:
+            raise ValueError(f"out must hold contiguous tensors on {model.device} of shapes {list(shapes)} and dtypes "
+                             f"{[m.dtype for m in like]}, got {[(tuple(x.shape), x.dtype, str(x.device), x.is_contiguous()) for x in out]}: "
                              "the kernels write the contiguous layout")
     return out
