@@ -88,7 +88,8 @@ class DeltaRecurrence(Recurrence):
         intermediates: Literal["float32", "bfloat16"] = Field(
             "float32", description="dtype of the chunked form's stored intermediates (the chunk's matrices, its outputs "
                                    "and states between the two ops): bfloat16 halves their bytes and multiplies them "
-                                   "in bf16, as fla's kernels do; the carried state and every sum stay float32")
+                                   "in bf16, as fla's kernels do; the carried state and every sum stay float32 (a "
+                                   "float64 model keeps float64)")
         beta_conv: int | None = Field(
             None, ge=2, description="taps of a causal convolution on the write strength β's logits (per head, starting as "
                                     "the identity): β from the tokens before each one too; null: none")
@@ -155,8 +156,9 @@ class DeltaRecurrence(Recurrence):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         v = z.view(batch, length, self.n_heads, self.head_dim)
         beta = torch.sigmoid(beta.to(q.dtype))  # [B, T, H]
+        intermediates = self.intermediates if accumulation_dtype(v.dtype) == torch.float32 else None
         o, matrix = delta_rule(q, k, v, beta, log_decay, h0.get("matrix"), chunk_size=self.chunk,
-                               intermediates=self.intermediates)
+                               intermediates=intermediates)
         h = torch.sigmoid(gate) * o.reshape(batch, length, -1)
         return h, {"matrix": matrix, **next_state}
 

@@ -197,6 +197,24 @@ def test_static_decode_equals_one_pass_and_hands_back_the_state(prompt, tmp_path
     assert torch.equal(start.layers[0]["h"]["matrix"], kept) and handed_back.nbytes() == eager.nbytes()
 
 
+def test_bf16_intermediates_stay_near_float32_ones_and_float64_ignores_them():
+    """``intermediates: "bfloat16"`` changes only how the chunked form stores its matrices:
+    logits near the float32 layout's with the same weights, gradients everywhere; a float64
+    model (tests, references) keeps float64 throughout."""
+    torch.manual_seed(0)
+    full = toy(torch.float32)
+    half = toy(torch.float32, recurrence={"kind": "delta", "chunk": 5, "intermediates": "bfloat16"})
+    half.load_state_dict(full.state_dict())
+    tokens = torch.randint(0, 50, (2, 23))
+    want, got = full(tokens).logits, half(tokens).logits
+    assert 0 < rel_err(got, want) < 2e-2
+    got.square().mean().backward()
+    for name, param in half.blocks[0].recurrence.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().max() > 0, name
+    full64, half64 = full.double(), half.double()
+    assert torch.equal(half64(tokens).logits, full64(tokens).logits)
+
+
 def test_bfloat16_model_keeps_a_float32_matrix_state():
     model = toy(torch.bfloat16)
     ids = torch.randint(0, 50, (2, 23))

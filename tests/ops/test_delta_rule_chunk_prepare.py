@@ -132,8 +132,10 @@ def test_bad_inputs_are_refused():
         delta_chunk_prepare(q, k, v[:, :, :1], beta, log_alpha, 4)
     with pytest.raises(ValueError, match="chunk size"):
         delta_chunk_prepare(q, k, v, beta, log_alpha, 0)
-    with pytest.raises(ValueError, match="bfloat16 or float16"):
-        delta_chunk_prepare(q, k, v, beta, log_alpha, 4, torch.int8)
+    with pytest.raises(ValueError, match="in bfloat16"):
+        delta_chunk_prepare(q, k, v, beta, log_alpha, 4, torch.float16)
+    with pytest.raises(ValueError, match="in bfloat16"):  # float64 inputs: float64 accumulation
+        delta_chunk_prepare(q, k, v, beta, log_alpha, 4, torch.bfloat16)
 
 
 def test_bf16_intermediates_round_the_float32_ones():

@@ -28,8 +28,9 @@ strong the decay. Both ops compute in the accumulation dtype (float32 for bf16/f
 float64 for float64), the carried state included; outputs return in ``v``'s dtype. With
 ``intermediates=torch.bfloat16`` the chunk's matrices ``W1 … P``, the outputs and the
 stored chunk states travel between the ops in bf16, as fla's kernels keep them: half the
-bytes, and the chunk loop's products bf16 products with float32 sums (about 1e-2 relative
-error against float64, where float32 with TF32 products gives about 3e-3). The
+bytes, and on CUDA the chunk loop's products bf16 products with float32 sums (about 1e-2
+relative error against float64, where float32 with TF32 products gives about 3e-3; the
+CPU loop multiplies the stored values in float32). The
 time axis is padded to a multiple of ``C`` with tokens that leave the state unchanged
 (``β = 0``, ``α = 1``). Each op has its own backward; ``torch.compile`` sees each as one node.
 """
@@ -49,8 +50,8 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: T
     """``q``, ``k`` ``[B, T, H, K]``; ``v`` ``[B, T, H, V]``; ``beta`` (in (0, 1)) and
     ``log_alpha`` (``log α``, ≤ 0) ``[B, T, H]``; ``initial_state`` ``[B, H, K, V]``;
     ``intermediates``: the dtype the chunk's matrices travel in between the ops (None: the
-    accumulation dtype; ``torch.bfloat16`` or ``torch.float16``: half the bytes, module
-    docstring).
+    accumulation dtype; ``torch.bfloat16``, with float32 accumulation: half the bytes,
+    module docstring).
 
     Returns ``o = scale · S_tᵀ q_t`` ``[B, T, H, V]`` in ``v``'s dtype and the final state
     ``[B, H, K, V]`` in the accumulation dtype. Equals :func:`naive_delta_rule`.

@@ -78,7 +78,7 @@ def chunk_prepare_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_a
     ``q``, ``k`` ``[B, T, H, K]``; ``v`` ``[B, T, H, V]``; ``beta``, ``log_alpha`` ``[B, T, H]``.
     Outputs ``[B, H, N, C, V | K | C]`` (``g`` ``[B, H, N]``), computed in ``v``'s accumulation
     dtype; ``W1``, ``W2``, ``Qd``, ``Kd``, ``P`` stored in ``intermediates`` (None: that
-    dtype; bf16 or fp16 halve what the chunk loop reads), ``g`` and ``X`` in it; the time
+    dtype; bfloat16 halves what the chunk loop reads), ``g`` and ``X`` in it; the time
     axis is padded to ``N · C`` with tokens that leave the state as it is (``β = 0``,
     ``α = 1``). ``C`` is ``chunk_size``, or the length if shorter."""
     acc = accumulation_dtype(v.dtype)
@@ -267,7 +267,7 @@ def delta_chunk_prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha
         raise ValueError(f"delta_chunk_prepare needs a chunk size and a length of at least 1, "
                          f"got {chunk_size} and {length}")
     acc = accumulation_dtype(v.dtype)
-    if intermediates not in (None, acc, torch.bfloat16, torch.float16):
-        raise ValueError(f"delta_chunk_prepare stores its intermediates in the accumulation dtype ({acc}), bfloat16 "
-                         f"or float16, got {intermediates}")
+    if intermediates not in (None, acc) and not (intermediates == torch.bfloat16 and acc == torch.float32):
+        raise ValueError(f"delta_chunk_prepare stores its intermediates in the accumulation dtype ({acc}) or, with "
+                         f"float32 accumulation, in bfloat16; got {intermediates}")
     return _forward_op(q, k, v, beta, log_alpha, chunk_size, intermediates)

@@ -26,8 +26,8 @@ heads); on CUDA Triton kernels (``chunk_scan_triton.py``) run each loop in one l
 the state on chip. ``delta_chunk_scan_reference`` is the same forward loop through autograd, which
 tests and benchmarks compare against. The state, ``g`` and every sum are in the
 accumulation dtype (float32, or float64 in tests); the chunk's matrices ``W1`` ... ``P``
-may be stored in bf16 or fp16 instead (half the bytes: ``chunk.py``), and ``O``, the kept
-states and their gradients then are too.
+may be stored in bf16 instead (half the bytes: ``chunk.py``), and ``O``, the kept states
+and their gradients then are too.
 """
 
 from __future__ import annotations
@@ -225,8 +225,8 @@ def delta_chunk_scan(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tenso
     """Run the chunk recurrence (module docstring) for every batch element and head.
 
     ``w1`` ``[B, H, N, C, V]``; ``w2``, ``q_decayed``, ``k_decayed`` ``[B, H, N, C, K]``;
-    ``attn`` ``[B, H, N, C, C]``, these five of one dtype (float32 or float64, or bf16 or
-    fp16 stored intermediates); ``chunk_decay`` ``[B, H, N]`` and ``initial_state``
+    ``attn`` ``[B, H, N, C, C]``, these five of one dtype (float32 or float64, or bf16
+    stored intermediates); ``chunk_decay`` ``[B, H, N]`` and ``initial_state``
     ``[B, H, K, V]`` in the accumulation dtype (float64 for float64, else float32). Any strides.
 
     Returns ``O`` ``[B, H, N, C, V]`` in ``w1``'s dtype, the final state ``[B, H, K, V]`` in
@@ -242,8 +242,8 @@ def delta_chunk_scan(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Tenso
                 "chunk_decay": (batch, heads, chunks), "initial_state": (batch, heads, key_dim, value_dim)}
     given = {"w2": w2, "q_decayed": q_decayed, "k_decayed": k_decayed, "attn": attn, "chunk_decay": chunk_decay,
              "initial_state": initial_state}
-    if w1.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise ValueError(f"delta_chunk_scan takes w1 in float32, float64, bfloat16 or float16, got {w1.dtype}")
+    if w1.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        raise ValueError(f"delta_chunk_scan takes w1 in float32, float64 or bfloat16, got {w1.dtype}")
     acc = accumulation_dtype(w1.dtype)
     for name, x in given.items():
         if tuple(x.shape) != expected[name]:

@@ -165,7 +165,7 @@ def _forward_kernel(
     o_ptr += bh * N * C * V
     st_ptr += bh * N * K * V
 
-    s = tl.load(s0_ptr + bh * K * V + off_kv, mask=mask_kv, other=0.0)
+    s = tl.load(s0_ptr + bh * K * V + off_kv, mask=mask_kv, other=0.0).to(sl_ptr.dtype.element_ty)
     if STAGES > 0:  # software-pipelined: the next chunks' loads in flight during this one's products
         for n in tl.range(0, N, num_stages=STAGES):
             s = _forward_chunk(n, s, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, o_ptr, st_ptr,
@@ -324,6 +324,9 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, 
     cfg.setdefault("BLOCK_V", _value_columns(value_dim, cfg["BLOCK_K"], product, sequences, sm_count))
     if cfg["OUTPUT"] not in ("loop", "after"):
         raise ValueError(f"OUTPUT must be 'loop' or 'after', got {cfg['OUTPUT']!r}")
+    if operands_16_bit and not cfg["TRANSPOSED_LOADS"] and not interpret:
+        raise ValueError("16-bit operands need TRANSPOSED_LOADS: a transposed bf16 operand taken on chip gave wrong "
+                         "products on sm_90 with Triton 3.6 (_load_transposed)")
     if interpret and cfg["PRECISION"] in ("bf16", "bf16x3"):
         cfg["PRECISION"] += "-interpret"
     for name in ("BLOCK_C", "BLOCK_K", "BLOCK_V"):
