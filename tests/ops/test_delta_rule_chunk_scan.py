@@ -470,7 +470,7 @@ def test_cuda_kernel_configs_against_float64(config, tol, shape):
 
 
 @cuda_only
-@pytest.mark.parametrize("config", [{}, {"BLOCK_V": 32}, {"OUTPUT": "after"}], ids=str)
+@pytest.mark.parametrize("config", [{}, {"BLOCK_V": 32, "STAGES": 2}, {"OUTPUT": "after"}], ids=str)
 @pytest.mark.parametrize("shape", [(2, 3, 33, 64, 128, 128), (3, 2, 17, 20, 24, 40)], ids=["K=V=128", "odd"])
 def test_cuda_kernels_with_bf16_matrices_against_float64(config, shape):
     """The launchers on the chunk's matrices stored in bf16 (every product a bf16 product, the
@@ -510,7 +510,13 @@ def test_value_columns_per_program_widen_only_when_the_programs_fill_the_device(
     assert block_v(1024, precision="tf32x3") == 32 and block_v(1024, precision="bf16") == 64
     wide_16_bit = pick_config(64, 128, 128, sequences=1024, sm_count=132, operands_16_bit=True,
                               config={"PRECISION": "tf32x3"})
-    assert wide_16_bit["BLOCK_V"] == 64  # bf16 matrices: one bf16 product each, whatever the fp32 precision
+    assert wide_16_bit["BLOCK_V"] == 64  # bf16 matrices: 64 columns at any batch (narrower went wrong on sm_90)
+    assert pick_config(64, 64, 40, sequences=2, sm_count=132, operands_16_bit=True)["BLOCK_V"] == 64
+    with pytest.raises(ValueError, match="BLOCK_V >= 64 or STAGES"):
+        pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 32})
+    with pytest.raises(ValueError, match="TRANSPOSED_LOADS"):
+        pick_config(64, 128, 128, operands_16_bit=True, config={"TRANSPOSED_LOADS": False})
+    assert pick_config(64, 128, 128, operands_16_bit=True, interpret=True, config={"BLOCK_V": 16})["BLOCK_V"] == 16
     assert pick_config(64, 128, 128, sequences=1024, sm_count=132, config={"BLOCK_V": 16})["BLOCK_V"] == 16
 
 

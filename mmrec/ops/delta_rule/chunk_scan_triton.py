@@ -294,9 +294,8 @@ def _value_columns(value_dim: int, block_k: int, precision: str, sequences: int,
 def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, sm_count: int = 0,
                 operands_16_bit: bool = False, interpret: bool = False, config: dict | None = None) -> dict:
     """Launch config of either kernel; ``config`` overrides any entry. ``BLOCK_V``: value
-    columns per program (``_value_columns``, from ``sequences``, batch x heads, the
-    device's ``sm_count`` and whether the stored operands are 16-bit, which makes every
-    product one bf16 product); ``num_warps``; ``STAGES``: software-pipelining depth of the
+    columns per program (``_value_columns``, from ``sequences``, batch x heads, and the
+    device's ``sm_count``; 64 for 16-bit stored operands); ``num_warps``; ``STAGES``: software-pipelining depth of the
     chunk loop (0: none); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact
     fp32 under the interpreter, which ignores it, except ``"bf16"`` and ``"bf16x3"``,
     emulated there); ``OUTPUT``: where the forward computes ``O``."""
@@ -320,13 +319,20 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, 
         "TRANSPOSED_LOADS": operands_16_bit,
     }
     cfg.update(config or {})
-    product = "bf16" if operands_16_bit else cfg["PRECISION"]
-    cfg.setdefault("BLOCK_V", _value_columns(value_dim, cfg["BLOCK_K"], product, sequences, sm_count))
+    if operands_16_bit:  # narrower blocks without pipelining went wrong (below)
+        cfg.setdefault("BLOCK_V", WIDE_BLOCK_V)
+    cfg.setdefault("BLOCK_V", _value_columns(value_dim, cfg["BLOCK_K"], cfg["PRECISION"], sequences, sm_count))
     if cfg["OUTPUT"] not in ("loop", "after"):
         raise ValueError(f"OUTPUT must be 'loop' or 'after', got {cfg['OUTPUT']!r}")
+    # bf16 operands on sm_90 with Triton 3.6 (docs/notes/delta-kernel.md): transposed on
+    # chip, or in blocks of fewer than 64 value columns without pipelining, they gave wrong
+    # products or illegal memory accesses
     if operands_16_bit and not cfg["TRANSPOSED_LOADS"] and not interpret:
         raise ValueError("16-bit operands need TRANSPOSED_LOADS: a transposed bf16 operand taken on chip gave wrong "
                          "products on sm_90 with Triton 3.6 (_load_transposed)")
+    if operands_16_bit and cfg["BLOCK_V"] < WIDE_BLOCK_V and not cfg["STAGES"] and not interpret:
+        raise ValueError(f"16-bit operands need BLOCK_V >= {WIDE_BLOCK_V} or STAGES > 0: narrower blocks without "
+                         "pipelining gave wrong products and illegal memory accesses on sm_90 with Triton 3.6")
     if interpret and cfg["PRECISION"] in ("bf16", "bf16x3"):
         cfg["PRECISION"] += "-interpret"
     for name in ("BLOCK_C", "BLOCK_K", "BLOCK_V"):
