@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one pass, for the lent device machine (see docs/benchmarks.md).
-# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|host|fla|hybrid|candidate|memory-attention|recall|recall-long|scale|seeds]...
+# Usage there, from the repository root: bash tools/device_check.sh [tests|bench|sweep|quality|model|delta|intermediates|host|fla|hybrid|candidate|memory-attention|recall|recall-long|scale|seeds]...
 # Wheels the device lacks (pydantic, ...) may be carried in .whl/, the quality benchmark's
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
@@ -46,21 +46,29 @@ for part in "${parts[@]}"; do
     model)
         timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
     delta)
-        # the delta rule's kernels: their CUDA tests (every launch option among them), then the
-        # op against the PyTorch loop and each launcher alone at batch 4, 8 and 16 x 2048 with
-        # 32 and 64 value columns a scan program (the default picks by batch x heads) and the
-        # preparation in 16-column passes on 4 warps (TF32 as training runs it; fla is the
-        # separate part `fla`, whose autotuning takes minutes), then where a 1b-delta training
-        # step spends its time. 46 of the 62 CUDA tests took about 6 minutes (2026-12-02)
-        timeout 540 python3 -m pytest -q -p no:cacheprovider -k cuda tests/ops/test_delta_rule_chunk_scan.py \
-            tests/ops/test_delta_rule_chunk_prepare.py 2>&1 | tee "$OUT/gpu_tests_delta.log" | tail -5
+        # the delta rule's kernels: their CUDA tests (every launch option among them; about 60,
+        # which take most of a call: DELTA_TESTS=0 skips them), then the op, with float32 and with
+        # bf16 intermediates, against the PyTorch loop and each launcher alone at 2K with batch
+        # 4, 8 and 16, then at batch 1 x 32K (TF32 as training runs it; fla is the separate part
+        # `fla`, whose autotuning takes minutes)
+        [ "${DELTA_TESTS:-1}" = 0 ] || timeout 480 python3 -m pytest -q -p no:cacheprovider -k cuda \
+            tests/ops/test_delta_rule_chunk_scan.py tests/ops/test_delta_rule_chunk_prepare.py 2>&1 \
+            | tee "$OUT/gpu_tests_delta.log" | tail -5
         for tokens in 8192 16384 32768; do
             timeout 100 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
-                --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --config PRECISION=bf16 \
-                --prepare-config BLOCK_D=16,num_warps=4 --out "$OUT/delta_$tokens.json" 2>&1 | grep -v "^{" | tail -26
+                --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --out "$OUT/delta_$tokens.json" 2>&1 \
+                | grep -v "^{" | tail -26
         done
-        timeout 150 python3 tools/profile_step.py docs/results/recipes/1b-delta.json > "$OUT/profile_delta.txt" 2>&1
-        tail -40 "$OUT/profile_delta.txt" ;;
+        timeout 150 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
+            --tokens 32768 --lengths 32768 --out "$OUT/delta_32k.json" 2>&1 | grep -v "^{" | tail -20 ;;
+    intermediates)
+        # the delta layer's bf16 intermediates (an option) against float32 ones in training:
+        # long-range recall, tiny against tiny-bf16-intermediates, seeds 0 and 1, as recall-long
+        # runs them (a call of its own). The rest of the comparison, each in a call of its own:
+        # 1b's training speed, `candidate` with CANDIDATE_RECIPES="1b
+        # docs/results/recipes/1b-bf16-intermediates.json transformer-1b"; the language-model
+        # loss, `quality` with QUALITY_RECIPES="tiny docs/results/recipes/tiny-bf16-intermediates.json"
+        RECALL_RECIPES="tiny docs/results/recipes/tiny-bf16-intermediates.json" bash "$0" recall-long ;;
     host)
         # host time per call of every op the model calls, against its GPU time (the recall issue's 0.1 ms)
         timeout 150 python3 -m mmrec.bench host --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -16 ;;
