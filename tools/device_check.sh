@@ -56,7 +56,7 @@ for part in "${parts[@]}"; do
             | tee "$OUT/gpu_tests_delta.log" | tail -5
         for tokens in 8192 16384 32768; do
             timeout 100 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
-                --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --out "$OUT/delta_$tokens.json" 2>&1 \
+                --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --config OUTPUT=after --out "$OUT/delta_$tokens.json" 2>&1 \
                 | grep -v "^{" | tail -26
         done
         timeout 150 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \

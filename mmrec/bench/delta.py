@@ -245,6 +245,8 @@ def bench_once(args, length: int, head_dim: int, precision: str, device: torch.d
                 except Exception as error:
                     if impl.startswith("fla"):  # a baseline that refuses this device or these shapes
                         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"}
+                    if isinstance(error, ValueError) and impl.startswith(("kernel", "prepare")):
+                        return {"error": f"refused: {error}"[:160]}  # a launch config the launcher refuses
                     if type(error).__name__ != "OutOfResources":  # a launch config too large for the chip
                         raise
                     return {"error": "out of resources"}
