@@ -46,29 +46,19 @@ for part in "${parts[@]}"; do
     model)
         timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
     delta)
-        # the delta rule's kernels: their CUDA tests (every launch option among them; about 60,
-        # which take most of a call: DELTA_TESTS=0 skips them), then the op, with float32 and with
-        # bf16 intermediates, against the PyTorch loop and each launcher alone at 2K with batch
-        # 4, 8 and 16, then at batch 1 x 32K (TF32 as training runs it; fla is the separate part
-        # `fla`, whose autotuning takes minutes)
-        [ "${DELTA_TESTS:-1}" = 0 ] || timeout 480 python3 -m pytest -q -p no:cacheprovider -k cuda \
-            tests/ops/test_delta_rule_chunk_scan.py tests/ops/test_delta_rule_chunk_prepare.py 2>&1 \
-            | tee "$OUT/gpu_tests_delta.log" | tail -5
+        # the delta rule's op, with float32 and with bf16 intermediates, against the PyTorch loop,
+        # and each launcher alone (also with 32 and 64 value columns and OUTPUT=after) at 2K with
+        # batch 4, 8 and 16, then at batch 1 x 32K (TF32 as training runs it; fla is the separate
+        # part `fla`, whose autotuning takes minutes). The kernels' CUDA tests, about 60, take a
+        # call of their own: `tests` with TEST_FILES="tests/ops/test_delta_rule_chunk_scan.py
+        # tests/ops/test_delta_rule_chunk_prepare.py"
         for tokens in 8192 16384 32768; do
             timeout 100 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
                 --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --config OUTPUT=after --out "$OUT/delta_$tokens.json" 2>&1 \
-                | grep -v "^{" | tail -26
+                | grep -v "^{" | tail -40
         done
         timeout 150 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
             --tokens 32768 --lengths 32768 --out "$OUT/delta_32k.json" 2>&1 | grep -v "^{" | tail -20 ;;
-    intermediates)
-        # the delta layer's bf16 intermediates (an option) against float32 ones in training:
-        # long-range recall, tiny against tiny-bf16-intermediates, seeds 0 and 1, as recall-long
-        # runs them (a call of its own). The rest of the comparison, each in a call of its own:
-        # 1b's training speed, `candidate` with CANDIDATE_RECIPES="1b
-        # docs/results/recipes/1b-bf16-intermediates.json transformer-1b"; the language-model
-        # loss, `quality` with QUALITY_RECIPES="tiny docs/results/recipes/tiny-bf16-intermediates.json"
-        RECALL_RECIPES="tiny docs/results/recipes/tiny-bf16-intermediates.json" bash "$0" recall-long ;;
     host)
         # host time per call of every op the model calls, against its GPU time (the recall issue's 0.1 ms)
         timeout 150 python3 -m mmrec.bench host --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -16 ;;
@@ -107,15 +97,22 @@ for part in "${parts[@]}"; do
             docs/results/recipes/tiny-hybrid-first.json --seq-len 512 --pairs 64 --train-pairs 4 8 16 32 64 \
             --steps "${RECALL_STEPS:-2500}" --lrs 1e-3 3e-3 --jobs 8 --eval-every 500 \
             --out "$OUT/recall_hybrid.json" --plot "$OUT/recall_hybrid.png" 2>&1 | grep -v "^{" | tail -14 ;;
-    recall-long)
-        # the long-range form at the task's size (L 4096, 16 pairs, vocabulary 8192, every
+    recall-long|intermediates)
+        # intermediates: the delta layer's bf16 intermediates (an option) against float32 ones,
+        # tiny against tiny-bf16-intermediates, the same way. The rest of that comparison, each a
+        # call of its own: 1b's training speed, `candidate` with CANDIDATE_RECIPES="1b
+        # docs/results/recipes/1b-bf16-intermediates.json transformer-1b"; the loss, `quality`
+        # with QUALITY_RECIPES="tiny docs/results/recipes/tiny-bf16-intermediates.json".
+        # recall-long: the long-range form at the task's size (L 4096, 16 pairs, vocabulary 8192, every
         # held-out query 256 tokens or more after its pair), trained 3,000 steps on a mixture
         # of minimum gaps (0, 64, 256): tiny (its delta layer one head of 128 at decay 0.999,
         # the layout that recalled it: docs/benchmarks.md, "The long-range form learned"), the
         # tiny before it (four heads of 32), and the Transformer.
         # Whether a run learns the lookup depends on the seed, so each runs with two seeds;
         # RECALL_SEEDS, RECALL_RECIPES, RECALL_STEPS and RECALL_BATCH change it
-        recipes=(${RECALL_RECIPES:-transformer-tiny tiny docs/results/recipes/tiny-heads32.json})
+        defaults="transformer-tiny tiny docs/results/recipes/tiny-heads32.json"
+        [ "$part" = intermediates ] && defaults="tiny docs/results/recipes/tiny-bf16-intermediates.json"
+        recipes=(${RECALL_RECIPES:-$defaults})
         seeds=(${RECALL_SEEDS:-0 1})
         timeout "${RECALL_TIMEOUT:-560}" python3 -m mmrec.bench recall --seq-len 4096 --pairs 16 --vocab 8192 \
             --min-gap 256 --train-min-gaps 0 64 256 --recipes "${recipes[@]}" --steps "${RECALL_STEPS:-3000}" \

@@ -288,6 +288,7 @@ def _interpreter_checks() -> None:
         # stored in bf16: every product a bf16 product (the state and adjoint rounded for it)
         (bf16, 2, 2, 3, 20, 24, 40, True, True, "strided", {"BLOCK_V": 16}, 3e-2),
         (bf16, 2, 2, 3, 20, 24, 40, True, False, "contiguous", {"OUTPUT": "after"}, 3e-2),
+        (bf16, 1, 2, 3, 20, 24, 40, True, True, "contiguous", {"PRECISION": "bf16"}, 3e-2),  # no fp32 product left
     ]
     for dtype, batch, heads, chunks, size, key_dim, value_dim, with_go, with_gf, layout, config, tol in cases:
         acc = f32 if dtype == bf16 else dtype
@@ -351,7 +352,7 @@ def _delta_rule_layouts_check(kernels) -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 11, out
+    assert out.count("ok ") == 12, out
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -512,8 +513,14 @@ def test_value_columns_per_program_widen_only_when_the_programs_fill_the_device(
                               config={"PRECISION": "tf32x3"})
     assert wide_16_bit["BLOCK_V"] == 64  # bf16 matrices: 64 columns at any batch (narrower went wrong on sm_90)
     assert pick_config(64, 64, 40, sequences=2, sm_count=132, operands_16_bit=True)["BLOCK_V"] == 64
-    with pytest.raises(ValueError, match="BLOCK_V >= 64 or STAGES"):
-        pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 32})
+    with pytest.raises(ValueError, match="BLOCK_V >= 64, or 32 with STAGES"):
+        pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 32, "STAGES": 0})
+    assert pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 32})["STAGES"] == 2  # pipelined
+    with pytest.raises(ValueError, match="BLOCK_V >= 64, or 32 with STAGES"):
+        pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 16, "STAGES": 2})
+    assert pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 32, "STAGES": 2})["BLOCK_V"] == 32
+    wider_keys = pick_config(64, 256, 128, operands_16_bit=True)  # no [256, 64] state: 32 columns, pipelined
+    assert (wider_keys["BLOCK_V"], wider_keys["STAGES"]) == (32, 2)
     with pytest.raises(ValueError, match="TRANSPOSED_LOADS"):
         pick_config(64, 128, 128, operands_16_bit=True, config={"TRANSPOSED_LOADS": False})
     assert pick_config(64, 128, 128, operands_16_bit=True, interpret=True, config={"BLOCK_V": 16})["BLOCK_V"] == 16

@@ -5,7 +5,9 @@ The forward reads the chunk's ``q``, ``k`` ``[C, K]``, ``v`` ``[C, V]``, ``β`` 
 straight from the layer's ``[B, T, H, D]`` layout (any strides, the time axis padded on
 chip), ``BLOCK_D`` feature columns at a time, and writes what the chunk loop reads
 (``W1``, ``W2``, ``Qd``, ``Kd``, ``P``, ``g``; ``chunk_prepare.py`` defines them) plus
-``X = (I + A)⁻¹``, which the backward reuses.
+``X = (I + A)⁻¹``, which the backward reuses. It computes in fp32; the first five may be
+stored in bf16 (the output tensors' dtype), and the backward reads their gradients in
+whatever dtype they come.
 
 ``X`` comes from forward substitution on chip inside 16-row blocks, as products on the
 tensor cores, then the blocks combined by a short series of products

@@ -30,7 +30,7 @@ operand split into two bf16 parts and three bf16 products (about 16 bits of mant
 errors near 1e-4 in tests, with half tf32x3's registers for the split operands), and
 ``"ieee"``, exact fp32 on the CUDA cores. The stored intermediates (``W1``, ``W2``,
 ``Qd``, ``Kd``, ``P``, and the outputs ``O``, ``S_n``, ``dU``, ``dS_{n+1}``) may instead be
-bf16 or fp16, as fla stores them: half the bytes, and every product one 16-bit product
+bf16, as fla stores them: half the bytes, and every product one 16-bit product
 (the state or adjoint rounded for it). The state and every sum stay fp32
 (float64 for float64 inputs, which run under the interpreter in tests; on CUDA the op runs
 those through cuBLAS). Sizes that are not
@@ -67,14 +67,14 @@ def _split_bf16(x, UPCAST: tl.constexpr):
 def _dot(a, b, PRECISION: tl.constexpr):
     """``a @ b`` with fp32 accumulation. A 16-bit operand makes it a 16-bit product, the other
     operand rounded to that dtype (stored intermediates in bf16: module docstring; under
-    ``"ieee"``, the interpreter's setting, the rounded operands are multiplied exactly);
+    the interpreter the rounded operands are multiplied exactly);
     fp32 operands at ``PRECISION``. (The dtype tests are inline: they must stay compile-time.)"""
     if a.dtype == tl.bfloat16 or a.dtype == tl.float16:
         b = b.to(a.dtype)
     elif b.dtype == tl.bfloat16 or b.dtype == tl.float16:
         a = a.to(b.dtype)
     if a.dtype == tl.bfloat16 or a.dtype == tl.float16:
-        if PRECISION == "ieee":
+        if PRECISION == "ieee" or PRECISION == "bf16-interpret" or PRECISION == "bf16x3-interpret":
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         return tl.dot(a, b)
     elif a.dtype != tl.float32:  # float64, under the interpreter
@@ -319,20 +319,23 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, 
         "TRANSPOSED_LOADS": operands_16_bit,
     }
     cfg.update(config or {})
-    if operands_16_bit:  # narrower blocks without pipelining went wrong (below)
-        cfg.setdefault("BLOCK_V", WIDE_BLOCK_V)
+    if operands_16_bit:  # the configs that were right (below); 32 columns pipelined past 128 keys
+        cfg.setdefault("BLOCK_V", WIDE_BLOCK_V if block_k <= 128 else 32)
+        if cfg["BLOCK_V"] < WIDE_BLOCK_V and "STAGES" not in (config or {}):
+            cfg["STAGES"] = 2
     cfg.setdefault("BLOCK_V", _value_columns(value_dim, cfg["BLOCK_K"], cfg["PRECISION"], sequences, sm_count))
     if cfg["OUTPUT"] not in ("loop", "after"):
         raise ValueError(f"OUTPUT must be 'loop' or 'after', got {cfg['OUTPUT']!r}")
     # bf16 operands on sm_90 with Triton 3.6 (docs/notes/delta-kernel.md): transposed on
     # chip, or in blocks of fewer than 64 value columns without pipelining, they gave wrong
-    # products or illegal memory accesses
+    # products or illegal memory accesses; 64 columns, or 32 pipelined, were right
     if operands_16_bit and not cfg["TRANSPOSED_LOADS"] and not interpret:
         raise ValueError("16-bit operands need TRANSPOSED_LOADS: a transposed bf16 operand taken on chip gave wrong "
                          "products on sm_90 with Triton 3.6 (_load_transposed)")
-    if operands_16_bit and cfg["BLOCK_V"] < WIDE_BLOCK_V and not cfg["STAGES"] and not interpret:
-        raise ValueError(f"16-bit operands need BLOCK_V >= {WIDE_BLOCK_V} or STAGES > 0: narrower blocks without "
-                         "pipelining gave wrong products and illegal memory accesses on sm_90 with Triton 3.6")
+    pipelined_32 = cfg["BLOCK_V"] >= 32 and cfg["STAGES"] >= 2
+    if operands_16_bit and cfg["BLOCK_V"] < WIDE_BLOCK_V and not pipelined_32 and not interpret:
+        raise ValueError(f"16-bit operands need BLOCK_V >= {WIDE_BLOCK_V}, or 32 with STAGES >= 2: narrower blocks "
+                         "without pipelining gave wrong products and illegal memory accesses on sm_90 with Triton 3.6")
     if interpret and cfg["PRECISION"] in ("bf16", "bf16x3"):
         cfg["PRECISION"] += "-interpret"
     for name in ("BLOCK_C", "BLOCK_K", "BLOCK_V"):
