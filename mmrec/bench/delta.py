@@ -289,18 +289,18 @@ def _run(args: argparse.Namespace) -> int:
 
     print(f"\n{meta['device']}, chunk_delta_rule, {args.tokens} tokens x {args.heads} heads, chunk {args.chunk}, "
           f"v in {args.dtype}, compile={args.compile}")
-    print(f"{'T':>6} {'batch':>5} {'K=V':>4} {'precision':<8} {'impl':<28} {'pass':<8} {'tok/s':>11} {'ms':>9} "
+    print(f"{'T':>6} {'batch':>5} {'K=V':>4} {'precision':<8} {'impl':<36} {'pass':<8} {'tok/s':>11} {'ms':>9} "
           f"{'x loop':>7} {'x fla':>6} {'x fla α=1':>9} {'err vs loop':>11} {'peak GiB':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['length']:>6} {r['batch']:>5} {r['head_dim']:>4} {r['precision']:<8} {r['impl']:<28} {r['pass']:<8} {r['error']}")
+            print(f"{r['length']:>6} {r['batch']:>5} {r['head_dim']:>4} {r['precision']:<8} {r['impl']:<36} {r['pass']:<8} {r['error']}")
             continue
         ratio = f"{r['over_loop']:.2f}x" if "over_loop" in r else "-"
         over_fla = f"{r['over_fla']:.2f}x" if "over_fla" in r else "-"
         over_ungated = f"{r['over_fla_ungated']:.2f}x" if "over_fla_ungated" in r else "-"
         error = f"{r['rel_err_vs_loop']:.1e}" if "rel_err_vs_loop" in r else "-"
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
-        print(f"{r['length']:>6} {r['batch']:>5} {r['head_dim']:>4} {r['precision']:<8} {r['impl']:<28} {r['pass']:<8} "
+        print(f"{r['length']:>6} {r['batch']:>5} {r['head_dim']:>4} {r['precision']:<8} {r['impl']:<36} {r['pass']:<8} "
               f"{r['tokens_per_s']:>11.4g} {r['ms']:>9.3f} {ratio:>7} {over_fla:>6} {over_ungated:>9} {error:>11} {peak:>8}")
     write_json(args.out, {**meta, "results": rows})
     return 0
