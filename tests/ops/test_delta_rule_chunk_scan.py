@@ -184,14 +184,16 @@ def bf16_matrices(inputs):
 def test_op_with_bf16_matrices_against_float64():
     """The chunk's matrices in bf16 (``chunk_delta_rule(intermediates=torch.bfloat16)``): ``O``,
     the states and the gradients of the matrices in bf16, the final state and the decays'
-    and initial state's gradients in float32, each near the float64 loop on the same values."""
+    and initial state's gradients in float32, each near the float64 loop on the same values;
+    the products round the state as the kernel's bf16 products do, so even the float32
+    final state is off by bf16's rounding, not float32's."""
     inputs = bf16_matrices(scan_inputs(chunks=4, size=8))
     leaves = [x.clone().requires_grad_() for x in inputs]
     o, final, states = delta_chunk_scan(*leaves)
     assert (o.dtype, final.dtype, states.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
     grad_o, grad_final = torch.randn_like(o), torch.randn_like(final)
     (ref_o, ref_final), refs = reference_grads(inputs, grad_o, grad_final)
-    assert err(o, ref_o) < 1e-2 and err(final, ref_final) < 1e-3
+    assert err(o, ref_o) < 1e-2 and 1e-4 < err(final, ref_final) < 1e-2
     grads = torch.autograd.grad([o, final], leaves, [grad_o, grad_final])
     for name, got, want in zip(NAMES, grads, refs):
         assert err(got, want) < 2e-2, name

@@ -28,9 +28,9 @@ strong the decay. Both ops compute in the accumulation dtype (float32 for bf16/f
 float64 for float64), the carried state included; outputs return in ``v``'s dtype. With
 ``intermediates=torch.bfloat16`` the chunk's matrices ``W1 … P``, the outputs and the
 stored chunk states travel between the ops in bf16, as fla's kernels keep them: half the
-bytes, and on CUDA the chunk loop's products bf16 products with float32 sums (on the
-benchmark's inputs 4.1e-3 relative error against the float32 PyTorch loop where the
-float32 intermediates give 3.0e-3; the CPU loop multiplies the stored values in float32). The
+bytes, and the chunk loop's products bf16 products with float32 sums (the CPU loop rounds
+the same operands; on the benchmark's inputs 4.1e-3 relative error against the float32
+PyTorch loop where the float32 intermediates give 3.0e-3). The
 time axis is padded to a multiple of ``C`` with tokens that leave the state unchanged
 (``β = 0``, ``α = 1``). Each op has its own backward; ``torch.compile`` sees each as one node.
 """

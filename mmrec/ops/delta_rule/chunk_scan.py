@@ -51,11 +51,13 @@ def delta_chunk_scan_reference(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_deca
 def _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state,
                        keep_states: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The forward loop into preallocated outputs: ``(O, final state, S_n for every n)``
-    (no chunk's state without ``keep_states``). 16-bit matrices are multiplied in the
-    accumulation dtype."""
+    (no chunk's state without ``keep_states``). With 16-bit matrices each product rounds
+    its other operand (the state, ``U``) to their dtype, as the kernel's 16-bit products
+    do, and sums in the accumulation dtype."""
     batch, heads, chunks, _, value_dim = w1.shape
     key_dim = w2.shape[-1]
     acc = initial_state.dtype
+    rounded = _rounding_to(w1.dtype, acc)
     o = w1.new_empty(w1.shape)
     states = w1.new_empty(batch, heads, chunks if keep_states else 0, key_dim, value_dim)
     state = initial_state
@@ -63,10 +65,19 @@ def _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_
         if keep_states:
             states[:, :, n] = state
         w1_n, w2_n, qd_n, kd_n, p_n = (x[:, :, n].to(acc) for x in (w1, w2, q_decayed, k_decayed, attn))
-        u = w1_n - w2_n @ state
-        o[:, :, n] = qd_n @ state + p_n @ u
-        state = chunk_decay[:, :, n, None, None] * state + kd_n.transpose(-1, -2) @ u
+        u = w1_n - w2_n @ rounded(state)
+        o[:, :, n] = qd_n @ rounded(state) + p_n @ rounded(u)
+        state = chunk_decay[:, :, n, None, None] * state + kd_n.transpose(-1, -2) @ rounded(u)
     return o, state.contiguous() if chunks else state.clone(memory_format=torch.contiguous_format), states
+
+
+def _rounding_to(stored: torch.dtype, acc: torch.dtype):
+    """``x ↦ x`` rounded to ``stored`` and back to ``acc`` where the matrices are stored in
+    fewer bits than ``acc`` (what the kernel's 16-bit products do to their other operand),
+    else the identity."""
+    if stored == acc:
+        return lambda x: x
+    return lambda x: x.to(stored).to(acc)
 
 
 def _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o: Tensor | None,
@@ -77,18 +88,19 @@ def _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o: Tens
     batch, heads, chunks, size, key_dim = w2.shape
     value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
     acc = chunk_decay.dtype
+    rounded = _rounding_to(w2.dtype, acc)  # as in the forward
     grad_state = (w2.new_zeros(batch, heads, key_dim, value_dim, dtype=acc) if grad_final is None
                   else grad_final.to(acc))  # dS
     grad_u, grad_next = [], []
     for n in range(chunks - 1, -1, -1):
         grad_next.append(grad_state)
         w2_n, qd_n, kd_n, p_n = (x[:, :, n].to(acc) for x in (w2, q_decayed, k_decayed, attn))
-        du = kd_n @ grad_state  # [B, H, C, V]
+        du = kd_n @ rounded(grad_state)  # [B, H, C, V]
         if grad_o is not None:
-            du = du + p_n.transpose(-1, -2) @ grad_o[:, :, n].to(acc)
-        grad_state = chunk_decay[:, :, n, None, None] * grad_state - w2_n.transpose(-1, -2) @ du
+            du = du + p_n.transpose(-1, -2) @ rounded(grad_o[:, :, n].to(acc))
+        grad_state = chunk_decay[:, :, n, None, None] * grad_state - w2_n.transpose(-1, -2) @ rounded(du)
         if grad_o is not None:
-            grad_state = grad_state + qd_n.transpose(-1, -2) @ grad_o[:, :, n].to(acc)
+            grad_state = grad_state + qd_n.transpose(-1, -2) @ rounded(grad_o[:, :, n].to(acc))
         grad_u.append(du)
     if not chunks:
         return (w2.new_zeros(batch, heads, 0, size, value_dim), w2.new_zeros(batch, heads, 0, key_dim, value_dim),
