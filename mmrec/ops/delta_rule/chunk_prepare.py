@@ -135,7 +135,7 @@ def _forward_cuda(q, k, v, beta, log_alpha, chunk_size, intermediates=None):
     if kernels is None:
         return NotImplemented
     acc = accumulation_dtype(v.dtype)
-    return kernels.prepare_forward(q, k, v, beta, log_alpha, chunk_size, acc, intermediates or acc)
+    return kernels.prepare_forward(q, k, v, beta, log_alpha, chunk_size, acc, intermediates)
 
 
 def _forward_fake(q, k, v, beta, log_alpha, chunk_size, intermediates=None):

@@ -65,9 +65,10 @@ def _forward_composite(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_
         if keep_states:
             states[:, :, n] = state
         w1_n, w2_n, qd_n, kd_n, p_n = (x[:, :, n].to(acc) for x in (w1, w2, q_decayed, k_decayed, attn))
-        u = w1_n - w2_n @ rounded(state)
-        o[:, :, n] = qd_n @ rounded(state) + p_n @ rounded(u)
-        state = chunk_decay[:, :, n, None, None] * state + kd_n.transpose(-1, -2) @ rounded(u)
+        state_r = rounded(state)
+        u_r = rounded(w1_n - w2_n @ state_r)  # U, as the products read it
+        o[:, :, n] = qd_n @ state_r + p_n @ u_r
+        state = chunk_decay[:, :, n, None, None] * state + kd_n.transpose(-1, -2) @ u_r
     return o, state.contiguous() if chunks else state.clone(memory_format=torch.contiguous_format), states
 
 
@@ -95,12 +96,13 @@ def _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o: Tens
     for n in range(chunks - 1, -1, -1):
         grad_next.append(grad_state)
         w2_n, qd_n, kd_n, p_n = (x[:, :, n].to(acc) for x in (w2, q_decayed, k_decayed, attn))
+        do_n = None if grad_o is None else rounded(grad_o[:, :, n].to(acc))
         du = kd_n @ rounded(grad_state)  # [B, H, C, V]
-        if grad_o is not None:
-            du = du + p_n.transpose(-1, -2) @ rounded(grad_o[:, :, n].to(acc))
+        if do_n is not None:
+            du = du + p_n.transpose(-1, -2) @ do_n
         grad_state = chunk_decay[:, :, n, None, None] * grad_state - w2_n.transpose(-1, -2) @ rounded(du)
-        if grad_o is not None:
-            grad_state = grad_state + qd_n.transpose(-1, -2) @ rounded(grad_o[:, :, n].to(acc))
+        if do_n is not None:
+            grad_state = grad_state + qd_n.transpose(-1, -2) @ do_n
         grad_u.append(du)
     if not chunks:
         return (w2.new_zeros(batch, heads, 0, size, value_dim), w2.new_zeros(batch, heads, 0, key_dim, value_dim),
