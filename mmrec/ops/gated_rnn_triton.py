@@ -31,8 +31,11 @@ accumulated on chip per program, written to a float32 buffer (one ``[E, E]`` blo
 program) and summed afterwards (deterministic, no atomics).
 
 Head sizes that are not powers of two are padded to one on chip, with masked loads and
-stores. The launchers take any tensors Triton can address, so with ``TRITON_INTERPRET=1``
-they run on CPU tensors too, which is how the CPU tests check them.
+stores. The inputs ``z``, ``log γ``, ``h0`` and the incoming gradients may have any strides;
+``W``, the stored states and every output are laid out contiguously, so the kernels derive
+their strides from the shapes and a launch passes fewer arguments (host time). With
+``TRITON_INTERPRET=1`` the launchers run on CPU tensors too, which is how the CPU tests
+check them.
 """
 
 from __future__ import annotations
@@ -52,13 +55,16 @@ def _gated_rnn_fwd_kernel(
     T, E,
     s_zb, s_zt, s_zd,
     s_lb, s_lt, s_ld,
-    s_wh, s_wi, s_wj,
     s_h0b, s_h0d,
-    s_hb, s_ht, s_hd,
-    s_hlb, s_hld,
     HAS_H0: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
+    # h, h_last and W are contiguous (the launcher lays them out): their strides follow from
+    # the shapes, and the launch passes fewer arguments
+    D = tl.num_programs(0).to(tl.int64) * E  # every head's channels
+    s_wh, s_wi, s_wj = E * E, E, 1
+    s_hb, s_ht, s_hd = T * D, D, 1
+    s_hlb, s_hld = D, 1
     pid_b = tl.program_id(1).to(tl.int64)
     rows = tl.arange(0, BLOCK_E)
     mask = rows < E
@@ -107,19 +113,22 @@ def _gated_rnn_bwd_kernel(
     T, E,
     s_zb, s_zt, s_zd,
     s_lb, s_lt, s_ld,
-    s_wh, s_wi, s_wj,
     s_h0b, s_h0d,
-    s_hb, s_ht, s_hd,
     s_gb, s_gt, s_gd,
     s_glb, s_gld,
-    s_dzb, s_dzt, s_dzd,
-    s_dlb, s_dlt, s_dld,
-    s_dwb, s_dwh, s_dwi, s_dwj,
-    s_dh0b, s_dh0d,
     HAS_H0: tl.constexpr, HAS_DH: tl.constexpr, HAS_DHL: tl.constexpr,
     ACC_FP64: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
+    # h, W and the gradients the launcher allocates are contiguous: their strides follow
+    # from the shapes, and the launch passes fewer arguments
+    D = tl.num_programs(0).to(tl.int64) * E  # every head's channels
+    s_wh, s_wi, s_wj = E * E, E, 1
+    s_hb, s_ht, s_hd = T * D, D, 1
+    s_dzb, s_dzt, s_dzd = T * D, D, 1
+    s_dlb, s_dlt, s_dld = T * D, D, 1
+    s_dwb, s_dwh, s_dwi, s_dwj = tl.num_programs(0).to(tl.int64) * E * E, E * E, E, 1
+    s_dh0b, s_dh0d = D, 1
     pid_b = tl.program_id(1).to(tl.int64)
     rows = tl.arange(0, BLOCK_E)
     mask = rows < E
@@ -229,14 +238,17 @@ def _gated_rnn_fwd_block_kernel(
     B, T, E,
     s_zb, s_zt, s_zd,
     s_lb, s_lt, s_ld,
-    s_wh, s_wi, s_wj,
     s_h0b, s_h0d,
-    s_hb, s_ht, s_hd,
-    s_hlb, s_hld,
     HAS_H0: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
+    # h, h_last and W are contiguous (the launcher lays them out): their strides follow from
+    # the shapes, and the launch passes fewer arguments
+    D = tl.num_programs(0).to(tl.int64) * E  # every head's channels
+    s_wh, s_wi, s_wj = E * E, E, 1
+    s_hb, s_ht, s_hd = T * D, D, 1
+    s_hlb, s_hld = D, 1
     seqs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_E)
     mask = (seqs < B)[:, None] & (cols < E)[None, :]  # [BLOCK_B, BLOCK_E]
@@ -281,20 +293,23 @@ def _gated_rnn_bwd_block_kernel(
     B, T, E,
     s_zb, s_zt, s_zd,
     s_lb, s_lt, s_ld,
-    s_wh, s_wi, s_wj,
     s_h0b, s_h0d,
-    s_hb, s_ht, s_hd,
     s_gb, s_gt, s_gd,
     s_glb, s_gld,
-    s_dzb, s_dzt, s_dzd,
-    s_dlb, s_dlt, s_dld,
-    s_dwb, s_dwh, s_dwi, s_dwj,
-    s_dh0b, s_dh0d,
     HAS_H0: tl.constexpr, HAS_DH: tl.constexpr, HAS_DHL: tl.constexpr,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
+    # h, W and the gradients the launcher allocates are contiguous: their strides follow
+    # from the shapes, and the launch passes fewer arguments
+    D = tl.num_programs(0).to(tl.int64) * E  # every head's channels
+    s_wh, s_wi, s_wj = E * E, E, 1
+    s_hb, s_ht, s_hd = T * D, D, 1
+    s_dzb, s_dzt, s_dzd = T * D, D, 1
+    s_dlb, s_dlt, s_dld = T * D, D, 1
+    s_dwb, s_dwh, s_dwi, s_dwj = tl.num_programs(0).to(tl.int64) * E * E, E * E, E, 1
+    s_dh0b, s_dh0d = D, 1
     pid_b = tl.program_id(1)
     seqs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_E)
@@ -433,6 +448,13 @@ def _strides(x: Tensor | None, n: int) -> tuple[int, ...]:
     return (0,) * n if x is None else tuple(x.stride())
 
 
+def _contiguous_out(out: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``out`` as given: the kernels write contiguous layouts (their strides follow from the shapes)."""
+    if not all(x.is_contiguous() for x in out):
+        raise ValueError("the gated_rnn kernels write contiguous outputs: pass contiguous out tensors")
+    return out
+
+
 def gated_rnn_forward(
     z: Tensor,
     log_decay: Tensor,
@@ -453,12 +475,13 @@ def gated_rnn_forward(
         h = torch.empty((batch, length, dim), dtype=log_decay.dtype, device=log_decay.device)
         h_last = torch.empty((batch, dim), dtype=log_decay.dtype, device=log_decay.device)
     else:
-        h, h_last = out
+        h, h_last = _contiguous_out(out)
     if batch * dim == 0:
         return h, h_last
     fp64 = accumulation_dtype(log_decay.dtype) == torch.float64
     block_b, cfg = _launch_args(launch_config(batch, n_heads, head_dim, device=z.device, weight_dtype=weight.dtype, fp64=fp64, config=config))
-    strides = (*z.stride(), *log_decay.stride(), *weight.stride(), *_strides(h0, 2), *h.stride(), *h_last.stride())
+    weight = weight.contiguous()
+    strides = (*z.stride(), *log_decay.stride(), *_strides(h0, 2))
     if block_b == 1:
         _gated_rnn_fwd_kernel[(n_heads, batch)](
             z, log_decay, weight, h0, h, h_last, length, head_dim, *strides,
@@ -498,7 +521,7 @@ def gated_rnn_backward(
         grad_ld = torch.empty((batch, length, dim), dtype=log_decay.dtype, device=h.device)
         grad_h0 = h.new_empty(0) if h0 is None else torch.empty((batch, dim), dtype=h0.dtype, device=h.device)
     else:
-        grad_z, grad_ld, grad_h0 = out
+        grad_z, grad_ld, grad_h0 = _contiguous_out(out)
     if batch * dim == 0:
         if h0 is not None:
             grad_h0.zero_()
@@ -509,16 +532,12 @@ def gated_rnn_backward(
     block_b, cfg = _launch_args(cfg)
     programs = triton.cdiv(batch, block_b)
     grad_w = torch.empty((programs, n_heads, head_dim, head_dim), dtype=acc, device=h.device)  # per program
+    h = h.contiguous()
     args = (
-        z, log_decay, weight, h0, h, h if grad_h is None else grad_h, grad_h_last,  # h: never read
+        z, log_decay, weight.contiguous(), h0, h, h if grad_h is None else grad_h, grad_h_last,  # h: never read
         grad_z, grad_ld, grad_w, grad_h0 if h0 is not None else None,
     )
-    strides = (
-        *z.stride(), *log_decay.stride(), *weight.stride(), *_strides(h0, 2), *h.stride(),
-        *_strides(grad_h, 3), *_strides(grad_h_last, 2),
-        *grad_z.stride(), *grad_ld.stride(), *grad_w.stride(),
-        *(_strides(grad_h0, 2) if h0 is not None else (0, 0)),
-    )
+    strides = (*z.stride(), *log_decay.stride(), *_strides(h0, 2), *_strides(grad_h, 3), *_strides(grad_h_last, 2))
     flags = {"HAS_H0": h0 is not None, "HAS_DH": grad_h is not None, "HAS_DHL": grad_h_last is not None}
     if block_b == 1:
         _gated_rnn_bwd_kernel[(n_heads, batch)](*args, length, head_dim, *strides, ACC_FP64=fp64, **flags, **cfg)
@@ -526,4 +545,5 @@ def gated_rnn_backward(
         _gated_rnn_bwd_block_kernel[(n_heads, programs)](
             *args, batch, length, head_dim, *strides, UPCAST=not z.is_cuda, BLOCK_B=block_b, **flags, **cfg,
         )
-    return grad_z, grad_ld, grad_w.sum(0).to(weight.dtype), grad_h0
+    grad_w = grad_w[0] if programs == 1 else grad_w.sum(0)  # one program: no reduction to launch
+    return grad_z, grad_ld, grad_w.to(weight.dtype), grad_h0

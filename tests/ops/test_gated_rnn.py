@@ -216,8 +216,17 @@ def _interpreter_checks() -> None:
         grad_hl = torch.randn(batch, dim, generator=gen).to(out_dtype) if with_ghl else None
         (ref_h, ref_last), refs = reference_grads(z, log_decay, weight, h0, grad_h, grad_hl)
         errs = {"h": err(h, ref_h), "h_last": err(h_last, ref_last)}
-        gouts = (torch.full_like(z, nan), torch.full_like(log_decay, nan),
-                 torch.full_like(h0, nan) if with_h0 else torch.empty(0, dtype=out_dtype))
+        gouts = (torch.full(z.shape, nan, dtype=z.dtype), torch.full(log_decay.shape, nan, dtype=log_decay.dtype),
+                 torch.full(h0.shape, nan, dtype=h0.dtype) if with_h0 else torch.empty(0, dtype=out_dtype))
+        if layout == "strided":  # the kernels write contiguous layouts and say so
+            try:
+                kernels.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, grad_hl,
+                                           out=(torch.cat([gouts[0], gouts[0]], dim=2)[:, :, ::2], *gouts[1:]),
+                                           config=config)
+            except ValueError as e:
+                assert "contiguous" in str(e), e
+            else:
+                raise AssertionError("a strided out tensor was accepted")
         grads = kernels.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, grad_hl, out=gouts, config=config)
         for name, arg, got, want in zip(("dz", "dlog_decay", "dW", "dh0"), (z, log_decay, weight, h0), grads, refs):
             assert got.dtype == arg.dtype and got.shape == want.shape, name
