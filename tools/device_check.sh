@@ -5,11 +5,14 @@
 # corpus in .data/ (both ignored by git); logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# SKIP_INSTALL=1: another run of this script in the same call has installed (two at once would race)
+if [ -z "${SKIP_INSTALL:-}" ]; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    fi
+    # installed, not only on the path: the registry reads the entry points from the package metadata
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . plugins/* || exit 1
 fi
-# installed, not only on the path: the registry reads the entry points from the package metadata
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . plugins/* || exit 1
 export PYTHONPATH=$PWD:/tmp/site
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -70,7 +70,7 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--prepare-config", action="append", default=[], metavar="KEY=VALUE,...",
                         help="with --kernels: also time the chunk preparation's launchers (forward and backward, "
                              "both with this launch config) "
-                             "(BLOCK_D, num_warps, INVERSE=rows|blocks, PRECISION; repeatable)")
+                             "(BLOCK_D, num_warps, INVERSE=rows|blocks|compact, PRECISION; repeatable)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10)

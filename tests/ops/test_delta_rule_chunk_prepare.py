@@ -170,6 +170,10 @@ def _interpreter_checks() -> None:
         (f64, f64, 1, 50, 2, 8, 8, 40, False, {}, 1e-12),  # 40 rows padded to 64
         (f64, f64, 2, 150, 2, 24, 40, 64, True, rows, 1e-12),  # forward substitution over all 64 rows
         (f32, f32, 2, 45, 1, 32, 32, 20, True, {**rows, "BLOCK_D": 16}, 1e-5),
+        # the diagonal blocks by substitution in a compact [C/16, 16, 16] layout
+        (f64, f64, 2, 150, 2, 24, 40, 64, True, {"INVERSE": "compact"}, 1e-12),
+        (f64, f64, 1, 50, 2, 8, 8, 40, False, {"INVERSE": "compact"}, 1e-12),
+        (f32, f32, 2, 45, 1, 32, 32, 20, True, {"INVERSE": "compact"}, 1e-5),
     ]
     for dtype, v_dtype, batch, length, heads, key_dim, value_dim, chunk, strided, config, tol in cases:
         # slow decays (log α in (-0.1, 0)), so the whole chunk, not only its diagonal blocks, shapes (I + A)⁻¹
@@ -225,7 +229,7 @@ def _interpreter_checks() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 12, out
+    assert out.count("ok ") == 15, out
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -234,7 +238,7 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and triton"
 
 
 @cuda_only
-@pytest.mark.parametrize("inverse", ["rows", "blocks"])
+@pytest.mark.parametrize("inverse", ["rows", "blocks", "compact"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 # tf32 rounds each operand to 10 bits (2^-11 relative): the outputs and gradients land near
 # 1e-3; a miscompiled product is off by 1e-2 and more (a loop-carried pair of products
@@ -248,7 +252,8 @@ def test_cuda_kernels_against_float64(head_dim, precision, tol, inverse):
 
 
 LAUNCH_CONFIGS = [{"num_warps": 4, "INVERSE": "rows"}, {"num_warps": 8}, {"BLOCK_D": 16}, {"BLOCK_D": 64},
-                  {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 4}]
+                  {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 4}, {"INVERSE": "compact"},
+                  {"INVERSE": "compact", "num_warps": 8}]
 
 
 @cuda_only

@@ -108,6 +108,37 @@ def _unit_lower_inverse_blocks(a, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr
 
 
 @triton.jit
+def _unit_lower_inverse_compact(a, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    """``(I + A)⁻¹`` as ``_unit_lower_inverse_blocks``, but the diagonal blocks inverted on
+    the CUDA cores in a compact ``[C/16, 16, 16]`` layout: 15 substitution steps, each a
+    product-and-sum over 16 x 16 values per block instead of a ``[C, C]`` product (and exact
+    fp32 rather than ``PRECISION``); then the same ``C/16`` products across blocks."""
+    NB: tl.constexpr = BLOCK_C // 16
+    rows = tl.arange(0, BLOCK_C)
+    blocks = tl.arange(0, NB)
+    local = tl.arange(0, 16)
+    same_block = (rows[:, None] // 16) == (rows[None, :] // 16)
+    # A_c[b, r, s] = A[16 b + r, 16 b + s]: each row's own diagonal block
+    own = blocks[None, :, None] == (rows // 16)[:, None, None]  # [C, NB, 1]
+    a_c = tl.reshape(tl.sum(tl.where(own, tl.reshape(a, (BLOCK_C, NB, 16)), 0.0), 1), (NB, 16, 16))
+    x_c = tl.where(local[:, None] == local[None, :], 1.0, 0.0).to(a.dtype)[None, :, :] + tl.zeros((NB, 16, 16), a.dtype)
+    for r in range(1, 16):
+        a_r = tl.sum(tl.where(local[None, :, None] == r, a_c, 0.0), 1)  # [NB, 16]: row r of every block
+        update = tl.sum(a_r[:, :, None] * x_c, 1)  # Σ_{s<r} A[r, s] X[s, :], per block
+        x_c = tl.where(local[None, :, None] == r, x_c - update[:, None, :], x_c)
+    # back to [C, C]: row t's 16 values into its own block's columns
+    x_rows = tl.reshape(x_c, (BLOCK_C, 1, 16))
+    x_diag = tl.reshape(tl.where(own, x_rows, 0.0), (BLOCK_C, BLOCK_C))
+    n = _dot(x_diag, tl.where(same_block, 0.0, a), PRECISION)  # N = X_d A_o
+    term = x_diag
+    x = x_diag
+    for _ in range(1, BLOCK_C // 16):
+        term = -_dot(n, term, PRECISION)  # (−N)^j X_d
+        x += term
+    return x
+
+
+@triton.jit
 def _prepare_forward_kernel(
     q_ptr, k_ptr, v_ptr, beta_ptr, la_ptr, w1_ptr, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, x_ptr,
     T, H, N, C, K, V,
@@ -147,6 +178,8 @@ def _prepare_forward_kernel(
     a = tl.where(strict, beta[:, None] * decay * kk, 0.0)  # A = diag(β) M ⊙ K Kᵀ
     if INVERSE == "blocks":
         x = _unit_lower_inverse_blocks(a, BLOCK_C, PRECISION)  # (I + A)⁻¹
+    elif INVERSE == "compact":
+        x = _unit_lower_inverse_compact(a, BLOCK_C, PRECISION)
     else:
         x = tl.trans(_unit_lower_inverse_t(a, BLOCK_C))
     mask_c = in_c[:, None] & in_c[None, :]
