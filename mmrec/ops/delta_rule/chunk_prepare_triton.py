@@ -329,10 +329,11 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
         "PRECISION": "ieee" if interpret else default_precision(),
     }
     if not backward:
-        # how the forward inverts I + A: "blocks" (16-row blocks on the tensor cores, 19
-        # products at C = 64; faster at every size measured) or "rows" (forward substitution,
-        # C - 1 serial steps on the CUDA cores)
-        cfg["INVERSE"] = "blocks"
+        # how the forward inverts I + A: "compact" (the 16-row diagonal blocks by substitution
+        # in a compact layout, then C/16 products on the tensor cores; the fastest measured),
+        # "blocks" (the diagonal blocks as 15 products too) or "rows" (forward substitution
+        # over the whole chunk, C - 1 serial steps on the CUDA cores)
+        cfg["INVERSE"] = "compact"
     cfg.update(config or {})
     if backward:
         cfg.pop("INVERSE", None)  # a benchmark's override of both kernels: the forward's alone
