@@ -86,7 +86,7 @@ class DeltaRecurrence(Recurrence):
             None, description="width of each head's keys and queries, so each head's state is key_dim x head_dim: wider "
                               "keys keep more associations apart (state expansion); null: head_dim")
         intermediates: Literal["float32", "bfloat16"] = Field(
-            "bfloat16", description="dtype of the chunked form's stored intermediates (the chunk's matrices, its outputs "
+            "float32", description="dtype of the chunked form's stored intermediates (the chunk's matrices, its outputs "
                                    "and states between the two ops): bfloat16 halves their bytes and multiplies them "
                                    "in bf16, as fla's kernels do; the carried state and every sum stay float32 (a "
                                    "float64 model keeps float64)")

@@ -202,8 +202,8 @@ def test_bf16_intermediates_stay_near_float32_ones_and_float64_ignores_them():
     logits near the float32 layout's with the same weights, gradients everywhere; a float64
     model (tests, references) keeps float64 throughout."""
     torch.manual_seed(0)
-    full = toy(torch.float32, recurrence={"kind": "delta", "chunk": 5, "intermediates": "float32"})
-    half = toy(torch.float32)  # the default
+    full = toy(torch.float32)
+    half = toy(torch.float32, recurrence={"kind": "delta", "chunk": 5, "intermediates": "bfloat16"})
     half.load_state_dict(full.state_dict())
     tokens = torch.randint(0, 50, (2, 23))
     want, got = full(tokens).logits, half(tokens).logits
