@@ -87,9 +87,7 @@ def _unit_lower_inverse_t(a, BLOCK_C: tl.constexpr):
 def _unit_lower_inverse_blocks(a, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     """``(I + A)⁻¹`` as above, in blocks of 16 rows and mostly on the tensor cores: forward
     substitution inside every diagonal block at once (15 products, each finishing one row of
-    every block), giving the block-diagonal ``X_d = (I + A_d)⁻¹``; then, with ``A_o`` the part
-    below the diagonal blocks, ``(I + A)⁻¹ = (I + N)⁻¹ X_d`` for ``N = X_d A_o``, and ``N`` is
-    nilpotent (``N^{C/16} = 0``), so ``(I + N)⁻¹ = Σ_j (−N)^j``: ``C/16`` products more."""
+    every block), giving the block-diagonal ``X_d = (I + A_d)⁻¹``; then ``_join_blocks``."""
     rows = tl.arange(0, BLOCK_C)
     same_block = (rows[:, None] // 16) == (rows[None, :] // 16)
     a_diag = tl.where(same_block, a, 0.0)
@@ -97,7 +95,16 @@ def _unit_lower_inverse_blocks(a, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr
     for r in range(1, 16):
         a_r = tl.where((rows % 16 == r)[:, None], a_diag, 0.0)  # row r of every block
         y -= _dot(y, tl.trans(a_r), PRECISION)
-    x_diag = tl.trans(y)
+    return _join_blocks(tl.trans(y), a, BLOCK_C, PRECISION)
+
+
+@triton.jit
+def _join_blocks(x_diag, a, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    """``(I + A)⁻¹`` from ``X_d``, the inverse of its 16-row diagonal blocks: with ``A_o`` the part
+    below them, ``(I + A)⁻¹ = (I + N)⁻¹ X_d`` for ``N = X_d A_o``, nilpotent (``N^{C/16} = 0``),
+    so ``Σ_j (−N)^j X_d``: ``C/16`` products."""
+    rows = tl.arange(0, BLOCK_C)
+    same_block = (rows[:, None] // 16) == (rows[None, :] // 16)
     n = _dot(x_diag, tl.where(same_block, 0.0, a), PRECISION)  # N = X_d A_o
     term = x_diag
     x = x_diag
@@ -117,7 +124,6 @@ def _unit_lower_inverse_compact(a, BLOCK_C: tl.constexpr, PRECISION: tl.constexp
     rows = tl.arange(0, BLOCK_C)
     blocks = tl.arange(0, NB)
     local = tl.arange(0, 16)
-    same_block = (rows[:, None] // 16) == (rows[None, :] // 16)
     # A_c[b, r, s] = A[16 b + r, 16 b + s]: each row's own diagonal block
     own = blocks[None, :, None] == (rows // 16)[:, None, None]  # [C, NB, 1]
     a_c = tl.reshape(tl.sum(tl.where(own, tl.reshape(a, (BLOCK_C, NB, 16)), 0.0), 1), (NB, 16, 16))
@@ -128,14 +134,7 @@ def _unit_lower_inverse_compact(a, BLOCK_C: tl.constexpr, PRECISION: tl.constexp
         x_c = tl.where(local[None, :, None] == r, x_c - update[:, None, :], x_c)
     # back to [C, C]: row t's 16 values into its own block's columns
     x_rows = tl.reshape(x_c, (BLOCK_C, 1, 16))
-    x_diag = tl.reshape(tl.where(own, x_rows, 0.0), (BLOCK_C, BLOCK_C))
-    n = _dot(x_diag, tl.where(same_block, 0.0, a), PRECISION)  # N = X_d A_o
-    term = x_diag
-    x = x_diag
-    for _ in range(1, BLOCK_C // 16):
-        term = -_dot(n, term, PRECISION)  # (−N)^j X_d
-        x += term
-    return x
+    return _join_blocks(tl.reshape(tl.where(own, x_rows, 0.0), (BLOCK_C, BLOCK_C)), a, BLOCK_C, PRECISION)
 
 
 @triton.jit
