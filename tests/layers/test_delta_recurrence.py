@@ -215,6 +215,26 @@ def test_bf16_intermediates_stay_near_float32_ones_and_float64_ignores_them():
     assert torch.equal(half64(tokens).logits, full64(tokens).logits)
 
 
+def test_bf16_intermediates_stream_as_one_pass_to_bf16_precision():
+    """What ``small``, ``1b`` and ``7b`` run (bf16 intermediates) in a float32 model: pieces
+    with a carried state (1-token steps among them) agree with one pass to bf16's precision,
+    not float32's, since the pieces cut the chunks elsewhere; the state keeps its size and
+    float32."""
+    torch.manual_seed(1)
+    model = toy(torch.float32, recurrence={"kind": "delta", "chunk": 5, "intermediates": "bfloat16"})
+    ids = torch.randint(0, 50, (2, 40))
+    with torch.no_grad():
+        whole = model(ids).logits
+        pieces, state, start = [], None, 0
+        for size in random_split(40, random.Random(3)):
+            out = model(ids[:, start : start + size], state=state)
+            pieces.append(out.logits)
+            state, start = out.state, start + size
+    assert rel_err(torch.cat(pieces, 1), whole) < 2e-2
+    matrix = state.layers[0]["h"]["matrix"]
+    assert matrix.shape == (2, 4, 6, 6) and matrix.dtype == torch.float32
+
+
 def test_bfloat16_model_keeps_a_float32_matrix_state():
     model = toy(torch.bfloat16)
     ids = torch.randint(0, 50, (2, 23))
