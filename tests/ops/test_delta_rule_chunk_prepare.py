@@ -158,7 +158,7 @@ def _interpreter_checks() -> None:
 
     gen = torch.Generator().manual_seed(0)
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
-    rows, blocks = {"INVERSE": "rows"}, {"INVERSE": "blocks"}  # the default is "compact"
+    rows, compact = {"INVERSE": "rows"}, {"INVERSE": "compact"}  # the default is "blocks"
     cases = [  # dtype, v dtype, B, T, H, K, V, chunk, strided, launch config, tolerance
         (f64, f64, 2, 37, 2, 24, 40, 16, False, {}, 1e-12),  # the last chunk ends mid-way
         (f64, f64, 1, 9, 3, 5, 3, 4, True, {}, 1e-12),  # sizes under tl.dot's 16, padded on chip
@@ -170,10 +170,10 @@ def _interpreter_checks() -> None:
         (f64, f64, 1, 50, 2, 8, 8, 40, False, {}, 1e-12),  # 40 rows padded to 64
         (f64, f64, 2, 150, 2, 24, 40, 64, True, rows, 1e-12),  # forward substitution over all 64 rows
         (f32, f32, 2, 45, 1, 32, 32, 20, True, {**rows, "BLOCK_D": 16}, 1e-5),
-        # the diagonal blocks as products too
-        (f64, f64, 2, 150, 2, 24, 40, 64, True, blocks, 1e-12),
-        (f64, f64, 1, 50, 2, 8, 8, 40, False, blocks, 1e-12),
-        (f32, f32, 2, 45, 1, 32, 32, 20, True, blocks, 1e-5),
+        # the diagonal blocks by substitution in a compact [C/16, 16, 16] layout
+        (f64, f64, 2, 150, 2, 24, 40, 64, True, compact, 1e-12),
+        (f64, f64, 1, 50, 2, 8, 8, 40, False, compact, 1e-12),
+        (f32, f32, 2, 45, 1, 32, 32, 20, True, compact, 1e-5),
     ]
     for dtype, v_dtype, batch, length, heads, key_dim, value_dim, chunk, strided, config, tol in cases:
         # slow decays (log α in (-0.1, 0)), so the whole chunk, not only its diagonal blocks, shapes (I + A)⁻¹
@@ -252,8 +252,8 @@ def test_cuda_kernels_against_float64(head_dim, precision, tol, inverse):
 
 
 LAUNCH_CONFIGS = [{"num_warps": 4, "INVERSE": "rows"}, {"num_warps": 8}, {"BLOCK_D": 16}, {"BLOCK_D": 64},
-                  {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 4}, {"INVERSE": "blocks"},
-                  {"num_warps": 8, "INVERSE": "blocks"}]
+                  {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 4}, {"INVERSE": "compact"},
+                  {"num_warps": 8, "INVERSE": "compact"}]
 
 
 @cuda_only

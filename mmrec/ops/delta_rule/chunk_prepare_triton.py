@@ -328,11 +328,12 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
         "PRECISION": "ieee" if interpret else default_precision(),
     }
     if not backward:
-        # how the forward inverts I + A: "compact" (the 16-row diagonal blocks by substitution
-        # in a compact layout, then C/16 products on the tensor cores; the fastest measured),
-        # "blocks" (the diagonal blocks as 15 products too) or "rows" (forward substitution
-        # over the whole chunk, C - 1 serial steps on the CUDA cores)
-        cfg["INVERSE"] = "compact"
+        # how the forward inverts I + A: "blocks" (16-row blocks on the tensor cores, 19
+        # products at C = 64), "compact" (the diagonal blocks by substitution in a compact
+        # layout on the CUDA cores, then C/16 products: 1.11x faster on an H200, its accuracy
+        # there not yet tested, so not the default) or "rows" (forward substitution over the
+        # whole chunk, C - 1 serial steps)
+        cfg["INVERSE"] = "blocks"
     cfg.update(config or {})
     if backward:
         cfg.pop("INVERSE", None)  # a benchmark's override of both kernels: the forward's alone
