@@ -482,6 +482,7 @@ def gated_rnn_forward(
     block_b, cfg = _launch_args(launch_config(batch, n_heads, head_dim, device=z.device, weight_dtype=weight.dtype, fp64=fp64, config=config))
     weight = weight.contiguous()
     strides = (*z.stride(), *log_decay.stride(), *_strides(h0, 2))
+    # grid axis 0 is the heads: the kernels read their count from it for the derived strides
     if block_b == 1:
         _gated_rnn_fwd_kernel[(n_heads, batch)](
             z, log_decay, weight, h0, h, h_last, length, head_dim, *strides,
@@ -538,6 +539,7 @@ def gated_rnn_backward(
         grad_z, grad_ld, grad_w, grad_h0 if h0 is not None else None,
     )
     strides = (*z.stride(), *log_decay.stride(), *_strides(h0, 2), *_strides(grad_h, 3), *_strides(grad_h_last, 2))
+    # grid axis 0 is the heads, as in the forward
     flags = {"HAS_H0": h0 is not None, "HAS_DH": grad_h is not None, "HAS_DHL": grad_h_last is not None}
     if block_b == 1:
         _gated_rnn_bwd_kernel[(n_heads, batch)](*args, length, head_dim, *strides, ACC_FP64=fp64, **flags, **cfg)

@@ -230,7 +230,7 @@ def test_bf16_intermediates_stream_as_one_pass_to_bf16_precision():
             out = model(ids[:, start : start + size], state=state)
             pieces.append(out.logits)
             state, start = out.state, start + size
-    assert rel_err(torch.cat(pieces, 1), whole) < 2e-2
+    assert 1e-4 < rel_err(torch.cat(pieces, 1), whole) < 2e-2  # float32 intermediates: about 5e-7
     matrix = state.layers[0]["h"]["matrix"]
     assert matrix.shape == (2, 4, 6, 6) and matrix.dtype == torch.float32
 

@@ -174,6 +174,7 @@ def _interpreter_checks() -> None:
         (f64, f64, 2, 150, 2, 24, 40, 64, True, compact, 1e-12),
         (f64, f64, 1, 50, 2, 8, 8, 40, False, compact, 1e-12),
         (f32, f32, 2, 45, 1, 32, 32, 20, True, compact, 1e-5),
+        (f64, f64, 1, 30, 2, 8, 8, 12, False, compact, 1e-12),  # one 16-row block
     ]
     for dtype, v_dtype, batch, length, heads, key_dim, value_dim, chunk, strided, config, tol in cases:
         # slow decays (log α in (-0.1, 0)), so the whole chunk, not only its diagonal blocks, shapes (I + A)⁻¹
@@ -229,7 +230,7 @@ def _interpreter_checks() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 15, out
+    assert out.count("ok ") == 16, out
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -264,7 +265,22 @@ def test_cuda_launch_configs_against_float64_and_repeatable(head_dim, config):
     _check_cuda_launch(head_dim, "high", 3e-3, config, repeat=True)
 
 
-def _check_cuda_launch(head_dim, precision, tol, config, repeat=False):
+@cuda_only
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_cuda_compact_inverse_at_shorter_chunks(chunk):
+    """One and two 16-row blocks: the compact layout's smallest shapes, compiled."""
+    _check_cuda_launch(64, "high", 3e-3, {"INVERSE": "compact"}, chunk=chunk)
+
+
+def test_an_unknown_inverse_is_refused():
+    from mmrec.ops.delta_rule.chunk_prepare_triton import pick_config
+
+    with pytest.raises(ValueError, match="INVERSE must be one of"):
+        pick_config(64, 128, 128, interpret=True, config={"INVERSE": "block"})
+    assert pick_config(64, 128, 128, interpret=True)["INVERSE"] == "blocks"
+
+
+def _check_cuda_launch(head_dim, precision, tol, config, repeat=False, chunk=64):
     from mmrec.ops.delta_rule import chunk_prepare_triton as kernels
 
     gen = torch.Generator().manual_seed(head_dim)
@@ -273,17 +289,17 @@ def _check_cuda_launch(head_dim, precision, tol, config, repeat=False):
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        outputs = kernels.prepare_forward(*inputs, 64, torch.float32, config=config)
+        outputs = kernels.prepare_forward(*inputs, chunk, torch.float32, config=config)
         probes = probes_for(outputs, gen)
         grads = kernels.prepare_backward(*inputs, outputs[-1], tuple(probes), config=config)
         if repeat:
-            again = kernels.prepare_forward(*inputs, 64, torch.float32, config=config)
+            again = kernels.prepare_forward(*inputs, chunk, torch.float32, config=config)
             grads_again = kernels.prepare_backward(*inputs, again[-1], tuple(probes), config=config)
             for name, first, second in zip(OUTPUTS + INPUTS, outputs + grads, again + grads_again):
                 assert torch.equal(first, second), f"{name} differs between two identical launches"
     finally:
         torch.set_float32_matmul_precision(before)
-    want, want_grads = reference(inputs, 64, probes)
+    want, want_grads = reference(inputs, chunk, probes)
     for name, got, expected in zip(OUTPUTS, outputs, want):
         assert err(got, expected) < tol, name
     for name, x, got, expected in zip(INPUTS, inputs, grads, want_grads):

@@ -220,6 +220,12 @@ def _interpreter_checks() -> None:
                  torch.full(h0.shape, nan, dtype=h0.dtype) if with_h0 else torch.empty(0, dtype=out_dtype))
         if layout == "strided":  # the kernels write contiguous layouts and say so
             try:
+                kernels.gated_rnn_forward(z, log_decay, weight, h0, out=(torch.cat([out[0], out[0]], dim=2)[:, :, ::2], out[1]), config=config)
+            except ValueError as e:
+                assert "contiguous" in str(e), e
+            else:
+                raise AssertionError("a strided out tensor was accepted")
+            try:
                 kernels.gated_rnn_backward(z, log_decay, weight, h0, h, grad_h, grad_hl,
                                            out=(torch.cat([gouts[0], gouts[0]], dim=2)[:, :, ::2], *gouts[1:]),
                                            config=config)

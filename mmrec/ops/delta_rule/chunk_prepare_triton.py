@@ -11,7 +11,9 @@ whatever dtype they come.
 
 ``X`` comes from forward substitution on chip inside 16-row blocks, as products on the
 tensor cores, then the blocks combined by a short series of products
-(``_unit_lower_inverse_blocks``); or, with ``INVERSE="rows"``, from forward substitution
+(``_unit_lower_inverse_blocks``); with ``INVERSE="compact"``, the same but the diagonal
+blocks inverted on the CUDA cores in a ``[C/16, 16, 16]`` tile
+(``_unit_lower_inverse_compact``); or, with ``INVERSE="rows"``, from forward substitution
 over the whole chunk, one row of ``X`` per step (the kernel keeps ``Xᵀ``, so each step is
 a column update with no layout change)::
 
@@ -179,7 +181,7 @@ def _prepare_forward_kernel(
         x = _unit_lower_inverse_blocks(a, BLOCK_C, PRECISION)  # (I + A)⁻¹
     elif INVERSE == "compact":
         x = _unit_lower_inverse_compact(a, BLOCK_C, PRECISION)
-    else:
+    else:  # "rows"
         x = tl.trans(_unit_lower_inverse_t(a, BLOCK_C))
     mask_c = in_c[:, None] & in_c[None, :]
     off_c = chunk * C * C + rows[:, None] * C + rows[None, :]
@@ -309,6 +311,9 @@ def _prepare_backward_kernel(
     tl.store(dla_ptr + b * o_bb + h * o_bh + t * o_bt, grad_la, mask=valid)
 
 
+INVERSES = ("blocks", "compact", "rows")
+
+
 def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = False, interpret: bool = False,
                 config: dict | None = None) -> dict:
     """Launch config of the forward kernel, or with ``backward`` the backward's (``config``
@@ -337,6 +342,8 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
     cfg.update(config or {})
     if backward:
         cfg.pop("INVERSE", None)  # a benchmark's override of both kernels: the forward's alone
+    elif cfg["INVERSE"] not in INVERSES:
+        raise ValueError(f"INVERSE must be one of {INVERSES}, got {cfg['INVERSE']!r}")
     return cfg
 
 
