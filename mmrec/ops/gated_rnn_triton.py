@@ -50,6 +50,17 @@ from mmrec.ops.linear_scan import accumulation_dtype
 
 
 @triton.jit
+def _owned_strides(T, E):
+    """Strides of the tensors the launchers lay out contiguously, from the shapes: the
+    ``[B, T, D]`` states and gradients (``D = H E``, the heads ``H`` counted by the grid's axis 0;
+    channels stride 1), ``h_last`` / ``dh0`` ``[B, D]`` (a sequence is one step of ``D``),
+    and ``W`` ``[H, E, E]`` per head (rows stride ``E``; ``dW`` adds one such block of heads per
+    program)."""
+    D = tl.num_programs(0).to(tl.int64) * E
+    return T * D, D, E * E
+
+
+@triton.jit
 def _gated_rnn_fwd_kernel(
     z_ptr, ld_ptr, w_ptr, h0_ptr, h_ptr, hl_ptr,
     T, E,
@@ -59,18 +70,13 @@ def _gated_rnn_fwd_kernel(
     HAS_H0: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
-    # h, h_last and W are contiguous (the launcher lays them out): their strides follow from
-    # the shapes, and the launch passes fewer arguments
-    D = tl.num_programs(0).to(tl.int64) * E  # every head's channels
-    s_wh, s_wi, s_wj = E * E, E, 1
-    s_hb, s_ht, s_hd = T * D, D, 1
-    s_hlb, s_hld = D, 1
+    s_seq, s_step, s_head = _owned_strides(T, E)  # W, the states and the outputs: contiguous
     pid_b = tl.program_id(1).to(tl.int64)
     rows = tl.arange(0, BLOCK_E)
     mask = rows < E
     chan = pid_h.to(tl.int64) * E + rows  # this head's channels in the H*E axis
 
-    w = tl.load(w_ptr + pid_h.to(tl.int64) * s_wh + rows[:, None] * s_wi + rows[None, :] * s_wj,
+    w = tl.load(w_ptr + pid_h.to(tl.int64) * s_head + rows[:, None] * E + rows[None, :],
                 mask=mask[:, None] & mask[None, :], other=0.0)
     if ACC_FP64:
         w = w.to(tl.float64)
@@ -83,7 +89,7 @@ def _gated_rnn_fwd_kernel(
 
     z_ptrs = z_ptr + pid_b * s_zb + chan * s_zd
     ld_ptrs = ld_ptr + pid_b * s_lb + chan * s_ld
-    h_ptrs = h_ptr + pid_b * s_hb + chan * s_hd
+    h_ptrs = h_ptr + pid_b * s_seq + chan
     z_next = tl.load(z_ptrs, mask=mask & (T > 0), other=0.0)
     ld_next = tl.load(ld_ptrs, mask=mask & (T > 0), other=0.0)
     t = 0
@@ -100,10 +106,10 @@ def _gated_rnn_fwd_kernel(
         gate = 1.0 / (1.0 + tl.exp(-pre))
         h = z_t * gate + tl.exp(ld_t) * h
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
-        h_ptrs += s_ht
+        h_ptrs += s_step
         t += 1
 
-    tl.store(hl_ptr + pid_b * s_hlb + chan * s_hld, h.to(hl_ptr.dtype.element_ty), mask=mask)
+    tl.store(hl_ptr + pid_b * s_step + chan, h.to(hl_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -120,21 +126,13 @@ def _gated_rnn_bwd_kernel(
     ACC_FP64: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
-    # h, W and the gradients the launcher allocates are contiguous: their strides follow
-    # from the shapes, and the launch passes fewer arguments
-    D = tl.num_programs(0).to(tl.int64) * E  # every head's channels
-    s_wh, s_wi, s_wj = E * E, E, 1
-    s_hb, s_ht, s_hd = T * D, D, 1
-    s_dzb, s_dzt, s_dzd = T * D, D, 1
-    s_dlb, s_dlt, s_dld = T * D, D, 1
-    s_dwb, s_dwh, s_dwi, s_dwj = tl.num_programs(0).to(tl.int64) * E * E, E * E, E, 1
-    s_dh0b, s_dh0d = D, 1
+    s_seq, s_step, s_head = _owned_strides(T, E)  # W, the states and the outputs: contiguous
     pid_b = tl.program_id(1).to(tl.int64)
     rows = tl.arange(0, BLOCK_E)
     mask = rows < E
     chan = pid_h.to(tl.int64) * E + rows
 
-    w = tl.load(w_ptr + pid_h.to(tl.int64) * s_wh + rows[:, None] * s_wi + rows[None, :] * s_wj,
+    w = tl.load(w_ptr + pid_h.to(tl.int64) * s_head + rows[:, None] * E + rows[None, :],
                 mask=mask[:, None] & mask[None, :], other=0.0)
     if ACC_FP64:
         w = w.to(tl.float64)
@@ -153,10 +151,10 @@ def _gated_rnn_bwd_kernel(
     last = tl.full((), 0, tl.int64) + (T - 1)
     z_ptrs = z_ptr + pid_b * s_zb + last * s_zt + chan * s_zd
     ld_ptrs = ld_ptr + pid_b * s_lb + last * s_lt + chan * s_ld
-    hp_ptrs = h_ptr + pid_b * s_hb + (last - 1) * s_ht + chan * s_hd
+    hp_ptrs = h_ptr + pid_b * s_seq + (last - 1) * s_step + chan
     gh_ptrs = gh_ptr + pid_b * s_gb + last * s_gt + chan * s_gd
-    dz_ptrs = dz_ptr + pid_b * s_dzb + last * s_dzt + chan * s_dzd
-    dld_ptrs = dld_ptr + pid_b * s_dlb + last * s_dlt + chan * s_dld
+    dz_ptrs = dz_ptr + pid_b * s_seq + last * s_step + chan
+    dld_ptrs = dld_ptr + pid_b * s_seq + last * s_step + chan
 
     z_next = tl.load(z_ptrs, mask=mask & (T > 0), other=0.0)
     ld_next = tl.load(ld_ptrs, mask=mask & (T > 0), other=0.0)
@@ -173,7 +171,7 @@ def _gated_rnn_bwd_kernel(
         # step t-1's inputs, in flight while this step computes
         z_ptrs -= s_zt
         ld_ptrs -= s_lt
-        hp_ptrs -= s_ht
+        hp_ptrs -= s_step
         z_next = tl.load(z_ptrs, mask=mask & (t >= 1), other=0.0)
         ld_next = tl.load(ld_ptrs, mask=mask & (t >= 1), other=0.0)
         hp_next = tl.load(hp_ptrs, mask=mask & (t >= 2), other=0.0)
@@ -189,17 +187,18 @@ def _gated_rnn_bwd_kernel(
         dz = g * gate
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         tl.store(dld_ptrs, (g * decay * h_prev).to(dld_ptr.dtype.element_ty), mask=mask)
-        dz_ptrs -= s_dzt
-        dld_ptrs -= s_dlt
+        dz_ptrs -= s_step
+        dld_ptrs -= s_step
         da = dz * z_t * (1.0 - gate)
         dw += h_prev[:, None] * da[None, :]
         g = g * decay + tl.sum(w * da[None, :], axis=1)  # + da W^T
         t -= 1
 
-    tl.store(dw_ptr + pid_b * s_dwb + pid_h.to(tl.int64) * s_dwh + rows[:, None] * s_dwi + rows[None, :] * s_dwj,
+    dw_block = pid_b * tl.num_programs(0) + pid_h  # dW [programs, H, E, E]: this program's head
+    tl.store(dw_ptr + dw_block * s_head + rows[:, None] * E + rows[None, :],
              dw.to(dw_ptr.dtype.element_ty), mask=mask[:, None] & mask[None, :])
     if HAS_H0:
-        tl.store(dh0_ptr + pid_b * s_dh0b + chan * s_dh0d, g.to(dh0_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh0_ptr + pid_b * s_step + chan, g.to(dh0_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -243,12 +242,7 @@ def _gated_rnn_fwd_block_kernel(
     BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
-    # h, h_last and W are contiguous (the launcher lays them out): their strides follow from
-    # the shapes, and the launch passes fewer arguments
-    D = tl.num_programs(0).to(tl.int64) * E  # every head's channels
-    s_wh, s_wi, s_wj = E * E, E, 1
-    s_hb, s_ht, s_hd = T * D, D, 1
-    s_hlb, s_hld = D, 1
+    s_seq, s_step, s_head = _owned_strides(T, E)  # W, the states and the outputs: contiguous
     seqs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_E)
     mask = (seqs < B)[:, None] & (cols < E)[None, :]  # [BLOCK_B, BLOCK_E]
@@ -256,7 +250,7 @@ def _gated_rnn_fwd_block_kernel(
     chan = (pid_h.to(tl.int64) * E + cols)[None, :]  # this head's channels in the H*E axis
 
     # W in its own dtype: the dot's right operand, on chip for the whole sequence
-    w = tl.load(w_ptr + pid_h.to(tl.int64) * s_wh + cols[:, None] * s_wi + cols[None, :] * s_wj,
+    w = tl.load(w_ptr + pid_h.to(tl.int64) * s_head + cols[:, None] * E + cols[None, :],
                 mask=(cols < E)[:, None] & (cols < E)[None, :], other=0.0)
     h = tl.zeros((BLOCK_B, BLOCK_E), dtype=tl.float32)
     if HAS_H0:
@@ -264,7 +258,7 @@ def _gated_rnn_fwd_block_kernel(
 
     z_ptrs = z_ptr + seq * s_zb + chan * s_zd
     ld_ptrs = ld_ptr + seq * s_lb + chan * s_ld
-    h_ptrs = h_ptr + seq * s_hb + chan * s_hd
+    h_ptrs = h_ptr + seq * s_seq + chan
     z_next = tl.load(z_ptrs, mask=mask & (T > 0), other=0.0)
     ld_next = tl.load(ld_ptrs, mask=mask & (T > 0), other=0.0)
     t = 0
@@ -280,10 +274,10 @@ def _gated_rnn_fwd_block_kernel(
         gate = 1.0 / (1.0 + tl.exp(-pre))
         h = z_t * gate + tl.exp(ld_t) * h
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
-        h_ptrs += s_ht
+        h_ptrs += s_step
         t += 1
 
-    tl.store(hl_ptr + seq * s_hlb + chan * s_hld, h.to(hl_ptr.dtype.element_ty), mask=mask)
+    tl.store(hl_ptr + seq * s_step + chan, h.to(hl_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -301,15 +295,7 @@ def _gated_rnn_bwd_block_kernel(
     BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
-    # h, W and the gradients the launcher allocates are contiguous: their strides follow
-    # from the shapes, and the launch passes fewer arguments
-    D = tl.num_programs(0).to(tl.int64) * E  # every head's channels
-    s_wh, s_wi, s_wj = E * E, E, 1
-    s_hb, s_ht, s_hd = T * D, D, 1
-    s_dzb, s_dzt, s_dzd = T * D, D, 1
-    s_dlb, s_dlt, s_dld = T * D, D, 1
-    s_dwb, s_dwh, s_dwi, s_dwj = tl.num_programs(0).to(tl.int64) * E * E, E * E, E, 1
-    s_dh0b, s_dh0d = D, 1
+    s_seq, s_step, s_head = _owned_strides(T, E)  # W, the states and the outputs: contiguous
     pid_b = tl.program_id(1)
     seqs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_E)
@@ -318,7 +304,7 @@ def _gated_rnn_bwd_block_kernel(
     chan = (pid_h.to(tl.int64) * E + cols)[None, :]
 
     w_mask = (cols < E)[:, None] & (cols < E)[None, :]
-    w = tl.load(w_ptr + pid_h.to(tl.int64) * s_wh + cols[:, None] * s_wi + cols[None, :] * s_wj, mask=w_mask, other=0.0)
+    w = tl.load(w_ptr + pid_h.to(tl.int64) * s_head + cols[:, None] * E + cols[None, :], mask=w_mask, other=0.0)
     w_t = tl.trans(w)  # for da W^T
     g = tl.zeros((BLOCK_B, BLOCK_E), dtype=tl.float32)  # dL/dh_t over all paths
     dw = tl.zeros((BLOCK_E, BLOCK_E), dtype=tl.float32)
@@ -331,10 +317,10 @@ def _gated_rnn_bwd_block_kernel(
     last = tl.full((), 0, tl.int64) + (T - 1)
     z_ptrs = z_ptr + seq * s_zb + last * s_zt + chan * s_zd
     ld_ptrs = ld_ptr + seq * s_lb + last * s_lt + chan * s_ld
-    hp_ptrs = h_ptr + seq * s_hb + (last - 1) * s_ht + chan * s_hd
+    hp_ptrs = h_ptr + seq * s_seq + (last - 1) * s_step + chan
     gh_ptrs = gh_ptr + seq * s_gb + last * s_gt + chan * s_gd
-    dz_ptrs = dz_ptr + seq * s_dzb + last * s_dzt + chan * s_dzd
-    dld_ptrs = dld_ptr + seq * s_dlb + last * s_dlt + chan * s_dld
+    dz_ptrs = dz_ptr + seq * s_seq + last * s_step + chan
+    dld_ptrs = dld_ptr + seq * s_seq + last * s_step + chan
 
     z_next = tl.load(z_ptrs, mask=mask & (T > 0), other=0.0)
     ld_next = tl.load(ld_ptrs, mask=mask & (T > 0), other=0.0)
@@ -350,7 +336,7 @@ def _gated_rnn_bwd_block_kernel(
             g += gh_next.to(tl.float32)
         z_ptrs -= s_zt
         ld_ptrs -= s_lt
-        hp_ptrs -= s_ht
+        hp_ptrs -= s_step
         z_next = tl.load(z_ptrs, mask=mask & (t >= 1), other=0.0)
         ld_next = tl.load(ld_ptrs, mask=mask & (t >= 1), other=0.0)
         hp_next = tl.load(hp_ptrs, mask=mask & (t >= 2), other=0.0)
@@ -366,8 +352,8 @@ def _gated_rnn_bwd_block_kernel(
         dz = g * gate
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         tl.store(dld_ptrs, (g * decay * h_prev).to(dld_ptr.dtype.element_ty), mask=mask)
-        dz_ptrs -= s_dzt
-        dld_ptrs -= s_dlt
+        dz_ptrs -= s_step
+        dld_ptrs -= s_step
         da = dz * z_t * (1.0 - gate)
         # dW += h_{t-1}^T da_t over the block's sequences; with SPLIT, all but lo x lo
         if SPLIT:
@@ -380,10 +366,11 @@ def _gated_rnn_bwd_block_kernel(
         g = g * decay + _dot_left(da, w_t, SPLIT, PRECISION, UPCAST)  # + da W^T
         t -= 1
 
-    tl.store(dw_ptr + pid_b.to(tl.int64) * s_dwb + pid_h.to(tl.int64) * s_dwh + cols[:, None] * s_dwi + cols[None, :] * s_dwj,
+    dw_block = pid_b.to(tl.int64) * tl.num_programs(0) + pid_h  # dW [programs, H, E, E]: this program's head
+    tl.store(dw_ptr + dw_block * s_head + cols[:, None] * E + cols[None, :],
              dw.to(dw_ptr.dtype.element_ty), mask=w_mask)
     if HAS_H0:
-        tl.store(dh0_ptr + seq * s_dh0b + chan * s_dh0d, g.to(dh0_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh0_ptr + seq * s_step + chan, g.to(dh0_ptr.dtype.element_ty), mask=mask)
 
 
 SMALL_BATCH = 8  # below this many sequences, one program per sequence (more programs to spread)
