@@ -5,7 +5,9 @@ A call's host time is what Python, autograd, the dispatcher and the kernel launc
 before control returns, without waiting for its kernels: measured for one call from an
 idle GPU (``host ms``, ``common.host_ms``) and per call of calls issued back to back, as a
 training loop issues them (``loop ms``, ``common.host_loop_ms``), each the median of
-``--rounds`` timings (their range is in the JSON). Its GPU time is the same call
+``--rounds`` timings (their range is in the JSON). The rounds go over every row in turn,
+so a slow stretch of the host (another process, a clock change) touches several rows
+once each rather than all of one row's timings. Its GPU time is the same call
 captured once as a CUDA graph and replayed (``common.graph_ms``). A call whose host time exceeds its GPU time
 leaves the GPU idle in eager mode; under ``torch.compile`` with CUDA graphs, or when the
 GPU queue is already full, the host time is hidden.
@@ -59,8 +61,8 @@ def add_subcommand(commands) -> None:
     parser.add_argument("--dim", type=int, default=4096, help="channels of linear_scan and gated_rnn")
     parser.add_argument("--heads", type=int, default=16, help="heads of the delta rule (width 128)")
     parser.add_argument("--calls", type=int, default=50, help="calls per median")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="time each row this many times and report the median (the host's own noise is large)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="time every row this many times, in turn, and report the median (the host's own noise is large)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     parser.set_defaults(run=run)
@@ -169,22 +171,24 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(0)
     meta = {**run_metadata(), "batch": args.batch, "length": args.length, "dim": args.dim, "heads": args.heads,
             "calls": args.calls, "rounds": args.rounds}
+    calls = {(op, impl, pass_): call for op, prepare in OPS.items()
+             for impl, passes in prepare(args, device, gen).items() for pass_, call in passes.items()}
+    host, loop = {key: [] for key in calls}, {key: [] for key in calls}
+    for _ in range(args.rounds):
+        for key, call in calls.items():
+            host[key].append(host_ms(call, args.calls))
+            loop[key].append(host_loop_ms(call, args.calls))
     rows = []
     print(f"{meta['device']}: host and GPU milliseconds per call, batch {args.batch}, T {args.length}")
     print(f"{'op':<20} {'impl':<24} {'pass':<8} {'host ms':>8} {'loop ms':>8} {'GPU ms':>8}")
-    for op, prepare in OPS.items():
-        for impl, passes in prepare(args, device, gen).items():
-            for pass_, call in passes.items():
-                host = sorted(host_ms(call, args.calls) for _ in range(args.rounds))
-                loop = sorted(host_loop_ms(call, args.calls) for _ in range(args.rounds))
-                row = {"op": op, "impl": impl, "pass": pass_, "host_ms": host[len(host) // 2],
-                       "host_loop_ms": loop[len(loop) // 2], "host_ms_range": [host[0], host[-1]],
-                       "host_loop_ms_range": [loop[0], loop[-1]], "gpu_ms": graph_ms(call) if device.type == "cuda" else None}
-                rows.append(row)
-                gpu = "-" if row["gpu_ms"] is None else f"{row['gpu_ms']:.3f}"
-                print(f"{op:<20} {impl:<24} {pass_:<8} {row['host_ms']:>8.3f} {row['host_loop_ms']:>8.3f} {gpu:>8}", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for (op, impl, pass_), call in calls.items():
+        h, lp = sorted(host[op, impl, pass_]), sorted(loop[op, impl, pass_])
+        row = {"op": op, "impl": impl, "pass": pass_, "host_ms": h[len(h) // 2], "host_loop_ms": lp[len(lp) // 2],
+               "host_ms_range": [h[0], h[-1]], "host_loop_ms_range": [lp[0], lp[-1]],
+               "gpu_ms": graph_ms(call) if device.type == "cuda" else None}
+        rows.append(row)
+        gpu = "-" if row["gpu_ms"] is None else f"{row['gpu_ms']:.3f}"
+        print(f"{op:<20} {impl:<24} {pass_:<8} {row['host_ms']:>8.3f} {row['host_loop_ms']:>8.3f} {gpu:>8}", flush=True)
     ops = [r for r in rows if r["impl"] == "op" and r["pass"] in GOAL_PASSES and r["op"] in GOAL_OPS]
     over = [f"{r['op']} {r['pass']}" for r in ops if min(r["host_ms"], r["host_loop_ms"]) > GOAL_MS]
     print(f"\nhost time per op call under {GOAL_MS} ms: " + ("every op" if not over else "not " + ", ".join(over)))

@@ -9,11 +9,11 @@ chip), ``BLOCK_D`` feature columns at a time, and writes what the chunk loop rea
 stored in bf16 (the output tensors' dtype), and the backward reads their gradients in
 whatever dtype they come.
 
-``X`` comes from forward substitution on chip inside 16-row blocks, as products on the
-tensor cores, then the blocks combined by a short series of products
-(``_unit_lower_inverse_blocks``); with ``INVERSE="compact"``, the same but the diagonal
-blocks inverted on the CUDA cores in a ``[C/16, 16, 16]`` tile
-(``_unit_lower_inverse_compact``); or, with ``INVERSE="rows"``, from forward substitution
+``X`` comes from its diagonal 16-row blocks, inverted on the CUDA cores in a
+``[C/16, 16, 16]`` tile, then joined by a short series of products on the tensor cores
+(``_unit_lower_inverse_compact``); with ``INVERSE="blocks"``, the same but the diagonal
+blocks by forward substitution as products on the tensor cores
+(``_unit_lower_inverse_blocks``); or, with ``INVERSE="rows"``, from forward substitution
 over the whole chunk, one row of ``X`` per step (the kernel keeps ``Xᵀ``, so each step is
 a column update with no layout change)::
 
@@ -33,8 +33,12 @@ miscompiled loop"). Keep them unrolled unless the CUDA tests, which try every be
 config twice, pass with a loop.
 
 Products take fp32 operands at ``PRECISION`` (``chunk_scan_triton._dot``; from
-``torch.get_float32_matmul_precision()`` by default) and accumulate in fp32. Under
-``TRITON_INTERPRET=1`` the launchers run on CPU tensors (float32 or float64).
+``torch.get_float32_matmul_precision()`` by default) and accumulate in fp32. The backward
+of bf16 intermediates (its incoming gradients in bf16) takes bf16 operands instead, as
+the chunk loop does with them: the stored matrices and their gradients carry bf16's
+rounding already, and one bf16 product has twice tf32's rate. Under
+``TRITON_INTERPRET=1`` the launchers run on CPU tensors (float32 or float64), bf16
+products rounded as on the GPU and multiplied exactly.
 """
 
 from __future__ import annotations
@@ -314,11 +318,12 @@ def _prepare_backward_kernel(
 INVERSES = ("blocks", "compact", "rows")
 
 
-def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = False, interpret: bool = False,
-                config: dict | None = None) -> dict:
+def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = False, bf16_grads: bool = False,
+                interpret: bool = False, config: dict | None = None) -> dict:
     """Launch config of the forward kernel, or with ``backward`` the backward's (``config``
     overrides any entry of either): a whole chunk per program, padded to powers of two of
-    at least 16 (``tl.dot``'s smallest tile)."""
+    at least 16 (``tl.dot``'s smallest tile). ``bf16_grads``: the backward's incoming
+    gradients are bf16, so its products are too (module docstring)."""
     block_k, block_v = max(16, triton.next_power_of_2(key_dim)), max(16, triton.next_power_of_2(value_dim))
     cfg = {
         "BLOCK_C": max(16, triton.next_power_of_2(size)),
@@ -332,13 +337,16 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
         "num_warps": 4,
         "PRECISION": "ieee" if interpret else default_precision(),
     }
+    if backward and bf16_grads:
+        # 1.19x faster than tf32 on an H200 at 16 heads of 128 (docs/benchmarks.md)
+        cfg["PRECISION"] = "bf16-interpret" if interpret else "bf16"
     if not backward:
-        # how the forward inverts I + A: "blocks" (16-row blocks on the tensor cores, 19
-        # products at C = 64), "compact" (the diagonal blocks by substitution in a compact
-        # layout on the CUDA cores, then C/16 products: 1.11x faster on an H200, its accuracy
-        # there not yet tested, so not the default) or "rows" (forward substitution over the
-        # whole chunk, C - 1 serial steps)
-        cfg["INVERSE"] = "blocks"
+        # how the forward inverts I + A: "compact" (the diagonal 16-row blocks by substitution
+        # in a compact layout on the CUDA cores, then C/16 joining products: 1.14x faster
+        # than "blocks" on an H200), "blocks" (the diagonal blocks by substitution as
+        # products on the tensor cores, 19 products at C = 64) or "rows" (forward
+        # substitution over the whole chunk, C - 1 serial steps)
+        cfg["INVERSE"] = "compact"
     cfg.update(config or {})
     if backward:
         cfg.pop("INVERSE", None)  # a benchmark's override of both kernels: the forward's alone
@@ -396,7 +404,8 @@ def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: T
     if inverse.numel() == 0:
         return tuple(o.zero_() for o in outs)
     grads = tuple(g.contiguous() for g in grads)
-    cfg = launch_config(size, key_dim, value_dim, backward=True, interpret=not v.is_cuda, config=config)
+    cfg = launch_config(size, key_dim, value_dim, backward=True, bf16_grads=grads[0].dtype == torch.bfloat16,
+                        interpret=not v.is_cuda, config=config)
     _prepare_backward_kernel[(batch * heads * chunks,)](
         q, k, v, beta, log_alpha, inverse.contiguous(), *grads, *outs,
         length, heads, chunks, size, key_dim, value_dim, *_input_strides(q, k, v, beta, log_alpha),
