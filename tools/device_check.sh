@@ -51,14 +51,14 @@ for part in "${parts[@]}"; do
     delta)
         # the delta rule's op, with float32 and with bf16 intermediates, against the PyTorch loop,
         # and each launcher alone (also with 32 and 64 value columns and OUTPUT=after) at 2K with
-        # batch 4, 8 and 16 (and the preparation with INVERSE=compact), then at batch 1 x 32K
+        # batch 4, 8 and 16 (and the preparation with INVERSE=blocks and with tf32 products, PRECISION=tf32), then at batch 1 x 32K
         # (TF32 as training runs it; fla is the separate
         # part `fla`, whose autotuning takes minutes). The kernels' CUDA tests, about 60, take a
         # call of their own: `tests` with TEST_FILES="tests/ops/test_delta_rule_chunk_scan.py
         # tests/ops/test_delta_rule_chunk_prepare.py"
         for tokens in 8192 16384 32768; do
             timeout 100 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
-                --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --config OUTPUT=after --prepare-config INVERSE=compact \
+                --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --config OUTPUT=after --prepare-config INVERSE=blocks --prepare-config PRECISION=tf32 \
                 --out "$OUT/delta_$tokens.json" 2>&1 \
                 | grep -v "^{" | tail -40
         done
@@ -70,7 +70,7 @@ for part in "${parts[@]}"; do
     fla)
         # the delta rule's op against fla 0.6 at the 1b delta layer's heads (16 x 128), T 2K and 32K
         # (TF32, as training runs it; fla autotunes each kernel on its first call: about 4 minutes
-        # for both lengths). The device has no fla: carry fla-core 0.6.0's wheel in .whl/
+        # for both lengths; 2K alone ran past 190 s on an H100). The device has no fla: carry fla-core 0.6.0's wheel in .whl/
         timeout 420 python3 -m mmrec.bench delta --tokens 32768 --lengths 2048 32768 --head-dims 128 --precision high \
             --out "$OUT/delta_fla.json" 2>&1 | tee "$OUT/delta_fla.log" | grep -v "^{" | tail -26 ;;
     hybrid)
