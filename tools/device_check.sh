@@ -66,7 +66,7 @@ for part in "${parts[@]}"; do
             --tokens 32768 --lengths 32768 --out "$OUT/delta_32k.json" 2>&1 | grep -v "^{" | tail -20 ;;
     host)
         # host time per call of every op the model calls, against its GPU time (the recall issue's 0.1 ms)
-        timeout 150 python3 -m mmrec.bench host --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -16 ;;
+        timeout 240 python3 -m mmrec.bench host --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -16 ;;
     fla)
         # the delta rule's op against fla 0.6 at the 1b delta layer's heads (16 x 128), T 2K and 32K
         # (TF32, as training runs it; fla autotunes each kernel on its first call: about 4 minutes

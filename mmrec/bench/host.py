@@ -174,10 +174,11 @@ def run(args: argparse.Namespace) -> int:
     calls = {(op, impl, pass_): call for op, prepare in OPS.items()
              for impl, passes in prepare(args, device, gen).items() for pass_, call in passes.items()}
     host, loop = {key: [] for key in calls}, {key: [] for key in calls}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for key, call in calls.items():
             host[key].append(host_ms(call, args.calls))
             loop[key].append(host_loop_ms(call, args.calls))
+        print(f"round {round_ + 1} of {args.rounds} timed", file=sys.stderr, flush=True)
     rows = []
     print(f"{meta['device']}: host and GPU milliseconds per call, batch {args.batch}, T {args.length}")
     print(f"{'op':<20} {'impl':<24} {'pass':<8} {'host ms':>8} {'loop ms':>8} {'GPU ms':>8}")

@@ -7,6 +7,7 @@ Triton is imported); on CUDA they run compiled.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -279,6 +280,21 @@ def test_an_unknown_inverse_is_refused():
     with pytest.raises(ValueError, match="INVERSE must be one of"):
         pick_config(64, 128, 128, interpret=True, config={"INVERSE": "block"})
     assert pick_config(64, 128, 128, interpret=True)["INVERSE"] == "compact"
+
+
+def test_the_backward_of_bf16_gradients_takes_bf16_products():
+    from mmrec.ops.delta_rule.chunk_prepare_triton import launch_config, pick_config
+
+    backward = functools.partial(pick_config, 64, 128, 128, backward=True)
+    assert backward(bf16_grads=True)["PRECISION"] == "bf16"
+    assert backward(bf16_grads=True, interpret=True)["PRECISION"] == "bf16-interpret"  # the same rounding
+    assert backward(interpret=True)["PRECISION"] == "ieee"
+    assert backward(bf16_grads=True, config={"PRECISION": "tf32"})["PRECISION"] == "tf32"  # an override wins
+    assert pick_config(64, 128, 128)["PRECISION"] != "bf16"  # the forward keeps fp32 products
+    # the cached configs keep the two cases apart, in either order
+    assert launch_config(64, 128, 128, backward=True)["PRECISION"] != "bf16"
+    assert launch_config(64, 128, 128, backward=True, bf16_grads=True)["PRECISION"] == "bf16"
+    assert launch_config(64, 128, 128, backward=True)["PRECISION"] != "bf16"
 
 
 def _check_cuda_launch(head_dim, precision, tol, config, repeat=False, chunk=64, intermediates=None):

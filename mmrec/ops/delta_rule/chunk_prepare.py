@@ -14,7 +14,8 @@ Triton kernel per layer (``chunk_prepare_triton.py``) reads ``q``, ``k``, ``v``,
 ``Kd``, ``P``, ``g`` and ``X``; its backward, ``mmrec::delta_chunk_prepare_backward``,
 another kernel, turns the chunk loop's gradients of the six into those of the five inputs,
 reusing ``X``. Elsewhere (CPU, float64) the forward runs :func:`chunk_prepare_reference`,
-the same products in PyTorch, and the backward the same algebra as the kernel, batched.
+the same products in PyTorch, and the backward the same algebra as the kernel, batched, in
+the accumulation dtype (the CUDA kernel takes bf16 products for bf16 gradients).
 
 Every exponent is masked to ``−inf`` above the diagonal before ``exp``, so every decay
 factor is at most 1 however strong the decay, and nothing overflows.

@@ -34,9 +34,10 @@ config twice, pass with a loop.
 
 Products take fp32 operands at ``PRECISION`` (``chunk_scan_triton._dot``; from
 ``torch.get_float32_matmul_precision()`` by default) and accumulate in fp32. The backward
-of bf16 intermediates (its incoming gradients in bf16) takes bf16 operands instead, as
-the chunk loop does with them: the stored matrices and their gradients carry bf16's
-rounding already, and one bf16 product has twice tf32's rate. Under
+of bf16 intermediates (its incoming gradients in bf16) rounds every operand to bf16
+instead (``X``, ``q``, ``k`` and its own ``[C, C]`` gradients too), whatever the matmul
+precision, as the chunk loop does with bf16 intermediates: the caller asked for bf16's
+precision there, and one bf16 product has twice tf32's rate. Under
 ``TRITON_INTERPRET=1`` the launchers run on CPU tensors (float32 or float64), bf16
 products rounded as on the GPU and multiplied exactly.
 """
@@ -338,7 +339,7 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
         "PRECISION": "ieee" if interpret else default_precision(),
     }
     if backward and bf16_grads:
-        # 1.19x faster than tf32 on an H200 at 16 heads of 128 (docs/benchmarks.md)
+        # 1.19-1.22x faster than tf32 on an H200 at 16 heads of 128 (docs/benchmarks.md)
         cfg["PRECISION"] = "bf16-interpret" if interpret else "bf16"
     if not backward:
         # how the forward inverts I + A: "compact" (the diagonal 16-row blocks by substitution
