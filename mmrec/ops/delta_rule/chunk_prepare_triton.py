@@ -334,12 +334,12 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
         # shared memory, and cost the forward registers; the backward past 64 columns in
         # passes of 16 spills least (docs/notes/delta-kernel.md)
         "BLOCK_D": min(16 if backward and max(key_dim, value_dim) > 64 else 32, max(block_k, block_v)),
-        # 4 warps, two programs an SM (docs/benchmarks.md, "The `delta` op against fla")
+        # 4 warps, two programs an SM (docs/notes/benchmark-history.md, "The `delta` op against fla")
         "num_warps": 4,
         "PRECISION": "ieee" if interpret else default_precision(),
     }
     if backward and bf16_grads:
-        # 1.19-1.22x faster than tf32 on an H200 at 16 heads of 128 (docs/benchmarks.md)
+        # 1.19-1.22x faster than tf32 on an H200 at 16 heads of 128 (docs/benchmarks.md, "The `delta` op against fla")
         cfg["PRECISION"] = "bf16-interpret" if interpret else "bf16"
     if not backward:
         # how the forward inverts I + A: "compact" (the diagonal 16-row blocks by substitution

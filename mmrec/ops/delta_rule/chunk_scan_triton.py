@@ -276,7 +276,7 @@ def default_precision() -> str:
 
 # value columns per program when the programs fill the device even at that width (at
 # least one per SM) and the products are one tf32 or bf16 product each: wider tiles then
-# run faster, narrower ones when the device would sit half idle (docs/benchmarks.md, "The
+# run faster, narrower ones when the device would sit half idle (docs/notes/benchmark-history.md, "The
 # `delta` op against fla"); measured at keys of 128 only, so not taken for wider keys
 WIDE_BLOCK_V = 64
 PROGRAMS_PER_SM_FOR_WIDE = 1
