@@ -339,7 +339,8 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
         "PRECISION": "ieee" if interpret else default_precision(),
     }
     if backward and bf16_grads:
-        # 1.19-1.22x faster than tf32 on an H200 at 16 heads of 128 (docs/benchmarks.md, "The `delta` op against fla")
+        # 1.19-1.22x faster than tf32 on an H200 at 16 heads of 128 (docs/benchmarks.md and
+        # docs/notes/benchmark-history.md, "The `delta` op against fla")
         cfg["PRECISION"] = "bf16-interpret" if interpret else "bf16"
     if not backward:
         # how the forward inverts I + A: "compact" (the diagonal 16-row blocks by substitution
