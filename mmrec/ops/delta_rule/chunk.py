@@ -29,10 +29,10 @@ float64 for float64), the carried state included; outputs return in ``v``'s dtyp
 ``intermediates=torch.bfloat16`` the chunk's matrices ``W1 … P``, the outputs and the
 stored chunk states travel between the ops in bf16, as fla's kernels keep them: half the
 bytes, and the chunk loop's products bf16 products with float32 sums (the CPU loop rounds
-the same operands; on CUDA the preparation's backward takes bf16 products too; on the benchmark's inputs 4.1e-3 relative error against the float32
-PyTorch loop where the float32 intermediates give 3.0e-3). The
-time axis is padded to a multiple of ``C`` with tokens that leave the state unchanged
-(``β = 0``, ``α = 1``). Each op has its own backward; ``torch.compile`` sees each as one node.
+the same operands; on the benchmark's inputs 4.1e-3 relative error against the float32
+PyTorch loop where the float32 intermediates give 3.0e-3); on CUDA the preparation's
+backward takes bf16 products for them too. The time axis is padded to a multiple of ``C``
+with tokens that leave the state unchanged (``β = 0``, ``α = 1``). Each op has its own backward; ``torch.compile`` sees each as one node.
 """
 
 from __future__ import annotations
