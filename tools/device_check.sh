@@ -68,10 +68,10 @@ for part in "${parts[@]}"; do
         # host time per call of every op the model calls, against its GPU time (the recall issue's 0.1 ms)
         timeout 240 python3 -m mmrec.bench host --out "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -16 ;;
     fla)
-        # the delta rule's op against fla 0.6 at the 1b delta layer's heads (16 x 128), T 2K and 32K
+        # the delta rule's op (and its launchers alone) against fla 0.6 at the 1b delta layer's heads (16 x 128), T 2K and 32K
         # (TF32, as training runs it; fla autotunes each kernel on its first call: about 4 minutes
         # for both lengths; 2K alone ran past 190 s on an H100). The device has no fla: carry fla-core 0.6.0's wheel in .whl/
-        timeout 420 python3 -m mmrec.bench delta --tokens 32768 --lengths 2048 32768 --head-dims 128 --precision high \
+        timeout 420 python3 -m mmrec.bench delta --kernels --tokens 32768 --lengths 2048 32768 --head-dims 128 --precision high \
             --out "$OUT/delta_fla.json" 2>&1 | tee "$OUT/delta_fla.log" | grep -v "^{" | tail -26 ;;
     hybrid)
         # what a hybrid stack costs: the delta recurrence in every fourth layer of 1b, with hds

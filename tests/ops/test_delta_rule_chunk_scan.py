@@ -473,7 +473,8 @@ def test_cuda_kernel_configs_against_float64(config, tol, shape):
 
 
 @cuda_only
-@pytest.mark.parametrize("config", [{}, {"BLOCK_V": 32, "STAGES": 2}, {"OUTPUT": "after"}], ids=str)
+@pytest.mark.parametrize("config", [{}, {"BLOCK_V": 64}, {"BLOCK_V": 64, "STAGES": 0}, {"BLOCK_V": 32, "STAGES": 2},
+                                    {"OUTPUT": "after"}], ids=str)
 @pytest.mark.parametrize("shape", [(2, 3, 33, 64, 128, 128), (3, 2, 17, 20, 24, 40)], ids=["K=V=128", "odd"])
 def test_cuda_kernels_with_bf16_matrices_against_float64(config, shape):
     """The launchers on the chunk's matrices stored in bf16 (every product a bf16 product, the
@@ -511,18 +512,25 @@ def test_value_columns_per_program_widen_only_when_the_programs_fill_the_device(
     assert block_v(1024, value_dim=40) == 32  # values narrower than 64 columns
     assert block_v(1024, key_dim=256) == 32  # wider keys: not measured, a [256, 64] state would spill
     assert block_v(1024, precision="tf32x3") == 32 and block_v(1024, precision="bf16") == 64
-    wide_16_bit = pick_config(64, 128, 128, sequences=1024, sm_count=132, operands_16_bit=True,
-                              config={"PRECISION": "tf32x3"})
-    assert wide_16_bit["BLOCK_V"] == 64  # bf16 matrices: 64 columns at any batch (narrower went wrong on sm_90)
-    assert pick_config(64, 64, 40, sequences=2, sm_count=132, operands_16_bit=True)["BLOCK_V"] == 64
+    def config_16_bit(sequences, value_dim=128, key_dim=128, **config):
+        cfg = pick_config(64, key_dim, value_dim, sequences=sequences, sm_count=132, operands_16_bit=True, config=config)
+        return cfg["BLOCK_V"], cfg["STAGES"]
+
+    # bf16 matrices: always pipelined; 64 columns when they fill the device, whatever the precision
+    assert config_16_bit(1024, PRECISION="tf32x3") == (64, 3) and config_16_bit(8 * 16) == (64, 3)
+    assert config_16_bit(1 * 16) == (32, 3) and config_16_bit(4 * 16) == (32, 3)  # 32 and 128 programs of 64
+    assert config_16_bit(1024, value_dim=40) == (32, 3) and config_16_bit(1024, key_dim=256) == (32, 3)
+    assert config_16_bit(1024, STAGES=4) == (64, 4) and config_16_bit(16, BLOCK_V=64) == (64, 3)
+    warps = {b: pick_config(64, 128, 128, sequences=b * 16, sm_count=132, operands_16_bit=True)["num_warps"] for b in (1, 16)}
+    assert warps == {1: 4, 16: 8}  # 32 columns on 4 warps, 64 on 8
     with pytest.raises(ValueError, match="BLOCK_V >= 64, or 32 with STAGES"):
         pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 32, "STAGES": 0})
-    assert pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 32})["STAGES"] == 2  # pipelined
+    assert pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 32})["STAGES"] == 3  # pipelined
     with pytest.raises(ValueError, match="BLOCK_V >= 64, or 32 with STAGES"):
         pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 16, "STAGES": 2})
     assert pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 32, "STAGES": 2})["BLOCK_V"] == 32
     wider_keys = pick_config(64, 256, 128, operands_16_bit=True)  # no [256, 64] state: 32 columns, pipelined
-    assert (wider_keys["BLOCK_V"], wider_keys["STAGES"]) == (32, 2)
+    assert (wider_keys["BLOCK_V"], wider_keys["STAGES"]) == (32, 3)
     with pytest.raises(ValueError, match="TRANSPOSED_LOADS"):
         pick_config(64, 128, 128, operands_16_bit=True, config={"TRANSPOSED_LOADS": False})
     assert pick_config(64, 128, 128, operands_16_bit=True, interpret=True, config={"BLOCK_V": 16})["BLOCK_V"] == 16

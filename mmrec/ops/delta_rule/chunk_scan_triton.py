@@ -280,6 +280,8 @@ def default_precision() -> str:
 # `delta` op against fla"); measured at keys of 128 only, so not taken for wider keys
 WIDE_BLOCK_V = 64
 PROGRAMS_PER_SM_FOR_WIDE = 1
+# pipelining depth of the chunk loop on 16-bit operands
+STAGES_16_BIT = 3
 
 
 def _value_columns(value_dim: int, block_k: int, precision: str, sequences: int, sm_count: int) -> int:
@@ -294,9 +296,10 @@ def _value_columns(value_dim: int, block_k: int, precision: str, sequences: int,
 def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, sm_count: int = 0,
                 operands_16_bit: bool = False, interpret: bool = False, config: dict | None = None) -> dict:
     """Launch config of either kernel; ``config`` overrides any entry. ``BLOCK_V``: value
-    columns per program (``_value_columns``, from ``sequences``, batch x heads, and the
-    device's ``sm_count``; 64 for 16-bit stored operands); ``num_warps``; ``STAGES``: software-pipelining depth of the
-    chunk loop (0: none); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact
+    columns per program (from ``sequences``, batch x heads, and the device's ``sm_count``:
+    ``_value_columns``, or for 16-bit stored operands the rule below); ``num_warps``;
+    ``STAGES``: software-pipelining depth of the chunk loop (0: none; 16-bit operands
+    always pipelined, ``STAGES_16_BIT``); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact
     fp32 under the interpreter, which ignores it, except ``"bf16"`` and ``"bf16x3"``,
     emulated there); ``OUTPUT``: where the forward computes ``O``."""
     block_k = max(16, triton.next_power_of_2(key_dim))
@@ -319,10 +322,17 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, 
         "TRANSPOSED_LOADS": operands_16_bit,
     }
     cfg.update(config or {})
-    if operands_16_bit:  # the configs that were right (below); 32 columns pipelined past 128 keys
-        cfg.setdefault("BLOCK_V", WIDE_BLOCK_V if block_k <= 128 else 32)
-        if cfg["BLOCK_V"] < WIDE_BLOCK_V and "STAGES" not in (config or {}):
-            cfg["STAGES"] = 2
+    if operands_16_bit:
+        # always software-pipelined (the chunk loop is latency-bound, and 16-bit operands
+        # leave the shared memory for it); 64 columns on 8 warps when those programs fill
+        # the device, else 32 on 4 warps (docs/notes/delta-kernel.md, "Pipelined 16-bit scans")
+        wide = (block_k <= 128 and value_dim >= WIDE_BLOCK_V and sm_count
+                and sequences * triton.cdiv(value_dim, WIDE_BLOCK_V) >= PROGRAMS_PER_SM_FOR_WIDE * sm_count)
+        cfg.setdefault("BLOCK_V", WIDE_BLOCK_V if wide else 32)
+        if "STAGES" not in (config or {}):
+            cfg["STAGES"] = STAGES_16_BIT
+        if "num_warps" not in (config or {}) and cfg["BLOCK_V"] < WIDE_BLOCK_V:
+            cfg["num_warps"] = 4
     cfg.setdefault("BLOCK_V", _value_columns(value_dim, cfg["BLOCK_K"], cfg["PRECISION"], sequences, sm_count))
     if cfg["OUTPUT"] not in ("loop", "after"):
         raise ValueError(f"OUTPUT must be 'loop' or 'after', got {cfg['OUTPUT']!r}")
