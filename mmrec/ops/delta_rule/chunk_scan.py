@@ -116,14 +116,17 @@ def _chunk_gradients(w1, w2, q_decayed, attn, states, grad_o: Tensor | None, gra
     every chunk at once (batched products that sum over ``V``), in the dtype of the stored
     matrices (``dg`` summed in float32 at least: autograd casts it to ``g``'s dtype)."""
     states_t = states.transpose(-1, -2)  # S_nᵀ [B, H, N, V, K]
-    u = w1 - w2 @ states  # U_n, recomputed
+    # U_n recomputed, and −dU_n S_nᵀ, with the sign and the sum inside the products (baddbmm)
+    u = torch.baddbmm(w1.flatten(0, 2), w2.flatten(0, 2), states.flatten(0, 2), alpha=-1).view(w1.shape)
+    grad_w2 = torch.baddbmm(w2.new_empty(w2.shape).flatten(0, 2), grad_u.flatten(0, 2), states_t.flatten(0, 2),
+                            beta=0, alpha=-1).view(w2.shape)
     if grad_o is None:
         grad_qd, grad_attn = torch.zeros_like(q_decayed), torch.zeros_like(attn)
     else:
         grad_qd, grad_attn = grad_o @ states_t, grad_o @ u.transpose(-1, -2)
     grad_kd = u @ grad_next.transpose(-1, -2)
     grad_decay = (states * grad_next).sum((-2, -1), dtype=torch.promote_types(states.dtype, torch.float32))
-    return grad_u, -(grad_u @ states_t), grad_qd, grad_kd, grad_attn, grad_decay
+    return grad_u, grad_w2, grad_qd, grad_kd, grad_attn, grad_decay
 
 
 # ---------------------------------------------------------------------------- the ops

@@ -397,9 +397,13 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
         WRITE_O=not output_after, **cfg)
     if output_after and chunks:
         w1, w2, q_decayed, _, attn = inputs[:5]
-        _output_kernel[(batch * heads * chunks, v_blocks)](
-            w1, w2, q_decayed, attn, stored, o, size, key_dim, value_dim,
-            **{k: v for k, v in cfg.items() if k not in ("STAGES", "TRANSPOSED_LOADS")})
+        out_cfg = {k: v for k, v in cfg.items() if k not in ("STAGES", "TRANSPOSED_LOADS")}
+        if w1.element_size() == 2 and w1.is_cuda and out_cfg["BLOCK_V"] < WIDE_BLOCK_V:
+            # no loop to pipeline, and unpipelined 16-bit blocks narrower than 64 columns went
+            # wrong on sm_90 (pick_config): the output kernel takes 64 on 8 warps
+            out_cfg.update(BLOCK_V=WIDE_BLOCK_V, num_warps=8)
+        _output_kernel[(batch * heads * chunks, triton.cdiv(value_dim, out_cfg["BLOCK_V"]))](
+            w1, w2, q_decayed, attn, stored, o, size, key_dim, value_dim, **out_cfg)
     return o, final, states
 
 
