@@ -31,7 +31,9 @@ errors near 1e-4 in tests, with half tf32x3's registers for the split operands),
 ``"ieee"``, exact fp32 on the CUDA cores. The stored intermediates (``W1``, ``W2``,
 ``Qd``, ``Kd``, ``P``, and the outputs ``O``, ``S_n``, ``dU``, ``dS_{n+1}``) may instead be
 bf16, as fla stores them: half the bytes, and every product one 16-bit product
-(the state or adjoint rounded for it). The state and every sum stay fp32
+(the state or adjoint rounded for it), and the loop software-pipelined: the next chunks'
+operands load while this one's products run, which the halved bytes leave shared memory
+for (``pick_config``). The state and every sum stay fp32
 (float64 for float64 inputs, which run under the interpreter in tests; on CUDA the op runs
 those through cuBLAS). Sizes that are not
 powers of two (or below ``tl.dot``'s 16) are padded on chip with masked loads and stores.
