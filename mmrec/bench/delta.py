@@ -126,17 +126,12 @@ def _kernel_passes(config: dict | None, inputs, chunk: int, intermediates: torch
     grad_o, grad_final = torch.randn_like(w1), torch.randn_like(args[6])
 
     @functools.cache
-    def states():  # S_n, which the adjoint reads, from a first forward (on the first warm-up call)
-        return kernels.chunk_scan_forward(*args, config=config)[2]
+    def adjoints():  # (S_n, dO, dU, dS_{n+1}) for the gradients, on the first timed call
+        states = kernels.chunk_scan_forward(*args, config=config)[2]
+        return (states, grad_o, *kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)[:2])
 
-    def adjoint():
-        return kernels.chunk_scan_adjoint(*args[1:6], states(), grad_o, grad_final, config=config)
-
-    @functools.cache
-    def adjoints():  # (S_n, dO, dU, dS_{n+1}) for the gradients
-        return (states(), grad_o, *adjoint()[:2])
-
-    passes = {"fwd": lambda: kernels.chunk_scan_forward(*args, config=config), "bwd": adjoint}
+    passes = {"fwd": lambda: kernels.chunk_scan_forward(*args, config=config),
+              "bwd": lambda: kernels.chunk_scan_adjoint(*args[1:6], grad_o, grad_final, config=config)}
     if config is None:
         passes["grads"] = lambda: _chunk_gradients(w1, w2, q_decayed, attn, *adjoints())
     return passes

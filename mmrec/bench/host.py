@@ -147,15 +147,15 @@ def _delta_chunk_scan(args, device, gen) -> dict[str, Passes]:
     from mmrec.ops.delta_rule import chunk_scan as ops
 
     op_inputs = list(chunk_scan_inputs(_delta_inputs(args, device, gen), 64))
-    o, final, states = ops._forward_op.below_autograd(*op_inputs)  # keeping S_n, which the backward reads
+    o, final, _ = ops.delta_chunk_scan(*op_inputs)
     grad_o, grad_final = torch.ones_like(o), torch.ones_like(final)
     found = {"op": {**forward_passes(ops.delta_chunk_scan, op_inputs, _ones_like),
-                    "bwd": lambda: ops._adjoint_op.below_autograd(*op_inputs[1:6], states, grad_o, grad_final)}}
+                    "bwd": lambda: ops._adjoint_op.below_autograd(*op_inputs[1:6], grad_o, grad_final)}}
     if device.type == "cuda":
         from mmrec.ops.delta_rule import chunk_scan_triton as kernels
 
         found["launch"] = {"fwd": lambda: kernels.chunk_scan_forward(*op_inputs),
-                           "bwd": lambda: kernels.chunk_scan_adjoint(*op_inputs[1:6], states, grad_o, grad_final)}
+                           "bwd": lambda: kernels.chunk_scan_adjoint(*op_inputs[1:6], grad_o, grad_final)}
     return found
 
 

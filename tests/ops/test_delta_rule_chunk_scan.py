@@ -120,15 +120,13 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(strided([x.detach() for x in inputs])))
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, (*[x.detach() for x in inputs], False))
     detached = [x.detach() for x in inputs]
-    o, final, states = torch.ops.mmrec.delta_chunk_scan(*detached)  # the op keeps S_n by default
-    args = (*detached[1:6], states, torch.randn_like(o), torch.randn_like(final))
+    o, final, _ = delta_chunk_scan(*detached)
+    args = (*detached[1:6], torch.randn_like(o), torch.randn_like(final))
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args)
-    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:6] + (None, args[7]))
-    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:7] + (None,))
-    column_major = args[7].transpose(-1, -2).contiguous().transpose(-1, -2)
-    states_column_major = states.transpose(-1, -2).contiguous().transpose(-1, -2)
-    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default,
-                          (*strided(detached)[1:6], states_column_major, args[6], column_major))
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:5] + (None, args[6]))
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args[:6] + (None,))
+    column_major = args[6].transpose(-1, -2).contiguous().transpose(-1, -2)
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, (*strided(detached)[1:6], args[5], column_major))
 
 
 @pytest.mark.parametrize("length,chunk,with_h0", [(37, 16, True), (37, 16, False), (50, 64, True), (9, 4, True)])
@@ -200,12 +198,11 @@ def test_op_with_bf16_matrices_against_float64():
     for name, got, want in zip(NAMES, grads, refs):
         assert err(got, want) < 2e-2, name
     # the backward's own dtypes (autograd would cast a wrong one back silently)
-    grad_u, grad_next, grad_initial, grad_decay = torch.ops.mmrec.delta_chunk_scan_backward(*inputs[1:6], states, grad_o,
-                                                                                            grad_final)
-    direct = (*_chunk_gradients(*inputs[:3], inputs[4], states, grad_o, grad_u, grad_next), grad_decay, grad_initial)
+    grad_u, grad_next, grad_initial = torch.ops.mmrec.delta_chunk_scan_backward(*inputs[1:6], grad_o, grad_final)
+    direct = (*_chunk_gradients(*inputs[:3], inputs[4], states, grad_o, grad_u, grad_next), grad_initial)
     assert [g.dtype for g in direct] == [x.dtype for x in inputs]
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(leaves))
-    args = (*inputs[1:6], states, grad_o, grad_final)
+    args = (*inputs[1:6], grad_o, grad_final)
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, args)
 
 
@@ -264,11 +261,10 @@ def kernel_grads(kernels, inputs, states, grad_o, grad_final, config=None):
     w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state = inputs
     nan = float("nan")
     full = lambda x: torch.full(x.shape, nan, dtype=x.dtype, device=x.device)  # noqa: E731 (contiguous)
-    adjoints = (full(w1), full(states), full(initial_state), full(chunk_decay))
-    kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final, out=adjoints,
-                               config=config)
-    grad_u, grad_next, grad_initial, grad_decay = adjoints
-    return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_decay, grad_initial)
+    adjoints = (full(w1), full(states), full(initial_state))
+    kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final, out=adjoints, config=config)
+    grad_u, grad_next, grad_initial = adjoints
+    return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial)
 
 
 def _interpreter_checks() -> None:
@@ -370,9 +366,8 @@ def test_launchers_refuse_outputs_they_cannot_write():
     with pytest.raises(ValueError, match="contiguous"):
         kernels.chunk_scan_forward(*inputs, out=(torch.empty_like(inputs[0]), column_major, torch.empty(1, 2, 2, 16, 16)))
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.chunk_scan_adjoint(*inputs[1:6], torch.zeros(1, 2, 2, 16, 16), torch.ones_like(inputs[0]), None,
-                                   out=(torch.empty_like(inputs[0]), torch.empty(1, 2, 2, 16, 16), column_major,
-                                        torch.empty(1, 2, 2)))
+        kernels.chunk_scan_adjoint(*inputs[1:6], torch.ones_like(inputs[0]), None,
+                                   out=(torch.empty_like(inputs[0]), torch.empty(1, 2, 2, 16, 16), column_major))
     many = scan_inputs(65536, 1, 1, 1, 1, 1, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="65535"):  # more than CUDA's grid takes
         kernels.chunk_scan_forward(*many)
@@ -552,9 +547,9 @@ def test_cuda_matches_cpu_op_opcheck_and_compiles():
     assert err(o, cpu_o) < 1e-5 and err(final, cpu_final) < 1e-5
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(cuda_inputs))
     detached = [x.detach() for x in cuda_inputs]
-    bwd_args = (*detached[1:6], torch.ops.mmrec.delta_chunk_scan(*detached)[2], torch.randn_like(o), torch.randn_like(final))
+    bwd_args = (*detached[1:6], torch.randn_like(o), torch.randn_like(final))
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, bwd_args)
-    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, bwd_args[:6] + (None, bwd_args[7]))
+    torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan_backward.default, bwd_args[:5] + (None, bwd_args[6]))
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_scan.default, tuple(bf16_matrices(detached)))
     q, k, v, beta, log_alpha, h0 = [x.cuda() for x in delta_inputs(length=100, dtype=torch.float32, generator=gen)]
     fn = torch.compile(lambda *a: chunk_delta_rule(*a, chunk_size=32)[0] * 2, fullgraph=True)

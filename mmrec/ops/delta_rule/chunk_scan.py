@@ -11,17 +11,15 @@ state ``S`` ``[K, V]``::
 final state and every chunk's starting state ``S_n`` (for the backward, never
 differentiated; not written when no gradient is needed). In the backward only the adjoint ``dS_{n+1}`` (the gradient of the state
 after chunk ``n``) is sequential; the op ``mmrec::delta_chunk_scan_backward`` runs its
-reverse loop and keeps ``dU_n`` and every ``dS_{n+1}``, and forms ``dg_n`` on the way,
-from the stored ``S_n`` and the adjoint while it is at hand::
+reverse loop and keeps ``dU_n`` and every ``dS_{n+1}``::
 
-    dU_n = P_nᵀ dO_n + Kd_n dS_{n+1},      dS_n = Qd_nᵀ dO_n + g_n dS_{n+1} − W2_nᵀ dU_n,
-    dg_n = Σ S_n ⊙ dS_{n+1}
+    dU_n = P_nᵀ dO_n + Kd_n dS_{n+1},      dS_n = Qd_nᵀ dO_n + g_n dS_{n+1} − W2_nᵀ dU_n
 
 Every other gradient then comes for all chunks at once, as batched products (with ``U_n``
 recomputed from the stored ``S_n``)::
 
     dW1_n = dU_n    dW2_n = −dU_n S_nᵀ    dQd_n = dO_n S_nᵀ    dP_n = dO_n U_nᵀ
-    dKd_n = U_n dS_{n+1}ᵀ
+    dKd_n = U_n dS_{n+1}ᵀ                 dg_n = Σ S_n ⊙ dS_{n+1}
 
 On CPU both loops are PyTorch (one batched matmul per product, over all batch elements and
 heads); on CUDA Triton kernels (``chunk_scan_triton.py``) run each loop in one launch with
@@ -83,22 +81,20 @@ def _rounding_to(stored: torch.dtype, acc: torch.dtype):
     return lambda x: x.to(stored).to(acc)
 
 
-def _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o: Tensor | None,
-                       grad_final: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o: Tensor | None,
+                       grad_final: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """The sequential part of the backward: ``(dU [B, H, N, C, V], dS_{n+1} for every n
-    [B, H, N, K, V], dS_0, dg [B, H, N])`` by the reverse loop (module docstring), with the
-    forward's ``states`` ``S_n`` read only for ``dg``. ``dU`` and ``dS_{n+1}`` in ``w2``'s
-    dtype, ``dS_0`` and ``dg`` in the accumulation dtype (``dg`` from the unrounded adjoint)."""
+    [B, H, N, K, V], dS_0)`` by the reverse loop (module docstring). It needs no state.
+    ``dU`` and ``dS_{n+1}`` in ``w2``'s dtype, ``dS_0`` in the accumulation dtype."""
     batch, heads, chunks, size, key_dim = w2.shape
     value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
     acc = chunk_decay.dtype
     rounded = _rounding_to(w2.dtype, acc)  # as in the forward
     grad_state = (w2.new_zeros(batch, heads, key_dim, value_dim, dtype=acc) if grad_final is None
                   else grad_final.to(acc))  # dS
-    grad_u, grad_next, grad_decay = [], [], []
+    grad_u, grad_next = [], []
     for n in range(chunks - 1, -1, -1):
         grad_next.append(grad_state)
-        grad_decay.append((states[:, :, n].to(acc) * grad_state).sum((-2, -1)))
         w2_n, qd_n, kd_n, p_n = (x[:, :, n].to(acc) for x in (w2, q_decayed, k_decayed, attn))
         do_n = None if grad_o is None else rounded(grad_o[:, :, n].to(acc))
         du = kd_n @ rounded(grad_state)  # [B, H, C, V]
@@ -110,14 +106,15 @@ def _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, states, grad
         grad_u.append(du)
     if not chunks:
         return (w2.new_zeros(batch, heads, 0, size, value_dim), w2.new_zeros(batch, heads, 0, key_dim, value_dim),
-                grad_state.clone(memory_format=torch.contiguous_format), chunk_decay.new_zeros(batch, heads, 0))
+                grad_state.clone(memory_format=torch.contiguous_format))
     return (torch.stack(grad_u[::-1], 2).to(w2.dtype), torch.stack(grad_next[::-1], 2).to(w2.dtype),
-            grad_state.contiguous(), torch.stack(grad_decay[::-1], 2))
+            grad_state.contiguous())
 
 
 def _chunk_gradients(w1, w2, q_decayed, attn, states, grad_o: Tensor | None, grad_u, grad_next) -> tuple[Tensor, ...]:
-    """Gradients ``(w1, w2, q_decayed, k_decayed, attn)`` from the adjoints, every chunk at
-    once (batched products that sum over ``V``), in the dtype of the stored matrices."""
+    """Gradients ``(w1, w2, q_decayed, k_decayed, attn, chunk_decay)`` from the adjoints,
+    every chunk at once (batched products that sum over ``V``), in the dtype of the stored
+    matrices (``dg`` summed in float32 at least: autograd casts it to ``g``'s dtype)."""
     states_t = states.transpose(-1, -2)  # S_nᵀ [B, H, N, V, K]
     # U_n recomputed, and −dU_n S_nᵀ, with the sign and the sum inside the products (baddbmm)
     u = torch.baddbmm(w1.flatten(0, 2), w2.flatten(0, 2), states.flatten(0, 2), alpha=-1).view(w1.shape)
@@ -126,10 +123,10 @@ def _chunk_gradients(w1, w2, q_decayed, attn, states, grad_o: Tensor | None, gra
     if grad_o is None:
         grad_qd, grad_attn = torch.zeros_like(q_decayed), torch.zeros_like(attn)
     else:
-        grad_o = grad_o.contiguous()  # often a view from the layer's layout: one copy for both products
         grad_qd, grad_attn = grad_o @ states_t, grad_o @ u.transpose(-1, -2)
     grad_kd = u @ grad_next.transpose(-1, -2)
-    return grad_u, grad_w2, grad_qd, grad_kd, grad_attn
+    grad_decay = (states * grad_next).sum((-2, -1), dtype=torch.promote_types(states.dtype, torch.float32))
+    return grad_u, grad_w2, grad_qd, grad_kd, grad_attn, grad_decay
 
 
 # ---------------------------------------------------------------------------- the ops
@@ -175,29 +172,29 @@ _forward_op = Op("delta_chunk_scan(Tensor w1, Tensor w2, Tensor q_decayed, Tenso
                  composite=_forward_composite_no_grad, cuda=_forward_cuda, fake=_forward_fake)
 
 
-def _adjoint_composite_no_grad(w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final):
+def _adjoint_composite_no_grad(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
     """The reverse loop of ``mmrec::delta_chunk_scan``'s backward: ``(dU, dS_{n+1} for
-    every n, dS_0, dg)``, from the gradients of ``O`` and of the final state (not both None)."""
+    every n, dS_0)``, from the gradients of ``O`` and of the final state (not both None)."""
     with torch.no_grad():
-        return _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final)
+        return _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
 
 
-def _adjoint_cuda(w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final):
+def _adjoint_cuda(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
     kernels = _use_triton(w2)
     if kernels is None:
         return NotImplemented
-    return kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final)
+    return kernels.chunk_scan_adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final)
 
 
-def _adjoint_fake(w2, q_decayed, k_decayed, attn, chunk_decay, states, grad_o, grad_final):
+def _adjoint_fake(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o, grad_final):
     batch, heads, chunks, size, key_dim = w2.shape
     value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
     return (w2.new_empty(batch, heads, chunks, size, value_dim), w2.new_empty(batch, heads, chunks, key_dim, value_dim),
-            chunk_decay.new_empty(batch, heads, key_dim, value_dim), chunk_decay.new_empty(batch, heads, chunks))
+            chunk_decay.new_empty(batch, heads, key_dim, value_dim))
 
 
 _adjoint_op = Op("delta_chunk_scan_backward(Tensor w2, Tensor q_decayed, Tensor k_decayed, Tensor attn, "
-                 "Tensor chunk_decay, Tensor states, Tensor? grad_o, Tensor? grad_final) -> (Tensor, Tensor, Tensor, Tensor)",
+                 "Tensor chunk_decay, Tensor? grad_o, Tensor? grad_final) -> (Tensor, Tensor, Tensor)",
                  composite=_adjoint_composite_no_grad, cuda=_adjoint_cuda, fake=_adjoint_fake)
 
 
@@ -223,13 +220,13 @@ class _DeltaChunkScan(torch.autograd.Function):
             # Double backward: the stored states are constants to autograd, so recompute them
             # (the forward loop, differentiable here), then the reverse loop the same way.
             states = _forward_composite(*inputs, keep_states=True)[2]
-            adjoint = _adjoint_composite
+            grad_u, grad_next, grad_initial = _adjoint_composite(w2, q_decayed, k_decayed, attn, chunk_decay, grad_o,
+                                                                 grad_final)
         else:
-            adjoint = _adjoint_op.below_autograd  # one reverse pass (a Triton kernel on CUDA)
-        grad_u, grad_next, grad_initial, grad_decay = adjoint(w2, q_decayed, k_decayed, attn, chunk_decay, states,
-                                                              grad_o, grad_final)
-        return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_decay, grad_initial,
-                None)
+            # One reverse pass (a Triton kernel on CUDA).
+            grad_u, grad_next, grad_initial = _adjoint_op.below_autograd(w2, q_decayed, k_decayed, attn, chunk_decay,
+                                                                         grad_o, grad_final)
+        return (*_chunk_gradients(w1, w2, q_decayed, attn, states, grad_o, grad_u, grad_next), grad_initial, None)
 
 
 def _forward_autograd(w1, w2, q_decayed, k_decayed, attn, chunk_decay, initial_state, keep_states=True):

@@ -16,11 +16,9 @@ output kernel recomputes ``U`` and reads the states back.
 
 The backward kernel runs the adjoint recurrence the other way, ``dU_n = P_nᵀ dO_n +
 Kd_n dS``, ``dS ← Qd_nᵀ dO_n + g_n dS − W2_nᵀ dU_n``, with ``dS`` ``[K, BLOCK_V]`` on chip:
-per column like the forward. It writes ``dU_n`` and each ``dS_{n+1}``, and reads the
-forward's ``S_n`` for its column block's share of ``dg_n = Σ S_n ⊙ dS_{n+1}`` (a sum over
-the shares follows); the gradients that sum over ``V`` in products (``dW2``, ``dQd``,
-``dKd``, ``dP``) are then batched products over all chunks at once, in PyTorch
-(``chunk_scan.py``).
+per column like the forward (it needs no state). It writes ``dU_n`` and each ``dS_{n+1}``;
+the gradients that sum over ``V`` (``dW2``, ``dQd``, ``dKd``, ``dP``, ``dg``) are then
+batched products over all chunks at once, in PyTorch (``chunk_scan.py``).
 
 Products take fp32 operands at ``PRECISION`` (``tl.dot``'s ``input_precision``), by
 default from ``torch.get_float32_matmul_precision()`` (``default_precision``):
@@ -40,7 +38,7 @@ for (``pick_config``). The state and every sum stay fp32
 those through cuBLAS). Sizes that are not
 powers of two (or below ``tl.dot``'s 16) are padded on chip with masked loads and stores.
 The kernels read and write the contiguous layouts, which ``mmrec::delta_chunk_prepare``
-produces, and derive every stride from the shapes: a launch then passes 14 arguments (22
+produces, and derive every stride from the shapes: a launch then passes 14 arguments (20
 backwards, where ``dO`` keeps its strides) instead of 61, which is most of the launch's host
 time. The launchers copy an input in another layout first. With ``TRITON_INTERPRET=1`` they
 run on CPU tensors, which is how the CPU tests check them.
@@ -205,16 +203,13 @@ def _output_kernel(
 
 
 @triton.jit
-def _adjoint_chunk(n, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr, du_ptr, dsn_ptr, dgp_ptr, s_don, off_do,
+def _adjoint_chunk(n, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, du_ptr, dsn_ptr, s_don, off_do,
                    off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
                    HAS_DO: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSED_LOADS: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One chunk backwards: store ``dS_{n+1}`` (``ds``), this column block's share of
-    ``dg_n = Σ S_n ⊙ dS_{n+1}`` and ``dU_n``; return ``dS_n``."""
+    """One chunk backwards: store ``dS_{n+1}`` (``ds``) and ``dU_n``, return ``dS_n``."""
     n = tl.full((), 0, tl.int64) + n  # 64-bit offsets
     tl.store(dsn_ptr + n * K * V + off_kv, ds.to(dsn_ptr.dtype.element_ty), mask=mask_kv)
-    s = tl.load(st_ptr + n * K * V + off_kv, mask=mask_kv, other=0.0)  # S_n [K, BV], as the forward stored it
-    tl.store(dgp_ptr + n * tl.num_programs(0), tl.sum(s.to(ds.dtype) * ds))
     w2_t = _load_transposed(w2_ptr + n * C * K, C, K, BLOCK_C, BLOCK_K, TRANSPOSED_LOADS)  # [K, C]
     kd = tl.load(kd_ptr + n * C * K + off_ck, mask=mask_ck, other=0.0)  # [C, K]
     g = tl.load(g_ptr + n)
@@ -232,7 +227,7 @@ def _adjoint_chunk(n, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr, 
 
 @triton.jit
 def _adjoint_kernel(
-    w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr, dsl_ptr, du_ptr, dsn_ptr, ds0_ptr, dgp_ptr, H, N, C, K, V,
+    w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, dsl_ptr, du_ptr, dsn_ptr, ds0_ptr, H, N, C, K, V,
     s_dob, s_doh, s_don, s_doc, s_dov,  # dO keeps its strides: autograd often hands it over as a view
     HAS_DO: tl.constexpr, HAS_DSL: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
     TRANSPOSED_LOADS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -252,8 +247,6 @@ def _adjoint_kernel(
         off_do = rows[:, None] * s_doc + cols[None, :] * s_dov
     du_ptr += bh * N * C * V
     dsn_ptr += bh * N * K * V
-    st_ptr += bh * N * K * V
-    dgp_ptr += bh * N * tl.num_programs(0) + tl.program_id(0)  # [B·H, N, V blocks]
 
     acc: tl.constexpr = ds0_ptr.dtype.element_ty  # the adjoint's dtype, the state's
     if HAS_DSL:
@@ -262,14 +255,14 @@ def _adjoint_kernel(
         ds = tl.zeros((BLOCK_K, BLOCK_V), dtype=acc)
     if STAGES > 0:
         for i in tl.range(0, N, num_stages=STAGES):
-            ds = _adjoint_chunk(N - 1 - i, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr, du_ptr, dsn_ptr, dgp_ptr,
-                                s_don, off_do, off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
+            ds = _adjoint_chunk(N - 1 - i, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, du_ptr, dsn_ptr, s_don, off_do,
+                                off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
                                 HAS_DO, PRECISION, TRANSPOSED_LOADS, BLOCK_C, BLOCK_K)
     else:
         n = N - 1
         while n >= 0:  # not range(), as in the forward
-            ds = _adjoint_chunk(n, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, st_ptr, do_ptr, du_ptr, dsn_ptr, dgp_ptr,
-                                s_don, off_do, off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
+            ds = _adjoint_chunk(n, ds, w2_ptr, qd_ptr, kd_ptr, p_ptr, g_ptr, do_ptr, du_ptr, dsn_ptr, s_don, off_do,
+                                off_cv, off_ck, off_cc, off_kv, mask_cv, mask_ck, mask_cc, mask_kv, C, K, V,
                                 HAS_DO, PRECISION, TRANSPOSED_LOADS, BLOCK_C, BLOCK_K)
             n -= 1
     tl.store(ds0_ptr + bh * K * V + off_kv, ds.to(ds0_ptr.dtype.element_ty), mask=mask_kv)
@@ -417,38 +410,35 @@ def chunk_scan_forward(w1: Tensor, w2: Tensor, q_decayed: Tensor, k_decayed: Ten
 
 
 def chunk_scan_adjoint(w2: Tensor, q_decayed: Tensor, k_decayed: Tensor, attn: Tensor, chunk_decay: Tensor,
-                       states: Tensor, grad_o: Tensor | None, grad_final: Tensor | None, *,
-                       out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-                       config: dict | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dU, dS_{n+1} for every n, dS_0, dg)`` as ``mmrec::delta_chunk_scan_backward``,
-    one launch (and a sum of ``dg``'s shares over the column blocks). ``states`` are the
-    forward's ``S_n``; ``grad_o`` or ``grad_final`` may be None (not both); ``grad_o`` is
-    read in any layout, the rest as in the forward. ``dU`` and ``dS_{n+1}`` in ``w2``'s
-    dtype, ``dS_0`` and ``dg`` in ``chunk_decay``'s (the accumulation dtype)."""
+                       grad_o: Tensor | None, grad_final: Tensor | None, *,
+                       out: tuple[Tensor, Tensor, Tensor] | None = None,
+                       config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dU, dS_{n+1} for every n, dS_0)`` as ``mmrec::delta_chunk_scan_backward``, one
+    launch. ``grad_o`` or ``grad_final`` may be None (not both); ``grad_o`` is read in any
+    layout, the rest as in the forward. ``dU`` and ``dS_{n+1}`` in ``w2``'s dtype, ``dS_0``
+    in ``chunk_decay``'s (the accumulation dtype)."""
     batch, heads, chunks, size, key_dim = w2.shape
     value_dim = (grad_o if grad_o is not None else grad_final).shape[-1]
-    inputs = [x.contiguous() for x in (w2, q_decayed, k_decayed, attn, chunk_decay, states)]
-    shapes = ((batch, heads, chunks, size, value_dim), (batch, heads, chunks, key_dim, value_dim),
-              (batch, heads, key_dim, value_dim), (batch, heads, chunks))
+    inputs = [x.contiguous() for x in (w2, q_decayed, k_decayed, attn, chunk_decay)]
     if out is None:
-        out = tuple(torch.empty(shape, dtype=like.dtype, device=w2.device)
-                    for shape, like in zip(shapes, (w2, w2, chunk_decay, chunk_decay)))
-    grad_u, grad_next, grad_initial, grad_decay = _checked_outputs(out, shapes, (w2, w2, chunk_decay, chunk_decay))
+        grad_u = torch.empty((batch, heads, chunks, size, value_dim), dtype=w2.dtype, device=w2.device)
+        grad_next = torch.empty((batch, heads, chunks, key_dim, value_dim), dtype=w2.dtype, device=w2.device)
+        grad_initial = torch.empty((batch, heads, key_dim, value_dim), dtype=chunk_decay.dtype, device=w2.device)
+    else:
+        grad_u, grad_next, grad_initial = _checked_outputs(out, (
+            (batch, heads, chunks, size, value_dim), (batch, heads, chunks, key_dim, value_dim),
+            (batch, heads, key_dim, value_dim)), (w2, w2, chunk_decay))
     if batch * heads * value_dim == 0:
-        grad_decay.zero_()
-        return grad_u, grad_next, grad_initial, grad_decay
+        return grad_u, grad_next, grad_initial
     cfg = launch_config(size, key_dim, value_dim, sequences=batch * heads, sm_count=device_sm_count(w2.device),
                         operands_16_bit=w2.element_size() == 2, interpret=not w2.is_cuda, config=config)
     del cfg["OUTPUT"]  # the forward's
     _check_grid(batch * heads)
-    v_blocks = triton.cdiv(value_dim, cfg["BLOCK_V"])
-    decay_shares = torch.empty((batch, heads, chunks, v_blocks), dtype=chunk_decay.dtype, device=w2.device)
-    _adjoint_kernel[(v_blocks, batch * heads)](
+    _adjoint_kernel[(triton.cdiv(value_dim, cfg["BLOCK_V"]), batch * heads)](
         *inputs, grad_o, None if grad_final is None else grad_final.contiguous(), grad_u, grad_next, grad_initial,
-        decay_shares, heads, chunks, size, key_dim, value_dim, *((0,) * 5 if grad_o is None else grad_o.stride()),
+        heads, chunks, size, key_dim, value_dim, *((0,) * 5 if grad_o is None else grad_o.stride()),
         HAS_DO=grad_o is not None, HAS_DSL=grad_final is not None, **cfg)
-    torch.sum(decay_shares, -1, out=grad_decay)
-    return grad_u, grad_next, grad_initial, grad_decay
+    return grad_u, grad_next, grad_initial
 
 
 def _check_grid(sequences: int) -> None:
