@@ -123,6 +123,7 @@ def _chunk_gradients(w1, w2, q_decayed, attn, states, grad_o: Tensor | None, gra
     if grad_o is None:
         grad_qd, grad_attn = torch.zeros_like(q_decayed), torch.zeros_like(attn)
     else:
+        grad_o = grad_o.contiguous()  # often a view from the layer's layout: one copy for both products
         grad_qd, grad_attn = grad_o @ states_t, grad_o @ u.transpose(-1, -2)
     grad_kd = u @ grad_next.transpose(-1, -2)
     grad_decay = (states * grad_next).sum((-2, -1), dtype=torch.promote_types(states.dtype, torch.float32))
