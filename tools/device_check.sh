@@ -50,15 +50,17 @@ for part in "${parts[@]}"; do
         timeout 560 python3 -m mmrec.bench model --out "$OUT/model.json" --plot "$OUT/model.png" 2>&1 | tee "$OUT/model.log" | tail -12 ;;
     delta)
         # the delta rule's op, with float32 and with bf16 intermediates, against the PyTorch loop,
-        # and each launcher alone (also with 32 and 64 value columns and OUTPUT=after) at 2K with
-        # batch 4, 8 and 16 (and the preparation with INVERSE=blocks and with tf32 products, PRECISION=tf32), then at batch 1 x 32K
+        # and each launcher alone (also with 32 and 64 value columns, 2 pipeline stages and
+        # OUTPUT=after) at 2K with batch 4, 8 and 16 (and the preparation with INVERSE=blocks and
+        # with tf32 products, PRECISION=tf32), then at batch 1 x 32K
         # (TF32 as training runs it; fla is the separate
         # part `fla`, whose autotuning takes minutes). The kernels' CUDA tests, about 60, take a
         # call of their own: `tests` with TEST_FILES="tests/ops/test_delta_rule_chunk_scan.py
         # tests/ops/test_delta_rule_chunk_prepare.py"
         for tokens in 8192 16384 32768; do
             timeout 100 python3 -m mmrec.bench delta --kernels --no-baselines --precision high --head-dims 128 \
-                --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --config OUTPUT=after --prepare-config INVERSE=blocks --prepare-config PRECISION=tf32 \
+                --tokens $tokens --config BLOCK_V=32 --config BLOCK_V=64 --config STAGES=2 --config OUTPUT=after \
+                --prepare-config INVERSE=blocks --prepare-config PRECISION=tf32 \
                 --out "$OUT/delta_$tokens.json" 2>&1 \
                 | grep -v "^{" | tail -40
         done
