@@ -519,7 +519,7 @@ def test_value_columns_per_program_widen_only_when_the_programs_fill_the_device(
     # bf16 matrices: always pipelined; 64 columns when they fill the device, whatever the precision
     assert config_16_bit(1024, PRECISION="tf32x3") == (64, 3) and config_16_bit(8 * 16) == (64, 3)
     assert config_16_bit(1 * 16) == (32, 3) and config_16_bit(4 * 16) == (32, 3)  # 32 and 128 programs of 64
-    assert config_16_bit(1024, value_dim=40) == (32, 3) and config_16_bit(1024, key_dim=256) == (32, 3)
+    assert config_16_bit(1024, value_dim=40) == (32, 3) and config_16_bit(1024, key_dim=256) == (32, 2)
     assert config_16_bit(1024, STAGES=4) == (64, 4) and config_16_bit(16, BLOCK_V=64) == (64, 3)
     warps = {b: pick_config(64, 128, 128, sequences=b * 16, sm_count=132, operands_16_bit=True)["num_warps"] for b in (1, 16)}
     assert warps == {1: 4, 16: 8}  # 32 columns on 4 warps, 64 on 8
@@ -529,8 +529,8 @@ def test_value_columns_per_program_widen_only_when_the_programs_fill_the_device(
     with pytest.raises(ValueError, match="BLOCK_V >= 64, or 32 with STAGES"):
         pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 16, "STAGES": 2})
     assert pick_config(64, 128, 128, operands_16_bit=True, config={"BLOCK_V": 32, "STAGES": 2})["BLOCK_V"] == 32
-    wider_keys = pick_config(64, 256, 128, operands_16_bit=True)  # no [256, 64] state: 32 columns, pipelined
-    assert (wider_keys["BLOCK_V"], wider_keys["STAGES"]) == (32, 3)
+    wider_keys = pick_config(64, 256, 128, operands_16_bit=True)  # no [256, 64] state: 32 columns, 2 stages, 8 warps
+    assert (wider_keys["BLOCK_V"], wider_keys["STAGES"], wider_keys["num_warps"]) == (32, 2, 8)
     with pytest.raises(ValueError, match="TRANSPOSED_LOADS"):
         pick_config(64, 128, 128, operands_16_bit=True, config={"TRANSPOSED_LOADS": False})
     assert pick_config(64, 128, 128, operands_16_bit=True, interpret=True, config={"BLOCK_V": 16})["BLOCK_V"] == 16

@@ -282,8 +282,11 @@ def default_precision() -> str:
 # `delta` op against fla"); measured at keys of 128 only, so not taken for wider keys
 WIDE_BLOCK_V = 64
 PROGRAMS_PER_SM_FOR_WIDE = 1
-# pipelining depth of the chunk loop on 16-bit operands
+# pipelining depth of the chunk loop on 16-bit operands, at keys of 128 or fewer (measured)
+# and past them (2 stages on 8 warps, as before the rule: untested, since three stages of
+# [64, 256] operands would not fit the shared memory)
 STAGES_16_BIT = 3
+STAGES_16_BIT_WIDE_KEYS = 2
 
 
 def _value_columns(value_dim: int, block_k: int, precision: str, sequences: int, sm_count: int) -> int:
@@ -299,9 +302,10 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, 
                 operands_16_bit: bool = False, interpret: bool = False, config: dict | None = None) -> dict:
     """Launch config of either kernel; ``config`` overrides any entry. ``BLOCK_V``: value
     columns per program (from ``sequences``, batch x heads, and the device's ``sm_count``:
-    ``_value_columns``, or for 16-bit stored operands the rule below); ``num_warps``;
-    ``STAGES``: software-pipelining depth of the chunk loop (0: none; 16-bit operands
-    always pipelined, ``STAGES_16_BIT``); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact
+    ``_value_columns``, or for 16-bit stored operands the rule in the body: 64 when those
+    programs fill the device, else 32); ``num_warps`` (4 for 16-bit operands in 32-column
+    blocks at keys of 128 or fewer); ``STAGES``: software-pipelining depth of the chunk loop
+    (0: none; 16-bit operands always pipelined, ``STAGES_16_BIT``); ``PRECISION``: ``tl.dot``'s ``input_precision`` for fp32 (exact
     fp32 under the interpreter, which ignores it, except ``"bf16"`` and ``"bf16x3"``,
     emulated there); ``OUTPUT``: where the forward computes ``O``."""
     block_k = max(16, triton.next_power_of_2(key_dim))
@@ -327,13 +331,15 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, sequences: int = 0, 
     if operands_16_bit:
         # always software-pipelined (the chunk loop is latency-bound, and 16-bit operands
         # leave the shared memory for it); 64 columns on 8 warps when those programs fill
-        # the device, else 32 on 4 warps (docs/notes/delta-kernel.md, "Pipelined 16-bit scans")
-        wide = (block_k <= 128 and value_dim >= WIDE_BLOCK_V and sm_count
+        # the device, else 32 on 4 warps (docs/notes/delta-kernel.md, "Pipelined 16-bit scans");
+        # past 128 keys 32 columns, 2 stages, 8 warps (untested on a GPU)
+        narrow_keys = block_k <= 128
+        wide = (narrow_keys and value_dim >= WIDE_BLOCK_V and sm_count
                 and sequences * triton.cdiv(value_dim, WIDE_BLOCK_V) >= PROGRAMS_PER_SM_FOR_WIDE * sm_count)
         cfg.setdefault("BLOCK_V", WIDE_BLOCK_V if wide else 32)
         if "STAGES" not in (config or {}):
-            cfg["STAGES"] = STAGES_16_BIT
-        if "num_warps" not in (config or {}) and cfg["BLOCK_V"] < WIDE_BLOCK_V:
+            cfg["STAGES"] = STAGES_16_BIT if narrow_keys else STAGES_16_BIT_WIDE_KEYS
+        if "num_warps" not in (config or {}) and cfg["BLOCK_V"] < WIDE_BLOCK_V and narrow_keys:
             cfg["num_warps"] = 4
     cfg.setdefault("BLOCK_V", _value_columns(value_dim, cfg["BLOCK_K"], cfg["PRECISION"], sequences, sm_count))
     if cfg["OUTPUT"] not in ("loop", "after"):
