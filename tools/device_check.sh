@@ -74,7 +74,7 @@ for part in "${parts[@]}"; do
         # (TF32, as training runs it; fla autotunes each kernel on its first call: about 4 minutes
         # for both lengths; 2K alone ran past 190 s on an H100). The device has no fla: carry fla-core 0.6.0's wheel in .whl/
         timeout 420 python3 -m mmrec.bench delta --kernels --tokens 32768 --lengths 2048 32768 --head-dims 128 --precision high \
-            --out "$OUT/delta_fla.json" 2>&1 | tee "$OUT/delta_fla.log" | grep -v "^{" | tail -26 ;;
+            --out "$OUT/delta_fla.json" 2>&1 | tee "$OUT/delta_fla.log" | grep -v "^{" | tail -44 ;;
     hybrid)
         # what a hybrid stack costs: the delta recurrence in every fourth layer of 1b, with hds
         # beside it and without (memory none), against the plain block (1b-all-parallel) and the
