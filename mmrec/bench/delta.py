@@ -148,7 +148,8 @@ def _prepare_passes(config: dict | None, inputs, chunk: int, intermediates: torc
     outputs = forward()
     grads = tuple(torch.randn_like(x) for x in outputs[:6])
     return {"fwd": forward,
-            "bwd": lambda: kernels.prepare_backward(q, k, v, beta, log_alpha, outputs[-1], grads, config=config)}
+            "bwd": lambda: kernels.prepare_backward(q, k, v, beta, log_alpha, outputs[-1], outputs[4], grads,
+                                                          config=config)}
 
 
 def _fla_function(module: str, name: str, adapt):

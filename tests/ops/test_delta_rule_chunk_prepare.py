@@ -121,7 +121,7 @@ def test_opcheck():
     strided = make_inputs(batch=2, length=11, heads=2, key_dim=5, value_dim=3, strided=True)
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_prepare.default, (*strided, 4))
     outputs = delta_chunk_prepare(*[x.detach() for x in inputs], 4)
-    args = (*[x.detach() for x in inputs], outputs[-1], *probes_for(outputs), 4)
+    args = (*[x.detach() for x in inputs], outputs[-1], outputs[4], *probes_for(outputs), 4)
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_prepare_backward.default, args)
 
 
@@ -176,6 +176,8 @@ def _interpreter_checks() -> None:
         (f64, f64, 2, 150, 2, 24, 40, 64, True, blocks, 1e-12),
         (f64, f64, 1, 50, 2, 8, 8, 40, False, blocks, 1e-12),
         (f32, f32, 2, 45, 1, 32, 32, 20, True, blocks, 1e-5),
+        # dq, dk in three column blocks a chunk, the last one partial
+        (f64, f64, 2, 150, 2, 40, 24, 64, True, {"KEYS_BLOCK_D": 16}, 1e-12),
     ]
     for dtype, v_dtype, batch, length, heads, key_dim, value_dim, chunk, strided, config, tol in cases:
         # slow decays (log α in (-0.1, 0)), so the whole chunk, not only its diagonal blocks, shapes (I + A)⁻¹
@@ -191,7 +193,7 @@ def _interpreter_checks() -> None:
         want, want_grads = reference(inputs, chunk, probes)
         errs = {name: err(got, expected) for name, got, expected in zip(OUTPUTS, outputs, want)}
         grad_out = tuple(torch.full(x.shape, nan, dtype=x.dtype) for x in inputs)
-        grads = kernels.prepare_backward(*inputs, outputs[-1], tuple(probes), out=grad_out, config=config)
+        grads = kernels.prepare_backward(*inputs, outputs[-1], outputs[4], tuple(probes), out=grad_out, config=config)
         tols = dict.fromkeys(errs, tol)
         for name, x, got, expected in zip(INPUTS, inputs, grads, want_grads):
             assert got.dtype == x.dtype and got.shape == x.shape, name
@@ -211,7 +213,7 @@ def _interpreter_checks() -> None:
     probes = [p.to(x.dtype) for p, x in zip(probes_for(outputs, gen), outputs)]
     want, want_grads = reference(inputs, 16, probes)
     errs = {name: err(got, expected) for name, got, expected in zip(OUTPUTS, outputs, want)}
-    grads = kernels.prepare_backward(*inputs, outputs[-1], tuple(probes))
+    grads = kernels.prepare_backward(*inputs, outputs[-1], outputs[4], tuple(probes))
     errs.update({"d" + name: err(got, expected) for name, got, expected in zip(INPUTS, grads, want_grads)})
     tols = {name: 5e-3 if name in OUTPUTS[:5] else 1e-5 if name in OUTPUTS else 2e-2 for name in errs}
     bad = {k: v for k, v in errs.items() if not v < tols[k]}
@@ -231,7 +233,7 @@ def _interpreter_checks() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     out = run_under_triton_interpreter(__file__)
-    assert out.count("ok ") == 16, out
+    assert out.count("ok ") == 17, out
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -255,7 +257,8 @@ def test_cuda_kernels_against_float64(head_dim, precision, tol, inverse):
 
 LAUNCH_CONFIGS = [{"num_warps": 4, "INVERSE": "rows"}, {"num_warps": 8}, {"BLOCK_D": 16}, {"BLOCK_D": 64},
                   {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 64, "num_warps": 4}, {"INVERSE": "blocks"},
-                  {"num_warps": 8, "INVERSE": "blocks"}]
+                  {"num_warps": 8, "INVERSE": "blocks"}, {"KEYS_BLOCK_D": 16}, {"KEYS_BLOCK_D": 64, "KEYS_WARPS": 8},
+                  {"KEYS_BLOCK_D": 128, "KEYS_WARPS": 8}]
 
 
 @cuda_only
@@ -297,6 +300,15 @@ def test_the_backward_of_bf16_gradients_takes_bf16_products():
     assert launch_config(64, 128, 128, backward=True)["PRECISION"] != "bf16"
 
 
+def test_the_dq_dk_config_that_fails_with_bf16_products_is_refused():
+    from mmrec.ops.delta_rule.chunk_prepare_triton import pick_config
+
+    with pytest.raises(ValueError, match="KEYS_BLOCK_D=32"):
+        pick_config(64, 128, 128, backward=True, bf16_grads=True, config={"KEYS_BLOCK_D": 32})
+    assert pick_config(64, 128, 128, backward=True, bf16_grads=True)["KEYS_BLOCK_D"] == 64
+    assert "KEYS_BLOCK_D" not in pick_config(64, 128, 128, config={"KEYS_BLOCK_D": 16})  # the forward has no such kernel
+
+
 def _check_cuda_launch(head_dim, precision, tol, config, repeat=False, chunk=64, intermediates=None):
     from mmrec.ops.delta_rule import chunk_prepare_triton as kernels
 
@@ -308,10 +320,10 @@ def _check_cuda_launch(head_dim, precision, tol, config, repeat=False, chunk=64,
     try:
         outputs = kernels.prepare_forward(*inputs, chunk, torch.float32, intermediates, config=config)
         probes = probes_for(outputs, gen)
-        grads = kernels.prepare_backward(*inputs, outputs[-1], tuple(probes), config=config)
+        grads = kernels.prepare_backward(*inputs, outputs[-1], outputs[4], tuple(probes), config=config)
         if repeat:
             again = kernels.prepare_forward(*inputs, chunk, torch.float32, intermediates, config=config)
-            grads_again = kernels.prepare_backward(*inputs, again[-1], tuple(probes), config=config)
+            grads_again = kernels.prepare_backward(*inputs, again[-1], again[4], tuple(probes), config=config)
             for name, first, second in zip(OUTPUTS + INPUTS, outputs + grads, again + grads_again):
                 assert torch.equal(first, second), f"{name} differs between two identical launches"
     finally:
@@ -343,7 +355,7 @@ def test_cuda_matches_cpu_op_opcheck_and_compiles():
         assert err(got, want) < 1e-5, name
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_prepare.default, (*cuda_inputs, 16))
     detached = [x.detach() for x in cuda_inputs]
-    args = (*detached, outputs[-1], *probes_for(outputs, gen), 16)
+    args = (*detached, outputs[-1], outputs[4], *probes_for(outputs, gen), 16)
     torch.library.opcheck(torch.ops.mmrec.delta_chunk_prepare_backward.default, args)
     compiled = torch.compile(lambda *a: delta_chunk_prepare(*a, 16)[0] * 2, fullgraph=True)
     assert err(compiled(*detached), 2 * cpu[0]) < 1e-5

@@ -11,9 +11,10 @@ For the recurrence and the derivation see ``chunk.py``. Per chunk ``n`` of ``C``
 ``delta_chunk_prepare`` is the custom op ``mmrec::delta_chunk_prepare``: on CUDA one
 Triton kernel per layer (``chunk_prepare_triton.py``) reads ``q``, ``k``, ``v``, ``β``,
 ``log α`` once in the layer's ``[B, T, H, D]`` layout and writes ``W1``, ``W2``, ``Qd``,
-``Kd``, ``P``, ``g`` and ``X``; its backward, ``mmrec::delta_chunk_prepare_backward``,
-another kernel, turns the chunk loop's gradients of the six into those of the five inputs,
-reusing ``X``. Elsewhere (CPU, float64) the forward runs :func:`chunk_prepare_reference`,
+``Kd``, ``P``, ``g`` and ``X``, with ``(M ⊙ K Kᵀ)ᵀ`` kept in ``X``'s upper triangle (zero
+in ``X`` itself); its backward, ``mmrec::delta_chunk_prepare_backward``, two more kernels,
+turns the chunk loop's gradients of the six into those of the five inputs, reusing ``X``,
+``M ⊙ K Kᵀ`` and ``P`` rather than summing ``K Kᵀ`` and ``Q Kᵀ`` again. Elsewhere (CPU, float64) the forward runs :func:`chunk_prepare_reference`,
 the same products in PyTorch, and the backward the same algebra as the kernel, batched, in
 the accumulation dtype (the CUDA kernel takes bf16 products for bf16 gradients).
 
@@ -74,7 +75,8 @@ def to_chunks(x: Tensor, size: int, dtype: torch.dtype) -> Tensor:
 
 def chunk_prepare_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
                             chunk_size: int, intermediates: torch.dtype | None = None) -> tuple[Tensor, ...]:
-    """``(W1, W2, Qd, Kd, P, g, X)`` (module docstring) in PyTorch, differentiable by autograd.
+    """``(W1, W2, Qd, Kd, P, g, X)`` (module docstring) in PyTorch, differentiable by autograd
+    but for ``X``, which carries ``(M ⊙ K Kᵀ)ᵀ`` above its diagonal for the backward.
 
     ``q``, ``k`` ``[B, T, H, K]``; ``v`` ``[B, T, H, V]``; ``beta``, ``log_alpha`` ``[B, T, H]``.
     Outputs ``[B, H, N, C, V | K | C]`` (``g`` ``[B, H, N]``), computed in ``v``'s accumulation
@@ -91,14 +93,16 @@ def chunk_prepare_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_a
     causal = index[:, None] >= index[None, :]  # s ≤ t
     # a Python -inf, not a tensor made from it: that would be a blocking host-to-device copy
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # M [B, H, N, C, C]
-    inverse = unit_lower_inverse(beta[..., None] * decay * (k @ k.transpose(-1, -2)))  # X
+    decayed_kk = decay * (k @ k.transpose(-1, -2))  # M ⊙ K Kᵀ
+    inverse = unit_lower_inverse(beta[..., None] * decayed_kk)  # X
     from_start = cum.exp()[..., None]  # e^Λ [B, H, N, C, 1]
     w1 = inverse @ (beta[..., None] * v)  # X diag(β) V
     w2 = inverse @ ((beta[..., None] * from_start) * k)  # X diag(β e^Λ) K
     attn = decay * (q @ k.transpose(-1, -2))  # P
     k_decayed = k * (cum[..., -1:] - cum).exp()[..., None]
     stored = (x.to(intermediates or acc) for x in (w1, w2, q * from_start, k_decayed, attn))
-    return *stored, cum[..., -1].exp(), inverse
+    packed = inverse.detach() + decayed_kk.detach().tril(-1).transpose(-1, -2)
+    return *stored, cum[..., -1].exp(), packed
 
 
 # ---------------------------------------------------------------------------- the ops
@@ -155,11 +159,12 @@ _forward_op = Op("delta_chunk_prepare(Tensor q, Tensor k, Tensor v, Tensor beta,
                  composite=_forward_composite, cuda=_forward_cuda, fake=_forward_fake)
 
 
-def _backward_composite(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
+def _backward_composite(q, k, v, beta, log_alpha, inverse, attn, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
                         grad_attn, grad_chunk_decay, chunk_size):
     """The backward of :func:`chunk_prepare_reference` written out (the Triton kernel's algebra,
-    batched over chunks; no autograd, which is off below the op), reusing the forward's ``X``:
-    ``(dq, dk, dv, dβ, d log α)`` in the inputs' dtypes and shapes."""
+    batched over chunks; no autograd, which is off below the op), reusing the forward's ``X``,
+    ``M ⊙ K Kᵀ`` (above ``X``'s diagonal) and ``P``: ``(dq, dk, dv, dβ, d log α)`` in the
+    inputs' dtypes and shapes."""
     batch, length, heads, _ = k.shape
     acc, size, chunks = inverse.dtype, inverse.shape[-1], inverse.shape[2]
 
@@ -173,6 +178,7 @@ def _backward_composite(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, gra
     causal = index[:, None] >= index[None, :]
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # M
     from_start, to_end, last = cum.exp(), (cum[..., -1:] - cum).exp(), cum[..., -1]
+    decayed_kk, inverse = inverse.transpose(-1, -2).tril(-1), inverse.tril()  # M ⊙ K Kᵀ, X
     grads = [g.to(acc) for g in (grad_w1, grad_w2, grad_q_decayed, grad_k_decayed, grad_attn, grad_chunk_decay)]
     d_w1, d_w2, d_qd, d_kd, d_attn, d_g = grads
     r1, r2 = beta_c[..., None] * v_c, (beta_c * from_start)[..., None] * k_c  # W = X R
@@ -181,15 +187,14 @@ def _backward_composite(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, gra
     d_r1, d_r2 = x_t @ d_w1, x_t @ d_w2
     d_a = -(x_t @ d_x @ x_t).tril(-1)  # through X = (I + A)⁻¹
     through_r2 = (d_r2 * k_c).sum(-1)  # d(β e^Λ)
-    kk, qk = k_c @ k_c.transpose(-1, -2), q_c @ k_c.transpose(-1, -2)
     d_kk = d_a * beta_c[..., None] * decay  # A = diag(β) M ⊙ K Kᵀ
     d_qk = d_attn * decay  # P = M ⊙ Q Kᵀ
     d_q = d_qk @ k_c + d_qd * from_start[..., None]
     d_k = ((beta_c * from_start)[..., None] * d_r2 + (d_kk + d_kk.transpose(-1, -2)) @ k_c
            + d_qk.transpose(-1, -2) @ q_c + d_kd * to_end[..., None])
-    d_beta = (d_r1 * v_c).sum(-1) + through_r2 * from_start + (d_a * decay * kk).sum(-1)
+    d_beta = (d_r1 * v_c).sum(-1) + through_r2 * from_start + (d_a * decayed_kk).sum(-1)
     through_kd = (d_kd * k_c).sum(-1) * to_end
-    d_exponent = (d_a * beta_c[..., None] * kk + d_attn * qk) * decay  # through M_ts = e^{Λ_t − Λ_s}
+    d_exponent = d_a * beta_c[..., None] * decayed_kk + d_attn * attn.to(acc)  # through M_ts = e^{Λ_t − Λ_s}
     d_cum = (through_r2 * beta_c * from_start + (d_qd * q_c).sum(-1) * from_start - through_kd
              + d_exponent.sum(-1) - d_exponent.sum(-2))
     d_last = through_kd.sum(-1, keepdim=True) + (d_g * last.exp())[..., None]  # Λ_C, read by every log α
@@ -198,22 +203,22 @@ def _backward_composite(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, gra
             from_chunks(d_beta, beta), from_chunks(d_log_alpha, log_alpha))
 
 
-def _backward_cuda(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
+def _backward_cuda(q, k, v, beta, log_alpha, inverse, attn, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
                    grad_attn, grad_chunk_decay, chunk_size):
     kernels = _use_triton(v, chunk_size)
     if kernels is None:
         return NotImplemented
     grads = (grad_w1, grad_w2, grad_q_decayed, grad_k_decayed, grad_attn, grad_chunk_decay)
-    return kernels.prepare_backward(q, k, v, beta, log_alpha, inverse, grads)
+    return kernels.prepare_backward(q, k, v, beta, log_alpha, inverse, attn, grads)
 
 
-def _backward_fake(q, k, v, beta, log_alpha, inverse, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
+def _backward_fake(q, k, v, beta, log_alpha, inverse, attn, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
                    grad_attn, grad_chunk_decay, chunk_size):
     return tuple(x.new_empty(x.shape) for x in (q, k, v, beta, log_alpha))
 
 
 _backward_op = Op("delta_chunk_prepare_backward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor log_alpha, "
-                  "Tensor inverse, Tensor grad_w1, Tensor grad_w2, Tensor grad_q_decayed, Tensor grad_k_decayed, "
+                  "Tensor inverse, Tensor attn, Tensor grad_w1, Tensor grad_w2, Tensor grad_q_decayed, Tensor grad_k_decayed, "
                   "Tensor grad_attn, Tensor grad_chunk_decay, int chunk_size) "
                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
                   composite=_backward_composite, cuda=_backward_cuda, fake=_backward_fake)
@@ -224,13 +229,13 @@ class _DeltaChunkPrepare(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, log_alpha, chunk_size, intermediates):
         outputs = _forward_op.below_autograd(q, k, v, beta, log_alpha, chunk_size, intermediates)
         ctx.mark_non_differentiable(outputs[-1])
-        ctx.save_for_backward(q, k, v, beta, log_alpha, outputs[-1])
+        ctx.save_for_backward(q, k, v, beta, log_alpha, outputs[-1], outputs[4])
         ctx.chunk_size, ctx.intermediates = chunk_size, intermediates
         return outputs
 
     @staticmethod
     def backward(ctx, *grads):
-        q, k, v, beta, log_alpha, inverse = ctx.saved_tensors
+        q, k, v, beta, log_alpha, inverse, attn = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: autograd through the PyTorch products
             inputs = (q, k, v, beta, log_alpha)
             wanted = [x for x, needed in zip(inputs, ctx.needs_input_grad) if needed]
@@ -239,7 +244,8 @@ class _DeltaChunkPrepare(torch.autograd.Function):
             found = iter(torch.autograd.grad([out for out, _ in pairs], wanted, [g for _, g in pairs],
                                              create_graph=True, allow_unused=True, materialize_grads=True))
             return (*(next(found) if needed else None for needed in ctx.needs_input_grad[:5]), None, None)
-        return (*_backward_op.below_autograd(q, k, v, beta, log_alpha, inverse, *grads[:6], ctx.chunk_size), None, None)
+        return (*_backward_op.below_autograd(q, k, v, beta, log_alpha, inverse, attn, *grads[:6], ctx.chunk_size),
+                None, None)
 
 
 def _forward_autograd(q, k, v, beta, log_alpha, chunk_size, intermediates=None):
@@ -253,7 +259,8 @@ _forward_op.differentiate(_forward_autograd)
 def delta_chunk_prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor,
                         chunk_size: int, intermediates: torch.dtype | None = None) -> tuple[Tensor, ...]:
     """``(W1, W2, Qd, Kd, P, g, X)`` for every chunk (module docstring); arguments, shapes and
-    dtypes as :func:`chunk_prepare_reference`. ``X`` is not differentiable (the backward reads it)."""
+    dtypes as :func:`chunk_prepare_reference`. ``X`` is not differentiable (the backward reads it,
+    and ``M ⊙ K Kᵀ`` above its diagonal)."""
     if k.dim() != 4:
         raise ValueError(f"delta_chunk_prepare expects k of shape [batch, length, heads, key_dim], "
                          f"got {tuple(k.shape)}")

@@ -5,7 +5,7 @@ The forward reads the chunk's ``q``, ``k`` ``[C, K]``, ``v`` ``[C, V]``, ``β`` 
 straight from the layer's ``[B, T, H, D]`` layout (any strides, the time axis padded on
 chip), ``BLOCK_D`` feature columns at a time, and writes what the chunk loop reads
 (``W1``, ``W2``, ``Qd``, ``Kd``, ``P``, ``g``; ``chunk_prepare.py`` defines them) plus
-``X = (I + A)⁻¹``, which the backward reuses. It computes in fp32; the first five may be
+``X = (I + A)⁻¹`` with ``(M ⊙ K Kᵀ)ᵀ`` in its upper triangle, which the backward reuses. It computes in fp32; the first five may be
 stored in bf16 (the output tensors' dtype), and the backward reads their gradients in
 whatever dtype they come.
 
@@ -19,17 +19,20 @@ a column update with no layout change)::
 
     X[t, :] = e_t − Σ_{s<t} A[t, s] X[s, :]
 
-The backward recomputes the chunk's decays and products from the same inputs, takes the
-chunk loop's gradients of those six outputs, and writes the gradients of ``q``, ``k``,
-``v``, ``β`` and ``log α`` in the layer's layout; ``A``'s gradient is ``−Xᵀ dX Xᵀ`` (strictly
+The backward, two kernels, recomputes the chunk's decays from the same inputs, reads the
+forward's ``X``, ``M ⊙ K Kᵀ`` and ``P`` (rather than summing ``K Kᵀ`` and ``Q Kᵀ`` again),
+takes the chunk loop's gradients of those six outputs, and writes the gradients of ``q``,
+``k``, ``v``, ``β`` and ``log α`` in the layer's layout: the first everything but ``dq``,
+``dk`` and, for them, the gradients of ``K Kᵀ`` and ``Q Kᵀ``; the second ``dq``, ``dk``, a
+program per chunk and block of key columns. ``A``'s gradient is ``−Xᵀ dX Xᵀ`` (strictly
 lower), so the backward needs no solve. ``log α`` enters through ``Λ``, the cumulative
 sum inside the chunk, so its gradient is the reverse cumulative sum of ``Λ``'s, and no
 chunk needs another's.
 
-The passes that sum ``K Kᵀ`` and ``Q Kᵀ`` over feature blocks are unrolled
-(``tl.static_range``), not loops: as a loop, Triton 3.6 on sm_90 miscompiled them in some
+The forward's pass that sums ``K Kᵀ`` and ``Q Kᵀ`` over feature blocks is unrolled
+(``tl.static_range``), not a loop: as a loop, Triton 3.6 on sm_90 miscompiled that pair in some
 launch configs (``Q Kᵀ`` wrong, and not the same twice; docs/notes/delta-kernel.md, "A
-miscompiled loop"). Keep them unrolled unless the CUDA tests, which try every benchmarked
+miscompiled loop"). Keep it unrolled unless the CUDA tests, which try every benchmarked
 config twice, pass with a loop.
 
 Products take fp32 operands at ``PRECISION`` (``chunk_scan_triton._dot``; from
@@ -191,7 +194,9 @@ def _prepare_forward_kernel(
     mask_c = in_c[:, None] & in_c[None, :]
     off_c = chunk * C * C + rows[:, None] * C + rows[None, :]
     tl.store(p_ptr + off_c, decay * qk, mask=mask_c)  # P = M ⊙ Q Kᵀ
-    tl.store(x_ptr + off_c, x, mask=mask_c)
+    # X on and below the diagonal, (M ⊙ K Kᵀ)ᵀ above it: the backward reads both
+    tl.store(x_ptr + off_c, x, mask=mask_c & (rows[:, None] >= rows[None, :]))
+    tl.store(x_ptr + chunk * C * C + rows[None, :] * C + rows[:, None], decay * kk, mask=mask_c & strict)
     tl.store(g_ptr + chunk, tl.exp(lam_last))
 
     for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):  # W2 = (I + A)⁻¹ diag(β e^Λ) K
@@ -228,19 +233,21 @@ def _store_block(ptr, value, b, h, t, valid, o_b, o_t, o_h, d0, D, BLOCK_D: tl.c
 
 @triton.jit
 def _prepare_backward_kernel(
-    q_ptr, k_ptr, v_ptr, beta_ptr, la_ptr, x_ptr, dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dla_ptr,
+    q_ptr, k_ptr, v_ptr, beta_ptr, la_ptr, x_ptr, p_ptr, dw1_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dp_ptr, dg_ptr,
+    dv_ptr, dbeta_ptr, dla_ptr, gkk_ptr, gqk_ptr,
     T, H, N, C, K, V,
     s_qb, s_qt, s_qh, s_qk, s_kb, s_kt, s_kh, s_kk, s_vb, s_vt, s_vh, s_vv,
     s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
-    o_qb, o_qt, o_qh, o_vb, o_vt, o_vh, o_bb, o_bt, o_bh,
+    o_vb, o_vt, o_vh, o_bb, o_bt, o_bh,
     PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Three passes over blocks of ``BLOCK_D`` feature columns (so that no ``[C, K]`` or
-    ``[C, V]`` operand is whole on chip): the values, whose gradient is final at once; the
-    keys and queries, summing ``dX``, ``K Kᵀ`` and ``Q Kᵀ``; then, with ``dA`` known, the
-    keys and queries again for their products with the ``[C, C]`` gradients."""
+    """Everything but ``dq`` and ``dk``, in two passes over blocks of ``BLOCK_D`` feature
+    columns (so that no ``[C, K]`` or ``[C, V]`` operand is whole on chip): the values, whose
+    gradient is final at once; the keys and queries, summing ``dX``. Then the ``[C, C]``
+    part, from ``M ⊙ K Kᵀ`` and ``P`` as the forward stored them (no ``K Kᵀ`` or ``Q Kᵀ``
+    summed again), which writes the gradients of ``K Kᵀ`` and ``Q Kᵀ`` for
+    ``_prepare_backward_keys_kernel``."""
     chunk = tl.program_id(0).to(tl.int64)  # X and the incoming gradients [B, H, N, C, ...], contiguous
     n, bh = chunk % N, chunk // N
     b, h = bh // H, bh % H
@@ -255,7 +262,8 @@ def _prepare_backward_kernel(
     to_end = tl.exp(lam_last - lam)  # e^{Λ_C − Λ}
     mask_c = in_c[:, None] & in_c[None, :]
     off_c = chunk * C * C + rows[:, None] * C + rows[None, :]
-    x_t = tl.trans(tl.load(x_ptr + off_c, mask=mask_c, other=0.0))  # Xᵀ
+    packed_t = tl.trans(tl.load(x_ptr + off_c, mask=mask_c, other=0.0))  # the forward's X and (M ⊙ K Kᵀ)ᵀ, transposed
+    x_t = tl.where(rows[:, None] <= rows[None, :], packed_t, 0.0)  # Xᵀ
 
     # W1 = X diag(β) V: dX += dW1 (diag(β) V)ᵀ, d(diag(β) V) = Xᵀ dW1
     grad_x = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
@@ -268,20 +276,16 @@ def _prepare_backward_kernel(
         grad_beta += tl.sum(grad_r1 * v, 1)
         _store_block(dv_ptr, beta[:, None] * grad_r1, b, h, t, valid, o_vb, o_vt, o_vh, d0, V, BLOCK_D)
 
-    # W2 = X diag(β e^Λ) K, K Kᵀ, Q Kᵀ, Qd = diag(e^Λ) Q, Kd = diag(e^{Λ_C − Λ}) K: the sums over K
-    kk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
-    qk = tl.zeros((BLOCK_C, BLOCK_C), dtype=acc)
+    # W2 = X diag(β e^Λ) K, Qd = diag(e^Λ) Q, Kd = diag(e^{Λ_C − Λ}) K: the sums over K
     through_r2 = tl.zeros((BLOCK_C,), dtype=acc)  # d(β e^Λ)
     through_qd = tl.zeros((BLOCK_C,), dtype=acc)
     through_kd = tl.zeros((BLOCK_C,), dtype=acc)
-    for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):  # unrolled: see the module docstring
+    for d0 in range(0, BLOCK_K, BLOCK_D):  # a loop, pipelined: no K Kᵀ, Q Kᵀ pair here (module docstring)
         k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
         q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
         dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
         grad_x += _dot(dw2, tl.trans((beta * from_start)[:, None] * k), PRECISION)
         through_r2 += tl.sum(_dot(x_t, dw2, PRECISION) * k, 1)
-        kk += _dot(k, tl.trans(k), PRECISION)
-        qk += _dot(q, tl.trans(k), PRECISION)
         through_qd += tl.sum(_load_chunk_block(dqd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc) * q, 1)
         through_kd += tl.sum(_load_chunk_block(dkd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc) * k, 1)
 
@@ -290,30 +294,65 @@ def _prepare_backward_kernel(
     grad_a = tl.where(strict, -_dot(_dot(x_t, grad_x, PRECISION), x_t, PRECISION), 0.0)
     grad_kk = grad_a * beta[:, None] * decay
     grad_kk += tl.trans(grad_kk)  # K Kᵀ is symmetric in K
-    grad_qk = tl.load(dp_ptr + off_c, mask=mask_c, other=0.0).to(acc) * decay
-    grad_exponent = grad_a * beta[:, None] * kk * decay + grad_qk * qk  # through M_ts = e^{Λ_t − Λ_s}
-    grad_beta += through_r2 * from_start + tl.sum(grad_a * decay * kk, 1)
+    grad_p = tl.load(dp_ptr + off_c, mask=mask_c, other=0.0).to(acc)
+    tl.store(gkk_ptr + off_c, grad_kk, mask=mask_c)
+    tl.store(gqk_ptr + off_c, grad_p * decay, mask=mask_c)
+    decayed_kk = tl.where(strict, packed_t, 0.0)  # M ⊙ K Kᵀ below the diagonal
+    # through M_ts = e^{Λ_t − Λ_s}: A = diag(β) M ⊙ K Kᵀ and P
+    grad_exponent = grad_a * beta[:, None] * decayed_kk + grad_p * tl.load(p_ptr + off_c, mask=mask_c, other=0.0).to(acc)
+    grad_beta += through_r2 * from_start + tl.sum(grad_a * decayed_kk, 1)
     grad_lam = (through_r2 * beta + through_qd) * from_start - through_kd * to_end
     grad_lam += tl.sum(grad_exponent, 1) - tl.sum(grad_exponent, 0)
     grad_lam_last = tl.sum(through_kd * to_end, 0) + tl.load(dg_ptr + chunk).to(acc) * tl.exp(lam_last)
-
-    # the gradients of K and Q, block by block
-    for d0 in range(0, BLOCK_K, BLOCK_D):
-        k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
-        q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
-        dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
-        dqd = _load_chunk_block(dqd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
-        dkd = _load_chunk_block(dkd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
-        grad_q = _dot(grad_qk, k, PRECISION) + dqd * from_start[:, None]
-        grad_k = (_dot(grad_kk, k, PRECISION) + _dot(tl.trans(grad_qk), q, PRECISION)
-                  + (beta * from_start)[:, None] * _dot(x_t, dw2, PRECISION) + dkd * to_end[:, None])
-        _store_block(dq_ptr, grad_q, b, h, t, valid, o_qb, o_qt, o_qh, d0, K, BLOCK_D)
-        _store_block(dk_ptr, grad_k, b, h, t, valid, o_qb, o_qt, o_qh, d0, K, BLOCK_D)
 
     # Λ_t = Σ_{j≤t} log α_j and Λ_C = Σ_j log α_j
     grad_la = tl.cumsum(grad_lam, 0, reverse=True) + grad_lam_last
     tl.store(dbeta_ptr + b * o_bb + h * o_bh + t * o_bt, grad_beta, mask=valid)
     tl.store(dla_ptr + b * o_bb + h * o_bh + t * o_bt, grad_la, mask=valid)
+
+
+@triton.jit
+def _prepare_backward_keys_kernel(
+    q_ptr, k_ptr, beta_ptr, la_ptr, x_ptr, gkk_ptr, gqk_ptr, dw2_ptr, dqd_ptr, dkd_ptr, dq_ptr, dk_ptr,
+    T, H, N, C, K,
+    s_qb, s_qt, s_qh, s_qk, s_kb, s_kt, s_kh, s_kk, s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
+    o_qb, o_qt, o_qh,
+    PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``dq`` and ``dk``, ``BLOCK_D`` feature columns a program (a two-dimensional grid
+    flattened, the chunk's column blocks side by side): products of the ``[C, C]``
+    gradients ``_prepare_backward_kernel`` wrote (and ``Xᵀ``) with the chunk's keys and
+    queries, no sum across column blocks, so no program waits on another's columns."""
+    pid = tl.program_id(0).to(tl.int64)
+    column_blocks = tl.cdiv(K, BLOCK_D)
+    chunk, d0 = pid // column_blocks, (pid % column_blocks) * BLOCK_D
+    n, bh = chunk % N, chunk // N
+    b, h = bh // H, bh % H
+    acc: tl.constexpr = x_ptr.dtype.element_ty
+    rows = tl.arange(0, BLOCK_C)
+    t = n * C + rows
+    in_c = rows < C
+    valid = in_c & (t < T)
+    beta, lam, lam_last, _ = _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
+                                     BLOCK_C, acc)
+    from_start = tl.exp(lam)  # e^Λ
+    to_end = tl.exp(lam_last - lam)  # e^{Λ_C − Λ}
+    mask_c = in_c[:, None] & in_c[None, :]
+    off_c = chunk * C * C + rows[:, None] * C + rows[None, :]
+    x_t = tl.trans(tl.load(x_ptr + off_c, mask=mask_c & (rows[:, None] >= rows[None, :]), other=0.0))  # Xᵀ
+    grad_kk = tl.load(gkk_ptr + off_c, mask=mask_c, other=0.0).to(acc)
+    grad_qk = tl.load(gqk_ptr + off_c, mask=mask_c, other=0.0).to(acc)
+
+    k = _load_block(k_ptr, b, h, t, valid, s_kb, s_kt, s_kh, s_kk, d0, K, BLOCK_D, acc)
+    q = _load_block(q_ptr, b, h, t, valid, s_qb, s_qt, s_qh, s_qk, d0, K, BLOCK_D, acc)
+    dw2 = _load_chunk_block(dw2_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
+    dqd = _load_chunk_block(dqd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
+    dkd = _load_chunk_block(dkd_ptr, chunk, rows, in_c, d0, C, K, BLOCK_D, acc)
+    grad_q = _dot(grad_qk, k, PRECISION) + dqd * from_start[:, None]
+    grad_k = (_dot(grad_kk, k, PRECISION) + _dot(tl.trans(grad_qk), q, PRECISION)
+              + (beta * from_start)[:, None] * _dot(x_t, dw2, PRECISION) + dkd * to_end[:, None])
+    _store_block(dq_ptr, grad_q, b, h, t, valid, o_qb, o_qt, o_qh, d0, K, BLOCK_D)
+    _store_block(dk_ptr, grad_k, b, h, t, valid, o_qb, o_qt, o_qh, d0, K, BLOCK_D)
 
 
 INVERSES = ("blocks", "compact", "rows")
@@ -331,13 +370,15 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
         "BLOCK_K": block_k,
         "BLOCK_V": block_v,
         # feature columns per pass: whole [C, 128] operands do not fit the backward in sm_90's
-        # shared memory, and cost the forward registers; the backward past 64 columns in
-        # passes of 16 spills least (docs/notes/delta-kernel.md)
-        "BLOCK_D": min(16 if backward and max(key_dim, value_dim) > 64 else 32, max(block_k, block_v)),
+        # shared memory, and cost the forward registers (docs/notes/delta-kernel.md)
+        "BLOCK_D": min(32, max(block_k, block_v)),
         # 4 warps, two programs an SM (docs/notes/benchmark-history.md, "The `delta` op against fla")
         "num_warps": 4,
         "PRECISION": "ieee" if interpret else default_precision(),
     }
+    if backward:
+        # the kernel of dq and dk: its columns a program and warps (docs/notes/delta-kernel.md)
+        cfg.update(KEYS_BLOCK_D=min(64, block_k), KEYS_WARPS=4)
     if backward and bf16_grads:
         # 1.19-1.22x faster than tf32 on an H200 at 16 heads of 128 (docs/benchmarks.md and
         # docs/notes/benchmark-history.md, "The `delta` op against fla")
@@ -352,8 +393,15 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
     cfg.update(config or {})
     if backward:
         cfg.pop("INVERSE", None)  # a benchmark's override of both kernels: the forward's alone
-    elif cfg["INVERSE"] not in INVERSES:
+    else:
+        cfg.pop("KEYS_BLOCK_D", None), cfg.pop("KEYS_WARPS", None)  # the backward's alone
+    if not backward and cfg["INVERSE"] not in INVERSES:
         raise ValueError(f"INVERSE must be one of {INVERSES}, got {cfg['INVERSE']!r}")
+    if backward and cfg["PRECISION"] == "bf16" and cfg["KEYS_BLOCK_D"] == 32:
+        # wrong dq, dk (and once an illegal memory access) on an H200 with Triton 3.6, where
+        # 16, 64 and 128 columns are right (docs/notes/delta-kernel.md)
+        raise ValueError("the dq, dk kernel gives wrong results at KEYS_BLOCK_D=32 with bf16 products on "
+                         "Triton 3.6; use 16, 64 or 128")
     return cfg
 
 
@@ -390,12 +438,13 @@ def prepare_forward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Te
 
 
 def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, inverse: Tensor,
-                     grads: tuple[Tensor, ...], *, out: tuple[Tensor, ...] | None = None,
+                     attn: Tensor, grads: tuple[Tensor, ...], *, out: tuple[Tensor, ...] | None = None,
                      config: dict | None = None) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dβ, d log α)``, contiguous, in the inputs' dtypes, from the gradients of
     ``(W1, W2, Qd, Kd, P, g)`` (read in their dtypes, 16-bit ones too, and summed in ``X``'s)
-    and the forward's ``X``, one launch; ``out`` takes preallocated contiguous outputs,
-    ``config`` as in the forward."""
+    and the forward's ``X`` (``inverse``, ``M ⊙ K Kᵀ`` above its diagonal) and ``P``
+    (``attn``), two launches; ``out`` takes preallocated contiguous outputs, ``config`` as
+    in the forward."""
     batch, length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     size = inverse.shape[-1]
@@ -406,10 +455,23 @@ def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: T
     if inverse.numel() == 0:
         return tuple(o.zero_() for o in outs)
     grads = tuple(g.contiguous() for g in grads)
-    cfg = launch_config(size, key_dim, value_dim, backward=True, bf16_grads=grads[0].dtype == torch.bfloat16,
-                        interpret=not v.is_cuda, config=config)
+    cfg = dict(launch_config(size, key_dim, value_dim, backward=True, bf16_grads=grads[0].dtype == torch.bfloat16,
+                             interpret=not v.is_cuda, config=config))
+    keys_block, keys_warps = cfg.pop("KEYS_BLOCK_D"), cfg.pop("KEYS_WARPS")
+    # the gradients of K Kᵀ and Q Kᵀ between the two kernels [2, B, H, N, C, C], in bf16 when
+    # the products round them to bf16 anyway
+    between = torch.empty((2, *inverse.shape), device=inverse.device,
+                          dtype=torch.bfloat16 if cfg["PRECISION"].startswith("bf16") else inverse.dtype)
+    grad_q, grad_k, grad_v, grad_beta, grad_log_alpha = outs
+    strides = _input_strides(q, k, v, beta, log_alpha)
+    inverse = inverse.contiguous()
     _prepare_backward_kernel[(batch * heads * chunks,)](
-        q, k, v, beta, log_alpha, inverse.contiguous(), *grads, *outs,
-        length, heads, chunks, size, key_dim, value_dim, *_input_strides(q, k, v, beta, log_alpha),
-        *outs[0].stride()[:3], *outs[2].stride()[:3], *outs[3].stride(), **cfg)
+        q, k, v, beta, log_alpha, inverse, attn.contiguous(), *grads, grad_v, grad_beta, grad_log_alpha, *between,
+        length, heads, chunks, size, key_dim, value_dim, *strides,
+        *grad_v.stride()[:3], *grad_beta.stride(), **cfg)
+    cfg.pop("BLOCK_D"), cfg.pop("BLOCK_K"), cfg.pop("BLOCK_V")
+    _prepare_backward_keys_kernel[(batch * heads * chunks * triton.cdiv(key_dim, keys_block),)](
+        q, k, beta, log_alpha, inverse, *between, grads[1], grads[2], grads[3], grad_q, grad_k,
+        length, heads, chunks, size, key_dim, *strides[:8], *strides[12:], *grad_q.stride()[:3],
+        **{**cfg, "BLOCK_D": keys_block, "num_warps": keys_warps})
     return outs
