@@ -194,9 +194,8 @@ def _prepare_forward_kernel(
     mask_c = in_c[:, None] & in_c[None, :]
     off_c = chunk * C * C + rows[:, None] * C + rows[None, :]
     tl.store(p_ptr + off_c, decay * qk, mask=mask_c)  # P = M ⊙ Q Kᵀ
-    # X on and below the diagonal, (M ⊙ K Kᵀ)ᵀ above it: the backward reads both
-    tl.store(x_ptr + off_c, x, mask=mask_c & (rows[:, None] >= rows[None, :]))
-    tl.store(x_ptr + chunk * C * C + rows[None, :] * C + rows[:, None], decay * kk, mask=mask_c & strict)
+    # X on and below the diagonal, (M ⊙ K Kᵀ)ᵀ above it (M is zero there): the backward reads both
+    tl.store(x_ptr + off_c, tl.where(rows[:, None] >= rows[None, :], x, tl.trans(decay * kk)), mask=mask_c)
     tl.store(g_ptr + chunk, tl.exp(lam_last))
 
     for d0 in tl.static_range(0, BLOCK_K, BLOCK_D):  # W2 = (I + A)⁻¹ diag(β e^Λ) K
