@@ -140,7 +140,8 @@ def _delta_chunk_prepare(args, device, gen) -> dict[str, Passes]:
     grads = [torch.ones_like(x) for x in outputs[:6]]
     call = lambda *inputs: ops.delta_chunk_prepare(*inputs, 64)[:6]  # noqa: E731 (X: not differentiable)
     return {"op": {**forward_passes(call, [q, k, v, beta, log_alpha], _ones_like),
-                   "bwd": lambda: ops._backward_op.below_autograd(q, k, v, beta, log_alpha, outputs[6], *grads, 64)}}
+                   "bwd": lambda: ops._backward_op.below_autograd(q, k, v, beta, log_alpha, outputs[6], outputs[4],
+                                                                  *grads, 64)}}
 
 
 def _delta_chunk_scan(args, device, gen) -> dict[str, Passes]:

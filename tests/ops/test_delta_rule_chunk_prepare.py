@@ -306,6 +306,8 @@ def test_the_dq_dk_config_that_fails_with_bf16_products_is_refused():
     with pytest.raises(ValueError, match="KEYS_BLOCK_D=32"):
         pick_config(64, 128, 128, backward=True, bf16_grads=True, config={"KEYS_BLOCK_D": 32})
     assert pick_config(64, 128, 128, backward=True, bf16_grads=True)["KEYS_BLOCK_D"] == 64
+    for key_dim in (17, 24, 32):  # a whole key of 32 columns takes 16 a program by default, never 32
+        assert pick_config(64, key_dim, 64, backward=True, bf16_grads=True)["KEYS_BLOCK_D"] == 16
     assert "KEYS_BLOCK_D" not in pick_config(64, 128, 128, config={"KEYS_BLOCK_D": 16})  # the forward has no such kernel
 
 

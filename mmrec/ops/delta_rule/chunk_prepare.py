@@ -14,9 +14,10 @@ Triton kernel per layer (``chunk_prepare_triton.py``) reads ``q``, ``k``, ``v``,
 ``Kd``, ``P``, ``g`` and ``X``, with ``(M ⊙ K Kᵀ)ᵀ`` kept in ``X``'s upper triangle (zero
 in ``X`` itself); its backward, ``mmrec::delta_chunk_prepare_backward``, two more kernels,
 turns the chunk loop's gradients of the six into those of the five inputs, reusing ``X``,
-``M ⊙ K Kᵀ`` and ``P`` rather than summing ``K Kᵀ`` and ``Q Kᵀ`` again. Elsewhere (CPU, float64) the forward runs :func:`chunk_prepare_reference`,
-the same products in PyTorch, and the backward the same algebra as the kernel, batched, in
-the accumulation dtype (the CUDA kernel takes bf16 products for bf16 gradients).
+``M ⊙ K Kᵀ`` and ``P`` rather than summing ``K Kᵀ`` and ``Q Kᵀ`` again. Elsewhere (CPU,
+float64) the forward runs :func:`chunk_prepare_reference`, the same products in PyTorch,
+and the backward the same algebra as the kernels, batched, in the accumulation dtype (the
+CUDA kernels take bf16 products for bf16 gradients).
 
 Every exponent is masked to ``−inf`` above the diagonal before ``exp``, so every decay
 factor is at most 1 however strong the decay, and nothing overflows.
@@ -159,14 +160,14 @@ _forward_op = Op("delta_chunk_prepare(Tensor q, Tensor k, Tensor v, Tensor beta,
                  composite=_forward_composite, cuda=_forward_cuda, fake=_forward_fake)
 
 
-def _backward_composite(q, k, v, beta, log_alpha, inverse, attn, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
+def _backward_composite(q, k, v, beta, log_alpha, packed, attn, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
                         grad_attn, grad_chunk_decay, chunk_size):
     """The backward of :func:`chunk_prepare_reference` written out (the Triton kernel's algebra,
     batched over chunks; no autograd, which is off below the op), reusing the forward's ``X``,
     ``M ⊙ K Kᵀ`` (above ``X``'s diagonal) and ``P``: ``(dq, dk, dv, dβ, d log α)`` in the
     inputs' dtypes and shapes."""
     batch, length, heads, _ = k.shape
-    acc, size, chunks = inverse.dtype, inverse.shape[-1], inverse.shape[2]
+    acc, size, chunks = packed.dtype, packed.shape[-1], packed.shape[2]
 
     def from_chunks(x: Tensor, like: Tensor) -> Tensor:
         x = x.movedim(1, 3).reshape(batch, chunks * size, heads, *x.shape[4:])[:, :length]
@@ -178,7 +179,7 @@ def _backward_composite(q, k, v, beta, log_alpha, inverse, attn, grad_w1, grad_w
     causal = index[:, None] >= index[None, :]
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # M
     from_start, to_end, last = cum.exp(), (cum[..., -1:] - cum).exp(), cum[..., -1]
-    decayed_kk, inverse = inverse.transpose(-1, -2).tril(-1), inverse.tril()  # M ⊙ K Kᵀ, X
+    decayed_kk, inverse = packed.transpose(-1, -2).tril(-1), packed.tril()  # M ⊙ K Kᵀ, X
     grads = [g.to(acc) for g in (grad_w1, grad_w2, grad_q_decayed, grad_k_decayed, grad_attn, grad_chunk_decay)]
     d_w1, d_w2, d_qd, d_kd, d_attn, d_g = grads
     r1, r2 = beta_c[..., None] * v_c, (beta_c * from_start)[..., None] * k_c  # W = X R
@@ -203,22 +204,22 @@ def _backward_composite(q, k, v, beta, log_alpha, inverse, attn, grad_w1, grad_w
             from_chunks(d_beta, beta), from_chunks(d_log_alpha, log_alpha))
 
 
-def _backward_cuda(q, k, v, beta, log_alpha, inverse, attn, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
+def _backward_cuda(q, k, v, beta, log_alpha, packed, attn, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
                    grad_attn, grad_chunk_decay, chunk_size):
     kernels = _use_triton(v, chunk_size)
     if kernels is None:
         return NotImplemented
     grads = (grad_w1, grad_w2, grad_q_decayed, grad_k_decayed, grad_attn, grad_chunk_decay)
-    return kernels.prepare_backward(q, k, v, beta, log_alpha, inverse, attn, grads)
+    return kernels.prepare_backward(q, k, v, beta, log_alpha, packed, attn, grads)
 
 
-def _backward_fake(q, k, v, beta, log_alpha, inverse, attn, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
+def _backward_fake(q, k, v, beta, log_alpha, packed, attn, grad_w1, grad_w2, grad_q_decayed, grad_k_decayed,
                    grad_attn, grad_chunk_decay, chunk_size):
     return tuple(x.new_empty(x.shape) for x in (q, k, v, beta, log_alpha))
 
 
 _backward_op = Op("delta_chunk_prepare_backward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor log_alpha, "
-                  "Tensor inverse, Tensor attn, Tensor grad_w1, Tensor grad_w2, Tensor grad_q_decayed, Tensor grad_k_decayed, "
+                  "Tensor packed, Tensor attn, Tensor grad_w1, Tensor grad_w2, Tensor grad_q_decayed, Tensor grad_k_decayed, "
                   "Tensor grad_attn, Tensor grad_chunk_decay, int chunk_size) "
                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
                   composite=_backward_composite, cuda=_backward_cuda, fake=_backward_fake)
@@ -235,7 +236,7 @@ class _DeltaChunkPrepare(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        q, k, v, beta, log_alpha, inverse, attn = ctx.saved_tensors
+        q, k, v, beta, log_alpha, packed, attn = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: autograd through the PyTorch products
             inputs = (q, k, v, beta, log_alpha)
             wanted = [x for x, needed in zip(inputs, ctx.needs_input_grad) if needed]
@@ -244,7 +245,7 @@ class _DeltaChunkPrepare(torch.autograd.Function):
             found = iter(torch.autograd.grad([out for out, _ in pairs], wanted, [g for _, g in pairs],
                                              create_graph=True, allow_unused=True, materialize_grads=True))
             return (*(next(found) if needed else None for needed in ctx.needs_input_grad[:5]), None, None)
-        return (*_backward_op.below_autograd(q, k, v, beta, log_alpha, inverse, attn, *grads[:6], ctx.chunk_size),
+        return (*_backward_op.below_autograd(q, k, v, beta, log_alpha, packed, attn, *grads[:6], ctx.chunk_size),
                 None, None)
 
 

@@ -1,11 +1,13 @@
 """Triton kernels for ``mmrec::delta_chunk_prepare`` and its backward: one program per
-(batch, head, chunk) on a one-dimensional grid, everything of the chunk on chip.
+(batch, head, chunk) on a one-dimensional grid (the backward's ``dq``, ``dk`` kernel one per
+chunk and block of key columns), everything of the chunk on chip.
 
 The forward reads the chunk's ``q``, ``k`` ``[C, K]``, ``v`` ``[C, V]``, ``β`` and ``log α``
 straight from the layer's ``[B, T, H, D]`` layout (any strides, the time axis padded on
 chip), ``BLOCK_D`` feature columns at a time, and writes what the chunk loop reads
 (``W1``, ``W2``, ``Qd``, ``Kd``, ``P``, ``g``; ``chunk_prepare.py`` defines them) plus
-``X = (I + A)⁻¹`` with ``(M ⊙ K Kᵀ)ᵀ`` in its upper triangle, which the backward reuses. It computes in fp32; the first five may be
+``X = (I + A)⁻¹`` with ``(M ⊙ K Kᵀ)ᵀ`` in its upper triangle, which the backward reuses.
+It computes in fp32; the first five may be
 stored in bf16 (the output tensors' dtype), and the backward reads their gradients in
 whatever dtype they come.
 
@@ -66,18 +68,23 @@ def _load_block(ptr, b, h, t, valid, s_b, s_t, s_h, s_d, d0, D, BLOCK_D: tl.cons
 
 
 @triton.jit
-def _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah, BLOCK_C: tl.constexpr,
-            ACC: tl.constexpr):
+def _gates(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah, ACC: tl.constexpr):
     """``β`` (0 past the sequence's end), ``Λ`` (the cumulative ``log α`` from the chunk start;
-    ``log α`` = 0 past the end, so padding leaves the state as it is), ``Λ_C`` and the decays
-    ``M_ts = e^{Λ_t − Λ_s}`` (s ≤ t, 0 above the diagonal)."""
-    rows = tl.arange(0, BLOCK_C)
+    ``log α`` = 0 past the end, so padding leaves the state as it is) and ``Λ_C``."""
     beta = tl.load(beta_ptr + b * s_bb + h * s_bh + t * s_bt, mask=valid, other=0.0).to(ACC)
     la = tl.load(la_ptr + b * s_ab + h * s_ah + t * s_at, mask=valid, other=0.0).to(ACC)
-    lam = tl.cumsum(la, 0)
+    return beta, tl.cumsum(la, 0), tl.sum(la, 0)
+
+
+@triton.jit
+def _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah, BLOCK_C: tl.constexpr,
+            ACC: tl.constexpr):
+    """``_gates`` and the decays ``M_ts = e^{Λ_t − Λ_s}`` (s ≤ t, 0 above the diagonal)."""
+    beta, lam, lam_last = _gates(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah, ACC)
+    rows = tl.arange(0, BLOCK_C)
     lower = rows[:, None] >= rows[None, :]
     decay = tl.exp(tl.where(lower, lam[:, None] - lam[None, :], float("-inf")))
-    return beta, lam, tl.sum(la, 0), decay
+    return beta, lam, lam_last, decay
 
 
 @triton.jit
@@ -261,7 +268,7 @@ def _prepare_backward_kernel(
     to_end = tl.exp(lam_last - lam)  # e^{Λ_C − Λ}
     mask_c = in_c[:, None] & in_c[None, :]
     off_c = chunk * C * C + rows[:, None] * C + rows[None, :]
-    packed_t = tl.trans(tl.load(x_ptr + off_c, mask=mask_c, other=0.0))  # the forward's X and (M ⊙ K Kᵀ)ᵀ, transposed
+    packed_t = tl.trans(tl.load(x_ptr + off_c, mask=mask_c, other=0.0))  # [X | (M ⊙ K Kᵀ)ᵀ]ᵀ
     x_t = tl.where(rows[:, None] <= rows[None, :], packed_t, 0.0)  # Xᵀ
 
     # W1 = X diag(β) V: dX += dW1 (diag(β) V)ᵀ, d(diag(β) V) = Xᵀ dW1
@@ -297,8 +304,8 @@ def _prepare_backward_kernel(
     tl.store(gkk_ptr + off_c, grad_kk, mask=mask_c)
     tl.store(gqk_ptr + off_c, grad_p * decay, mask=mask_c)
     decayed_kk = tl.where(strict, packed_t, 0.0)  # M ⊙ K Kᵀ below the diagonal
-    # through M_ts = e^{Λ_t − Λ_s}: A = diag(β) M ⊙ K Kᵀ and P
-    grad_exponent = grad_a * beta[:, None] * decayed_kk + grad_p * tl.load(p_ptr + off_c, mask=mask_c, other=0.0).to(acc)
+    attn = tl.load(p_ptr + off_c, mask=mask_c, other=0.0).to(acc)  # P
+    grad_exponent = grad_a * beta[:, None] * decayed_kk + grad_p * attn  # through M_ts = e^{Λ_t − Λ_s}: A and P
     grad_beta += through_r2 * from_start + tl.sum(grad_a * decayed_kk, 1)
     grad_lam = (through_r2 * beta + through_qd) * from_start - through_kd * to_end
     grad_lam += tl.sum(grad_exponent, 1) - tl.sum(grad_exponent, 0)
@@ -332,8 +339,7 @@ def _prepare_backward_keys_kernel(
     t = n * C + rows
     in_c = rows < C
     valid = in_c & (t < T)
-    beta, lam, lam_last, _ = _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
-                                     BLOCK_C, acc)
+    beta, lam, lam_last = _gates(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah, acc)
     from_start = tl.exp(lam)  # e^Λ
     to_end = tl.exp(lam_last - lam)  # e^{Λ_C − Λ}
     mask_c = in_c[:, None] & in_c[None, :]
@@ -376,8 +382,9 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
         "PRECISION": "ieee" if interpret else default_precision(),
     }
     if backward:
-        # the kernel of dq and dk: its columns a program and warps (docs/notes/delta-kernel.md)
-        cfg.update(KEYS_BLOCK_D=min(64, block_k), KEYS_WARPS=4)
+        # the kernel of dq and dk: its columns a program and warps (docs/notes/delta-kernel.md);
+        # 16 where 32 would be the whole key, as 32 fails with bf16 products (below)
+        cfg.update(KEYS_BLOCK_D=16 if block_k == 32 else min(64, block_k), KEYS_WARPS=4)
     if backward and bf16_grads:
         # 1.19-1.22x faster than tf32 on an H200 at 16 heads of 128 (docs/benchmarks.md and
         # docs/notes/benchmark-history.md, "The `delta` op against fla")
@@ -390,10 +397,9 @@ def pick_config(size: int, key_dim: int, value_dim: int, *, backward: bool = Fal
         # substitution over the whole chunk, C - 1 serial steps)
         cfg["INVERSE"] = "compact"
     cfg.update(config or {})
-    if backward:
-        cfg.pop("INVERSE", None)  # a benchmark's override of both kernels: the forward's alone
-    else:
-        cfg.pop("KEYS_BLOCK_D", None), cfg.pop("KEYS_WARPS", None)  # the backward's alone
+    # a benchmark's override of both kernels: each keeps its own entries
+    for key in ("INVERSE",) if backward else ("KEYS_BLOCK_D", "KEYS_WARPS"):
+        cfg.pop(key, None)
     if not backward and cfg["INVERSE"] not in INVERSES:
         raise ValueError(f"INVERSE must be one of {INVERSES}, got {cfg['INVERSE']!r}")
     if backward and cfg["PRECISION"] == "bf16" and cfg["KEYS_BLOCK_D"] == 32:
@@ -436,41 +442,41 @@ def prepare_forward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Te
     return w1, w2, qd, kd, p, g, x
 
 
-def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, inverse: Tensor,
+def prepare_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor, packed: Tensor,
                      attn: Tensor, grads: tuple[Tensor, ...], *, out: tuple[Tensor, ...] | None = None,
                      config: dict | None = None) -> tuple[Tensor, ...]:
     """``(dq, dk, dv, dβ, d log α)``, contiguous, in the inputs' dtypes, from the gradients of
     ``(W1, W2, Qd, Kd, P, g)`` (read in their dtypes, 16-bit ones too, and summed in ``X``'s)
-    and the forward's ``X`` (``inverse``, ``M ⊙ K Kᵀ`` above its diagonal) and ``P``
-    (``attn``), two launches; ``out`` takes preallocated contiguous outputs, ``config`` as
-    in the forward."""
+    and what the forward wrote: ``packed``, its last output (``X`` on and below the
+    diagonal, ``(M ⊙ K Kᵀ)ᵀ`` above it; a plain ``X`` would give wrong ``dβ``, ``d log α``),
+    and ``attn`` (``P``); two launches. ``out`` takes preallocated contiguous outputs,
+    ``config`` as in the forward."""
     batch, length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
-    size = inverse.shape[-1]
-    chunks = inverse.shape[2]
+    size = packed.shape[-1]
+    chunks = packed.shape[2]
     outs = out or tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v, beta, log_alpha))
     if not all(o.is_contiguous() for o in outs):
         raise ValueError("prepare_backward writes contiguous gradients: pass contiguous out tensors")
-    if inverse.numel() == 0:
+    if packed.numel() == 0:
         return tuple(o.zero_() for o in outs)
     grads = tuple(g.contiguous() for g in grads)
     cfg = dict(launch_config(size, key_dim, value_dim, backward=True, bf16_grads=grads[0].dtype == torch.bfloat16,
                              interpret=not v.is_cuda, config=config))
-    keys_block, keys_warps = cfg.pop("KEYS_BLOCK_D"), cfg.pop("KEYS_WARPS")
-    # the gradients of K Kᵀ and Q Kᵀ between the two kernels [2, B, H, N, C, C], in bf16 when
-    # the products round them to bf16 anyway
-    between = torch.empty((2, *inverse.shape), device=inverse.device,
-                          dtype=torch.bfloat16 if cfg["PRECISION"].startswith("bf16") else inverse.dtype)
+    keys_cfg = {"BLOCK_C": cfg["BLOCK_C"], "PRECISION": cfg["PRECISION"],
+                "BLOCK_D": cfg.pop("KEYS_BLOCK_D"), "num_warps": cfg.pop("KEYS_WARPS")}
+    # the gradients of K Kᵀ and Q Kᵀ [2, B, H, N, C, C], from the first kernel to the second, in
+    # bf16 when the products round them to bf16 anyway
+    grad_kk_qk = torch.empty((2, *packed.shape), device=packed.device,
+                             dtype=torch.bfloat16 if cfg["PRECISION"].startswith("bf16") else packed.dtype)
     grad_q, grad_k, grad_v, grad_beta, grad_log_alpha = outs
-    strides = _input_strides(q, k, v, beta, log_alpha)
-    inverse = inverse.contiguous()
+    packed = packed.contiguous()
+    qk_strides, gate_strides = (*q.stride(), *k.stride()), (*beta.stride(), *log_alpha.stride())
     _prepare_backward_kernel[(batch * heads * chunks,)](
-        q, k, v, beta, log_alpha, inverse, attn.contiguous(), *grads, grad_v, grad_beta, grad_log_alpha, *between,
-        length, heads, chunks, size, key_dim, value_dim, *strides,
+        q, k, v, beta, log_alpha, packed, attn.contiguous(), *grads, grad_v, grad_beta, grad_log_alpha, *grad_kk_qk,
+        length, heads, chunks, size, key_dim, value_dim, *qk_strides, *v.stride(), *gate_strides,
         *grad_v.stride()[:3], *grad_beta.stride(), **cfg)
-    cfg.pop("BLOCK_D"), cfg.pop("BLOCK_K"), cfg.pop("BLOCK_V")
-    _prepare_backward_keys_kernel[(batch * heads * chunks * triton.cdiv(key_dim, keys_block),)](
-        q, k, beta, log_alpha, inverse, *between, grads[1], grads[2], grads[3], grad_q, grad_k,
-        length, heads, chunks, size, key_dim, *strides[:8], *strides[12:], *grad_q.stride()[:3],
-        **{**cfg, "BLOCK_D": keys_block, "num_warps": keys_warps})
+    _prepare_backward_keys_kernel[(batch * heads * chunks * triton.cdiv(key_dim, keys_cfg["BLOCK_D"]),)](
+        q, k, beta, log_alpha, packed, *grad_kk_qk, grads[1], grads[2], grads[3], grad_q, grad_k,
+        length, heads, chunks, size, key_dim, *qk_strides, *gate_strides, *grad_q.stride()[:3], **keys_cfg)
     return outs
