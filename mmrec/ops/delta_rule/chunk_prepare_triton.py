@@ -68,6 +68,17 @@ def _load_block(ptr, b, h, t, valid, s_b, s_t, s_h, s_d, d0, D, BLOCK_D: tl.cons
 
 
 @triton.jit
+def _chunk_rows(chunk, T, H, N, C, BLOCK_C: tl.constexpr):
+    """Where chunk ``chunk`` (``(b H + h) N + n``) lies: ``b``, ``h``, its rows ``0 .. BLOCK_C``,
+    their times ``t``, the rows the chunk has (``in_c``) and those before the sequence's end."""
+    n, bh = chunk % N, chunk // N
+    rows = tl.arange(0, BLOCK_C)
+    t = n * C + rows
+    in_c = rows < C
+    return bh // H, bh % H, rows, t, in_c, in_c & (t < T)
+
+
+@triton.jit
 def _gates(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah, ACC: tl.constexpr):
     """``β`` (0 past the sequence's end), ``Λ`` (the cumulative ``log α`` from the chunk start;
     ``log α`` = 0 past the end, so padding leaves the state as it is) and ``Λ_C``."""
@@ -168,13 +179,8 @@ def _prepare_forward_kernel(
     queries, summing ``K Kᵀ`` and ``Q Kᵀ`` and writing ``Qd``, ``Kd``; then, with ``X`` known,
     the keys again for ``W2`` and the values for ``W1``."""
     chunk = tl.program_id(0).to(tl.int64)  # outputs [B, H, N, C, ...], contiguous: chunk = (b H + h) N + n
-    n, bh = chunk % N, chunk // N
-    b, h = bh // H, bh % H
+    b, h, rows, t, in_c, valid = _chunk_rows(chunk, T, H, N, C, BLOCK_C)
     acc: tl.constexpr = x_ptr.dtype.element_ty  # W1 ... P may be stored in 16 bits, X is not
-    rows = tl.arange(0, BLOCK_C)
-    t = n * C + rows
-    in_c = rows < C
-    valid = in_c & (t < T)
     beta, lam, lam_last, decay = _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
                                          BLOCK_C, acc)
     from_start = tl.exp(lam)  # e^Λ
@@ -255,13 +261,8 @@ def _prepare_backward_kernel(
     summed again), which writes the gradients of ``K Kᵀ`` and ``Q Kᵀ`` for
     ``_prepare_backward_keys_kernel``."""
     chunk = tl.program_id(0).to(tl.int64)  # X and the incoming gradients [B, H, N, C, ...], contiguous
-    n, bh = chunk % N, chunk // N
-    b, h = bh // H, bh % H
+    b, h, rows, t, in_c, valid = _chunk_rows(chunk, T, H, N, C, BLOCK_C)
     acc: tl.constexpr = x_ptr.dtype.element_ty
-    rows = tl.arange(0, BLOCK_C)
-    t = n * C + rows
-    in_c = rows < C
-    valid = in_c & (t < T)
     beta, lam, lam_last, decay = _decays(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah,
                                          BLOCK_C, acc)
     from_start = tl.exp(lam)  # e^Λ
@@ -332,13 +333,8 @@ def _prepare_backward_keys_kernel(
     pid = tl.program_id(0).to(tl.int64)
     column_blocks = tl.cdiv(K, BLOCK_D)
     chunk, d0 = pid // column_blocks, (pid % column_blocks) * BLOCK_D
-    n, bh = chunk % N, chunk // N
-    b, h = bh // H, bh % H
+    b, h, rows, t, in_c, valid = _chunk_rows(chunk, T, H, N, C, BLOCK_C)
     acc: tl.constexpr = x_ptr.dtype.element_ty
-    rows = tl.arange(0, BLOCK_C)
-    t = n * C + rows
-    in_c = rows < C
-    valid = in_c & (t < T)
     beta, lam, lam_last = _gates(beta_ptr, la_ptr, b, h, t, valid, s_bb, s_bt, s_bh, s_ab, s_at, s_ah, acc)
     from_start = tl.exp(lam)  # e^Λ
     to_end = tl.exp(lam_last - lam)  # e^{Λ_C − Λ}
